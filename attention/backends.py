@@ -1,0 +1,159 @@
+"""Backend dispatch: one signature for every attention implementation ("triton", "sdpa", "reference").
+
+The low-level pair is what ring / context parallelism and custom autograd call:
+
+    out, lse = attn_forward(q, k, v, causal, softmax_scale, window_size, backend="auto")
+    dq, dk, dv = attn_backward(dout, q, k, v, out, lse, causal, softmax_scale, window_size, dlse=None)
+
+q (B, Nq, H, D), k/v (B, Nk, Hkv, D), lse (B, H, Nq) fp32 natural log. The varlen pair takes packed
+(total, H, D) tensors with int32 cu_seqlens and returns lse (H, total_q). `backend="auto"` means the
+`ATTN_BACKEND` environment variable if set, else Triton on CUDA and the reference on CPU.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+
+from .reference import reference_attn_backward, reference_attn_forward
+from .validation import check_options, check_qkv, check_varlen
+
+
+@dataclass(frozen=True)
+class Backend:
+    name: str
+    forward: Callable  # (q, k, v, causal, scale, window) -> (out, lse)
+    backward: Callable  # (dout, q, k, v, out, lse, causal, scale, window, dlse) -> (dq, dk, dv)
+    varlen_forward: Optional[Callable] = None  # (q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, window)
+    varlen_backward: Optional[Callable] = None  # (dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, ..., dlse)
+    check: Optional[Callable] = None  # (fn_name, q, k) -> None; raises ValueError for unsupported input
+
+
+def _reference() -> Backend:
+    return Backend("reference", reference_attn_forward, reference_attn_backward)
+
+
+def _triton() -> Backend:
+    # Imported lazily: triton is optional on CPU-only machines (the interpreter needs TRITON_INTERPRET=1).
+    from .triton_bwd import triton_attn_backward, triton_attn_varlen_backward
+    from .triton_fwd import check_triton_supported, triton_attn_forward, triton_attn_varlen_forward
+    return Backend("triton", triton_attn_forward, triton_attn_backward, triton_attn_varlen_forward,
+                   triton_attn_varlen_backward, check_triton_supported)
+
+
+def _sdpa() -> Backend:
+    from .sdpa import sdpa_attn_backward, sdpa_attn_forward
+    return Backend("sdpa", sdpa_attn_forward, sdpa_attn_backward)
+
+
+_LOADERS: dict[str, Callable[[], Backend]] = {"reference": _reference, "triton": _triton, "sdpa": _sdpa}
+_CACHE: dict[str, Backend] = {}
+
+
+def available_backends() -> list[str]:
+    return ["auto", *_LOADERS]
+
+
+def resolve_backend_name(backend: str, device: torch.device) -> str:
+    if backend == "auto":
+        backend = os.environ.get("ATTN_BACKEND", "auto") or "auto"
+    if backend == "auto":
+        return "triton" if device.type == "cuda" else "reference"
+    if backend not in _LOADERS:
+        raise ValueError(f"backend must be one of {available_backends()}, got {backend!r}")
+    return backend
+
+
+def get_backend(backend: str, device: torch.device) -> Backend:
+    name = resolve_backend_name(backend, device)
+    if name not in _CACHE:
+        try:
+            _CACHE[name] = _LOADERS[name]()
+        except ImportError as e:
+            raise ValueError(f"attention backend {name!r} is not available here: {e}") from e
+    return _CACHE[name]
+
+
+def _prepare(fn, q, k, v, softmax_scale, window_size, backend, varlen=False):
+    check_qkv(q, k, v, fn, varlen=varlen)
+    check_options(fn, softmax_scale, window_size)
+    impl = get_backend(backend, q.device)
+    if impl.check is not None:
+        impl.check(fn, q, k)
+    scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
+    return impl, scale, tuple(window_size)
+
+
+def attn_forward(q, k, v, causal=False, softmax_scale=None, window_size=(-1, -1), backend="auto"):
+    impl, scale, window = _prepare("attn_forward", q, k, v, softmax_scale, window_size, backend)
+    return impl.forward(q, k, v, causal, scale, window)
+
+
+def attn_backward(dout, q, k, v, out, lse, causal=False, softmax_scale=None, window_size=(-1, -1),
+                  dlse=None, backend="auto"):
+    impl, scale, window = _prepare("attn_backward", q, k, v, softmax_scale, window_size, backend)
+    if dout.shape != q.shape or out.shape != q.shape:
+        raise ValueError(f"attn_backward: dout {tuple(dout.shape)} and out {tuple(out.shape)} must match "
+                         f"q {tuple(q.shape)}")
+    expected_lse = (q.shape[0], q.shape[2], q.shape[1])
+    for name, t in (("lse", lse), ("dlse", dlse)):
+        if t is not None and tuple(t.shape) != expected_lse:
+            raise ValueError(f"attn_backward: {name} must be (B, H, Nq) = {expected_lse}, got {tuple(t.shape)}")
+    return impl.backward(dout, q, k, v, out, lse, causal, scale, window, dlse)
+
+
+# -- varlen: native where the backend has it, else one dense call per document ------------------------------
+
+
+def _doc_slices(cu_q, cu_k):
+    cq, ck = cu_q.tolist(), cu_k.tolist()
+    return [(slice(a, b), slice(c, d)) for a, b, c, d in zip(cq, cq[1:], ck, ck[1:])]
+
+
+def _varlen_forward_by_docs(impl, q, k, v, cu_q, cu_k, causal, scale, window):
+    out = torch.zeros_like(q)
+    lse = torch.full((q.shape[1], q.shape[0]), float("-inf"), dtype=torch.float32, device=q.device)
+    for sq, sk in _doc_slices(cu_q, cu_k):
+        if sq.stop == sq.start or sk.stop == sk.start:
+            continue  # no queries, or no keys: out 0, lse -inf
+        o, l = impl.forward(q[sq][None], k[sk][None], v[sk][None], causal, scale, window)
+        out[sq], lse[:, sq] = o[0], l[0]
+    return out, lse
+
+
+def _varlen_backward_by_docs(impl, dout, q, k, v, out, lse, cu_q, cu_k, causal, scale, window, dlse):
+    dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    for sq, sk in _doc_slices(cu_q, cu_k):
+        if sq.stop == sq.start or sk.stop == sk.start:
+            continue
+        dl = None if dlse is None else dlse[:, sq][None]
+        g = impl.backward(dout[sq][None], q[sq][None], k[sk][None], v[sk][None], out[sq][None],
+                          lse[:, sq][None], causal, scale, window, dl)
+        dq[sq], dk[sk], dv[sk] = g[0][0], g[1][0], g[2][0]
+    return dq, dk, dv
+
+
+def attn_varlen_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal=False,
+                        softmax_scale=None, window_size=(-1, -1), backend="auto"):
+    fn = "attn_varlen_forward"
+    impl, scale, window = _prepare(fn, q, k, v, softmax_scale, window_size, backend, varlen=True)
+    check_varlen(fn, q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+    if impl.varlen_forward is not None:
+        return impl.varlen_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                                   causal, scale, window)
+    return _varlen_forward_by_docs(impl, q, k, v, cu_seqlens_q, cu_seqlens_k, causal, scale, window)
+
+
+def attn_varlen_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                         causal=False, softmax_scale=None, window_size=(-1, -1), dlse=None, backend="auto"):
+    fn = "attn_varlen_backward"
+    impl, scale, window = _prepare(fn, q, k, v, softmax_scale, window_size, backend, varlen=True)
+    check_varlen(fn, q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+    if impl.varlen_backward is not None:
+        return impl.varlen_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                                    max_seqlen_k, causal, scale, window, dlse)
+    return _varlen_backward_by_docs(impl, dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, causal, scale,
+                                    window, dlse)

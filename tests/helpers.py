@@ -1,0 +1,46 @@
+"""Shared test helpers: the one assert_close that reports max/mean error, and the naive fp64 oracle."""
+
+import math
+
+import torch
+
+TOL = {torch.float64: 1e-9, torch.float32: 2e-4, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+
+
+def assert_close(actual, expected, name="", atol=None, rtol=None):
+    """Compare with a tolerance scaled to the worse dtype; report max and mean abs error on failure."""
+    tol = max(TOL[actual.dtype], TOL[expected.dtype])
+    atol = tol if atol is None else atol
+    rtol = tol if rtol is None else rtol
+    a, e = actual.detach().double().cpu(), expected.detach().double().cpu()
+    assert a.shape == e.shape, f"{name}: shape {tuple(a.shape)} != {tuple(e.shape)}"
+    both_inf = torch.isinf(a) & torch.isinf(e) & (torch.sign(a) == torch.sign(e))
+    err = torch.where(both_inf, torch.zeros_like(a), (a - e).abs())
+    bad = err > atol + rtol * e.abs().nan_to_num(0, 0, 0)
+    assert not torch.isnan(a).any(), f"{name}: NaN in result"
+    assert not bad.any(), (f"{name}: {int(bad.sum())}/{a.numel()} elements off; max err {err.max().item():.3e}, "
+                           f"mean err {err.mean().item():.3e} (atol {atol:g}, rtol {rtol:g})")
+
+
+def naive_attention(q, k, v, causal=False, softmax_scale=None, window_size=(-1, -1)):
+    """softmax(QK^T)V in fp64 on the full (Nq, Nk) matrix, with autograd; returns (out, lse)."""
+    B, nq, H, D = q.shape
+    nk, hkv = k.shape[1], k.shape[2]
+    scale = 1 / math.sqrt(D) if softmax_scale is None else softmax_scale
+    qd, kd, vd = q.double(), k.double().repeat_interleave(H // hkv, 2), v.double().repeat_interleave(H // hkv, 2)
+    s = torch.einsum("bihd,bjhd->bhij", qd, kd) * scale
+    i = torch.arange(nq)[:, None] + nk - nq
+    j = torch.arange(nk)[None, :]
+    left, right = window_size
+    if causal:
+        right = 0
+    mask = torch.ones(nq, nk, dtype=torch.bool)
+    if left >= 0:
+        mask &= j >= i - left
+    if right >= 0:
+        mask &= j <= i + right
+    s = s.masked_fill(~mask.to(s.device), float("-inf"))
+    lse = torch.logsumexp(s, -1)
+    p = torch.exp(s - torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)[..., None])
+    out = torch.einsum("bhij,bjhd->bihd", p, vd)
+    return out, lse
