@@ -1,0 +1,285 @@
+"""Triton FlashAttention backward: preprocess (delta, base-2 lse), a dK/dV kernel and a dQ kernel.
+
+    dq, dk, dv = triton_attn_backward(dout, q, k, v, out, lse, causal, softmax_scale, window_size, dlse)
+
+P is recomputed from q, k and the saved lse (no N x N storage). dlse, the gradient flowing into lse,
+enters as delta_i = rowsum(dout_i * out_i) - dlse_i. Deterministic by construction, no atomics: a dK/dV
+program owns one key block of one kv head and sums over the query heads of its GQA group in a fixed
+order; a dQ program owns one query block of one head.
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+
+import torch
+import triton
+import triton.language as tl
+
+from .triton_common import (INTERPRET, LOG2E, block_d, doc_bounds, key_segments, load_rows, query_segments,
+                            store_rows, visible, visible_t, window_flags)
+
+
+@triton.jit
+def _preprocess_kernel(Out, DO, Lse, DLse, Delta, Lse2, CuQ,
+                       stride_ob, stride_on, stride_oh, stride_db, stride_dn, stride_dh, stride_lb, stride_lh,
+                       seqlen_q_dense, n_heads,
+                       HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+                       IS_VARLEN: tl.constexpr, HAS_DLSE: tl.constexpr):
+    """delta = rowsum(dO * O) - dlse in fp32, and lse in base 2 with -inf replaced by 0.
+
+    The replacement is safe: a row whose lse is -inf sees no key, so every score it meets is masked to
+    p = 0; a finite lse keeps exp2(score - lse) from ever computing inf - inf.
+    """
+    bh = tl.program_id(1)
+    b = bh // n_heads
+    h = bh % n_heads
+    q_start, seqlen_q = doc_bounds(CuQ, b, seqlen_q_dense, IS_VARLEN)
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    if tl.program_id(0) * BLOCK_M >= seqlen_q:
+        return
+    offs_d = tl.arange(0, BLOCK_D)
+    o_base = Out + b.to(tl.int64) * stride_ob + q_start.to(tl.int64) * stride_on + h * stride_oh
+    do_base = DO + b.to(tl.int64) * stride_db + q_start.to(tl.int64) * stride_dn + h * stride_dh
+    row = b.to(tl.int64) * stride_lb + h.to(tl.int64) * stride_lh + q_start + offs_m
+    in_doc = offs_m < seqlen_q
+    o = load_rows(o_base, offs_m, stride_on, seqlen_q, offs_d, HEAD_DIM, BLOCK_D, True).to(tl.float32)
+    do = load_rows(do_base, offs_m, stride_dn, seqlen_q, offs_d, HEAD_DIM, BLOCK_D, True).to(tl.float32)
+    delta = tl.sum(o * do, 1)
+    if HAS_DLSE:
+        delta -= tl.load(DLse + row, mask=in_doc, other=0.0)
+    lse = tl.load(Lse + row, mask=in_doc, other=0.0)
+    tl.store(Delta + row, delta, mask=in_doc)
+    tl.store(Lse2 + row, tl.where(lse == float("-inf"), 0.0, lse * 1.4426950408889634), mask=in_doc)
+
+
+@triton.jit
+def _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qn, stride_dn, start, end,
+                offs_n, offs_d, seqlen_q, seqlen_k, qk_scale, win_left, win_right,
+                MASKED: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+                HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr):
+    for start_m in tl.range(start, end, BLOCK_M):
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        q = load_rows(q_base, offs_m, stride_qn, seqlen_q, offs_d, HEAD_DIM, BLOCK_D, MASKED)
+        if MASKED:
+            lse2 = tl.load(lse_base + offs_m, mask=offs_m < seqlen_q, other=0.0)
+        else:
+            lse2 = tl.load(lse_base + offs_m)
+        # -- recompute P^T (keys x queries) from the saved lse: no running max needed ----
+        p_t = tl.math.exp2(tl.dot(k, tl.trans(q)) * qk_scale - lse2[None, :])
+        if MASKED:
+            keep = visible_t(offs_n, offs_m, seqlen_q, seqlen_k, win_left, win_right, HAS_LEFT, HAS_RIGHT)
+            p_t = tl.where(keep, p_t, 0.0)
+        do = load_rows(do_base, offs_m, stride_dn, seqlen_q, offs_d, HEAD_DIM, BLOCK_D, MASKED)
+        dv = tl.dot(p_t.to(do.dtype), do, dv)
+        if MASKED:
+            delta = tl.load(delta_base + offs_m, mask=offs_m < seqlen_q, other=0.0)
+        else:
+            delta = tl.load(delta_base + offs_m)
+        # -- dS^T = P^T * (dP^T - delta); dK accumulates dS^T Q (softmax scale applied once at the end) ----
+        dp_t = tl.dot(v, tl.trans(do))
+        ds_t = p_t * (dp_t - delta[None, :])
+        dk = tl.dot(ds_t.to(q.dtype), q, dk)
+    return dk, dv
+
+
+@triton.jit
+def _dkdv_kernel(Q, K, V, DO, DK, DV, Lse2, Delta, CuQ, CuK,
+                 stride_qb, stride_qn, stride_qh, stride_kb, stride_kn, stride_kh,
+                 stride_vb, stride_vn, stride_vh, stride_db, stride_dn, stride_dh,
+                 stride_dkb, stride_dkn, stride_dkh, stride_dvb, stride_dvn, stride_dvh, stride_lb, stride_lh,
+                 seqlen_q_dense, seqlen_k_dense, n_kv_heads, group, qk_scale, softmax_scale, win_left, win_right,
+                 HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                 IS_VARLEN: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr):
+    bhk = tl.program_id(1)
+    b = bhk // n_kv_heads
+    hk = bhk % n_kv_heads
+    q_start, seqlen_q = doc_bounds(CuQ, b, seqlen_q_dense, IS_VARLEN)
+    k_start, seqlen_k = doc_bounds(CuK, b, seqlen_k_dense, IS_VARLEN)
+    n0 = tl.program_id(0) * BLOCK_N
+    if n0 >= seqlen_k:
+        return
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    k_base = K + b.to(tl.int64) * stride_kb + k_start.to(tl.int64) * stride_kn + hk * stride_kh
+    v_base = V + b.to(tl.int64) * stride_vb + k_start.to(tl.int64) * stride_vn + hk * stride_vh
+    k = load_rows(k_base, offs_n, stride_kn, seqlen_k, offs_d, HEAD_DIM, BLOCK_D, True)
+    v = load_rows(v_base, offs_n, stride_vn, seqlen_k, offs_d, HEAD_DIM, BLOCK_D, True)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    lo, a, c, hi = query_segments(n0, seqlen_q, seqlen_k, win_left, win_right, HAS_LEFT, HAS_RIGHT,
+                                  BLOCK_M, BLOCK_N)
+    # GQA: the query heads of this kv head, summed here in a fixed order (deterministic, no atomics)
+    for g in range(group):
+        h = hk * group + g
+        q_base = Q + b.to(tl.int64) * stride_qb + q_start.to(tl.int64) * stride_qn + h * stride_qh
+        do_base = DO + b.to(tl.int64) * stride_db + q_start.to(tl.int64) * stride_dn + h * stride_dh
+        lse_base = Lse2 + b.to(tl.int64) * stride_lb + h.to(tl.int64) * stride_lh + q_start
+        delta_base = Delta + b.to(tl.int64) * stride_lb + h.to(tl.int64) * stride_lh + q_start
+        if HAS_RIGHT:  # only a causal / right window edge puts masked query blocks before the interior
+            dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qn, stride_dn,
+                                 lo, a, offs_n, offs_d, seqlen_q, seqlen_k, qk_scale, win_left, win_right,
+                                 True, HAS_LEFT, HAS_RIGHT, HEAD_DIM, BLOCK_D, BLOCK_M)
+        dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qn, stride_dn,
+                             a, c, offs_n, offs_d, seqlen_q, seqlen_k, qk_scale, win_left, win_right,
+                             False, HAS_LEFT, HAS_RIGHT, HEAD_DIM, BLOCK_D, BLOCK_M)
+        dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qn, stride_dn,
+                             c, hi, offs_n, offs_d, seqlen_q, seqlen_k, qk_scale, win_left, win_right,
+                             True, HAS_LEFT, HAS_RIGHT, HEAD_DIM, BLOCK_D, BLOCK_M)
+    dk_base = DK + b.to(tl.int64) * stride_dkb + k_start.to(tl.int64) * stride_dkn + hk * stride_dkh
+    dv_base = DV + b.to(tl.int64) * stride_dvb + k_start.to(tl.int64) * stride_dvn + hk * stride_dvh
+    store_rows(dk_base, offs_n, stride_dkn, seqlen_k, offs_d, (dk * softmax_scale).to(DK.dtype.element_ty),
+               HEAD_DIM, BLOCK_D)
+    store_rows(dv_base, offs_n, stride_dvn, seqlen_k, offs_d, dv.to(DV.dtype.element_ty), HEAD_DIM, BLOCK_D)
+
+
+@triton.jit
+def _dq_inner(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_vn, start, end, offs_m, offs_n, offs_d,
+              seqlen_q, seqlen_k, qk_scale, win_left, win_right,
+              MASKED: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+              HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
+    for start_n in tl.range(start, end, BLOCK_N):
+        k = load_rows(k_base, start_n + offs_n, stride_kn, seqlen_k, offs_d, HEAD_DIM, BLOCK_D, MASKED)
+        v = load_rows(v_base, start_n + offs_n, stride_vn, seqlen_k, offs_d, HEAD_DIM, BLOCK_D, MASKED)
+        p = tl.math.exp2(tl.dot(q, tl.trans(k)) * qk_scale - lse2[:, None])
+        if MASKED:
+            keep = visible(offs_m, start_n + offs_n, seqlen_q, seqlen_k, win_left, win_right, HAS_LEFT,
+                           HAS_RIGHT)
+            p = tl.where(keep, p, 0.0)
+        dp = tl.dot(do, tl.trans(v))
+        ds = p * (dp - delta[:, None])
+        dq = tl.dot(ds.to(k.dtype), k, dq)
+    return dq
+
+
+@triton.jit
+def _dq_kernel(Q, K, V, DO, DQ, Lse2, Delta, CuQ, CuK,
+               stride_qb, stride_qn, stride_qh, stride_kb, stride_kn, stride_kh,
+               stride_vb, stride_vn, stride_vh, stride_db, stride_dn, stride_dh,
+               stride_dqb, stride_dqn, stride_dqh, stride_lb, stride_lh,
+               seqlen_q_dense, seqlen_k_dense, n_heads, group, max_seqlen_q, qk_scale, softmax_scale,
+               win_left, win_right,
+               HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+               IS_VARLEN: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr):
+    start_m = tl.cdiv(max_seqlen_q, BLOCK_M) - 1 - tl.program_id(0)  # heaviest causal blocks first
+    bh = tl.program_id(1)
+    b = bh // n_heads
+    h = bh % n_heads
+    q_start, seqlen_q = doc_bounds(CuQ, b, seqlen_q_dense, IS_VARLEN)
+    k_start, seqlen_k = doc_bounds(CuK, b, seqlen_k_dense, IS_VARLEN)
+    m0 = start_m * BLOCK_M
+    if m0 >= seqlen_q:
+        return
+    hk = h // group
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    q_base = Q + b.to(tl.int64) * stride_qb + q_start.to(tl.int64) * stride_qn + h * stride_qh
+    do_base = DO + b.to(tl.int64) * stride_db + q_start.to(tl.int64) * stride_dn + h * stride_dh
+    k_base = K + b.to(tl.int64) * stride_kb + k_start.to(tl.int64) * stride_kn + hk * stride_kh
+    v_base = V + b.to(tl.int64) * stride_vb + k_start.to(tl.int64) * stride_vn + hk * stride_vh
+    row = b.to(tl.int64) * stride_lb + h.to(tl.int64) * stride_lh + q_start + offs_m
+    q = load_rows(q_base, offs_m, stride_qn, seqlen_q, offs_d, HEAD_DIM, BLOCK_D, True)
+    do = load_rows(do_base, offs_m, stride_dn, seqlen_q, offs_d, HEAD_DIM, BLOCK_D, True)
+    lse2 = tl.load(Lse2 + row, mask=offs_m < seqlen_q, other=0.0)
+    delta = tl.load(Delta + row, mask=offs_m < seqlen_q, other=0.0)
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    lo, a, c, hi = key_segments(m0, seqlen_q, seqlen_k, win_left, win_right, HAS_LEFT, HAS_RIGHT,
+                                BLOCK_M, BLOCK_N)
+    if HAS_LEFT:
+        dq = _dq_inner(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_vn, lo, a, offs_m, offs_n,
+                       offs_d, seqlen_q, seqlen_k, qk_scale, win_left, win_right, True, HAS_LEFT, HAS_RIGHT,
+                       HEAD_DIM, BLOCK_D, BLOCK_N)
+    dq = _dq_inner(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_vn, a, c, offs_m, offs_n,
+                   offs_d, seqlen_q, seqlen_k, qk_scale, win_left, win_right, False, HAS_LEFT, HAS_RIGHT,
+                   HEAD_DIM, BLOCK_D, BLOCK_N)
+    dq = _dq_inner(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_vn, c, hi, offs_m, offs_n,
+                   offs_d, seqlen_q, seqlen_k, qk_scale, win_left, win_right, True, HAS_LEFT, HAS_RIGHT,
+                   HEAD_DIM, BLOCK_D, BLOCK_N)
+    dq_base = DQ + b.to(tl.int64) * stride_dqb + q_start.to(tl.int64) * stride_dqn + h * stride_dqh
+    store_rows(dq_base, offs_m, stride_dqn, seqlen_q, offs_d, (dq * softmax_scale).to(DQ.dtype.element_ty),
+               HEAD_DIM, BLOCK_D)
+
+
+# -- configs: one list per kernel, tuned once per (HEAD_DIM, window flags, dtype), never per length ----
+
+_DKDV_CONFIGS = [
+    triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+    for bm, bn, w, s in [(64, 128, 8, 2), (32, 128, 4, 2), (64, 64, 4, 2)]
+]
+_DQ_CONFIGS = [
+    triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+    for bm, bn, w, s in [(128, 64, 8, 2), (128, 32, 4, 2), (64, 64, 4, 2)]
+]
+_KEY = ["HEAD_DIM", "HAS_LEFT", "HAS_RIGHT"]
+_dkdv_tuned = triton.autotune(_DKDV_CONFIGS, key=_KEY)(_dkdv_kernel)
+_dq_tuned = triton.autotune(_DQ_CONFIGS, key=_KEY)(_dq_kernel)
+_INTERPRET_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 16}
+_PRE_BLOCK = 64
+
+
+def _contig(t):
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _qkv_strides(ts, batch_strides):
+    """Flat (batch, seq, head) stride list for each tensor; batch stride 0 for packed varlen tensors."""
+    out = []
+    for t, sb in zip(ts, batch_strides):
+        out += [sb, t.stride(-3), t.stride(-2)]
+    return out
+
+
+def _launch_bwd(dout, q, k, v, out, lse, dlse, cu_q, cu_k, seqlen_q, seqlen_k, max_q, max_k, n_batch,
+                causal, softmax_scale, window_size, varlen):
+    dout, q, k, v, out = (_contig(t) for t in (dout, q, k, v, out))
+    lse = lse.contiguous()
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    delta, lse2 = torch.empty_like(lse), torch.empty_like(lse)
+    has_left, has_right, left, right = window_flags(causal, window_size)
+    n_heads, d = q.shape[-2], q.shape[-1]
+    n_kv = k.shape[-2]
+    group = n_heads // n_kv
+    bstride = (lambda t: 0) if varlen else (lambda t: t.stride(0))  # noqa: E731
+    lse_strides = (0, lse.stride(0)) if varlen else (lse.stride(0), lse.stride(1))
+    cu_q = cu_q if varlen else q
+    cu_k = cu_k if varlen else q
+    consts = dict(HEAD_DIM=d, BLOCK_D=block_d(d), IS_VARLEN=varlen)
+    win = dict(HAS_LEFT=has_left, HAS_RIGHT=has_right)
+    dlse_arg = dlse.contiguous() if dlse is not None else lse
+    with torch.cuda.device(q.device) if q.is_cuda else nullcontext():
+        _preprocess_kernel[(triton.cdiv(max_q, _PRE_BLOCK), n_batch * n_heads)](
+            out, dout, lse, dlse_arg, delta, lse2, cu_q, *_qkv_strides((out, dout), (bstride(out), bstride(dout))),
+            *lse_strides, seqlen_q, n_heads, **consts, BLOCK_M=_PRE_BLOCK, HAS_DLSE=dlse is not None)
+        qkv = (q, k, v, dout)
+        base = _qkv_strides(qkv, [bstride(t) for t in qkv])
+        scales = [softmax_scale * LOG2E, softmax_scale]
+        dkdv_args = [q, k, v, dout, dk, dv, lse2, delta, cu_q, cu_k, *base,
+                     *_qkv_strides((dk, dv), (bstride(dk), bstride(dv))), *lse_strides,
+                     seqlen_q, seqlen_k, n_kv, group, *scales, left, right]
+        dq_args = [q, k, v, dout, dq, lse2, delta, cu_q, cu_k, *base, *_qkv_strides((dq,), (bstride(dq),)),
+                   *lse_strides, seqlen_q, seqlen_k, n_heads, group, max_q, *scales, left, right]
+        if INTERPRET:
+            bm, bn = _INTERPRET_CONFIG["BLOCK_M"], _INTERPRET_CONFIG["BLOCK_N"]
+            _dkdv_kernel[(triton.cdiv(max_k, bn), n_batch * n_kv)](*dkdv_args, **consts, **win, **_INTERPRET_CONFIG)
+            _dq_kernel[(triton.cdiv(max_q, bm), n_batch * n_heads)](*dq_args, **consts, **win, **_INTERPRET_CONFIG)
+        else:
+            _dkdv_tuned[lambda m: (triton.cdiv(max_k, m["BLOCK_N"]), n_batch * n_kv)](*dkdv_args, **consts, **win)
+            _dq_tuned[lambda m: (triton.cdiv(max_q, m["BLOCK_M"]), n_batch * n_heads)](*dq_args, **consts, **win)
+    return dq, dk, dv
+
+
+def triton_attn_backward(dout, q, k, v, out, lse, causal, softmax_scale, window_size, dlse):
+    """Gradients of attention for q (B, Nq, H, D), k/v (B, Nk, Hkv, D); lse/dlse (B, H, Nq) fp32."""
+    B, nq = q.shape[:2]
+    nk = k.shape[1]
+    return _launch_bwd(dout, q, k, v, out, lse, dlse, None, None, nq, nk, nq, nk, B, causal, softmax_scale,
+                       window_size, varlen=False)
+
+
+def triton_attn_varlen_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                                causal, softmax_scale, window_size, dlse):
+    """Packed-document gradients: q (total_q, H, D), k/v (total_k, Hkv, D), lse/dlse (H, total_q)."""
+    n_batch = cu_seqlens_q.numel() - 1
+    return _launch_bwd(dout, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k, 0, 0, int(max_seqlen_q),
+                       int(max_seqlen_k), n_batch, causal, softmax_scale, window_size, varlen=True)

@@ -1,0 +1,177 @@
+"""Pieces shared by the Triton forward and backward kernels: masks, loop bounds, loads, launch helpers.
+
+    from .triton_common import key_segments, query_segments, visible, load_rows
+
+Conventions: scores are kept in base 2 (q.k * softmax_scale * log2(e)) so the kernels use exp2; the lse
+that leaves a kernel is the natural log. A document's query i sees key j iff
+    i + off - left <= j <= i + off + right,   off = seqlen_k - seqlen_q   (bottom-right aligned),
+with HAS_LEFT / HAS_RIGHT false meaning unbounded on that side (causal == right 0).
+
+Every kernel walks its loop in three segments, so that the common case runs without masks:
+    [lo, a) masked   -- left edge of a sliding window
+    [a, b)  unmasked -- tiles where every (row, column) pair is visible and in bounds
+    [b, hi) masked   -- causal diagonal, right window edge, sequence tail
+Blocks outside [lo, hi) are never visited.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634  # log2(e): natural-log scores -> base 2
+LN2 = 0.6931471805599453  # ln(2): base-2 lse -> natural log
+
+# Triton reads TRITON_INTERPRET when a kernel is decorated, so what counts is its value at import time.
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@triton.jit
+def doc_bounds(Cu, b, seqlen, IS_VARLEN: tl.constexpr):
+    """(start row, length) of document b: packed rows from cu_seqlens, or the whole dense sequence."""
+    if IS_VARLEN:
+        start = tl.load(Cu + b)
+        length = tl.load(Cu + b + 1) - start
+    else:
+        start = b * 0
+        length = seqlen + b * 0
+    return start, length
+
+
+@triton.jit
+def key_segments(m0, seqlen_q, seqlen_k, win_left, win_right, HAS_LEFT: tl.constexpr,
+                 HAS_RIGHT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Keys for query rows [m0, m0+BLOCK_M): returns (lo, a, b, hi) for the three loop segments."""
+    m1 = tl.minimum(m0 + BLOCK_M, seqlen_q)  # one past the last real row
+    off = seqlen_k - seqlen_q
+    lo = m0 * 0
+    hi = seqlen_k + m0 * 0
+    full_lo = lo  # first key that every row sees
+    full_hi = hi  # one past the last key that every row sees
+    if HAS_LEFT:
+        lo = tl.maximum(lo, m0 + off - win_left)
+        full_lo = m1 - 1 + off - win_left
+    if HAS_RIGHT:
+        hi = tl.minimum(hi, m1 - 1 + off + win_right + 1)
+        full_hi = tl.minimum(full_hi, m0 + off + win_right + 1)
+    hi = tl.maximum(hi, lo)
+    n_blocks = tl.cdiv(hi - lo, BLOCK_N)
+    # interior block t covers [lo + t*BLOCK_N, lo + (t+1)*BLOCK_N) and must sit inside [full_lo, full_hi)
+    t_a = tl.minimum(tl.cdiv(tl.maximum(full_lo - lo, 0), BLOCK_N), n_blocks)
+    t_b = tl.maximum(tl.minimum(tl.maximum(full_hi - lo, 0) // BLOCK_N, n_blocks), t_a)
+    return lo, lo + t_a * BLOCK_N, lo + t_b * BLOCK_N, hi
+
+
+@triton.jit
+def query_segments(n0, seqlen_q, seqlen_k, win_left, win_right, HAS_LEFT: tl.constexpr,
+                   HAS_RIGHT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Queries that see keys [n0, n0+BLOCK_N): returns (lo, a, b, hi) for the three loop segments.
+
+    Mirror of key_segments: row i sees key j iff j - off - right <= i <= j - off + left.
+    """
+    n1 = tl.minimum(n0 + BLOCK_N, seqlen_k)  # one past the last real key
+    off = seqlen_k - seqlen_q
+    lo = n0 * 0
+    hi = seqlen_q + n0 * 0
+    full_lo = lo
+    full_hi = hi
+    if HAS_RIGHT:
+        lo = tl.maximum(lo, n0 - off - win_right)
+        full_lo = n0 + BLOCK_N - 1 - off - win_right  # uses the padded block end: tail keys need the mask
+    if HAS_LEFT:
+        hi = tl.minimum(hi, n1 - 1 - off + win_left + 1)
+        full_hi = tl.minimum(full_hi, n0 - off + win_left + 1)
+    if n0 + BLOCK_N > seqlen_k:
+        full_hi = lo  # a key block that runs past the end is masked everywhere
+    hi = tl.maximum(hi, lo)
+    n_blocks = tl.cdiv(hi - lo, BLOCK_M)
+    t_a = tl.minimum(tl.cdiv(tl.maximum(full_lo - lo, 0), BLOCK_M), n_blocks)
+    t_b = tl.maximum(tl.minimum(tl.maximum(full_hi - lo, 0) // BLOCK_M, n_blocks), t_a)
+    return lo, lo + t_a * BLOCK_M, lo + t_b * BLOCK_M, hi
+
+
+@triton.jit
+def visible(offs_m, offs_n, seqlen_q, seqlen_k, win_left, win_right, HAS_LEFT: tl.constexpr,
+            HAS_RIGHT: tl.constexpr):
+    """Bool (BLOCK_M, BLOCK_N): row offs_m sees key offs_n, both in bounds."""
+    diag = offs_m[:, None] + (seqlen_k - seqlen_q)
+    cols = offs_n[None, :]
+    mask = (cols < seqlen_k) & (offs_m[:, None] < seqlen_q)
+    if HAS_LEFT:
+        mask = mask & (cols >= diag - win_left)
+    if HAS_RIGHT:
+        mask = mask & (cols <= diag + win_right)
+    return mask
+
+
+@triton.jit
+def visible_t(offs_n, offs_m, seqlen_q, seqlen_k, win_left, win_right, HAS_LEFT: tl.constexpr,
+              HAS_RIGHT: tl.constexpr):
+    """visible() in the transposed (BLOCK_N, BLOCK_M) layout that the dK/dV kernel works in."""
+    diag = offs_m[None, :] + (seqlen_k - seqlen_q)
+    cols = offs_n[:, None]
+    mask = (cols < seqlen_k) & (offs_m[None, :] < seqlen_q)
+    if HAS_LEFT:
+        mask = mask & (cols >= diag - win_left)
+    if HAS_RIGHT:
+        mask = mask & (cols <= diag + win_right)
+    return mask
+
+
+@triton.jit
+def load_rows(base, rows, stride_row, n_rows, offs_d, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+              CHECK_ROWS: tl.constexpr):
+    """Load a (len(rows), BLOCK_D) tile; rows >= n_rows (if CHECK_ROWS) and padded columns read 0."""
+    ptrs = base + rows[:, None].to(tl.int64) * stride_row + offs_d[None, :]
+    if CHECK_ROWS:
+        if BLOCK_D == HEAD_DIM:
+            return tl.load(ptrs, mask=rows[:, None] < n_rows, other=0.0)
+        return tl.load(ptrs, mask=(rows[:, None] < n_rows) & (offs_d[None, :] < HEAD_DIM), other=0.0)
+    if BLOCK_D == HEAD_DIM:
+        return tl.load(ptrs)
+    return tl.load(ptrs, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
+
+
+@triton.jit
+def store_rows(base, rows, stride_row, n_rows, offs_d, value, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
+    ptrs = base + rows[:, None].to(tl.int64) * stride_row + offs_d[None, :]
+    if BLOCK_D == HEAD_DIM:
+        tl.store(ptrs, value, mask=rows[:, None] < n_rows)
+    else:
+        tl.store(ptrs, value, mask=(rows[:, None] < n_rows) & (offs_d[None, :] < HEAD_DIM))
+
+
+# -- host side ---------------------------------------------------------------------------------------------
+
+
+def window_flags(causal: bool, window_size) -> tuple[bool, bool, int, int]:
+    """(HAS_LEFT, HAS_RIGHT, left, right) for the kernels; causal == window (left, 0)."""
+    left, right = int(window_size[0]), int(window_size[1])
+    if causal:
+        right = 0
+    return left >= 0, right >= 0, max(left, 0), max(right, 0)
+
+
+def block_d(head_dim: int) -> int:
+    return triton.next_power_of_2(head_dim)
+
+
+def hopper_features_ok(q: torch.Tensor) -> bool:
+    """TMA descriptors need sm_90+, a compiled (not interpreted) kernel and a power-of-two head_dim."""
+    if INTERPRET or not q.is_cuda or torch.cuda.get_device_capability(q.device)[0] < 9:
+        return False
+    return q.shape[-1] == block_d(q.shape[-1])
+
+
+_ALLOCATOR_SET = False
+
+
+def ensure_tma_allocator() -> None:
+    """Device-side tensor descriptors need scratch memory from a Triton allocator; set one once."""
+    global _ALLOCATOR_SET
+    if not _ALLOCATOR_SET:
+        triton.set_allocator(lambda size, align, stream: torch.empty(size, dtype=torch.int8, device="cuda"))
+        _ALLOCATOR_SET = True

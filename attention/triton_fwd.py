@@ -1,0 +1,233 @@
+"""Triton FlashAttention forward: online softmax over K/V blocks, lse out, dense and varlen in one kernel.
+
+    out, lse = triton_attn_forward(q, k, v, causal=True, softmax_scale=0.125, window_size=(-1, -1))
+
+q (B, Nq, H, D), k/v (B, Nk, Hkv, D) -> out (B, Nq, H, D), lse (B, H, Nq) fp32 natural log. Varlen takes
+packed (total, H, D) tensors with cu_seqlens and returns lse (H, total_q). One program handles BLOCK_M
+query rows of one head; GQA maps query head h to kv head h // (H / Hkv) by index.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .triton_common import (INTERPRET, LN2, LOG2E, block_d, doc_bounds, ensure_tma_allocator,
+                            hopper_features_ok, key_segments, load_rows, store_rows, visible, window_flags)
+
+FWD_HEAD_DIMS = (32, 64, 96, 128, 256)
+BWD_HEAD_DIMS = (32, 64, 96, 128)
+
+
+@triton.jit
+def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, stride_kn, stride_vn, start, end,
+               offs_m, offs_n, offs_d, seqlen_q, seqlen_k, qk_scale, win_left, win_right,
+               MASKED: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+               HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+               USE_TMA: tl.constexpr, WARP_SPEC: tl.constexpr):
+    for start_n in tl.range(start, end, BLOCK_N, warp_specialize=WARP_SPEC):
+        # -- scores in base 2: scale * log2(e) is folded into one multiply ----
+        if USE_TMA:
+            k = k_desc.load([start_n, 0])
+        else:
+            k = load_rows(k_base, start_n + offs_n, stride_kn, seqlen_k, offs_d, HEAD_DIM, BLOCK_D, MASKED)
+        qk = tl.dot(q, tl.trans(k))
+        if MASKED:
+            keep = visible(offs_m, start_n + offs_n, seqlen_q, seqlen_k, win_left, win_right, HAS_LEFT,
+                           HAS_RIGHT)
+            qk = tl.where(keep, qk * qk_scale, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(qk, 1))
+            p = tl.math.exp2(qk - m_new[:, None])
+        else:
+            # no mask: the max and the shift fuse into one FMA per score
+            m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+            p = tl.math.exp2(qk * qk_scale - m_new[:, None])
+        # -- lazy rescale: the accumulator is corrected by alpha, normalised once after the loop ----
+        alpha = tl.math.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        if USE_TMA:
+            v = v_desc.load([start_n, 0])
+        else:
+            v = load_rows(v_base, start_n + offs_n, stride_vn, seqlen_k, offs_d, HEAD_DIM, BLOCK_D, MASKED)
+        acc = tl.dot(p.to(v.dtype), v, acc)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _fwd_kernel(Q, K, V, Out, Lse, CuQ, CuK,
+                stride_qb, stride_qn, stride_qh, stride_kb, stride_kn, stride_kh,
+                stride_vb, stride_vn, stride_vh, stride_ob, stride_on, stride_oh, stride_lb, stride_lh,
+                seqlen_q_dense, seqlen_k_dense, n_heads, group, max_seqlen_q, qk_scale, win_left, win_right,
+                HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                IS_VARLEN: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+                USE_TMA: tl.constexpr, WARP_SPEC: tl.constexpr):
+    # heaviest causal tiles (last query blocks) first, so the tail of the grid is short work
+    start_m = tl.cdiv(max_seqlen_q, BLOCK_M) - 1 - tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // n_heads
+    h = bh % n_heads
+    q_start, seqlen_q = doc_bounds(CuQ, b, seqlen_q_dense, IS_VARLEN)
+    k_start, seqlen_k = doc_bounds(CuK, b, seqlen_k_dense, IS_VARLEN)
+    m0 = start_m * BLOCK_M
+    if m0 >= seqlen_q:
+        return  # varlen: this document is shorter than the longest one
+    hk = h // group
+    q_base = Q + b.to(tl.int64) * stride_qb + q_start.to(tl.int64) * stride_qn + h * stride_qh
+    k_base = K + b.to(tl.int64) * stride_kb + k_start.to(tl.int64) * stride_kn + hk * stride_kh
+    v_base = V + b.to(tl.int64) * stride_vb + k_start.to(tl.int64) * stride_vn + hk * stride_vh
+    o_base = Out + b.to(tl.int64) * stride_ob + q_start.to(tl.int64) * stride_on + h * stride_oh
+    lse_base = Lse + b.to(tl.int64) * stride_lb + h.to(tl.int64) * stride_lh + q_start
+
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    k_desc = k_base
+    v_desc = v_base
+    if USE_TMA:
+        # per-document descriptors: the copy engine zero-fills rows past this document's end
+        k_desc = tl.make_tensor_descriptor(k_base, [seqlen_k, HEAD_DIM], [stride_kn, 1], [BLOCK_N, BLOCK_D])
+        v_desc = tl.make_tensor_descriptor(v_base, [seqlen_k, HEAD_DIM], [stride_vn, 1], [BLOCK_N, BLOCK_D])
+    q = load_rows(q_base, offs_m, stride_qn, seqlen_q, offs_d, HEAD_DIM, BLOCK_D, True)
+
+    # finite start for the running max: a row that sees no key never computes exp2(-inf - -inf)
+    m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    lo, a, c, hi = key_segments(m0, seqlen_q, seqlen_k, win_left, win_right, HAS_LEFT, HAS_RIGHT,
+                                BLOCK_M, BLOCK_N)
+    if HAS_LEFT:  # only a left window edge can put masked blocks before the interior
+        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, stride_kn, stride_vn,
+                                   lo, a, offs_m, offs_n, offs_d, seqlen_q, seqlen_k, qk_scale, win_left,
+                                   win_right, True, HAS_LEFT, HAS_RIGHT, HEAD_DIM, BLOCK_D, BLOCK_N,
+                                   USE_TMA, False)
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, stride_kn, stride_vn,
+                               a, c, offs_m, offs_n, offs_d, seqlen_q, seqlen_k, qk_scale, win_left,
+                               win_right, False, HAS_LEFT, HAS_RIGHT, HEAD_DIM, BLOCK_D, BLOCK_N,
+                               USE_TMA, WARP_SPEC)
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, stride_kn, stride_vn,
+                               c, hi, offs_m, offs_n, offs_d, seqlen_q, seqlen_k, qk_scale, win_left,
+                               win_right, True, HAS_LEFT, HAS_RIGHT, HEAD_DIM, BLOCK_D, BLOCK_N,
+                               USE_TMA, False)
+
+    # -- epilogue: one division; rows that saw no key get out 0 and lse -inf ----
+    seen = l_i > 0.0
+    l_safe = tl.where(seen, l_i, 1.0)
+    out = acc / l_safe[:, None]
+    lse = tl.where(seen, (m_i + tl.math.log2(l_safe)) * LN2, float("-inf"))
+    store_rows(o_base, offs_m, stride_on, seqlen_q, offs_d, out.to(Out.dtype.element_ty), HEAD_DIM, BLOCK_D)
+    tl.store(lse_base + offs_m, lse, mask=offs_m < seqlen_q)
+
+
+# -- configs: one list, filtered per head_dim; tuned once per (HEAD_DIM, causal, dtype), never per length ----
+
+_FWD_CONFIGS = [
+    triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+    for bm, bn, w, s in [(128, 128, 8, 2), (128, 64, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3)]
+]
+
+
+def _prune_fwd(configs, named_args, **kwargs):
+    d = kwargs["BLOCK_D"]
+    keep = [c for c in configs if d <= 128 or c.kwargs["BLOCK_N"] <= 64]
+    return keep or configs[-1:]
+
+
+_fwd_tuned = triton.autotune(_FWD_CONFIGS, key=["HEAD_DIM", "HAS_LEFT", "HAS_RIGHT", "USE_TMA", "WARP_SPEC"],
+                             prune_configs_by={"early_config_prune": _prune_fwd})(_fwd_kernel)
+
+# the interpreter runs one small tile (it is for logic, not speed)
+_INTERPRET_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 16}
+
+# Hopper features, enabled per process once they have compiled: (tma, warp_spec) -> ok
+_FEATURES = {"tma": True, "warp_spec": False}
+
+
+def check_triton_supported(fn_name: str, q: torch.Tensor, k: torch.Tensor) -> None:
+    """ValueError (naming the argument) for inputs the Triton kernels do not handle."""
+    dims = BWD_HEAD_DIMS if "backward" in fn_name else FWD_HEAD_DIMS
+    d = q.shape[-1]
+    if d not in dims:
+        raise ValueError(f"{fn_name}: head_dim {d} (q {tuple(q.shape)}) is not supported by the triton "
+                         f"backend; use one of {dims}")
+    if q.is_cuda:
+        if INTERPRET:
+            return
+        if torch.cuda.get_device_capability(q.device) < (8, 0):
+            raise ValueError(f"{fn_name}: q is on {q.device}, compute capability "
+                             f"{torch.cuda.get_device_capability(q.device)}; the triton backend needs sm_80+")
+        if q.dtype not in (torch.float16, torch.bfloat16):
+            raise ValueError(f"{fn_name}: q dtype {q.dtype} is not supported by the triton backend on GPU; "
+                             "use fp16 or bf16")
+        return
+    if not INTERPRET:
+        raise ValueError(f"{fn_name}: q is on {q.device}; the triton backend needs CUDA tensors "
+                         "(or TRITON_INTERPRET=1 set before importing triton, for tests on CPU)")
+    if q.dtype not in (torch.float16, torch.float32):
+        raise ValueError(f"{fn_name}: q dtype {q.dtype} is not supported by the Triton interpreter; "
+                         "use fp16 or fp32 (bf16 runs on GPU only)")
+
+
+def _contig(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _launch_fwd(q, k, v, out, lse, cu_q, cu_k, strides_b, lse_strides, seqlen_q, seqlen_k, max_q, n_batch,
+                causal, softmax_scale, window_size):
+    """Shared launcher; strides_b are the batch strides (0 for packed varlen tensors)."""
+    has_left, has_right, left, right = window_flags(causal, window_size)
+    n_heads, d = q.shape[-2], q.shape[-1]
+    group = n_heads // k.shape[-2]
+    varlen = cu_q is not None
+    args = [q, k, v, out, lse, cu_q if varlen else q, cu_k if varlen else q,
+            strides_b[0], q.stride(-3), q.stride(-2), strides_b[1], k.stride(-3), k.stride(-2),
+            strides_b[2], v.stride(-3), v.stride(-2), strides_b[3], out.stride(-3), out.stride(-2),
+            lse_strides[0], lse_strides[1], seqlen_q, seqlen_k, n_heads, group]
+    consts = dict(HEAD_DIM=d, BLOCK_D=block_d(d), IS_VARLEN=varlen, HAS_LEFT=has_left, HAS_RIGHT=has_right)
+    tail = [softmax_scale * LOG2E, left, right]
+    if INTERPRET:
+        n_m = triton.cdiv(max_q, _INTERPRET_CONFIG["BLOCK_M"])
+        _fwd_kernel[(n_m, n_batch * n_heads)](*args, max_q, *tail, **consts, **_INTERPRET_CONFIG,
+                                              USE_TMA=False, WARP_SPEC=False)
+        return
+    with torch.cuda.device(q.device):
+        _launch_tuned(args, tail, consts, q, max_q, n_batch * n_heads)
+
+
+def _launch_tuned(args, tail, consts, q, max_q, n_bh):
+    grid = lambda meta: (triton.cdiv(max_q, meta["BLOCK_M"]), n_bh)  # noqa: E731
+    use_tma = _FEATURES["tma"] and hopper_features_ok(q)
+    if use_tma:
+        ensure_tma_allocator()
+        try:
+            _fwd_tuned[grid](*args, max_q, *tail, **consts, USE_TMA=True, WARP_SPEC=_FEATURES["warp_spec"])
+            return
+        except Exception:  # an older/newer Triton that cannot build the TMA path: plain loads, once
+            _FEATURES["tma"] = False
+    _fwd_tuned[grid](*args, max_q, *tail, **consts, USE_TMA=False, WARP_SPEC=False)
+
+
+def triton_attn_forward(q, k, v, causal, softmax_scale, window_size):
+    """q (B, Nq, H, D), k/v (B, Nk, Hkv, D) -> (out (B, Nq, H, D), lse (B, H, Nq) fp32, natural log)."""
+    q, k, v = _contig(q), _contig(k), _contig(v)
+    B, nq, H, _ = q.shape
+    out = torch.empty_like(q)
+    lse = torch.empty(B, H, nq, dtype=torch.float32, device=q.device)
+    _launch_fwd(q, k, v, out, lse, None, None, (q.stride(0), k.stride(0), v.stride(0), out.stride(0)),
+                (lse.stride(0), lse.stride(1)), nq, k.shape[1], nq, B, causal, softmax_scale, window_size)
+    return out, lse
+
+
+def triton_attn_varlen_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal,
+                               softmax_scale, window_size):
+    """Packed q (total_q, H, D), k/v (total_k, Hkv, D) -> (out (total_q, H, D), lse (H, total_q))."""
+    q, k, v = _contig(q), _contig(k), _contig(v)
+    total_q, H, _ = q.shape
+    out = torch.empty_like(q)
+    lse = torch.empty(H, total_q, dtype=torch.float32, device=q.device)
+    n_batch = cu_seqlens_q.numel() - 1
+    _launch_fwd(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, (0, 0, 0, 0), (0, lse.stride(0)), 0, 0,
+                int(max_seqlen_q), n_batch, causal, softmax_scale, window_size)
+    return out, lse
