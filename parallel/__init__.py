@@ -1,1 +1,23 @@
-"""parallel"""
+"""ringflash context parallelism: ring and Ulysses attention over a cp group, sequence sharding, dp x cp mesh.
+
+    from parallel import init_distributed, init_mesh, ring_attn_func, shard_sequence
+    init_distributed(); mesh = init_mesh(cp=2)
+    q_local = shard_sequence(q, dim=1, group=mesh.cp_group)          # same for k, v, labels, positions
+    out_local = ring_attn_func(q_local, k_local, v_local, group=mesh.cp_group, causal=True)
+
+Knows nothing of models; attention/ does the per-block math.
+"""
+
+from .comm import RingComm
+from .mesh import ParallelDims, ParallelMesh, default_backend, init_distributed, init_mesh
+from .ring import ring_attn_func
+from .sharding import (chunk_ids, doc_cu_seqlens, doc_ids_from_positions, shard_doc_ids, shard_for_rank,
+                       shard_indices, shard_sequence, unshard_from_shards, unshard_sequence)
+from .ulysses import ulysses_attn_func
+
+__all__ = [
+    "ring_attn_func", "ulysses_attn_func", "shard_sequence", "unshard_sequence",
+    "shard_for_rank", "unshard_from_shards", "shard_indices", "chunk_ids",
+    "doc_ids_from_positions", "shard_doc_ids", "doc_cu_seqlens",
+    "ParallelDims", "ParallelMesh", "init_mesh", "init_distributed", "default_backend", "RingComm",
+]

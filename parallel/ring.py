@@ -1,0 +1,276 @@
+"""Ring attention: K/V blocks rotate around the cp group while each rank keeps its own queries.
+
+    q_local = shard_sequence(q, dim=1, group=cp_group)            # same for k, v (and position_ids)
+    out_local = ring_attn_func(q_local, k_local, v_local, group=cp_group, causal=True)
+
+q/k/v are this rank's shards (B, N_local, H|Hkv, D) in `layout` ("zigzag" or "contiguous", see
+sharding.py). Forward: W steps; each starts the transfer of the next K/V (Hkv heads, batched isend/irecv),
+computes the current block with `attention.attn_forward` and merges it into a running fp32 (out, lse) with
+`attention.merge_attn_outputs`. Backward: a second ring rotates K/V together with their fp32 dK/dV
+accumulators, calling `attention.attn_backward` with the final merged out/lse. With causal attention only
+the visible chunk pairs are computed (zigzag: every step costs half a block except the diagonal one).
+Packed documents (`position_ids`, 0 = document start) turn each block into a varlen call whose segments are
+the documents shared by the block's queries and keys; blocks sharing no document are skipped.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from itertools import groupby
+from typing import Optional
+
+import torch
+
+from attention import attn_backward, attn_forward, attn_varlen_backward, attn_varlen_forward, merge_attn_outputs
+from attention.backends import resolve_backend_name
+from attention.validation import check_options, check_qkv
+
+from .comm import RingComm
+from .sharding import (check_layout, chunk_ids, doc_cu_seqlens, doc_ids_from_positions, group_rank_and_size,
+                       shard_for_rank, unshard_sequence)
+
+_NO_WINDOW = (-1, -1)
+
+
+@dataclass(frozen=True)
+class _Block:
+    """One attention call of a ring step: local query rows vs rows of the K/V block held this step."""
+    q_rows: slice
+    k_rows: slice
+    causal: bool
+    varlen: Optional[tuple] = None  # (cu_q, cu_k, max_q, max_k) over the block's rows, batch flattened
+
+
+def _runs(indices):
+    """[0, 1, 3] -> [(0, 2), (3, 4)]: contiguous runs as half-open ranges."""
+    for _, grp in groupby(enumerate(indices), key=lambda t: t[1] - t[0]):
+        run = [i for _, i in grp]
+        yield run[0], run[-1] + 1
+
+
+def _dense_blocks(rank: int, src: int, world_size: int, n_local: int, layout: str, causal: bool) -> list:
+    everything = slice(0, n_local)
+    if not causal:
+        return [_Block(everything, everything, False)]
+    if src == rank:
+        # Local chunks are in ascending global order, so plain causal on the local rows is exact.
+        return [_Block(everything, everything, True)]
+    q_chunks, k_chunks = chunk_ids(rank, world_size, layout), chunk_ids(src, world_size, layout)
+    size = n_local // len(q_chunks)
+    # Between distinct chunks a pair is fully visible (key chunk earlier) or fully masked: skip the latter,
+    # and merge query chunks that see the same key chunks into one call.
+    visible = [tuple(j for j, kc in enumerate(k_chunks) if kc < qc) for qc in q_chunks]
+    blocks, i = [], 0
+    for cols, grp in groupby(visible):
+        n_rows = len(list(grp))
+        for j0, j1 in _runs(cols):
+            blocks.append(_Block(slice(i * size, (i + n_rows) * size), slice(j0 * size, j1 * size), False))
+        i += n_rows
+    return blocks
+
+
+def _with_docs(blocks: list, q_doc: torch.Tensor, k_doc: torch.Tensor, device) -> list:
+    """Attach per-document varlen segments; drop blocks whose queries and keys share no document."""
+    kept = []
+    for blk in blocks:
+        cu_q, cu_k, max_q, max_k, shared = doc_cu_seqlens(q_doc[:, blk.q_rows], k_doc[:, blk.k_rows])
+        if shared:
+            kept.append(replace(blk, varlen=(cu_q.to(device), cu_k.to(device), max_q, max_k)))
+    return kept
+
+
+def plan_ring(rank: int, world_size: int, n_local: int, layout: str = "zigzag", causal: bool = True,
+              doc_ids: Optional[torch.Tensor] = None, device=None) -> list:
+    """The blocks each ring step computes, indexed by step (step s holds the K/V of rank - s).
+
+    doc_ids: (B, N) document ids of the full sequence (see sharding.doc_ids_from_positions), or None.
+    """
+    steps = []
+    for step in range(world_size):
+        src = (rank - step) % world_size
+        blocks = _dense_blocks(rank, src, world_size, n_local, layout, causal)
+        if doc_ids is not None:
+            q_doc = shard_for_rank(doc_ids, 1, rank, world_size, layout)
+            k_doc = shard_for_rank(doc_ids, 1, src, world_size, layout)
+            blocks = _with_docs(blocks, q_doc, k_doc, device)
+        steps.append(blocks)
+    return steps
+
+
+# -- one block ----------------------------------------------------------------------------------------------
+
+
+def _flat(t: torch.Tensor) -> torch.Tensor:
+    return t.reshape(-1, *t.shape[2:])  # (B, n, h, D) -> (B*n, h, D)
+
+
+def _block_forward(q, k, v, blk: _Block, scale: float, backend: str):
+    qb = q[:, blk.q_rows].contiguous()
+    kb, vb = k[:, blk.k_rows].contiguous(), v[:, blk.k_rows].contiguous()
+    if blk.varlen is None:
+        return attn_forward(qb, kb, vb, blk.causal, scale, _NO_WINDOW, backend)
+    B, nq, H, _ = qb.shape
+    out, lse = attn_varlen_forward(_flat(qb), _flat(kb), _flat(vb), *blk.varlen, blk.causal, scale, _NO_WINDOW,
+                                   backend)
+    return out.view(qb.shape), lse.view(H, B, nq).transpose(0, 1)  # lse (H, B*nq) -> (B, H, nq)
+
+
+def _block_backward(dout, q, k, v, out, lse, dlse, blk: _Block, scale: float, backend: str):
+    r, c = blk.q_rows, blk.k_rows
+    dob, qb, ob = dout[:, r].contiguous(), q[:, r].contiguous(), out[:, r].contiguous()
+    kb, vb = k[:, c].contiguous(), v[:, c].contiguous()
+    lb = lse[:, :, r].contiguous()
+    dlb = None if dlse is None else dlse[:, :, r].contiguous()
+    if blk.varlen is None:
+        return attn_backward(dob, qb, kb, vb, ob, lb, blk.causal, scale, _NO_WINDOW, dlse=dlb, backend=backend)
+
+    def heads_first(t):  # (B, H, nq) -> (H, B*nq), the varlen lse layout
+        return None if t is None else t.transpose(0, 1).reshape(t.shape[1], -1)
+
+    dq, dk, dv = attn_varlen_backward(_flat(dob), _flat(qb), _flat(kb), _flat(vb), _flat(ob), heads_first(lb),
+                                      *blk.varlen, blk.causal, scale, _NO_WINDOW, dlse=heads_first(dlb),
+                                      backend=backend)
+    return dq.view(qb.shape), dk.view(kb.shape), dv.view(vb.shape)
+
+
+# -- the two rings ------------------------------------------------------------------------------------------
+
+
+def _acc_dtype(t: torch.Tensor) -> torch.dtype:
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def ring_attn_forward(comm: Optional[RingComm], q, k, v, plan: list, scale: float, backend: str,
+                      overlap: bool = True):
+    """Returns out (B, N_local, H, D) in q.dtype and lse (B, H, N_local) fp32 over the whole sequence."""
+    B, n, H, D = q.shape
+    out = torch.zeros(B, n, H, D, dtype=_acc_dtype(q), device=q.device)
+    lse = torch.full((B, H, n), float("-inf"), dtype=torch.float32, device=q.device)
+    last = len(plan) - 1
+    for step, blocks in enumerate(plan):
+        if step < last:  # start moving the next K/V now, so it travels while this block computes
+            next_k, next_v = comm.send_recv(k), comm.send_recv(v)
+            comm.commit()
+            if not overlap:
+                comm.wait()
+        for blk in blocks:
+            block_out, block_lse = _block_forward(q, k, v, blk, scale, backend)
+            r = blk.q_rows
+            out[:, r], lse[:, :, r] = merge_attn_outputs([(out[:, r], lse[:, :, r]), (block_out, block_lse)])
+        if step < last:
+            if overlap:
+                comm.wait()
+            k, v = next_k, next_v
+    return out.to(q.dtype), lse
+
+
+def ring_attn_backward(kv_comm: Optional[RingComm], d_kv_comm: Optional[RingComm], dout, dlse, q, k, v, out,
+                       lse, plan: list, scale: float, backend: str, overlap: bool = True):
+    """dq, dk, dv for the local shards. dK/dV accumulators travel with their K/V block and end at home."""
+    acc = _acc_dtype(q)
+    dq = torch.zeros(q.shape, dtype=acc, device=q.device)
+    last = len(plan) - 1
+    for step, blocks in enumerate(plan):
+        if step < last:
+            next_k, next_v = kv_comm.send_recv(k), kv_comm.send_recv(v)
+            kv_comm.commit()
+            if not overlap:
+                kv_comm.wait()
+        # Step 1: this rank's queries' contribution to the K/V block it holds now.
+        block_dk = torch.zeros(k.shape, dtype=acc, device=k.device)
+        block_dv = torch.zeros_like(block_dk)
+        for blk in blocks:
+            dq_b, dk_b, dv_b = _block_backward(dout, q, k, v, out, lse, dlse, blk, scale, backend)
+            dq[:, blk.q_rows] += dq_b
+            block_dk[:, blk.k_rows] += dk_b
+            block_dv[:, blk.k_rows] += dv_b
+        # Step 2: add what the previous ranks accumulated for this block, pass the sum on.
+        if step > 0:
+            if overlap:
+                d_kv_comm.wait()
+            block_dk += next_dk
+            block_dv += next_dv
+        if last > 0:
+            next_dk, next_dv = d_kv_comm.send_recv(block_dk), d_kv_comm.send_recv(block_dv)
+            d_kv_comm.commit()
+            if not overlap:
+                d_kv_comm.wait()
+        if step < last:
+            if overlap:
+                kv_comm.wait()
+            k, v = next_k, next_v
+    if last == 0:
+        dk, dv = block_dk, block_dv
+    else:  # Step 3: the final send brought this rank's own, complete dK/dV home.
+        if overlap:
+            d_kv_comm.wait()
+        dk, dv = next_dk, next_dv
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
+class RingAttnFunc(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, group, plan, scale, backend, overlap):
+        comm = RingComm(group) if len(plan) > 1 else None
+        out, lse = ring_attn_forward(comm, q, k, v, plan, scale, backend, overlap)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.args = (group, plan, scale, backend, overlap)
+        ctx.set_materialize_grads(False)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, dlse):
+        q, k, v, out, lse = ctx.saved_tensors
+        group, plan, scale, backend, overlap = ctx.args
+        if dout is None:  # only lse was used
+            dout = torch.zeros_like(out)
+        kv_comm, d_kv_comm = (RingComm(group), RingComm(group)) if len(plan) > 1 else (None, None)
+        dq, dk, dv = ring_attn_backward(kv_comm, d_kv_comm, dout, dlse, q, k, v, out, lse, plan, scale, backend,
+                                        overlap)
+        return dq, dk, dv, None, None, None, None, None
+
+
+# -- public entry point -------------------------------------------------------------------------------------
+
+
+def _check_ring_inputs(q, k, v, layout, softmax_scale, position_ids):
+    fn = "ring_attn_func"
+    check_qkv(q, k, v, fn)
+    check_options(fn, softmax_scale, _NO_WINDOW)
+    check_layout(layout)
+    if q.shape[1] != k.shape[1]:
+        raise ValueError(f"{fn}: q and k must hold the same local tokens (self-attention); got q {tuple(q.shape)}, "
+                         f"k {tuple(k.shape)}")
+    if layout == "zigzag" and q.shape[1] % 2 != 0:
+        raise ValueError(f"{fn}: N_local {q.shape[1]} must be even for layout='zigzag' (two chunks per rank); "
+                         f"q {tuple(q.shape)}")
+    if position_ids is not None:
+        B, n = q.shape[:2]
+        if position_ids.shape not in ((n,), (1, n), (B, n)):
+            raise ValueError(f"{fn}: position_ids must be (N_local,), (1, N_local) or (B, N_local) = ({B}, {n}); "
+                             f"got {tuple(position_ids.shape)}")
+
+
+def ring_attn_func(q, k, v, group=None, causal=True, softmax_scale=None, layout="zigzag", return_lse=False,
+                   position_ids=None, backend="auto", overlap=True):
+    """Ring attention over the sequence split across `group` (None = default group; no group = one rank).
+
+    q (B, N_local, H, D), k/v (B, N_local, Hkv, D): this rank's shards in `layout`. Returns out
+    (B, N_local, H, D) [and lse (B, H, N_local) fp32], equal to flash_attn_func on the full sequence, sharded.
+    position_ids (B|1, N_local): this rank's shard of packed-document positions (0 starts a document);
+    attention then stays inside documents. `overlap=False` waits for each transfer before computing
+    (for benchmarking the overlap).
+    """
+    _check_ring_inputs(q, k, v, layout, softmax_scale, position_ids)
+    rank, world_size = group_rank_and_size(group)
+    backend = resolve_backend_name(backend, q.device)
+    scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
+    doc_ids = None
+    if position_ids is not None:
+        # Document ids need the whole sequence (a shard cannot see where its first document began):
+        # one small all-gather of int positions per call.
+        local_pos = position_ids.reshape(-1, q.shape[1]).expand(q.shape[0], -1)  # (B, N_local)
+        doc_ids = doc_ids_from_positions(unshard_sequence(local_pos, 1, group, layout).cpu())
+    plan = plan_ring(rank, world_size, q.shape[1], layout, bool(causal), doc_ids, q.device)
+    out, lse = RingAttnFunc.apply(q, k, v, group, plan, scale, backend, bool(overlap))
+    return (out, lse) if return_lse else out

@@ -1,0 +1,132 @@
+"""Ulysses (DeepSpeed-style) context parallelism: all-to-all from sequence shards to head shards and back.
+
+    out_local = ulysses_attn_func(q_local, k_local, v_local, group=cp_group, causal=True)
+
+q/k/v are this rank's sequence shards (B, N_local, H|Hkv, D) in `layout` (as produced by shard_sequence).
+One all-to-all gives every rank the *whole* sequence, in true order, for H/W of the heads; local attention
+runs through `attention.flash_attn_func` (its own autograd); a second all-to-all returns the sequence shards.
+H must be divisible by W; K/V heads are replicated when Hkv is not (e.g. Hkv < W), keeping GQA groups intact.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+
+from attention import flash_attn_func, flash_attn_varlen_func
+from attention.validation import check_options, check_qkv
+
+from .sharding import (check_layout, doc_ids_from_positions, group_rank_and_size, shard_for_rank,
+                       unshard_from_shards, unshard_sequence)
+
+
+def _seq_to_heads(x: torch.Tensor, group, layout: str) -> torch.Tensor:
+    """(B, N_local, h*W, D) sequence shard -> (B, N, h, D): the full sequence for this rank's heads."""
+    _, world_size = group_rank_and_size(group)
+    B, n, heads, D = x.shape
+    send = x.reshape(B, n, world_size, heads // world_size, D).permute(2, 0, 1, 3, 4).contiguous()  # (W,B,n,h,D)
+    recv = torch.empty_like(send)
+    dist.all_to_all_single(recv, send, group=group)  # recv[s]: rank s's sequence shard of my heads
+    return unshard_from_shards(list(recv.unbind(0)), 1, layout)
+
+
+def _heads_to_seq(y: torch.Tensor, group, layout: str) -> torch.Tensor:
+    """(B, N, h, D) full sequence for my heads -> (B, N_local, h*W, D): my sequence shard of every head."""
+    _, world_size = group_rank_and_size(group)
+    send = torch.stack([shard_for_rank(y, 1, r, world_size, layout) for r in range(world_size)])  # (W,B,n,h,D)
+    recv = torch.empty_like(send)
+    dist.all_to_all_single(recv, send, group=group)  # recv[s]: my sequence shard of rank s's heads
+    W, B, n, h, D = recv.shape
+    return recv.permute(1, 2, 0, 3, 4).reshape(B, n, W * h, D)
+
+
+class _SeqToHeads(torch.autograd.Function):
+    """The two all-to-alls are permutations and each other's inverse, hence each other's adjoint."""
+
+    @staticmethod
+    def forward(ctx, x, group, layout):
+        ctx.group, ctx.layout = group, layout
+        return _seq_to_heads(x, group, layout)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _heads_to_seq(grad.contiguous(), ctx.group, ctx.layout), None, None
+
+
+class _HeadsToSeq(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, y, group, layout):
+        ctx.group, ctx.layout = group, layout
+        return _heads_to_seq(y, group, layout)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _seq_to_heads(grad.contiguous(), ctx.group, ctx.layout), None, None
+
+
+def _replicate_kv(k: torch.Tensor, heads: int, world_size: int) -> torch.Tensor:
+    """Repeat each kv head so that Hkv' is a multiple of W; q head h still maps to (a copy of) kv head h // G."""
+    hkv = k.shape[2]
+    rep = world_size // math.gcd(hkv, world_size)
+    # H % W == 0 and H % Hkv == 0 imply (H / Hkv) % rep == 0, so the grouping stays valid.
+    assert heads % (hkv * rep) == 0
+    return k if rep == 1 else k.repeat_interleave(rep, dim=2)  # (B, n, Hkv*rep, D)
+
+
+def _check_ulysses_inputs(q, k, v, world_size, layout, softmax_scale, position_ids):
+    fn = "ulysses_attn_func"
+    check_qkv(q, k, v, fn)
+    check_options(fn, softmax_scale, (-1, -1))
+    check_layout(layout)
+    if q.shape[1] != k.shape[1]:
+        raise ValueError(f"{fn}: q and k must hold the same local tokens; got q {tuple(q.shape)}, k {tuple(k.shape)}")
+    if q.shape[2] % world_size != 0:
+        raise ValueError(f"{fn}: q heads ({q.shape[2]}) must be divisible by the cp world size ({world_size}); "
+                         f"q {tuple(q.shape)}")
+    if layout == "zigzag" and world_size > 1 and q.shape[1] % 2 != 0:
+        raise ValueError(f"{fn}: N_local {q.shape[1]} must be even for layout='zigzag'; q {tuple(q.shape)}")
+    if position_ids is not None and position_ids.shape not in ((q.shape[1],), (1, q.shape[1]), q.shape[:2]):
+        raise ValueError(f"{fn}: position_ids must be (N_local,), (1, N_local) or (B, N_local) = "
+                         f"{tuple(q.shape[:2])}; got {tuple(position_ids.shape)}")
+
+
+def _packed_attention(q, k, v, doc_ids, causal, softmax_scale, backend):
+    """q (B, N, h, D) full sequence with doc_ids (B, N): one varlen call, documents never mix."""
+    B, N, h, D = q.shape
+    starts = torch.ones(B, N, dtype=torch.bool)
+    starts[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]  # batch rows always start a new segment
+    bounds = torch.cat([starts.flatten().nonzero().flatten(), torch.tensor([B * N])])
+    cu = bounds.to(q.device, torch.int32)
+    max_len = int(bounds.diff().max())
+    out = flash_attn_varlen_func(q.reshape(B * N, h, D), k.reshape(B * N, k.shape[2], D),
+                                 v.reshape(B * N, v.shape[2], D), cu, cu, max_len, max_len, causal=causal,
+                                 softmax_scale=softmax_scale, backend=backend)  # (B*N, h, D)
+    return out.view(B, N, h, D)
+
+
+def ulysses_attn_func(q, k, v, group=None, causal=True, softmax_scale=None, layout="zigzag", position_ids=None,
+                      backend="auto"):
+    """Attention over the sequence split across `group` by head-scattering all-to-all.
+
+    q (B, N_local, H, D), k/v (B, N_local, Hkv, D): this rank's shards in `layout`; returns out
+    (B, N_local, H, D) equal to flash_attn_func on the full sequence, sharded. position_ids: this rank's
+    shard of packed-document positions (0 starts a document), as for ring_attn_func.
+    """
+    _, world_size = group_rank_and_size(group)
+    _check_ulysses_inputs(q, k, v, world_size, layout, softmax_scale, position_ids)
+    doc_ids = None
+    if position_ids is not None:
+        local_pos = position_ids.reshape(-1, q.shape[1]).expand(q.shape[0], -1)  # (B, N_local)
+        doc_ids = doc_ids_from_positions(unshard_sequence(local_pos, 1, group, layout).cpu())
+    if world_size == 1:
+        q_full, k_full, v_full = q, k, v
+    else:
+        k, v = _replicate_kv(k, q.shape[2], world_size), _replicate_kv(v, q.shape[2], world_size)
+        q_full, k_full, v_full = (_SeqToHeads.apply(t, group, layout) for t in (q, k, v))  # (B, N, h, D)
+    if doc_ids is None:
+        out = flash_attn_func(q_full, k_full, v_full, causal=causal, softmax_scale=softmax_scale, backend=backend)
+    else:
+        out = _packed_attention(q_full, k_full, v_full, doc_ids, causal, softmax_scale, backend)
+    return out if world_size == 1 else _HeadsToSeq.apply(out, group, layout)
