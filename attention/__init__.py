@@ -6,6 +6,7 @@
 
 from .backends import (attn_backward, attn_forward, attn_varlen_backward, attn_varlen_forward,
                        available_backends)
+from .dropin import register_hf, register_sdpa, unregister_sdpa
 from .interface import flash_attn_func, flash_attn_varlen_func
 from .merge import merge_attn_outputs
 from .reference import reference_attn_backward, reference_attn_forward
@@ -14,4 +15,5 @@ __all__ = [
     "flash_attn_func", "flash_attn_varlen_func", "merge_attn_outputs",
     "attn_forward", "attn_backward", "attn_varlen_forward", "attn_varlen_backward", "available_backends",
     "reference_attn_forward", "reference_attn_backward",
+    "register_sdpa", "unregister_sdpa", "register_hf",
 ]
