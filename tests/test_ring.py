@@ -1,0 +1,158 @@
+"""Ring attention against full-sequence attention: every rank builds the unsharded oracle (reference backend,
+fp64), shards it with the same shard_for_rank the trainer uses, and compares out, lse, dq, dk, dv.
+
+One spawned gloo world per world size runs many cases, because starting a world costs seconds.
+"""
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # before anything imports triton (the triton-backend case)
+
+import importlib.util  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+
+from dist_utils import full_attention, random_positions, run_world  # noqa: E402
+from helpers import assert_close  # noqa: E402
+from parallel import RingComm, init_mesh, ring_attn_func, shard_for_rank  # noqa: E402
+
+FP64_TOL = 1e-5  # the merged lse is fp32, so fp64 inputs agree to ~1e-7, not 1e-12
+DTYPE_TOL = {torch.float64: FP64_TOL, torch.float32: 2e-4}
+
+
+def _case(layout="zigzag", causal=True, heads=(4, 2), B=2, chunk=3, D=8, packed=False, lse_loss=False,
+          dtype=torch.float64, overlap=True, scale=None, backend="reference", seed=0):
+    return dict(layout=layout, causal=causal, heads=heads, B=B, chunk=chunk, D=D, packed=packed, lse_loss=lse_loss,
+                dtype=dtype, overlap=overlap, scale=scale, backend=backend, seed=seed)
+
+
+def _cases():
+    cases = [_case(layout, causal, heads, seed=i)
+             for i, (layout, causal, heads) in enumerate(
+                 (lay, c, h) for lay in ("zigzag", "contiguous") for c in (True, False) for h in ((2, 2), (4, 1)))]
+    # Packed documents (up to 9 tokens) cross chunk boundaries of size 5.
+    cases += [_case(layout, causal, (4, 2), chunk=5, packed=True, seed=10 + i)
+              for i, (layout, causal) in enumerate((lay, c) for lay in ("zigzag", "contiguous") for c in (True, False))]
+    cases += [
+        _case("zigzag", True, lse_loss=True, seed=20),
+        _case("contiguous", False, lse_loss=True, packed=True, chunk=4, seed=21),
+        _case("zigzag", True, (2, 1), B=1, chunk=7, D=32, dtype=torch.float32, seed=22),
+        _case("zigzag", True, overlap=False, packed=True, chunk=4, seed=23),
+        _case("contiguous", True, overlap=False, scale=0.3, seed=24),
+    ]
+    return cases
+
+
+def _full_inputs(c, world_size):
+    gen = torch.Generator().manual_seed(c["seed"])
+    B, (H, hkv), D, N = c["B"], c["heads"], c["D"], 2 * world_size * c["chunk"]
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=gen, dtype=torch.float64).to(c["dtype"])
+
+    q, k, v, dout = rand(B, N, H, D), rand(B, N, hkv, D), rand(B, N, hkv, D), rand(B, N, H, D)
+    dlse = rand(B, H, N).float() if c["lse_loss"] else None
+    pos = random_positions(B, N, gen, max_doc=9) if c["packed"] else None
+    return q, k, v, dout, dlse, pos
+
+
+def _loss(out, lse, dout, dlse):
+    loss = (out * dout).sum()
+    return loss if dlse is None else loss + (lse * dlse).sum()
+
+
+def _check_case(rank, world_size, c, group=None):
+    q, k, v, dout, dlse, pos = _full_inputs(c, world_size)
+    full = [t.clone().requires_grad_() for t in (q, k, v)]
+    out, lse = full_attention(*full, c["causal"], c["scale"], pos)  # oracle: reference backend, input dtype
+    _loss(out, lse, dout, dlse).backward()
+
+    def shard(t, dim=1):
+        return shard_for_rank(t, dim, rank, world_size, c["layout"])
+
+    local = [shard(t).detach().requires_grad_() for t in (q, k, v)]
+    out_l, lse_l = ring_attn_func(*local, group=group, causal=c["causal"], softmax_scale=c["scale"], layout=c["layout"],
+                                  return_lse=True, position_ids=None if pos is None else shard(pos),
+                                  backend=c["backend"], overlap=c["overlap"])
+    _loss(out_l, lse_l, shard(dout), None if dlse is None else shard(dlse, 2)).backward()
+    tol = DTYPE_TOL[c["dtype"]]
+    assert out_l.dtype == q.dtype and lse_l.dtype == torch.float32
+    assert_close(out_l, shard(out), "out", atol=tol, rtol=tol)
+    assert_close(lse_l, shard(lse, 2), "lse", atol=tol, rtol=tol)
+    for name, loc, ref in zip(("dq", "dk", "dv"), local, full):
+        assert_close(loc.grad, shard(ref.grad), name, atol=tol, rtol=tol)
+
+
+def _ring_worker(rank, world_size, cases):
+    for c in cases:
+        try:
+            _check_case(rank, world_size, c)
+        except AssertionError as e:
+            raise AssertionError(f"rank {rank}/{world_size}, case {c}: {e}") from None
+    if world_size == 2:
+        _check_comm_misuse()
+    if world_size == 4:
+        _check_ring_on_cp_subgroups(rank)
+
+
+def _check_comm_misuse():
+    comm = RingComm()
+    with pytest.raises(RuntimeError, match="wait called before commit"):
+        comm.wait()
+    with pytest.raises(RuntimeError, match="nothing queued"):
+        comm.commit()
+    buf = comm.send_recv(torch.full((3,), float(dist.get_rank())))
+    comm.commit()
+    with pytest.raises(RuntimeError, match="twice"):
+        comm.commit()
+    comm.wait()
+    assert buf.tolist() == [float(1 - dist.get_rank())] * 3
+
+
+def _check_ring_on_cp_subgroups(rank):
+    """dp=2 x cp=2: each cp group rings over its own (different) sequence; P2P must use global ranks."""
+    mesh = init_mesh(cp=2)
+    assert (mesh.dp_rank, mesh.cp_rank) == divmod(rank, 2)
+    assert dist.get_process_group_ranks(mesh.cp_group) == [2 * mesh.dp_rank, 2 * mesh.dp_rank + 1]
+    for layout in ("zigzag", "contiguous"):
+        c = _case(layout, True, packed=True, chunk=4, seed=100 + mesh.dp_rank)  # a different sequence per dp rank
+        _check_case(mesh.cp_rank, 2, c, group=mesh.cp_group)
+
+
+@pytest.mark.parametrize("world_size", [2, 3, 4])
+def test_ring_matches_full_attention(world_size, free_port):
+    run_world(_ring_worker, world_size, free_port, _cases())
+
+
+@pytest.mark.skipif(importlib.util.find_spec("attention.triton_fwd") is None, reason="no triton kernels")
+def test_ring_triton_backend(free_port):
+    """The real Triton kernels (interpreter) as the local block: lengths not multiples of the 16-wide tiles."""
+    cases = [_case("zigzag", True, (2, 1), B=1, chunk=11, D=32, dtype=torch.float32, backend="triton", seed=30),
+             _case("zigzag", True, (2, 2), B=1, chunk=9, D=32, dtype=torch.float32, backend="triton", packed=True,
+                   seed=31)]
+    run_world(_ring_worker, 2, free_port, cases)
+
+
+# -- single process (no process group: a world of one) ------------------------------------------------------
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_ring_single_rank_is_local_attention(packed):
+    c = _case("zigzag", True, chunk=5, packed=packed, lse_loss=True, seed=40)
+    _check_case(0, 1, c)
+
+
+def test_ring_input_errors():
+    q = torch.randn(1, 6, 2, 8)
+    with pytest.raises(ValueError, match="layout"):
+        ring_attn_func(q, q, q, layout="striped")
+    with pytest.raises(ValueError, match="N_local 5 must be even"):
+        ring_attn_func(q[:, :5], q[:, :5], q[:, :5])
+    with pytest.raises(ValueError, match="same local tokens"):
+        ring_attn_func(q, q[:, :4], q[:, :4])
+    with pytest.raises(ValueError, match="position_ids"):
+        ring_attn_func(q, q, q, position_ids=torch.zeros(1, 5, dtype=torch.long))
+    with pytest.raises(ValueError, match="multiple of k/v heads"):
+        ring_attn_func(torch.randn(1, 6, 3, 8), q, q)
