@@ -95,7 +95,8 @@ def reference_attn_forward(q, k, v, causal=False, softmax_scale=None, window_siz
         l_safe = torch.where(seen, l_i, torch.ones_like(l_i))
         out[..., i0:i1, :] = torch.where(seen[..., None], acc / l_safe[..., None], torch.zeros_like(acc))
         lse[..., i0:i1] = torch.where(seen, m_i + torch.log(l_safe), torch.full_like(l_i, float("-inf")))
-    out = out.permute(0, 3, 1, 2, 4).reshape(B, nq, H, D).to(q.dtype)  # (B, Nq, H, D)
+    # contiguous like FlashAttention's output: callers .view() it (the reshape alone is a strided view)
+    out = out.permute(0, 3, 1, 2, 4).reshape(B, nq, H, D).to(q.dtype).contiguous()  # (B, Nq, H, D)
     return out, lse.reshape(B, H, nq).float()
 
 
@@ -139,5 +140,5 @@ def reference_attn_backward(dout, q, k, v, out, lse, causal=False, softmax_scale
             ds = p * (dp - delta[..., i0:i1, None])
             dq[..., i0:i1, :] += (ds @ kb) * scale
             dk[..., j0:j1, :] += (ds.transpose(-1, -2) @ qb).sum(2) * scale
-    dq = dq.permute(0, 3, 1, 2, 4).reshape(B, nq, H, D).to(q.dtype)
-    return dq, dk.transpose(1, 2).to(k.dtype), dv.transpose(1, 2).to(v.dtype)
+    dq = dq.permute(0, 3, 1, 2, 4).reshape(B, nq, H, D).to(q.dtype).contiguous()
+    return dq, dk.transpose(1, 2).to(k.dtype).contiguous(), dv.transpose(1, 2).to(v.dtype).contiguous()
