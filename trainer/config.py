@@ -1,0 +1,111 @@
+"""Typed trainer config: dataclasses registered in Hydra's ConfigStore, so a typo in a key fails loudly.
+
+    cfg: Config = OmegaConf.to_object(dict_config)      # done once, in trainer/train.py
+
+configs/train.yaml starts its defaults list with `base_config` (this schema); the groups under configs/
+(model, data, optim, parallel, logger, experiment) fill it. Components receive their own typed sub-config.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+from hydra.core.config_store import ConfigStore
+
+from trainer.data import DataConfig
+from trainer.model import ModelConfig
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 300  # optimizer steps
+    seed: int = 0  # init, data order
+    out_dir: str = "outputs/${run_name}"  # same on every rank; Hydra's run dir too
+    resume: str = "auto"  # auto: newest complete checkpoint in out_dir (if any) | none | path to step_<N>
+    ckpt_every: int = 100  # 0: only at the end
+    keep_ckpts: int = 2  # newest K complete checkpoints are kept
+    log_every: int = 10  # the only steps that read values back from the device
+    eval_every: int = 100  # validation loss every N steps (0: only at the end)
+    eval_batches: int = 8  # validation batches per evaluation (per dp rank)
+    max_bad_steps: int = 5  # stop after this many non-finite steps in a row
+    grad_accum: int = 1  # micro-batches per optimizer step
+    loss_chunk: int = 4096  # tokens per lm-head/CE chunk (memory: loss_chunk * vocab * 4 bytes)
+    dtype: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | bf16 | fp32
+    device: str = "auto"  # auto | cpu | cuda
+    peak_tflops: Optional[float] = None  # MFU denominator per device; None: 989 (H100 bf16) on CUDA, 0.2 on CPU
+
+
+@dataclass
+class OptimConfig:
+    name: str = "adamw"
+    lr: float = 3e-3
+    min_lr: float = 3e-4  # end of the cosine
+    warmup_steps: int = 30  # linear warmup from lr / warmup_steps
+    weight_decay: float = 0.1  # on matrices only (not norms)
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+    grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
+    fused: bool = True  # fused AdamW kernel (CUDA and CPU)
+
+
+@dataclass
+class ParallelConfig:
+    dp: int = -1  # data-parallel size; -1: world_size // cp
+    cp: int = 1  # context-parallel size (sequence split across ranks)
+    cp_impl: str = "ring"  # ring | ulysses
+    zero_stage: int = 0  # 0: DDP; 1/2/3: DeepSpeed ZeRO
+
+
+@dataclass
+class AttentionConfig:
+    backend: str = "auto"  # auto | triton | sdpa | reference
+
+
+@dataclass
+class LoggerConfig:
+    name: str = "none"  # none | wandb
+    project: str = "ringflash"
+    mode: str = "offline"  # offline | online | disabled (wandb modes)
+    entity: Optional[str] = None
+    tags: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Config:
+    run_name: str = "default"  # names the run directory; stable, so every rank and every resume agree
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    attention: AttentionConfig = field(default_factory=AttentionConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+
+
+def check_config(cfg: Config) -> None:
+    """Value checks the schema cannot express; ValueError naming the key and the value seen."""
+    t = cfg.train
+    for key in ("steps", "log_every", "grad_accum", "keep_ckpts", "loss_chunk"):
+        if getattr(t, key) < 1:
+            raise ValueError(f"train.{key} must be >= 1, got {getattr(t, key)}")
+    for key in ("ckpt_every", "eval_every", "eval_batches", "max_bad_steps"):
+        if getattr(t, key) < 0:
+            raise ValueError(f"train.{key} must be >= 0, got {getattr(t, key)}")
+    if t.resume not in ("auto", "none") and not t.resume.strip():
+        raise ValueError("train.resume must be auto, none or a checkpoint directory")
+    o = cfg.optim
+    if o.name != "adamw":
+        raise ValueError(f"optim.name must be adamw, got {o.name!r}")
+    if not (o.lr > 0 and 0 <= o.min_lr <= o.lr):
+        raise ValueError(f"need optim.lr > 0 and 0 <= optim.min_lr <= optim.lr, got lr={o.lr}, min_lr={o.min_lr}")
+    if len(o.betas) != 2 or o.warmup_steps < 0:
+        raise ValueError(f"optim.betas must be two floats and optim.warmup_steps >= 0, got betas={o.betas}, "
+                         f"warmup_steps={o.warmup_steps}")
+    if cfg.logger.name not in ("none", "wandb"):
+        raise ValueError(f"logger.name must be none or wandb, got {cfg.logger.name!r}")
+
+
+def register_configs() -> None:
+    """Make the schema available to configs/train.yaml as `base_config`."""
+    ConfigStore.instance().store(name="base_config", node=Config)

@@ -1,0 +1,286 @@
+"""The training loop: build everything from a typed Config, then train, evaluate, checkpoint, log.
+
+    env = init_distributed(cfg.train.device)
+    Trainer(cfg, env).run()
+
+One step: for each micro-batch, forward to a *sum* of token losses, divide by the valid-token count of
+the whole dp x cp group (all-reduced on the device), backward; clip; AdamW. A step whose loss or grad
+norm is non-finite is skipped inside the fused optimizer (found_inf), so nothing reads the device back
+except at log / eval / checkpoint steps, where the skip counters are also checked.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+import os
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+from omegaconf import OmegaConf
+from torch import nn
+
+from trainer.checkpoint import CheckpointManager, rng_state, set_rng_state
+from trainer.config import Config
+from trainer.data import build_loader, build_tokenizer
+from trainer.loss import chunked_cross_entropy, global_valid_count
+from trainer.metrics import (MetricsSink, Throughput, causal_pairs, default_peak_tflops, peak_memory_gib,
+                             reset_peak_memory, train_flops)
+from trainer.model import GPT
+from trainer.parallelize import DistEnv, parallelize, validate_parallel
+
+log = logging.getLogger(__name__)
+
+
+class TrainingStopped(RuntimeError):
+    """Raised when train.max_bad_steps non-finite steps came in a row."""
+
+
+class LMLoss(nn.Module):
+    """model + chunked lm-head CE in one forward, so DDP / ZeRO wrap a single module. Returns the loss sum."""
+
+    def __init__(self, model: GPT, chunk: int):
+        super().__init__()
+        self.model = model
+        self.chunk = chunk
+
+    def forward(self, tokens, labels, position_ids=None, cu_seqlens=None, max_seqlen=None):
+        hidden = self.model(tokens, position_ids, cu_seqlens, max_seqlen)  # (B, N, dim)
+        return chunked_cross_entropy(hidden.flatten(0, 1), self.model.output_weight, labels.flatten(),
+                                     self.chunk)
+
+
+def lr_lambda(warmup: int, total: int, min_ratio: float):
+    """Linear warmup to 1, then cosine down to min_ratio at `total` steps (flat after)."""
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def build_optimizer(model: nn.Module, cfg, device: torch.device) -> torch.optim.Optimizer:
+    # Matrices (and embeddings) decay; norm gains do not.
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    fused = cfg.fused and device.type in ("cuda", "cpu")
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, fused=fused)
+
+
+def batch_to_device(batch: dict, device: torch.device) -> dict:
+    out = {k: batch[k].to(device, non_blocking=True) for k in ("tokens", "labels", "position_ids")}
+    cu = batch.get("cu_seqlens")
+    out["cu_seqlens"] = None if cu is None else cu.to(device, non_blocking=True)
+    out["max_seqlen"] = batch.get("max_seqlen")
+    return out
+
+
+class Trainer:
+    def __init__(self, cfg: Config, env: DistEnv):
+        validate_parallel(cfg.parallel, env)
+        self.cfg, self.env, self.device = cfg, env, env.device
+        self.out_dir = Path(cfg.train.out_dir)
+        self.autocast_dtype = _autocast_dtype(cfg.train.dtype, self.device)
+        torch.manual_seed(cfg.train.seed)  # same init on every rank
+
+        self.tokenizer = build_tokenizer(cfg.data)
+        if cfg.model.vocab_size == 0:
+            cfg.model.vocab_size = self.tokenizer.vocab_size
+        self.model = GPT(cfg.model, attn_backend=cfg.attention.backend).to(self.device)
+        self.loss_module = LMLoss(self.model, cfg.train.loss_chunk)
+        self.module, self.grad_scale = parallelize(self.loss_module, cfg.parallel, env)
+        self.optimizer = build_optimizer(self.model, cfg.optim, self.device)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lr_lambda(cfg.optim.warmup_steps, cfg.train.steps, cfg.optim.min_lr / cfg.optim.lr))
+        self.train_loader = build_loader(cfg.data, self.tokenizer, "train", env.dp_rank, env.dp_size,
+                                         cfg.train.seed)
+        self.ckpt = CheckpointManager(self.out_dir / "checkpoints", cfg.train.keep_ckpts, env.rank,
+                                      env.world_size, env.barrier)
+        self.step = 0
+        # Non-finite bookkeeping stays on the device: [skipped total, current streak, longest streak].
+        self.bad = torch.zeros(3, device=self.device)
+        self.n_params = self.model.num_params(exclude_embedding=True)
+        peak = cfg.train.peak_tflops or default_peak_tflops(self.device)
+        self.throughput = Throughput(peak, env.world_size)
+
+    # -- setup helpers ------------------------------------------------------------------------------------
+
+    def maybe_resume(self) -> None:
+        resume = self.cfg.train.resume
+        if resume == "none":
+            return
+        path = self.ckpt.latest() if resume == "auto" else Path(resume)
+        if path is None:
+            return
+        step, shared, per_rank = self.ckpt.load(path)
+        self.model.load_state_dict(shared["model"])
+        self.optimizer.load_state_dict(shared["optimizer"])
+        self.scheduler.load_state_dict(shared["scheduler"])
+        self.bad[0] = shared["skipped_steps"]
+        self.train_loader.load_state_dict(per_rank["data"])
+        set_rng_state(per_rank["rng"])
+        self.step = step
+        log.info("resumed from %s (step %d)", path, step)
+
+    def save_checkpoint(self) -> None:
+        shared = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                  "scheduler": self.scheduler.state_dict(), "step": self.step,
+                  "skipped_steps": float(self.bad[0]), "config": asdict(self.cfg)}
+        per_rank = {"data": self.train_loader.state_dict(), "rng": rng_state()}
+        path = self.ckpt.save(self.step, shared, per_rank)
+        log.info("saved checkpoint %s", path)
+
+    def _autocast(self):
+        if self.autocast_dtype is None:
+            return nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+    # -- one optimizer step -------------------------------------------------------------------------------
+
+    def train_step(self, micro_batches: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns (global mean loss, grad norm) as device tensors; never reads them back."""
+        denom = global_valid_count(sum(b["num_valid"] for b in micro_batches), self.device, self.env.group)
+        loss_sum = torch.zeros((), device=self.device)
+        for i, batch in enumerate(micro_batches):
+            b = batch_to_device(batch, self.device)
+            # Gradients are all-reduced once, on the last micro-batch.
+            sync = i == len(micro_batches) - 1 or not hasattr(self.module, "no_sync")
+            with nullcontext() if sync else self.module.no_sync(), self._autocast():
+                part = self.module(b["tokens"], b["labels"], b["position_ids"], b["cu_seqlens"], b["max_seqlen"])
+            # DDP averages gradients over ranks; grad_scale (= its world size) turns that mean back into
+            # the sum, so the result is d(global sum / global count), independent of the number of ranks.
+            (part * (self.grad_scale / denom)).backward()
+            loss_sum += part.detach()
+        if self.env.world_size > 1:
+            dist.all_reduce(loss_sum, group=self.env.group)
+        loss = loss_sum / denom
+        clip = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip, foreach=True)
+        found_inf = (~torch.isfinite(loss) | ~torch.isfinite(grad_norm)).float()
+        self._optimizer_step(found_inf)
+        skipped, streak, longest = self.bad
+        streak = (streak + 1) * found_inf
+        self.bad = torch.stack([skipped + found_inf, streak, torch.maximum(longest, streak)])
+        return loss, grad_norm
+
+    def _optimizer_step(self, found_inf: torch.Tensor) -> None:
+        if self.optimizer.defaults.get("fused"):
+            self.optimizer.found_inf = found_inf  # the fused kernel skips the update and the step count
+            self.optimizer.step()
+        elif not found_inf.item():  # unfused AdamW has no found_inf input: this one reads back
+            self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def check_health(self) -> int:
+        """At a sync point: raise if too many bad steps came in a row; return the skipped total."""
+        skipped, streak, longest = (int(x) for x in self.bad.tolist())
+        limit = self.cfg.train.max_bad_steps
+        if limit > 0 and longest >= limit:
+            raise TrainingStopped(
+                f"stopping at step {self.step}: {longest} steps in a row had a non-finite loss or gradient norm "
+                f"(train.max_bad_steps={limit}); they were skipped, the weights are those of the last good "
+                f"step. Lower optim.lr, check the data, or resume from a checkpoint in {self.ckpt.root}.")
+        self.bad[2] = streak  # the longest streak is counted afresh from here
+        return skipped
+
+    # -- evaluation ---------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """Mean validation loss over train.eval_batches batches per dp rank (the same batches every time)."""
+        self.model.eval()
+        loader = build_loader(self.cfg.data, self.tokenizer, "validation", self.env.dp_rank, self.env.dp_size,
+                              self.cfg.train.seed)
+        totals = torch.zeros(2, device=self.device)  # [loss sum, valid tokens]
+        for batch in itertools.islice(iter(loader), self.cfg.train.eval_batches):
+            b = batch_to_device(batch, self.device)
+            with self._autocast():
+                totals[0] += self.loss_module(b["tokens"], b["labels"], b["position_ids"], b["cu_seqlens"],
+                                              b["max_seqlen"])
+            totals[1] += batch["num_valid"]
+        if self.env.world_size > 1:
+            dist.all_reduce(totals, group=self.env.group)
+        self.model.train()
+        return (totals[0] / totals[1].clamp(min=1)).item()
+
+    # -- the loop -----------------------------------------------------------------------------------------
+
+    def _next_micro_batches(self) -> list[dict]:
+        return [next(self.train_loader) for _ in range(self.cfg.train.grad_accum)]
+
+    def _flops_and_tokens(self, micro_batches: list[dict]) -> tuple[float, int]:
+        # Every dp rank has its own batch; rank-local attention pairs stand in for the others'.
+        mc = self.model.config
+        tokens = sum(b["tokens"].numel() for b in micro_batches)
+        pairs = sum(causal_pairs(b.get("cu_seqlens"), *b["tokens"].shape) for b in micro_batches)
+        flops = train_flops(self.n_params, tokens, pairs, mc.n_layers, mc.n_heads, mc.head_dim)
+        return flops * self.env.dp_size, tokens * self.env.dp_size
+
+    def run(self) -> dict:
+        cfg = self.cfg.train
+        if self.env.rank == 0:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            (self.out_dir / "config.yaml").write_text(OmegaConf.to_yaml(asdict(self.cfg)))
+        self.maybe_resume()
+        log.info("model %s: %.2fM parameters, device %s, dtype %s, world %d", self.model.config.name,
+                 self.model.num_params() / 1e6, self.device, self.autocast_dtype or "fp32", self.env.world_size)
+        sink = MetricsSink(self.out_dir, self.cfg.logger, asdict(self.cfg), self.env.rank, cfg.steps, self.step,
+                           self.cfg.run_name)
+        summary = {"step": self.step}
+        try:
+            reset_peak_memory(self.device)
+            self.throughput.reset()
+            loss_acc = torch.zeros(2, device=self.device)  # [sum of finite losses, their count] since last log
+            while self.step < cfg.steps:
+                micro_batches = self._next_micro_batches()
+                flops, tokens = self._flops_and_tokens(micro_batches)
+                lr = self.scheduler.get_last_lr()[0]
+                loss, grad_norm = self.train_step(micro_batches)
+                finite = torch.isfinite(loss)
+                loss_acc += torch.stack([torch.where(finite, loss, 0.0), finite.float()])
+                self.step += 1
+                self.throughput.add(tokens, flops)
+                sink.step()
+                last = self.step == cfg.steps
+                if self.step % cfg.log_every == 0 or last:
+                    record = self._log_record(loss_acc, grad_norm, lr)
+                    loss_acc.zero_()
+                    if (cfg.eval_every and self.step % cfg.eval_every == 0) or last:
+                        record["val_loss"] = self.evaluate()
+                        sink.write(f"step {self.step}: val_loss {record['val_loss']:.4f}")
+                    summary = record
+                    sink.log(record)
+                if (cfg.ckpt_every and self.step % cfg.ckpt_every == 0) or last:
+                    self.check_health()
+                    self.save_checkpoint()
+        finally:
+            sink.close()
+        return summary
+
+    def _log_record(self, loss_acc: torch.Tensor, grad_norm: torch.Tensor, lr: float) -> dict:
+        loss_sum, n = loss_acc.tolist()  # the host sync of this interval
+        skipped = self.check_health()
+        record = {"step": self.step, "loss": loss_sum / n if n else float("nan"), "lr": lr,
+                  "grad_norm": float(grad_norm), **self.throughput.rate(),
+                  "peak_mem_gib": peak_memory_gib(self.device), "skipped_steps": skipped}
+        return record
+
+
+def _autocast_dtype(dtype: str, device: torch.device) -> Optional[torch.dtype]:
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else None
+    if dtype == "bf16":
+        return torch.bfloat16
+    if dtype == "fp32":
+        return None
+    raise ValueError(f"train.dtype must be auto, bf16 or fp32, got {dtype!r}")

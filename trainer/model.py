@@ -1,0 +1,227 @@
+"""Llama-style GPT: RMSNorm, RoPE on explicit position ids, GQA attention, SwiGLU, tied or untied head.
+
+    model = GPT(ModelConfig(vocab_size=320, dim=256, n_layers=4, n_heads=4, n_kv_heads=2))
+    hidden = model(tokens, position_ids, cu_seqlens=cu, max_seqlen=m)   # (B, N, dim); loss lives in loss.py
+    logits = hidden @ model.output_weight.T                            # only for tiny checks
+
+Packed documents: position ids restart at 0 per document and cu_seqlens (over the flattened B*N tokens)
+keeps attention inside each document. The attention core is the swappable submodule
+`block.attention.inner_attention`; context parallelism replaces it from outside, so this file imports
+neither torch.distributed nor parallel/.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from attention import flash_attn_func, flash_attn_varlen_func
+
+CKPT_MODES = ("none", "full")
+
+
+@dataclass
+class ModelConfig:
+    name: str = "tiny"
+    vocab_size: int = 0  # 0: taken from the tokenizer by the trainer
+    dim: int = 256
+    n_layers: int = 4
+    n_heads: int = 4
+    n_kv_heads: Optional[int] = None  # None: n_heads (MHA); fewer: GQA / MQA
+    head_dim: Optional[int] = None  # None: dim // n_heads
+    ffn_dim: Optional[int] = None  # None: Llama rule, 8/3 * dim rounded up to multiple_of
+    multiple_of: int = 256
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: float = 1.0  # position interpolation: positions are divided by this factor
+    tie_embeddings: bool = False
+    ckpt: str = "none"  # activation checkpointing per block: none | full
+    init_std: float = 0.02
+
+    def resolved(self) -> "ModelConfig":
+        """Fill the derived sizes and validate; the returned config has no None left."""
+        kv = self.n_kv_heads or self.n_heads
+        hd = self.head_dim or self.dim // max(self.n_heads, 1)
+        ffn = self.ffn_dim or self.multiple_of * math.ceil(int(8 * self.dim / 3) / self.multiple_of)
+        cfg = ModelConfig(**{**self.__dict__, "n_kv_heads": kv, "head_dim": hd, "ffn_dim": ffn})
+        cfg._validate()
+        return cfg
+
+    def _validate(self) -> None:
+        if self.vocab_size < 1:
+            raise ValueError(f"model.vocab_size must be >= 1 (0 means 'from the tokenizer'), got {self.vocab_size}")
+        if self.n_heads < 1 or self.n_heads % self.n_kv_heads != 0:
+            raise ValueError(f"model.n_heads ({self.n_heads}) must be a positive multiple of model.n_kv_heads "
+                             f"({self.n_kv_heads})")
+        if self.head_dim % 2 != 0:
+            raise ValueError(f"model.head_dim must be even for RoPE, got {self.head_dim}")
+        if self.ckpt not in CKPT_MODES:
+            raise ValueError(f"model.ckpt must be one of {CKPT_MODES}, got {self.ckpt!r}")
+        if self.rope_scaling <= 0 or self.rope_theta <= 0:
+            raise ValueError(f"model.rope_theta ({self.rope_theta}) and model.rope_scaling ({self.rope_scaling}) "
+                             f"must be > 0")
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        # Normalise in fp32: bf16 mean-of-squares loses too much precision at dim >= 1024.
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return xf.type_as(x) * self.weight.type_as(x)
+
+
+def rope_cos_sin(position_ids, head_dim: int, theta: float, scaling: float = 1.0):
+    """cos/sin tables for explicit positions: position_ids (B, N) -> two (B, N, 1, head_dim) fp32 tensors."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=position_ids.device).float() / head_dim))
+    angles = (position_ids.float() / scaling)[..., None] * inv_freq  # (B, N, head_dim/2)
+    angles = torch.cat([angles, angles], dim=-1)[:, :, None, :]  # (B, N, 1, head_dim), broadcast over heads
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x, cos, sin):
+    """Rotate x (B, N, H, D) by the half-split convention (as Hugging Face Llama), computed in fp32."""
+    xf = x.float()
+    x1, x2 = xf.chunk(2, dim=-1)
+    rotated = torch.cat([-x2, x1], dim=-1)
+    return (xf * cos + rotated * sin).type_as(x)
+
+
+class InnerAttention(nn.Module):
+    """The attention core: q (B, N, H, D), k/v (B, N, Hkv, D) -> out (B, N, H, D), causal.
+
+    A module of its own so context parallelism can swap it (ring / Ulysses) without touching the model.
+    With cu_seqlens it runs the varlen kernel over the flattened B*N tokens (packed documents).
+    """
+
+    def __init__(self, backend: str = "auto"):
+        super().__init__()
+        self.backend = backend
+
+    def forward(self, q, k, v, cu_seqlens=None, max_seqlen=None):
+        if cu_seqlens is None:
+            return flash_attn_func(q, k, v, causal=True, backend=self.backend)
+        B, N, H, D = q.shape
+        out = flash_attn_varlen_func(q.reshape(B * N, H, D), k.reshape(B * N, -1, D), v.reshape(B * N, -1, D),
+                                     cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, causal=True,
+                                     backend=self.backend)  # (B*N, H, D)
+        return out.view(B, N, H, D)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, backend: str = "auto"):
+        super().__init__()
+        self.head_dim = cfg.head_dim
+        self.wq = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=False)
+        self.wk = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
+        self.inner_attention = InnerAttention(backend)
+
+    def forward(self, x, cos, sin, cu_seqlens=None, max_seqlen=None):
+        B, N, _ = x.shape
+        # Head counts come from the weights (-1), so a later tensor-parallel split needs no change here.
+        q = self.wq(x).view(B, N, -1, self.head_dim)  # (B, N, H, D)
+        k = self.wk(x).view(B, N, -1, self.head_dim)  # (B, N, Hkv, D)
+        v = self.wv(x).view(B, N, -1, self.head_dim)  # (B, N, Hkv, D)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        out = self.inner_attention(q, k, v, cu_seqlens, max_seqlen)  # (B, N, H, D)
+        return self.wo(out.reshape(B, N, -1))
+
+
+class FeedForward(nn.Module):
+    """SwiGLU: w2(silu(w1 x) * w3 x)."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden, bias=False)
+        self.w3 = nn.Linear(dim, hidden, bias=False)
+        self.w2 = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x):
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, backend: str = "auto"):
+        super().__init__()
+        self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.attention = Attention(cfg, backend)
+        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.feed_forward = FeedForward(cfg.dim, cfg.ffn_dim)
+
+    def forward(self, x, cos, sin, cu_seqlens=None, max_seqlen=None):
+        x = x + self.attention(self.attention_norm(x), cos, sin, cu_seqlens, max_seqlen)
+        return x + self.feed_forward(self.ffn_norm(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, cfg: ModelConfig, attn_backend: str = "auto"):
+        super().__init__()
+        cfg = cfg.resolved()
+        self.config = cfg
+        self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.layers = nn.ModuleList(Block(cfg, attn_backend) for _ in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.output = None if cfg.tie_embeddings else nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        self.reset_parameters()
+
+    @property
+    def output_weight(self) -> torch.Tensor:
+        """(vocab, dim) weight of the lm head (the embedding when tied); the loss applies it in chunks."""
+        return self.tok_embeddings.weight if self.output is None else self.output.weight
+
+    def reset_parameters(self) -> None:
+        # GPT-2 / Llama init: N(0, std) everywhere, residual output projections scaled by 1/sqrt(2 * n_layers)
+        # so the residual stream's variance does not grow with depth.
+        std = self.config.init_std
+        resid_std = std / math.sqrt(2 * self.config.n_layers)
+        for name, p in self.named_parameters():
+            if p.dim() == 1:
+                nn.init.ones_(p)  # RMSNorm gains
+            elif name.endswith(("wo.weight", "w2.weight")):
+                nn.init.normal_(p, mean=0.0, std=resid_std)
+            else:
+                nn.init.normal_(p, mean=0.0, std=std)
+
+    def num_params(self, exclude_embedding: bool = False) -> int:
+        n = sum(p.numel() for p in self.parameters())
+        if exclude_embedding and self.output is not None:
+            n -= self.tok_embeddings.weight.numel()  # a lookup, not a matmul (a tied one is the head too)
+        return n
+
+    def forward(self, tokens, position_ids=None, cu_seqlens=None, max_seqlen=None):
+        """tokens (B, N) int64; position_ids (B, N) (default 0..N-1); cu_seqlens int32 over the flattened
+        B*N tokens with max_seqlen its longest piece. Returns the final normed hidden states (B, N, dim)."""
+        B, N = tokens.shape
+        if position_ids is None:
+            position_ids = torch.arange(N, device=tokens.device).expand(B, N)
+        elif position_ids.shape != tokens.shape:
+            raise ValueError(f"GPT.forward: position_ids {tuple(position_ids.shape)} must match tokens "
+                             f"{tuple(tokens.shape)}")
+        if cu_seqlens is not None and max_seqlen is None:
+            raise ValueError("GPT.forward: max_seqlen is required with cu_seqlens")
+        cos, sin = rope_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta,
+                                self.config.rope_scaling)
+        x = self.tok_embeddings(tokens)  # (B, N, dim)
+        for layer in self.layers:
+            x = self._run_layer(layer, x, cos, sin, cu_seqlens, max_seqlen)
+        return self.norm(x)
+
+    def _run_layer(self, layer, x, cos, sin, cu_seqlens, max_seqlen):
+        # The activation-checkpointing hook: "full" keeps only each block's input and recomputes the rest in
+        # backward. A "selective" policy would go here too (checkpoint(..., context_fn=...) saving the
+        # attention output so attention is not recomputed).
+        if self.config.ckpt == "full" and torch.is_grad_enabled():
+            return checkpoint(layer, x, cos, sin, cu_seqlens, max_seqlen, use_reentrant=False)
+        return layer(x, cos, sin, cu_seqlens, max_seqlen)
