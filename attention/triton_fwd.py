@@ -9,6 +9,8 @@ query rows of one head; GQA maps query head h to kv head h // (H / Hkv) by index
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import triton
 import triton.language as tl
@@ -88,8 +90,9 @@ def _fwd_kernel(Q, K, V, Out, Lse, CuQ, CuK,
     v_desc = v_base
     if USE_TMA:
         # per-document descriptors: the copy engine zero-fills rows past this document's end
-        k_desc = tl.make_tensor_descriptor(k_base, [seqlen_k, HEAD_DIM], [stride_kn, 1], [BLOCK_N, BLOCK_D])
-        v_desc = tl.make_tensor_descriptor(v_base, [seqlen_k, HEAD_DIM], [stride_vn, 1], [BLOCK_N, BLOCK_D])
+        rows_k = tl.maximum(seqlen_k, 1)  # a descriptor needs a non-empty shape even if no key is read
+        k_desc = tl.make_tensor_descriptor(k_base, [rows_k, HEAD_DIM], [stride_kn, 1], [BLOCK_N, BLOCK_D])
+        v_desc = tl.make_tensor_descriptor(v_base, [rows_k, HEAD_DIM], [stride_vn, 1], [BLOCK_N, BLOCK_D])
     q = load_rows(q_base, offs_m, stride_qn, seqlen_q, offs_d, HEAD_DIM, BLOCK_D, True)
 
     # finite start for the running max: a row that sees no key never computes exp2(-inf - -inf)
@@ -141,8 +144,8 @@ _fwd_tuned = triton.autotune(_FWD_CONFIGS, key=["HEAD_DIM", "HAS_LEFT", "HAS_RIG
 # the interpreter runs one small tile (it is for logic, not speed)
 _INTERPRET_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 16}
 
-# Hopper features, enabled per process once they have compiled: (tma, warp_spec) -> ok
-_FEATURES = {"tma": True, "warp_spec": False}
+# Hopper features for the forward; "tma" turns itself off (with the reason) if this Triton cannot build it
+_FEATURES = {"tma": True, "warp_spec": False, "tma_error": None}
 
 
 def check_triton_supported(fn_name: str, q: torch.Tensor, k: torch.Tensor) -> None:
@@ -204,8 +207,9 @@ def _launch_tuned(args, tail, consts, q, max_q, n_bh):
         try:
             _fwd_tuned[grid](*args, max_q, *tail, **consts, USE_TMA=True, WARP_SPEC=_FEATURES["warp_spec"])
             return
-        except Exception:  # an older/newer Triton that cannot build the TMA path: plain loads, once
-            _FEATURES["tma"] = False
+        except Exception as e:  # a Triton that cannot build the TMA path: plain loads from now on
+            _FEATURES["tma"], _FEATURES["tma_error"] = False, f"{type(e).__name__}: {str(e)[:300]}"
+            warnings.warn(f"ringflash: TMA forward unavailable, using pointer loads ({_FEATURES['tma_error']})")
     _fwd_tuned[grid](*args, max_q, *tail, **consts, USE_TMA=False, WARP_SPEC=False)
 
 

@@ -1,0 +1,352 @@
+"""Attention benchmark: ringflash Triton vs SDPA (flash, cuDNN, efficient) and FlexAttention, one process.
+
+    python scripts/bench_attention.py                 # full grid -> docs/bench/attention_<gpu>.{json,md}
+    python scripts/bench_attention.py --quick         # D=128, N in {8K, 32K}
+    python scripts/bench_attention.py --sweep         # our kernel variants (tiles, TMA, warp spec) at N=8K
+
+TFLOPS count 4*B*H*Nq*Nk*D per forward (visible pairs only: causal halves it, windows and packed documents
+count what they attend to) and 2.5x that per backward; fwd+bwd uses the sum of the two medians. Timings
+are medians of triton.testing.do_bench. B*N is held at 65536 tokens (B >= 1), 16 heads, bf16.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+import triton
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from attention import flash_attn_func, flash_attn_varlen_func  # noqa: E402
+
+TOKENS, HEADS = 65536, 16
+PROVIDERS = ["ours", "sdpa_flash", "sdpa_cudnn", "sdpa_efficient", "flex"]
+SDPA = {"sdpa_flash": SDPBackend.FLASH_ATTENTION, "sdpa_cudnn": SDPBackend.CUDNN_ATTENTION,
+        "sdpa_efficient": SDPBackend.EFFICIENT_ATTENTION}
+
+
+def visible_pairs(n, causal, window):
+    """Exact number of (query, key) pairs attended for Nq = Nk = n."""
+    left, right = window
+    right = 0 if causal else right
+    lo = lambda i: 0 if left < 0 else max(0, i - left)  # noqa: E731
+    hi = lambda i: n - 1 if right < 0 else min(n - 1, i + right)  # noqa: E731
+    if left < 0 and right < 0:
+        return n * n
+    if left < 0 and right == 0:
+        return n * n // 2  # the FlashAttention convention for causal
+    return sum(hi(i) - lo(i) + 1 for i in range(n))
+
+
+def bench_ms(fn, est_ms=None):
+    """Median ms; shorter warm-up/repeat windows for long calls keep the whole run inside the budget."""
+    if est_ms is None:
+        fn()
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        est_ms = (time.perf_counter() - t) * 1e3
+    rep = max(30.0, min(300.0, 8 * est_ms))
+    return triton.testing.do_bench(fn, warmup=max(10.0, 2 * est_ms), rep=rep, return_mode="median")
+
+
+# -- providers: each returns (forward closure, tensors to differentiate) -------------------------------------
+
+
+def _flex():
+    from torch.nn.attention.flex_attention import flex_attention
+    if not hasattr(_flex, "fn"):
+        torch._dynamo.config.cache_size_limit = 64  # one compile per shape; never fall back to eager
+        _flex.fn = torch.compile(flex_attention, dynamic=False)
+    return _flex.fn
+
+
+def _flex_mask(n, causal, window, doc_ids=None):
+    from torch.nn.attention.flex_attention import create_block_mask
+    left, right = window
+
+    def mask(b, h, qi, kj):
+        ok = qi >= 0
+        if causal or right == 0:
+            ok = ok & (kj <= qi)
+        elif right > 0:
+            ok = ok & (kj <= qi + right)
+        if left >= 0:
+            ok = ok & (kj >= qi - left)
+        if doc_ids is not None:
+            ok = ok & (doc_ids[qi] == doc_ids[kj])
+        return ok
+
+    return create_block_mask(mask, None, None, n, n, device="cuda")
+
+
+def make_call(provider, q, k, v, causal, window, doc=None):
+    """q/k/v (B, N, H, D) with requires_grad; doc = (cu_seqlens, max_len, doc_ids) for packed documents."""
+    n = q.shape[1]
+    if provider == "ours":
+        if doc is not None:
+            cu, max_len, _ = doc
+            flat = [t.view(-1, *t.shape[2:]) for t in (q, k, v)]  # (B*N, H, D)
+            return lambda: flash_attn_varlen_func(*flat, cu, cu, max_len, max_len, causal=causal,
+                                                  window_size=window, backend="triton")
+        return lambda: flash_attn_func(q, k, v, causal=causal, window_size=window, backend="triton")
+    qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, N, D) views
+    if provider == "flex":
+        fn = _flex()
+        block_mask = None
+        if causal or window != (-1, -1) or doc is not None:
+            block_mask = _flex_mask(n, causal, window, None if doc is None else doc[2])
+        return lambda: fn(qt, kt, vt, block_mask=block_mask)
+    if doc is not None or window != (-1, -1):
+        return None  # SDPA has neither packed documents nor windows without a dense N x N mask
+    backend = SDPA[provider]
+
+    def call():
+        with sdpa_kernel(backend):
+            return F.scaled_dot_product_attention(qt, kt, vt, is_causal=causal)
+    return call
+
+
+def run_case(provider, B, n, D, causal, window=(-1, -1), n_docs=0, dtype=torch.bfloat16):
+    """One provider on one shape: fwd/bwd medians and TFLOPS, or a status ('OOM', 'n/a', 'error: ...')."""
+    row = dict(provider=provider, B=B, N=n, H=HEADS, D=D, causal=causal, window=list(window), docs=n_docs)
+    torch.manual_seed(0)
+    try:
+        q, k, v = (torch.randn(B, n, HEADS, D, device="cuda", dtype=dtype, requires_grad=True) for _ in range(3))
+        doc, pairs = None, visible_pairs(n, causal, window)
+        if n_docs:
+            doc, pairs = _packed_docs(B * n, n_docs)
+        call = make_call(provider, q, k, v, causal, window, doc)
+        if call is None:
+            return {**row, "status": "n/a"}
+        out = call()
+        dout = torch.randn_like(out)
+        fwd_ms = bench_ms(call)
+        bwd = lambda: torch.autograd.grad(out, (q, k, v), dout, retain_graph=True)  # noqa: E731
+        bwd_ms = bench_ms(bwd)
+    except torch.OutOfMemoryError:
+        return {**row, "status": "OOM"}
+    except Exception as e:  # a baseline that cannot run this shape is marked, not fatal
+        return {**row, "status": f"error: {type(e).__name__}: {str(e)[:160]}"}
+    finally:
+        torch.cuda.empty_cache()
+    flops = 4.0 * HEADS * D * pairs * (B if not n_docs else 1)
+    return {**row, "status": "ok", "fwd_ms": fwd_ms, "bwd_ms": bwd_ms, "fwd_tflops": flops / fwd_ms * 1e-9,
+            "bwd_tflops": 2.5 * flops / bwd_ms * 1e-9, "fwdbwd_tflops": 3.5 * flops / (fwd_ms + bwd_ms) * 1e-9}
+
+
+def _packed_docs(total, n_docs, causal=True):
+    """Deterministic uneven document lengths summing to total; returns ((cu, max_len, doc_ids), pairs)."""
+    g = torch.Generator().manual_seed(1)
+    w = torch.rand(n_docs, generator=g) + 0.25
+    lens = (w / w.sum() * total).long()
+    lens[-1] += total - int(lens.sum())
+    cu = torch.cat([torch.zeros(1, dtype=torch.long), lens.cumsum(0)]).to(torch.int32).cuda()
+    doc_ids = torch.repeat_interleave(torch.arange(n_docs), lens).cuda()
+    pairs = sum(int(n) * int(n) // 2 for n in lens)  # causal within each document
+    return (cu, int(lens.max()), doc_ids), pairs
+
+
+# -- grids -----------------------------------------------------------------------------------------------------
+
+
+def main_grid(ns, dims, providers, extras):
+    rows = []
+    for D in dims:
+        for causal in (True, False):
+            for n in ns:
+                B = max(1, TOKENS // n)
+                for p in providers:
+                    rows.append(run_case(p, B, n, D, causal))
+                    _print_row(rows[-1])
+    if extras:
+        for p in providers:  # sliding window (Mistral-style 4K window) and packed documents, N = 64K total
+            rows.append(run_case(p, 1, 65536, 128, True, window=(4095, 0)))
+            _print_row(rows[-1])
+            rows.append(run_case(p, 1, 65536, 128, True, n_docs=37))
+            _print_row(rows[-1])
+    return rows
+
+
+def _print_row(r):
+    tag = f"{r['provider']:>15} D={r['D']:<3} N={r['N']:<6} B={r['B']:<2} causal={int(r['causal'])} " \
+          f"win={tuple(r['window'])} docs={r['docs']}"
+    if r["status"] != "ok":
+        print(f"{tag}  {r['status']}", flush=True)
+    else:
+        print(f"{tag}  fwd {r['fwd_tflops']:6.1f}  bwd {r['bwd_tflops']:6.1f}  fwd+bwd {r['fwdbwd_tflops']:6.1f} "
+              f"TFLOPS  ({r['fwd_ms']:.3f} / {r['bwd_ms']:.3f} ms)", flush=True)
+
+
+def markdown(rows, meta):
+    lines = [f"# Attention benchmark — {meta['gpu']}, {meta['date']}", "",
+             f"torch {meta['torch']}, triton {meta['triton']}, bf16, {HEADS} heads, B*N = {TOKENS} tokens (B >= 1). "
+             "TFLOPS: fwd / bwd (bwd = 2.5x fwd FLOPs; causal counts half). OOM = out of memory.", ""]
+    provs = [p for p in PROVIDERS if any(r["provider"] == p for r in rows)]
+    ok = lambda r: r["status"] == "ok"  # noqa: E731
+    cell = lambda r: f"{r['fwd_tflops']:.0f} / {r['bwd_tflops']:.0f}" if ok(r) else r["status"][:12]  # noqa: E731
+    groups = {}
+    for r in rows:
+        key = (r["D"], r["causal"], tuple(r["window"]), r["docs"])
+        groups.setdefault(key, {}).setdefault(r["N"], {})[r["provider"]] = r
+    for (D, causal, window, docs), by_n in groups.items():
+        title = f"D={D}, {'causal' if causal else 'non-causal'}"
+        title += f", window {window}" if window != (-1, -1) else ""
+        title += f", {docs} packed documents (varlen)" if docs else ""
+        lines += [f"## {title}", "", "| N | " + " | ".join(provs) + " | ours/flex fwd, bwd | ours/cuDNN fwd, bwd |",
+                  "|---" * (len(provs) + 3) + "|"]
+        for n, cells in sorted(by_n.items()):
+            ratios = []
+            for base in ("flex", "sdpa_cudnn"):
+                a, b = cells.get("ours"), cells.get(base)
+                ratios.append(f"{a['fwd_tflops'] / b['fwd_tflops']:.2f}, {a['bwd_tflops'] / b['bwd_tflops']:.2f}"
+                              if a and b and ok(a) and ok(b) else "–")
+            lines.append(f"| {n} | " + " | ".join(cell(cells[p]) if p in cells else "–" for p in provs)
+                         + f" | {ratios[0]} | {ratios[1]} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+# -- variant sweep of our kernels (tiles, TMA, warp specialization) ---------------------------------------------
+
+
+def precompile(parts, dims):
+    """Compile every sweep variant in `parts` processes at once (Triton's disk cache is shared): the
+    timing process then only loads them. Small inputs keep the same specialisation (all sizes % 16 == 0)."""
+    import subprocess
+    procs = [subprocess.Popen([sys.executable, __file__, "--sweep", "--ns", "256", "--part", str(i), str(parts),
+                               "--dims", *map(str, dims)]) for i in range(parts)]
+    for p in procs:
+        p.wait()
+
+
+def sweep(n, dims):
+    from attention import triton_bwd, triton_fwd
+    rows = []
+    fwd_all, dkdv_all, dq_all = (list(t.configs) for t in (triton_fwd._fwd_tuned, triton_bwd._dkdv_tuned,
+                                                           triton_bwd._dq_tuned))
+    features = [dict(tma=False, warp_spec=False), dict(tma=True, warp_spec=False), dict(tma=True, warp_spec=True)]
+    B = 1 if _PART["compile_only"] else max(1, TOKENS // n)
+    for D in dims:
+        for causal in (True, False):
+            torch.manual_seed(0)
+            q, k, v = (torch.randn(B, n, HEADS, D, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+            flops = 4.0 * B * HEADS * D * visible_pairs(n, causal, (-1, -1))
+            ref = _sdpa_ref(q, k, v, causal)
+            dout = ref[-1]
+            for feat in features:
+                for cfg in fwd_all:
+                    triton_fwd._FEATURES.update(feat, tma_error=None)
+                    triton_fwd._fwd_tuned.configs = [cfg]
+                    rows.append(_time_variant("fwd", f"{feat} {cfg}", D, causal, flops, ref, lambda: (
+                        triton_fwd.triton_attn_forward(q, k, v, causal, D ** -0.5, (-1, -1))[0],)))
+                    if feat["tma"] and not triton_fwd._FEATURES["tma"]:
+                        rows[-1]["status"] = "tma failed: " + str(triton_fwd._FEATURES["tma_error"])
+            triton_fwd._FEATURES.update(tma=False, warp_spec=False)
+            triton_fwd._fwd_tuned.configs = fwd_all[:1]
+            out, lse = triton_fwd.triton_attn_forward(q, k, v, causal, D ** -0.5, (-1, -1))
+            bwd = lambda: triton_bwd.triton_attn_backward(dout, q, k, v, out, lse, causal, D ** -0.5,  # noqa: E731
+                                                          (-1, -1), None)
+            for name, tuned, alls, other, other_all in (("dkdv", triton_bwd._dkdv_tuned, dkdv_all,
+                                                         triton_bwd._dq_tuned, dq_all),
+                                                        ("dq", triton_bwd._dq_tuned, dq_all,
+                                                         triton_bwd._dkdv_tuned, dkdv_all)):
+                other.configs = other_all[:1]
+                for cfg in alls:
+                    tuned.configs = [cfg]
+                    rows.append(_time_variant(f"bwd:{name}", str(cfg), D, causal, 2.5 * flops, ref, bwd))
+                tuned.configs = alls
+                other.configs = other_all
+    triton_fwd._fwd_tuned.configs = fwd_all
+    return rows
+
+
+def _sdpa_ref(q, k, v, causal):
+    """bf16 SDPA-flash out and grads (fp32 accumulation inside), plus the dout used for both."""
+    qt, kt, vt = (t.detach().transpose(1, 2).requires_grad_() for t in (q, k, v))
+    with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+        o = F.scaled_dot_product_attention(qt, kt, vt, is_causal=causal)
+    dout = torch.randn_like(o)
+    grads = torch.autograd.grad(o, (qt, kt, vt), dout)
+    return [o.transpose(1, 2)] + [g.transpose(1, 2) for g in grads] + [dout.transpose(1, 2).contiguous()]
+
+
+_PART = {"part": 0, "parts": 1, "compile_only": False, "count": 0}
+
+
+def _time_variant(kind, name, D, causal, flops, ref, fn):
+    row = dict(kind=kind, variant=name, D=D, causal=causal)
+    _PART["count"] += 1
+    if _PART["compile_only"]:  # a precompile worker: build its share of the variants into Triton's cache
+        if _PART["count"] % _PART["parts"] == _PART["part"]:
+            try:
+                fn()
+            except Exception as e:
+                print(f"precompile {kind} {name}: {type(e).__name__}: {str(e)[:200]}", flush=True)
+        return row
+    try:
+        got = fn()
+        want = ref[:1] if kind == "fwd" else ref[1:4]
+        row["rel_err"] = max(((g.float() - w.float()).norm() / w.float().norm()).item() for g, w in zip(got, want))
+        ms = bench_ms(fn)
+        row.update(status="ok", ms=ms, tflops=flops / ms * 1e-9)
+    except Exception as e:
+        row.update(status=f"error: {type(e).__name__}: {str(e)[:200]}")
+    print(json.dumps(row), flush=True)
+    return row
+
+
+def meta():
+    return dict(gpu=torch.cuda.get_device_name(), date=datetime.datetime.now().isoformat(timespec="seconds"),
+                torch=torch.__version__, triton=triton.__version__)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="D=128, N in {8K, 32K}, no extra cases")
+    ap.add_argument("--sweep", action="store_true", help="time our kernel variants instead of the comparison")
+    ap.add_argument("--ns", type=int, nargs="*", help="sequence lengths (default 2K..128K)")
+    ap.add_argument("--dims", type=int, nargs="*", default=[64, 128])
+    ap.add_argument("--providers", nargs="*", default=PROVIDERS)
+    ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "..", "docs", "bench"))
+    ap.add_argument("--precompile", type=int, default=0, help="with --sweep: compile variants in N processes first")
+    ap.add_argument("--part", type=int, nargs=2, help=argparse.SUPPRESS)  # internal: precompile worker i of n
+    args = ap.parse_args()
+    if args.part:
+        _PART.update(part=args.part[0], parts=args.part[1], compile_only=True)
+        sweep(args.ns[0], args.dims)
+        return
+    info = meta()
+    gpu_tag = info["gpu"].replace("NVIDIA ", "").split()[0].lower()
+    os.makedirs(args.out, exist_ok=True)
+    if args.sweep:
+        if args.precompile:
+            t = time.time()
+            precompile(args.precompile, args.dims)
+            print(f"precompiled in {time.time() - t:.0f}s", flush=True)
+        rows = sweep((args.ns or [8192])[0], args.dims)
+        with open(os.path.join(args.out, f"sweep_{gpu_tag}.json"), "w") as f:
+            json.dump({**info, "rows": rows}, f, indent=1)
+        return
+    ns = args.ns or ([8192, 32768] if args.quick else [2048 << i for i in range(7)])
+    dims = [128] if args.quick else args.dims
+    rows = main_grid(ns, dims, args.providers, extras=not args.quick)
+    stem = os.path.join(args.out, f"attention_{gpu_tag}{'_quick' if args.quick else ''}")
+    with open(stem + ".json", "w") as f:
+        json.dump({**info, "rows": rows}, f, indent=1)
+    with open(stem + ".md", "w") as f:
+        f.write(markdown(rows, info))
+    print(markdown(rows, info))
+
+
+if __name__ == "__main__":
+    main()
