@@ -17,6 +17,7 @@ into one flat token array (TokenStore), which packing.py slices for every epoch.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import os
 import sysconfig
 from dataclasses import dataclass
@@ -55,6 +56,7 @@ class DataConfig:
     max_files: Optional[int] = None # cap: stdlib files (hash-sampled) / first hf documents
     num_workers: int = 0            # processes for tokenisation (datasets map num_proc); 0 = in-process
     shuffle_buffer: int = 10000     # streaming train: documents in the shuffle buffer
+    cache_dir: Optional[str] = None # source=hf: datasets cache dir (downloads + tokenised map cache)
 
 
 def validate_data_config(cfg) -> None:
@@ -147,13 +149,14 @@ def _load_hf_splits(cfg):
             if ext not in _FILE_BUILDERS:
                 raise ValueError(f"data.path={path!r}: unknown file type {ext!r}, expected one of "
                                  f"{sorted(_FILE_BUILDERS)}")
-            return datasets.load_dataset(_FILE_BUILDERS[ext], data_files=path, streaming=cfg.streaming)
+            return datasets.load_dataset(_FILE_BUILDERS[ext], data_files=path, streaming=cfg.streaming,
+                                         cache_dir=cfg.cache_dir)
         if os.path.isdir(path) and any(os.path.exists(os.path.join(path, f))
                                        for f in ("state.json", "dataset_dict.json")):
             saved = datasets.load_from_disk(path)
             saved = {"train": saved} if isinstance(saved, datasets.Dataset) else dict(saved)
             return {k: v.to_iterable_dataset() for k, v in saved.items()} if cfg.streaming else saved
-        return datasets.load_dataset(path, cfg.name, streaming=cfg.streaming)
+        return datasets.load_dataset(path, cfg.name, streaming=cfg.streaming, cache_dir=cfg.cache_dir)
     except ValueError as exc:
         if str(exc).startswith("data."):
             raise
@@ -221,6 +224,18 @@ def tokenize_to_store(ds, tokenizer: Tokenizer, column: str, num_proc: Optional[
     return TokenStore.from_arrow(tokenized.data.column("input_ids"))
 
 
+def _tokenize_stream(examples, tokenizer: Tokenizer, column: str, chunk: int = 256):
+    """Documents of an example iterator, tokenised `chunk` texts at a time (a batched map we can islice)."""
+    while True:
+        batch = list(itertools.islice(examples, chunk))
+        if not batch:
+            return
+        if column not in batch[0]:
+            raise ValueError(f"data.text_column={column!r} is not a field of the streamed examples "
+                             f"(fields: {sorted(batch[0])})")
+        yield from encode_documents(tokenizer, [ex[column] for ex in batch])
+
+
 def _stream_opener(cfg, tokenizer: Tokenizer, docs, split: str, dp_rank: int, dp_size: int, seed: int):
     """open_docs(epoch, skip) for StreamingPackedLoader: shuffle + node split for train, whole stream else."""
     from datasets.distributed import split_dataset_by_node
@@ -228,13 +243,12 @@ def _stream_opener(cfg, tokenizer: Tokenizer, docs, split: str, dp_rank: int, dp
     def open_docs(epoch: int, skip: int):
         ds = docs
         if split == "train":
-            ds = ds.shuffle(seed=seed, buffer_size=cfg.shuffle_buffer)
-            ds.set_epoch(epoch)                        # effective shuffle seed = seed + epoch
-            ds = split_dataset_by_node(ds, rank=dp_rank, world_size=dp_size)
-        if skip:
-            ds = ds.skip(skip)                         # before map: skipped docs are never tokenised
-        ds = ds.map(_tokenize_batch, batched=True, fn_kwargs={"tokenizer": tokenizer, "column": cfg.text_column})
-        return (np.asarray(example["input_ids"]) for example in ds)
+            ds = split_dataset_by_node(ds.shuffle(seed=seed, buffer_size=cfg.shuffle_buffer),
+                                       rank=dp_rank, world_size=dp_size)
+            ds.set_epoch(epoch)        # after the split (its copy drops the epoch); effective seed = seed + epoch
+        # Skip and tokenise here rather than with ds.skip/ds.map: datasets applies the node split on top
+        # of every later op, so ds.skip(n) would skip n examples of the *global* stream, not of this rank's.
+        return _tokenize_stream(itertools.islice(iter(ds), skip, None), tokenizer, cfg.text_column)
 
     return open_docs
 
@@ -260,8 +274,8 @@ def build_loader(cfg, tokenizer: Tokenizer, split: str, dp_rank: int = 0, dp_siz
     docs = load_corpus(cfg, split)
     if cfg.streaming:
         return StreamingPackedLoader(_stream_opener(cfg, tokenizer, docs, split, dp_rank, dp_size, seed), **common)
-    store = tokenize_to_store(docs, tokenizer, cfg.text_column, cfg.num_workers or None)
-    if store.num_tokens == 0:
+    store = tokenize_to_store(docs, tokenizer, cfg.text_column, cfg.num_workers or None) if len(docs) else None
+    if store is None or store.num_tokens == 0:
         raise ValueError(f"the {split!r} split is empty (data.source={cfg.source!r}, data.path={cfg.path!r}, "
                          f"data.val_fraction={cfg.val_fraction}, data.max_files={cfg.max_files})")
     return PackedLoader(store, shuffle=split == "train", **common)
