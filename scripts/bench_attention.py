@@ -247,7 +247,8 @@ def sweep(n, dims):
                 for cfg in fwd_all:
                     triton_fwd._FEATURES.update(feat, tma_error=None)
                     triton_fwd._fwd_tuned.configs = [cfg]
-                    rows.append(_time_variant("fwd", f"{feat} {cfg}", D, causal, flops, ref, lambda: (
+                    name = ("tma+ws " if feat["warp_spec"] else "tma " if feat["tma"] else "ptr ") + _cfg_name(cfg)
+                    rows.append(_time_variant("fwd", name, D, causal, flops, ref, lambda: (
                         triton_fwd.triton_attn_forward(q, k, v, causal, D ** -0.5, (-1, -1))[0],)))
                     if feat["tma"] and not triton_fwd._FEATURES["tma"]:
                         rows[-1]["status"] = "tma failed: " + str(triton_fwd._FEATURES["tma_error"])
@@ -263,11 +264,15 @@ def sweep(n, dims):
                 other.configs = other_all[:1]
                 for cfg in alls:
                     tuned.configs = [cfg]
-                    rows.append(_time_variant(f"bwd:{name}", str(cfg), D, causal, 2.5 * flops, ref, bwd))
+                    rows.append(_time_variant(f"bwd:{name}", _cfg_name(cfg), D, causal, 2.5 * flops, ref, bwd))
                 tuned.configs = alls
                 other.configs = other_all
     triton_fwd._fwd_tuned.configs = fwd_all
     return rows
+
+
+def _cfg_name(cfg):
+    return f"{cfg.kwargs['BLOCK_M']}x{cfg.kwargs['BLOCK_N']} w{cfg.num_warps} s{cfg.num_stages}"
 
 
 def _sdpa_ref(q, k, v, causal):
@@ -301,7 +306,9 @@ def _time_variant(kind, name, D, causal, flops, ref, fn):
         row.update(status="ok", ms=ms, tflops=flops / ms * 1e-9)
     except Exception as e:
         row.update(status=f"error: {type(e).__name__}: {str(e)[:200]}")
-    print(json.dumps(row), flush=True)
+    print(f"{kind:9} D={D:<3} causal={int(causal)} {name:24} " + (
+        f"{row['tflops']:6.1f} TFLOPS  {row['ms']:.3f} ms  rel_err {row['rel_err']:.1e}" if row["status"] == "ok"
+        else row["status"]), flush=True)
     return row
 
 
