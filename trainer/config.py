@@ -42,6 +42,7 @@ class OptimConfig:
     lr: float = 3e-3
     min_lr: float = 3e-4  # end of the cosine
     warmup_steps: int = 30  # linear warmup from lr / warmup_steps
+    decay_steps: Optional[int] = None  # where the cosine reaches min_lr; None: train.steps
     weight_decay: float = 0.1  # on matrices only (not norms)
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
     eps: float = 1e-8

@@ -11,7 +11,6 @@ except at log / eval / checkpoint steps, where the skip counters are also checke
 
 from __future__ import annotations
 
-import itertools
 import logging
 import math
 import os
@@ -99,10 +98,15 @@ class Trainer:
         self.loss_module = LMLoss(self.model, cfg.train.loss_chunk)
         self.module, self.grad_scale = parallelize(self.loss_module, cfg.parallel, env)
         self.optimizer = build_optimizer(self.model, cfg.optim, self.device)
+        decay = cfg.optim.decay_steps or cfg.train.steps
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lr_lambda(cfg.optim.warmup_steps, cfg.train.steps, cfg.optim.min_lr / cfg.optim.lr))
+            self.optimizer, lr_lambda(cfg.optim.warmup_steps, decay, cfg.optim.min_lr / cfg.optim.lr))
         self.train_loader = build_loader(cfg.data, self.tokenizer, "train", env.dp_rank, env.dp_size,
                                          cfg.train.seed)
+        self.val_loader = None
+        if cfg.train.eval_batches > 0:
+            self.val_loader = build_loader(cfg.data, self.tokenizer, "validation", env.dp_rank, env.dp_size,
+                                           cfg.train.seed)
         self.ckpt = CheckpointManager(self.out_dir / "checkpoints", cfg.train.keep_ckpts, env.rank,
                                       env.world_size, env.barrier)
         self.step = 0
@@ -199,10 +203,8 @@ class Trainer:
     def evaluate(self) -> float:
         """Mean validation loss over train.eval_batches batches per dp rank (the same batches every time)."""
         self.model.eval()
-        loader = build_loader(self.cfg.data, self.tokenizer, "validation", self.env.dp_rank, self.env.dp_size,
-                              self.cfg.train.seed)
         totals = torch.zeros(2, device=self.device)  # [loss sum, valid tokens]
-        for batch in itertools.islice(iter(loader), self.cfg.train.eval_batches):
+        for batch in self.val_loader.iter_epoch(max_batches=self.cfg.train.eval_batches):
             b = batch_to_device(batch, self.device)
             with self._autocast():
                 totals[0] += self.loss_module(b["tokens"], b["labels"], b["position_ids"], b["cu_seqlens"],
@@ -232,48 +234,61 @@ class Trainer:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             (self.out_dir / "config.yaml").write_text(OmegaConf.to_yaml(asdict(self.cfg)))
         self.maybe_resume()
+        if self.step >= cfg.steps:
+            log.info("step %d >= train.steps=%d in %s: nothing to train (a new train.out_dir or run_name starts "
+                     "afresh)", self.step, cfg.steps, self.out_dir)
+            return {"step": self.step}
         log.info("model %s: %.2fM parameters, device %s, dtype %s, world %d", self.model.config.name,
                  self.model.num_params() / 1e6, self.device, self.autocast_dtype or "fp32", self.env.world_size)
         sink = MetricsSink(self.out_dir, self.cfg.logger, asdict(self.cfg), self.env.rank, cfg.steps, self.step,
                            self.cfg.run_name)
-        summary = {"step": self.step}
         try:
-            reset_peak_memory(self.device)
-            self.throughput.reset()
-            loss_acc = torch.zeros(2, device=self.device)  # [sum of finite losses, their count] since last log
-            while self.step < cfg.steps:
-                micro_batches = self._next_micro_batches()
-                flops, tokens = self._flops_and_tokens(micro_batches)
-                lr = self.scheduler.get_last_lr()[0]
-                loss, grad_norm = self.train_step(micro_batches)
-                finite = torch.isfinite(loss)
-                loss_acc += torch.stack([torch.where(finite, loss, 0.0), finite.float()])
-                self.step += 1
-                self.throughput.add(tokens, flops)
-                sink.step()
-                last = self.step == cfg.steps
-                if self.step % cfg.log_every == 0 or last:
-                    record = self._log_record(loss_acc, grad_norm, lr)
-                    loss_acc.zero_()
-                    if (cfg.eval_every and self.step % cfg.eval_every == 0) or last:
-                        record["val_loss"] = self.evaluate()
-                        sink.write(f"step {self.step}: val_loss {record['val_loss']:.4f}")
-                    summary = record
-                    sink.log(record)
-                if (cfg.ckpt_every and self.step % cfg.ckpt_every == 0) or last:
-                    self.check_health()
-                    self.save_checkpoint()
+            return self._train(sink)
         finally:
             sink.close()
-        return summary
+
+    def _train(self, sink: MetricsSink) -> dict:
+        cfg = self.cfg.train
+        reset_peak_memory(self.device)
+        self.throughput.reset()
+        loss_acc = torch.zeros(2, device=self.device)  # [sum of finite losses, their count] since last log
+        record = {"step": self.step}
+        while self.step < cfg.steps:
+            micro_batches = self._next_micro_batches()
+            flops, tokens = self._flops_and_tokens(micro_batches)
+            lr = self.scheduler.get_last_lr()[0]
+            loss, grad_norm = self.train_step(micro_batches)
+            finite = torch.isfinite(loss)
+            loss_acc += torch.stack([torch.where(finite, loss, 0.0), finite.float()])
+            self.step += 1
+            self.throughput.add(tokens, flops)
+            sink.step()
+            last = self.step == cfg.steps
+            record = {"step": self.step}
+            if self.step % cfg.log_every == 0 or last:
+                record.update(self._log_record(loss_acc, grad_norm, lr))
+                loss_acc.zero_()
+            if self.val_loader is not None and (_every(self.step, cfg.eval_every) or last):
+                with self.throughput.paused():
+                    record["val_loss"] = self.evaluate()
+                sink.write(f"step {self.step}: val_loss {record['val_loss']:.4f}")
+            if len(record) > 1:
+                sink.log(record)
+            if _every(self.step, cfg.ckpt_every) or last:
+                with self.throughput.paused():
+                    self.check_health()
+                    self.save_checkpoint()
+        return record
 
     def _log_record(self, loss_acc: torch.Tensor, grad_norm: torch.Tensor, lr: float) -> dict:
         loss_sum, n = loss_acc.tolist()  # the host sync of this interval
         skipped = self.check_health()
-        record = {"step": self.step, "loss": loss_sum / n if n else float("nan"), "lr": lr,
-                  "grad_norm": float(grad_norm), **self.throughput.rate(),
-                  "peak_mem_gib": peak_memory_gib(self.device), "skipped_steps": skipped}
-        return record
+        return {"loss": loss_sum / n if n else float("nan"), "lr": lr, "grad_norm": float(grad_norm),
+                **self.throughput.rate(), "peak_mem_gib": peak_memory_gib(self.device), "skipped_steps": skipped}
+
+
+def _every(step: int, interval: int) -> bool:
+    return interval > 0 and step % interval == 0
 
 
 def _autocast_dtype(dtype: str, device: torch.device) -> Optional[torch.dtype]:

@@ -15,9 +15,11 @@ Activation recomputation is not counted, so MFU is comparable across checkpointi
 from __future__ import annotations
 
 import json
+import math
 import resource
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional
 
@@ -73,6 +75,15 @@ class Throughput:
         self.tokens += tokens
         self.flops += flops
 
+    @contextmanager
+    def paused(self):
+        """Time spent inside (evaluation, checkpointing) is not counted as training time."""
+        t = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.t0 += time.perf_counter() - t
+
     def rate(self) -> dict:
         """tokens_per_s over all ranks; tflops and mfu per device."""
         dt = max(time.perf_counter() - self.t0, 1e-9)
@@ -115,19 +126,26 @@ class MetricsSink:
     def log(self, record: dict) -> None:
         if not self.enabled:
             return
+        # Non-finite values become null: metrics.jsonl stays strict JSON for any reader.
+        record = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
         self.file.write(json.dumps(record) + "\n")
         self.file.flush()
         if self.wandb is not None:
             self.wandb.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
-        if self.bar is not None and "loss" in record:
+        if record.get("loss") is None:
+            return  # an evaluation-only record (write() reported it) or an interval of skipped steps
+        if self.bar is not None and not self.bar.disable:
             self.bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}",
                                  refresh=False)
+        else:  # no terminal (CI, a log file): one plain line per logged step instead of the bar
+            print(f"step {record['step']} | loss {record['loss']:.4f} | lr {record['lr']:.2e} | "
+                  f"{record['tokens_per_s']:.0f} tok/s | {record['tflops']:.3f} TFLOPS", flush=True)
 
     def write(self, message: str) -> None:
         """A line that does not break the progress bar."""
         if not self.enabled:
             return
-        if self.bar is not None:
+        if self.bar is not None and not self.bar.disable:
             self.bar.write(message)
         else:
             print(message, flush=True)

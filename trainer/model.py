@@ -81,20 +81,23 @@ class RMSNorm(nn.Module):
         return xf.type_as(x) * self.weight.type_as(x)
 
 
-def rope_cos_sin(position_ids, head_dim: int, theta: float, scaling: float = 1.0):
-    """cos/sin tables for explicit positions: position_ids (B, N) -> two (B, N, 1, head_dim) fp32 tensors."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=position_ids.device).float() / head_dim))
-    angles = (position_ids.float() / scaling)[..., None] * inv_freq  # (B, N, head_dim/2)
-    angles = torch.cat([angles, angles], dim=-1)[:, :, None, :]  # (B, N, 1, head_dim), broadcast over heads
-    return angles.cos(), angles.sin()
+def rope_cos_sin(position_ids, head_dim: int, theta: float, scaling: float = 1.0, dtype=torch.float32):
+    """cos/sin tables for explicit positions: position_ids (B, N) -> two (B, N, 1, head_dim/2) tensors.
+
+    Angles are formed in fp64: at position 1e6 an fp32 product pos * inv_freq is off by ~0.03 rad.
+    """
+    exponent = torch.arange(0, head_dim, 2, device=position_ids.device, dtype=torch.float64) / head_dim
+    inv_freq = 1.0 / (theta ** exponent)  # (head_dim/2,)
+    angles = (position_ids.double() / scaling)[..., None] * inv_freq  # (B, N, head_dim/2)
+    return angles.cos().to(dtype)[:, :, None, :], angles.sin().to(dtype)[:, :, None, :]  # broadcast over heads
 
 
 def apply_rope(x, cos, sin):
-    """Rotate x (B, N, H, D) by the half-split convention (as Hugging Face Llama), computed in fp32."""
-    xf = x.float()
-    x1, x2 = xf.chunk(2, dim=-1)
-    rotated = torch.cat([-x2, x1], dim=-1)
-    return (xf * cos + rotated * sin).type_as(x)
+    """Rotate x (B, N, H, D) by the half-split convention (as Hugging Face Llama); fp32 math for 16-bit x."""
+    xf = x.float() if x.element_size() < 4 else x
+    cos, sin = cos.to(xf.dtype), sin.to(xf.dtype)
+    x1, x2 = xf.chunk(2, dim=-1)  # (B, N, H, D/2) each
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).type_as(x)
 
 
 class InnerAttention(nn.Module):
@@ -211,8 +214,9 @@ class GPT(nn.Module):
                              f"{tuple(tokens.shape)}")
         if cu_seqlens is not None and max_seqlen is None:
             raise ValueError("GPT.forward: max_seqlen is required with cu_seqlens")
+        table_dtype = torch.float64 if self.tok_embeddings.weight.dtype == torch.float64 else torch.float32
         cos, sin = rope_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta,
-                                self.config.rope_scaling)
+                                self.config.rope_scaling, table_dtype)
         x = self.tok_embeddings(tokens)  # (B, N, dim)
         for layer in self.layers:
             x = self._run_layer(layer, x, cos, sin, cu_seqlens, max_seqlen)

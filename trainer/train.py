@@ -15,6 +15,7 @@ import logging
 import os
 import sys
 
+import datasets
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
@@ -27,6 +28,7 @@ register_configs()
 
 @hydra.main(version_base="1.3", config_path="../configs", config_name="train")
 def main(dict_cfg: DictConfig) -> None:
+    datasets.disable_progress_bars()  # tokenisation bars would bury the training progress bar
     cfg: Config = OmegaConf.to_object(dict_cfg)
     check_config(cfg)
     env = init_distributed(cfg.train.device, cfg.parallel.cp)
