@@ -10,9 +10,12 @@ not express (an attn_mask, dropout_p > 0, other ranks, Dv != D, a batch-broadcas
 top-left is_causal with Nq < Nk, a dtype/head_dim the backend rejects) goes to the original torch function.
 
 HF route: the attention function receives (B, H, N, D) and returns (B, N, H, D). Padding masks are unpadded to
-cu_seqlens (the mask function hands us the 2-D padding mask, never a dense 4-D one); packed rows
-(batch 1, position_ids restarting) and FlashAttentionKwargs cu_seq_lens_* go to `flash_attn_varlen_func`.
-The name is "ringattn": transformers 5 sends every implementation containing "flash" to its kernel loader.
+cu_seqlens (the mask function hands us the 2-D padding mask, never a dense 4-D one; queries are the last Nq
+mask positions, i.e. left padding, as FA2); packed rows (batch 1, position_ids not following on by 1) and
+FlashAttentionKwargs cu_seq_lens_* go to `flash_attn_varlen_func`; config.sliding_window becomes
+window_size. A user-built 4-D mask goes to transformers' SDPA function; softcap, sinks, position_bias and
+training-time attention dropout raise ValueError. The name is "ringattn": transformers 5 sends every
+implementation containing "flash" to its kernel loader.
 """
 
 from __future__ import annotations
@@ -204,9 +207,12 @@ def ringattn_forward(module, query, key, value, attention_mask, dropout=0.0, sca
 def register_hf(backend: str = "auto") -> str:
     """Register ringflash with transformers' AttentionInterface (+ a padding-only mask); returns "ringattn"."""
     from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface
 
     _HF_BACKEND["backend"] = backend
     AttentionInterface.register(HF_NAME, ringattn_forward)
+    try:
+        from transformers.masking_utils import AttentionMaskInterface
+    except ImportError:  # transformers < 4.53 builds 4-D masks itself; ringattn_forward then defers to SDPA
+        return HF_NAME
     AttentionMaskInterface.register(HF_NAME, _padding_mask)
     return HF_NAME
