@@ -5,9 +5,9 @@
 
 q/k/v are this rank's shards (B, N_local, H|Hkv, D) in `layout` ("zigzag" or "contiguous", see
 sharding.py). Forward: W steps; each starts the transfer of the next K/V (Hkv heads, batched isend/irecv),
-computes the current block with `attention.attn_forward` and merges it into a running fp32 (out, lse) with
-`attention.merge_attn_outputs`. Backward: a second ring rotates K/V together with their fp32 dK/dV
-accumulators, calling `attention.attn_backward` with the final merged out/lse. With causal attention only
+computes the current block with `attention.attn_forward` and merges it by log-sum-exp into a running fp32
+(out, lse) (in place; the same math as `attention.merge_attn_outputs`). Backward: a second ring rotates K/V
+together with their fp32 dK/dV accumulators, calling `attention.attn_backward` with the final merged out/lse. With causal attention only
 the visible chunk pairs are computed (zigzag: every step costs half a block except the diagonal one).
 Packed documents (`position_ids`, 0 = document start) turn each block into a varlen call whose segments are
 the documents shared by the block's queries and keys; blocks sharing no document are skipped.
@@ -21,7 +21,7 @@ from typing import Optional
 
 import torch
 
-from attention import attn_backward, attn_forward, attn_varlen_backward, attn_varlen_forward, merge_attn_outputs
+from attention import attn_backward, attn_forward, attn_varlen_backward, attn_varlen_forward
 from attention.backends import resolve_backend_name
 from attention.validation import check_options, check_qkv
 
@@ -136,6 +136,21 @@ def _block_backward(dout, q, k, v, out, lse, dlse, blk: _Block, scale: float, ba
 # -- the two rings ------------------------------------------------------------------------------------------
 
 
+def merge_into(out: torch.Tensor, lse: torch.Tensor, block_out: torch.Tensor, block_lse: torch.Tensor) -> None:
+    """In place: (out, lse) <- merge_attn_outputs([(out, lse), (block_out, block_lse)]), out kept in fp32.
+
+    Same math as attention.merge_attn_outputs (tests check one against the other), but without its stacked
+    copies: at 128K local tokens x 32 heads x 128 the fp32 accumulator alone is 2 GB. out (B, n, H, D) fp32,
+    lse (B, H, n) fp32; rows where both sides are -inf stay out = 0, lse = -inf.
+    """
+    new_lse = torch.logaddexp(lse, block_lse)
+    shift = torch.where(torch.isinf(new_lse), torch.zeros_like(new_lse), new_lse)  # -inf only if both are
+    w_old = torch.exp(lse - shift).transpose(1, 2).unsqueeze(-1)  # (B, n, H, 1)
+    w_new = torch.exp(block_lse - shift).transpose(1, 2).unsqueeze(-1)
+    out.mul_(w_old).addcmul_(block_out, w_new)
+    lse.copy_(new_lse)
+
+
 def _acc_dtype(t: torch.Tensor) -> torch.dtype:
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 
@@ -155,8 +170,7 @@ def ring_attn_forward(comm: Optional[RingComm], q, k, v, plan: list, scale: floa
                 comm.wait()
         for blk in blocks:
             block_out, block_lse = _block_forward(q, k, v, blk, scale, backend)
-            r = blk.q_rows
-            out[:, r], lse[:, :, r] = merge_attn_outputs([(out[:, r], lse[:, :, r]), (block_out, block_lse)])
+            merge_into(out[:, blk.q_rows], lse[:, :, blk.q_rows], block_out, block_lse)
         if step < last:
             if overlap:
                 comm.wait()

@@ -16,7 +16,9 @@ import torch.distributed as dist  # noqa: E402
 
 from dist_utils import full_attention, random_positions, run_world  # noqa: E402
 from helpers import assert_close  # noqa: E402
+from attention import merge_attn_outputs  # noqa: E402
 from parallel import RingComm, init_mesh, ring_attn_func, shard_for_rank  # noqa: E402
+from parallel.ring import merge_into  # noqa: E402
 
 FP64_TOL = 1e-5  # the merged lse is fp32, so fp64 inputs agree to ~1e-7, not 1e-12
 DTYPE_TOL = {torch.float64: FP64_TOL, torch.float32: 2e-4}
@@ -142,6 +144,23 @@ def test_ring_triton_backend(free_port):
 def test_ring_single_rank_is_local_attention(packed):
     c = _case("zigzag", True, chunk=5, packed=packed, lse_loss=True, seed=40)
     _check_case(0, 1, c)
+
+
+@pytest.mark.parametrize("block_dtype", [torch.float32, torch.bfloat16])
+def test_in_place_merge_equals_merge_attn_outputs(block_dtype):
+    B, n, H, D = 2, 7, 3, 4
+    out, block_out = torch.randn(B, n, H, D), torch.randn(B, n, H, D).to(block_dtype)
+    lse, block_lse = torch.randn(B, H, n) * 3, torch.randn(B, H, n) * 3
+    inf = float("-inf")
+    lse[0, 0, :3] = inf  # row 0: only the block sees keys; row 1: only the running part; row 2: neither
+    block_lse[0, 0, 1:3] = inf
+    out[0, :3, 0] = 0
+    block_out[0, 1:3, 0] = 0
+    want_out, want_lse = merge_attn_outputs([(out, lse), (block_out.float(), block_lse)])
+    merge_into(out, lse, block_out, block_lse)
+    assert_close(out, want_out, "out", atol=1e-6, rtol=1e-6)
+    assert_close(lse, want_lse, "lse", atol=1e-6, rtol=1e-6)
+    assert lse[0, 0, 2] == inf and not out.isnan().any() and (out[0, 2, 0] == 0).all()
 
 
 def test_ring_input_errors():
