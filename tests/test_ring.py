@@ -18,7 +18,7 @@ from dist_utils import full_attention, random_positions, run_world  # noqa: E402
 from helpers import assert_close  # noqa: E402
 from attention import merge_attn_outputs  # noqa: E402
 from parallel import RingComm, init_mesh, ring_attn_func, shard_for_rank  # noqa: E402
-from parallel.ring import merge_into  # noqa: E402
+from parallel.ring import merge_into, plan_ring  # noqa: E402
 
 FP64_TOL = 1e-5  # the merged lse is fp32, so fp64 inputs agree to ~1e-7, not 1e-12
 DTYPE_TOL = {torch.float64: FP64_TOL, torch.float32: 2e-4}
@@ -144,6 +144,32 @@ def test_ring_triton_backend(free_port):
 def test_ring_single_rank_is_local_attention(packed):
     c = _case("zigzag", True, chunk=5, packed=packed, lse_loss=True, seed=40)
     _check_case(0, 1, c)
+
+
+def _spans(plan):
+    return [[(b.q_rows.start, b.q_rows.stop, b.k_rows.start, b.k_rows.stop, b.causal) for b in step] for step in plan]
+
+
+def test_plan_computes_only_visible_chunks():
+    # zigzag, W=4, rank 1 holds chunks (1, 6); 2 tokens per chunk. Step s holds rank (1 - s) % 4's K/V.
+    assert _spans(plan_ring(1, 4, 4, "zigzag", causal=True)) == [
+        [(0, 4, 0, 4, True)],   # own chunks, ascending: one causal call is exact
+        [(0, 4, 0, 2, False)],  # rank 0 = chunks (0, 7): both query chunks see chunk 0, nobody sees chunk 7
+        [(2, 4, 0, 4, False)],  # rank 3 = chunks (3, 4): only query chunk 6 sees them
+        [(2, 4, 0, 4, False)],  # rank 2 = chunks (2, 5): likewise
+    ]
+    # contiguous: later ranks' keys are fully masked and skipped; non-causal computes everything.
+    assert _spans(plan_ring(0, 3, 4, "contiguous", causal=True)) == [[(0, 4, 0, 4, True)], [], []]
+    assert _spans(plan_ring(2, 3, 4, "contiguous", causal=False)) == [[(0, 4, 0, 4, False)]] * 3
+
+
+def test_plan_skips_blocks_without_shared_documents():
+    # W=2 zigzag, 8 tokens, documents exactly the chunks [0,1] [2,3] [4,5] [6,7]: only the diagonal remains.
+    doc_ids = torch.tensor([[0, 0, 1, 1, 2, 2, 3, 3]])
+    plan = plan_ring(0, 2, 4, "zigzag", causal=True, doc_ids=doc_ids)
+    assert _spans(plan) == [[(0, 4, 0, 4, True)], []]
+    cu_q, cu_k, max_q, max_k = plan[0][0].varlen
+    assert cu_q.tolist() == cu_k.tolist() == [0, 2, 4] and (max_q, max_k) == (2, 2)
 
 
 @pytest.mark.parametrize("block_dtype", [torch.float32, torch.bfloat16])
