@@ -84,7 +84,7 @@ def test_byte_tokenizer_round_trip():
 
 
 def _save_tiny_hf_tokenizer(path):
-    from tokenizers import Tokenizer as RawTokenizer, models, pre_tokenizers, trainers
+    from tokenizers import Tokenizer as RawTokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     raw = RawTokenizer(models.BPE(unk_token="<unk>"))
@@ -92,7 +92,6 @@ def _save_tiny_hf_tokenizer(path):
     trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<s>", "</s>"],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     raw.train_from_iterator(["def return import class self lambda yield"] * 20, trainer=trainer)
-    from tokenizers import decoders
     raw.decoder = decoders.ByteLevel()
     fast = PreTrainedTokenizerFast(tokenizer_object=raw, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
     fast.save_pretrained(path)
@@ -329,6 +328,27 @@ def test_hf_local_files_split_and_formats(tmp_path):
         build_loader(replace(cfg, text_column="body"), tok, "train")
     with pytest.raises(ValueError, match="data.path"):
         build_loader(replace(cfg, path=str(tmp_path / "nope.jsonl")), tok, "train")
+
+
+def test_hf_directories_with_own_validation_split(tmp_path):
+    import datasets
+
+    texts, _ = _write_corpus(tmp_path, n=30)
+    data_dir = tmp_path / "dir"
+    data_dir.mkdir()
+    for name, part in (("train", texts[:24]), ("validation", texts[24:])):
+        (data_dir / f"{name}.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in part))
+    datasets.DatasetDict({"train": datasets.Dataset.from_dict({"text": texts[:24]}),
+                          "validation": datasets.Dataset.from_dict({"text": texts[24:]})}
+                         ).save_to_disk(str(tmp_path / "saved"))
+    tok = ByteTokenizer()
+    for path in (data_dir, tmp_path / "saved"):
+        cfg = DataConfig(source="hf", path=str(path), seq_len=32, batch_size=2, cache_dir=str(tmp_path / "cache"))
+        assert _docs_of(build_loader(cfg, tok, "train"), tok) == texts[:24]      # the whole train split
+        assert _docs_of(build_loader(cfg, tok, "validation"), tok) == texts[24:]
+        loaded = list(build_loader(cfg, tok, "validation").iter_epoch())
+        streamed = list(build_loader(replace(cfg, streaming=True), tok, "validation").iter_epoch())
+        assert len(loaded) == len(streamed) and all(map(batches_equal, loaded, streamed))
 
 
 def test_hf_streaming_matches_map_style_and_splits_ranks(tmp_path):

@@ -43,7 +43,7 @@ class ByteTokenizer:
     pad_id = 257
 
     def encode(self, text: str) -> list[int]:
-        return list(text.encode("utf-8"))
+        return list(text.encode("utf-8", errors="replace"))   # lone surrogates (seen in web text) -> '?' 
 
     def decode(self, ids) -> str:
         # Specials carry no bytes; invalid UTF-8 (e.g. a sequence cut mid-character) decodes to U+FFFD.
@@ -51,7 +51,7 @@ class ByteTokenizer:
 
     def encode_batch(self, texts: list[str]) -> list[np.ndarray]:
         # frombuffer over the encoded bytes: no per-byte Python work, so the 30 MB stdlib encodes in ~0.2 s.
-        return [np.frombuffer(t.encode("utf-8"), dtype=np.uint8).astype(np.uint16) for t in texts]
+        return [np.frombuffer(t.encode("utf-8", errors="replace"), dtype=np.uint8).astype(np.uint16) for t in texts]
 
 
 class HFTokenizer:
