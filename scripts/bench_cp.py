@@ -33,7 +33,8 @@ import torch.multiprocessing as mp
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from attention import flash_attn_func  # noqa: E402
-from parallel import init_distributed, ring_attn_func, shard_for_rank, ulysses_attn_func  # noqa: E402
+from parallel import init_distributed, ring_attn_func, ulysses_attn_func  # noqa: E402
+from parallel.sharding import check_shardable  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -76,8 +77,8 @@ def _time_ms(step, device, warmup, iters, only_rank0=False):
             _sync(device)
         if i >= warmup:
             times.append((time.perf_counter() - t0) * 1e3)
-    slowest = torch.tensor(times, dtype=torch.float64)
-    dist.all_reduce(slowest, op=dist.ReduceOp.MAX)  # gloo-safe: a CPU tensor of floats
+    slowest = torch.tensor(times, dtype=torch.float64, device=device)  # NCCL reduces device tensors only
+    dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
     return statistics.median(slowest.tolist())
 
 
@@ -87,6 +88,7 @@ def _attn_tflop(n, args, world_size):
 
 
 def _step(fn, q, k, v, dout):
+    """One training step of attention: forward + backward into fresh grads."""
     def run():
         for t in (q, k, v):
             t.grad = None
@@ -94,38 +96,40 @@ def _step(fn, q, k, v, dout):
     return run
 
 
-def _bench_length(n, layout, args, device, rank, world_size):
-    dtype, causal = DTYPES[args.dtype], not args.no_causal
-    gen = torch.Generator(device="cpu").manual_seed(n)
+def _inputs(n, args, device, full):
+    """q, k, v, dout: full-length (rank 0's full/W row) or this rank's N/W tokens, made on the device.
+
+    Values do not matter for timing, so ranks draw their shards independently instead of slicing a full
+    sequence: at 1M tokens a full q alone is 8 GB.
+    """
     B, H, hkv, D = args.batch, args.heads, args.kv_heads, args.head_dim
+    m = n if full else n // dist.get_world_size()
+    return [torch.randn(B, m, h, D, device=device, dtype=DTYPES[args.dtype]) for h in (H, hkv, hkv, H)]
 
-    def rand(*shape):
-        return torch.randn(*shape, generator=gen).to(device, dtype)
 
-    full = [rand(B, n, H, D), rand(B, n, hkv, D), rand(B, n, hkv, D), rand(B, n, H, D)]  # q, k, v, dout
-    q, k, v, dout = (shard_for_rank(t, 1, rank, world_size, layout).contiguous() for t in full)
-    impls = args.impls.split(",")
-    ring = dict(causal=causal, layout=layout, backend=args.backend)
-    cases = {
-        "local": (lambda a, b, c: flash_attn_func(a, b, c, causal=causal, backend=args.backend), (q, k, v, dout)),
-        "full": (lambda a, b, c: flash_attn_func(a, b, c, causal=causal, backend=args.backend), full),
-        "ring": (lambda a, b, c: ring_attn_func(a, b, c, **ring), (q, k, v, dout)),
-        "ring-noovl": (lambda a, b, c: ring_attn_func(a, b, c, overlap=False, **ring), (q, k, v, dout)),
-        "ulysses": (lambda a, b, c: ulysses_attn_func(a, b, c, causal=causal, layout=layout, backend=args.backend),
-                    (q, k, v, dout)),
+def _bench_length(n, layout, args, device, world_size):
+    causal, backend = not args.no_causal, args.backend
+    ring = dict(causal=causal, layout=layout, backend=backend)
+    fns = {
+        "local": lambda q, k, v: flash_attn_func(q, k, v, causal=causal, backend=backend),
+        "full": lambda q, k, v: flash_attn_func(q, k, v, causal=causal, backend=backend),
+        "ring": lambda q, k, v: ring_attn_func(q, k, v, **ring),
+        "ring-noovl": lambda q, k, v: ring_attn_func(q, k, v, overlap=False, **ring),
+        "ulysses": lambda q, k, v: ulysses_attn_func(q, k, v, causal=causal, layout=layout, backend=backend),
     }
-    if H % world_size != 0:
+    impls = [i for i in args.impls.split(",") if i in fns]
+    if args.heads % world_size != 0:
         impls = [i for i in impls if i != "ulysses"]
     if n > args.full_max_len:
         impls = [i for i in impls if i != "full"]
     rows = {}
     for name in impls:
-        fn, tensors = cases[name]
-        leaves = [t.detach().requires_grad_() for t in tensors[:3]]
-        ms = _time_ms(_step(fn, *leaves, tensors[3]), device, args.warmup, args.iters, only_rank0=name == "full")
-        if name == "full":
-            name, ms = "full/W", ms / world_size
-        rows[name] = ms
+        full = name == "full"
+        q, k, v, dout = _inputs(n, args, device, full) if not full or dist.get_rank() == 0 else [None] * 4
+        leaves = [t.requires_grad_() if t is not None else None for t in (q, k, v)]
+        ms = _time_ms(_step(fns[name], *leaves, dout), device, args.warmup, args.iters, only_rank0=full)
+        rows["full/W" if full else name] = ms / world_size if full else ms
+        del q, k, v, dout, leaves
     return [_row(name, ms, rows, n, layout, args, world_size) for name, ms in rows.items()]
 
 
@@ -172,7 +176,8 @@ def run(args):
     rows = []
     for n in (int(s) for s in args.seq_lens.split(",")):
         for layout in args.layouts.split(","):
-            rows += _bench_length(n, layout, args, device, rank, world_size)
+            check_shardable(n, world_size, layout, name="--seq-lens entry")
+            rows += _bench_length(n, layout, args, device, world_size)
     if rank == 0:
         _print_table(rows)
         tag = "cuda" if device.type == "cuda" else "cpu"
