@@ -258,8 +258,9 @@ def build_loader(cfg, tokenizer: Tokenizer, split: str, dp_rank: int = 0, dp_siz
     """PackedLoader (StreamingPackedLoader for data.streaming) over `split` for one data-parallel rank.
 
     split="train": infinite, reshuffled per epoch by (seed, epoch). split="validation": one finite,
-    unshuffled pass (at most max_batches batches); `iter_epoch()` restarts it. Every rank of a dp group
-    yields the same number of batches per epoch (padding rows have labels -100 and add 0 to num_valid).
+    unshuffled pass (at most max_batches batches); `iter_epoch()` restarts it. Loaded data and every
+    validation pass give each rank of a dp group the same number of batches (padding rows: labels -100,
+    0 in num_valid); streamed train shares (split_dataset_by_node) may differ per rank but never run dry.
     """
     validate_data_config(cfg)
     if split not in SPLITS:
