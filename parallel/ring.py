@@ -7,8 +7,9 @@ q/k/v are this rank's shards (B, N_local, H|Hkv, D) in `layout` ("zigzag" or "co
 sharding.py). Forward: W steps; each starts the transfer of the next K/V (Hkv heads, batched isend/irecv),
 computes the current block with `attention.attn_forward` and merges it by log-sum-exp into a running fp32
 (out, lse) (in place; the same math as `attention.merge_attn_outputs`). Backward: a second ring rotates K/V
-together with their fp32 dK/dV accumulators, calling `attention.attn_backward` with the final merged out/lse. With causal attention only
-the visible chunk pairs are computed (zigzag: every step costs half a block except the diagonal one).
+together with their fp32 dK/dV accumulators, calling `attention.attn_backward` with the final merged
+out/lse. With causal attention only the visible chunk pairs are computed (zigzag: every step but the
+diagonal one costs exactly half a block; contiguous: later ranks' blocks are skipped, so work is unbalanced).
 Packed documents (`position_ids`, 0 = document start) turn each block into a varlen call whose segments are
 the documents shared by the block's queries and keys; blocks sharing no document are skipped.
 """
