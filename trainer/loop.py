@@ -185,9 +185,9 @@ class Trainer:
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
 
-    def check_health(self) -> int:
-        """At a sync point: raise if too many bad steps came in a row; return the skipped total."""
-        skipped, streak, longest = (int(x) for x in self.bad.tolist())
+    def check_health(self) -> None:
+        """At a sync point: raise if train.max_bad_steps non-finite steps came in a row since the last check."""
+        _, streak, longest = (int(x) for x in self.bad.tolist())
         limit = self.cfg.train.max_bad_steps
         if limit > 0 and longest >= limit:
             raise TrainingStopped(
@@ -195,7 +195,6 @@ class Trainer:
                 f"(train.max_bad_steps={limit}); they were skipped, the weights are those of the last good "
                 f"step. Lower optim.lr, check the data, or resume from a checkpoint in {self.ckpt.root}.")
         self.bad[2] = streak  # the longest streak is counted afresh from here
-        return skipped
 
     # -- evaluation ---------------------------------------------------------------------------------------
 
@@ -274,6 +273,7 @@ class Trainer:
                 sink.write(f"step {self.step}: val_loss {record['val_loss']:.4f}")
             if len(record) > 1:
                 sink.log(record)
+                self.check_health()  # after the log, so the record of the failing step is written
             if _every(self.step, cfg.ckpt_every) or last:
                 with self.throughput.paused():
                     self.check_health()
@@ -282,7 +282,7 @@ class Trainer:
 
     def _log_record(self, loss_acc: torch.Tensor, grad_norm: torch.Tensor, lr: float) -> dict:
         loss_sum, n = loss_acc.tolist()  # the host sync of this interval
-        skipped = self.check_health()
+        skipped = int(self.bad[0])
         return {"loss": loss_sum / n if n else float("nan"), "lr": lr, "grad_norm": float(grad_norm),
                 **self.throughput.rate(), "peak_mem_gib": peak_memory_gib(self.device), "skipped_steps": skipped}
 

@@ -71,8 +71,7 @@ def init_distributed(device: str = "auto", cp: int = 1) -> DistEnv:
         backend = "nccl" if dev.type == "cuda" else "gloo"
         kwargs = {"device_id": dev} if dev.type == "cuda" else {}
         dist.init_process_group(backend, timeout=datetime.timedelta(minutes=30), **kwargs)
-    if cp < 1 or world % cp != 0:
-        raise ValueError(f"parallel.cp={cp} must be >= 1 and divide the world size {world}")
+    cp = cp if cp >= 1 and world % cp == 0 else 1  # a bad cp is reported by validate_parallel
     return DistEnv(rank=rank, world_size=world, local_rank=local_rank, device=dev, dp_rank=rank // cp,
                    dp_size=world // cp, cp_rank=rank % cp, cp_size=cp)
 
@@ -84,12 +83,10 @@ def destroy_distributed() -> None:
 
 def validate_parallel(cfg, env: DistEnv) -> None:
     """Check the parallel config against the world size, with the numbers in the message."""
-    dp = env.world_size // cfg.cp if cfg.dp == -1 else cfg.dp
-    if dp * cfg.cp != env.world_size:
-        raise ValueError(f"parallel.dp ({cfg.dp}) * parallel.cp ({cfg.cp}) must equal the world size "
-                         f"({env.world_size})")
     if cfg.cp_impl not in CP_IMPLS:
         raise ValueError(f"parallel.cp_impl must be one of {CP_IMPLS}, got {cfg.cp_impl!r}")
+    if cfg.cp < 1:
+        raise ValueError(f"parallel.cp must be >= 1, got {cfg.cp}")
     if cfg.cp > 1:
         raise ValueError(f"parallel.cp={cfg.cp}: context parallelism is not implemented in the trainer yet "
                          f"(use parallel.cp=1)")
@@ -98,6 +95,10 @@ def validate_parallel(cfg, env: DistEnv) -> None:
     if cfg.zero_stage != 0:
         raise ValueError(f"parallel.zero_stage={cfg.zero_stage}: DeepSpeed ZeRO is not implemented in the "
                          f"trainer yet (use parallel.zero_stage=0 for DDP)")
+    dp = env.world_size // cfg.cp if cfg.dp == -1 else cfg.dp
+    if dp * cfg.cp != env.world_size:
+        raise ValueError(f"parallel.dp ({cfg.dp}) * parallel.cp ({cfg.cp}) must equal the world size "
+                         f"({env.world_size})")
 
 
 def apply_data_parallel(module: nn.Module, env: DistEnv) -> tuple[nn.Module, float]:

@@ -1,0 +1,213 @@
+"""The trainer end to end on CPU: loss falls, exact resume, config typos fail, atomic checkpoints,
+non-finite steps are skipped then stop the run, 2-process DDP equals one process over the same batch."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.errors import ConfigCompositionException, MissingConfigException
+from omegaconf import OmegaConf
+
+import trainer.loop
+from trainer.checkpoint import CheckpointManager, list_checkpoints
+from trainer.config import check_config, register_configs
+from trainer.loop import Trainer, TrainingStopped
+from trainer.parallelize import init_distributed
+
+ROOT = Path(__file__).resolve().parent.parent
+PY = sys.executable
+# A very small model and corpus: each step takes milliseconds; 40 files are plenty for 40 steps.
+FAST = ["model.dim=64", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2", "model.ffn_dim=128",
+        "data.seq_len=64", "data.batch_size=4", "data.max_files=40", "train.log_every=1", "train.eval_every=0",
+        "train.eval_batches=2", "train.device=cpu", "optim.warmup_steps=5", "optim.decay_steps=36"]
+
+register_configs()
+
+
+def compose_cfg(overrides):
+    with initialize_config_dir(str(ROOT / "configs"), version_base="1.3"):
+        cfg = OmegaConf.to_object(compose("train", overrides=overrides))
+    check_config(cfg)
+    return cfg
+
+
+def train(out_dir, *overrides):
+    cfg = compose_cfg([*FAST, f"train.out_dir={out_dir}", *overrides])
+    return Trainer(cfg, init_distributed("cpu")).run()
+
+
+def metrics(out_dir) -> dict[int, dict]:
+    lines = (Path(out_dir) / "metrics.jsonl").read_text().splitlines()
+    return {r["step"]: r for r in map(json.loads, lines)}
+
+
+@pytest.fixture(scope="module")
+def run36(tmp_path_factory):
+    """The uninterrupted reference run: 36 steps, checkpoints every 10."""
+    out = tmp_path_factory.mktemp("run36")
+    train(out, "train.steps=36", "train.ckpt_every=10")
+    return out
+
+
+def test_loss_falls_and_run_dir_layout(run36):
+    m = metrics(run36)
+    assert sorted(m) == list(range(1, 37))
+    first = sum(m[s]["loss"] for s in range(1, 6)) / 5
+    last = sum(m[s]["loss"] for s in range(32, 37)) / 5
+    assert last < first - 1.0, (first, last)  # byte-level CE starts near ln(258) = 5.55
+    for key in ("step", "loss", "lr", "grad_norm", "tokens_per_s", "tflops", "mfu", "peak_mem_gib",
+                "skipped_steps"):
+        assert key in m[36], key
+    assert m[36]["val_loss"] < 5.0 and m[36]["skipped_steps"] == 0 and m[36]["tokens_per_s"] > 0
+    assert m[5]["lr"] == pytest.approx(3e-3) and m[1]["lr"] == pytest.approx(3e-3 / 5)
+    assert [s for s, _ in list_checkpoints(run36 / "checkpoints")] == [30, 36]  # keep_ckpts=2
+    assert (run36 / "config.yaml").is_file()
+    assert OmegaConf.load(run36 / "config.yaml").model.vocab_size == 258
+
+
+def test_resume_gives_the_same_losses(run36, tmp_path):
+    train(tmp_path, "train.steps=30", "train.ckpt_every=10")
+    assert max(metrics(tmp_path)) == 30
+    train(tmp_path, "train.steps=36", "train.ckpt_every=10")  # resume=auto is the default
+    resumed, reference = metrics(tmp_path), metrics(run36)
+    assert sorted(resumed) == list(range(1, 37))
+    for step in range(1, 37):
+        assert abs(resumed[step]["loss"] - reference[step]["loss"]) <= 1e-6, step
+    assert abs(resumed[36]["val_loss"] - reference[36]["val_loss"]) <= 1e-6
+
+
+def test_crash_during_save_leaves_previous_checkpoint(run36, tmp_path, monkeypatch):
+    real_save = torch.save
+    calls = []
+
+    def crashing_save(obj, f, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 4:  # step 10 wrote rank_0.pt and state.pt; step 20 dies after its rank file
+            raise OSError("disk full (simulated)")
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", crashing_save)
+    with pytest.raises(OSError, match="simulated"):
+        train(tmp_path, "train.steps=20", "train.ckpt_every=10")
+    monkeypatch.setattr(torch, "save", real_save)
+    ckpts = tmp_path / "checkpoints"
+    assert (ckpts / ".tmp_step_20").is_dir() and not (ckpts / "step_20").exists()
+    assert [s for s, _ in list_checkpoints(ckpts)] == [10]
+
+    cfg = compose_cfg([*FAST, f"train.out_dir={tmp_path}", "train.steps=20", "train.ckpt_every=10"])
+    t = Trainer(cfg, init_distributed("cpu"))
+    t.maybe_resume()
+    assert t.step == 10
+    t.run()  # goes on from step 10 (maybe_resume again is harmless: it reloads the same checkpoint)
+    assert [s for s, _ in list_checkpoints(ckpts)] == [10, 20] and not (ckpts / ".tmp_step_20").exists()
+    resumed, reference = metrics(tmp_path), metrics(run36)
+    for step in range(11, 21):
+        assert abs(resumed[step]["loss"] - reference[step]["loss"]) <= 1e-6, step
+
+
+def test_checkpoint_manager_keep_and_world_size(tmp_path):
+    mgr = CheckpointManager(tmp_path, keep=2)
+    for step in (1, 2, 3):
+        mgr.save(step, {"w": torch.full((2,), float(step))}, {"r": step})
+    assert [s for s, _ in list_checkpoints(tmp_path)] == [2, 3]
+    step, shared, per_rank = mgr.load_latest()
+    assert step == 3 and shared["w"][0] == 3.0 and per_rank == {"r": 3}
+    (tmp_path / "step_9").mkdir()  # no meta.json: not a complete checkpoint
+    assert mgr.latest().name == "step_3"
+    with pytest.raises(ValueError, match="world size"):
+        CheckpointManager(tmp_path, keep=2, world_size=2).load(tmp_path / "step_3")
+    with pytest.raises(ValueError, match="not a complete checkpoint"):
+        mgr.load(tmp_path / "step_9")
+
+
+@pytest.mark.parametrize("override", ["train.stepz=3", "model.dimm=3", "optim.learning_rate=1", "steps=3",
+                                      "train.steps=abc"])
+def test_config_typo_fails(override):
+    with pytest.raises(ConfigCompositionException):
+        compose_cfg([override])
+
+
+def test_unknown_group_option_fails():
+    with pytest.raises(MissingConfigException):
+        compose_cfg(["model=llama_7t"])
+
+
+@pytest.mark.parametrize("override,match", [("parallel.cp=2", "not implemented"),
+                                            ("parallel.zero_stage=2", "not implemented"),
+                                            ("parallel.cp_impl=spiral", "cp_impl"),
+                                            ("parallel.dp=3", "world size")])
+def test_parallel_config_is_validated(override, match, tmp_path):
+    with pytest.raises(ValueError, match=match):
+        train(tmp_path, override)
+
+
+@pytest.mark.parametrize("override,match", [("train.steps=0", "train.steps"), ("optim.min_lr=1.0", "min_lr"),
+                                            ("logger.name=tensorboard", "logger.name")])
+def test_bad_values_fail(override, match):
+    with pytest.raises(ValueError, match=match):
+        compose_cfg([override])
+
+
+def poison_losses(monkeypatch, bad_calls):
+    """Make the training loss NaN on the given (1-based) calls of the loss function."""
+    real = trainer.loop.chunked_cross_entropy
+    calls = []
+
+    def loss_fn(*args, **kwargs):
+        calls.append(1)
+        out = real(*args, **kwargs)
+        return out * float("nan") if len(calls) in bad_calls else out
+
+    monkeypatch.setattr(trainer.loop, "chunked_cross_entropy", loss_fn)
+
+
+def test_non_finite_steps_are_skipped(tmp_path, monkeypatch):
+    poison_losses(monkeypatch, {4, 5})
+    train(tmp_path, "train.steps=8", "train.max_bad_steps=3", "train.eval_batches=0")
+    m = metrics(tmp_path)
+    assert m[4]["loss"] is None and m[5]["loss"] is None  # written as null: nothing finite to average
+    assert m[3]["skipped_steps"] == 0 and m[5]["skipped_steps"] == 2 and m[8]["skipped_steps"] == 2
+    assert all(m[s]["loss"] is not None for s in (1, 2, 3, 6, 7, 8))
+    state = torch.load(tmp_path / "checkpoints" / "step_8" / "state.pt", weights_only=False)
+    assert all(s["step"].item() == 6 for s in state["optimizer"]["state"].values())  # 2 of 8 updates skipped
+
+
+def test_too_many_bad_steps_stop_the_run(tmp_path, monkeypatch):
+    poison_losses(monkeypatch, set(range(3, 100)))
+    with pytest.raises(TrainingStopped, match=r"3 steps in a row.*max_bad_steps=3"):
+        train(tmp_path, "train.steps=20", "train.max_bad_steps=3", "train.eval_batches=0")
+    assert max(metrics(tmp_path)) == 5  # steps 3, 4, 5 were bad; the log at step 5 stopped it
+
+
+def test_cli_entry_point_writes_run_dir(tmp_path):
+    out = tmp_path / "cli"
+    args = [PY, "-m", "trainer.train", *FAST, "train.steps=4", f"train.out_dir={out}", "run_name=cli"]
+    proc = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (out / "config.yaml").is_file() and (out / ".hydra" / "config.yaml").is_file()
+    assert (out / "checkpoints" / "step_4" / "meta.json").is_file()
+    assert sorted(metrics(out)) == [1, 2, 3, 4]
+    bad = subprocess.run([PY, "-m", "trainer.train", "train.stepz=4", f"train.out_dir={out}"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=240)
+    assert bad.returncode != 0 and "stepz" in bad.stderr
+
+
+def test_ddp_two_processes_match_one(tmp_path, free_port):
+    steps = ["train.steps=6", "train.eval_batches=2"]
+    train(tmp_path / "single", *steps)  # batch 4 in one process
+    torchrun = [PY, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port}"]
+    args = [*torchrun, "-m", "trainer.train", *FAST, *steps, "data.batch_size=2", "parallel.dp=2",
+            f"train.out_dir={tmp_path / 'ddp'}"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    single, ddp = metrics(tmp_path / "single"), metrics(tmp_path / "ddp")
+    assert sorted(ddp) == list(range(1, 7))  # one writer: rank 0
+    for step in range(1, 7):
+        assert abs(ddp[step]["loss"] - single[step]["loss"]) <= 1e-5, (step, ddp[step], single[step])
+    assert abs(ddp[6]["val_loss"] - single[6]["val_loss"]) <= 1e-5
