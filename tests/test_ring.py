@@ -1,24 +1,21 @@
 """Ring attention against full-sequence attention: every rank builds the unsharded oracle (reference backend,
 fp64), shards it with the same shard_for_rank the trainer uses, and compares out, lse, dq, dk, dv.
 
-One spawned gloo world per world size runs many cases, because starting a world costs seconds.
+One spawned gloo world per world size runs many cases, because starting a world costs seconds. The spawned
+workers set TRITON_INTERPRET=1 themselves (dist_utils), so this module leaves the pytest process alone.
 """
 
-import os
+import importlib.util
 
-os.environ.setdefault("TRITON_INTERPRET", "1")  # before anything imports triton (the triton-backend case)
+import pytest
+import torch
+import torch.distributed as dist
 
-import importlib.util  # noqa: E402
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
-
-from dist_utils import full_attention, random_positions, run_world  # noqa: E402
-from helpers import assert_close  # noqa: E402
-from attention import merge_attn_outputs  # noqa: E402
-from parallel import RingComm, init_mesh, ring_attn_func, shard_for_rank  # noqa: E402
-from parallel.ring import merge_into, plan_ring  # noqa: E402
+from attention import merge_attn_outputs
+from dist_utils import full_attention, random_positions, run_world
+from helpers import assert_close
+from parallel import RingComm, init_mesh, ring_attn_func, shard_for_rank
+from parallel.ring import merge_into, plan_ring
 
 FP64_TOL = 1e-5  # the merged lse is fp32, so fp64 inputs agree to ~1e-7, not 1e-12
 DTYPE_TOL = {torch.float64: FP64_TOL, torch.float32: 2e-4}
