@@ -16,8 +16,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_common import (INTERPRET, LOG2E, block_d, doc_bounds, key_segments, load_rows, query_segments,
-                            store_rows, visible, visible_t, window_flags)
+from .triton_common import (LOG2E, block_d, doc_bounds, key_segments, launch, load_rows, prune_configs,
+                            query_segments, store_rows, visible, visible_t, window_flags)
 
 
 @triton.jit
@@ -54,13 +54,18 @@ def _preprocess_kernel(Out, DO, Lse, DLse, Delta, Lse2, CuQ,
 
 
 @triton.jit
-def _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qn, stride_dn, start, end,
+def _dkdv_inner(dk, dv, k, v, q_src, do_src, lse_base, delta_base, stride_qn, stride_dn, start, end,
                 offs_n, offs_d, seqlen_q, seqlen_k, qk_scale, win_left, win_right,
                 MASKED: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
-                HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr):
-    for start_m in tl.range(start, end, BLOCK_M):
+                HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+                USE_TMA: tl.constexpr, WARP_SPEC: tl.constexpr):
+    """q_src / do_src are tensor descriptors (USE_TMA) or base pointers."""
+    for start_m in tl.range(start, end, BLOCK_M, warp_specialize=WARP_SPEC):
         offs_m = start_m + tl.arange(0, BLOCK_M)
-        q = load_rows(q_base, offs_m, stride_qn, seqlen_q, offs_d, HEAD_DIM, BLOCK_D, MASKED)
+        if USE_TMA:
+            q = q_src.load([start_m, 0])
+        else:
+            q = load_rows(q_src, offs_m, stride_qn, seqlen_q, offs_d, HEAD_DIM, BLOCK_D, MASKED)
         if MASKED:
             lse2 = tl.load(lse_base + offs_m, mask=offs_m < seqlen_q, other=0.0)
         else:
@@ -70,7 +75,10 @@ def _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qn, 
         if MASKED:
             keep = visible_t(offs_n, offs_m, seqlen_q, seqlen_k, win_left, win_right, HAS_LEFT, HAS_RIGHT)
             p_t = tl.where(keep, p_t, 0.0)
-        do = load_rows(do_base, offs_m, stride_dn, seqlen_q, offs_d, HEAD_DIM, BLOCK_D, MASKED)
+        if USE_TMA:
+            do = do_src.load([start_m, 0])
+        else:
+            do = load_rows(do_src, offs_m, stride_dn, seqlen_q, offs_d, HEAD_DIM, BLOCK_D, MASKED)
         dv = tl.dot(p_t.to(do.dtype), do, dv)
         if MASKED:
             delta = tl.load(delta_base + offs_m, mask=offs_m < seqlen_q, other=0.0)
@@ -90,7 +98,8 @@ def _dkdv_kernel(Q, K, V, DO, DK, DV, Lse2, Delta, CuQ, CuK,
                  stride_dkb, stride_dkn, stride_dkh, stride_dvb, stride_dvn, stride_dvh, stride_lb, stride_lh,
                  seqlen_q_dense, seqlen_k_dense, n_kv_heads, group, qk_scale, softmax_scale, win_left, win_right,
                  HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                 IS_VARLEN: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr):
+                 IS_VARLEN: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+                 USE_TMA: tl.constexpr, WARP_SPEC: tl.constexpr):
     bhk = tl.program_id(1)
     b = bhk // n_kv_heads
     hk = bhk % n_kv_heads
@@ -116,16 +125,22 @@ def _dkdv_kernel(Q, K, V, DO, DK, DV, Lse2, Delta, CuQ, CuK,
         do_base = DO + b.to(tl.int64) * stride_db + q_start.to(tl.int64) * stride_dn + h * stride_dh
         lse_base = Lse2 + b.to(tl.int64) * stride_lb + h.to(tl.int64) * stride_lh + q_start
         delta_base = Delta + b.to(tl.int64) * stride_lb + h.to(tl.int64) * stride_lh + q_start
+        q_src = q_base
+        do_src = do_base
+        if USE_TMA:  # per-document shape: the copy engine zero-fills rows past the document's end
+            rows_q = tl.maximum(seqlen_q, 1)
+            q_src = tl.make_tensor_descriptor(q_base, [rows_q, HEAD_DIM], [stride_qn, 1], [BLOCK_M, BLOCK_D])
+            do_src = tl.make_tensor_descriptor(do_base, [rows_q, HEAD_DIM], [stride_dn, 1], [BLOCK_M, BLOCK_D])
         if HAS_RIGHT:  # only a causal / right window edge puts masked query blocks before the interior
-            dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qn, stride_dn,
+            dk, dv = _dkdv_inner(dk, dv, k, v, q_src, do_src, lse_base, delta_base, stride_qn, stride_dn,
                                  lo, a, offs_n, offs_d, seqlen_q, seqlen_k, qk_scale, win_left, win_right,
-                                 True, HAS_LEFT, HAS_RIGHT, HEAD_DIM, BLOCK_D, BLOCK_M)
-        dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qn, stride_dn,
+                                 True, HAS_LEFT, HAS_RIGHT, HEAD_DIM, BLOCK_D, BLOCK_M, USE_TMA, False)
+        dk, dv = _dkdv_inner(dk, dv, k, v, q_src, do_src, lse_base, delta_base, stride_qn, stride_dn,
                              a, c, offs_n, offs_d, seqlen_q, seqlen_k, qk_scale, win_left, win_right,
-                             False, HAS_LEFT, HAS_RIGHT, HEAD_DIM, BLOCK_D, BLOCK_M)
-        dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qn, stride_dn,
+                             False, HAS_LEFT, HAS_RIGHT, HEAD_DIM, BLOCK_D, BLOCK_M, USE_TMA, WARP_SPEC)
+        dk, dv = _dkdv_inner(dk, dv, k, v, q_src, do_src, lse_base, delta_base, stride_qn, stride_dn,
                              c, hi, offs_n, offs_d, seqlen_q, seqlen_k, qk_scale, win_left, win_right,
-                             True, HAS_LEFT, HAS_RIGHT, HEAD_DIM, BLOCK_D, BLOCK_M)
+                             True, HAS_LEFT, HAS_RIGHT, HEAD_DIM, BLOCK_D, BLOCK_M, USE_TMA, False)
     dk_base = DK + b.to(tl.int64) * stride_dkb + k_start.to(tl.int64) * stride_dkn + hk * stride_dkh
     dv_base = DV + b.to(tl.int64) * stride_dvb + k_start.to(tl.int64) * stride_dvn + hk * stride_dvh
     store_rows(dk_base, offs_n, stride_dkn, seqlen_k, offs_d, (dk * softmax_scale).to(DK.dtype.element_ty),
@@ -134,13 +149,19 @@ def _dkdv_kernel(Q, K, V, DO, DK, DV, Lse2, Delta, CuQ, CuK,
 
 
 @triton.jit
-def _dq_inner(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_vn, start, end, offs_m, offs_n, offs_d,
+def _dq_inner(dq, q, do, lse2, delta, k_src, v_src, stride_kn, stride_vn, start, end, offs_m, offs_n, offs_d,
               seqlen_q, seqlen_k, qk_scale, win_left, win_right,
               MASKED: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
-              HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
-    for start_n in tl.range(start, end, BLOCK_N):
-        k = load_rows(k_base, start_n + offs_n, stride_kn, seqlen_k, offs_d, HEAD_DIM, BLOCK_D, MASKED)
-        v = load_rows(v_base, start_n + offs_n, stride_vn, seqlen_k, offs_d, HEAD_DIM, BLOCK_D, MASKED)
+              HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+              USE_TMA: tl.constexpr, WARP_SPEC: tl.constexpr):
+    """k_src / v_src are tensor descriptors (USE_TMA) or base pointers."""
+    for start_n in tl.range(start, end, BLOCK_N, warp_specialize=WARP_SPEC):
+        if USE_TMA:
+            k = k_src.load([start_n, 0])
+            v = v_src.load([start_n, 0])
+        else:
+            k = load_rows(k_src, start_n + offs_n, stride_kn, seqlen_k, offs_d, HEAD_DIM, BLOCK_D, MASKED)
+            v = load_rows(v_src, start_n + offs_n, stride_vn, seqlen_k, offs_d, HEAD_DIM, BLOCK_D, MASKED)
         p = tl.math.exp2(tl.dot(q, tl.trans(k)) * qk_scale - lse2[:, None])
         if MASKED:
             keep = visible(offs_m, start_n + offs_n, seqlen_q, seqlen_k, win_left, win_right, HAS_LEFT,
@@ -160,7 +181,8 @@ def _dq_kernel(Q, K, V, DO, DQ, Lse2, Delta, CuQ, CuK,
                seqlen_q_dense, seqlen_k_dense, n_heads, group, max_seqlen_q, qk_scale, softmax_scale,
                win_left, win_right,
                HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-               IS_VARLEN: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr):
+               IS_VARLEN: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+               USE_TMA: tl.constexpr, WARP_SPEC: tl.constexpr):
     start_m = tl.cdiv(max_seqlen_q, BLOCK_M) - 1 - tl.program_id(0)  # heaviest causal blocks first
     bh = tl.program_id(1)
     b = bh // n_heads
@@ -186,35 +208,42 @@ def _dq_kernel(Q, K, V, DO, DQ, Lse2, Delta, CuQ, CuK,
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     lo, a, c, hi = key_segments(m0, seqlen_q, seqlen_k, win_left, win_right, HAS_LEFT, HAS_RIGHT,
                                 BLOCK_M, BLOCK_N)
+    k_src = k_base
+    v_src = v_base
+    if USE_TMA:
+        rows_k = tl.maximum(seqlen_k, 1)  # a descriptor needs a non-empty shape even if no key is read
+        k_src = tl.make_tensor_descriptor(k_base, [rows_k, HEAD_DIM], [stride_kn, 1], [BLOCK_N, BLOCK_D])
+        v_src = tl.make_tensor_descriptor(v_base, [rows_k, HEAD_DIM], [stride_vn, 1], [BLOCK_N, BLOCK_D])
     if HAS_LEFT:
-        dq = _dq_inner(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_vn, lo, a, offs_m, offs_n,
+        dq = _dq_inner(dq, q, do, lse2, delta, k_src, v_src, stride_kn, stride_vn, lo, a, offs_m, offs_n,
                        offs_d, seqlen_q, seqlen_k, qk_scale, win_left, win_right, True, HAS_LEFT, HAS_RIGHT,
-                       HEAD_DIM, BLOCK_D, BLOCK_N)
-    dq = _dq_inner(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_vn, a, c, offs_m, offs_n,
+                       HEAD_DIM, BLOCK_D, BLOCK_N, USE_TMA, False)
+    dq = _dq_inner(dq, q, do, lse2, delta, k_src, v_src, stride_kn, stride_vn, a, c, offs_m, offs_n,
                    offs_d, seqlen_q, seqlen_k, qk_scale, win_left, win_right, False, HAS_LEFT, HAS_RIGHT,
-                   HEAD_DIM, BLOCK_D, BLOCK_N)
-    dq = _dq_inner(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_vn, c, hi, offs_m, offs_n,
+                   HEAD_DIM, BLOCK_D, BLOCK_N, USE_TMA, WARP_SPEC)
+    dq = _dq_inner(dq, q, do, lse2, delta, k_src, v_src, stride_kn, stride_vn, c, hi, offs_m, offs_n,
                    offs_d, seqlen_q, seqlen_k, qk_scale, win_left, win_right, True, HAS_LEFT, HAS_RIGHT,
-                   HEAD_DIM, BLOCK_D, BLOCK_N)
+                   HEAD_DIM, BLOCK_D, BLOCK_N, USE_TMA, False)
     dq_base = DQ + b.to(tl.int64) * stride_dqb + q_start.to(tl.int64) * stride_dqn + h * stride_dqh
     store_rows(dq_base, offs_m, stride_dqn, seqlen_q, offs_d, (dq * softmax_scale).to(DQ.dtype.element_ty),
                HEAD_DIM, BLOCK_D)
 
 
-# -- configs: one list per kernel, tuned once per (HEAD_DIM, window flags, dtype), never per length ----
+# -- configs: one list per kernel, pruned per call; tuned once per (HEAD_DIM, window flags, TMA, dtype) ----
 
 _DKDV_CONFIGS = [
-    triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-    for bm, bn, w, s in [(64, 128, 8, 2), (32, 128, 4, 2), (64, 64, 4, 2)]
+    triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "WARP_SPEC": ws}, num_warps=w, num_stages=s)
+    for bm, bn, w, s, ws in [(64, 128, 8, 2, False), (32, 128, 4, 2, False), (64, 64, 4, 2, False)]
 ]
 _DQ_CONFIGS = [
-    triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-    for bm, bn, w, s in [(128, 64, 8, 2), (128, 32, 4, 2), (64, 64, 4, 2)]
+    triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "WARP_SPEC": ws}, num_warps=w, num_stages=s)
+    for bm, bn, w, s, ws in [(128, 64, 8, 2, False), (128, 32, 4, 2, False), (64, 64, 4, 2, False)]
 ]
-_KEY = ["HEAD_DIM", "HAS_LEFT", "HAS_RIGHT"]
-_dkdv_tuned = triton.autotune(_DKDV_CONFIGS, key=_KEY)(_dkdv_kernel)
-_dq_tuned = triton.autotune(_DQ_CONFIGS, key=_KEY)(_dq_kernel)
-_INTERPRET_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 16}
+_KEY = ["HEAD_DIM", "HAS_LEFT", "HAS_RIGHT", "USE_TMA"]
+_PRUNE = {"early_config_prune": prune_configs}
+_dkdv_tuned = triton.autotune(_DKDV_CONFIGS, key=_KEY, prune_configs_by=_PRUNE)(_dkdv_kernel)
+_dq_tuned = triton.autotune(_DQ_CONFIGS, key=_KEY, prune_configs_by=_PRUNE)(_dq_kernel)
+_INTERPRET_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 16, "WARP_SPEC": False}
 _PRE_BLOCK = 64
 
 
@@ -259,13 +288,10 @@ def _launch_bwd(dout, q, k, v, out, lse, dlse, cu_q, cu_k, seqlen_q, seqlen_k, m
                      seqlen_q, seqlen_k, n_kv, group, *scales, left, right]
         dq_args = [q, k, v, dout, dq, lse2, delta, cu_q, cu_k, *base, *_qkv_strides((dq,), (bstride(dq),)),
                    *lse_strides, seqlen_q, seqlen_k, n_heads, group, max_q, *scales, left, right]
-        if INTERPRET:
-            bm, bn = _INTERPRET_CONFIG["BLOCK_M"], _INTERPRET_CONFIG["BLOCK_N"]
-            _dkdv_kernel[(triton.cdiv(max_k, bn), n_batch * n_kv)](*dkdv_args, **consts, **win, **_INTERPRET_CONFIG)
-            _dq_kernel[(triton.cdiv(max_q, bm), n_batch * n_heads)](*dq_args, **consts, **win, **_INTERPRET_CONFIG)
-        else:
-            _dkdv_tuned[lambda m: (triton.cdiv(max_k, m["BLOCK_N"]), n_batch * n_kv)](*dkdv_args, **consts, **win)
-            _dq_tuned[lambda m: (triton.cdiv(max_q, m["BLOCK_M"]), n_batch * n_heads)](*dq_args, **consts, **win)
+        launch(_dkdv_kernel, _dkdv_tuned, _INTERPRET_CONFIG,
+               lambda m: (triton.cdiv(max_k, m["BLOCK_N"]), n_batch * n_kv), dkdv_args, {**consts, **win}, q)
+        launch(_dq_kernel, _dq_tuned, _INTERPRET_CONFIG,
+               lambda m: (triton.cdiv(max_q, m["BLOCK_M"]), n_batch * n_heads), dq_args, {**consts, **win}, q)
     return dq, dk, dv
 
 

@@ -17,13 +17,14 @@ Blocks outside [lo, hi) are never visited.
 from __future__ import annotations
 
 import os
+import warnings
 
 import torch
 import triton
 import triton.language as tl
 
-LOG2E = 1.4426950408889634  # log2(e): natural-log scores -> base 2
-LN2 = 0.6931471805599453  # ln(2): base-2 lse -> natural log
+LOG2E = 1.4426950408889634  # log2(e): natural-log scores -> base 2 (host side)
+LN2: tl.constexpr = tl.constexpr(0.6931471805599453)  # ln(2): base-2 lse -> natural log (inside kernels)
 
 # Triton reads TRITON_INTERPRET when a kernel is decorated, so what counts is its value at import time.
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -160,18 +161,52 @@ def block_d(head_dim: int) -> int:
 
 
 def hopper_features_ok(q: torch.Tensor) -> bool:
-    """TMA descriptors need sm_90+, a compiled (not interpreted) kernel and a power-of-two head_dim."""
-    if INTERPRET or not q.is_cuda or torch.cuda.get_device_capability(q.device)[0] < 9:
+    """TMA descriptors need sm_90+ and a power-of-two head_dim; the interpreter runs them only on request."""
+    if q.shape[-1] != block_d(q.shape[-1]):
         return False
-    return q.shape[-1] == block_d(q.shape[-1])
+    if INTERPRET:
+        return FEATURES["interpret_tma"]
+    return q.is_cuda and torch.cuda.get_device_capability(q.device)[0] >= 9
 
 
-_ALLOCATOR_SET = False
+# "tma" turns itself off (keeping the reason) if this Triton cannot build the descriptor path;
+# "interpret_tma" lets the CPU tests run the descriptor path through the interpreter.
+FEATURES = {"tma": True, "tma_error": None, "interpret_tma": False}
+_ALLOCATOR_DEVICE = None
 
 
-def ensure_tma_allocator() -> None:
-    """Device-side tensor descriptors need scratch memory from a Triton allocator; set one once."""
-    global _ALLOCATOR_SET
-    if not _ALLOCATOR_SET:
-        triton.set_allocator(lambda size, align, stream: torch.empty(size, dtype=torch.int8, device="cuda"))
-        _ALLOCATOR_SET = True
+def _ensure_tma_allocator(device: torch.device) -> None:
+    """Device-side tensor descriptors need scratch memory from a Triton allocator; set one per device type."""
+    global _ALLOCATOR_DEVICE
+    if _ALLOCATOR_DEVICE != device.type:
+        triton.set_allocator(lambda size, align, stream: torch.empty(size, dtype=torch.int8, device=device.type))
+        _ALLOCATOR_DEVICE = device.type
+
+
+def prune_configs(configs, named_args, **kwargs):
+    """Warp specialization only rides on TMA loads; head_dim 256 only fits the narrow tiles."""
+    keep = [c for c in configs if kwargs["USE_TMA"] or not c.kwargs.get("WARP_SPEC", False)]
+    if kwargs["BLOCK_D"] > 128:
+        keep = [c for c in keep if c.kwargs["BLOCK_N"] <= 64 and c.kwargs["BLOCK_M"] <= 64] or keep[-1:]
+    return keep
+
+
+def launch(kernel, tuned, interpret_config, grid, args, kwargs, q) -> None:
+    """Run `tuned` (autotuned) with TMA loads where this GPU and Triton support them, else plain loads.
+
+    Under the interpreter the plain kernel runs with one small fixed tile. `grid` takes the config dict.
+    """
+    use_tma = FEATURES["tma"] and hopper_features_ok(q)
+    if use_tma:
+        _ensure_tma_allocator(q.device)
+    if INTERPRET:
+        kernel[grid(interpret_config)](*args, **kwargs, **interpret_config, USE_TMA=use_tma)
+        return
+    if use_tma:
+        try:
+            tuned[grid](*args, **kwargs, USE_TMA=True)
+            return
+        except Exception as e:  # a Triton that cannot build the descriptor path: plain loads from now on
+            FEATURES["tma"], FEATURES["tma_error"] = False, f"{type(e).__name__}: {str(e)[:300]}"
+            warnings.warn(f"ringflash: TMA loads unavailable, using pointer loads ({FEATURES['tma_error']})")
+    tuned[grid](*args, **kwargs, USE_TMA=False)

@@ -9,14 +9,14 @@ query rows of one head; GQA maps query head h to kv head h // (H / Hkv) by index
 
 from __future__ import annotations
 
-import warnings
+from contextlib import nullcontext
 
 import torch
 import triton
 import triton.language as tl
 
-from .triton_common import (INTERPRET, LN2, LOG2E, block_d, doc_bounds, ensure_tma_allocator,
-                            hopper_features_ok, key_segments, load_rows, store_rows, visible, window_flags)
+from .triton_common import (INTERPRET, LN2, LOG2E, block_d, doc_bounds, key_segments, launch, load_rows,
+                            prune_configs, store_rows, visible, window_flags)
 
 FWD_HEAD_DIMS = (32, 64, 96, 128, 256)
 BWD_HEAD_DIMS = (32, 64, 96, 128)
@@ -124,28 +124,17 @@ def _fwd_kernel(Q, K, V, Out, Lse, CuQ, CuK,
     tl.store(lse_base + offs_m, lse, mask=offs_m < seqlen_q)
 
 
-# -- configs: one list, filtered per head_dim; tuned once per (HEAD_DIM, causal, dtype), never per length ----
+# -- configs: one list, pruned per call; tuned once per (HEAD_DIM, window flags, TMA, dtype), never per length ----
 
 _FWD_CONFIGS = [
-    triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-    for bm, bn, w, s in [(128, 128, 8, 2), (128, 64, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3)]
+    triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "WARP_SPEC": ws}, num_warps=w, num_stages=s)
+    for bm, bn, w, s, ws in [(128, 64, 8, 3, True), (128, 128, 8, 2, False), (128, 64, 4, 3, False),
+                             (64, 64, 4, 3, False)]
 ]
-
-
-def _prune_fwd(configs, named_args, **kwargs):
-    d = kwargs["BLOCK_D"]
-    keep = [c for c in configs if d <= 128 or c.kwargs["BLOCK_N"] <= 64]
-    return keep or configs[-1:]
-
-
-_fwd_tuned = triton.autotune(_FWD_CONFIGS, key=["HEAD_DIM", "HAS_LEFT", "HAS_RIGHT", "USE_TMA", "WARP_SPEC"],
-                             prune_configs_by={"early_config_prune": _prune_fwd})(_fwd_kernel)
-
+_fwd_tuned = triton.autotune(_FWD_CONFIGS, key=["HEAD_DIM", "HAS_LEFT", "HAS_RIGHT", "USE_TMA"],
+                             prune_configs_by={"early_config_prune": prune_configs})(_fwd_kernel)
 # the interpreter runs one small tile (it is for logic, not speed)
-_INTERPRET_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 16}
-
-# Hopper features for the forward; "tma" turns itself off (with the reason) if this Triton cannot build it
-_FEATURES = {"tma": True, "warp_spec": False, "tma_error": None}
+_INTERPRET_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 16, "WARP_SPEC": False}
 
 
 def check_triton_supported(fn_name: str, q: torch.Tensor, k: torch.Tensor) -> None:
@@ -187,30 +176,12 @@ def _launch_fwd(q, k, v, out, lse, cu_q, cu_k, strides_b, lse_strides, seqlen_q,
     args = [q, k, v, out, lse, cu_q if varlen else q, cu_k if varlen else q,
             strides_b[0], q.stride(-3), q.stride(-2), strides_b[1], k.stride(-3), k.stride(-2),
             strides_b[2], v.stride(-3), v.stride(-2), strides_b[3], out.stride(-3), out.stride(-2),
-            lse_strides[0], lse_strides[1], seqlen_q, seqlen_k, n_heads, group]
+            lse_strides[0], lse_strides[1], seqlen_q, seqlen_k, n_heads, group, max_q,
+            softmax_scale * LOG2E, left, right]
     consts = dict(HEAD_DIM=d, BLOCK_D=block_d(d), IS_VARLEN=varlen, HAS_LEFT=has_left, HAS_RIGHT=has_right)
-    tail = [softmax_scale * LOG2E, left, right]
-    if INTERPRET:
-        n_m = triton.cdiv(max_q, _INTERPRET_CONFIG["BLOCK_M"])
-        _fwd_kernel[(n_m, n_batch * n_heads)](*args, max_q, *tail, **consts, **_INTERPRET_CONFIG,
-                                              USE_TMA=False, WARP_SPEC=False)
-        return
-    with torch.cuda.device(q.device):
-        _launch_tuned(args, tail, consts, q, max_q, n_batch * n_heads)
-
-
-def _launch_tuned(args, tail, consts, q, max_q, n_bh):
-    grid = lambda meta: (triton.cdiv(max_q, meta["BLOCK_M"]), n_bh)  # noqa: E731
-    use_tma = _FEATURES["tma"] and hopper_features_ok(q)
-    if use_tma:
-        ensure_tma_allocator()
-        try:
-            _fwd_tuned[grid](*args, max_q, *tail, **consts, USE_TMA=True, WARP_SPEC=_FEATURES["warp_spec"])
-            return
-        except Exception as e:  # a Triton that cannot build the TMA path: plain loads from now on
-            _FEATURES["tma"], _FEATURES["tma_error"] = False, f"{type(e).__name__}: {str(e)[:300]}"
-            warnings.warn(f"ringflash: TMA forward unavailable, using pointer loads ({_FEATURES['tma_error']})")
-    _fwd_tuned[grid](*args, max_q, *tail, **consts, USE_TMA=False, WARP_SPEC=False)
+    grid = lambda meta: (triton.cdiv(max_q, meta["BLOCK_M"]), n_batch * n_heads)  # noqa: E731
+    with torch.cuda.device(q.device) if q.is_cuda else nullcontext():
+        launch(_fwd_kernel, _fwd_tuned, _INTERPRET_CONFIG, grid, args, consts, q)
 
 
 def triton_attn_forward(q, k, v, causal, softmax_scale, window_size):

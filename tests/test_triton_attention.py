@@ -91,12 +91,16 @@ def test_gradients_match_naive_autograd():
         assert_close(got, want.float(), name, atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("tiles", [{"BLOCK_M": 32, "BLOCK_N": 16}, {"BLOCK_M": 16, "BLOCK_N": 32}])
-def test_unequal_tiles_low_level_pair(tiles, monkeypatch):
-    """attn_forward / attn_backward(dlse=...) with BLOCK_M != BLOCK_N, as the GPU configs use."""
+@pytest.mark.parametrize("tma", [False, True], ids=["pointers", "tma"])
+@pytest.mark.parametrize("bm,bn", [(32, 16), (16, 32)])
+def test_unequal_tiles_low_level_pair(bm, bn, tma, monkeypatch):
+    """attn_forward / attn_backward(dlse=...) with BLOCK_M != BLOCK_N, as the GPU configs use, through
+    pointer loads and through the tensor-descriptor (TMA) loads that Hopper runs."""
     from attention import triton_bwd, triton_fwd
+    tiles = {"BLOCK_M": bm, "BLOCK_N": bn, "WARP_SPEC": False}
     monkeypatch.setattr(triton_fwd, "_INTERPRET_CONFIG", tiles)
     monkeypatch.setattr(triton_bwd, "_INTERPRET_CONFIG", tiles)
+    monkeypatch.setitem(triton_common.FEATURES, "interpret_tma", tma)
     for causal, window, nq, nk in ((True, (-1, -1), 45, 70), (False, (13, 5), 70, 45), (True, (20, -1), 66, 66)):
         q, k, v = _qkv(1, nq, nk, 2, 1, 32, torch.float32)
         out, lse = attn_forward(q, k, v, causal, None, window, backend="triton")
@@ -152,6 +156,13 @@ def test_varlen_matches_per_document_oracle(len_q, len_k, hkv, causal, window, d
     for name, got, want in zip(("dq", "dk", "dv"), (q.grad, k.grad, v.grad), exp):
         assert torch.isfinite(got).all(), name
         assert_close(got, want.to(dtype), name, atol=tol, rtol=tol)
+
+
+def test_varlen_tma_loads_stop_at_document_ends(monkeypatch):
+    """Descriptor loads are shaped per document: rows past a document's end must read as zeros."""
+    monkeypatch.setitem(triton_common.FEATURES, "interpret_tma", True)
+    test_varlen_matches_per_document_oracle(*VARLEN_CASES[0], torch.float32)
+    test_varlen_matches_per_document_oracle(*VARLEN_CASES[2], torch.float32)
 
 
 def test_varlen_agrees_with_dense_batches():
