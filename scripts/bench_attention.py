@@ -229,66 +229,82 @@ def precompile(parts, dims):
         p.wait()
 
 
+def _configs(entries):
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "WARP_SPEC": ws}, num_warps=w, num_stages=s)
+            for bm, bn, w, s, ws in entries]
+
+
+# candidates beyond the shipped lists: (BLOCK_M, BLOCK_N, warps, stages, warp_spec)
+SWEEP_FWD = _configs([(128, 64, 8, 3, True), (128, 64, 8, 4, True), (128, 128, 8, 2, True), (128, 128, 8, 3, True),
+                      (128, 64, 8, 3, False), (128, 128, 8, 2, False), (128, 64, 4, 3, False), (64, 64, 4, 3, False),
+                      (128, 128, 4, 3, False)])
+SWEEP_DKDV = _configs([(64, 128, 8, 2, False), (64, 128, 8, 3, False), (64, 128, 8, 2, True), (64, 64, 4, 2, False),
+                       (64, 64, 4, 3, False), (32, 128, 4, 3, False), (32, 64, 4, 3, False), (128, 128, 8, 2, False)])
+SWEEP_DQ = _configs([(128, 64, 8, 2, False), (128, 64, 8, 3, False), (128, 64, 8, 2, True), (64, 64, 4, 2, False),
+                     (64, 64, 4, 3, False), (128, 32, 4, 3, False), (64, 128, 8, 2, False), (128, 128, 8, 2, False)])
+
+
 def sweep(n, dims):
-    from attention import triton_bwd, triton_fwd
+    """Time each candidate config of each kernel alone (the others fixed), with and without TMA loads."""
+    from attention import triton_bwd, triton_common, triton_fwd
     rows = []
-    fwd_all, dkdv_all, dq_all = (list(t.configs) for t in (triton_fwd._fwd_tuned, triton_bwd._dkdv_tuned,
-                                                           triton_bwd._dq_tuned))
-    features = [dict(tma=False, warp_spec=False), dict(tma=True, warp_spec=False), dict(tma=True, warp_spec=True)]
     B = 1 if _PART["compile_only"] else max(1, TOKENS // n)
+    feats = triton_common.FEATURES
     for D in dims:
         for causal in (True, False):
             torch.manual_seed(0)
             q, k, v = (torch.randn(B, n, HEADS, D, device="cuda", dtype=torch.bfloat16) for _ in range(3))
             flops = 4.0 * B * HEADS * D * visible_pairs(n, causal, (-1, -1))
             ref = _sdpa_ref(q, k, v, causal)
-            dout = ref[-1]
-            for feat in features:
-                for cfg in fwd_all:
-                    triton_fwd._FEATURES.update(feat, tma_error=None)
-                    triton_fwd._fwd_tuned.configs = [cfg]
-                    name = ("tma+ws " if feat["warp_spec"] else "tma " if feat["tma"] else "ptr ") + _cfg_name(cfg)
-                    rows.append(_time_variant("fwd", name, D, causal, flops, ref, lambda: (
-                        triton_fwd.triton_attn_forward(q, k, v, causal, D ** -0.5, (-1, -1))[0],)))
-                    if feat["tma"] and not triton_fwd._FEATURES["tma"]:
-                        rows[-1]["status"] = "tma failed: " + str(triton_fwd._FEATURES["tma_error"])
-            triton_fwd._FEATURES.update(tma=False, warp_spec=False)
-            triton_fwd._fwd_tuned.configs = fwd_all[:1]
+            fwd = lambda: (triton_fwd.triton_attn_forward(q, k, v, causal, D ** -0.5, (-1, -1))[0],)  # noqa: E731
             out, lse = triton_fwd.triton_attn_forward(q, k, v, causal, D ** -0.5, (-1, -1))
-            bwd = lambda: triton_bwd.triton_attn_backward(dout, q, k, v, out, lse, causal, D ** -0.5,  # noqa: E731
-                                                          (-1, -1), None)
-            for name, tuned, alls, other, other_all in (("dkdv", triton_bwd._dkdv_tuned, dkdv_all,
-                                                         triton_bwd._dq_tuned, dq_all),
-                                                        ("dq", triton_bwd._dq_tuned, dq_all,
-                                                         triton_bwd._dkdv_tuned, dkdv_all)):
-                other.configs = other_all[:1]
-                for cfg in alls:
-                    tuned.configs = [cfg]
-                    rows.append(_time_variant(f"bwd:{name}", _cfg_name(cfg), D, causal, 2.5 * flops, ref, bwd))
-                tuned.configs = alls
-                other.configs = other_all
-    triton_fwd._fwd_tuned.configs = fwd_all
+            grads = lambda: triton_bwd.triton_attn_backward(ref[-1], q, k, v, out, lse, causal,  # noqa: E731
+                                                            D ** -0.5, (-1, -1), None)
+            dkdv = lambda: grads()[1:]  # noqa: E731
+            dq = lambda: grads()[:1]  # noqa: E731
+            # GEMM work per kernel: forward 2 GEMMs; dK/dV 4 (QK^T, dV, dP, dK); dQ 3 (QK^T, dP, dQ)
+            for kind, tuned, cands, fn, work, want in (
+                    ("fwd", triton_fwd._fwd_tuned, SWEEP_FWD, fwd, flops, ref[:1]),
+                    ("dkdv", triton_bwd._dkdv_tuned, SWEEP_DKDV, dkdv, 2 * flops, ref[2:4]),
+                    ("dq", triton_bwd._dq_tuned, SWEEP_DQ, dq, 1.5 * flops, ref[1:2])):
+                shipped = tuned.configs
+                for tma in (False, True):
+                    for cfg in cands:
+                        if (cfg.kwargs["WARP_SPEC"] and not tma) or (D > 64 and cfg.kwargs["BLOCK_N"] == 128
+                                                                    and cfg.kwargs["BLOCK_M"] == 128 and kind != "fwd"):
+                            continue
+                        feats.update(tma=tma, tma_error=None)
+                        tuned.configs = [cfg]
+                        name = ("tma+ws " if cfg.kwargs["WARP_SPEC"] else "tma " if tma else "ptr ") + _cfg_name(cfg)
+                        with _only_kernel(triton_bwd, None if kind == "fwd" else tuned.fn):
+                            rows.append(_time_variant(kind, name, D, causal, work, want, fn))
+                        if tma and not feats["tma"]:
+                            rows[-1]["status"] += " (tma failed: " + str(feats["tma_error"])[:120] + ")"
+                tuned.configs = shipped
+                feats.update(tma=True, tma_error=None)
     return rows
 
 
-def _cfg_name(cfg):
-    return f"{cfg.kwargs['BLOCK_M']}x{cfg.kwargs['BLOCK_N']} w{cfg.num_warps} s{cfg.num_stages}"
+class _only_kernel:
+    """Within the block, the backward launches only `kernel` (plus the tiny preprocess), so each backward
+    kernel is timed alone."""
 
+    def __init__(self, module, kernel):
+        self.module, self.kernel, self.real = module, kernel, module.launch
 
-def _sdpa_ref(q, k, v, causal):
-    """bf16 SDPA-flash out and grads (fp32 accumulation inside), plus the dout used for both."""
-    qt, kt, vt = (t.detach().transpose(1, 2).requires_grad_() for t in (q, k, v))
-    with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
-        o = F.scaled_dot_product_attention(qt, kt, vt, is_causal=causal)
-    dout = torch.randn_like(o)
-    grads = torch.autograd.grad(o, (qt, kt, vt), dout)
-    return [o.transpose(1, 2)] + [g.transpose(1, 2) for g in grads] + [dout.transpose(1, 2).contiguous()]
+    def __enter__(self):
+        if self.kernel is not None:
+            real, kernel = self.real, self.kernel
+            self.module.launch = lambda k, *a, **kw: real(k, *a, **kw) if k is kernel else None
+
+    def __exit__(self, *exc):
+        self.module.launch = self.real
 
 
 _PART = {"part": 0, "parts": 1, "compile_only": False, "count": 0}
 
 
-def _time_variant(kind, name, D, causal, flops, ref, fn):
+def _time_variant(kind, name, D, causal, flops, want, fn):
     row = dict(kind=kind, variant=name, D=D, causal=causal)
     _PART["count"] += 1
     if _PART["compile_only"]:  # a precompile worker: build its share of the variants into Triton's cache
@@ -300,7 +316,6 @@ def _time_variant(kind, name, D, causal, flops, ref, fn):
         return row
     try:
         got = fn()
-        want = ref[:1] if kind == "fwd" else ref[1:4]
         row["rel_err"] = max(((g.float() - w.float()).norm() / w.float().norm()).item() for g, w in zip(got, want))
         ms = bench_ms(fn)
         row.update(status="ok", ms=ms, tflops=flops / ms * 1e-9)
