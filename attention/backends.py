@@ -87,7 +87,10 @@ def _prepare(fn, q, k, v, softmax_scale, window_size, backend, varlen=False):
     return impl, scale, tuple(window_size)
 
 
-def attn_forward(q, k, v, causal=False, softmax_scale=None, window_size=(-1, -1), backend="auto"):
+def attn_forward(q, k, v, causal=False, softmax_scale=None, window_size=(-1, -1), backend="auto", fp8=False):
+    if fp8:  # FP8 forward (True or an attention.fp8.Fp8Config): Hopper kernel, or its fp32 emulation on CPU
+        from .fp8 import fp8_attn_forward
+        return fp8_attn_forward(q, k, v, causal, softmax_scale, window_size, backend, fp8)
     impl, scale, window = _prepare("attn_forward", q, k, v, softmax_scale, window_size, backend)
     return impl.forward(q, k, v, causal, scale, window)
 

@@ -58,12 +58,16 @@ class FlashAttnVarlenFunc(torch.autograd.Function):
 
 
 def flash_attn_func(q, k, v, causal=False, softmax_scale=None, window_size=(-1, -1), return_lse=False,
-                    backend="auto"):
+                    backend="auto", fp8=False):
     """Attention over q (B, Nq, H, D), k/v (B, Nk, Hkv, D) -> out (B, Nq, H, D) [, lse (B, H, Nq)].
 
     causal aligns bottom-right (query i sees key j iff j <= i + Nk - Nq); window_size=(left, right) with -1
     unbounded; softmax_scale defaults to 1/sqrt(D); Hkv may divide H (GQA/MQA).
+    fp8=True (or an attention.fp8.Fp8Config) runs the FP8 forward; its gradients come from the bf16 backward.
     """
+    if fp8:  # attention/fp8.py: quantize, FP8 kernel (emulation on CPU), bf16 backward
+        from .fp8 import fp8_attn_func
+        return fp8_attn_func(q, k, v, causal, softmax_scale, window_size, return_lse, backend, fp8)
     check_qkv(q, k, v, "flash_attn_func")
     check_options("flash_attn_func", softmax_scale, window_size)
     backend = resolve_backend_name(backend, q.device)
