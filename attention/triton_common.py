@@ -172,15 +172,20 @@ def hopper_features_ok(q: torch.Tensor) -> bool:
 # "tma" turns itself off (keeping the reason) if this Triton cannot build the descriptor path;
 # "interpret_tma" lets the CPU tests run the descriptor path through the interpreter.
 FEATURES = {"tma": True, "tma_error": None, "interpret_tma": False}
-_ALLOCATOR_DEVICE = None
 
 
 def _ensure_tma_allocator(device: torch.device) -> None:
-    """Device-side tensor descriptors need scratch memory from a Triton allocator; set one per device type."""
-    global _ALLOCATOR_DEVICE
-    if _ALLOCATOR_DEVICE != device.type:
-        triton.set_allocator(lambda size, align, stream: torch.empty(size, dtype=torch.int8, device=device.type))
-        _ALLOCATOR_DEVICE = device.type
+    """Device-side tensor descriptors need scratch memory from Triton's allocator. It is a context variable,
+    so it is set on every launch: autograd runs the backward in its own thread."""
+    triton.set_allocator(_CPU_ALLOC if device.type == "cpu" else _CUDA_ALLOC)
+
+
+def _CPU_ALLOC(size, align, stream):
+    return torch.empty(size, dtype=torch.int8)
+
+
+def _CUDA_ALLOC(size, align, stream):
+    return torch.empty(size, dtype=torch.int8, device="cuda")
 
 
 def prune_configs(configs, named_args, **kwargs):

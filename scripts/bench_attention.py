@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import math
 import os
 import sys
 import time
@@ -28,6 +27,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from attention import flash_attn_func, flash_attn_varlen_func  # noqa: E402
 
 TOKENS, HEADS = 65536, 16
+DEVICE, DTYPE = "cuda", torch.bfloat16  # the sweep's tensors (a CPU dry run of the script swaps them)
 PROVIDERS = ["ours", "sdpa_flash", "sdpa_cudnn", "sdpa_efficient", "flex"]
 SDPA = {"sdpa_flash": SDPBackend.FLASH_ATTENTION, "sdpa_cudnn": SDPBackend.CUDNN_ATTENTION,
         "sdpa_efficient": SDPBackend.EFFICIENT_ATTENTION}
@@ -253,7 +253,7 @@ def sweep(n, dims):
     for D in dims:
         for causal in (True, False):
             torch.manual_seed(0)
-            q, k, v = (torch.randn(B, n, HEADS, D, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+            q, k, v = (torch.randn(B, n, HEADS, D, device=DEVICE, dtype=DTYPE) for _ in range(3))
             flops = 4.0 * B * HEADS * D * visible_pairs(n, causal, (-1, -1))
             ref = _sdpa_ref(q, k, v, causal)
             fwd = lambda: (triton_fwd.triton_attn_forward(q, k, v, causal, D ** -0.5, (-1, -1))[0],)  # noqa: E731
@@ -283,6 +283,20 @@ def sweep(n, dims):
                 tuned.configs = shipped
                 feats.update(tma=True, tma_error=None)
     return rows
+
+
+def _cfg_name(cfg):
+    return f"{cfg.kwargs['BLOCK_M']}x{cfg.kwargs['BLOCK_N']} w{cfg.num_warps} s{cfg.num_stages}"
+
+
+def _sdpa_ref(q, k, v, causal):
+    """bf16 SDPA-flash out and grads (fp32 accumulation inside), plus the dout used for both."""
+    qt, kt, vt = (t.detach().transpose(1, 2).requires_grad_() for t in (q, k, v))
+    with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+        o = F.scaled_dot_product_attention(qt, kt, vt, is_causal=causal)
+    dout = torch.randn_like(o)
+    grads = torch.autograd.grad(o, (qt, kt, vt), dout)
+    return [o.transpose(1, 2)] + [g.transpose(1, 2) for g in grads] + [dout.transpose(1, 2).contiguous()]
 
 
 class _only_kernel:
