@@ -114,28 +114,43 @@ def transpose_pad_keys(v8: torch.Tensor, block: int) -> torch.Tensor:
 
 @functools.lru_cache(maxsize=16)
 def _rotation_cpu(d: int, seed: int) -> torch.Tensor:
+    """fp64 (d, d): diag(s) H with entries +-1 for powers of two (scaled by 1/sqrt(d) at use), else Haar."""
     g = torch.Generator().manual_seed(seed)
     if d & (d - 1) == 0:
         h = torch.ones(1, 1, dtype=torch.float64)
         while h.shape[0] < d:  # Sylvester: H_2n = [[H, H], [H, -H]]
             h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
         signs = torch.randint(0, 2, (d,), generator=g, dtype=torch.float64) * 2 - 1
-        return (signs[:, None] * h / math.sqrt(d)).float()  # diag(s) H / sqrt(d)
+        return signs[:, None] * h
     # no Hadamard matrix of this size: a Haar-random orthogonal matrix (QR with the sign fix)
-    a = torch.randn(d, d, generator=g, dtype=torch.float64)
-    qm, r = torch.linalg.qr(a)
-    return (qm * torch.sign(torch.diagonal(r))[None, :]).float()
+    qm, r = torch.linalg.qr(torch.randn(d, d, generator=g, dtype=torch.float64))
+    return qm * torch.sign(torch.diagonal(r))[None, :]
+
+
+def _is_hadamard(d: int) -> bool:
+    return d & (d - 1) == 0
+
+
+def signed_hadamard(d: int, seed: int = 0, dtype=torch.float32, device="cpu") -> torch.Tensor:
+    """(d, d) diag(s) H with entries +-1 (exact in every float dtype); d must be a power of two."""
+    assert _is_hadamard(d), d
+    return _rotation_cpu(int(d), int(seed)).to(device=device, dtype=dtype)
 
 
 def rotation_matrix(d: int, seed: int = 0, device="cpu") -> torch.Tensor:
     """(d, d) fp32 orthogonal R: randomized Hadamard diag(s) H / sqrt(d) for powers of two, else Haar."""
-    return _rotation_cpu(int(d), int(seed)).to(device)
+    r = _rotation_cpu(int(d), int(seed))
+    return (r / math.sqrt(d) if _is_hadamard(d) else r).float().to(device)
 
 
 def rotate_qk(q: torch.Tensor, k: torch.Tensor, seed: int = 0):
     """(q R, k R) in fp32 for one seeded orthogonal R along D: preserves q k^T, spreads outlier channels."""
-    r = rotation_matrix(q.shape[-1], seed, q.device)
-    return q.float() @ r, k.float() @ r
+    d = q.shape[-1]
+    if not _is_hadamard(d):
+        r = rotation_matrix(d, seed, q.device)
+        return q.float() @ r, k.float() @ r
+    s = signed_hadamard(d, seed, device=q.device)  # +-1: exact products, fp32 sums, one scaling (as the kernel)
+    return (q.float() @ s) * d ** -0.5, (k.float() @ s) * d ** -0.5
 
 
 def quantize_qkv(q, k, v, config: Fp8Config = Fp8Config()) -> Fp8Qkv:
@@ -230,17 +245,18 @@ def fp8_attn_forward(q, k, v, causal=False, softmax_scale=None, window_size=(-1,
     config = _check(fn, q, k, v, softmax_scale, window_size, config)
     backend = resolve_backend_name(backend, q.device)
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
-    if backend == "triton":
-        from .triton_fp8 import check_triton_fp8_supported, triton_fp8_forward
-        check_triton_fp8_supported(fn, q, config)  # before quantizing: a clear ValueError, no Triton trace
-    elif backend != "reference":
+    if backend == "reference":
+        with torch.no_grad():
+            return emulate_fp8_attention(quantize_qkv(q, k, v, config), bool(causal), scale, q.dtype)
+    if backend != "triton":
         raise ValueError(f"{fn}: fp8 attention has no {backend!r} backend; use 'triton' (Hopper) or "
                          "'reference' (fp32 emulation)")
+    from .triton_fp8 import check_triton_fp8_supported, triton_fp8_forward, triton_quantize_qkv
+    check_triton_fp8_supported(fn, q, config)  # before quantizing: a clear ValueError, no Triton trace
     with torch.no_grad():
-        fq = quantize_qkv(q, k, v, config)
-        if backend == "triton":
-            return triton_fp8_forward(fq, bool(causal), scale, q.dtype)
-        return emulate_fp8_attention(fq, bool(causal), scale, q.dtype)
+        # per-block scales fuse into one pass per tensor; per-head / per-tensor need a global amax first
+        fq = triton_quantize_qkv(q, k, v, config) if config.granularity == "block" else quantize_qkv(q, k, v, config)
+        return triton_fp8_forward(fq, bool(causal), scale, q.dtype)
 
 
 class Fp8AttnFunc(torch.autograd.Function):

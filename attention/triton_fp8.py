@@ -16,6 +16,7 @@ Hopper's FP8 MMA reads its B operand K-major only, hence V transposed: v_t tiles
 from __future__ import annotations
 
 import warnings
+from contextlib import nullcontext as _nullcontext
 
 import torch
 import triton
@@ -136,6 +137,44 @@ def _fp8_fwd_kernel(Q, K, Vt, QScale, KScale, VScale, Out, Lse,
     tl.store(lse_base + offs_m, lse, mask=offs_m < seqlen_q)
 
 
+# -- fused quantization: one pass from bf16 to e4m3 + per-block scale (rotation included) ----------------
+
+
+@triton.jit
+def _quant_kernel(X, S, Y, Scale, stride_xb, stride_xn, stride_xh, stride_yb, stride_yn, stride_yh, stride_yd,
+                  stride_sb, stride_sh, seqlen, n_out, n_heads, inv_sqrt_d,
+                  HEAD_DIM: tl.constexpr, QBLOCK: tl.constexpr, ROTATE: tl.constexpr, IEEE: tl.constexpr,
+                  ROUND: tl.constexpr):
+    """One (QBLOCK rows, one head) block: y = x (S / sqrt(D) if ROTATE), scale = amax / 448, y / scale -> e4m3.
+
+    Rows past seqlen read 0: storing rows up to n_out zero-fills the key padding of a transposed output (v_t).
+    """
+    blk = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // n_heads
+    h = bh % n_heads
+    rows = blk * QBLOCK + tl.arange(0, QBLOCK)
+    offs_d = tl.arange(0, HEAD_DIM)
+    x = load_rows(X + b.to(tl.int64) * stride_xb + h * stride_xh, rows, stride_xn, seqlen, offs_d, HEAD_DIM,
+                  HEAD_DIM, True)
+    if ROTATE:  # S holds +-1 in x's dtype: exact products, fp32 sums
+        s = tl.load(S + offs_d[:, None] * HEAD_DIM + offs_d[None, :])
+        if IEEE:
+            x = tl.dot(x, s, input_precision="ieee") * inv_sqrt_d
+        else:
+            x = tl.dot(x, s) * inv_sqrt_d
+    else:
+        x = x.to(tl.float32)
+    scale = tl.maximum(tl.max(tl.max(tl.abs(x), 1), 0) / P_SCALE, 1.1754943508222875e-38)
+    y = tl.minimum(tl.maximum(x / scale, -P_SCALE), P_SCALE)
+    if ROUND:  # interpreter only, see _round_e4m3
+        y = tl.where(y < 0, -_round_e4m3(-y), _round_e4m3(y))
+    y_ptrs = (Y + b.to(tl.int64) * stride_yb + h.to(tl.int64) * stride_yh + rows[:, None].to(tl.int64) * stride_yn
+              + offs_d[None, :] * stride_yd)
+    tl.store(y_ptrs, y.to(Y.dtype.element_ty), mask=rows[:, None] < n_out)
+    tl.store(Scale + b * stride_sb + h * stride_sh + blk, scale)
+
+
 # -- configs: tuned per (HEAD_DIM, causal, quantization blocks, TMA), never per length ----------------------
 
 _FP8_CONFIGS = [
@@ -199,6 +238,40 @@ def _tma_ok(fq) -> bool:
     if INTERPRET or not fq.q.is_cuda or not _FEATURES["tma"]:
         return False
     return torch.cuda.get_device_capability(fq.q.device)[0] >= 9 and fq.k.stride(1) % 16 == 0
+
+
+def _quantize(x, block, rotate_s, transpose):
+    """x (B, N, H, D) -> (fp8 (B, N, H, D), or (B, H, D, N_pad) if transpose, scales (B, H, n_blocks))."""
+    B, n, H, D = x.shape
+    x = x if x.stride(-1) == 1 else x.contiguous()
+    nb = triton.cdiv(n, block)
+    scale = torch.empty(B, H, nb, dtype=torch.float32, device=x.device)
+    if transpose:
+        y = torch.empty(B, H, D, nb * block, dtype=torch.float8_e4m3fn, device=x.device)
+        y_strides = (y.stride(0), y.stride(3), y.stride(1), y.stride(2))  # (b, row, head, d)
+    else:
+        y = torch.empty(B, n, H, D, dtype=torch.float8_e4m3fn, device=x.device)
+        y_strides = (y.stride(0), y.stride(1), y.stride(2), y.stride(3))
+    s = x if rotate_s is None else rotate_s.to(x.dtype)
+    grid = (nb, B * H)
+    kwargs = dict(HEAD_DIM=D, QBLOCK=block, ROTATE=rotate_s is not None, IEEE=x.dtype == torch.float32,
+                  ROUND=INTERPRET, num_warps=8 if block * D >= 128 * 128 else 4)
+    with torch.cuda.device(x.device) if x.is_cuda else _nullcontext():
+        _quant_kernel[grid](x, s, y, scale, x.stride(0), x.stride(1), x.stride(2), *y_strides,
+                            scale.stride(0), scale.stride(1), n, y.shape[-1] if transpose else n, H, D ** -0.5,
+                            **kwargs)
+    return y, scale
+
+
+def triton_quantize_qkv(q, k, v, config):
+    """attention.fp8.quantize_qkv in three fused passes (one per tensor); granularity "block" only."""
+    from .fp8 import Fp8Qkv, signed_hadamard
+    assert config.granularity == "block"
+    s = signed_hadamard(q.shape[-1], config.seed, device=q.device) if config.rotate else None
+    q8, q_scale = _quantize(q, config.block_m, s, False)
+    k8, k_scale = _quantize(k, config.block_n, s, False)
+    v_t, v_scale = _quantize(v, config.block_n, None, True)
+    return Fp8Qkv(q8, k8, v_t, q_scale, k_scale, v_scale, config.block_m, config.block_n, k.shape[1])
 
 
 def triton_fp8_forward(fq, causal: bool, softmax_scale: float, out_dtype=torch.bfloat16, use_tma=None):
