@@ -1,7 +1,10 @@
 """trainer/model.py: packing isolation, causality, RoPE positions, GQA/tied shapes, checkpointing = none."""
 
+from pathlib import Path
+
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from tests.helpers import assert_close, naive_attention
 from trainer.model import GPT, ModelConfig, apply_rope, rope_cos_sin
@@ -186,3 +189,15 @@ def test_init_scales_residual_projections():
     resid = model.layers[0].attention.wo.weight.std().item()
     assert abs(std - 0.02) < 2e-3 and abs(resid - 0.02 / 4) < 1e-3
     assert torch.equal(model.norm.weight, torch.ones(256))
+
+
+@pytest.mark.parametrize("name,low,high", [("tiny", 2e6, 5e6), ("llama_220m", 215e6, 225e6),
+                                           ("llama_1b", 0.9e9, 1.1e9)])
+def test_model_size_configs(name, low, high):
+    # Built on the meta device: shapes and parameter counts without allocating a billion floats.
+    yaml = OmegaConf.load(Path(__file__).resolve().parent.parent / "configs" / "model" / f"{name}.yaml")
+    cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ModelConfig), yaml))
+    cfg.vocab_size = 32000 if name != "tiny" else 258
+    with torch.device("meta"):
+        model = GPT(cfg)
+    assert low <= model.num_params() <= high, model.num_params()

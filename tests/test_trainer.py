@@ -132,6 +132,14 @@ def test_config_typo_fails(override):
         compose_cfg([override])
 
 
+@pytest.mark.parametrize("experiment", ["cpu_default", "gpu_220m_64k"])
+def test_experiments_compose(experiment):
+    cfg = compose_cfg([f"experiment={experiment}"])
+    assert cfg.run_name == experiment and cfg.train.out_dir == f"outputs/{experiment}"
+    if experiment == "gpu_220m_64k":
+        assert cfg.model.name == "llama_220m" and cfg.data.seq_len == 65536 and cfg.model.vocab_size == 32000
+
+
 def test_unknown_group_option_fails():
     with pytest.raises(MissingConfigException):
         compose_cfg(["model=llama_7t"])

@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 from omegaconf import OmegaConf
 from torch import nn
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from trainer.checkpoint import CheckpointManager, rng_state, set_rng_state
 from trainer.config import Config
@@ -242,7 +243,8 @@ class Trainer:
         sink = MetricsSink(self.out_dir, self.cfg.logger, asdict(self.cfg), self.env.rank, cfg.steps, self.step,
                            self.cfg.run_name)
         try:
-            return self._train(sink)
+            with logging_redirect_tqdm():  # log lines print above the progress bar, not through it
+                return self._train(sink)
         finally:
             sink.close()
 

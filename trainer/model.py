@@ -55,7 +55,8 @@ class ModelConfig:
 
     def _validate(self) -> None:
         if self.vocab_size < 1:
-            raise ValueError(f"model.vocab_size must be >= 1 (0 means 'from the tokenizer'), got {self.vocab_size}")
+            raise ValueError(f"model.vocab_size must be >= 1 (0 means 'from the tokenizer'), "
+                             f"got {self.vocab_size}")
         if self.n_heads < 1 or self.n_heads % self.n_kv_heads != 0:
             raise ValueError(f"model.n_heads ({self.n_heads}) must be a positive multiple of model.n_kv_heads "
                              f"({self.n_kv_heads})")
