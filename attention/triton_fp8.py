@@ -48,6 +48,7 @@ def _fp8_inner(acc, l_i, m_i, q, k_base, vt_base, k_desc, vt_desc, ks_base, vs_b
                MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
                QBLOCK_N: tl.constexpr, USE_TMA: tl.constexpr, ROUND_P: tl.constexpr):
     for start_n in tl.range(start, end, BLOCK_N):
+        start_n = tl.multiple_of(start_n, BLOCK_N)  # no left window: every segment starts on a block edge
         # -- scores in base 2; q/k scales and softmax_scale * log2(e) are one scalar per block ----
         if USE_TMA:
             k = k_desc.load([start_n, 0])
