@@ -233,11 +233,11 @@ def _dq_kernel(Q, K, V, DO, DQ, Lse2, Delta, CuQ, CuK,
 
 _DKDV_CONFIGS = [
     triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "WARP_SPEC": ws}, num_warps=w, num_stages=s)
-    for bm, bn, w, s, ws in [(64, 128, 8, 2, False), (32, 128, 4, 2, False), (64, 64, 4, 2, False)]
+    for bm, bn, w, s, ws in [(64, 128, 8, 3, False), (64, 64, 4, 2, False), (64, 64, 4, 3, False)]
 ]
 _DQ_CONFIGS = [
     triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "WARP_SPEC": ws}, num_warps=w, num_stages=s)
-    for bm, bn, w, s, ws in [(128, 64, 8, 2, False), (128, 32, 4, 2, False), (64, 64, 4, 2, False)]
+    for bm, bn, w, s, ws in [(128, 64, 8, 3, False), (64, 64, 4, 3, False), (64, 64, 4, 2, False)]
 ]
 _KEY = ["HEAD_DIM", "HAS_LEFT", "HAS_RIGHT", "USE_TMA"]
 _PRUNE = {"early_config_prune": prune_configs}

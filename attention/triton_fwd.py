@@ -128,8 +128,8 @@ def _fwd_kernel(Q, K, V, Out, Lse, CuQ, CuK,
 
 _FWD_CONFIGS = [
     triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "WARP_SPEC": ws}, num_warps=w, num_stages=s)
-    for bm, bn, w, s, ws in [(128, 64, 8, 3, True), (128, 128, 8, 2, False), (128, 64, 4, 3, False),
-                             (64, 64, 4, 3, False)]
+    for bm, bn, w, s, ws in [(128, 64, 8, 3, True), (128, 64, 4, 3, False), (128, 128, 4, 3, False),
+                             (128, 128, 8, 2, False), (64, 64, 4, 3, False)]
 ]
 _fwd_tuned = triton.autotune(_FWD_CONFIGS, key=["HEAD_DIM", "HAS_LEFT", "HAS_RIGHT", "USE_TMA"],
                              prune_configs_by={"early_config_prune": prune_configs})(_fwd_kernel)

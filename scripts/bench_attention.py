@@ -28,6 +28,7 @@ from attention import flash_attn_func, flash_attn_varlen_func  # noqa: E402
 
 TOKENS, HEADS = 65536, 16
 DEVICE, DTYPE = "cuda", torch.bfloat16  # the sweep's tensors (a CPU dry run of the script swaps them)
+PRECOMPILE_N = 2048  # precompile workers run our kernels at this length (same specialisation: N % 16 == 0)
 PROVIDERS = ["ours", "sdpa_flash", "sdpa_cudnn", "sdpa_efficient", "flex"]
 SDPA = {"sdpa_flash": SDPBackend.FLASH_ATTENTION, "sdpa_cudnn": SDPBackend.CUDNN_ATTENTION,
         "sdpa_efficient": SDPBackend.EFFICIENT_ATTENTION}
@@ -116,18 +117,20 @@ def make_call(provider, q, k, v, causal, window, doc=None):
     return call
 
 
-def run_case(provider, B, n, D, causal, window=(-1, -1), n_docs=0, dtype=torch.bfloat16):
+def run_case(provider, B, n, D, causal, window=(-1, -1), n_docs=0):
     """One provider on one shape: fwd/bwd medians and TFLOPS, or a status ('OOM', 'n/a', 'error: ...')."""
     row = dict(provider=provider, B=B, N=n, H=HEADS, D=D, causal=causal, window=list(window), docs=n_docs)
     torch.manual_seed(0)
     try:
-        q, k, v = (torch.randn(B, n, HEADS, D, device="cuda", dtype=dtype, requires_grad=True) for _ in range(3))
+        q, k, v = (torch.randn(B, n, HEADS, D, device=DEVICE, dtype=DTYPE, requires_grad=True) for _ in range(3))
         doc, pairs = None, visible_pairs(n, causal, window)
         if n_docs:
             doc, pairs = _packed_docs(B * n, n_docs)
         call = make_call(provider, q, k, v, causal, window, doc)
         if call is None:
             return {**row, "status": "n/a"}
+        if provider == "sdpa_efficient" and n > 16384:
+            return {**row, "status": "skipped"}  # 3x slower than the rest: it would dominate the run time
         out = call()
         dout = torch.randn_like(out)
         fwd_ms = bench_ms(call)
@@ -150,8 +153,8 @@ def _packed_docs(total, n_docs, causal=True):
     w = torch.rand(n_docs, generator=g) + 0.25
     lens = (w / w.sum() * total).long()
     lens[-1] += total - int(lens.sum())
-    cu = torch.cat([torch.zeros(1, dtype=torch.long), lens.cumsum(0)]).to(torch.int32).cuda()
-    doc_ids = torch.repeat_interleave(torch.arange(n_docs), lens).cuda()
+    cu = torch.cat([torch.zeros(1, dtype=torch.long), lens.cumsum(0)]).to(torch.int32).to(DEVICE)
+    doc_ids = torch.repeat_interleave(torch.arange(n_docs), lens).to(DEVICE)
     pairs = sum(int(n) * int(n) // 2 for n in lens)  # causal within each document
     return (cu, int(lens.max()), doc_ids), pairs
 
@@ -159,21 +162,61 @@ def _packed_docs(total, n_docs, causal=True):
 # -- grids -----------------------------------------------------------------------------------------------------
 
 
-def main_grid(ns, dims, providers, extras):
+def grid_cases(ns, dims, extras):
+    """(B, N, D, causal, window, n_docs) for every row of the comparison."""
+    cases = [(max(1, TOKENS // n), n, D, causal, (-1, -1), 0) for D in dims for causal in (True, False) for n in ns]
+    if extras:  # sliding window (Mistral-style 4K window) and packed documents, 64K tokens in one row
+        cases += [(1, 65536, 128, True, (4095, 0), 0), (1, 65536, 128, True, (-1, -1), 37)]
+    return cases
+
+
+def precompile_grid(parts, ns, dims, providers, extras):
+    """Build our autotune candidates and Flex's kernels for every case in `parts` processes at once; the
+    timing process then finds them in Triton's / Inductor's disk caches instead of compiling serially."""
+    import subprocess
+    cmd = [sys.executable, __file__, "--ns", *map(str, ns), "--dims", *map(str, dims), "--providers", *providers]
+    cmd += [] if extras else ["--quick"]
+    procs = [subprocess.Popen(cmd + ["--part", str(i), str(parts)]) for i in range(parts)]
+    for p in procs:
+        p.wait()
+
+
+def _grid_worker(part, parts, ns, dims, providers, extras):
+    from attention import triton_bwd, triton_common, triton_fwd
+    tuned = (triton_fwd._fwd_tuned, triton_bwd._dkdv_tuned, triton_bwd._dq_tuned)
+    shipped = [t.configs for t in tuned]
+    jobs = []
+    for case in grid_cases(ns, dims, extras):
+        if "ours" in providers:
+            jobs += [("ours", case, i) for i in range(max(map(len, shipped)))]
+        if "flex" in providers and case[1] < 131072:
+            jobs.append(("flex", case, 0))
+    for j, (provider, (B, n, D, causal, window, n_docs), i) in enumerate(jobs):
+        if j % parts != part:
+            continue
+        if provider == "ours":  # one candidate config per kernel; a short sequence specialises the same way
+            for t, cfgs in zip(tuned, shipped):
+                cfgs = triton_common.prune_configs(cfgs, None, USE_TMA=True, BLOCK_D=D)
+                t.configs = [cfgs[i % len(cfgs)]]
+            if not n_docs:
+                B, n = 1, PRECOMPILE_N
+        try:
+            q, k, v = (torch.randn(B, n, HEADS, D, device=DEVICE, dtype=DTYPE, requires_grad=True) for _ in range(3))
+            doc = _packed_docs(B * n, n_docs)[0] if n_docs else None
+            out = make_call(provider, q, k, v, causal, window, doc)()
+            torch.autograd.grad(out, (q, k, v), torch.randn_like(out))
+        except Exception as e:
+            print(f"precompile {provider} {D} {n} {causal}: {type(e).__name__}: {str(e)[:200]}", flush=True)
+        torch.cuda.empty_cache() if DEVICE == "cuda" else None
+
+
+def main_grid(ns, dims, providers, extras, save):
     rows = []
-    for D in dims:
-        for causal in (True, False):
-            for n in ns:
-                B = max(1, TOKENS // n)
-                for p in providers:
-                    rows.append(run_case(p, B, n, D, causal))
-                    _print_row(rows[-1])
-    if extras:
-        for p in providers:  # sliding window (Mistral-style 4K window) and packed documents, N = 64K total
-            rows.append(run_case(p, 1, 65536, 128, True, window=(4095, 0)))
+    for B, n, D, causal, window, n_docs in grid_cases(ns, dims, extras):
+        for p in providers:
+            rows.append(run_case(p, B, n, D, causal, window, n_docs))
             _print_row(rows[-1])
-            rows.append(run_case(p, 1, 65536, 128, True, n_docs=37))
-            _print_row(rows[-1])
+            save(rows)  # after every row: a run cut short keeps what it measured (--render redraws the table)
     return rows
 
 
@@ -190,10 +233,12 @@ def _print_row(r):
 def markdown(rows, meta):
     lines = [f"# Attention benchmark — {meta['gpu']}, {meta['date']}", "",
              f"torch {meta['torch']}, triton {meta['triton']}, bf16, {HEADS} heads, B*N = {TOKENS} tokens (B >= 1). "
-             "TFLOPS: fwd / bwd (bwd = 2.5x fwd FLOPs; causal counts half). OOM = out of memory.", ""]
+             "TFLOPS: fwd / bwd (bwd = 2.5x fwd FLOPs; causal counts half). OOM = out of memory; "
+             "n/a = the backend has no such mode; skipped = SDPA-efficient beyond 16K (too slow to time).", ""]
     provs = [p for p in PROVIDERS if any(r["provider"] == p for r in rows)]
     ok = lambda r: r["status"] == "ok"  # noqa: E731
-    cell = lambda r: f"{r['fwd_tflops']:.0f} / {r['bwd_tflops']:.0f}" if ok(r) else r["status"][:12]  # noqa: E731
+    cell = lambda r: (f"{r['fwd_tflops']:.0f} / {r['bwd_tflops']:.0f}" if ok(r)  # noqa: E731
+                      else r["status"] if r["status"] in ("OOM", "n/a", "skipped") else "error")
     groups = {}
     for r in rows:
         key = (r["D"], r["causal"], tuple(r["window"]), r["docs"])
@@ -354,12 +399,24 @@ def main():
     ap.add_argument("--dims", type=int, nargs="*", default=[64, 128])
     ap.add_argument("--providers", nargs="*", default=PROVIDERS)
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "..", "docs", "bench"))
-    ap.add_argument("--precompile", type=int, default=0, help="with --sweep: compile variants in N processes first")
+    ap.add_argument("--precompile", type=int, default=0, help="compile kernels in N processes first")
     ap.add_argument("--part", type=int, nargs=2, help=argparse.SUPPRESS)  # internal: precompile worker i of n
+    ap.add_argument("--render", metavar="JSON", help="redraw the markdown table of an earlier run's JSON")
     args = ap.parse_args()
-    if args.part:
+    if args.render:
+        with open(args.render) as f:
+            data = json.load(f)
+        with open(args.render[:-len(".json")] + ".md", "w") as f:
+            f.write(markdown(data["rows"], data))
+        return
+    if args.part and args.sweep:
         _PART.update(part=args.part[0], parts=args.part[1], compile_only=True)
         sweep(args.ns[0], args.dims)
+        return
+    ns = args.ns or ([8192, 32768] if args.quick else [2048 << i for i in range(7)])
+    dims = [128] if args.quick else args.dims
+    if args.part:
+        _grid_worker(args.part[0], args.part[1], ns, dims, args.providers, not args.quick)
         return
     info = meta()
     gpu_tag = info["gpu"].replace("NVIDIA ", "").split()[0].lower()
@@ -373,12 +430,17 @@ def main():
         with open(os.path.join(args.out, f"sweep_{gpu_tag}.json"), "w") as f:
             json.dump({**info, "rows": rows}, f, indent=1)
         return
-    ns = args.ns or ([8192, 32768] if args.quick else [2048 << i for i in range(7)])
-    dims = [128] if args.quick else args.dims
-    rows = main_grid(ns, dims, args.providers, extras=not args.quick)
+    if args.precompile:
+        t = time.time()
+        precompile_grid(args.precompile, ns, dims, args.providers, not args.quick)
+        print(f"precompiled in {time.time() - t:.0f}s", flush=True)
     stem = os.path.join(args.out, f"attention_{gpu_tag}{'_quick' if args.quick else ''}")
-    with open(stem + ".json", "w") as f:
-        json.dump({**info, "rows": rows}, f, indent=1)
+
+    def save(rows):
+        with open(stem + ".json", "w") as f:
+            json.dump({**info, "rows": rows}, f, indent=1)
+
+    rows = main_grid(ns, dims, args.providers, not args.quick, save)
     with open(stem + ".md", "w") as f:
         f.write(markdown(rows, info))
     print(markdown(rows, info))
