@@ -275,13 +275,9 @@ def triton_quantize_qkv(q, k, v, config):
     return Fp8Qkv(q8, k8, v_t, q_scale, k_scale, v_scale, config.block_m, config.block_n, k.shape[1])
 
 
-def triton_fp8_forward(fq, causal: bool, softmax_scale: float, out_dtype=torch.bfloat16, use_tma=None):
-    """fq: attention.fp8.Fp8Qkv -> (out (B, Nq, H, D) out_dtype, lse (B, H, Nq) fp32, natural log).
-
-    use_tma=None picks TMA descriptors where they work (falling back, with a warning, if they do not build).
-    """
+def _fwd_args(fq, causal, softmax_scale, out_dtype):
+    """Kernel arguments (positional list, constexpr dict) and the output tensors for one call."""
     B, nq, H, D = fq.q.shape
-    hkv = fq.k.shape[2]
     assert fq.q.stride(-1) == 1 and fq.k.stride(-1) == 1 and fq.v_t.is_contiguous()
     assert fq.q_scale.is_contiguous() and fq.k_scale.stride() == fq.v_scale.stride()
     out = torch.empty(B, nq, H, D, dtype=out_dtype, device=fq.q.device)
@@ -290,8 +286,18 @@ def triton_fp8_forward(fq, causal: bool, softmax_scale: float, out_dtype=torch.b
             fq.q.stride(0), fq.q.stride(1), fq.q.stride(2), fq.k.stride(0), fq.k.stride(1), fq.k.stride(2),
             fq.v_t.stride(0), fq.v_t.stride(1), fq.v_t.stride(2), out.stride(0), out.stride(1), out.stride(2),
             fq.q_scale.stride(0), fq.q_scale.stride(1), fq.k_scale.stride(0), fq.k_scale.stride(1),
-            nq, fq.seqlen_k, fq.v_t.shape[-1], H, H // hkv, softmax_scale * LOG2E]
+            nq, fq.seqlen_k, fq.v_t.shape[-1], H, H // fq.k.shape[2], softmax_scale * LOG2E]
     consts = dict(HEAD_DIM=D, QBLOCK_M=fq.block_m, QBLOCK_N=fq.block_n, IS_CAUSAL=bool(causal))
+    return args, consts, out, lse
+
+
+def triton_fp8_forward(fq, causal: bool, softmax_scale: float, out_dtype=torch.bfloat16, use_tma=None):
+    """fq: attention.fp8.Fp8Qkv -> (out (B, Nq, H, D) out_dtype, lse (B, H, Nq) fp32, natural log).
+
+    use_tma=None picks TMA descriptors where they work (falling back, with a warning, if they do not build).
+    """
+    args, consts, out, lse = _fwd_args(fq, causal, softmax_scale, out_dtype)
+    B, nq, H, _ = fq.q.shape
     if INTERPRET:
         if use_tma:
             _set_tma_allocator(fq.q.device)
@@ -311,4 +317,15 @@ def triton_fp8_forward(fq, causal: bool, softmax_scale: float, out_dtype=torch.b
                 _FEATURES["tma"], _FEATURES["tma_error"] = False, f"{type(e).__name__}: {str(e)[:300]}"
                 warnings.warn(f"ringflash: TMA fp8 forward unavailable, using pointer loads ({_FEATURES['tma_error']})")
         _fp8_tuned[grid](*args, **consts, USE_TMA=False, ROUND_P=False)
+    return out, lse
+
+
+def launch_config(fq, causal, softmax_scale, config: triton.Config, use_tma: bool, out_dtype=torch.bfloat16):
+    """One launch with an explicit config, bypassing the autotuner (scripts/bench_fp8.py --sweep)."""
+    args, consts, out, lse = _fwd_args(fq, causal, softmax_scale, out_dtype)
+    grid = (triton.cdiv(fq.q.shape[1], config.kwargs["BLOCK_M"]), fq.q.shape[0] * fq.q.shape[2])
+    if use_tma:
+        _set_tma_allocator(fq.q.device)
+    _fp8_fwd_kernel[grid](*args, **consts, **config.kwargs, num_warps=config.num_warps,
+                          num_stages=config.num_stages, USE_TMA=use_tma, ROUND_P=INTERPRET)
     return out, lse
