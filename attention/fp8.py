@@ -10,8 +10,9 @@ amax / 448, so its largest element lands on the e4m3 maximum. Incoherent process
 one random orthogonal R = diag(s) H / sqrt(D) (random signs s, Hadamard H): (QR)(KR)^T = QK^T exactly,
 while an outlier channel is spread over all D channels, so the block amax -- and with it the rounding step
 of every other element -- shrinks. V is not rotated (P·V would have to be rotated back).
-P = exp2(s - running max) lies in [0, 1] and is quantized with the fixed scale 448: e4m3 is floating point,
-so a per-block P scale would only lift values below 3.5e-5 out of the subnormal range.
+P = exp2(s - running max) lies in [0, 1] and is quantized with the fixed scale 448 (computed as
+exp2(s - m + log2 448), so the scale costs nothing): e4m3 is floating point, so a per-block P scale would
+only lift values below 3.5e-5 out of the subnormal range.
 The forward is FP8; gradients (Fp8AttnFunc) come from the bf16 backward recomputed at the fp8 out/lse.
 """
 
@@ -28,7 +29,7 @@ from .validation import check_options, check_qkv
 
 FP8_DTYPE = torch.float8_e4m3fn
 E4M3_MAX = 448.0  # largest finite float8_e4m3fn
-P_SCALE = E4M3_MAX  # P in [0, 1] -> [0, 448]
+LOG2_P_SCALE = math.log2(E4M3_MAX)  # P in [0, 1] is computed directly as 448 P = exp2(s - m + log2 448)
 LOG2E = 1.4426950408889634
 GRANULARITIES = ("block", "head", "tensor")
 _TINY = torch.finfo(torch.float32).tiny  # scale of an all-zero block: quantizes to 0, never divides by 0
@@ -200,16 +201,16 @@ def emulate_fp8_attention(fq: Fp8Qkv, causal=False, softmax_scale=None, out_dtyp
         if causal:
             s = s.masked_fill(torch.arange(j0, j1, device=dev)[None, :] > rows, float("-inf"))
         m_new = torch.maximum(m_i, s.amax(-1))
-        p = torch.exp2(s - m_new[..., None])
+        p = torch.exp2(s - (m_new - LOG2_P_SCALE)[..., None])  # 448 P: the e4m3 range
         alpha = torch.exp2(m_i - m_new)
-        l_i = l_i * alpha + p.sum(-1)  # the row sum uses P before rounding, as the kernel
-        p8 = (p * P_SCALE).to(FP8_DTYPE).float()
-        acc = acc * alpha[..., None] + (p8 @ v[:, :, j0:j1]) / P_SCALE
+        l_i = l_i * alpha + p.sum(-1)  # the row sum uses p before rounding, as the kernel
+        acc = acc * alpha[..., None] + p.to(FP8_DTYPE).float() @ v[:, :, j0:j1]
         m_i = m_new
     seen = l_i > 0
     l_safe = torch.where(seen, l_i, torch.ones_like(l_i))
     out = torch.where(seen[..., None], acc / l_safe[..., None], torch.zeros_like(acc))
-    lse = torch.where(seen, (m_i + torch.log2(l_safe)) / LOG2E, torch.full_like(l_i, float("-inf")))
+    lse2 = m_i + torch.log2(l_safe) - LOG2_P_SCALE  # base 2; l carries the factor 448
+    lse = torch.where(seen, lse2 / LOG2E, torch.full_like(l_i, float("-inf")))
     return out.transpose(1, 2).to(out_dtype).contiguous(), lse  # (B, Nq, H, D), (B, H, Nq)
 
 
