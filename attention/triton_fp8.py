@@ -215,6 +215,8 @@ def check_triton_fp8_supported(fn_name: str, q: torch.Tensor, config=None) -> No
         return
     if INTERPRET:
         return
+    if q.dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        raise ValueError(f"{fn_name}: q dtype {q.dtype} is not supported by the fp8 path; use bf16, fp16 or fp32")
     cap = torch.cuda.get_device_capability(q.device)
     if cap < (9, 0):
         raise ValueError(f"{fn_name}: q is on {q.device} (sm_{cap[0]}{cap[1]}); the fp8 kernel needs Hopper "
