@@ -342,3 +342,43 @@ def test_triton_fp8_rejects_unsupported_input(monkeypatch):
     q = torch.randn(1, 16, 2, 64)
     with pytest.raises(ValueError, match="Hopper"):
         flash_attn_func(q, q, q, fp8=True, backend="triton")
+
+
+# -- the compiled (not interpreted) kernels, built for Hopper on this CPU machine --------------------------------
+
+_COMPILE_SM90 = r"""
+import re, sys, triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from attention import triton_fp8 as tf
+types = dict(Q="*fp8e4nv", K="*fp8e4nv", Vt="*fp8e4nv", Y="*fp8e4nv", QScale="*fp32", KScale="*fp32",
+             VScale="*fp32", Lse="*fp32", Scale="*fp32", Out="*bf16", X="*bf16", S="*bf16", qk_scale="fp32",
+             inv_sqrt_d="fp32")
+def build(fn, consts, **opts):
+    sig = {n: "constexpr" if n in consts else types.get(n, "i32") for n in fn.arg_names}
+    k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts), target=GPUTarget("cuda", 90, 32),
+                       options=opts)
+    return k.asm["ptx"]
+for tma in (False, True):
+    ptx = build(tf._fp8_fwd_kernel, dict(HEAD_DIM=128, BLOCK_M=128, BLOCK_N=128, QBLOCK_M=128, QBLOCK_N=128,
+                                         IS_CAUSAL=True, USE_TMA=tma, ROUND_P=False), num_warps=8, num_stages=3)
+    assert re.search(r"wgmma\.mma_async[^;]*e4m3\.e4m3", ptx), "no fp8 wgmma"
+    assert "cvt.rn.satfinite.e4m3x2.f32" in ptx
+ptx = build(tf._quant_kernel, dict(HEAD_DIM=128, QBLOCK=128, ROTATE=True, IEEE=False, ROUND=False), num_warps=8)
+assert "cvt.rn.satfinite.e4m3x2.f32" in ptx
+print("ok")
+"""
+
+
+def test_kernels_compile_for_hopper():
+    """Lowering to sm_90 (fp8 wgmma with V^T, TMA descriptors, the fused quantizer) needs no GPU: only ptxas."""
+    import subprocess
+    import sys
+    pytest.importorskip("triton.backends.nvidia")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    res = subprocess.run([sys.executable, "-c", _COMPILE_SM90], cwd=root, env=env, capture_output=True, text=True,
+                         timeout=600)
+    if res.returncode != 0 and "ptxas" in res.stderr and "not found" in res.stderr.lower():
+        pytest.skip("no ptxas in this Triton install")
+    assert res.returncode == 0 and res.stdout.strip().endswith("ok"), res.stderr[-3000:]
