@@ -114,11 +114,14 @@ def _calls(q, k, v, causal):
     import torch.nn.functional as F
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    from attention.triton_fp8 import triton_fp8_forward, triton_quantize_qkv
-
     def fp8_kernel():
+        from attention.triton_fp8 import triton_fp8_forward, triton_quantize_qkv
         fq = triton_quantize_qkv(q, k, v, Fp8Config())
         return lambda: triton_fp8_forward(fq, causal, D ** -0.5, torch.bfloat16)
+
+    def fp8_quant():
+        from attention.triton_fp8 import triton_quantize_qkv
+        return lambda: triton_quantize_qkv(q, k, v, Fp8Config())
 
     def sdpa(backend):
         qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, N, D) views
@@ -131,7 +134,7 @@ def _calls(q, k, v, causal):
     return {
         "fp8_kernel": fp8_kernel,
         "fp8_e2e": lambda: (lambda: attn_forward(q, k, v, causal, fp8=True, backend="triton")),
-        "fp8_quant": lambda: (lambda: triton_quantize_qkv(q, k, v, Fp8Config())),
+        "fp8_quant": fp8_quant,
         "bf16_triton": lambda: (lambda: attn_forward(q, k, v, causal, backend="triton")),
         "sdpa_cudnn": lambda: sdpa(SDPBackend.CUDNN_ATTENTION),
         "sdpa_flash": lambda: sdpa(SDPBackend.FLASH_ATTENTION),
@@ -174,8 +177,8 @@ def speed_table(rows) -> str:
         cells = []
         for p in providers:
             r = got.get(p, {})
-            if r.get("status") != "ok":
-                cells.append(str(r.get("status", "-"))[:24])
+            if r.get("status") != "ok":  # the full message is in the log and the JSON
+                cells.append("err" if str(r.get("status", "")).startswith("error") else r.get("status", "-"))
             else:
                 cells.append(f"{r['ms']:.2f} ms" if r["tflops"] is None else f"{r['tflops']:.0f}")
         tf = {p: got[p].get("tflops") for p in got if got[p].get("status") == "ok"}
