@@ -110,6 +110,11 @@ def test_crash_during_save_leaves_previous_checkpoint(run36, tmp_path, monkeypat
         assert abs(resumed[step]["loss"] - reference[step]["loss"]) <= 1e-6, step
 
 
+def test_resume_none_refuses_an_existing_run(run36):
+    with pytest.raises(ValueError, match="resume=none"):
+        train(run36, "train.steps=36", "train.resume=none")
+
+
 def test_checkpoint_manager_keep_and_world_size(tmp_path):
     mgr = CheckpointManager(tmp_path, keep=2)
     for step in (1, 2, 3):

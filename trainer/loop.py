@@ -122,6 +122,10 @@ class Trainer:
     def maybe_resume(self) -> None:
         resume = self.cfg.train.resume
         if resume == "none":
+            if self.ckpt.latest() is not None:  # they would mix with, and be pruned against, the new run's
+                raise ValueError(f"train.resume=none but {self.ckpt.root} already holds checkpoints (newest "
+                                 f"{self.ckpt.latest().name}); use train.resume=auto, another run_name / "
+                                 f"train.out_dir, or delete them")
             return
         path = self.ckpt.latest() if resume == "auto" else Path(resume)
         if path is None:
@@ -230,10 +234,10 @@ class Trainer:
 
     def run(self) -> dict:
         cfg = self.cfg.train
+        self.maybe_resume()
         if self.env.rank == 0:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             (self.out_dir / "config.yaml").write_text(OmegaConf.to_yaml(asdict(self.cfg)))
-        self.maybe_resume()
         if self.step >= cfg.steps:
             log.info("step %d >= train.steps=%d in %s: nothing to train (a new train.out_dir or run_name starts "
                      "afresh)", self.step, cfg.steps, self.out_dir)
