@@ -148,6 +148,11 @@ class Trainer:
         path = self.ckpt.save(self.step, shared, per_rank)
         log.info("saved checkpoint %s", path)
 
+    def _prepare_batch(self, batch: dict) -> dict:
+        # The one place inputs are placed: context parallelism will shard tokens, labels and positions here
+        # (the trainer shards inputs, not the model).
+        return batch_to_device(batch, self.device)
+
     def _autocast(self):
         if self.autocast_dtype is None:
             return nullcontext()
@@ -157,10 +162,12 @@ class Trainer:
 
     def train_step(self, micro_batches: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns (global mean loss, grad norm) as device tensors; never reads them back."""
-        denom = global_valid_count(sum(b["num_valid"] for b in micro_batches), self.device, self.env.group)
+        # clamp: a step without any target (all padding) contributes 0 instead of 0/0.
+        denom = global_valid_count(sum(b["num_valid"] for b in micro_batches), self.device,
+                                   self.env.group).clamp(min=1)
         loss_sum = torch.zeros((), device=self.device)
         for i, batch in enumerate(micro_batches):
-            b = batch_to_device(batch, self.device)
+            b = self._prepare_batch(batch)
             # Gradients are all-reduced once, on the last micro-batch.
             sync = i == len(micro_batches) - 1 or not hasattr(self.module, "no_sync")
             with nullcontext() if sync else self.module.no_sync(), self._autocast():
@@ -209,7 +216,7 @@ class Trainer:
         self.model.eval()
         totals = torch.zeros(2, device=self.device)  # [loss sum, valid tokens]
         for batch in self.val_loader.iter_epoch(max_batches=self.cfg.train.eval_batches):
-            b = batch_to_device(batch, self.device)
+            b = self._prepare_batch(batch)
             with self._autocast():
                 totals[0] += self.loss_module(b["tokens"], b["labels"], b["position_ids"], b["cu_seqlens"],
                                               b["max_seqlen"])

@@ -96,7 +96,9 @@ def global_valid_count(num_valid: int, device, group=None) -> torch.Tensor:
     All-reduced on the device, so reading it needs no host sync; without an initialised process group it is
     just the local count.
     """
-    count = torch.tensor(float(num_valid), device=device)
+    # torch.full launches a fill kernel; torch.tensor(x, device="cuda") would copy from pageable memory
+    # and wait for the GPU queue.
+    count = torch.full((), float(num_valid), dtype=torch.float32, device=device)
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(count, group=group)
     return count
