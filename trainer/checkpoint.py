@@ -5,9 +5,10 @@
     found = ckpt.load_latest()     # None, or (step, shared, per_rank) of the newest complete checkpoint
 
 Layout of one checkpoint: `state.pt` (what every rank holds the same copy of: model, optimizer, scheduler,
-step, config; written by rank 0), `rank_<r>.pt` (per-rank: data-loader position, RNG states; a ZeRO
-engine's shards would go here too) and `meta.json`. Everything is written into `.tmp_step_<N>/` and
-renamed; a crash mid-save leaves only a temp dir, which load_latest ignores and the next save removes.
+step, config; written by rank 0), `rank_<r>.pt` (per-rank: data-loader position, RNG states), `meta.json`,
+and under ZeRO `zero/` (DeepSpeed's weight / optimizer shards, via save(..., write_extra=...); state.pt then
+holds no model or optimizer). Everything is written into `.tmp_step_<N>/` and renamed; a crash mid-save
+leaves only a temp dir, which load_latest ignores and the next save removes.
 """
 
 from __future__ import annotations
@@ -43,6 +44,17 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _fsync_tree(root: Path) -> None:
+    for dirpath, _, files in os.walk(root):
+        for name in files:
+            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        _fsync_dir(Path(dirpath))
 
 
 def rng_state() -> dict:
@@ -85,8 +97,13 @@ class CheckpointManager:
         self.world_size = world_size
         self.barrier = barrier or _noop
 
-    def save(self, step: int, shared: dict, per_rank: dict) -> Path:
-        """Collective: every rank calls it. Returns the final checkpoint directory."""
+    def save(self, step: int, shared: dict, per_rank: dict,
+             write_extra: Optional[Callable[[Path], None]] = None) -> Path:
+        """Collective: every rank calls it. Returns the final checkpoint directory.
+
+        write_extra(tmp_dir), if given, runs on every rank while the temp dir exists (e.g. a ZeRO engine
+        writing its shards), so those files appear atomically with the rest.
+        """
         final = self.root / f"step_{step}"
         tmp = self.root / f".tmp_step_{step}"
         if self.rank == 0:
@@ -97,8 +114,12 @@ class CheckpointManager:
         _save_file(per_rank, tmp / f"rank_{self.rank}.pt")
         if self.rank == 0:
             _save_file(shared, tmp / "state.pt")
+        if write_extra is not None:
+            write_extra(tmp)
         self.barrier()
         if self.rank == 0:
+            if write_extra is not None:
+                _fsync_tree(tmp)  # files written by others' code: make them durable before the rename
             # meta.json last: list_checkpoints only trusts directories that have it.
             with open(tmp / "meta.json", "w") as f:
                 json.dump({"step": step, "world_size": self.world_size}, f)

@@ -61,6 +61,7 @@ class ParallelConfig:
 @dataclass
 class AttentionConfig:
     backend: str = "auto"  # auto | triton | sdpa | reference
+    fp8_forward: bool = False  # FP8 attention forward (attention/fp8.py); needs data.cross_doc_attention, cp=1
 
 
 @dataclass
@@ -105,6 +106,25 @@ def check_config(cfg: Config) -> None:
                          f"warmup_steps={o.warmup_steps}")
     if cfg.logger.name not in ("none", "wandb"):
         raise ValueError(f"logger.name must be none or wandb, got {cfg.logger.name!r}")
+    _check_parallel_combinations(cfg)
+
+
+def _check_parallel_combinations(cfg: Config) -> None:
+    """Context parallelism and fp8 vs the model and data shapes (the world size is checked at startup)."""
+    p = cfg.parallel
+    if p.cp > 1 and cfg.data.seq_len % (2 * p.cp) != 0:
+        raise ValueError(f"data.seq_len {cfg.data.seq_len} is not divisible by 2*parallel.cp={2 * p.cp} (zigzag "
+                         f"sharding cuts each sequence into 2*cp equal chunks)")
+    if p.cp > 1 and p.cp_impl == "ulysses" and cfg.model.n_heads % p.cp != 0:
+        raise ValueError(f"parallel.cp_impl=ulysses splits heads across ranks: model.n_heads ({cfg.model.n_heads}) "
+                         f"must be divisible by parallel.cp ({p.cp}); use parallel.cp_impl=ring")
+    if cfg.attention.fp8_forward:
+        if not cfg.data.cross_doc_attention:
+            raise ValueError("attention.fp8_forward=true needs data.cross_doc_attention=true: packed documents run "
+                             "the varlen kernel, which has no fp8 path")
+        if p.cp > 1:
+            raise ValueError(f"attention.fp8_forward=true needs parallel.cp=1 (got {p.cp}): ring / Ulysses "
+                             f"attention have no fp8 path")
 
 
 def register_configs() -> None:

@@ -16,6 +16,7 @@ import math
 import os
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 from typing import Optional
 
@@ -25,6 +26,7 @@ from omegaconf import OmegaConf
 from torch import nn
 from tqdm.contrib.logging import logging_redirect_tqdm
 
+from parallel.data_parallel import load_zero_checkpoint, save_zero_checkpoint, zero_grad_norm
 from trainer.checkpoint import CheckpointManager, rng_state, set_rng_state
 from trainer.config import Config
 from trainer.data import build_loader, build_tokenizer
@@ -32,7 +34,7 @@ from trainer.loss import chunked_cross_entropy, global_valid_count
 from trainer.metrics import (MetricsSink, Throughput, causal_pairs, default_peak_tflops, peak_memory_gib,
                              reset_peak_memory, train_flops)
 from trainer.model import GPT
-from trainer.parallelize import DistEnv, parallelize, validate_parallel
+from trainer.parallelize import DistEnv, parallelize, shard_batch, validate_parallel
 
 log = logging.getLogger(__name__)
 
@@ -96,12 +98,22 @@ class Trainer:
         if cfg.model.vocab_size == 0:
             cfg.model.vocab_size = self.tokenizer.vocab_size
         self.model = GPT(cfg.model, attn_backend=cfg.attention.backend).to(self.device)
+        for block in self.model.layers:  # check_config allows fp8 only where the dense path runs
+            block.attention.inner_attention.fp8 = cfg.attention.fp8_forward
         self.loss_module = LMLoss(self.model, cfg.train.loss_chunk)
-        self.module, self.grad_scale = parallelize(self.loss_module, cfg.parallel, env)
+        # Counted before parallelize: ZeRO-3 leaves each rank only a shard of every parameter.
+        self.n_params = self.model.num_params(exclude_embedding=True)
+        self.n_params_total = self.model.num_params()
         self.optimizer = build_optimizer(self.model, cfg.optim, self.device)
         decay = cfg.optim.decay_steps or cfg.train.steps
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lr_lambda(cfg.optim.warmup_steps, decay, cfg.optim.min_lr / cfg.optim.lr))
+        lr_factor = lr_lambda(cfg.optim.warmup_steps, decay, cfg.optim.min_lr / cfg.optim.lr)
+        par = parallelize(self.loss_module, cfg, env, self.optimizer, lr_factor,
+                          bf16=self.autocast_dtype == torch.bfloat16)
+        self.module, self.grad_scale, self.engine = par.module, par.grad_scale, par.engine
+        if self.engine is None:
+            self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_factor)
+        else:  # ZeRO: DeepSpeed wraps the optimizer and steps the scheduler it built from lr_factor
+            self.optimizer, self.scheduler = self.engine.optimizer, self.engine.lr_scheduler
         self.train_loader = build_loader(cfg.data, self.tokenizer, "train", env.dp_rank, env.dp_size,
                                          cfg.train.seed)
         self.val_loader = None
@@ -113,7 +125,6 @@ class Trainer:
         self.step = 0
         # Non-finite bookkeeping stays on the device: [skipped total, current streak, longest streak].
         self.bad = torch.zeros(3, device=self.device)
-        self.n_params = self.model.num_params(exclude_embedding=True)
         peak = cfg.train.peak_tflops or default_peak_tflops(self.device)
         self.throughput = Throughput(peak, env.world_size)
 
@@ -131,8 +142,11 @@ class Trainer:
         if path is None:
             return
         step, shared, per_rank = self.ckpt.load(path)
-        self.model.load_state_dict(shared["model"])
-        self.optimizer.load_state_dict(shared["optimizer"])
+        if self.engine is None:
+            self.model.load_state_dict(shared["model"])
+            self.optimizer.load_state_dict(shared["optimizer"])
+        else:  # weights and optimizer shards live in DeepSpeed's files
+            load_zero_checkpoint(self.engine, path)
         self.scheduler.load_state_dict(shared["scheduler"])
         self.bad[0] = shared["skipped_steps"]
         self.train_loader.load_state_dict(per_rank["data"])
@@ -141,17 +155,30 @@ class Trainer:
         log.info("resumed from %s (step %d)", path, step)
 
     def save_checkpoint(self) -> None:
-        shared = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                  "scheduler": self.scheduler.state_dict(), "step": self.step,
+        shared = {"scheduler": self.scheduler.state_dict(), "step": self.step,
                   "skipped_steps": float(self.bad[0]), "config": asdict(self.cfg)}
+        write_extra = None
+        if self.engine is None:
+            shared.update(model=self.model.state_dict(), optimizer=self.optimizer.state_dict())
+        else:  # every rank writes its ZeRO shards into the same temp dir, renamed with the rest
+            write_extra = partial(save_zero_checkpoint, self.engine)
         per_rank = {"data": self.train_loader.state_dict(), "rng": rng_state()}
-        path = self.ckpt.save(self.step, shared, per_rank)
+        path = self.ckpt.save(self.step, shared, per_rank, write_extra=write_extra)
         log.info("saved checkpoint %s", path)
 
     def _prepare_batch(self, batch: dict) -> dict:
-        # The one place inputs are placed: context parallelism will shard tokens, labels and positions here
-        # (the trainer shards inputs, not the model).
-        return batch_to_device(batch, self.device)
+        # The one place inputs are placed. Under context parallelism each rank keeps its zigzag shard of tokens,
+        # labels and positions (the trainer shards inputs, not the model), and num_valid becomes the shard's
+        # own count, so summing it over dp x cp counts every target once.
+        if self.env.cp_size > 1:
+            batch = shard_batch(batch, self.env.cp_group)
+        b = batch_to_device(batch, self.device)
+        b["num_valid"] = batch["num_valid"]
+        if self.cfg.data.cross_doc_attention:
+            # One document per row (padding only at row ends): dense causal attention is exact for every
+            # target and takes the fast path (and fp8, which has no varlen kernel).
+            b["cu_seqlens"] = b["max_seqlen"] = None
+        return b
 
     def _autocast(self):
         if self.autocast_dtype is None:
@@ -162,27 +189,36 @@ class Trainer:
 
     def train_step(self, micro_batches: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns (global mean loss, grad norm) as device tensors; never reads them back."""
+        prepared = [self._prepare_batch(batch) for batch in micro_batches]
         # clamp: a step without any target (all padding) contributes 0 instead of 0/0.
-        denom = global_valid_count(sum(b["num_valid"] for b in micro_batches), self.device,
+        denom = global_valid_count(sum(b["num_valid"] for b in prepared), self.device,
                                    self.env.group).clamp(min=1)
         loss_sum = torch.zeros((), device=self.device)
-        for i, batch in enumerate(micro_batches):
-            b = self._prepare_batch(batch)
-            # Gradients are all-reduced once, on the last micro-batch.
-            sync = i == len(micro_batches) - 1 or not hasattr(self.module, "no_sync")
+        for i, b in enumerate(prepared):
+            # Gradients are all-reduced once, on the last micro-batch (DeepSpeed reduces on its own schedule).
+            sync = i == len(prepared) - 1 or self.engine is not None or not hasattr(self.module, "no_sync")
             with nullcontext() if sync else self.module.no_sync(), self._autocast():
                 part = self.module(b["tokens"], b["labels"], b["position_ids"], b["cu_seqlens"], b["max_seqlen"])
-            # DDP averages gradients over ranks; grad_scale (= its world size) turns that mean back into
+            # DDP / ZeRO average gradients over ranks; grad_scale (= the world size) turns that mean back into
             # the sum, so the result is d(global sum / global count), independent of the number of ranks.
-            (part * (self.grad_scale / denom)).backward()
+            scaled = part * (self.grad_scale / denom)
+            if self.engine is None:
+                scaled.backward()
+            else:  # our scaling already covers accumulation; step() updates on the last micro-batch only
+                self.engine.backward(scaled, scale_wrt_gas=False)
+                self.engine.step()
             loss_sum += part.detach()
         if self.env.world_size > 1:
             dist.all_reduce(loss_sum, group=self.env.group)
         loss = loss_sum / denom
-        clip = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip, foreach=True)
-        found_inf = (~torch.isfinite(loss) | ~torch.isfinite(grad_norm)).float()
-        self._optimizer_step(found_inf)
+        if self.engine is None:
+            clip = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else float("inf")
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip, foreach=True)
+            found_inf = (~torch.isfinite(loss) | ~torch.isfinite(grad_norm)).float()
+            self._optimizer_step(found_inf)
+        else:  # DeepSpeed clipped and updated, or skipped the update for a non-finite gradient norm
+            grad_norm = zero_grad_norm(self.engine, self.device)
+            found_inf = (~torch.isfinite(grad_norm)).float()
         skipped, streak, longest = self.bad
         streak = (streak + 1) * found_inf
         self.bad = torch.stack([skipped + found_inf, streak, torch.maximum(longest, streak)])
@@ -220,7 +256,7 @@ class Trainer:
             with self._autocast():
                 totals[0] += self.loss_module(b["tokens"], b["labels"], b["position_ids"], b["cu_seqlens"],
                                               b["max_seqlen"])
-            totals[1] += batch["num_valid"]
+            totals[1] += b["num_valid"]
         if self.env.world_size > 1:
             dist.all_reduce(totals, group=self.env.group)
         self.model.train()
@@ -250,7 +286,7 @@ class Trainer:
                      "afresh)", self.step, cfg.steps, self.out_dir)
             return {"step": self.step}
         log.info("model %s: %.2fM parameters, device %s, dtype %s, world %d", self.model.config.name,
-                 self.model.num_params() / 1e6, self.device, self.autocast_dtype or "fp32", self.env.world_size)
+                 self.n_params_total / 1e6, self.device, self.autocast_dtype or "fp32", self.env.world_size)
         sink = MetricsSink(self.out_dir, self.cfg.logger, asdict(self.cfg), self.env.rank, cfg.steps, self.step,
                            self.cfg.run_name)
         try:

@@ -108,13 +108,14 @@ class InnerAttention(nn.Module):
     With cu_seqlens it runs the varlen kernel over the flattened B*N tokens (packed documents).
     """
 
-    def __init__(self, backend: str = "auto"):
+    def __init__(self, backend: str = "auto", fp8: bool = False):
         super().__init__()
         self.backend = backend
+        self.fp8 = fp8  # FP8 forward (attention/fp8.py) on the dense path; varlen has no fp8 kernel
 
     def forward(self, q, k, v, cu_seqlens=None, max_seqlen=None):
         if cu_seqlens is None:
-            return flash_attn_func(q, k, v, causal=True, backend=self.backend)
+            return flash_attn_func(q, k, v, causal=True, backend=self.backend, fp8=self.fp8)
         B, N, H, D = q.shape
         out = flash_attn_varlen_func(q.reshape(B * N, H, D), k.reshape(B * N, -1, D), v.reshape(B * N, -1, D),
                                      cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, causal=True,

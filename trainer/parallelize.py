@@ -1,15 +1,17 @@
 """Process-group setup and the one place where parallelism is applied to the model.
 
-    env = init_distributed("auto", cp=1)            # single process, or the ranks torchrun started
-    module, grad_scale = parallelize(loss_module, cfg.parallel, env)
+    env = init_distributed("auto", cp=2)              # single process, or the ranks torchrun started
+    par = parallelize(loss_module, cfg, env, optimizer, lr_factor)     # -> Parallelized(module, grad_scale, ...)
+    batch = shard_batch(batch, env.cp_group)          # the trainer shards inputs, not the model
 
 Order (each step a small function; later ones wrap what earlier ones built):
-  1. context parallelism: swap every block.attention.inner_attention for a ring / Ulysses core  [not yet]
+  1. context parallelism: swap every block.attention.inner_attention for a ring / Ulysses core
   2. activation checkpointing: per block, model.ckpt (applied inside GPT, see model._run_layer)
-  3. torch.compile of the blocks                                                                [not yet]
-  4. data parallelism: DDP for zero_stage=0 (DeepSpeed ZeRO 1/2/3 later), outermost, so it sees the
-     final parameters and gradient hooks.
-Rank layout: rank = dp_rank * cp + cp_rank, so a cp group sits on neighbouring GPUs (NVLink).
+  3. torch.compile of the blocks (inside GPT as well); the CP core is excluded from compilation
+  4. data parallelism, outermost, so it sees the final parameters and gradient hooks: DDP for zero_stage=0,
+     a DeepSpeed ZeRO 1/2/3 engine otherwise (it then owns backward, optimizer step and its checkpoint shards)
+Rank layout: rank = dp_rank * cp + cp_rank, so a cp group sits on neighbouring GPUs (NVLink). Gradients are
+reduced over all dp x cp ranks (parallel/data_parallel.py says why that is exact).
 """
 
 from __future__ import annotations
@@ -17,13 +19,18 @@ from __future__ import annotations
 import datetime
 import os
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
+from parallel import init_mesh, ring_attn_func, shard_sequence, ulysses_attn_func
+from parallel.data_parallel import init_zero_engine, wrap_ddp, zero_config
+from trainer.loss import IGNORE_INDEX
+
 CP_IMPLS = ("ring", "ulysses")
+CP_LAYOUT = "zigzag"  # 2*cp chunks, rank r holds r and 2cp-1-r: equal causal work on every rank
 
 
 @dataclass
@@ -37,6 +44,7 @@ class DistEnv:
     cp_rank: int = 0
     cp_size: int = 1
     group: Optional[Any] = None  # the dp x cp group the loss is averaged over (None: the default group)
+    cp_group: Optional[Any] = None  # this rank's cp group (consecutive ranks); None when cp == 1
 
     def barrier(self) -> None:
         if dist.is_initialized():
@@ -44,6 +52,14 @@ class DistEnv:
                 dist.barrier(device_ids=[self.device.index])
             else:
                 dist.barrier()
+
+
+@dataclass
+class Parallelized:
+    """What parallelize() built: the module the loop calls, and how to scale its loss for backward."""
+    module: nn.Module  # DDP wrapper, DeepSpeed engine, or the module itself
+    grad_scale: float  # undoes the gradient average over ranks (the loss is already a global mean)
+    engine: Optional[Any] = None  # the DeepSpeed engine when zero_stage > 0 (it steps the optimizer)
 
 
 def resolve_device(name: str, local_rank: int) -> torch.device:
@@ -62,7 +78,8 @@ def resolve_device(name: str, local_rank: int) -> torch.device:
 def init_distributed(device: str = "auto", cp: int = 1) -> DistEnv:
     """Join the process group torchrun describes (RANK / WORLD_SIZE / LOCAL_RANK), or run as one process.
 
-    gloo on CPU, NCCL on CUDA. dp_size = world_size // cp.
+    gloo on CPU, NCCL on CUDA. dp_size = world_size // cp; with cp > 1 the dp x cp mesh (parallel.init_mesh)
+    gives this rank its cp group.
     """
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
@@ -72,8 +89,9 @@ def init_distributed(device: str = "auto", cp: int = 1) -> DistEnv:
         kwargs = {"device_id": dev} if dev.type == "cuda" else {}
         dist.init_process_group(backend, timeout=datetime.timedelta(minutes=30), **kwargs)
     cp = cp if cp >= 1 and world % cp == 0 else 1  # a bad cp is reported by validate_parallel
+    cp_group = init_mesh(cp=cp).cp_group if cp > 1 else None
     return DistEnv(rank=rank, world_size=world, local_rank=local_rank, device=dev, dp_rank=rank // cp,
-                   dp_size=world // cp, cp_rank=rank % cp, cp_size=cp)
+                   dp_size=world // cp, cp_rank=rank % cp, cp_size=cp, cp_group=cp_group)
 
 
 def destroy_distributed() -> None:
@@ -82,35 +100,114 @@ def destroy_distributed() -> None:
 
 
 def validate_parallel(cfg, env: DistEnv) -> None:
-    """Check the parallel config against the world size, with the numbers in the message."""
+    """Check the parallel config (cfg.parallel) against the world size, with the numbers in the message."""
     if cfg.cp_impl not in CP_IMPLS:
         raise ValueError(f"parallel.cp_impl must be one of {CP_IMPLS}, got {cfg.cp_impl!r}")
     if cfg.cp < 1:
         raise ValueError(f"parallel.cp must be >= 1, got {cfg.cp}")
-    if cfg.cp > 1:
-        raise ValueError(f"parallel.cp={cfg.cp}: context parallelism is not implemented in the trainer yet "
-                         f"(use parallel.cp=1)")
     if cfg.zero_stage not in (0, 1, 2, 3):
         raise ValueError(f"parallel.zero_stage must be 0, 1, 2 or 3, got {cfg.zero_stage}")
-    if cfg.zero_stage != 0:
-        raise ValueError(f"parallel.zero_stage={cfg.zero_stage}: DeepSpeed ZeRO is not implemented in the "
-                         f"trainer yet (use parallel.zero_stage=0 for DDP)")
     dp = env.world_size // cfg.cp if cfg.dp == -1 else cfg.dp
     if dp * cfg.cp != env.world_size:
         raise ValueError(f"parallel.dp ({cfg.dp}) * parallel.cp ({cfg.cp}) must equal the world size "
                          f"({env.world_size})")
+    if cfg.zero_stage != 0 and env.world_size == 1:
+        raise ValueError(f"parallel.zero_stage={cfg.zero_stage} shards weights / optimizer state over ranks, but "
+                         f"the world size is 1; start several ranks (torchrun --nproc_per_node=N) or use "
+                         f"parallel.zero_stage=0")
 
 
-def apply_data_parallel(module: nn.Module, env: DistEnv) -> tuple[nn.Module, float]:
-    """DDP over every rank. Returns (module, grad_scale): DDP averages gradients over world_size ranks,
-    while our loss is already a global mean, so the backward is scaled by world_size to undo the average."""
-    if env.world_size == 1:
-        return module, 1.0
-    ids = [env.device.index] if env.device.type == "cuda" else None
-    return nn.parallel.DistributedDataParallel(module, device_ids=ids), float(env.world_size)
+# -- 1. context parallelism ----------------------------------------------------------------------------------
 
 
-def parallelize(module: nn.Module, cfg, env: DistEnv) -> tuple[nn.Module, float]:
-    """Apply the configured parallelism (see the module docstring for the order)."""
-    validate_parallel(cfg, env)
-    return apply_data_parallel(module, env)
+class CurrentPositions:
+    """The position ids (this rank's shard) of the model forward in progress, for the CP attention cores.
+
+    GPT.forward receives them (RoPE uses them); a forward pre-hook stores them here, so the attention cores,
+    whose signature carries no positions, see the same ones. A backward (and its activation-checkpoint
+    recompute) always runs before the next forward in the trainer, so the stored ids are the right ones then.
+    """
+
+    def __init__(self):
+        self.position_ids: Optional[torch.Tensor] = None
+
+    def capture(self, module, args, kwargs) -> None:
+        self.position_ids = kwargs["position_ids"] if "position_ids" in kwargs else (args[1] if len(args) > 1
+                                                                                        else None)
+
+
+class ContextParallelAttention(nn.Module):
+    """Replaces InnerAttention: q (B, N_local, H, D), k/v (B, N_local, Hkv, D) shards -> out (B, N_local, H, D).
+
+    Causal attention over the whole sequence split across the cp group (ring or Ulysses). With packed
+    documents the shard's position ids (0 starts a document) keep attention inside documents; the batch's
+    global cu_seqlens do not describe a shard and must not be passed.
+    """
+
+    def __init__(self, impl: str, group, positions: Optional[CurrentPositions], backend: str = "auto"):
+        super().__init__()
+        assert impl in CP_IMPLS, impl
+        self.impl, self.group, self.positions, self.backend = impl, group, positions, backend
+
+    @torch.compiler.disable  # process-group calls and a data-dependent plan: always eager
+    def forward(self, q, k, v, cu_seqlens=None, max_seqlen=None):
+        assert cu_seqlens is None, "under context parallelism document boundaries come from the position ids"
+        pos = None
+        if self.positions is not None:
+            pos = self.positions.position_ids
+            assert pos is not None and pos.shape == q.shape[:2], "the model forward must receive position_ids"
+        fn = ring_attn_func if self.impl == "ring" else ulysses_attn_func
+        return fn(q, k, v, group=self.group, causal=True, layout=CP_LAYOUT, position_ids=pos, backend=self.backend)
+
+
+def apply_context_parallel(model: nn.Module, impl: str, group, packed_documents: bool) -> None:
+    """Swap every block.attention.inner_attention of `model` (a GPT) for a ContextParallelAttention."""
+    positions = None
+    if packed_documents:
+        positions = CurrentPositions()
+        model.register_forward_pre_hook(positions.capture, with_kwargs=True)
+    for block in model.layers:
+        backend = getattr(block.attention.inner_attention, "backend", "auto")
+        block.attention.inner_attention = ContextParallelAttention(impl, group, positions, backend)
+
+
+def shard_batch(batch: dict, group, layout: str = CP_LAYOUT) -> dict:
+    """This cp rank's part of a batch: tokens, labels, position_ids (B, N) -> (B, N / cp), same layout.
+
+    Labels are next-token targets already, so the shift happened before sharding. num_valid becomes the
+    shard's own count (summed over dp x cp it counts every target once); cu_seqlens / max_seqlen describe the
+    unsharded rows and are dropped.
+    """
+    out = {k: shard_sequence(batch[k], 1, group, layout) for k in ("tokens", "labels", "position_ids")}
+    out.update(cu_seqlens=None, max_seqlen=None, num_valid=int((out["labels"] != IGNORE_INDEX).sum()))
+    return out
+
+
+# -- 4. data parallelism -------------------------------------------------------------------------------------
+
+
+def apply_zero(module: nn.Module, optimizer: torch.optim.Optimizer, lr_factor: Callable[[int], float], cfg,
+               env: DistEnv, bf16: bool) -> Parallelized:
+    """A DeepSpeed ZeRO engine over all ranks, driving our AdamW and LambdaLR(lr_factor)."""
+    config = zero_config(cfg.parallel.zero_stage, cfg.data.batch_size, cfg.train.grad_accum, env.dp_size,
+                         cfg.optim.grad_clip, bf16, env.device, cp=env.cp_size)
+    # The loss applies the lm head itself (chunked), outside the head module's forward: ZeRO-3 must gather it.
+    head = [module.model.output_weight] if hasattr(module, "model") else []
+    engine, grad_scale = init_zero_engine(module, optimizer,
+                                          lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_factor), config,
+                                          external_params=head)
+    return Parallelized(engine, grad_scale, engine)
+
+
+def parallelize(module: nn.Module, cfg, env: DistEnv, optimizer: torch.optim.Optimizer,
+                lr_factor: Callable[[int], float], bf16: bool = False) -> Parallelized:
+    """Apply the configured parallelism (see the module docstring for the order). cfg: the whole Config;
+    module: the trainer's loss module (`.model` is the GPT). bf16: DeepSpeed's bf16 mode for ZeRO."""
+    validate_parallel(cfg.parallel, env)
+    if env.cp_size > 1:
+        apply_context_parallel(module.model, cfg.parallel.cp_impl, env.cp_group,
+                               packed_documents=not cfg.data.cross_doc_attention)
+    if cfg.parallel.zero_stage > 0:
+        return apply_zero(module, optimizer, lr_factor, cfg, env, bf16)
+    wrapped, grad_scale = wrap_ddp(module, env.device)
+    return Parallelized(wrapped, grad_scale)

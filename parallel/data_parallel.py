@@ -1,0 +1,162 @@
+"""Data parallelism over every rank: DDP (zero_stage=0) or a DeepSpeed ZeRO stage 1/2/3 engine.
+
+    module, grad_scale = wrap_ddp(module, device)                               # zero_stage=0
+    config = zero_config(stage=2, micro_batch_size=4, grad_accum=2, dp=4, cp=2, grad_clip=1.0, bf16=True,
+                         device=device)
+    engine, grad_scale = init_zero_engine(module, torch_adamw, lambda opt: LambdaLR(opt, f), config)
+    loss = engine(*inputs); engine.backward(loss * grad_scale, scale_wrt_gas=False); engine.step()
+
+Both reduce gradients over the *whole* world (dp x cp ranks): cp ranks hold the same parameters and different
+tokens of one sequence, so their gradients add up exactly as the dp ranks' do. Both *average* over the world;
+for a loss that is already a global mean (sum of token losses / global token count) the caller multiplies by
+grad_scale (= world size) to turn that average back into the sum, so cp=k gives the gradients of cp=1.
+
+DeepSpeed on CPU (checked with deepspeed 0.19.8, torch 2.13): the CPU accelerator is picked automatically when
+CUDA is absent (DS_ACCELERATOR=cpu forces it; we set it for device=cpu) and talks gloo. We initialise
+torch.distributed ourselves (gloo / NCCL) and DeepSpeed adopts that process group (dist_init_required=False).
+gloo has no reduce-scatter, so reduce_scatter and overlap_comm are off on CPU. The first DeepSpeed run on a
+machine JIT-compiles its shared-memory comm op (~40 s on 2 cores, cached in ~/.cache/torch_extensions).
+Knows nothing of models beyond nn.Module.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Callable, Iterable, Optional
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+ZERO_STAGES = (1, 2, 3)
+QUIET_STEPS = 2**31 - 1  # DeepSpeed's own progress print every N steps: effectively never (the trainer logs)
+
+
+def _world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def wrap_ddp(module: nn.Module, device: torch.device) -> tuple[nn.Module, float]:
+    """DDP over every rank of the default group; a single process gets the module back unchanged.
+
+    Returns (module, grad_scale): DDP averages gradients over world_size ranks, so a loss that is already a
+    global mean is scaled by world_size in backward to undo that average.
+    """
+    world_size = _world_size()
+    if world_size == 1:
+        return module, 1.0
+    ids = [device.index] if device.type == "cuda" else None
+    return nn.parallel.DistributedDataParallel(module, device_ids=ids), float(world_size)
+
+
+def _check_positive_int(name: str, value) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"zero_config: {name} must be an int >= 1, got {value!r}")
+
+
+def zero_config(stage: int, micro_batch_size: int, grad_accum: int, dp: int, grad_clip: float, bf16: bool,
+                device: torch.device, cp: int = 1) -> dict:
+    """The DeepSpeed config dict for ZeRO `stage` on a dp x cp grid.
+
+    micro_batch_size: sequences per micro-batch per dp rank (every cp rank of a dp group holds a shard of the
+    same ones); train_batch_size = micro_batch_size * grad_accum * dp. grad_clip: max global grad norm (0 = no
+    clipping). bf16: DeepSpeed's bf16 mode (bf16 weights and activations, fp32 master weights and optimizer
+    states); otherwise everything is fp32.
+    """
+    if stage not in ZERO_STAGES:
+        raise ValueError(f"zero_config: stage must be one of {ZERO_STAGES} (0 is DDP: wrap_ddp), got {stage!r}")
+    for name, value in (("micro_batch_size", micro_batch_size), ("grad_accum", grad_accum), ("dp", dp), ("cp", cp)):
+        _check_positive_int(name, value)
+    if not grad_clip >= 0:  # also rejects NaN
+        raise ValueError(f"zero_config: grad_clip must be >= 0 (0 disables clipping), got {grad_clip!r}")
+    on_gpu = torch.device(device).type == "cuda"
+    config = {
+        "train_micro_batch_size_per_gpu": micro_batch_size,
+        "gradient_accumulation_steps": grad_accum,
+        "train_batch_size": micro_batch_size * grad_accum * dp,
+        "gradient_clipping": float(grad_clip),
+        "zero_optimization": {
+            "stage": stage,
+            # gloo implements neither reduce-scatter nor the side streams overlap_comm uses.
+            "reduce_scatter": on_gpu,
+            "overlap_comm": on_gpu,
+            "contiguous_gradients": True,
+        },
+        # A non-finite gradient norm skips the step (as the DDP path does); for fp32 DeepSpeed always checks.
+        "bf16": {"enabled": bool(bf16), "check_grad_overflow": True},
+        "fp16": {"enabled": False},
+        # Our torch AdamW is the client optimizer: ZeRO partitions its state, and its state_dict format (and
+        # so exact resume) stays ours.
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": QUIET_STEPS,
+        "wall_clock_breakdown": False,
+    }
+    if cp > 1:
+        # Only DeepSpeed's batch-size check reads this (world / sequence_parallel_size = dp ranks that see
+        # different samples). No mpu or mesh is passed, so its groups stay the whole world: ZeRO partitions
+        # and reduces over dp x cp, which is what context parallelism needs.
+        config["sequence_parallel_size"] = cp
+    return config
+
+
+def init_zero_engine(module: nn.Module, optimizer: torch.optim.Optimizer,
+                     lr_scheduler: Optional[Callable] = None, config: Optional[dict] = None,
+                     external_params: Iterable[nn.Parameter] = (), quiet: bool = True):
+    """Wrap `module` in a DeepSpeed engine; returns (engine, grad_scale).
+
+    optimizer: a torch optimizer over module's parameters (ZeRO shards its state). lr_scheduler: a callable
+    optimizer -> scheduler (DeepSpeed calls it with the optimizer whose param groups it manages) and steps it
+    on every applied update. external_params: parameters that module's forward uses outside their owning
+    submodule's forward (e.g. an lm head applied by a loss); ZeRO-3 must gather them for module's forward.
+    Drive it with engine(*inputs), engine.backward(loss * grad_scale, scale_wrt_gas=False) and engine.step()
+    after every micro-batch (the update happens on the gradient_accumulation_steps-th call).
+    """
+    if config is None or "zero_optimization" not in config:
+        raise ValueError("init_zero_engine: config must be a DeepSpeed config dict from zero_config(...)")
+    if not (dist.is_available() and dist.is_initialized()):
+        raise ValueError("init_zero_engine: torch.distributed is not initialised; ZeRO shards over ranks, start "
+                         "them with torchrun (or init_process_group) first")
+    if "LOCAL_RANK" not in os.environ:
+        raise ValueError("init_zero_engine: DeepSpeed needs LOCAL_RANK in the environment (torchrun sets it)")
+    device = next(module.parameters()).device
+    if device.type == "cpu":
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # read once, when deepspeed first picks its accelerator
+    import deepspeed  # only ZeRO runs pay for (and need) the import
+
+    if quiet:
+        logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, lr_scheduler=lr_scheduler,
+                                           config=config, dist_init_required=False)
+    if config["zero_optimization"]["stage"] == 3:
+        for param in external_params:
+            deepspeed.zero.register_external_parameter(engine.module, param)
+    return engine, float(_world_size())
+
+
+def zero_grad_norm(engine, device: torch.device) -> torch.Tensor:
+    """Global gradient norm (before clipping) of the engine's last update, as an fp32 tensor on `device`;
+    inf when DeepSpeed skipped that update for a non-finite gradient."""
+    norm = engine.get_global_grad_norm()
+    if norm is None:
+        return torch.full((), float("nan"), device=device)
+    if isinstance(norm, torch.Tensor):
+        return norm.detach().to(device=device, dtype=torch.float32)
+    return torch.full((), float(norm), device=device)
+
+
+def save_zero_checkpoint(engine, directory, tag: str = "zero") -> None:
+    """Collective: every rank writes its ZeRO shards (weights, optimizer) under directory/tag."""
+    engine.save_checkpoint(str(directory), tag=tag, client_state={}, save_latest=False)
+
+
+def load_zero_checkpoint(engine, directory, tag: str = "zero") -> None:
+    """Collective: restore weights and optimizer shards written by save_zero_checkpoint with the same world.
+
+    The lr scheduler is not restored from here: the caller keeps one copy of its state (next to the data
+    position and RNG), for DDP and ZeRO alike.
+    """
+    path, _ = engine.load_checkpoint(str(directory), tag=tag, load_optimizer_states=True,
+                                     load_lr_scheduler_states=False)
+    if path is None:
+        raise ValueError(f"train.resume: no DeepSpeed checkpoint {tag!r} under {directory}")
