@@ -19,11 +19,12 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from attention import flash_attn_func, flash_attn_varlen_func
 
-CKPT_MODES = ("none", "full")
+from .activations import (CKPT_MODES, OFFLOAD_MODES, attention_keep_mode, keep_attention, normalize_offload,
+                          replay_attention, run_layer)
+from .fused import rms_norm, rms_norm_math, rope, rope_math, swiglu, swiglu_math
 
 
 @dataclass
@@ -41,7 +42,10 @@ class ModelConfig:
     rope_theta: float = 10000.0
     rope_scaling: float = 1.0  # position interpolation: positions are divided by this factor
     tie_embeddings: bool = False
-    ckpt: str = "none"  # activation checkpointing per block: none | full
+    ckpt: str = "none"  # activation checkpointing per block: none | full | selective (keeps attention out)
+    offload_activations: str = "none"  # what checkpointing keeps, on pinned CPU: none|attention|all (true=all)
+    mlp_chunk: int = 0  # tokens per SwiGLU chunk (0: unchunked); no [N, ffn] tensor is kept when > 0
+    compile: bool = False  # torch.compile the norms, projections, RoPE, SwiGLU and residuals of each block
     init_std: float = 0.02
 
     def resolved(self) -> "ModelConfig":
@@ -49,7 +53,8 @@ class ModelConfig:
         kv = self.n_kv_heads or self.n_heads
         hd = self.head_dim or self.dim // max(self.n_heads, 1)
         ffn = self.ffn_dim or self.multiple_of * math.ceil(int(8 * self.dim / 3) / self.multiple_of)
-        cfg = ModelConfig(**{**self.__dict__, "n_kv_heads": kv, "head_dim": hd, "ffn_dim": ffn})
+        cfg = ModelConfig(**{**self.__dict__, "n_kv_heads": kv, "head_dim": hd, "ffn_dim": ffn,
+                             "offload_activations": normalize_offload(self.offload_activations)})
         cfg._validate()
         return cfg
 
@@ -64,6 +69,14 @@ class ModelConfig:
             raise ValueError(f"model.head_dim must be even for RoPE, got {self.head_dim}")
         if self.ckpt not in CKPT_MODES:
             raise ValueError(f"model.ckpt must be one of {CKPT_MODES}, got {self.ckpt!r}")
+        if self.offload_activations not in OFFLOAD_MODES:
+            raise ValueError(f"model.offload_activations must be true, false or one of {OFFLOAD_MODES}, got "
+                             f"{self.offload_activations!r}")
+        if self.offload_activations == "attention" and self.ckpt != "selective":
+            raise ValueError(f"model.offload_activations=attention offloads what model.ckpt=selective keeps; "
+                             f"got model.ckpt={self.ckpt!r}")
+        if self.mlp_chunk < 0:
+            raise ValueError(f"model.mlp_chunk must be >= 0 (0: unchunked), got {self.mlp_chunk}")
         if self.rope_scaling <= 0 or self.rope_theta <= 0:
             raise ValueError(f"model.rope_theta ({self.rope_theta}) and model.rope_scaling ({self.rope_scaling}) "
                              f"must be > 0")
@@ -76,10 +89,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        # Normalise in fp32: bf16 mean-of-squares loses too much precision at dim >= 1024.
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return xf.type_as(x) * self.weight.type_as(x)
+        return rms_norm(x, self.weight, self.eps)  # fp32 statistics; keeps x and one fp32 per row
 
 
 def rope_cos_sin(position_ids, head_dim: int, theta: float, scaling: float = 1.0, dtype=torch.float32):
@@ -95,10 +105,7 @@ def rope_cos_sin(position_ids, head_dim: int, theta: float, scaling: float = 1.0
 
 def apply_rope(x, cos, sin):
     """Rotate x (B, N, H, D) by the half-split convention (as Hugging Face Llama); fp32 math for 16-bit x."""
-    xf = x.float() if x.element_size() < 4 else x
-    cos, sin = cos.to(xf.dtype), sin.to(xf.dtype)
-    x1, x2 = xf.chunk(2, dim=-1)  # (B, N, H, D/2) each
-    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).type_as(x)
+    return rope_math(x, cos, sin)
 
 
 class InnerAttention(nn.Module):
@@ -114,12 +121,23 @@ class InnerAttention(nn.Module):
         self.fp8 = fp8  # FP8 forward (attention/fp8.py) on the dense path; varlen has no fp8 kernel
 
     def forward(self, q, k, v, cu_seqlens=None, max_seqlen=None):
-        if cu_seqlens is None:
-            return flash_attn_func(q, k, v, causal=True, backend=self.backend, fp8=self.fp8)
+        # model.ckpt=selective: inside a checkpointed block the forward keeps (out, lse) and the
+        # recomputation reuses them instead of running attention again (trainer/activations.py). The fp8
+        # path saves other tensors, so it is recomputed as with ckpt=full.
+        mode = None if self.fp8 else attention_keep_mode()
         B, N, H, D = q.shape
-        out = flash_attn_varlen_func(q.reshape(B * N, H, D), k.reshape(B * N, -1, D), v.reshape(B * N, -1, D),
-                                     cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, causal=True,
-                                     backend=self.backend)  # (B*N, H, D)
+        if cu_seqlens is not None:
+            q, k, v = q.reshape(B * N, H, D), k.reshape(B * N, -1, D), v.reshape(B * N, -1, D)  # (B*N, H, D)
+        if mode == "replay":
+            extra = () if cu_seqlens is None else (cu_seqlens, cu_seqlens)
+            return replay_attention(q, k, v, *extra).view(B, N, H, D)
+        if cu_seqlens is None:
+            out, lse = flash_attn_func(q, k, v, causal=True, backend=self.backend, return_lse=True, fp8=self.fp8)
+        else:
+            out, lse = flash_attn_varlen_func(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen,
+                                              causal=True, backend=self.backend, return_lse=True)
+        if mode == "record":
+            keep_attention(out, lse)
         return out.view(B, N, H, D)
 
 
@@ -139,22 +157,55 @@ class Attention(nn.Module):
         q = self.wq(x).view(B, N, -1, self.head_dim)  # (B, N, H, D)
         k = self.wk(x).view(B, N, -1, self.head_dim)  # (B, N, Hkv, D)
         v = self.wv(x).view(B, N, -1, self.head_dim)  # (B, N, Hkv, D)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k = rope(q, cos, sin), rope(k, cos, sin)
         out = self.inner_attention(q, k, v, cu_seqlens, max_seqlen)  # (B, N, H, D)
         return self.wo(out.reshape(B, N, -1))
 
 
 class FeedForward(nn.Module):
-    """SwiGLU: w2(silu(w1 x) * w3 x)."""
+    """SwiGLU: w2(silu(w1 x) * w3 x); chunk > 0 runs it over that many tokens at a time (fused.py)."""
 
-    def __init__(self, dim: int, hidden: int):
+    def __init__(self, dim: int, hidden: int, chunk: int = 0):
         super().__init__()
         self.w1 = nn.Linear(dim, hidden, bias=False)
         self.w3 = nn.Linear(dim, hidden, bias=False)
         self.w2 = nn.Linear(hidden, dim, bias=False)
+        self.chunk = chunk
 
     def forward(self, x):
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        return swiglu(x, self.w1.weight, self.w3.weight, self.w2.weight, self.chunk)
+
+
+# -- model.compile: the block's non-attention parts as three compiled functions ---------------------------
+# Weights are arguments, so one compiled graph serves every layer (no per-module guards or recompiles);
+# the attention core stays an opaque eager call between them (its Triton Function and the selective
+# checkpoint hooks are not traced).
+
+def _qkv_stage(x, norm_w, wq, wk, wv, cos, sin, eps: float, head_dim: int):
+    B, N, _ = x.shape
+    h = rms_norm_math(x, norm_w, eps)
+    q = F.linear(h, wq).view(B, N, -1, head_dim)  # (B, N, H, D)
+    k = F.linear(h, wk).view(B, N, -1, head_dim)  # (B, N, Hkv, D)
+    v = F.linear(h, wv).view(B, N, -1, head_dim)
+    return rope_math(q, cos, sin), rope_math(k, cos, sin), v
+
+
+def _post_attention_stage(x, out, wo, norm_w, eps: float):
+    y = x + F.linear(out.flatten(2), wo)  # out (B, N, H, D) -> (B, N, H*D)
+    return y, rms_norm_math(y, norm_w, eps)
+
+
+def _mlp_stage(y, h, w1, w3, w2):
+    return y + swiglu_math(h, w1, w3, w2)
+
+
+_COMPILED: dict = {}
+
+
+def _compiled(fn):
+    if fn not in _COMPILED:
+        _COMPILED[fn] = torch.compile(fn, fullgraph=True, dynamic=False)
+    return _COMPILED[fn]
 
 
 class Block(nn.Module):
@@ -163,11 +214,26 @@ class Block(nn.Module):
         self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.attention = Attention(cfg, backend)
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.feed_forward = FeedForward(cfg.dim, cfg.ffn_dim)
+        self.feed_forward = FeedForward(cfg.dim, cfg.ffn_dim, cfg.mlp_chunk)
+        self.compile = cfg.compile
 
     def forward(self, x, cos, sin, cu_seqlens=None, max_seqlen=None):
+        # The MLP must stay the block's last op: a checkpoint recomputation skips the chunked MLP's
+        # forward because the recomputed block output is discarded (fused.ChunkedSwiGLU).
+        if self.compile:
+            return self._forward_compiled(x, cos, sin, cu_seqlens, max_seqlen)
         x = x + self.attention(self.attention_norm(x), cos, sin, cu_seqlens, max_seqlen)
         return x + self.feed_forward(self.ffn_norm(x))
+
+    def _forward_compiled(self, x, cos, sin, cu_seqlens, max_seqlen):
+        a, f, eps = self.attention, self.feed_forward, self.attention_norm.eps
+        q, k, v = _compiled(_qkv_stage)(x, self.attention_norm.weight, a.wq.weight, a.wk.weight, a.wv.weight,
+                                        cos, sin, eps, a.head_dim)
+        out = a.inner_attention(q, k, v, cu_seqlens, max_seqlen)  # (B, N, H, D)
+        y, h = _compiled(_post_attention_stage)(x, out, a.wo.weight, self.ffn_norm.weight, eps)
+        if f.chunk > 0:
+            return y + f(h)
+        return _compiled(_mlp_stage)(y, h, f.w1.weight, f.w3.weight, f.w2.weight)
 
 
 class GPT(nn.Module):
@@ -225,9 +291,6 @@ class GPT(nn.Module):
         return self.norm(x)
 
     def _run_layer(self, layer, x, cos, sin, cu_seqlens, max_seqlen):
-        # The activation-checkpointing hook: "full" keeps only each block's input and recomputes the rest in
-        # backward. A "selective" policy would go here too (checkpoint(..., context_fn=...) saving the
-        # attention output so attention is not recomputed).
-        if self.config.ckpt == "full" and torch.is_grad_enabled():
-            return checkpoint(layer, x, cos, sin, cu_seqlens, max_seqlen, use_reentrant=False)
-        return layer(x, cos, sin, cu_seqlens, max_seqlen)
+        # Activation checkpointing (none | full | selective) and CPU offload: trainer/activations.py.
+        return run_layer(layer, x, cos, sin, cu_seqlens, max_seqlen, self.config.ckpt,
+                         self.config.offload_activations)

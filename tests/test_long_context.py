@@ -1,0 +1,242 @@
+"""Long-context memory features: checkpoint policies, CPU offload, chunked SwiGLU, lean norm/RoPE, compile.
+
+Each policy must give the same loss and gradients as model.ckpt=none (fp64, reference attention); the
+memory claims are checked by counting the bytes of live CPU tensors after the forward and by the shapes
+of every tensor an op creates (no [tokens, vocab] or [tokens, ffn] tensor).
+"""
+
+import gc
+import weakref
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+import trainer.activations
+import trainer.model
+from tests.helpers import assert_close
+from trainer.fused import rms_norm, rms_norm_math, rope, rope_math, swiglu, swiglu_math
+from trainer.loss import chunked_cross_entropy
+from trainer.model import GPT, ModelConfig, rope_cos_sin
+
+VOCAB = 300
+
+
+def build(dtype=torch.float64, **kw):
+    torch.manual_seed(0)
+    base = dict(vocab_size=VOCAB, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=48)
+    model = GPT(ModelConfig(**{**base, **kw}), attn_backend="reference").to(dtype)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 1:
+                p.uniform_(0.5, 1.5)  # random norm gains: an unused gain gradient would show
+    return model
+
+
+def inputs(packed: bool, n: int = 23, batch: int = 2):
+    g = torch.Generator().manual_seed(1)
+    tokens = torch.randint(0, VOCAB, (batch, n), generator=g)
+    labels = torch.randint(0, VOCAB, (batch, n), generator=g)
+    if not packed:
+        return tokens, labels, None, None, None
+    lengths = [9, n - 9] * batch  # two documents per row, positions restart
+    pos = torch.cat([torch.arange(L) for L in lengths]).view(batch, n)
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+    return tokens, labels, pos, cu, max(lengths)
+
+
+def loss_and_grads(model, packed=True, chunk=7):
+    tokens, labels, pos, cu, mx = inputs(packed)
+    hidden = model(tokens, pos, cu, mx)
+    loss = chunked_cross_entropy(hidden.flatten(0, 1), model.output_weight, labels.flatten(), chunk)
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+def assert_same_training_step(actual, expected, label):
+    assert_close(actual[0], expected[0], f"{label}: loss")
+    for name, grad in expected[1].items():
+        assert_close(actual[1][name], grad, f"{label}: grad {name}")
+
+
+POLICIES = [dict(ckpt="full"), dict(ckpt="selective"), dict(ckpt="selective", offload_activations="attention"),
+            dict(ckpt="selective", offload_activations=True), dict(ckpt="full", offload_activations="true"),
+            dict(ckpt="none", offload_activations="all"), dict(mlp_chunk=5),
+            dict(ckpt="selective", mlp_chunk=4), dict(ckpt="full", mlp_chunk=16, offload_activations="all")]
+
+
+@pytest.mark.parametrize("packed", [False, True])
+@pytest.mark.parametrize("policy", POLICIES, ids=lambda p: ",".join(f"{k}={v}" for k, v in p.items()))
+def test_policy_matches_no_checkpointing(policy, packed):
+    expected = loss_and_grads(build(), packed)
+    assert_same_training_step(loss_and_grads(build(**policy), packed), expected, str(policy))
+
+
+class CountCalls:
+    def __init__(self, fn):
+        self.fn, self.calls = fn, 0
+
+    def __call__(self, *args, **kwargs):
+        self.calls += 1
+        return self.fn(*args, **kwargs)
+
+
+@pytest.mark.parametrize("ckpt,expected_calls", [("none", 2), ("full", 4), ("selective", 2)])
+def test_selective_does_not_rerun_attention(monkeypatch, ckpt, expected_calls):
+    for name in ("flash_attn_func", "flash_attn_varlen_func"):
+        monkeypatch.setattr(trainer.model, name, CountCalls(getattr(trainer.model, name)))
+    loss_and_grads(build(ckpt=ckpt), packed=True)
+    calls = trainer.model.flash_attn_func.calls + trainer.model.flash_attn_varlen_func.calls
+    assert calls == expected_calls  # 2 layers: forward only, or forward + recomputation
+
+
+def test_offload_moves_what_checkpointing_keeps(monkeypatch):
+    packed = []
+    real = trainer.activations.pack_to_cpu
+    monkeypatch.setattr(trainer.activations, "pack_to_cpu", lambda t: packed.append(tuple(t.shape)) or real(t))
+    B, N, dim, H, D = 2, 23, 32, 4, 8
+    loss_and_grads(build(ckpt="selective", offload_activations="attention"))
+    assert packed == [(B * N, H, D), (H, B * N)] * 2  # per layer: varlen out, lse
+    packed.clear()
+    loss_and_grads(build(ckpt="selective", offload_activations="all"))
+    assert sorted(packed) == sorted([(B, N, dim), (B * N, H, D), (H, B * N)] * 2)  # + each block's input
+
+
+class LiveTensors(TorchDispatchMode):
+    """Bytes of live CPU storages created inside the mode (not the model's parameters, which op outputs
+    such as weight.t() views share), and the shape of every op output."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.live, self.now, self.shapes = {}, 0, set()
+        self.params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+
+    def _free(self, key):
+        self.now -= self.live.pop(key)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                self.shapes.add(tuple(t.shape))
+                storage = t.untyped_storage()
+                key = storage.data_ptr()
+                if key not in self.live and key not in self.params and storage.nbytes() > 0:
+                    self.live[key] = storage.nbytes()
+                    self.now += storage.nbytes()
+                    weakref.finalize(storage, self._free, key)
+        return out
+
+
+def bytes_kept_by_forward(model, tokens):
+    """Bytes alive after the forward (what autograd keeps for backward), with the hidden output freed."""
+    with LiveTensors(model) as mode:
+        hidden = model(tokens)
+        graph = hidden.grad_fn  # keeps the graph (and what it saved) alive
+        del hidden
+        gc.collect()
+        kept = mode.now
+    del graph
+    return kept
+
+
+def test_kept_activation_bytes_follow_the_policy():
+    # fp32, one 96-token row: none keeps everything; full keeps each block's input (B, N, dim);
+    # selective keeps that plus the attention output (B, N, H, D) and lse (B, H, N) fp32.
+    B, N, dim, L, H, D = 1, 96, 32, 2, 4, 8
+    tokens = torch.randint(0, VOCAB, (B, N))
+    kept = {}
+    for name, kw in {"none": {}, "full": dict(ckpt="full"), "selective": dict(ckpt="selective"),
+                     "none_chunked": dict(mlp_chunk=16)}.items():
+        kept[name] = bytes_kept_by_forward(build(torch.float32, **kw), tokens)
+    # full: each block's input, plus what the final norm keeps (its input, 1 fp32 per row) and the
+    # (B, N, 1, D/2) cos/sin tables the checkpoint closures hold.
+    assert kept["full"] == (L + 1) * B * N * dim * 4 + B * N * 4 + 2 * B * N * (D // 2) * 4
+    assert kept["selective"] - kept["full"] == L * (B * N * H * D * 4 + B * H * N * 4)
+    assert kept["none"] > 3 * kept["selective"]
+    ffn_bytes = B * N * 48 * 4
+    assert kept["none"] - kept["none_chunked"] >= L * 2 * ffn_bytes  # w1 x, w3 x (and more) not kept
+
+
+def test_no_tokens_by_vocab_or_tokens_by_ffn_tensor():
+    # A training step with loss chunk 64 and mlp chunk 32 over 2 x 200 tokens: every tensor with a
+    # vocab-sized or ffn-sized dimension has at most one chunk of tokens.
+    ffn, chunk, mlp_chunk = 48, 64, 32
+    model = build(torch.float32, ckpt="selective", mlp_chunk=mlp_chunk)
+    tokens = torch.randint(0, VOCAB, (2, 200))
+    with LiveTensors(model) as mode:
+        hidden = model(tokens)
+        chunked_cross_entropy(hidden.flatten(0, 1), model.output_weight, tokens.flatten(), chunk).backward()
+    for shape in mode.shapes:
+        numel = torch.Size(shape).numel()
+        if VOCAB in shape:
+            assert numel // VOCAB <= max(chunk, 32), shape  # 32 = dim: the (vocab, dim) weight / its grad
+        if ffn in shape:
+            assert numel // ffn <= max(mlp_chunk, 32), shape
+
+
+def test_chunked_swiglu_matches_plain():
+    torch.manual_seed(3)
+    x = torch.randn(2, 13, 16, dtype=torch.float64, requires_grad=True)
+    w1, w3 = (torch.randn(24, 16, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    w2 = torch.randn(16, 24, dtype=torch.float64, requires_grad=True)
+    dy = torch.randn(2, 13, 16, dtype=torch.float64)
+    grads = []
+    for chunk in (0, 5, 26, 100):  # plain, uneven chunks, exactly all tokens, more than all
+        out = swiglu(x, w1, w3, w2, chunk)
+        grads.append((out.detach(), *torch.autograd.grad(out, (x, w1, w3, w2), dy)))
+    for chunk, got in zip((5, 26, 100), grads[1:]):
+        for name, a, b in zip(("out", "dx", "dw1", "dw3", "dw2"), got, grads[0]):
+            assert_close(a, b, f"chunk {chunk}: {name}")
+    with torch.no_grad():
+        assert_close(swiglu(x, w1, w3, w2, 4), swiglu_math(x, w1, w3, w2), "no-grad chunked")
+
+
+def test_lean_norm_and_rope_match_plain_autograd():
+    torch.manual_seed(4)
+    x = torch.randn(2, 7, 3, 16, dtype=torch.float64, requires_grad=True)
+    w = torch.rand(16, dtype=torch.float64, requires_grad=True) + 0.5
+    dy = torch.randn_like(x)
+    for lean, math in ((lambda: rms_norm(x, w, 1e-5), lambda: rms_norm_math(x, w, 1e-5)),):
+        a, b = lean(), math()
+        assert_close(a, b, "rms_norm")
+        for g1, g2, name in zip(torch.autograd.grad(a, (x, w), dy), torch.autograd.grad(b, (x, w), dy),
+                                ("dx", "dw")):
+            assert_close(g1, g2, f"rms_norm {name}")
+    cos, sin = rope_cos_sin(torch.randint(0, 5000, (2, 7)), 16, 10000.0, 1.0, torch.float64)
+    a, b = rope(x, cos, sin), rope_math(x, cos, sin)
+    assert_close(a, b, "rope")
+    assert_close(torch.autograd.grad(a, x, dy)[0], torch.autograd.grad(b, x, dy)[0], "rope dx")
+
+
+def test_rope_theta_and_scaling_reach_the_model():
+    tokens = torch.randint(0, VOCAB, (1, 40))
+    base = build(rope_theta=10000.0)(tokens)
+    assert (build(rope_theta=500000.0)(tokens) - base).abs().max() > 1e-6
+    # Position interpolation: scaling s over positions s*p equals scaling 1 over positions p.
+    pos = torch.arange(40)[None]
+    assert_close(build(rope_scaling=4.0)(tokens, pos * 4), build()(tokens, pos), "rope_scaling=4 at 4p")
+
+
+def test_compiled_model_matches_eager():
+    # fp32, one compiled graph per stage shared by both layers; selective + chunked MLP, so the compiled
+    # stages also run inside the checkpoint recomputation.
+    torch._dynamo.reset()
+    eager = loss_and_grads(build(torch.float32, ckpt="selective"), packed=True)
+    compiled = loss_and_grads(build(torch.float32, ckpt="selective", compile=True), packed=True)
+    assert_same_training_step(compiled, eager, "compile")
+    compiled_chunked = loss_and_grads(build(torch.float32, compile=True, mlp_chunk=8), packed=False)
+    assert_same_training_step(compiled_chunked, loss_and_grads(build(torch.float32), packed=False),
+                              "compile + mlp_chunk")
+
+
+def test_bad_memory_options():
+    with pytest.raises(ValueError, match="offload_activations"):
+        build(offload_activations="sometimes")
+    with pytest.raises(ValueError, match="ckpt=selective"):
+        build(ckpt="full", offload_activations="attention")
+    with pytest.raises(ValueError, match="mlp_chunk"):
+        build(mlp_chunk=-1)
+    with pytest.raises(ValueError, match="model.ckpt"):
+        build(ckpt="partial")

@@ -1,0 +1,170 @@
+"""Activation memory for long sequences: checkpointing policies and CPU offload of what they keep.
+
+    x = run_layer(layer, x, cos, sin, cu_seqlens, max_seqlen, ckpt="selective", offload="none")
+
+ckpt (model.ckpt):
+  none       every activation is kept
+  full       a block keeps only its input; backward reruns the whole block, attention included
+  selective  a block keeps its input plus the attention output and lse; backward reruns norms,
+             projections, RoPE and the MLP but not attention, the one part whose cost grows as N^2
+offload (model.offload_activations): what is kept goes to pinned CPU memory, asynchronously
+  none       nothing
+  attention  the attention output + lse kept by ckpt=selective (the block input stays on the GPU)
+  all        everything kept: block inputs and attention outputs (with ckpt=none: every saved tensor)
+
+How selective works: torch.utils.checkpoint (non-reentrant) with a context_fn whose two contexts mark a
+Region as recording (forward) or replaying (recomputation in backward). While recording, the attention
+core stores (out, lse) in the region; while replaying it runs no attention: `replay_attention` returns the
+stored output and saves the tensors the attention Function saved (q, k, v, out, lse [, cu_q, cu_k]), in
+the same order, so checkpoint hands the recomputed q/k/v and the stored out/lse to the original graph's
+attention node, whose backward then runs as usual. (torch's create_selective_checkpoint_contexts cannot
+do this: it caches aten ops, and our Triton attention is a Python autograd.Function, not an op.)
+"""
+
+from __future__ import annotations
+
+import functools
+import threading
+from contextlib import contextmanager, nullcontext
+from typing import Optional
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+CKPT_MODES = ("none", "full", "selective")
+OFFLOAD_MODES = ("none", "attention", "all")
+
+_local = threading.local()  # .region: the Region whose forward or recomputation is running, else None
+
+
+def normalize_offload(value) -> str:
+    """model.offload_activations: true/false (YAML booleans arrive as bools or 'True'/'False') or a mode."""
+    text = str(value).strip().lower()
+    return {"true": "all", "false": "none"}.get(text, text)
+
+
+# -- CPU offload -----------------------------------------------------------------------------------------
+
+def pack_to_cpu(t: torch.Tensor):
+    """Copy to pinned CPU memory without a host sync (the copy is ordered on the current stream; the
+    caching allocator does not reuse t's memory before the stream reaches it)."""
+    if t.device.type == "cpu":
+        return t.device, t.clone()  # CPU runs exercise the same path
+    packed = torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=True)
+    packed.copy_(t, non_blocking=True)
+    return t.device, packed
+
+
+def unpack_from_cpu(packed) -> torch.Tensor:
+    device, t = packed
+    return t.to(device, non_blocking=True)
+
+
+def offload_saved_tensors():
+    """Every tensor autograd saves inside this context lives on the CPU until backward needs it."""
+    return torch.autograd.graph.saved_tensors_hooks(pack_to_cpu, unpack_from_cpu)
+
+
+# -- checkpoint regions ----------------------------------------------------------------------------------
+
+class Region:
+    """One checkpointed block: the attention results kept for its recomputation."""
+
+    def __init__(self, keep_attention: bool, offload: bool):
+        self.keep_attention = keep_attention
+        self.offload = offload
+        self.recording = True
+        self.kept: list = []  # per attention call: (out, lse), possibly packed to CPU
+        self.cursor = 0
+
+    def keep(self, out: torch.Tensor, lse: torch.Tensor) -> None:
+        pair = (out.detach(), lse.detach())
+        self.kept.append(tuple(pack_to_cpu(t) for t in pair) if self.offload else pair)
+
+    def next_kept(self) -> tuple[torch.Tensor, torch.Tensor]:
+        assert self.cursor < len(self.kept), "recomputation made more attention calls than the forward"
+        pair = self.kept[self.cursor]
+        self.cursor += 1
+        return tuple(unpack_from_cpu(p) for p in pair) if self.offload else pair
+
+
+@contextmanager
+def _enter(region: Region, recording: bool):
+    previous = getattr(_local, "region", None)
+    _local.region, region.recording, region.cursor = region, recording, 0
+    try:
+        yield
+    finally:
+        _local.region = previous
+
+
+def _region_contexts(keep_attention: bool, offload: bool):
+    region = Region(keep_attention, offload)
+    return _enter(region, True), _enter(region, False)
+
+
+def current_region() -> Optional[Region]:
+    return getattr(_local, "region", None)
+
+
+def recomputing() -> bool:
+    """True inside a checkpointed block's recomputation (its output is discarded there)."""
+    region = current_region()
+    return region is not None and not region.recording
+
+
+def attention_keep_mode() -> Optional[str]:
+    """'record' / 'replay' when the attention core should keep / reuse its results, else None."""
+    region = current_region()
+    if region is None or not region.keep_attention:
+        return None
+    return "record" if region.recording else "replay"
+
+
+class _ReplayAttention(torch.autograd.Function):
+    """Saves what the attention Function saved, computes nothing (see the module docstring)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, out, lse, *extra):
+        ctx.save_for_backward(q, k, v, out, lse, *extra)
+        # Returned as an output so it requires grad like the real attention output: the ops after it
+        # (wo) then save the same tensors as in the forward.
+        return out.view_as(out)
+
+    @staticmethod
+    def backward(ctx, _):
+        raise RuntimeError("replay_attention is only used inside a checkpoint recomputation, whose graph "
+                           "is never differentiated")
+
+
+def keep_attention(out: torch.Tensor, lse: torch.Tensor) -> None:
+    current_region().keep(out, lse)
+
+
+def replay_attention(q, k, v, *extra) -> torch.Tensor:
+    """The kept attention output of this call; q, k, v (and cu_seqlens extras) as the Function saw them."""
+    out, lse = current_region().next_kept()
+    return _ReplayAttention.apply(q, k, v, out, lse, *extra)
+
+
+# -- running one block -----------------------------------------------------------------------------------
+
+def _call(layer, x, *, cos, sin, cu_seqlens, max_seqlen):
+    return layer(x, cos, sin, cu_seqlens, max_seqlen)
+
+
+def run_layer(layer, x, cos, sin, cu_seqlens=None, max_seqlen=None, ckpt: str = "none",
+              offload: str = "none"):
+    """layer(x, cos, sin, cu_seqlens, max_seqlen) under the given checkpointing / offload policy."""
+    if not torch.is_grad_enabled() or (ckpt == "none" and offload == "none"):
+        return layer(x, cos, sin, cu_seqlens, max_seqlen)
+    if ckpt == "none":  # offload == "all": every saved tensor of the block
+        with offload_saved_tensors():
+            return layer(x, cos, sin, cu_seqlens, max_seqlen)
+    # cos/sin/cu_seqlens ride in the closure: only x is saved per block (and offloaded with "all"); the
+    # tables are shared by every layer.
+    fn = functools.partial(_call, layer, cos=cos, sin=sin, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
+    context_fn = functools.partial(_region_contexts, ckpt == "selective", offload != "none")
+    with offload_saved_tensors() if offload == "all" else nullcontext():
+        # No RNG in the block (no dropout): skipping the RNG stash saves a device query per block.
+        return checkpoint(fn, x, use_reentrant=False, context_fn=context_fn, preserve_rng_state=False)
