@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Callable, Iterable, Optional
+from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
@@ -56,13 +56,14 @@ def _check_positive_int(name: str, value) -> None:
 
 
 def zero_config(stage: int, micro_batch_size: int, grad_accum: int, dp: int, grad_clip: float, bf16: bool,
-                device: torch.device, cp: int = 1) -> dict:
+                device: torch.device, cp: int = 1, persistence_threshold: Optional[int] = None) -> dict:
     """The DeepSpeed config dict for ZeRO `stage` on a dp x cp grid.
 
     micro_batch_size: sequences per micro-batch per dp rank (every cp rank of a dp group holds a shard of the
     same ones); train_batch_size = micro_batch_size * grad_accum * dp. grad_clip: max global grad norm (0 = no
     clipping). bf16: DeepSpeed's bf16 mode (bf16 weights and activations, fp32 master weights and optimizer
-    states); otherwise everything is fp32.
+    states); otherwise everything is fp32. persistence_threshold (ZeRO-3): parameters with fewer elements stay
+    whole on every rank (None: DeepSpeed's default, 1e5).
     """
     if stage not in ZERO_STAGES:
         raise ValueError(f"zero_config: stage must be one of {ZERO_STAGES} (0 is DDP: wrap_ddp), got {stage!r}")
@@ -70,6 +71,9 @@ def zero_config(stage: int, micro_batch_size: int, grad_accum: int, dp: int, gra
         _check_positive_int(name, value)
     if not grad_clip >= 0:  # also rejects NaN
         raise ValueError(f"zero_config: grad_clip must be >= 0 (0 disables clipping), got {grad_clip!r}")
+    if persistence_threshold is not None and (not isinstance(persistence_threshold, int) or persistence_threshold < 0):
+        raise ValueError(f"zero_config: persistence_threshold must be None or an int >= 0, got "
+                         f"{persistence_threshold!r}")
     on_gpu = torch.device(device).type == "cuda"
     config = {
         "train_micro_batch_size_per_gpu": micro_batch_size,
@@ -92,6 +96,8 @@ def zero_config(stage: int, micro_batch_size: int, grad_accum: int, dp: int, gra
         "steps_per_print": QUIET_STEPS,
         "wall_clock_breakdown": False,
     }
+    if stage == 3 and persistence_threshold is not None:
+        config["zero_optimization"]["stage3_param_persistence_threshold"] = persistence_threshold
     if cp > 1:
         # Only DeepSpeed's batch-size check reads this (world / sequence_parallel_size = dp ranks that see
         # different samples). No mpu or mesh is passed, so its groups stay the whole world: ZeRO partitions
@@ -101,14 +107,13 @@ def zero_config(stage: int, micro_batch_size: int, grad_accum: int, dp: int, gra
 
 
 def init_zero_engine(module: nn.Module, optimizer: torch.optim.Optimizer,
-                     lr_scheduler: Optional[Callable] = None, config: Optional[dict] = None,
-                     external_params: Iterable[nn.Parameter] = (), quiet: bool = True):
+                     lr_scheduler: Optional[Callable] = None, config: Optional[dict] = None, quiet: bool = True):
     """Wrap `module` in a DeepSpeed engine; returns (engine, grad_scale).
 
     optimizer: a torch optimizer over module's parameters (ZeRO shards its state). lr_scheduler: a callable
     optimizer -> scheduler (DeepSpeed calls it with the optimizer whose param groups it manages) and steps it
-    on every applied update. external_params: parameters that module's forward uses outside their owning
-    submodule's forward (e.g. an lm head applied by a loss); ZeRO-3 must gather them for module's forward.
+    on every applied update. A parameter used outside its own submodule's forward (e.g. an lm head applied by
+    a chunked loss) needs no registration: ZeRO-3 gathers such a parameter when it is read during a forward.
     Drive it with engine(*inputs), engine.backward(loss * grad_scale, scale_wrt_gas=False) and engine.step()
     after every micro-batch (the update happens on the gradient_accumulation_steps-th call).
     """
@@ -128,9 +133,6 @@ def init_zero_engine(module: nn.Module, optimizer: torch.optim.Optimizer,
         logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, lr_scheduler=lr_scheduler,
                                            config=config, dist_init_required=False)
-    if config["zero_optimization"]["stage"] == 3:
-        for param in external_params:
-            deepspeed.zero.register_external_parameter(engine.module, param)
     return engine, float(_world_size())
 
 

@@ -191,11 +191,9 @@ def apply_zero(module: nn.Module, optimizer: torch.optim.Optimizer, lr_factor: C
     """A DeepSpeed ZeRO engine over all ranks, driving our AdamW and LambdaLR(lr_factor)."""
     config = zero_config(cfg.parallel.zero_stage, cfg.data.batch_size, cfg.train.grad_accum, env.dp_size,
                          cfg.optim.grad_clip, bf16, env.device, cp=env.cp_size)
-    # The loss applies the lm head itself (chunked), outside the head module's forward: ZeRO-3 must gather it.
-    head = [module.model.output_weight] if hasattr(module, "model") else []
+    # The chunked loss reads the lm head weight outside the head's forward; ZeRO-3 gathers it on that read.
     engine, grad_scale = init_zero_engine(module, optimizer,
-                                          lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_factor), config,
-                                          external_params=head)
+                                          lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_factor), config)
     return Parallelized(engine, grad_scale, engine)
 
 
