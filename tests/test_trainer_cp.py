@@ -1,12 +1,16 @@
 """Context parallelism and ZeRO in the trainer, end to end on CPU (gloo, torchrun): every multi-rank run must
 give the per-step losses of one process over the same global batch (the oracle), in fp32.
 
-- cp=2 (ring and Ulysses) on packed documents (data.cross_doc_attention=false) vs cp=1: within 1e-4
+- cp=2 (ring with ckpt=selective, Ulysses with ckpt=full) on packed documents (data.cross_doc_attention=false)
+  vs cp=1 without checkpointing: within 1e-4
 - cp=2 ring on one-document rows (the dense path) with gradient accumulation vs cp=1
 - ZeRO-2 with dp=2 (half the batch per rank) vs one process; resuming its mid-run ZeRO checkpoint
   reproduces the uninterrupted run's later steps exactly
 - dp=2 x cp=2 under ZeRO-3 (4 processes; the 2048-row embedding and lm head are really partitioned)
 - config checks for CP shapes and attention.fp8_forward; the fp8 forward in a one-process run
+- below the trainer: a GPT with its attention cores swapped (apply_context_parallel) on shard_batch inputs
+  gives the unsharded model's loss and gradients, with and without activation checkpointing, and
+  ckpt=selective replays the ring's output instead of running the ring again in backward
 """
 
 import json
@@ -17,12 +21,19 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
+import trainer.parallelize as tp
+from dist_utils import random_positions, run_world
+from helpers import assert_close
 from trainer.config import check_config, register_configs
 from trainer.loop import Trainer
-from trainer.parallelize import init_distributed
+from trainer.model import GPT, ModelConfig
+from trainer.parallelize import apply_context_parallel, init_distributed, shard_batch
 
 ROOT = Path(__file__).resolve().parent.parent
 # Tiny model, packed documents of the stdlib corpus (max 64 tokens per row: many documents cross the zigzag
@@ -82,9 +93,10 @@ def packed(tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("impl", ["ring", "ulysses"])
-def test_cp2_matches_one_process(impl, packed, tmp_path, free_port):
-    torchrun(2, free_port, tmp_path, "parallel.cp=2", f"parallel.cp_impl={impl}")
+@pytest.mark.parametrize("impl,ckpt", [("ring", "selective"), ("ulysses", "full")])
+def test_cp2_matches_one_process(impl, ckpt, packed, tmp_path, free_port):
+    # Activation checkpointing changes no number; it makes backward recompute (or replay) the CP cores.
+    torchrun(2, free_port, tmp_path, "parallel.cp=2", f"parallel.cp_impl={impl}", f"model.ckpt={ckpt}")
     assert_same_losses(tmp_path, packed, CP_TOL)
     assert metrics(packed)[4]["loss"] < metrics(packed)[1]["loss"] - 0.5  # it trains: the runs are not trivial
 
@@ -152,3 +164,73 @@ def test_fp8_forward_trains_close_to_fp32(tmp_path):
     fp32, fp8 = metrics(tmp_path / "fp32"), metrics(tmp_path / "fp8")
     assert 0 < abs(fp8[1]["loss"] - fp32[1]["loss"]) < 2e-2, (fp8[1], fp32[1])
     assert fp8[4]["loss"] < fp8[1]["loss"]
+
+
+# -- the model with swapped attention cores, without the trainer (2 spawned ranks) ---------------------------
+
+N_LAYERS = 2
+
+
+def _model_and_batch(ckpt):
+    torch.manual_seed(0)
+    cfg = ModelConfig(name="t", vocab_size=64, dim=32, n_layers=N_LAYERS, n_heads=4, n_kv_heads=2, ffn_dim=64,
+                      ckpt=ckpt)
+    model = GPT(cfg, attn_backend="reference").double()
+    gen = torch.Generator().manual_seed(3)
+    B, N = 2, 16
+    pos = random_positions(B, N, gen, max_doc=7)  # documents cross the 4-token zigzag chunks
+    labels = torch.randint(0, 64, (B, N), generator=gen)
+    labels[pos == 0] = -100
+    batch = {"tokens": torch.randint(0, 64, (B, N), generator=gen), "labels": labels, "position_ids": pos,
+             "num_valid": int((labels != -100).sum())}
+    return model, batch
+
+
+def _loss_sum(model, tokens, labels, pos, cu=None, max_len=None):
+    hidden = model(tokens, pos, cu, max_len)  # (B, N, dim)
+    logits = hidden.flatten(0, 1) @ model.output_weight.T
+    return F.cross_entropy(logits, labels.flatten(), ignore_index=-100, reduction="sum")
+
+
+def _cp_model_worker(rank, world_size, cases):
+    real_ring = tp.ring_attn_func
+    calls = []
+
+    def counting_ring(*args, **kwargs):
+        calls.append(1)
+        return real_ring(*args, **kwargs)
+
+    tp.ring_attn_func = counting_ring
+    for impl, ckpt, ring_calls in cases:
+        model, batch = _model_and_batch(ckpt)
+        B, N = batch["tokens"].shape
+        starts = [b * N + i for b in range(B) for i in range(N) if i == 0 or batch["position_ids"][b, i] == 0]
+        cu = torch.tensor(starts + [B * N], dtype=torch.int32)
+        want = _loss_sum(model, batch["tokens"], batch["labels"], batch["position_ids"], cu, int(cu.diff().max()))
+        want.backward()
+        want_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+
+        model.zero_grad()
+        apply_context_parallel(model, impl, dist.group.WORLD, packed_documents=True)
+        local = shard_batch(batch, dist.group.WORLD)
+        count = torch.tensor(float(local["num_valid"]))
+        dist.all_reduce(count)
+        assert count.item() == batch["num_valid"]  # every target counted once over the cp ranks
+        calls.clear()
+        got = _loss_sum(model, local["tokens"], local["labels"], local["position_ids"])
+        got.backward()
+        assert ring_calls is None or len(calls) == ring_calls, (impl, ckpt, len(calls))
+        total = got.detach().clone()
+        dist.all_reduce(total)
+        assert_close(total, want.detach(), f"{impl}/{ckpt} loss", atol=1e-6, rtol=1e-6)
+        for name, p in model.named_parameters():
+            grad = p.grad.clone()
+            dist.all_reduce(grad)  # what DDP / ZeRO do over the cp ranks
+            assert_close(grad, want_grads[name], f"{impl}/{ckpt} d{name}", atol=1e-6, rtol=1e-5)
+
+
+def test_swapped_attention_cores_match_the_unsharded_model(free_port):
+    cases = [("ring", "none", N_LAYERS), ("ring", "full", 2 * N_LAYERS),
+             ("ring", "selective", N_LAYERS),  # the recomputation replays the kept ring output
+             ("ulysses", "selective", 0)]
+    run_world(_cp_model_worker, 2, free_port, cases)

@@ -6,8 +6,9 @@
 
 Order (each step a small function; later ones wrap what earlier ones built):
   1. context parallelism: swap every block.attention.inner_attention for a ring / Ulysses core
-  2. activation checkpointing: per block, model.ckpt (applied inside GPT, see model._run_layer)
-  3. torch.compile of the blocks (inside GPT as well); the CP core is excluded from compilation
+  2. activation checkpointing: per block, model.ckpt (applied inside GPT, trainer/activations.py); the ring
+     core takes part in ckpt=selective (keeps / replays its output)
+  3. torch.compile of each block's non-attention stages (model.compile, inside GPT); the CP core stays eager
   4. data parallelism, outermost, so it sees the final parameters and gradient hooks: DDP for zero_stage=0,
      a DeepSpeed ZeRO 1/2/3 engine otherwise (it then owns backward, optimizer step and its checkpoint shards)
 Rank layout: rank = dp_rank * cp + cp_rank, so a cp group sits on neighbouring GPUs (NVLink). Gradients are
@@ -27,6 +28,7 @@ from torch import nn
 
 from parallel import init_mesh, ring_attn_func, shard_sequence, ulysses_attn_func
 from parallel.data_parallel import init_zero_engine, wrap_ddp, zero_config
+from trainer.activations import attention_keep_mode, keep_attention, replay_attention
 from trainer.loss import IGNORE_INDEX
 
 CP_IMPLS = ("ring", "ulysses")
@@ -141,7 +143,9 @@ class ContextParallelAttention(nn.Module):
 
     Causal attention over the whole sequence split across the cp group (ring or Ulysses). With packed
     documents the shard's position ids (0 starts a document) keep attention inside documents; the batch's
-    global cu_seqlens do not describe a shard and must not be passed.
+    global cu_seqlens do not describe a shard and must not be passed. Under model.ckpt=selective the ring
+    keeps its (out, lse) and the block recomputation replays them (RingAttnFunc saves q, k, v, out, lse like
+    the local attention Function), so backward runs no second forward ring; Ulysses is recomputed.
     """
 
     def __init__(self, impl: str, group, positions: Optional[CurrentPositions], backend: str = "auto"):
@@ -156,8 +160,17 @@ class ContextParallelAttention(nn.Module):
         if self.positions is not None:
             pos = self.positions.position_ids
             assert pos is not None and pos.shape == q.shape[:2], "the model forward must receive position_ids"
-        fn = ring_attn_func if self.impl == "ring" else ulysses_attn_func
-        return fn(q, k, v, group=self.group, causal=True, layout=CP_LAYOUT, position_ids=pos, backend=self.backend)
+        if self.impl == "ulysses":
+            return ulysses_attn_func(q, k, v, group=self.group, causal=True, layout=CP_LAYOUT, position_ids=pos,
+                                     backend=self.backend)
+        mode = attention_keep_mode()
+        if mode == "replay":
+            return replay_attention(q, k, v)
+        out, lse = ring_attn_func(q, k, v, group=self.group, causal=True, layout=CP_LAYOUT, return_lse=True,
+                                  position_ids=pos, backend=self.backend)
+        if mode == "record":
+            keep_attention(out, lse)
+        return out
 
 
 def apply_context_parallel(model: nn.Module, impl: str, group, packed_documents: bool) -> None:
