@@ -1,5 +1,6 @@
 """parallel/data_parallel.py: the DeepSpeed config dict and its ValueErrors, and DDP / ZeRO 1/2/3 engines on 2
-gloo ranks against one process running the same AdamW over the whole batch (the oracle).
+gloo ranks against one process running the same AdamW over the whole batch (the oracle); a non-finite step
+is skipped by every ZeRO stage.
 
 The toy module applies a head weight outside the head's forward, as the trainer's chunked loss does, and
 ZeRO-3 partitions even its tiny parameters (persistence_threshold=0), so that read must gather the weight.
@@ -158,6 +159,27 @@ def _distributed_run(rank, world_size, stage):
     return params, norms
 
 
+def _check_non_finite_step_is_skipped(stage, world_size):
+    """A NaN loss: the engine reports a non-finite grad norm and leaves weights and lr schedule alone."""
+    import deepspeed
+
+    model, opt = _new_model_and_opt()
+    config = zero_config(stage, 2, 1, world_size, 1.0, False, CPU, persistence_threshold=0)
+    engine, grad_scale = init_zero_engine(model, opt, _lr_schedule, config)
+
+    def params():
+        with deepspeed.zero.GatheredParameters(list(engine.module.parameters())):
+            return [p.detach().clone() for p in engine.module.parameters()]
+
+    before, lr = params(), engine.lr_scheduler.get_last_lr()
+    x, y = torch.ones(2, IN), torch.full((2, OUT), float("nan"))
+    engine.backward(engine(x, y) * grad_scale, scale_wrt_gas=False)
+    engine.step()
+    assert not torch.isfinite(zero_grad_norm(engine, CPU)) and engine.skipped_steps == 1
+    assert all(torch.equal(a, b) for a, b in zip(params(), before))
+    assert engine.lr_scheduler.get_last_lr() == lr
+
+
 def _engines_worker(rank, world_size):
     os.environ["LOCAL_RANK"] = str(rank)  # DeepSpeed reads it; torchrun would set it
     want_params, want_norms = _oracle()
@@ -167,6 +189,8 @@ def _engines_worker(rank, world_size):
             assert_close(got, want, f"stage {stage} param {i}", atol=2e-6, rtol=2e-5)
         assert all(math.isclose(a, b, rel_tol=1e-5) for a, b in zip(norms, want_norms)), (stage, norms, want_norms)
         assert want_norms[0] > 1.0  # the clip was active, so its semantics were compared too
+        if stage > 0:
+            _check_non_finite_step_is_skipped(stage, world_size)
 
 
 def test_ddp_and_zero_stages_match_one_process(free_port):

@@ -148,6 +148,13 @@ def test_cp_and_fp8_config_checks(overrides, match):
         compose_cfg([*FAST, *overrides])
 
 
+@pytest.mark.parametrize("group,want", [("ring", (2, "ring", 0)), ("ulysses", (2, "ulysses", 0)),
+                                        ("zero2", (1, "ring", 2))])
+def test_parallel_config_groups(group, want):
+    p = compose_cfg([f"parallel={group}"]).parallel
+    assert (p.cp, p.cp_impl, p.zero_stage) == want and p.dp == -1
+
+
 @pytest.mark.parametrize("override,match", [("parallel.cp=2", "world size"),
                                             ("parallel.zero_stage=2", "world size is 1")])
 def test_one_process_refuses_cp_and_zero(override, match, tmp_path):
