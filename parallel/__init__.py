@@ -5,10 +5,13 @@
     q_local = shard_sequence(q, dim=1, group=mesh.cp_group)          # same for k, v, labels, positions
     out_local = ring_attn_func(q_local, k_local, v_local, group=mesh.cp_group, causal=True)
 
+Data parallelism (data_parallel.py): wrap_ddp for zero_stage=0, zero_config + init_zero_engine for DeepSpeed
+ZeRO 1/2/3; both reduce gradients over every dp x cp rank.
 Knows nothing of models; attention/ does the per-block math.
 """
 
 from .comm import RingComm
+from .data_parallel import init_zero_engine, wrap_ddp, zero_config
 from .mesh import ParallelDims, ParallelMesh, default_backend, init_distributed, init_mesh
 from .ring import ring_attn_func
 from .sharding import (chunk_ids, doc_cu_seqlens, doc_ids_from_positions, shard_doc_ids, shard_for_rank,
@@ -20,4 +23,5 @@ __all__ = [
     "shard_for_rank", "unshard_from_shards", "shard_indices", "chunk_ids",
     "doc_ids_from_positions", "shard_doc_ids", "doc_cu_seqlens",
     "ParallelDims", "ParallelMesh", "init_mesh", "init_distributed", "default_backend", "RingComm",
+    "wrap_ddp", "zero_config", "init_zero_engine",
 ]
