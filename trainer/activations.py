@@ -11,6 +11,8 @@ offload (model.offload_activations): what is kept goes to pinned CPU memory, asy
   none       nothing
   attention  the attention output + lse kept by ckpt=selective (the block input stays on the GPU)
   all        everything kept: block inputs and attention outputs (with ckpt=none: every saved tensor)
+  Copies run on a side stream and are prefetched in backward a few tensors ahead (Offloaded), so
+  they overlap with compute and the step has no host sync.
 
 How selective works: torch.utils.checkpoint (non-reentrant) with a context_fn whose two contexts mark a
 Region as recording (forward) or replaying (recomputation in backward). While recording, the attention
@@ -25,6 +27,7 @@ from __future__ import annotations
 
 import functools
 import threading
+import weakref
 from contextlib import contextmanager, nullcontext
 from typing import Optional
 
@@ -43,21 +46,80 @@ def normalize_offload(value) -> str:
     return {"true": "all", "false": "none"}.get(text, text)
 
 
-# -- CPU offload -----------------------------------------------------------------------------------------
+# -- CPU offload ---------------------------------------------------------------------------------------
+
+PREFETCH_DEPTH = 4  # offloaded tensors brought back ahead of use: one layer's (input, out, lse) and more
+
+
+def _offload_stream(device: torch.device):
+    streams = _local.__dict__.setdefault("streams", {})
+    if device not in streams:
+        streams[device] = torch.cuda.Stream(device)
+    return streams[device]
+
+
+class Offloaded:
+    """One tensor in pinned CPU memory. The copies run on a side stream, so compute does not wait for
+    them; nothing waits on the host. Handles are chained in creation (forward) order: fetching one in
+    backward prefetches the PREFETCH_DEPTH before it, i.e. the tensors the next blocks' backward needs."""
+
+    def __init__(self, t: torch.Tensor):
+        self.device, self.gpu, self.event = t.device, None, None
+        previous = getattr(_local, "last_offloaded", None)
+        self.previous = previous if previous is not None else (lambda: None)
+        _local.last_offloaded = weakref.ref(self)
+        if t.device.type != "cuda":
+            self.cpu = t.clone()  # CPU runs exercise the same bookkeeping
+            return
+        stream = _offload_stream(t.device)
+        stream.wait_stream(torch.cuda.current_stream(t.device))  # t is complete before it is copied
+        with torch.cuda.stream(stream):
+            self.cpu = torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=True)
+            self.cpu.copy_(t, non_blocking=True)
+            self.event = stream.record_event()
+        t.record_stream(stream)  # t's memory is not reused before the copy has read it
+
+    def prefetch(self) -> None:
+        if self.gpu is not None or self.cpu is None:
+            return
+        if self.device.type != "cuda":
+            self.gpu = self.cpu
+            return
+        stream = _offload_stream(self.device)
+        with torch.cuda.stream(stream):
+            stream.wait_event(self.event)
+            self.gpu = self.cpu.to(self.device, non_blocking=True)
+            self.event = stream.record_event()
+
+    def get(self) -> torch.Tensor:
+        self.prefetch()
+        t, self.gpu, self.cpu = self.gpu, None, None
+        if self.device.type == "cuda":
+            current = torch.cuda.current_stream(self.device)
+            current.wait_event(self.event)
+            t.record_stream(current)  # allocated on the side stream, used (and freed) on this one
+        handle = self.previous()
+        for _ in range(PREFETCH_DEPTH):
+            if handle is None:
+                break
+            handle.prefetch()
+            handle = handle.previous()
+        return t
+
 
 def pack_to_cpu(t: torch.Tensor):
-    """Copy to pinned CPU memory without a host sync (the copy is ordered on the current stream; the
-    caching allocator does not reuse t's memory before the stream reaches it)."""
-    if t.device.type == "cpu":
-        return t.device, t.clone()  # CPU runs exercise the same path
-    packed = torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=True)
-    packed.copy_(t, non_blocking=True)
-    return t.device, packed
+    # Parameters (saved by ckpt=none + offload=all for their matmuls) stay where they are.
+    if t.is_leaf and t.requires_grad:
+        return t
+    with torch.no_grad():  # the copies must not join the autograd graph
+        return Offloaded(t.detach())
 
 
 def unpack_from_cpu(packed) -> torch.Tensor:
-    device, t = packed
-    return t.to(device, non_blocking=True)
+    if not isinstance(packed, Offloaded):
+        return packed
+    with torch.no_grad():
+        return packed.get()
 
 
 def offload_saved_tensors():
