@@ -26,6 +26,17 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     return x.dtype
 
 
+_COMPILED: dict = {}
+
+
+def compiled(fn):
+    """torch.compile(fn) once per function: static shapes, one graph, weights passed as arguments so every
+    layer shares it (no per-module guards or recompiles)."""
+    if fn not in _COMPILED:
+        _COMPILED[fn] = torch.compile(fn, fullgraph=True, dynamic=False)
+    return _COMPILED[fn]
+
+
 def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
     return x.float() if x.element_size() < 4 else x
 
@@ -127,40 +138,43 @@ class ChunkedSwiGLU(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, w1, w3, w2, chunk):
+    def forward(ctx, x, w1, w3, w2, chunk, compile_chunks):
         dtype = _compute_dtype(x)
         ctx.save_for_backward(x, w1, w3, w2)
-        ctx.chunk, ctx.dtype = chunk, dtype
+        ctx.chunk, ctx.dtype, ctx.compile_chunks = chunk, dtype, compile_chunks
         rows = x.reshape(-1, x.shape[-1])  # (T, dim)
         out = rows.new_empty(rows.shape[0], w2.shape[0], dtype=dtype)
         if not recomputing():
+            body = compiled(_swiglu_forward_chunk) if compile_chunks else _swiglu_forward_chunk
             wc = [w.to(dtype) for w in (w1, w3, w2)]
             for s in range(0, rows.shape[0], chunk):
-                out[s:s + chunk] = _swiglu_forward_chunk(rows[s:s + chunk].to(dtype), *wc)
+                out[s:s + chunk] = body(rows[s:s + chunk].to(dtype), *wc)
         return out.view(*x.shape[:-1], w2.shape[0])
 
     @staticmethod
     def backward(ctx, dy):
         x, w1, w3, w2 = ctx.saved_tensors
         dtype, chunk = ctx.dtype, ctx.chunk
+        body = compiled(_swiglu_backward_chunk) if ctx.compile_chunks else _swiglu_backward_chunk
         rows, dy = x.reshape(-1, x.shape[-1]), dy.reshape(-1, dy.shape[-1])
         wc = [w.to(dtype) for w in (w1, w3, w2)]
         dx = torch.empty_like(rows)
         dws = [torch.zeros(w.shape, dtype=torch.promote_types(w.dtype, torch.float32), device=w.device)
                for w in (w1, w2, w3)]  # fp32 (or wider) accumulation over chunks
         for s in range(0, rows.shape[0], chunk):
-            g = _swiglu_backward_chunk(dy[s:s + chunk].to(dtype), rows[s:s + chunk].to(dtype), *wc)
+            g = body(dy[s:s + chunk].to(dtype), rows[s:s + chunk].to(dtype), *wc)
             dx[s:s + chunk] = g[0]
             for acc, part in zip(dws, g[1:]):
                 acc += part
         dw1, dw2, dw3 = dws
-        return dx.view_as(x), dw1.to(w1.dtype), dw3.to(w3.dtype), dw2.to(w2.dtype), None
+        return dx.view_as(x), dw1.to(w1.dtype), dw3.to(w3.dtype), dw2.to(w2.dtype), None, None
 
 
-def swiglu(x, w1, w3, w2, chunk: int = 0):
-    """chunk > 0: ChunkedSwiGLU with that many tokens per chunk; 0: plain autograd (keeps [N, ffn])."""
+def swiglu(x, w1, w3, w2, chunk: int = 0, compile_chunks: bool = False):
+    """chunk > 0: ChunkedSwiGLU with that many tokens per chunk (its chunk bodies torch.compiled with
+    compile_chunks); 0: plain autograd (keeps [N, ffn])."""
     if chunk > 0 and torch.is_grad_enabled():
-        return ChunkedSwiGLU.apply(x, w1, w3, w2, chunk)
+        return ChunkedSwiGLU.apply(x, w1, w3, w2, chunk, compile_chunks)
     if chunk > 0:  # inference: chunk the plain math, nothing is kept
         rows = x.reshape(-1, x.shape[-1])
         out = torch.cat([swiglu_math(rows[s:s + chunk], w1, w3, w2) for s in range(0, rows.shape[0], chunk)])

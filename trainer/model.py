@@ -24,7 +24,7 @@ from attention import flash_attn_func, flash_attn_varlen_func
 
 from .activations import (CKPT_MODES, OFFLOAD_MODES, attention_keep_mode, keep_attention, normalize_offload,
                           replay_attention, run_layer)
-from .fused import rms_norm, rms_norm_math, rope, rope_math, swiglu, swiglu_math
+from .fused import compiled, rms_norm, rms_norm_math, rope, rope_math, swiglu, swiglu_math
 
 
 @dataclass
@@ -165,15 +165,15 @@ class Attention(nn.Module):
 class FeedForward(nn.Module):
     """SwiGLU: w2(silu(w1 x) * w3 x); chunk > 0 runs it over that many tokens at a time (fused.py)."""
 
-    def __init__(self, dim: int, hidden: int, chunk: int = 0):
+    def __init__(self, dim: int, hidden: int, chunk: int = 0, compile: bool = False):
         super().__init__()
         self.w1 = nn.Linear(dim, hidden, bias=False)
         self.w3 = nn.Linear(dim, hidden, bias=False)
         self.w2 = nn.Linear(hidden, dim, bias=False)
-        self.chunk = chunk
+        self.chunk, self.compile = chunk, compile
 
     def forward(self, x):
-        return swiglu(x, self.w1.weight, self.w3.weight, self.w2.weight, self.chunk)
+        return swiglu(x, self.w1.weight, self.w3.weight, self.w2.weight, self.chunk, self.compile)
 
 
 # -- model.compile: the block's non-attention parts as three compiled functions ---------------------------
@@ -199,22 +199,13 @@ def _mlp_stage(y, h, w1, w3, w2):
     return y + swiglu_math(h, w1, w3, w2)
 
 
-_COMPILED: dict = {}
-
-
-def _compiled(fn):
-    if fn not in _COMPILED:
-        _COMPILED[fn] = torch.compile(fn, fullgraph=True, dynamic=False)
-    return _COMPILED[fn]
-
-
 class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, backend: str = "auto"):
         super().__init__()
         self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.attention = Attention(cfg, backend)
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.feed_forward = FeedForward(cfg.dim, cfg.ffn_dim, cfg.mlp_chunk)
+        self.feed_forward = FeedForward(cfg.dim, cfg.ffn_dim, cfg.mlp_chunk, cfg.compile)
         self.compile = cfg.compile
 
     def forward(self, x, cos, sin, cu_seqlens=None, max_seqlen=None):
@@ -227,13 +218,13 @@ class Block(nn.Module):
 
     def _forward_compiled(self, x, cos, sin, cu_seqlens, max_seqlen):
         a, f, eps = self.attention, self.feed_forward, self.attention_norm.eps
-        q, k, v = _compiled(_qkv_stage)(x, self.attention_norm.weight, a.wq.weight, a.wk.weight, a.wv.weight,
-                                        cos, sin, eps, a.head_dim)
+        q, k, v = compiled(_qkv_stage)(x, self.attention_norm.weight, a.wq.weight, a.wk.weight, a.wv.weight,
+                                       cos, sin, eps, a.head_dim)
         out = a.inner_attention(q, k, v, cu_seqlens, max_seqlen)  # (B, N, H, D)
-        y, h = _compiled(_post_attention_stage)(x, out, a.wo.weight, self.ffn_norm.weight, eps)
+        y, h = compiled(_post_attention_stage)(x, out, a.wo.weight, self.ffn_norm.weight, eps)
         if f.chunk > 0:
             return y + f(h)
-        return _compiled(_mlp_stage)(y, h, f.w1.weight, f.w3.weight, f.w2.weight)
+        return compiled(_mlp_stage)(y, h, f.w1.weight, f.w3.weight, f.w2.weight)
 
 
 class GPT(nn.Module):
