@@ -65,6 +65,15 @@ class AttentionConfig:
 
 
 @dataclass
+class EvalConfig:
+    passkey_every: int = 0  # passkey retrieval eval (trainer/eval_passkey.py) every N steps and at the end; 0: off
+    passkey_lengths: list[int] = field(default_factory=lambda: [256, 512])  # context lengths (tokens)
+    passkey_depths: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])  # needle depths
+    passkey_samples: int = 8  # prompts per (length, depth)
+    passkey_batch_size: int = 8  # prompts per forward
+
+
+@dataclass
 class LoggerConfig:
     name: str = "none"  # none | wandb
     project: str = "ringflash"
@@ -82,6 +91,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     attention: AttentionConfig = field(default_factory=AttentionConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
 
 
@@ -106,7 +116,18 @@ def check_config(cfg: Config) -> None:
                          f"warmup_steps={o.warmup_steps}")
     if cfg.logger.name not in ("none", "wandb"):
         raise ValueError(f"logger.name must be none or wandb, got {cfg.logger.name!r}")
+    _check_eval(cfg.eval)
     _check_parallel_combinations(cfg)
+
+
+def _check_eval(e: EvalConfig) -> None:
+    if e.passkey_every < 0 or e.passkey_samples < 1 or e.passkey_batch_size < 1:
+        raise ValueError(f"need eval.passkey_every >= 0, eval.passkey_samples >= 1 and eval.passkey_batch_size >= 1, "
+                         f"got {e.passkey_every}, {e.passkey_samples}, {e.passkey_batch_size}")
+    if e.passkey_every and not (e.passkey_lengths and all(n > 0 for n in e.passkey_lengths)):
+        raise ValueError(f"eval.passkey_lengths must be positive token counts, got {list(e.passkey_lengths)}")
+    if not all(0.0 <= d <= 1.0 for d in e.passkey_depths):
+        raise ValueError(f"eval.passkey_depths must lie in [0, 1], got {list(e.passkey_depths)}")
 
 
 def _check_parallel_combinations(cfg: Config) -> None:

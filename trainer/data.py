@@ -25,8 +25,10 @@ from typing import Optional
 
 import numpy as np
 
+from . import passkey
 from .packing import PackedLoader, StreamingPackedLoader, TokenStore
-from .tokenizer import Tokenizer, build_tokenizer, encode_documents
+from .token_cache import append_documents, arrow_chunks, build_token_cache, open_token_store
+from .tokenizer import Tokenizer, build_tokenizer, encode_documents, token_dtype
 
 __all__ = ["DataConfig", "build_loader", "build_tokenizer", "validate_data_config", "load_corpus",
            "stdlib_files", "PackedLoader", "StreamingPackedLoader", "TokenStore"]
@@ -57,6 +59,10 @@ class DataConfig:
     num_workers: int = 0            # processes for tokenisation (datasets map num_proc); 0 = in-process
     shuffle_buffer: int = 10000     # streaming train: documents in the shuffle buffer
     cache_dir: Optional[str] = None # source=hf: datasets cache dir (downloads + tokenised map cache)
+    token_cache: Optional[str] = None  # dir for memory-mapped token stores (loaded data): the corpus stays on disk
+    passkey_ratio: float = 0.0      # train split: this fraction of documents are synthetic passkey documents
+    passkey_min_len: int = 0        # their length in tokens, uniform in [min, max]; 0: the shortest prompt
+    passkey_max_len: int = 0        # 0: data.seq_len
 
 
 def validate_data_config(cfg) -> None:
@@ -85,6 +91,11 @@ def validate_data_config(cfg) -> None:
         raise ValueError(f"data.shuffle_buffer must be >= 1, got {cfg.shuffle_buffer!r}")
     if not cfg.text_column:
         raise ValueError("data.text_column must be a non-empty column name")
+    if not 0.0 <= float(cfg.passkey_ratio) < 1.0:
+        raise ValueError(f"data.passkey_ratio must be in [0, 1), got {cfg.passkey_ratio!r}")
+    if cfg.passkey_min_len < 0 or cfg.passkey_max_len < 0:
+        raise ValueError(f"data.passkey_min_len / passkey_max_len must be >= 0 (0: default), got "
+                         f"{cfg.passkey_min_len} / {cfg.passkey_max_len}")
 
 
 def _unit_hash(key: str, salt: str) -> float:
@@ -217,11 +228,24 @@ def _tokenize_batch(batch, tokenizer: Tokenizer, column: str) -> dict:
     return {"input_ids": encode_documents(tokenizer, batch[column])}
 
 
-def tokenize_to_store(ds, tokenizer: Tokenizer, column: str, num_proc: Optional[int] = None) -> TokenStore:
-    """Tokenise a Dataset once (map(batched=True); disk-cached for loaded datasets) into a TokenStore."""
+def tokenize_to_store(ds, tokenizer: Tokenizer, column: str, num_proc: Optional[int] = None,
+                      token_cache: Optional[str] = None) -> TokenStore:
+    """Tokenise a Dataset once (map(batched=True); disk-cached for loaded datasets) into a TokenStore: in
+    memory, or with token_cache a memory-mapped file keyed by the dataset and tokenizer (written slice by
+    slice from the map's arrow cache, so the corpus is never in memory at once)."""
+    path = None
+    if token_cache:
+        key = f"{ds._fingerprint}:{type(tokenizer).__name__}:{tokenizer.vocab_size}:" \
+              f"{getattr(tokenizer, 'name', '')}:{column}"
+        path = os.path.join(token_cache, hashlib.blake2b(key.encode(), digest_size=10).hexdigest())
+        if os.path.isfile(os.path.join(path, "meta.json")):
+            return open_token_store(path)
     tokenized = ds.map(_tokenize_batch, batched=True, remove_columns=ds.column_names, num_proc=num_proc,
                        fn_kwargs={"tokenizer": tokenizer, "column": column}, desc="tokenize")
-    return TokenStore.from_arrow(tokenized.data.column("input_ids"))
+    column_data = tokenized.data.column("input_ids")
+    if path is None:
+        return TokenStore.from_arrow(column_data)
+    return build_token_cache(path, arrow_chunks(column_data), token_dtype(tokenizer.vocab_size))
 
 
 def _tokenize_stream(examples, tokenizer: Tokenizer, column: str, chunk: int = 256):
@@ -273,10 +297,30 @@ def build_loader(cfg, tokenizer: Tokenizer, split: str, dp_rank: int = 0, dp_siz
                   infinite=split == "train", cross_doc=cfg.cross_doc_attention, pad_id=tokenizer.pad_id,
                   max_batches=max_batches)
     docs = load_corpus(cfg, split)
+    mix = split == "train" and cfg.passkey_ratio > 0
     if cfg.streaming:
-        return StreamingPackedLoader(_stream_opener(cfg, tokenizer, docs, split, dp_rank, dp_size, seed), **common)
-    store = tokenize_to_store(docs, tokenizer, cfg.text_column, cfg.num_workers or None) if len(docs) else None
+        open_docs = _stream_opener(cfg, tokenizer, docs, split, dp_rank, dp_size, seed)
+        if mix:
+            open_docs = passkey.mix_into_stream(open_docs, tokenizer, cfg.passkey_ratio, seed,
+                                                *_passkey_lengths(cfg, tokenizer), rank=dp_rank)
+        return StreamingPackedLoader(open_docs, **common)
+    store = None
+    if len(docs):
+        store = tokenize_to_store(docs, tokenizer, cfg.text_column, cfg.num_workers or None, cfg.token_cache)
     if store is None or store.num_tokens == 0:
         raise ValueError(f"the {split!r} split is empty (data.source={cfg.source!r}, data.path={cfg.path!r}, "
                          f"data.val_fraction={cfg.val_fraction}, data.max_files={cfg.max_files})")
+    if mix:  # ratio / (1 - ratio) passkey documents per corpus document, the same on every rank
+        count = round(cfg.passkey_ratio / (1 - cfg.passkey_ratio) * store.num_docs)
+        store = append_documents(store, passkey.passkey_documents(
+            tokenizer, count, seed, *_passkey_lengths(cfg, tokenizer), token_dtype(tokenizer.vocab_size)))
     return PackedLoader(store, shuffle=split == "train", **common)
+
+
+def _passkey_lengths(cfg, tokenizer) -> tuple[int, int]:
+    low = max(cfg.passkey_min_len, passkey.min_length(tokenizer))
+    high = cfg.passkey_max_len or cfg.seq_len
+    if high < low:
+        raise ValueError(f"data.passkey_max_len ({high}; 0 means data.seq_len) is below the shortest passkey "
+                         f"document ({low} tokens: data.passkey_min_len or needle + question)")
+    return low, high

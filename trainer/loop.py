@@ -262,6 +262,23 @@ class Trainer:
         self.model.train()
         return (totals[0] / totals[1].clamp(min=1)).item()
 
+    def passkey_eval(self, sink: MetricsSink) -> dict:
+        """Passkey retrieval (trainer/eval_passkey.py) on rank 0 alone: a ring / Ulysses core or ZeRO-3 shards
+        would need every rank, so those runs skip it (use python -m trainer.eval_passkey on a checkpoint)."""
+        if self.env.rank != 0:
+            return {}
+        if self.env.cp_size > 1 or self.cfg.parallel.zero_stage == 3:
+            log.warning("eval.passkey_every: skipped with parallel.cp > 1 or zero_stage=3; run "
+                        "python -m trainer.eval_passkey checkpoint=%s instead", self.out_dir)
+            return {}
+        from trainer.eval_passkey import evaluate_during_training
+
+        metrics = evaluate_during_training(self.model, self.tokenizer, self.cfg.eval, self.device,
+                                           self.autocast_dtype, self.out_dir, self.step)
+        sink.write(f"step {self.step}: passkey exact {metrics['passkey_exact']:.3f}, "
+                   f"digit {metrics['passkey_digit']:.3f} (chance 1e-5 / 0.1)")
+        return metrics
+
     # -- the loop -----------------------------------------------------------------------------------------
 
     def _next_micro_batches(self) -> list[dict]:
@@ -320,6 +337,9 @@ class Trainer:
                 with self.throughput.paused():
                     record["val_loss"] = self.evaluate()
                 sink.write(f"step {self.step}: val_loss {record['val_loss']:.4f}")
+            if _every(self.step, self.cfg.eval.passkey_every) or (last and self.cfg.eval.passkey_every > 0):
+                with self.throughput.paused():
+                    record.update(self.passkey_eval(sink))
             if len(record) > 1:
                 sink.log(record)
                 self.check_health()  # after the log, so the record of the failing step is written
