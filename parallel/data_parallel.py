@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from typing import Callable, Optional
 
 import torch
@@ -134,6 +135,16 @@ def init_zero_engine(module: nn.Module, optimizer: torch.optim.Optimizer,
     engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, lr_scheduler=lr_scheduler,
                                            config=config, dist_init_required=False)
     return engine, float(_world_size())
+
+
+def destroy_process_groups() -> None:
+    """Tear down torch.distributed, through DeepSpeed when it took part: DeepSpeed caches process-group handles
+    of its own (its world clone, data-parallel groups), which only its own destroy releases."""
+    ds_comm = sys.modules.get("deepspeed.comm")
+    if ds_comm is not None and ds_comm.is_initialized():
+        ds_comm.destroy_process_group()
+    elif dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def zero_grad_norm(engine, device: torch.device) -> torch.Tensor:

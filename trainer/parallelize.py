@@ -27,7 +27,7 @@ import torch.distributed as dist
 from torch import nn
 
 from parallel import init_mesh, ring_attn_func, shard_sequence, ulysses_attn_func
-from parallel.data_parallel import init_zero_engine, wrap_ddp, zero_config
+from parallel.data_parallel import destroy_process_groups, init_zero_engine, wrap_ddp, zero_config
 from trainer.activations import attention_keep_mode, keep_attention, replay_attention
 from trainer.loss import IGNORE_INDEX
 
@@ -97,8 +97,7 @@ def init_distributed(device: str = "auto", cp: int = 1) -> DistEnv:
 
 
 def destroy_distributed() -> None:
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    destroy_process_groups()
 
 
 def validate_parallel(cfg, env: DistEnv) -> None:
