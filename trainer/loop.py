@@ -142,6 +142,9 @@ class Trainer:
         if path is None:
             return
         step, shared, per_rank = self.ckpt.load(path)
+        if (self.engine is None) != ("model" in shared):  # DDP checkpoints hold the model; ZeRO ones, shards
+            raise ValueError(f"train.resume: {path} was written with parallel.zero_stage "
+                             f"{'0' if 'model' in shared else '> 0'}; resume with the same parallel.zero_stage")
         if self.engine is None:
             self.model.load_state_dict(shared["model"])
             self.optimizer.load_state_dict(shared["optimizer"])
