@@ -13,7 +13,8 @@ of every other element -- shrinks. V is not rotated (P·V would have to be rotat
 P = exp2(s - running max) lies in [0, 1] and is quantized with the fixed scale 448 (computed as
 exp2(s - m + log2 448), so the scale costs nothing): e4m3 is floating point, so a per-block P scale would
 only lift values below 3.5e-5 out of the subnormal range.
-The forward is FP8; gradients (Fp8AttnFunc) come from the bf16 backward recomputed at the fp8 out/lse.
+The forward is FP8; gradients (flash_attn_func(..., fp8=...)) come from the bf16 backward recomputed at the
+fp8 out/lse.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .backends import attn_backward, resolve_backend_name
+from .backends import resolve_backend_name
 from .validation import check_options, check_qkv
 
 FP8_DTYPE = torch.float8_e4m3fn
@@ -240,7 +241,7 @@ def fp8_attn_forward(q, k, v, causal=False, softmax_scale=None, window_size=(-1,
     """Forward-only FP8 attention: q (B, Nq, H, D), k/v (B, Nk, Hkv, D) -> (out in q.dtype, lse (B, H, Nq)).
 
     backend "triton" (the "auto" choice on CUDA) runs the Hopper kernel; "reference" (auto on CPU) runs the
-    fp32 emulation. Nothing is recorded for autograd: use Fp8AttnFunc / flash_attn_func(..., fp8=True).
+    fp32 emulation. Nothing is recorded for autograd: use flash_attn_func(..., fp8=True).
     """
     fn = "fp8_attn_forward"
     config = _check(fn, q, k, v, softmax_scale, window_size, config)
@@ -258,34 +259,3 @@ def fp8_attn_forward(q, k, v, causal=False, softmax_scale=None, window_size=(-1,
         # per-block scales fuse into one pass per tensor; per-head / per-tensor need a global amax first
         fq = triton_quantize_qkv(q, k, v, config) if config.granularity == "block" else quantize_qkv(q, k, v, config)
         return triton_fp8_forward(fq, bool(causal), scale, q.dtype)
-
-
-class Fp8AttnFunc(torch.autograd.Function):
-    """FP8 forward; backward = the bf16 backward of `backend`, recomputing P from the bf16 q/k and the
-    fp8 forward's lse (so training sees the gradient of bf16 attention taken at the fp8 out/lse)."""
-
-    @staticmethod
-    def forward(ctx, q, k, v, causal, softmax_scale, window_size, backend, config):
-        out, lse = fp8_attn_forward(q, k, v, causal, softmax_scale, window_size, backend, config)
-        ctx.save_for_backward(q, k, v, out, lse)
-        ctx.args = (causal, softmax_scale, window_size)
-        ctx.backend = backend
-        ctx.set_materialize_grads(False)
-        return out, lse
-
-    @staticmethod
-    def backward(ctx, dout, dlse):
-        q, k, v, out, lse = ctx.saved_tensors
-        if dout is None:
-            dout = torch.zeros_like(out)
-        dq, dk, dv = attn_backward(dout, q, k, v, out, lse, *ctx.args, dlse=dlse, backend=ctx.backend)
-        return dq, dk, dv, None, None, None, None, None
-
-
-def fp8_attn_func(q, k, v, causal=False, softmax_scale=None, window_size=(-1, -1), return_lse=False,
-                  backend="auto", fp8=True):
-    """flash_attn_func(..., fp8=...) lands here; fp8 is True or an Fp8Config."""
-    config = _check("flash_attn_func", q, k, v, softmax_scale, window_size, fp8)
-    backend = resolve_backend_name(backend, q.device)
-    out, lse = Fp8AttnFunc.apply(q, k, v, bool(causal), softmax_scale, tuple(window_size), backend, config)
-    return (out, lse) if return_lse else out

@@ -19,8 +19,9 @@ from .validation import check_options, check_qkv, check_varlen
 
 class FlashAttnFunc(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, causal, softmax_scale, window_size, backend):
-        out, lse = attn_forward(q, k, v, causal, softmax_scale, window_size, backend)
+    def forward(ctx, q, k, v, causal, softmax_scale, window_size, backend, fp8):
+        # fp8: the FP8 forward; the backward stays the bf16 one, recomputing P at the fp8 out/lse
+        out, lse = attn_forward(q, k, v, causal, softmax_scale, window_size, backend, fp8=fp8)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.args = (causal, softmax_scale, window_size)
         ctx.backend = backend
@@ -33,7 +34,7 @@ class FlashAttnFunc(torch.autograd.Function):
         if dout is None:
             dout = torch.zeros_like(out)
         dq, dk, dv = attn_backward(dout, q, k, v, out, lse, *ctx.args, dlse=dlse, backend=ctx.backend)
-        return dq, dk, dv, None, None, None, None
+        return dq, dk, dv, None, None, None, None, None
 
 
 class FlashAttnVarlenFunc(torch.autograd.Function):
@@ -65,13 +66,10 @@ def flash_attn_func(q, k, v, causal=False, softmax_scale=None, window_size=(-1, 
     unbounded; softmax_scale defaults to 1/sqrt(D); Hkv may divide H (GQA/MQA).
     fp8=True (or an attention.fp8.Fp8Config) runs the FP8 forward; its gradients come from the bf16 backward.
     """
-    if fp8:  # attention/fp8.py: quantize, FP8 kernel (emulation on CPU), bf16 backward
-        from .fp8 import fp8_attn_func
-        return fp8_attn_func(q, k, v, causal, softmax_scale, window_size, return_lse, backend, fp8)
     check_qkv(q, k, v, "flash_attn_func")
     check_options("flash_attn_func", softmax_scale, window_size)
     backend = resolve_backend_name(backend, q.device)
-    out, lse = FlashAttnFunc.apply(q, k, v, bool(causal), softmax_scale, tuple(window_size), backend)
+    out, lse = FlashAttnFunc.apply(q, k, v, bool(causal), softmax_scale, tuple(window_size), backend, fp8)
     return (out, lse) if return_lse else out
 
 
