@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parent.parent
 VOCAB = 32000
 # ringflash's defaults: no attention recompute; the kept attention outputs go to pinned CPU memory (side
 # stream, prefetched), so what stays on the GPU is about what HF's full checkpointing keeps.
-RINGFLASH = dict(ckpt="selective", offload="attention", mlp_chunk=16384, compile=1, loss_chunk=2048,
+RINGFLASH = dict(ckpt="selective", offload="attention", mlp_chunk=8192, compile=1, loss_chunk=2048,
                  backend="triton")
 TINY = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=4, head_dim=16, ffn_dim=128, rope_theta=500000.0)
 
@@ -106,7 +106,11 @@ def build_hf(shape: dict, opts: dict, device, dtype, seq_len: int, liger: bool):
                          rope_theta=shape.get("rope_theta", 10000.0), rms_norm_eps=1e-5,
                          tie_word_embeddings=False, use_cache=False)
     with torch.device(device):
-        model = AutoModelForCausalLM.from_config(config, attn_implementation=opts["attn"], dtype=dtype)
+        try:
+            model = AutoModelForCausalLM.from_config(config, attn_implementation=opts["attn"], dtype=dtype)
+        except TypeError:  # transformers before `dtype` replaced `torch_dtype`
+            model = AutoModelForCausalLM.from_config(config, attn_implementation=opts["attn"], torch_dtype=dtype)
+    model.to(dtype)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # renamed activation_checkpointing_enable in 5.2x
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
