@@ -298,7 +298,10 @@ def render(data: dict) -> str:
     lines = [f"Training step, batch 1, random tokens - {meta['gpu']}, {meta['date']}, torch {meta['torch']}, "
              f"transformers {meta['transformers']}, liger {meta['liger']}, dtype {meta['dtype']}.",
              "Cells: tok/s, MFU, peak GiB (max_memory_allocated). MFU: 6*P*T + causal attention (halved), "
-             "no recompute counted, peak " + f"{meta['peak_tflops']:.0f} TFLOPS.", ""]
+             "no recompute counted, peak " + f"{meta['peak_tflops']:.0f} TFLOPS.",
+             "ringflash = " + ", ".join(f"{k}={v}" for k, v in meta["ringflash_defaults"].items())
+             + " (a `ringflash:key=value` row overrides those); hf = LlamaForCausalLM, SDPA, gradient "
+             "checkpointing; hf_liger = hf + Liger RoPE/RMSNorm/SwiGLU/fused linear CE. Fused AdamW everywhere.", ""]
     for model in dict.fromkeys(c["model"] for c in cells):
         lengths = sorted({c["seq_len"] for c in cells if c["model"] == model})
         maxc = {m["setup"]: m for m in data["max_context"] if m["model"] == model}
@@ -389,7 +392,7 @@ def parse_args(argv=None):
     m.add_argument("--max-start", type=int, default=131072)
     m.add_argument("--max-limit", type=int, default=8 * 1048576)
     m.add_argument("--max-resolution", type=int, default=65536)
-    m.add_argument("--max-time", type=float, default=3600.0, help="seconds per (setup, model) search")
+    m.add_argument("--max-time", type=float, default=1800.0, help="seconds per (setup, model) search")
     m.add_argument("--probe-timeout", type=float, default=1800.0, help="seconds per probe step")
     m.add_argument("--no-max-extra", dest="max_extra", action="store_false",
                    help=f"do not add {MAX_CONTEXT_EXTRA} to the max-context search")
