@@ -20,7 +20,7 @@ test: $(STAMP)
 	$(PY) -m pytest -q $(ARGS)
 
 bench: $(STAMP)
-	$(PY) scripts/bench_attention.py $(ARGS)
+	$(PY) scripts/bench_attention.py --precompile 15 $(ARGS)
 
 clean:
 	rm -rf $(VENV) outputs .pytest_cache
