@@ -9,15 +9,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException, MissingConfigException
 from omegaconf import OmegaConf
 
 import trainer.loop
 from trainer.checkpoint import CheckpointManager, list_checkpoints
-from trainer.config import check_config, register_configs
 from trainer.loop import Trainer, TrainingStopped
 from trainer.parallelize import init_distributed
+from trainer_utils import compose_cfg, train_one_process
 
 ROOT = Path(__file__).resolve().parent.parent
 PY = sys.executable
@@ -26,19 +25,9 @@ FAST = ["model.dim=64", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads
         "data.seq_len=64", "data.batch_size=4", "data.max_files=40", "train.log_every=1", "train.eval_every=0",
         "train.eval_batches=2", "train.device=cpu", "optim.warmup_steps=5", "optim.decay_steps=36"]
 
-register_configs()
-
-
-def compose_cfg(overrides):
-    with initialize_config_dir(str(ROOT / "configs"), version_base="1.3"):
-        cfg = OmegaConf.to_object(compose("train", overrides=overrides))
-    check_config(cfg)
-    return cfg
-
 
 def train(out_dir, *overrides):
-    cfg = compose_cfg([*FAST, f"train.out_dir={out_dir}", *overrides])
-    return Trainer(cfg, init_distributed("cpu")).run()
+    return train_one_process(FAST, out_dir, *overrides)
 
 
 def metrics(out_dir) -> dict[int, dict]:

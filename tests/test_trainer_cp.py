@@ -24,16 +24,13 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf
 
 import trainer.parallelize as tp
 from dist_utils import random_positions, run_world
 from helpers import assert_close
-from trainer.config import check_config, register_configs
-from trainer.loop import Trainer
 from trainer.model import GPT, ModelConfig
-from trainer.parallelize import apply_context_parallel, init_distributed, shard_batch
+from trainer.parallelize import apply_context_parallel, shard_batch
+from trainer_utils import compose_cfg, train_one_process
 
 ROOT = Path(__file__).resolve().parent.parent
 # Tiny model, packed documents of the stdlib corpus (max 64 tokens per row: many documents cross the zigzag
@@ -46,20 +43,9 @@ FAST = ["model.dim=64", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads
 CP_TOL = 1e-4  # DESIGN.md: cp=2 vs cp=1 in fp32
 DP_TOL = 2e-5  # other gradient-reduction order: float rounding only
 
-register_configs()
-
-
-def compose_cfg(overrides):
-    with initialize_config_dir(str(ROOT / "configs"), version_base="1.3"):
-        cfg = OmegaConf.to_object(compose("train", overrides=overrides))
-    check_config(cfg)
-    return cfg
-
 
 def train_single(out_dir, *overrides):
-    cfg = compose_cfg([*FAST, f"train.out_dir={out_dir}", *overrides])
-    return Trainer(cfg, init_distributed("cpu")).run()
-
+    return train_one_process(FAST, out_dir, *overrides)
 
 def torchrun(nproc, port, out_dir, *overrides):
     args = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={port}",
@@ -68,11 +54,9 @@ def torchrun(nproc, port, out_dir, *overrides):
     proc = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr[-4000:]
 
-
 def metrics(out_dir) -> dict[int, dict]:
     lines = (Path(out_dir) / "metrics.jsonl").read_text().splitlines()
     return {r["step"]: r for r in map(json.loads, lines)}
-
 
 def assert_same_losses(got_dir, want_dir, tol):
     got, want = metrics(got_dir), metrics(want_dir)
@@ -84,14 +68,12 @@ def assert_same_losses(got_dir, want_dir, tol):
     assert abs(got[4]["grad_norm"] - want[4]["grad_norm"]) <= 100 * tol * want[4]["grad_norm"]
     return max(diffs.values())
 
-
 @pytest.fixture(scope="module")
 def packed(tmp_path_factory):
     """One process, batch 4, packed documents: the oracle for the cp and dp runs."""
     out = tmp_path_factory.mktemp("packed")
     train_single(out)
     return out
-
 
 @pytest.mark.parametrize("impl,ckpt", [("ring", "selective"), ("ulysses", "full")])
 def test_cp2_matches_one_process(impl, ckpt, packed, tmp_path, free_port):
@@ -100,14 +82,12 @@ def test_cp2_matches_one_process(impl, ckpt, packed, tmp_path, free_port):
     assert_same_losses(tmp_path, packed, CP_TOL)
     assert metrics(packed)[4]["loss"] < metrics(packed)[1]["loss"] - 0.5  # it trains: the runs are not trivial
 
-
 def test_cp2_dense_rows_with_accumulation(tmp_path, free_port):
     """cross_doc_attention: no document boundaries, the ring's dense path; 2 micro-batches of 2 per step."""
     common = ["data.cross_doc_attention=true", "data.batch_size=2", "train.grad_accum=2"]
     train_single(tmp_path / "single", *common)
     torchrun(2, free_port, tmp_path / "cp", "parallel.cp=2", *common)
     assert_same_losses(tmp_path / "cp", tmp_path / "single", CP_TOL)
-
 
 def test_zero2_dp2_matches_one_process_and_resumes(packed, tmp_path, free_port):
     zero = ["parallel.dp=2", "parallel.zero_stage=2", "data.batch_size=2", "train.ckpt_every=2"]
@@ -128,14 +108,11 @@ def test_zero2_dp2_matches_one_process_and_resumes(packed, tmp_path, free_port):
         assert abs(got[step]["loss"] - want[step]["loss"]) <= 1e-6, (step, got[step], want[step])
     assert abs(got[4]["val_loss"] - want[4]["val_loss"]) <= 1e-6
 
-
 def test_dp2_cp2_zero3_matches_one_process(packed, tmp_path, free_port):
     torchrun(4, free_port, tmp_path, "parallel.cp=2", "parallel.zero_stage=3", "data.batch_size=2")
     assert_same_losses(tmp_path, packed, CP_TOL)
 
-
 # -- config checks (no processes) ----------------------------------------------------------------------------
-
 
 @pytest.mark.parametrize("overrides,match", [
     (["parallel.cp=2", "data.seq_len=66"], r"data.seq_len 66 is not divisible by 2\*parallel.cp=4"),
@@ -147,20 +124,17 @@ def test_cp_and_fp8_config_checks(overrides, match):
     with pytest.raises(ValueError, match=match):
         compose_cfg([*FAST, *overrides])
 
-
 @pytest.mark.parametrize("group,want", [("ring", (2, "ring", 0)), ("ulysses", (2, "ulysses", 0)),
                                         ("zero2", (1, "ring", 2))])
 def test_parallel_config_groups(group, want):
     p = compose_cfg([f"parallel={group}"]).parallel
     assert (p.cp, p.cp_impl, p.zero_stage) == want and p.dp == -1
 
-
 @pytest.mark.parametrize("override,match", [("parallel.cp=2", "world size"),
                                             ("parallel.zero_stage=2", "world size is 1")])
 def test_one_process_refuses_cp_and_zero(override, match, tmp_path):
     with pytest.raises(ValueError, match=match):
         train_single(tmp_path, override)
-
 
 def test_fp8_forward_trains_close_to_fp32(tmp_path):
     """The FP8 forward (emulated on CPU) replaces the dense attention call: step 1 (no update yet) differs from
@@ -172,11 +146,9 @@ def test_fp8_forward_trains_close_to_fp32(tmp_path):
     assert 0 < abs(fp8[1]["loss"] - fp32[1]["loss"]) < 2e-2, (fp8[1], fp32[1])
     assert fp8[4]["loss"] < fp8[1]["loss"]
 
-
 # -- the model with swapped attention cores, without the trainer (2 spawned ranks) ---------------------------
 
 N_LAYERS = 2
-
 
 def _model_and_batch(ckpt):
     torch.manual_seed(0)
@@ -192,12 +164,10 @@ def _model_and_batch(ckpt):
              "num_valid": int((labels != -100).sum())}
     return model, batch
 
-
 def _loss_sum(model, tokens, labels, pos, cu=None, max_len=None):
     hidden = model(tokens, pos, cu, max_len)  # (B, N, dim)
     logits = hidden.flatten(0, 1) @ model.output_weight.T
     return F.cross_entropy(logits, labels.flatten(), ignore_index=-100, reduction="sum")
-
 
 def _cp_model_worker(rank, world_size, cases):
     real_ring = tp.ring_attn_func
@@ -234,7 +204,6 @@ def _cp_model_worker(rank, world_size, cases):
             grad = p.grad.clone()
             dist.all_reduce(grad)  # what DDP / ZeRO do over the cp ranks
             assert_close(grad, want_grads[name], f"{impl}/{ckpt} d{name}", atol=1e-6, rtol=1e-5)
-
 
 def test_swapped_attention_cores_match_the_unsharded_model(free_port):
     cases = [("ring", "none", N_LAYERS), ("ring", "full", 2 * N_LAYERS),
