@@ -4,6 +4,8 @@
     init_distributed(); mesh = init_mesh(cp=2)
     q_local = shard_sequence(q, dim=1, group=mesh.cp_group)          # same for k, v, labels, positions
     out_local = ring_attn_func(q_local, k_local, v_local, group=mesh.cp_group, causal=True)
+    plan = ring_plan(pos_local, group=mesh.cp_group)      # packed documents: once per batch, then in every layer
+    out_local = ring_attn_func(q_local, k_local, v_local, group=mesh.cp_group, plan=plan)
 
 Data parallelism (data_parallel.py): wrap_ddp for zero_stage=0, zero_config + init_zero_engine for DeepSpeed
 ZeRO 1/2/3; both reduce gradients over every dp x cp rank.
@@ -13,13 +15,14 @@ Knows nothing of models; attention/ does the per-block math.
 from .comm import RingComm
 from .data_parallel import init_zero_engine, wrap_ddp, zero_config
 from .mesh import ParallelDims, ParallelMesh, default_backend, init_distributed, init_mesh
-from .ring import ring_attn_func
+from .ring import RingPlan, ring_attn_func, ring_plan
 from .sharding import (chunk_ids, doc_cu_seqlens, doc_ids_from_positions, shard_doc_ids, shard_for_rank,
                        shard_indices, shard_sequence, unshard_from_shards, unshard_sequence)
-from .ulysses import ulysses_attn_func
+from .ulysses import UlyssesPlan, ulysses_attn_func, ulysses_plan
 
 __all__ = [
-    "ring_attn_func", "ulysses_attn_func", "shard_sequence", "unshard_sequence",
+    "ring_attn_func", "ulysses_attn_func", "ring_plan", "ulysses_plan", "RingPlan", "UlyssesPlan",
+    "shard_sequence", "unshard_sequence",
     "shard_for_rank", "unshard_from_shards", "shard_indices", "chunk_ids",
     "doc_ids_from_positions", "shard_doc_ids", "doc_cu_seqlens",
     "ParallelDims", "ParallelMesh", "init_mesh", "init_distributed", "default_backend", "RingComm",

@@ -12,6 +12,12 @@ out/lse. With causal attention only the visible chunk pairs are computed (zigzag
 diagonal one costs exactly half a block; contiguous: later ranks' blocks are skipped, so work is unbalanced).
 Packed documents (`position_ids`, 0 = document start) turn each block into a varlen call whose segments are
 the documents shared by the block's queries and keys; blocks sharing no document are skipped.
+
+Building that plan needs the whole sequence's positions: an all-gather and a host sync. A model calls the
+ring once per layer on the same positions, so it builds the plan once per batch and passes it to every layer:
+
+    plan = ring_plan(position_ids_local, group=cp_group, layout="zigzag", causal=True)   # once per batch
+    out_local = ring_attn_func(q_local, k_local, v_local, group=cp_group, plan=plan)     # every layer
 """
 
 from __future__ import annotations
@@ -80,9 +86,9 @@ def _with_docs(blocks: list, q_doc: torch.Tensor, k_doc: torch.Tensor, device) -
     return kept
 
 
-def plan_ring(rank: int, world_size: int, n_local: int, layout: str = "zigzag", causal: bool = True,
-              doc_ids: Optional[torch.Tensor] = None, device=None) -> list:
-    """The blocks each ring step computes, indexed by step (step s holds the K/V of rank - s).
+def ring_steps(rank: int, world_size: int, n_local: int, layout: str = "zigzag", causal: bool = True,
+               doc_ids: Optional[torch.Tensor] = None, device=None) -> list:
+    """The blocks each ring step computes, indexed by step (step s holds the K/V of rank - s). Pure: no comm.
 
     doc_ids: (B, N) document ids of the full sequence (see sharding.doc_ids_from_positions), or None.
     """
@@ -96,6 +102,57 @@ def plan_ring(rank: int, world_size: int, n_local: int, layout: str = "zigzag", 
             blocks = _with_docs(blocks, q_doc, k_doc, device)
         steps.append(blocks)
     return steps
+
+
+@dataclass(frozen=True)
+class RingPlan:
+    """Which blocks ring_attn_func computes at each step, for one rank, layout, mask and batch of documents.
+
+    Built by ring_plan (packed documents) or internally (dense); reusable by every layer of a forward and by
+    its backward (and activation-checkpoint recompute) as long as the position ids are the same.
+    """
+    rank: int
+    world_size: int
+    n_local: int
+    layout: str
+    causal: bool
+    batch_size: Optional[int]  # rows the document segments cover; None: dense, any batch size
+    steps: tuple  # steps[s]: tuple of _Block computed while holding the K/V of rank (rank - s) % world_size
+
+
+def _dense_plan(rank: int, world_size: int, n_local: int, layout: str, causal: bool) -> RingPlan:
+    steps = ring_steps(rank, world_size, n_local, layout, causal)
+    return RingPlan(rank, world_size, n_local, layout, causal, None, tuple(map(tuple, steps)))
+
+
+def check_local_positions(fn: str, position_ids, layout: str, world_size: int) -> torch.Tensor:
+    """(N_local,) or (B, N_local) integer position ids -> (B, N_local); ValueError naming what was seen."""
+    if not isinstance(position_ids, torch.Tensor) or position_ids.dim() not in (1, 2) \
+            or position_ids.is_floating_point() or position_ids.shape[-1] == 0:
+        seen = tuple(position_ids.shape) if isinstance(position_ids, torch.Tensor) else type(position_ids).__name__
+        raise ValueError(f"{fn}: position_ids must be an integer tensor (N_local,) or (B, N_local) with "
+                         f"N_local >= 1; got {seen}")
+    if layout == "zigzag" and world_size > 1 and position_ids.shape[-1] % 2 != 0:
+        raise ValueError(f"{fn}: N_local {position_ids.shape[-1]} must be even for layout='zigzag'; position_ids "
+                         f"{tuple(position_ids.shape)}")
+    return position_ids.reshape(-1, position_ids.shape[-1])
+
+
+def ring_plan(position_ids: torch.Tensor, group=None, layout: str = "zigzag", causal: bool = True) -> RingPlan:
+    """The packed-document plan for ring_attn_func(..., plan=...): build once per batch, reuse in every layer.
+
+    position_ids (N_local,) or (B, N_local): this rank's shard (in `layout`) of the packed positions (0 starts
+    a document); the plan then fits q of batch size B (1 for a 1-D input; expand the ids for more rows).
+    Collective over `group`: every rank calls it. Costs one all-gather of the int positions and one host sync.
+    """
+    check_layout(layout)
+    rank, world_size = group_rank_and_size(group)
+    local_pos = check_local_positions("ring_plan", position_ids, layout, world_size)  # (B, N_local)
+    # Document ids need the whole sequence: a shard cannot see where its first document began.
+    doc_ids = doc_ids_from_positions(unshard_sequence(local_pos, 1, group, layout).cpu())
+    B, n_local = local_pos.shape
+    steps = ring_steps(rank, world_size, n_local, layout, bool(causal), doc_ids, position_ids.device)
+    return RingPlan(rank, world_size, n_local, layout, bool(causal), B, tuple(map(tuple, steps)))
 
 
 # -- one block ----------------------------------------------------------------------------------------------
@@ -248,7 +305,7 @@ class RingAttnFunc(torch.autograd.Function):
 # -- public entry point -------------------------------------------------------------------------------------
 
 
-def _check_ring_inputs(q, k, v, layout, softmax_scale, position_ids):
+def _check_ring_inputs(q, k, v, layout, softmax_scale, position_ids, plan):
     fn = "ring_attn_func"
     check_qkv(q, k, v, fn)
     check_options(fn, softmax_scale, _NO_WINDOW)
@@ -259,6 +316,8 @@ def _check_ring_inputs(q, k, v, layout, softmax_scale, position_ids):
     if layout == "zigzag" and q.shape[1] % 2 != 0:
         raise ValueError(f"{fn}: N_local {q.shape[1]} must be even for layout='zigzag' (two chunks per rank); "
                          f"q {tuple(q.shape)}")
+    if position_ids is not None and plan is not None:
+        raise ValueError(f"{fn}: pass position_ids or plan, not both (the plan already holds the documents)")
     if position_ids is not None:
         B, n = q.shape[:2]
         if position_ids.shape not in ((n,), (1, n), (B, n)):
@@ -266,26 +325,41 @@ def _check_ring_inputs(q, k, v, layout, softmax_scale, position_ids):
                              f"got {tuple(position_ids.shape)}")
 
 
+def _check_plan(plan: RingPlan, q, layout: str, causal: bool, rank: int, world_size: int) -> None:
+    fn = "ring_attn_func"
+    if not isinstance(plan, RingPlan):
+        raise ValueError(f"{fn}: plan must be a RingPlan (from ring_plan), got {type(plan).__name__}")
+    B, n = q.shape[:2]
+    seen = (f"plan (rank {plan.rank}/{plan.world_size}, N_local {plan.n_local}, batch {plan.batch_size}, "
+            f"layout {plan.layout!r}, causal {plan.causal}); call (rank {rank}/{world_size}, q {tuple(q.shape)}, "
+            f"layout {layout!r}, causal {bool(causal)})")
+    if (plan.rank, plan.world_size, plan.n_local) != (rank, world_size, n) or plan.batch_size not in (None, B):
+        raise ValueError(f"{fn}: plan was built for other shards: {seen}")
+    if (plan.layout, plan.causal) != (layout, bool(causal)):
+        raise ValueError(f"{fn}: plan was built for another layout or mask: {seen}")
+
+
 def ring_attn_func(q, k, v, group=None, causal=True, softmax_scale=None, layout="zigzag", return_lse=False,
-                   position_ids=None, backend="auto", overlap=True):
+                   position_ids=None, backend="auto", overlap=True, plan=None):
     """Ring attention over the sequence split across `group` (None = default group; no group = one rank).
 
     q (B, N_local, H, D), k/v (B, N_local, Hkv, D): this rank's shards in `layout`. Returns out
     (B, N_local, H, D) [and lse (B, H, N_local) fp32], equal to flash_attn_func on the full sequence, sharded.
     position_ids (B|1, N_local): this rank's shard of packed-document positions (0 starts a document);
-    attention then stays inside documents. `overlap=False` waits for each transfer before computing
-    (for benchmarking the overlap).
+    attention then stays inside documents. Each such call all-gathers them and syncs with the host; a model
+    calling the ring in every layer passes plan=ring_plan(position_ids, group, layout, causal) instead, built
+    once per batch (same result). `overlap=False` waits for each transfer before computing (for benchmarking
+    the overlap).
     """
-    _check_ring_inputs(q, k, v, layout, softmax_scale, position_ids)
+    _check_ring_inputs(q, k, v, layout, softmax_scale, position_ids, plan)
     rank, world_size = group_rank_and_size(group)
     backend = resolve_backend_name(backend, q.device)
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
-    doc_ids = None
     if position_ids is not None:
-        # Document ids need the whole sequence (a shard cannot see where its first document began):
-        # one small all-gather of int positions per call.
         local_pos = position_ids.reshape(-1, q.shape[1]).expand(q.shape[0], -1)  # (B, N_local)
-        doc_ids = doc_ids_from_positions(unshard_sequence(local_pos, 1, group, layout).cpu())
-    plan = plan_ring(rank, world_size, q.shape[1], layout, bool(causal), doc_ids, q.device)
-    out, lse = RingAttnFunc.apply(q, k, v, group, plan, scale, backend, bool(overlap))
+        plan = ring_plan(local_pos, group, layout, causal)
+    elif plan is None:
+        plan = _dense_plan(rank, world_size, q.shape[1], layout, bool(causal))
+    _check_plan(plan, q, layout, causal, rank, world_size)
+    out, lse = RingAttnFunc.apply(q, k, v, group, plan.steps, scale, backend, bool(overlap))
     return (out, lse) if return_lse else out

@@ -6,11 +6,17 @@ q/k/v are this rank's sequence shards (B, N_local, H|Hkv, D) in `layout` (as pro
 One all-to-all gives every rank the *whole* sequence, in true order, for H/W of the heads; local attention
 runs through `attention.flash_attn_func` (its own autograd); a second all-to-all returns the sequence shards.
 H must be divisible by W; K/V heads are replicated when Hkv is not (e.g. Hkv < W), keeping GQA groups intact.
+Packed documents: the varlen segments of the full sequence need every rank's positions (an all-gather and a
+host sync), so a model builds them once per batch and passes them to every layer:
+
+    plan = ulysses_plan(position_ids_local, group=cp_group, layout="zigzag")            # once per batch
+    out_local = ulysses_attn_func(q_local, k_local, v_local, group=cp_group, plan=plan)  # every layer
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -18,6 +24,7 @@ import torch.distributed as dist
 from attention import flash_attn_func, flash_attn_varlen_func
 from attention.validation import check_options, check_qkv
 
+from .ring import check_local_positions
 from .sharding import (check_layout, doc_ids_from_positions, group_rank_and_size, shard_for_rank,
                        unshard_from_shards, unshard_sequence)
 
@@ -75,7 +82,37 @@ def _replicate_kv(k: torch.Tensor, heads: int, world_size: int) -> torch.Tensor:
     return k if rep == 1 else k.repeat_interleave(rep, dim=2)  # (B, n, Hkv*rep, D)
 
 
-def _check_ulysses_inputs(q, k, v, world_size, layout, softmax_scale, position_ids):
+@dataclass(frozen=True)
+class UlyssesPlan:
+    """Packed-document segments of the full sequence, for ulysses_attn_func(..., plan=...); see ulysses_plan."""
+    world_size: int
+    layout: str
+    n_local: int
+    batch_size: int
+    cu_seqlens: torch.Tensor  # (segments + 1,) int32 over the flattened (B * N) full sequence, true order
+    max_seqlen: int
+
+
+def ulysses_plan(position_ids: torch.Tensor, group=None, layout: str = "zigzag") -> UlyssesPlan:
+    """The packed-document plan for ulysses_attn_func: build once per batch, reuse in every layer.
+
+    position_ids (N_local,) or (B, N_local): this rank's shard (in `layout`) of the packed positions (0 starts
+    a document); the plan fits q of batch size B (1 for a 1-D input). Collective over `group`: every rank calls
+    it. Costs one all-gather of the int positions and one host sync.
+    """
+    check_layout(layout)
+    _, world_size = group_rank_and_size(group)
+    local_pos = check_local_positions("ulysses_plan", position_ids, layout, world_size)  # (B, N_local)
+    doc_ids = doc_ids_from_positions(unshard_sequence(local_pos, 1, group, layout).cpu())  # (B, N)
+    B, N = doc_ids.shape
+    starts = torch.ones(B, N, dtype=torch.bool)
+    starts[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]  # batch rows always start a new segment
+    bounds = torch.cat([starts.flatten().nonzero().flatten(), torch.tensor([B * N])])
+    return UlyssesPlan(world_size, layout, local_pos.shape[1], B, bounds.to(position_ids.device, torch.int32),
+                       int(bounds.diff().max()))
+
+
+def _check_ulysses_inputs(q, k, v, world_size, layout, softmax_scale, position_ids, plan):
     fn = "ulysses_attn_func"
     check_qkv(q, k, v, fn)
     check_options(fn, softmax_scale, (-1, -1))
@@ -87,19 +124,24 @@ def _check_ulysses_inputs(q, k, v, world_size, layout, softmax_scale, position_i
                          f"q {tuple(q.shape)}")
     if layout == "zigzag" and world_size > 1 and q.shape[1] % 2 != 0:
         raise ValueError(f"{fn}: N_local {q.shape[1]} must be even for layout='zigzag'; q {tuple(q.shape)}")
+    if position_ids is not None and plan is not None:
+        raise ValueError(f"{fn}: pass position_ids or plan, not both (the plan already holds the documents)")
     if position_ids is not None and position_ids.shape not in ((q.shape[1],), (1, q.shape[1]), q.shape[:2]):
         raise ValueError(f"{fn}: position_ids must be (N_local,), (1, N_local) or (B, N_local) = "
                          f"{tuple(q.shape[:2])}; got {tuple(position_ids.shape)}")
+    if plan is not None:
+        if not isinstance(plan, UlyssesPlan):
+            raise ValueError(f"{fn}: plan must be a UlyssesPlan (from ulysses_plan), got {type(plan).__name__}")
+        if (plan.world_size, plan.layout, plan.batch_size, plan.n_local) != (world_size, layout, *q.shape[:2]):
+            raise ValueError(f"{fn}: plan was built for other shards: plan (world size {plan.world_size}, layout "
+                             f"{plan.layout!r}, batch {plan.batch_size}, N_local {plan.n_local}); call (world size "
+                             f"{world_size}, layout {layout!r}, q {tuple(q.shape)})")
 
 
-def _packed_attention(q, k, v, doc_ids, causal, softmax_scale, backend):
-    """q (B, N, h, D) full sequence with doc_ids (B, N): one varlen call, documents never mix."""
+def _packed_attention(q, k, v, plan: UlyssesPlan, causal, softmax_scale, backend):
+    """q (B, N, h, D) full sequence with the plan's segments: one varlen call, documents never mix."""
     B, N, h, D = q.shape
-    starts = torch.ones(B, N, dtype=torch.bool)
-    starts[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]  # batch rows always start a new segment
-    bounds = torch.cat([starts.flatten().nonzero().flatten(), torch.tensor([B * N])])
-    cu = bounds.to(q.device, torch.int32)
-    max_len = int(bounds.diff().max())
+    cu, max_len = plan.cu_seqlens, plan.max_seqlen
     out = flash_attn_varlen_func(q.reshape(B * N, h, D), k.reshape(B * N, k.shape[2], D),
                                  v.reshape(B * N, v.shape[2], D), cu, cu, max_len, max_len, causal=causal,
                                  softmax_scale=softmax_scale, backend=backend)  # (B*N, h, D)
@@ -107,26 +149,26 @@ def _packed_attention(q, k, v, doc_ids, causal, softmax_scale, backend):
 
 
 def ulysses_attn_func(q, k, v, group=None, causal=True, softmax_scale=None, layout="zigzag", position_ids=None,
-                      backend="auto"):
+                      backend="auto", plan=None):
     """Attention over the sequence split across `group` by head-scattering all-to-all.
 
     q (B, N_local, H, D), k/v (B, N_local, Hkv, D): this rank's shards in `layout`; returns out
     (B, N_local, H, D) equal to flash_attn_func on the full sequence, sharded. position_ids: this rank's
-    shard of packed-document positions (0 starts a document), as for ring_attn_func.
+    shard of packed-document positions (0 starts a document), as for ring_attn_func; or plan=ulysses_plan(
+    position_ids, group, layout), built once per batch for all layers (same result, no per-call gather).
     """
     _, world_size = group_rank_and_size(group)
-    _check_ulysses_inputs(q, k, v, world_size, layout, softmax_scale, position_ids)
-    doc_ids = None
+    _check_ulysses_inputs(q, k, v, world_size, layout, softmax_scale, position_ids, plan)
     if position_ids is not None:
         local_pos = position_ids.reshape(-1, q.shape[1]).expand(q.shape[0], -1)  # (B, N_local)
-        doc_ids = doc_ids_from_positions(unshard_sequence(local_pos, 1, group, layout).cpu())
+        plan = ulysses_plan(local_pos, group, layout)
     if world_size == 1:
         q_full, k_full, v_full = q, k, v
     else:
         k, v = _replicate_kv(k, q.shape[2], world_size), _replicate_kv(v, q.shape[2], world_size)
         q_full, k_full, v_full = (_SeqToHeads.apply(t, group, layout) for t in (q, k, v))  # (B, N, h, D)
-    if doc_ids is None:
+    if plan is None:
         out = flash_attn_func(q_full, k_full, v_full, causal=causal, softmax_scale=softmax_scale, backend=backend)
     else:
-        out = _packed_attention(q_full, k_full, v_full, doc_ids, causal, softmax_scale, backend)
+        out = _packed_attention(q_full, k_full, v_full, plan, causal, softmax_scale, backend)
     return out if world_size == 1 else _HeadsToSeq.apply(out, group, layout)

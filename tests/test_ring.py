@@ -14,17 +14,18 @@ import torch.distributed as dist
 from attention import merge_attn_outputs
 from dist_utils import full_attention, random_positions, run_world
 from helpers import assert_close
-from parallel import RingComm, init_mesh, ring_attn_func, shard_for_rank
-from parallel.ring import merge_into, plan_ring
+from parallel import RingComm, RingPlan, init_mesh, ring_attn_func, ring_plan, shard_for_rank
+from parallel.ring import merge_into, ring_steps
 
 FP64_TOL = 1e-5  # the merged lse is fp32, so fp64 inputs agree to ~1e-7, not 1e-12
 DTYPE_TOL = {torch.float64: FP64_TOL, torch.float32: 2e-4}
 
 
 def _case(layout="zigzag", causal=True, heads=(4, 2), B=2, chunk=3, D=8, packed=False, lse_loss=False,
-          dtype=torch.float64, overlap=True, scale=None, backend="reference", seed=0):
+          dtype=torch.float64, overlap=True, scale=None, backend="reference", seed=0, via_plan=False):
+    """via_plan (packed only): also run with plan=ring_plan(...) and require results identical to position_ids=."""
     return dict(layout=layout, causal=causal, heads=heads, B=B, chunk=chunk, D=D, packed=packed, lse_loss=lse_loss,
-                dtype=dtype, overlap=overlap, scale=scale, backend=backend, seed=seed)
+                dtype=dtype, overlap=overlap, scale=scale, backend=backend, seed=seed, via_plan=via_plan)
 
 
 def _cases():
@@ -40,6 +41,8 @@ def _cases():
         _case("zigzag", True, (2, 1), B=1, chunk=7, D=32, dtype=torch.float32, seed=22),
         _case("zigzag", True, overlap=False, packed=True, chunk=4, seed=23),
         _case("contiguous", True, overlap=False, scale=0.3, seed=24),
+        _case("zigzag", True, packed=True, chunk=5, lse_loss=True, seed=25, via_plan=True),
+        _case("contiguous", False, (4, 1), packed=True, chunk=4, seed=26, via_plan=True),
     ]
     return cases
 
@@ -71,11 +74,22 @@ def _check_case(rank, world_size, c, group=None):
     def shard(t, dim=1):
         return shard_for_rank(t, dim, rank, world_size, c["layout"])
 
-    local = [shard(t).detach().requires_grad_() for t in (q, k, v)]
-    out_l, lse_l = ring_attn_func(*local, group=group, causal=c["causal"], softmax_scale=c["scale"], layout=c["layout"],
-                                  return_lse=True, position_ids=None if pos is None else shard(pos),
-                                  backend=c["backend"], overlap=c["overlap"])
-    _loss(out_l, lse_l, shard(dout), None if dlse is None else shard(dlse, 2)).backward()
+    def run(**docs):
+        local = [shard(t).detach().requires_grad_() for t in (q, k, v)]
+        out_l, lse_l = ring_attn_func(*local, group=group, causal=c["causal"], softmax_scale=c["scale"],
+                                      layout=c["layout"], return_lse=True, backend=c["backend"], overlap=c["overlap"],
+                                      **docs)
+        _loss(out_l, lse_l, shard(dout), None if dlse is None else shard(dlse, 2)).backward()
+        return out_l, lse_l, local
+
+    out_l, lse_l, local = run(position_ids=None if pos is None else shard(pos))
+    if c["via_plan"]:  # the same blocks in the same order: bitwise the same results
+        plan = ring_plan(shard(pos), group, c["layout"], c["causal"])
+        assert plan.batch_size == c["B"] and len(plan.steps) == world_size
+        out_p, lse_p, local_p = run(plan=plan)
+        for name, got, want in [("out", out_p, out_l), ("lse", lse_p, lse_l)] + [
+                (f"d{n}", a.grad, b.grad) for n, a, b in zip("qkv", local_p, local)]:
+            assert torch.equal(got, want), f"plan= vs position_ids=: {name} differs"
     tol = DTYPE_TOL[c["dtype"]]
     assert out_l.dtype == q.dtype and lse_l.dtype == torch.float32
     assert_close(out_l, shard(out), "out", atol=tol, rtol=tol)
@@ -116,7 +130,8 @@ def _check_ring_on_cp_subgroups(rank):
     assert (mesh.dp_rank, mesh.cp_rank) == divmod(rank, 2)
     assert dist.get_process_group_ranks(mesh.cp_group) == [2 * mesh.dp_rank, 2 * mesh.dp_rank + 1]
     for layout in ("zigzag", "contiguous"):
-        c = _case(layout, True, packed=True, chunk=4, seed=100 + mesh.dp_rank)  # a different sequence per dp rank
+        # A different sequence per dp rank; the plan's all-gather must stay inside the cp group.
+        c = _case(layout, True, packed=True, chunk=4, seed=100 + mesh.dp_rank, via_plan=layout == "zigzag")
         _check_case(mesh.cp_rank, 2, c, group=mesh.cp_group)
 
 
@@ -139,7 +154,7 @@ def test_ring_triton_backend(free_port):
 
 @pytest.mark.parametrize("packed", [False, True])
 def test_ring_single_rank_is_local_attention(packed):
-    c = _case("zigzag", True, chunk=5, packed=packed, lse_loss=True, seed=40)
+    c = _case("zigzag", True, chunk=5, packed=packed, lse_loss=True, seed=40, via_plan=packed)
     _check_case(0, 1, c)
 
 
@@ -149,21 +164,21 @@ def _spans(plan):
 
 def test_plan_computes_only_visible_chunks():
     # zigzag, W=4, rank 1 holds chunks (1, 6); 2 tokens per chunk. Step s holds rank (1 - s) % 4's K/V.
-    assert _spans(plan_ring(1, 4, 4, "zigzag", causal=True)) == [
+    assert _spans(ring_steps(1, 4, 4, "zigzag", causal=True)) == [
         [(0, 4, 0, 4, True)],   # own chunks, ascending: one causal call is exact
         [(0, 4, 0, 2, False)],  # rank 0 = chunks (0, 7): both query chunks see chunk 0, nobody sees chunk 7
         [(2, 4, 0, 4, False)],  # rank 3 = chunks (3, 4): only query chunk 6 sees them
         [(2, 4, 0, 4, False)],  # rank 2 = chunks (2, 5): likewise
     ]
     # contiguous: later ranks' keys are fully masked and skipped; non-causal computes everything.
-    assert _spans(plan_ring(0, 3, 4, "contiguous", causal=True)) == [[(0, 4, 0, 4, True)], [], []]
-    assert _spans(plan_ring(2, 3, 4, "contiguous", causal=False)) == [[(0, 4, 0, 4, False)]] * 3
+    assert _spans(ring_steps(0, 3, 4, "contiguous", causal=True)) == [[(0, 4, 0, 4, True)], [], []]
+    assert _spans(ring_steps(2, 3, 4, "contiguous", causal=False)) == [[(0, 4, 0, 4, False)]] * 3
 
 
 def test_plan_skips_blocks_without_shared_documents():
     # W=2 zigzag, 8 tokens, documents exactly the chunks [0,1] [2,3] [4,5] [6,7]: only the diagonal remains.
     doc_ids = torch.tensor([[0, 0, 1, 1, 2, 2, 3, 3]])
-    plan = plan_ring(0, 2, 4, "zigzag", causal=True, doc_ids=doc_ids)
+    plan = ring_steps(0, 2, 4, "zigzag", causal=True, doc_ids=doc_ids)
     assert _spans(plan) == [[(0, 4, 0, 4, True)], []]
     cu_q, cu_k, max_q, max_k = plan[0][0].varlen
     assert cu_q.tolist() == cu_k.tolist() == [0, 2, 4] and (max_q, max_k) == (2, 2)
@@ -198,3 +213,28 @@ def test_ring_input_errors():
         ring_attn_func(q, q, q, position_ids=torch.zeros(1, 5, dtype=torch.long))
     with pytest.raises(ValueError, match="multiple of k/v heads"):
         ring_attn_func(torch.randn(1, 6, 3, 8), q, q)
+
+
+def test_ring_plan_input_errors():
+    q = torch.randn(2, 6, 2, 8)
+    pos = torch.tensor([[0, 1, 2, 0, 1, 2]] * 2)
+    plan = ring_plan(pos)
+    assert isinstance(plan, RingPlan) and (plan.batch_size, plan.n_local, plan.causal) == (2, 6, True)
+    with pytest.raises(ValueError, match="position_ids or plan, not both"):
+        ring_attn_func(q, q, q, position_ids=pos, plan=plan)
+    with pytest.raises(ValueError, match="plan must be a RingPlan"):
+        ring_attn_func(q, q, q, plan=[[]])
+    with pytest.raises(ValueError, match=r"other shards.*batch 2.*q \(1, 6, 2, 8\)"):
+        ring_attn_func(q[:1], q[:1], q[:1], plan=plan)
+    with pytest.raises(ValueError, match="other shards"):
+        ring_attn_func(q[:, :4], q[:, :4], q[:, :4], plan=plan)
+    with pytest.raises(ValueError, match="another layout or mask"):
+        ring_attn_func(q, q, q, causal=False, plan=plan)
+    with pytest.raises(ValueError, match="another layout or mask"):
+        ring_attn_func(q, q, q, layout="contiguous", plan=plan)
+    with pytest.raises(ValueError, match=r"integer tensor.*got \(1, 2, 6\)"):
+        ring_plan(pos[None])
+    with pytest.raises(ValueError, match="integer tensor"):
+        ring_plan(pos.float())
+    with pytest.raises(ValueError, match="layout"):
+        ring_plan(pos, layout="striped")

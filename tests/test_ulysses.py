@@ -7,14 +7,16 @@ import torch
 
 from dist_utils import full_attention, random_positions, run_world
 from helpers import assert_close
-from parallel import shard_for_rank, ulysses_attn_func
+from parallel import UlyssesPlan, shard_for_rank, ulysses_attn_func, ulysses_plan
 
 TOL = 1e-9  # fp64 all the way: the all-to-alls only move data
 
 
-def _case(layout="zigzag", causal=True, heads=(4, 2), B=2, chunk=3, D=8, packed=False, scale=None, seed=0):
+def _case(layout="zigzag", causal=True, heads=(4, 2), B=2, chunk=3, D=8, packed=False, scale=None, seed=0,
+          via_plan=False):
+    """via_plan (packed only): also run with plan=ulysses_plan(...), which must give identical results."""
     return dict(layout=layout, causal=causal, heads=heads, B=B, chunk=chunk, D=D, packed=packed, scale=scale,
-                seed=seed)
+                seed=seed, via_plan=via_plan)
 
 
 def _cases(world_size):
@@ -22,7 +24,8 @@ def _cases(world_size):
     cases = [_case(layout, causal, h, seed=i) for i, (layout, causal, h) in enumerate(
         (lay, c, h) for lay in ("zigzag", "contiguous") for c in (True, False) for h in heads)]
     cases += [_case("zigzag", True, (2 * world_size, 2), chunk=5, packed=True, seed=20),
-              _case("contiguous", False, (world_size, 1), chunk=5, packed=True, scale=0.2, seed=21)]
+              _case("contiguous", False, (world_size, 1), chunk=5, packed=True, scale=0.2, seed=21, via_plan=True),
+              _case("zigzag", True, (world_size, 2), chunk=4, packed=True, seed=22, via_plan=True)]
     return cases
 
 
@@ -39,10 +42,20 @@ def _check_case(rank, world_size, c):
     def shard(t):
         return shard_for_rank(t, 1, rank, world_size, c["layout"])
 
-    local = [shard(t).detach().requires_grad_() for t in (q, k, v)]
-    out_l = ulysses_attn_func(*local, causal=c["causal"], softmax_scale=c["scale"], layout=c["layout"],
-                              position_ids=None if pos is None else shard(pos), backend="reference")
-    out_l.backward(shard(dout))
+    def run(**docs):
+        local = [shard(t).detach().requires_grad_() for t in (q, k, v)]
+        out_l = ulysses_attn_func(*local, causal=c["causal"], softmax_scale=c["scale"], layout=c["layout"],
+                                  backend="reference", **docs)
+        out_l.backward(shard(dout))
+        return out_l, local
+
+    out_l, local = run(position_ids=None if pos is None else shard(pos))
+    if c["via_plan"]:
+        plan = ulysses_plan(shard(pos), layout=c["layout"])
+        out_p, local_p = run(plan=plan)
+        for name, got, want in [("out", out_p, out_l)] + [(f"d{n}", a.grad, b.grad)
+                                                          for n, a, b in zip("qkv", local_p, local)]:
+            assert torch.equal(got, want), f"plan= vs position_ids=: {name} differs"
     assert_close(out_l, shard(out), "out", atol=TOL, rtol=TOL)
     for name, loc, ref in zip(("dq", "dk", "dv"), local, (q, k, v)):
         assert_close(loc.grad, shard(ref.grad), name, atol=TOL, rtol=TOL)
@@ -66,7 +79,7 @@ def test_ulysses_matches_full_attention(world_size, free_port):
 
 
 def test_ulysses_single_rank_and_errors():
-    _check_case(0, 1, _case("zigzag", True, (4, 2), packed=True))
+    _check_case(0, 1, _case("zigzag", True, (4, 2), packed=True, via_plan=True))
     q = torch.randn(1, 6, 2, 8)
     with pytest.raises(ValueError, match="layout"):
         ulysses_attn_func(q, q, q, layout="striped")
@@ -74,3 +87,16 @@ def test_ulysses_single_rank_and_errors():
         ulysses_attn_func(q, q[:, :4], q[:, :4])
     with pytest.raises(ValueError, match="position_ids"):
         ulysses_attn_func(q, q, q, position_ids=torch.zeros(2, 6, dtype=torch.long))
+    pos = torch.tensor([[0, 1, 2, 0, 1, 0]])
+    plan = ulysses_plan(pos)  # documents [0, 3) [3, 5) [5, 6)
+    assert isinstance(plan, UlyssesPlan) and plan.cu_seqlens.tolist() == [0, 3, 5, 6] and plan.max_seqlen == 3
+    with pytest.raises(ValueError, match="position_ids or plan, not both"):
+        ulysses_attn_func(q, q, q, position_ids=pos, plan=plan)
+    with pytest.raises(ValueError, match="plan must be a UlyssesPlan"):
+        ulysses_attn_func(q, q, q, plan=object())
+    with pytest.raises(ValueError, match=r"other shards.*batch 1.*q \(2, 6, 2, 8\)"):
+        ulysses_attn_func(q.expand(2, -1, -1, -1), q.expand(2, -1, -1, -1), q.expand(2, -1, -1, -1), plan=plan)
+    with pytest.raises(ValueError, match="other shards"):
+        ulysses_attn_func(q, q, q, layout="contiguous", plan=plan)
+    with pytest.raises(ValueError, match="integer tensor"):
+        ulysses_plan(pos.double())
