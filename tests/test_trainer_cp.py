@@ -9,8 +9,10 @@ give the per-step losses of one process over the same global batch (the oracle),
 - dp=2 x cp=2 under ZeRO-3 (4 processes; the 2048-row embedding and lm head are really partitioned)
 - config checks for CP shapes and attention.fp8_forward; the fp8 forward in a one-process run
 - below the trainer: a GPT with its attention cores swapped (apply_context_parallel) on shard_batch inputs
-  gives the unsharded model's loss and gradients, with and without activation checkpointing, and
-  ckpt=selective replays the ring's output instead of running the ring again in backward
+  gives the unsharded model's loss and gradients, with and without activation checkpointing,
+  ckpt=selective replays the ring's output instead of running the ring again in backward, and the
+  packed-document plan (one all-gather + host sync) is built once per forward for all layers, checkpoint
+  recompute included
 """
 
 import json
@@ -169,15 +171,23 @@ def _loss_sum(model, tokens, labels, pos, cu=None, max_len=None):
     logits = hidden.flatten(0, 1) @ model.output_weight.T
     return F.cross_entropy(logits, labels.flatten(), ignore_index=-100, reduction="sum")
 
+def _spy(obj, name, calls):
+    """Replace obj.name by a wrapper that appends name to `calls` and calls the original."""
+    real = getattr(obj, name)
+
+    def spy(*args, **kwargs):
+        calls.append(name)
+        return real(*args, **kwargs)
+
+    setattr(obj, name, spy)
+
+
 def _cp_model_worker(rank, world_size, cases):
-    real_ring = tp.ring_attn_func
+    # Counted during one forward + backward: ring calls, plan builds, all-gathers (the plan's only collective;
+    # the ring itself uses isend/irecv, Ulysses all-to-all).
     calls = []
-
-    def counting_ring(*args, **kwargs):
-        calls.append(1)
-        return real_ring(*args, **kwargs)
-
-    tp.ring_attn_func = counting_ring
+    for obj, name in ((tp, "ring_attn_func"), (tp, "ring_plan"), (tp, "ulysses_plan"), (dist, "all_gather")):
+        _spy(obj, name, calls)
     for impl, ckpt, ring_calls in cases:
         model, batch = _model_and_batch(ckpt)
         B, N = batch["tokens"].shape
@@ -196,7 +206,9 @@ def _cp_model_worker(rank, world_size, cases):
         calls.clear()
         got = _loss_sum(model, local["tokens"], local["labels"], local["position_ids"])
         got.backward()
-        assert ring_calls is None or len(calls) == ring_calls, (impl, ckpt, len(calls))
+        # One plan per forward, shared by all layers, the backward and the checkpoint recompute.
+        want_calls = {"ring_attn_func": ring_calls, f"{impl}_plan": 1, "all_gather": 1}
+        assert {n: calls.count(n) for n in want_calls} == want_calls, (impl, ckpt, calls)
         total = got.detach().clone()
         dist.all_reduce(total)
         assert_close(total, want.detach(), f"{impl}/{ckpt} loss", atol=1e-6, rtol=1e-6)
@@ -208,5 +220,5 @@ def _cp_model_worker(rank, world_size, cases):
 def test_swapped_attention_cores_match_the_unsharded_model(free_port):
     cases = [("ring", "none", N_LAYERS), ("ring", "full", 2 * N_LAYERS),
              ("ring", "selective", N_LAYERS),  # the recomputation replays the kept ring output
-             ("ulysses", "selective", 0)]
+             ("ulysses", "selective", 0), ("ulysses", "full", 0)]
     run_world(_cp_model_worker, 2, free_port, cases)

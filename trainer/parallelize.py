@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from parallel import init_mesh, ring_attn_func, shard_sequence, ulysses_attn_func
+from parallel import init_mesh, ring_attn_func, ring_plan, shard_sequence, ulysses_attn_func, ulysses_plan
 from parallel.data_parallel import destroy_process_groups, init_zero_engine, wrap_ddp, zero_config
 from trainer.activations import attention_keep_mode, keep_attention, replay_attention
 from trainer.loss import IGNORE_INDEX
@@ -121,52 +121,61 @@ def validate_parallel(cfg, env: DistEnv) -> None:
 # -- 1. context parallelism ----------------------------------------------------------------------------------
 
 
-class CurrentPositions:
-    """The position ids (this rank's shard) of the model forward in progress, for the CP attention cores.
+class CurrentPlan:
+    """The packed-document plan of the model forward in progress, shared by every layer's CP core.
 
-    GPT.forward receives them (RoPE uses them); a forward pre-hook stores them here, so the attention cores,
-    whose signature carries no positions, see the same ones. A backward (and its activation-checkpoint
-    recompute) always runs before the next forward in the trainer, so the stored ids are the right ones then.
+    A forward pre-hook on the GPT reads this rank's position ids (GPT.forward receives them for RoPE) and
+    builds the ring / Ulysses plan once: one all-gather of int positions and one host sync per forward, not
+    per layer. The cores' signature carries no positions, so they read the plan here. A backward (and its
+    activation-checkpoint recompute, which reruns the cores but not the GPT hook) always runs before the next
+    forward in the trainer, so the stored plan is the right one then and is not rebuilt.
     """
 
-    def __init__(self):
-        self.position_ids: Optional[torch.Tensor] = None
+    def __init__(self, impl: str, group):
+        self.impl, self.group = impl, group
+        self.plan = None  # RingPlan | UlyssesPlan, or None before the first forward / without position ids
 
     def capture(self, module, args, kwargs) -> None:
-        self.position_ids = kwargs["position_ids"] if "position_ids" in kwargs else (args[1] if len(args) > 1
-                                                                                        else None)
+        pos = kwargs["position_ids"] if "position_ids" in kwargs else (args[1] if len(args) > 1 else None)
+        if pos is None:
+            self.plan = None
+        elif self.impl == "ring":
+            self.plan = ring_plan(pos, self.group, CP_LAYOUT, causal=True)
+        else:
+            self.plan = ulysses_plan(pos, self.group, CP_LAYOUT)
 
 
 class ContextParallelAttention(nn.Module):
     """Replaces InnerAttention: q (B, N_local, H, D), k/v (B, N_local, Hkv, D) shards -> out (B, N_local, H, D).
 
     Causal attention over the whole sequence split across the cp group (ring or Ulysses). With packed
-    documents the shard's position ids (0 starts a document) keep attention inside documents; the batch's
-    global cu_seqlens do not describe a shard and must not be passed. Under model.ckpt=selective the ring
-    keeps its (out, lse) and the block recomputation replays them (RingAttnFunc saves q, k, v, out, lse like
-    the local attention Function), so backward runs no second forward ring; Ulysses is recomputed.
+    documents the forward's plan (CurrentPlan, built from the shard's position ids) keeps attention inside
+    documents; the batch's global cu_seqlens do not describe a shard and must not be passed. Under
+    model.ckpt=selective the ring keeps its (out, lse) and the block recomputation replays them (RingAttnFunc
+    saves q, k, v, out, lse like the local attention Function), so backward runs no second forward ring;
+    Ulysses is recomputed.
     """
 
-    def __init__(self, impl: str, group, positions: Optional[CurrentPositions], backend: str = "auto"):
+    def __init__(self, impl: str, group, current: Optional[CurrentPlan], backend: str = "auto"):
         super().__init__()
         assert impl in CP_IMPLS, impl
-        self.impl, self.group, self.positions, self.backend = impl, group, positions, backend
+        self.impl, self.group, self.current, self.backend = impl, group, current, backend
 
     @torch.compiler.disable  # process-group calls and a data-dependent plan: always eager
     def forward(self, q, k, v, cu_seqlens=None, max_seqlen=None):
         assert cu_seqlens is None, "under context parallelism document boundaries come from the position ids"
-        pos = None
-        if self.positions is not None:
-            pos = self.positions.position_ids
-            assert pos is not None and pos.shape == q.shape[:2], "the model forward must receive position_ids"
+        plan = None
+        if self.current is not None:
+            plan = self.current.plan
+            assert plan is not None, "the model forward must receive position_ids"
         if self.impl == "ulysses":
-            return ulysses_attn_func(q, k, v, group=self.group, causal=True, layout=CP_LAYOUT, position_ids=pos,
+            return ulysses_attn_func(q, k, v, group=self.group, causal=True, layout=CP_LAYOUT, plan=plan,
                                      backend=self.backend)
         mode = attention_keep_mode()
         if mode == "replay":
             return replay_attention(q, k, v)
         out, lse = ring_attn_func(q, k, v, group=self.group, causal=True, layout=CP_LAYOUT, return_lse=True,
-                                  position_ids=pos, backend=self.backend)
+                                  plan=plan, backend=self.backend)
         if mode == "record":
             keep_attention(out, lse)
         return out
@@ -174,13 +183,13 @@ class ContextParallelAttention(nn.Module):
 
 def apply_context_parallel(model: nn.Module, impl: str, group, packed_documents: bool) -> None:
     """Swap every block.attention.inner_attention of `model` (a GPT) for a ContextParallelAttention."""
-    positions = None
+    current = None
     if packed_documents:
-        positions = CurrentPositions()
-        model.register_forward_pre_hook(positions.capture, with_kwargs=True)
+        current = CurrentPlan(impl, group)
+        model.register_forward_pre_hook(current.capture, with_kwargs=True)
     for block in model.layers:
         backend = getattr(block.attention.inner_attention, "backend", "auto")
-        block.attention.inner_attention = ContextParallelAttention(impl, group, positions, backend)
+        block.attention.inner_attention = ContextParallelAttention(impl, group, current, backend)
 
 
 def shard_batch(batch: dict, group, layout: str = CP_LAYOUT) -> dict:
