@@ -7,7 +7,8 @@ import torch
 from omegaconf import OmegaConf
 
 from tests.helpers import assert_close, naive_attention
-from trainer.model import GPT, ModelConfig, apply_rope, rope_cos_sin
+from trainer.fused import rope, rope_math
+from trainer.model import GPT, ModelConfig, rope_cos_sin
 
 
 def small_cfg(**kw):
@@ -76,7 +77,7 @@ def test_rope_relative_and_scaling():
 
     def scores(offset, scaling=1.0, step=1):
         cos, sin = rope_cos_sin(pos * step + offset, 16, 10000.0, scaling, torch.float64)
-        return torch.einsum("bihd,bjhd->bhij", apply_rope(q, cos, sin), apply_rope(k, cos, sin))
+        return torch.einsum("bihd,bjhd->bhij", rope(q, cos, sin), rope(k, cos, sin))
 
     # q.k after RoPE depends only on the relative position: a shift of every position changes nothing.
     assert_close(scores(37), scores(0), "rope shift invariance")
@@ -94,7 +95,9 @@ def test_rope_matches_complex_rotation():
     freqs = 500000.0 ** (-torch.arange(0, 8, 2, dtype=torch.float64) / 8)
     z = torch.complex(x[..., :4], x[..., 4:]) * torch.polar(torch.ones(2, 6, 1, 4, dtype=torch.float64),
                                                              pos[..., None, None] * freqs)
-    assert_close(apply_rope(x, cos, sin), torch.cat([z.real, z.imag], -1), "rope vs complex rotation")
+    want = torch.cat([z.real, z.imag], -1)
+    assert_close(rope(x, cos, sin), want, "rope (eager Function) vs complex rotation")
+    assert_close(rope_math(x, cos, sin), want, "rope_math (compiled path) vs complex rotation")
 
 
 def test_model_with_positions_restarting_matches_separate_rows():

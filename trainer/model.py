@@ -103,11 +103,6 @@ def rope_cos_sin(position_ids, head_dim: int, theta: float, scaling: float = 1.0
     return angles.cos().to(dtype)[:, :, None, :], angles.sin().to(dtype)[:, :, None, :]  # broadcast over heads
 
 
-def apply_rope(x, cos, sin):
-    """Rotate x (B, N, H, D) by the half-split convention (as Hugging Face Llama); fp32 math for 16-bit x."""
-    return rope_math(x, cos, sin)
-
-
 class InnerAttention(nn.Module):
     """The attention core: q (B, N, H, D), k/v (B, N, Hkv, D) -> out (B, N, H, D), causal.
 
