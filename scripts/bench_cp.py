@@ -11,7 +11,8 @@ Rows per (sequence length, layout):
   ring-noovl ring_attn_func(overlap=False): each K/V transfer is waited for before computing
   ulysses    ulysses_attn_func (when heads divide by W)
 Times are the median over iterations of the slowest rank. TFLOPS/rank counts the full sequence's attention
-FLOPs (halved for causal; backward = 2.5x forward) divided by W.
+FLOPs (halved for causal; backward = 2.5x forward) divided by W (for `local`: those of its N/W tokens);
+`vs local TFLOPS` = a CP row's TFLOPS/rank over local's, i.e. how close CP gets to one GPU at N/W tokens.
 """
 
 from __future__ import annotations
@@ -134,10 +135,15 @@ def _bench_length(n, layout, args, device, world_size):
 
 
 def _row(name, ms, rows, n, layout, args, world_size):
+    # local attends within its own N/W tokens: the FLOPs of a length-N/W sequence on one GPU
+    local_tflop = _attn_tflop(n // world_size, args, 1)
+    flop = local_tflop if name == "local" else _attn_tflop(n, args, world_size)
     row = dict(impl=name, layout=layout, seq_len=n, n_local=n // world_size, world_size=world_size, ms=ms,
-               tflops_per_rank=_attn_tflop(n, args, world_size) / (ms / 1e3) if name != "local" else None)
+               tflops_per_rank=flop / (ms / 1e3))
     if "local" in rows:
         row["vs_local"] = ms / rows["local"]
+        # CP attention TFLOPS per GPU over one GPU's attention TFLOPS at the same per-GPU length
+        row["tflops_vs_local"] = row["tflops_per_rank"] / (local_tflop / (rows["local"] / 1e3))
     if "full/W" in rows:
         row["vs_full_over_w"] = ms / rows["full/W"]
     if name == "ring" and "ring-noovl" in rows:
@@ -147,7 +153,7 @@ def _row(name, ms, rows, n, layout, args, world_size):
 
 def _print_table(rows):
     head = f"{'impl':<11}{'layout':<11}{'seq_len':>9}{'n_local':>9}{'ms':>10}{'vs local':>10}{'vs full/W':>11}" \
-           f"{'overlap gain':>14}{'TFLOPS/rank':>13}"
+           f"{'overlap gain':>14}{'TFLOPS/rank':>13}{'vs local TFLOPS':>17}"
     print(head)
     print("-" * len(head))
 
@@ -157,7 +163,8 @@ def _print_table(rows):
     for r in rows:
         print(f"{r['impl']:<11}{r['layout']:<11}{r['seq_len']:>9}{r['n_local']:>9}{r['ms']:>10.2f}"
               f"{fmt(r.get('vs_local'), 10)}{fmt(r.get('vs_full_over_w'), 11)}"
-              f"{fmt(r.get('overlap_gain'), 14)}{fmt(r.get('tflops_per_rank'), 13, 3)}")
+              f"{fmt(r.get('overlap_gain'), 14)}{fmt(r.get('tflops_per_rank'), 13, 3)}"
+              f"{fmt(r.get('tflops_vs_local'), 17)}")
 
 
 def _meta(args, device, world_size):
@@ -174,16 +181,17 @@ def run(args):
     if device.type == "cpu":
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))  # ranks share the cores
     rows = []
+    tag = "cuda" if device.type == "cuda" else "cpu"
+    path = Path(args.json or f"outputs/bench_cp_{tag}_w{world_size}.json")
     for n in (int(s) for s in args.seq_lens.split(",")):
         for layout in args.layouts.split(","):
             check_shardable(n, world_size, layout, name="--seq-lens entry")
             rows += _bench_length(n, layout, args, device, world_size)
+            if rank == 0:  # after every length: a run cut short keeps what it measured
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_text(json.dumps(dict(meta=_meta(args, device, world_size), rows=rows), indent=2))
     if rank == 0:
         _print_table(rows)
-        tag = "cuda" if device.type == "cuda" else "cpu"
-        path = Path(args.json or f"outputs/bench_cp_{tag}_w{world_size}.json")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(dict(meta=_meta(args, device, world_size), rows=rows), indent=2))
         print(f"wrote {path}")
 
 
