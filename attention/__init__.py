@@ -5,7 +5,7 @@
 """
 
 from .backends import (attn_backward, attn_forward, attn_varlen_backward, attn_varlen_forward,
-                       available_backends)
+                       available_backends, get_deterministic, set_deterministic)
 from .dropin import register_hf, register_sdpa, unregister_sdpa
 from .interface import flash_attn_func, flash_attn_varlen_func
 from .merge import merge_attn_outputs
@@ -14,6 +14,7 @@ from .reference import reference_attn_backward, reference_attn_forward
 __all__ = [
     "flash_attn_func", "flash_attn_varlen_func", "merge_attn_outputs",
     "attn_forward", "attn_backward", "attn_varlen_forward", "attn_varlen_backward", "available_backends",
+    "set_deterministic", "get_deterministic",
     "reference_attn_forward", "reference_attn_backward",
     "register_sdpa", "unregister_sdpa", "register_hf",
 ]

@@ -8,6 +8,11 @@ The low-level pair is what ring / context parallelism and custom autograd call:
 q (B, Nq, H, D), k/v (B, Nk, Hkv, D), lse (B, H, Nq) fp32 natural log. The varlen pair takes packed
 (total, H, D) tensors with int32 cu_seqlens and returns lse (H, total_q). `backend="auto"` means the
 `ATTN_BACKEND` environment variable if set, else Triton on CUDA and the reference on CPU.
+
+Backward determinism: `deterministic=None` (the default of both backward functions) follows the global
+default, `set_deterministic(flag)` / `get_deterministic()`; it starts True unless the environment sets
+RINGFLASH_DETERMINISTIC=0. False lets the Triton backward accumulate dq with float atomics (faster, dq
+varies in its last bits from run to run); `torch.use_deterministic_algorithms(True)` always wins.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ class Backend:
     varlen_forward: Optional[Callable] = None  # (q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, window)
     varlen_backward: Optional[Callable] = None  # (dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, ..., dlse)
     check: Optional[Callable] = None  # (fn_name, q, k) -> None; raises ValueError for unsupported input
+    nondeterministic_backward: bool = False  # both backwards take deterministic=; the others are always so
 
 
 def _reference() -> Backend:
@@ -41,7 +47,7 @@ def _triton() -> Backend:
     from .triton_bwd import triton_attn_backward, triton_attn_varlen_backward
     from .triton_fwd import check_triton_supported, triton_attn_forward, triton_attn_varlen_forward
     return Backend("triton", triton_attn_forward, triton_attn_backward, triton_attn_varlen_forward,
-                   triton_attn_varlen_backward, check_triton_supported)
+                   triton_attn_varlen_backward, check_triton_supported, nondeterministic_backward=True)
 
 
 def _sdpa() -> Backend:
@@ -51,6 +57,35 @@ def _sdpa() -> Backend:
 
 _LOADERS: dict[str, Callable[[], Backend]] = {"reference": _reference, "triton": _triton, "sdpa": _sdpa}
 _CACHE: dict[str, Backend] = {}
+
+
+_DETERMINISTIC = [os.environ.get("RINGFLASH_DETERMINISTIC", "1").strip().lower() not in ("0", "false", "no", "off")]
+
+
+def set_deterministic(flag: bool) -> None:
+    """Global default for attn_backward / attn_varlen_backward(deterministic=None), hence for autograd."""
+    if not isinstance(flag, bool):
+        raise ValueError(f"set_deterministic: flag must be a bool, got {flag!r}")
+    _DETERMINISTIC[0] = flag
+
+
+def get_deterministic() -> bool:
+    """The backward's default determinism: set_deterministic's flag, forced True by
+    torch.use_deterministic_algorithms(True)."""
+    return _DETERMINISTIC[0] or torch.are_deterministic_algorithms_enabled()
+
+
+def _resolve_deterministic(fn, deterministic) -> bool:
+    if deterministic is None:
+        return get_deterministic()
+    if not isinstance(deterministic, bool):
+        raise ValueError(f"{fn}: deterministic must be None or a bool, got {deterministic!r}")
+    return deterministic or torch.are_deterministic_algorithms_enabled()
+
+
+def _determinism_kw(fn, impl, deterministic) -> dict:
+    det = _resolve_deterministic(fn, deterministic)
+    return {"deterministic": det} if impl.nondeterministic_backward else {}
 
 
 def available_backends() -> list[str]:
@@ -96,7 +131,7 @@ def attn_forward(q, k, v, causal=False, softmax_scale=None, window_size=(-1, -1)
 
 
 def attn_backward(dout, q, k, v, out, lse, causal=False, softmax_scale=None, window_size=(-1, -1),
-                  dlse=None, backend="auto"):
+                  dlse=None, backend="auto", deterministic=None):
     impl, scale, window = _prepare("attn_backward", q, k, v, softmax_scale, window_size, backend)
     if dout.shape != q.shape or out.shape != q.shape:
         raise ValueError(f"attn_backward: dout {tuple(dout.shape)} and out {tuple(out.shape)} must match "
@@ -105,7 +140,8 @@ def attn_backward(dout, q, k, v, out, lse, causal=False, softmax_scale=None, win
     for name, t in (("lse", lse), ("dlse", dlse)):
         if t is not None and tuple(t.shape) != expected_lse:
             raise ValueError(f"attn_backward: {name} must be (B, H, Nq) = {expected_lse}, got {tuple(t.shape)}")
-    return impl.backward(dout, q, k, v, out, lse, causal, scale, window, dlse)
+    return impl.backward(dout, q, k, v, out, lse, causal, scale, window, dlse,
+                         **_determinism_kw("attn_backward", impl, deterministic))
 
 
 # -- varlen: native where the backend has it, else one dense call per document ------------------------------
@@ -151,12 +187,14 @@ def attn_varlen_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_s
 
 
 def attn_varlen_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                         causal=False, softmax_scale=None, window_size=(-1, -1), dlse=None, backend="auto"):
+                         causal=False, softmax_scale=None, window_size=(-1, -1), dlse=None, backend="auto",
+                         deterministic=None):
     fn = "attn_varlen_backward"
     impl, scale, window = _prepare(fn, q, k, v, softmax_scale, window_size, backend, varlen=True)
     check_varlen(fn, q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+    det_kw = _determinism_kw(fn, impl, deterministic)
     if impl.varlen_backward is not None:
         return impl.varlen_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-                                    max_seqlen_k, causal, scale, window, dlse)
+                                    max_seqlen_k, causal, scale, window, dlse, **det_kw)
     return _varlen_backward_by_docs(impl, dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, causal, scale,
                                     window, dlse)

@@ -1,11 +1,17 @@
 """Triton FlashAttention backward: preprocess (delta, base-2 lse), a dK/dV kernel and a dQ kernel.
 
     dq, dk, dv = triton_attn_backward(dout, q, k, v, out, lse, causal, softmax_scale, window_size, dlse)
+    dq, dk, dv = triton_attn_backward(..., dlse, deterministic=False)   # atomic dQ: faster, run-to-run noise
 
 P is recomputed from q, k and the saved lse (no N x N storage). dlse, the gradient flowing into lse,
-enters as delta_i = rowsum(dout_i * out_i) - dlse_i. Deterministic by construction, no atomics: a dK/dV
-program owns one key block of one kv head and sums over the query heads of its GQA group in a fixed
-order; a dQ program owns one query block of one head.
+enters as delta_i = rowsum(dout_i * out_i) - dlse_i.
+
+Deterministic (default), no atomics: a dK/dV program owns one key block of one kv head and sums over the
+query heads of its GQA group in a fixed order; a dQ program owns one query block of one head. That costs
+7 tile GEMMs per (query block, key block) pair instead of 5, as the dQ pass recomputes QK^T and dO V^T.
+deterministic=False (ATOMIC_DQ) skips the dQ kernel: the dK/dV program also forms dS K for every tile
+and float-atomically adds it into a zeroed fp32 dQ buffer, so the summation order (and the last bits
+of dq) varies from run to run.
 """
 
 from __future__ import annotations
@@ -16,8 +22,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_common import (LOG2E, block_d, doc_bounds, key_segments, launch, load_rows, prune_configs,
-                            query_segments, store_rows, visible, visible_t, window_flags)
+from .triton_common import (FEATURES, LOG2E, atomic_add_rows, block_d, doc_bounds, key_segments, launch, load_rows,
+                            prune_configs, query_segments, store_rows, visible, visible_t, window_flags)
 
 
 @triton.jit
@@ -54,12 +60,13 @@ def _preprocess_kernel(Out, DO, Lse, DLse, Delta, Lse2, CuQ,
 
 
 @triton.jit
-def _dkdv_inner(dk, dv, k, v, q_src, do_src, lse_base, delta_base, stride_qn, stride_dn, start, end,
-                offs_n, offs_d, seqlen_q, seqlen_k, qk_scale, win_left, win_right,
+def _dkdv_inner(dk, dv, k, v, q_src, do_src, dq_dst, lse_base, delta_base, stride_qn, stride_dn, stride_dqn,
+                start, end, offs_n, offs_d, seqlen_q, seqlen_k, qk_scale, softmax_scale, win_left, win_right,
                 MASKED: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
                 HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
-                USE_TMA: tl.constexpr, WARP_SPEC: tl.constexpr):
-    """q_src / do_src are tensor descriptors (USE_TMA) or base pointers."""
+                USE_TMA: tl.constexpr, WARP_SPEC: tl.constexpr, ATOMIC_DQ: tl.constexpr, TMA_REDUCE: tl.constexpr):
+    """q_src / do_src are tensor descriptors (USE_TMA) or base pointers; dq_dst (ATOMIC_DQ only) is the fp32
+    dQ accumulator of this head: a descriptor (TMA_REDUCE) or a base pointer."""
     for start_m in tl.range(start, end, BLOCK_M, warp_specialize=WARP_SPEC):
         offs_m = start_m + tl.arange(0, BLOCK_M)
         if USE_TMA:
@@ -86,20 +93,32 @@ def _dkdv_inner(dk, dv, k, v, q_src, do_src, lse_base, delta_base, stride_qn, st
             delta = tl.load(delta_base + offs_m)
         # -- dS^T = P^T * (dP^T - delta); dK accumulates dS^T Q (softmax scale applied once at the end) ----
         dp_t = tl.dot(v, tl.trans(do))
-        ds_t = p_t * (dp_t - delta[None, :])
-        dk = tl.dot(ds_t.to(q.dtype), q, dk)
+        ds_t = (p_t * (dp_t - delta[None, :])).to(q.dtype)
+        dk = tl.dot(ds_t, q, dk)
+        if ATOMIC_DQ:  # this tile's share of dQ = dS K; masked pairs have dS = 0, so they add nothing
+            dq = tl.dot(tl.trans(ds_t), k) * softmax_scale
+            if USE_TMA:  # (nested, not `and`: constexpr-only branches whatever this Triton does with `and`)
+                if TMA_REDUCE:
+                    dq_dst.atomic_add([start_m, 0], dq)  # the copy engine drops rows past the document's end
+                else:
+                    atomic_add_rows(dq_dst, offs_m, stride_dqn, seqlen_q, offs_d, dq, HEAD_DIM, BLOCK_D, MASKED)
+            else:
+                atomic_add_rows(dq_dst, offs_m, stride_dqn, seqlen_q, offs_d, dq, HEAD_DIM, BLOCK_D, MASKED)
     return dk, dv
 
 
 @triton.jit
-def _dkdv_kernel(Q, K, V, DO, DK, DV, Lse2, Delta, CuQ, CuK,
+def _dkdv_kernel(Q, K, V, DO, DK, DV, DQ, Lse2, Delta, CuQ, CuK,
                  stride_qb, stride_qn, stride_qh, stride_kb, stride_kn, stride_kh,
                  stride_vb, stride_vn, stride_vh, stride_db, stride_dn, stride_dh,
-                 stride_dkb, stride_dkn, stride_dkh, stride_dvb, stride_dvn, stride_dvh, stride_lb, stride_lh,
+                 stride_dkb, stride_dkn, stride_dkh, stride_dvb, stride_dvn, stride_dvh,
+                 stride_dqb, stride_dqn, stride_dqh, stride_lb, stride_lh,
                  seqlen_q_dense, seqlen_k_dense, n_kv_heads, group, qk_scale, softmax_scale, win_left, win_right,
                  HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                  IS_VARLEN: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
-                 USE_TMA: tl.constexpr, WARP_SPEC: tl.constexpr):
+                 USE_TMA: tl.constexpr, WARP_SPEC: tl.constexpr, ATOMIC_DQ: tl.constexpr,
+                 TMA_REDUCE: tl.constexpr):
+    """DQ: the fp32 dQ accumulator (ATOMIC_DQ; each query head's rows get their own atomics), else unused."""
     bhk = tl.program_id(1)
     b = bhk // n_kv_heads
     hk = bhk % n_kv_heads
@@ -118,7 +137,7 @@ def _dkdv_kernel(Q, K, V, DO, DK, DV, Lse2, Delta, CuQ, CuK,
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     lo, a, c, hi = query_segments(n0, seqlen_q, seqlen_k, win_left, win_right, HAS_LEFT, HAS_RIGHT,
                                   BLOCK_M, BLOCK_N)
-    # GQA: the query heads of this kv head, summed here in a fixed order (deterministic, no atomics)
+    # GQA: the query heads of this kv head, summed here in a fixed order (dK/dV stay deterministic)
     for g in range(group):
         h = hk * group + g
         q_base = Q + b.to(tl.int64) * stride_qb + q_start.to(tl.int64) * stride_qn + h * stride_qh
@@ -127,20 +146,26 @@ def _dkdv_kernel(Q, K, V, DO, DK, DV, Lse2, Delta, CuQ, CuK,
         delta_base = Delta + b.to(tl.int64) * stride_lb + h.to(tl.int64) * stride_lh + q_start
         q_src = q_base
         do_src = do_base
+        dq_dst = DQ + b.to(tl.int64) * stride_dqb + q_start.to(tl.int64) * stride_dqn + h * stride_dqh
         if USE_TMA:  # per-document shape: the copy engine zero-fills rows past the document's end
             rows_q = tl.maximum(seqlen_q, 1)
             q_src = tl.make_tensor_descriptor(q_base, [rows_q, HEAD_DIM], [stride_qn, 1], [BLOCK_M, BLOCK_D])
             do_src = tl.make_tensor_descriptor(do_base, [rows_q, HEAD_DIM], [stride_dn, 1], [BLOCK_M, BLOCK_D])
+            if TMA_REDUCE:
+                dq_dst = tl.make_tensor_descriptor(dq_dst, [rows_q, HEAD_DIM], [stride_dqn, 1], [BLOCK_M, BLOCK_D])
         if HAS_RIGHT:  # only a causal / right window edge puts masked query blocks before the interior
-            dk, dv = _dkdv_inner(dk, dv, k, v, q_src, do_src, lse_base, delta_base, stride_qn, stride_dn,
-                                 lo, a, offs_n, offs_d, seqlen_q, seqlen_k, qk_scale, win_left, win_right,
-                                 True, HAS_LEFT, HAS_RIGHT, HEAD_DIM, BLOCK_D, BLOCK_M, USE_TMA, False)
-        dk, dv = _dkdv_inner(dk, dv, k, v, q_src, do_src, lse_base, delta_base, stride_qn, stride_dn,
-                             a, c, offs_n, offs_d, seqlen_q, seqlen_k, qk_scale, win_left, win_right,
-                             False, HAS_LEFT, HAS_RIGHT, HEAD_DIM, BLOCK_D, BLOCK_M, USE_TMA, WARP_SPEC)
-        dk, dv = _dkdv_inner(dk, dv, k, v, q_src, do_src, lse_base, delta_base, stride_qn, stride_dn,
-                             c, hi, offs_n, offs_d, seqlen_q, seqlen_k, qk_scale, win_left, win_right,
-                             True, HAS_LEFT, HAS_RIGHT, HEAD_DIM, BLOCK_D, BLOCK_M, USE_TMA, False)
+            dk, dv = _dkdv_inner(dk, dv, k, v, q_src, do_src, dq_dst, lse_base, delta_base, stride_qn, stride_dn,
+                                 stride_dqn, lo, a, offs_n, offs_d, seqlen_q, seqlen_k, qk_scale, softmax_scale,
+                                 win_left, win_right, True, HAS_LEFT, HAS_RIGHT, HEAD_DIM, BLOCK_D, BLOCK_M,
+                                 USE_TMA, False, ATOMIC_DQ, TMA_REDUCE)
+        dk, dv = _dkdv_inner(dk, dv, k, v, q_src, do_src, dq_dst, lse_base, delta_base, stride_qn, stride_dn,
+                             stride_dqn, a, c, offs_n, offs_d, seqlen_q, seqlen_k, qk_scale, softmax_scale,
+                             win_left, win_right, False, HAS_LEFT, HAS_RIGHT, HEAD_DIM, BLOCK_D, BLOCK_M,
+                             USE_TMA, WARP_SPEC, ATOMIC_DQ, TMA_REDUCE)
+        dk, dv = _dkdv_inner(dk, dv, k, v, q_src, do_src, dq_dst, lse_base, delta_base, stride_qn, stride_dn,
+                             stride_dqn, c, hi, offs_n, offs_d, seqlen_q, seqlen_k, qk_scale, softmax_scale,
+                             win_left, win_right, True, HAS_LEFT, HAS_RIGHT, HEAD_DIM, BLOCK_D, BLOCK_M,
+                             USE_TMA, False, ATOMIC_DQ, TMA_REDUCE)
     dk_base = DK + b.to(tl.int64) * stride_dkb + k_start.to(tl.int64) * stride_dkn + hk * stride_dkh
     dv_base = DV + b.to(tl.int64) * stride_dvb + k_start.to(tl.int64) * stride_dvn + hk * stride_dvh
     store_rows(dk_base, offs_n, stride_dkn, seqlen_k, offs_d, (dk * softmax_scale).to(DK.dtype.element_ty),
@@ -231,18 +256,24 @@ def _dq_kernel(Q, K, V, DO, DQ, Lse2, Delta, CuQ, CuK,
 
 # -- configs: one list per kernel, pruned per call; tuned once per (HEAD_DIM, window flags, TMA, dtype) ----
 
-_DKDV_CONFIGS = [
-    triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "WARP_SPEC": ws}, num_warps=w, num_stages=s)
-    for bm, bn, w, s, ws in [(64, 128, 8, 3, False), (64, 64, 4, 2, False), (64, 64, 4, 3, False)]
-]
-_DQ_CONFIGS = [
-    triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "WARP_SPEC": ws}, num_warps=w, num_stages=s)
-    for bm, bn, w, s, ws in [(128, 64, 8, 3, False), (64, 64, 4, 3, False), (64, 64, 4, 2, False)]
-]
+def _configs(entries):
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "WARP_SPEC": ws}, num_warps=w, num_stages=s)
+            for bm, bn, w, s, ws in entries]
+
+
+_DKDV_CONFIGS = _configs([(64, 128, 8, 3, False), (64, 64, 4, 2, False), (64, 64, 4, 3, False)])
+_DQ_CONFIGS = _configs([(128, 64, 8, 3, False), (64, 64, 4, 3, False), (64, 64, 4, 2, False)])
+# the atomic variant holds one more (BLOCK_M, D) fp32 tile per step and issues BLOCK_M*D atomics per tile
+# pair: fewer, larger query blocks amortise them; 64x128 with 8 warps is the dK/dV kernel's D=128 choice
+_DKDV_ATOMIC_CONFIGS = _configs([(64, 128, 8, 2, False), (64, 128, 8, 3, False), (128, 64, 8, 2, False),
+                                 (64, 64, 4, 2, False)])
 _KEY = ["HEAD_DIM", "HAS_LEFT", "HAS_RIGHT", "USE_TMA"]
 _PRUNE = {"early_config_prune": prune_configs}
 _dkdv_tuned = triton.autotune(_DKDV_CONFIGS, key=_KEY, prune_configs_by=_PRUNE)(_dkdv_kernel)
 _dq_tuned = triton.autotune(_DQ_CONFIGS, key=_KEY, prune_configs_by=_PRUNE)(_dq_kernel)
+# autotuning launches the kernel many times: DQ is zeroed before each trial and before the real run
+_dkdv_atomic_tuned = triton.autotune(_DKDV_ATOMIC_CONFIGS, key=_KEY + ["TMA_REDUCE"], prune_configs_by=_PRUNE,
+                                     reset_to_zero=["DQ"])(_dkdv_kernel)
 _INTERPRET_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 16, "WARP_SPEC": False}
 _PRE_BLOCK = 64
 
@@ -260,52 +291,58 @@ def _qkv_strides(ts, batch_strides):
 
 
 def _launch_bwd(dout, q, k, v, out, lse, dlse, cu_q, cu_k, seqlen_q, seqlen_k, max_q, max_k, n_batch,
-                causal, softmax_scale, window_size, varlen):
+                causal, softmax_scale, window_size, varlen, deterministic):
     dout, q, k, v, out = (_contig(t) for t in (dout, q, k, v, out))
     lse = lse.contiguous()
-    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    dk, dv = torch.empty_like(k), torch.empty_like(v)
+    # deterministic: the dQ kernel writes dq; else the dK/dV kernel adds into a zeroed fp32 dq_acc
+    dq = torch.empty_like(q) if deterministic else torch.zeros(q.shape, dtype=torch.float32, device=q.device)
     delta, lse2 = torch.empty_like(lse), torch.empty_like(lse)
     has_left, has_right, left, right = window_flags(causal, window_size)
     n_heads, d = q.shape[-2], q.shape[-1]
     n_kv = k.shape[-2]
     group = n_heads // n_kv
     bstride = (lambda t: 0) if varlen else (lambda t: t.stride(0))  # noqa: E731
+    strides = lambda *ts: _qkv_strides(ts, [bstride(t) for t in ts])  # noqa: E731
     lse_strides = (0, lse.stride(0)) if varlen else (lse.stride(0), lse.stride(1))
     cu_q = cu_q if varlen else q
     cu_k = cu_k if varlen else q
-    consts = dict(HEAD_DIM=d, BLOCK_D=block_d(d), IS_VARLEN=varlen)
-    win = dict(HAS_LEFT=has_left, HAS_RIGHT=has_right)
+    consts = dict(HEAD_DIM=d, BLOCK_D=block_d(d), IS_VARLEN=varlen, HAS_LEFT=has_left, HAS_RIGHT=has_right)
     dlse_arg = dlse.contiguous() if dlse is not None else lse
     with torch.cuda.device(q.device) if q.is_cuda else nullcontext():
         _preprocess_kernel[(triton.cdiv(max_q, _PRE_BLOCK), n_batch * n_heads)](
-            out, dout, lse, dlse_arg, delta, lse2, cu_q, *_qkv_strides((out, dout), (bstride(out), bstride(dout))),
-            *lse_strides, seqlen_q, n_heads, **consts, BLOCK_M=_PRE_BLOCK, HAS_DLSE=dlse is not None)
-        qkv = (q, k, v, dout)
-        base = _qkv_strides(qkv, [bstride(t) for t in qkv])
+            out, dout, lse, dlse_arg, delta, lse2, cu_q, *strides(out, dout), *lse_strides, seqlen_q, n_heads,
+            HEAD_DIM=d, BLOCK_D=block_d(d), IS_VARLEN=varlen, BLOCK_M=_PRE_BLOCK, HAS_DLSE=dlse is not None)
+        base = strides(q, k, v, dout)
         scales = [softmax_scale * LOG2E, softmax_scale]
-        dkdv_args = [q, k, v, dout, dk, dv, lse2, delta, cu_q, cu_k, *base,
-                     *_qkv_strides((dk, dv), (bstride(dk), bstride(dv))), *lse_strides,
-                     seqlen_q, seqlen_k, n_kv, group, *scales, left, right]
-        dq_args = [q, k, v, dout, dq, lse2, delta, cu_q, cu_k, *base, *_qkv_strides((dq,), (bstride(dq),)),
-                   *lse_strides, seqlen_q, seqlen_k, n_heads, group, max_q, *scales, left, right]
-        launch(_dkdv_kernel, _dkdv_tuned, _INTERPRET_CONFIG,
-               lambda m: (triton.cdiv(max_k, m["BLOCK_N"]), n_batch * n_kv), dkdv_args, {**consts, **win}, q)
+        dkdv_args = [q, k, v, dout, dk, dv, dq, lse2, delta, cu_q, cu_k, *base, *strides(dk, dv, dq),
+                     *lse_strides, seqlen_q, seqlen_k, n_kv, group, *scales, left, right]
+        atomic = dict(ATOMIC_DQ=not deterministic, TMA_REDUCE=not deterministic and FEATURES["tma_reduce"])
+        launch(_dkdv_kernel, _dkdv_tuned if deterministic else _dkdv_atomic_tuned, _INTERPRET_CONFIG,
+               lambda m: (triton.cdiv(max_k, m["BLOCK_N"]), n_batch * n_kv), dkdv_args, {**consts, **atomic}, q)
+        if not deterministic:  # dq_acc already carries softmax_scale; only the cast is left
+            return (dq if q.dtype == torch.float32 else dq.to(q.dtype)), dk, dv
+        dq_args = [q, k, v, dout, dq, lse2, delta, cu_q, cu_k, *base, *strides(dq), *lse_strides,
+                   seqlen_q, seqlen_k, n_heads, group, max_q, *scales, left, right]
         launch(_dq_kernel, _dq_tuned, _INTERPRET_CONFIG,
-               lambda m: (triton.cdiv(max_q, m["BLOCK_M"]), n_batch * n_heads), dq_args, {**consts, **win}, q)
+               lambda m: (triton.cdiv(max_q, m["BLOCK_M"]), n_batch * n_heads), dq_args, consts, q)
     return dq, dk, dv
 
 
-def triton_attn_backward(dout, q, k, v, out, lse, causal, softmax_scale, window_size, dlse):
-    """Gradients of attention for q (B, Nq, H, D), k/v (B, Nk, Hkv, D); lse/dlse (B, H, Nq) fp32."""
+def triton_attn_backward(dout, q, k, v, out, lse, causal, softmax_scale, window_size, dlse, deterministic=True):
+    """Gradients of attention for q (B, Nq, H, D), k/v (B, Nk, Hkv, D); lse/dlse (B, H, Nq) fp32.
+
+    deterministic=False: atomic dQ accumulation (one kernel fewer, run-to-run variation in dq's last bits)."""
     B, nq = q.shape[:2]
     nk = k.shape[1]
     return _launch_bwd(dout, q, k, v, out, lse, dlse, None, None, nq, nk, nq, nk, B, causal, softmax_scale,
-                       window_size, varlen=False)
+                       window_size, varlen=False, deterministic=deterministic)
 
 
 def triton_attn_varlen_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                                causal, softmax_scale, window_size, dlse):
+                                causal, softmax_scale, window_size, dlse, deterministic=True):
     """Packed-document gradients: q (total_q, H, D), k/v (total_k, Hkv, D), lse/dlse (H, total_q)."""
     n_batch = cu_seqlens_q.numel() - 1
     return _launch_bwd(dout, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k, 0, 0, int(max_seqlen_q),
-                       int(max_seqlen_k), n_batch, causal, softmax_scale, window_size, varlen=True)
+                       int(max_seqlen_k), n_batch, causal, softmax_scale, window_size, varlen=True,
+                       deterministic=deterministic)

@@ -145,6 +145,20 @@ def store_rows(base, rows, stride_row, n_rows, offs_d, value, HEAD_DIM: tl.const
         tl.store(ptrs, value, mask=(rows[:, None] < n_rows) & (offs_d[None, :] < HEAD_DIM))
 
 
+@triton.jit
+def atomic_add_rows(base, rows, stride_row, n_rows, offs_d, value, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                    CHECK_ROWS: tl.constexpr):
+    """Float atomic add of a (len(rows), BLOCK_D) tile; rows >= n_rows (if CHECK_ROWS) and padded columns are
+    skipped. Relaxed order: only the sum matters, and nothing reads it before the kernel ends."""
+    ptrs = base + rows[:, None].to(tl.int64) * stride_row + offs_d[None, :]
+    if CHECK_ROWS:
+        tl.atomic_add(ptrs, value, mask=(rows[:, None] < n_rows) & (offs_d[None, :] < HEAD_DIM), sem="relaxed")
+    elif BLOCK_D == HEAD_DIM:
+        tl.atomic_add(ptrs, value, sem="relaxed")
+    else:
+        tl.atomic_add(ptrs, value, mask=(rows[:, None] >= 0) & (offs_d[None, :] < HEAD_DIM), sem="relaxed")
+
+
 # -- host side ---------------------------------------------------------------------------------------------
 
 
@@ -170,8 +184,10 @@ def hopper_features_ok(q: torch.Tensor) -> bool:
 
 
 # "tma" turns itself off (keeping the reason) if this Triton cannot build the descriptor path;
-# "interpret_tma" lets the CPU tests run the descriptor path through the interpreter.
-FEATURES = {"tma": True, "tma_error": None, "interpret_tma": False}
+# "interpret_tma" lets the CPU tests run the descriptor path through the interpreter;
+# "tma_reduce": the atomic-dQ backward adds its dQ tiles with TMA reduce-add (desc.atomic_add) instead of
+# per-element atomics when TMA is in use. Off until checked on a GPU: the interpreter cannot run it.
+FEATURES = {"tma": True, "tma_error": None, "interpret_tma": False, "tma_reduce": False}
 
 
 def _ensure_tma_allocator(device: torch.device) -> None:
