@@ -4,6 +4,9 @@
     python scripts/bench_attention.py --quick         # D=128, N in {8K, 32K}
     python scripts/bench_attention.py --sweep         # our kernel variants (tiles, TMA, warp spec) at N=8K
 
+"ours" is the deterministic backward (the default); "ours-atomic" the same kernels with
+attention.set_deterministic(False): dQ accumulated with float atomics inside the dK/dV kernel.
+
 TFLOPS count 4*B*H*Nq*Nk*D per forward (visible pairs only: causal halves it, windows and packed documents
 count what they attend to) and 2.5x that per backward; fwd+bwd uses the sum of the two medians. Timings
 are medians of triton.testing.do_bench. B*N is held at 65536 tokens (B >= 1), 16 heads, bf16.
@@ -24,12 +27,14 @@ import triton
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+import attention  # noqa: E402
 from attention import flash_attn_func, flash_attn_varlen_func  # noqa: E402
 
 TOKENS, HEADS = 65536, 16
 DEVICE, DTYPE = "cuda", torch.bfloat16  # the sweep's tensors (a CPU dry run of the script swaps them)
 PRECOMPILE_N = 2048  # precompile workers run our kernels at this length (same specialisation: N % 16 == 0)
-PROVIDERS = ["ours", "sdpa_flash", "sdpa_cudnn", "sdpa_efficient", "flex"]
+PROVIDERS = ["ours", "ours-atomic", "sdpa_flash", "sdpa_cudnn", "sdpa_efficient", "flex"]
+OURS = ("ours", "ours-atomic")  # same forward; ours-atomic runs the backward with set_deterministic(False)
 SDPA = {"sdpa_flash": SDPBackend.FLASH_ATTENTION, "sdpa_cudnn": SDPBackend.CUDNN_ATTENTION,
         "sdpa_efficient": SDPBackend.EFFICIENT_ATTENTION}
 
@@ -95,7 +100,7 @@ def _flex_mask(n, causal, window, doc_ids=None):
 def make_call(provider, q, k, v, causal, window, doc=None):
     """q/k/v (B, N, H, D) with requires_grad; doc = (cu_seqlens, max_len, doc_ids) for packed documents."""
     n = q.shape[1]
-    if provider == "ours":
+    if provider in OURS:
         if doc is not None:
             cu, max_len, _ = doc
             flat = [t.view(-1, *t.shape[2:]) for t in (q, k, v)]  # (B*N, H, D)
@@ -123,6 +128,7 @@ def run_case(provider, B, n, D, causal, window=(-1, -1), n_docs=0):
     """One provider on one shape: fwd/bwd medians and TFLOPS, or a status ('OOM', 'n/a', 'error: ...')."""
     row = dict(provider=provider, B=B, N=n, H=HEADS, D=D, causal=causal, window=list(window), docs=n_docs)
     torch.manual_seed(0)
+    attention.set_deterministic(provider != "ours-atomic")  # read when the timed backward runs
     try:
         q, k, v = (torch.randn(B, n, HEADS, D, device=DEVICE, dtype=DTYPE, requires_grad=True) for _ in range(3))
         doc, pairs = None, visible_pairs(n, causal, window)
@@ -143,6 +149,7 @@ def run_case(provider, B, n, D, causal, window=(-1, -1), n_docs=0):
     except Exception as e:  # a baseline that cannot run this shape is marked, not fatal
         return {**row, "status": f"error: {type(e).__name__}: {str(e)[:160]}"}
     finally:
+        attention.set_deterministic(True)
         torch.cuda.empty_cache()
     flops = 4.0 * HEADS * D * pairs * (B if not n_docs else 1)
     return {**row, "status": "ok", "fwd_ms": fwd_ms, "bwd_ms": bwd_ms, "fwd_tflops": flops / fwd_ms * 1e-9,
@@ -186,16 +193,16 @@ def precompile_grid(parts, ns, dims, providers, extras):
 
 def _grid_worker(part, parts, ns, dims, providers, extras):
     from attention import triton_bwd, triton_common, triton_fwd
-    tuned = (triton_fwd._fwd_tuned, triton_bwd._dkdv_tuned, triton_bwd._dq_tuned)
+    tuned = (triton_fwd._fwd_tuned, triton_bwd._dkdv_tuned, triton_bwd._dq_tuned, triton_bwd._dkdv_atomic_tuned)
     shipped = [t.configs for t in tuned]
     jobs = []
     for case in grid_cases(ns, dims, extras):
-        if "ours" in providers:
-            jobs += [("ours", case, i) for i in range(max(map(len, shipped)))]
+        jobs += [(p, case, i) for p in OURS if p in providers for i in range(max(map(len, shipped)))]
     for j, (provider, (B, n, D, causal, window, n_docs), i) in enumerate(jobs):
         if j % parts != part:
             continue
-        if provider == "ours":  # one candidate config per kernel; a short sequence specialises the same way
+        attention.set_deterministic(provider != "ours-atomic")
+        if provider in OURS:  # one candidate config per kernel; a short sequence specialises the same way
             for t, cfgs in zip(tuned, shipped):
                 cfgs = triton_common.prune_configs(cfgs, None, USE_TMA=True, BLOCK_D=D)
                 t.configs = [cfgs[i % len(cfgs)]]
@@ -286,6 +293,7 @@ SWEEP_FWD = _configs([(128, 64, 8, 3, True), (128, 64, 8, 4, True), (128, 128, 8
                       (128, 128, 4, 3, False)])
 SWEEP_DKDV = _configs([(64, 128, 8, 2, False), (64, 128, 8, 3, False), (64, 128, 8, 2, True), (64, 64, 4, 2, False),
                        (64, 64, 4, 3, False), (32, 128, 4, 3, False), (32, 64, 4, 3, False), (128, 128, 8, 2, False)])
+SWEEP_DKDV_ATOMIC = SWEEP_DKDV
 SWEEP_DQ = _configs([(128, 64, 8, 2, False), (128, 64, 8, 3, False), (128, 64, 8, 2, True), (64, 64, 4, 2, False),
                      (64, 64, 4, 3, False), (128, 32, 4, 3, False), (64, 128, 8, 2, False), (128, 128, 8, 2, False)])
 
@@ -308,11 +316,15 @@ def sweep(n, dims):
                                                             D ** -0.5, (-1, -1), None)
             dkdv = lambda: grads()[1:]  # noqa: E731
             dq = lambda: grads()[:1]  # noqa: E731
-            # GEMM work per kernel: forward 2 GEMMs; dK/dV 4 (QK^T, dV, dP, dK); dQ 3 (QK^T, dP, dQ)
+            atomic = lambda: triton_bwd.triton_attn_backward(ref[-1], q, k, v, out, lse, causal,  # noqa: E731
+                                                             D ** -0.5, (-1, -1), None, deterministic=False)
+            # GEMM work per kernel: forward 2 GEMMs; dK/dV 4 (QK^T, dV, dP, dK); dQ 3 (QK^T, dP, dQ);
+            # dK/dV with atomic dQ 5 (the whole backward's count)
             for kind, tuned, cands, fn, work, want in (
                     ("fwd", triton_fwd._fwd_tuned, SWEEP_FWD, fwd, flops, ref[:1]),
                     ("dkdv", triton_bwd._dkdv_tuned, SWEEP_DKDV, dkdv, 2 * flops, ref[2:4]),
-                    ("dq", triton_bwd._dq_tuned, SWEEP_DQ, dq, 1.5 * flops, ref[1:2])):
+                    ("dq", triton_bwd._dq_tuned, SWEEP_DQ, dq, 1.5 * flops, ref[1:2]),
+                    ("atomic-bwd", triton_bwd._dkdv_atomic_tuned, SWEEP_DKDV_ATOMIC, atomic, 2.5 * flops, ref[1:4])):
                 shipped = tuned.configs
                 for tma in (False, True):
                     for cfg in cands:
