@@ -71,9 +71,8 @@ def test_atomic_backward_matches_fp32_reference(B, nq, nk, H, hkv, D, causal, wi
         assert _rel(g, w) < GRAD_TOL, name
     assert (grads[0].transpose(1, 2)[torch.isinf(ref_lse)] == 0).all()  # rows that see no key
     det = attn_backward(dout, q, k, v, out, lse, causal, None, window, dlse=dlse, backend="triton")
-    assert _rel(grads[0], det[0]) < 1e-2
-    for name, a, b in zip(("dk", "dv"), grads[1:], det[1:]):  # dK/dV do not depend on the dq mode
-        assert torch.equal(a, b), name
+    for name, a, b in zip(("dq", "dk", "dv"), grads, det):  # the two modes differ in rounding only
+        assert _rel(a, b) < 1e-2, name
 
 
 @pytest.mark.parametrize("causal,window", [(True, (-1, -1)), (False, (300, 0))])
