@@ -357,8 +357,9 @@ def _ratio_rows(data, model, lengths) -> list[str]:
 
 def metadata(args) -> dict:
     def version(mod):
-        try:
-            return __import__(mod).__version__
+        import importlib.metadata
+        try:  # liger_kernel has no __version__; its distribution metadata has
+            return getattr(__import__(mod), "__version__", None) or importlib.metadata.version(mod)
         except Exception:  # noqa: BLE001 - absent on this machine
             return "absent"
 

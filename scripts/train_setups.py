@@ -19,7 +19,7 @@ VOCAB = 32000
 # ringflash's defaults: no attention recompute; the kept attention outputs go to pinned CPU memory (side
 # stream, prefetched), so what stays on the GPU is about what HF's full checkpointing keeps.
 RINGFLASH = dict(ckpt="selective", offload="attention", mlp_chunk=8192, compile=1, loss_chunk=2048,
-                 backend="triton")
+                 backend="triton", det=1)  # det=0: atomic-dQ attention backward (attention.set_deterministic)
 TINY = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=4, head_dim=16, ffn_dim=128, rope_theta=500000.0)
 
 
@@ -60,9 +60,11 @@ def _number(text: str):
 
 
 def build_ringflash(shape: dict, opts: dict, device, dtype):
+    from attention import set_deterministic
     from trainer.loss import chunked_cross_entropy
     from trainer.model import GPT, ModelConfig
 
+    set_deterministic(bool(opts["det"]))
     backend = opts["backend"] if device.type == "cuda" else "reference"
     cfg = ModelConfig(**shape, ckpt=opts["ckpt"], offload_activations=opts["offload"],
                       mlp_chunk=opts["mlp_chunk"], compile=bool(opts["compile"]))

@@ -62,6 +62,7 @@ class ParallelConfig:
 class AttentionConfig:
     backend: str = "auto"  # auto | triton | sdpa | reference
     fp8_forward: bool = False  # FP8 attention forward (attention/fp8.py); needs data.cross_doc_attention, cp=1
+    deterministic: bool = True  # false: Triton backward adds dQ with float atomics (faster, dq varies in its last bits)
 
 
 @dataclass

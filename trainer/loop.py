@@ -26,6 +26,7 @@ from omegaconf import OmegaConf
 from torch import nn
 from tqdm.contrib.logging import logging_redirect_tqdm
 
+from attention import set_deterministic
 from parallel.data_parallel import load_zero_checkpoint, save_zero_checkpoint, zero_grad_norm
 from trainer.checkpoint import CheckpointManager, rng_state, set_rng_state
 from trainer.config import Config
@@ -97,6 +98,7 @@ class Trainer:
         self.tokenizer = build_tokenizer(cfg.data)
         if cfg.model.vocab_size == 0:
             cfg.model.vocab_size = self.tokenizer.vocab_size
+        set_deterministic(cfg.attention.deterministic)  # process-wide: every attention backward follows it
         self.model = GPT(cfg.model, attn_backend=cfg.attention.backend).to(self.device)
         for block in self.model.layers:  # check_config allows fp8 only where the dense path runs
             block.attention.inner_attention.fp8 = cfg.attention.fp8_forward
