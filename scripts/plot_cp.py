@@ -1,0 +1,83 @@
+"""Plots of a multi-GPU run (scripts/gpu_cp_suite.sh output): CP attention scaling and trainer loss curves.
+
+    python scripts/plot_cp.py docs/bench/cp_h100x4        # writes scaling.png and loss_curves.png there
+
+scaling.png: attention fwd+bwd TFLOPS per GPU against the full sequence length for each bench_cp.py row
+(local = one GPU on its N/W tokens, the ceiling CP is measured against). loss_curves.png: training loss per
+step of every train_curve_cp<W>.jsonl, with the largest per-step difference to cp=1 in the legend.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def plot_scaling(run: Path) -> Path | None:
+    files = sorted(run.glob("bench_cp_w*.json"))
+    if not files:
+        return None
+    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    for f in files:
+        data = json.loads(f.read_text())
+        w = data["meta"]["world_size"]
+        for impl in dict.fromkeys(r["impl"] for r in data["rows"]):
+            rows = sorted((r for r in data["rows"] if r["impl"] == impl and r.get("tflops_per_rank")),
+                          key=lambda r: r["seq_len"])
+            if len(rows) > 1:
+                ax.plot([r["seq_len"] for r in rows], [r["tflops_per_rank"] for r in rows], marker="o",
+                        label=f"{impl} (W={w})")
+    meta = json.loads(files[-1].read_text())["meta"]
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("full sequence length (tokens)")
+    ax.set_ylabel("attention fwd+bwd TFLOPS per GPU")
+    ax.set_title(f"{meta['device']}, {meta['heads']} heads x {meta['head_dim']}, causal, {meta['dtype']}",
+                 fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    out = run / "scaling.png"
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    return out
+
+
+def plot_loss_curves(run: Path) -> Path | None:
+    curves = {int(f.stem.split("cp")[-1]): [json.loads(line) for line in f.read_text().splitlines()]
+              for f in run.glob("train_curve_cp*.jsonl")}
+    if not curves:
+        return None
+    base = curves.get(1)
+    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    for cp, recs in sorted(curves.items()):
+        label = f"cp={cp}"
+        if base is not None and cp != 1:
+            diff = max(abs(a["loss"] - b["loss"]) for a, b in zip(base, recs))
+            label += f" (max |diff| to cp=1: {diff:.4f})"
+        ax.plot([r["step"] for r in recs], [r["loss"] for r in recs], label=label,
+                linestyle="-" if cp == 1 else "--")
+    ax.set_xlabel("step")
+    ax.set_ylabel("training loss")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    out = run / "loss_curves.png"
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    return out
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("run", type=Path, help="directory with bench_cp_w*.json and train_curve_cp*.jsonl")
+    args = p.parse_args(argv)
+    for out in (plot_scaling(args.run), plot_loss_curves(args.run)):
+        print(out or "nothing to plot")
+
+
+if __name__ == "__main__":
+    main()
