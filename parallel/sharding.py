@@ -7,6 +7,7 @@ Tokens, labels, position ids and document ids go through the same functions, so 
     x_local = shard_sequence(x, dim=1, group=cp_group)                  # needs a process group
     x_local = shard_for_rank(x, dim=1, rank=r, world_size=W)            # pure: no process group
     x_full = unshard_from_shards([shard_for_rank(x, 1, r, W) for r in range(W)], dim=1)
+    x_local = hybrid_shard_for_rank(x, dim=1, cp_rank=c, ulysses_degree=u, cp_size=W)   # USP: see hybrid.py
 
 Packed documents: position 0 starts a document. Document ids must come from the *full* position ids
 (`doc_ids_from_positions`) before sharding: a shard alone cannot tell whether its first token continues a
@@ -87,6 +88,47 @@ def shard_indices(seq_len: int, rank: int, world_size: int, layout: str = "zigza
     """Global token indices (int64, (seq_len // W,)) held by `rank`: the shard of arange(seq_len)."""
     return shard_for_rank(torch.arange(seq_len, device=device), 0, rank, world_size, layout)
 
+
+
+# -- hybrid (Ulysses inside, ring outside) ----------------------------------------------------------------
+
+
+def check_hybrid_degrees(cp_size: int, ulysses_degree: int) -> int:
+    """ValueError unless ulysses_degree divides cp_size; returns the ring degree cp_size // ulysses_degree."""
+    if not isinstance(ulysses_degree, int) or not isinstance(cp_size, int) or ulysses_degree < 1 or cp_size < 1 \
+            or cp_size % ulysses_degree != 0:
+        raise ValueError(f"ulysses_degree ({ulysses_degree!r}) must be an int >= 1 dividing cp_size ({cp_size!r})")
+    return cp_size // ulysses_degree
+
+
+def check_hybrid_shardable(seq_len: int, cp_size: int, ulysses_degree: int, name: str = "seq_len") -> None:
+    """ValueError unless seq_len splits into 2r zigzag chunks whose ring shards split into u equal pieces."""
+    ring = check_hybrid_degrees(cp_size, ulysses_degree)
+    if seq_len % (2 * ring) != 0 or (seq_len // ring) % ulysses_degree != 0:
+        raise ValueError(f"{name} {seq_len} must be divisible by 2*ring={2 * ring} and {name}/ring={seq_len}/{ring} "
+                         f"by ulysses_degree={ulysses_degree} (cp_size={cp_size})")
+
+
+def hybrid_shard_for_rank(x: torch.Tensor, dim: int, cp_rank: int, ulysses_degree: int, cp_size: int) -> torch.Tensor:
+    """The hybrid shard of cp rank c = o*u + i: zigzag shard o of r = cp_size/u, then its contiguous piece i of u.
+
+    Consecutive cp ranks (one Ulysses group) hold consecutive pieces of one ring rank's zigzag shard, so an
+    all-to-all over them (layout "contiguous") rebuilds that shard for a subset of the heads.
+    """
+    check_hybrid_shardable(x.shape[dim], cp_size, ulysses_degree, name=f"x.shape[{dim}]")
+    if not 0 <= cp_rank < cp_size:
+        raise ValueError(f"cp_rank must be in [0, cp_size={cp_size}), got {cp_rank}")
+    ring_rank, inner_rank = divmod(cp_rank, ulysses_degree)
+    ring_shard = shard_for_rank(x, dim, ring_rank, cp_size // ulysses_degree, "zigzag")
+    return shard_for_rank(ring_shard, dim, inner_rank, ulysses_degree, "contiguous")
+
+
+def hybrid_unshard_from_shards(shards: Sequence[torch.Tensor], dim: int, ulysses_degree: int) -> torch.Tensor:
+    """Inverse of hybrid_shard_for_rank: shards[c] is cp rank c's part; returns the full sequence."""
+    ring = check_hybrid_degrees(len(shards), ulysses_degree)
+    ring_shards = [unshard_from_shards(shards[o * ulysses_degree:(o + 1) * ulysses_degree], dim, "contiguous")
+                   for o in range(ring)]
+    return unshard_from_shards(ring_shards, dim, "zigzag")
 
 # -- process-group versions ---------------------------------------------------------------------------------
 
