@@ -11,8 +11,9 @@ q (B, Nq, H, D), k/v (B, Nk, Hkv, D), lse (B, H, Nq) fp32 natural log. The varle
 
 Backward determinism: `deterministic=None` (the default of both backward functions) follows the global
 default, `set_deterministic(flag)` / `get_deterministic()`; it starts True unless the environment sets
-RINGFLASH_DETERMINISTIC=0. False lets the Triton backward accumulate dq with float atomics (faster, dq
-varies in its last bits from run to run); `torch.use_deterministic_algorithms(True)` always wins.
+RINGFLASH_DETERMINISTIC=0. False lets the Triton backward accumulate dq with float atomics: one kernel
+instead of two, yet slower on an H100 with Triton 3.6 (README), and dq varies in its last bits from run to
+run. `torch.use_deterministic_algorithms(True)` always wins.
 """
 
 from __future__ import annotations

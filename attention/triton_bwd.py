@@ -1,7 +1,7 @@
 """Triton FlashAttention backward: preprocess (delta, base-2 lse), a dK/dV kernel and a dQ kernel.
 
     dq, dk, dv = triton_attn_backward(dout, q, k, v, out, lse, causal, softmax_scale, window_size, dlse)
-    dq, dk, dv = triton_attn_backward(..., dlse, deterministic=False)   # atomic dQ: faster, run-to-run noise
+    dq, dk, dv = triton_attn_backward(..., dlse, deterministic=False)   # atomic dQ: one kernel fewer, run-to-run noise
 
 P is recomputed from q, k and the saved lse (no N x N storage). dlse, the gradient flowing into lse,
 enters as delta_i = rowsum(dout_i * out_i) - dlse_i.

@@ -54,7 +54,8 @@ class OptimConfig:
 class ParallelConfig:
     dp: int = -1  # data-parallel size; -1: world_size // cp
     cp: int = 1  # context-parallel size (sequence split across ranks)
-    cp_impl: str = "ring"  # ring | ulysses
+    cp_impl: str = "ring"  # ring | ulysses | hybrid (Ulysses over ulysses_degree ranks x ring over the rest)
+    ulysses_degree: int = 1  # cp_impl=hybrid: Ulysses group size u, 1 < u < cp, dividing cp (ring degree cp / u)
     zero_stage: int = 0  # 0: DDP; 1/2/3: DeepSpeed ZeRO
 
 
@@ -62,7 +63,7 @@ class ParallelConfig:
 class AttentionConfig:
     backend: str = "auto"  # auto | triton | sdpa | reference
     fp8_forward: bool = False  # FP8 attention forward (attention/fp8.py); needs data.cross_doc_attention, cp=1
-    deterministic: bool = True  # false: Triton backward adds dQ with float atomics (faster, dq varies in its last bits)
+    deterministic: bool = True  # false: atomic-dQ Triton backward (dq varies in its last bits; slower on H100)
 
 
 @dataclass
@@ -140,6 +141,7 @@ def _check_parallel_combinations(cfg: Config) -> None:
     if p.cp > 1 and p.cp_impl == "ulysses" and cfg.model.n_heads % p.cp != 0:
         raise ValueError(f"parallel.cp_impl=ulysses splits heads across ranks: model.n_heads ({cfg.model.n_heads}) "
                          f"must be divisible by parallel.cp ({p.cp}); use parallel.cp_impl=ring")
+    _check_hybrid(cfg)
     if cfg.attention.fp8_forward:
         if not cfg.data.cross_doc_attention:
             raise ValueError("attention.fp8_forward=true needs data.cross_doc_attention=true: packed documents run "
@@ -147,6 +149,25 @@ def _check_parallel_combinations(cfg: Config) -> None:
         if p.cp > 1:
             raise ValueError(f"attention.fp8_forward=true needs parallel.cp=1 (got {p.cp}): ring / Ulysses "
                              f"attention have no fp8 path")
+
+
+def _check_hybrid(cfg: Config) -> None:
+    """parallel.cp_impl=hybrid: cp = ulysses_degree x ring degree, both > 1; heads split over ulysses_degree."""
+    p, u = cfg.parallel, cfg.parallel.ulysses_degree
+    if p.cp_impl != "hybrid":
+        if u != 1:
+            raise ValueError(f"parallel.ulysses_degree={u} only applies to parallel.cp_impl=hybrid (got "
+                             f"cp_impl={p.cp_impl!r}); leave it at 1 or set parallel.cp_impl=hybrid")
+        return
+    if not (1 < u < p.cp and p.cp % u == 0):
+        raise ValueError(f"parallel.cp_impl=hybrid needs 1 < parallel.ulysses_degree < parallel.cp with "
+                         f"ulysses_degree dividing cp; got ulysses_degree={u}, cp={p.cp} (u = cp is "
+                         f"parallel.cp_impl=ulysses, u = 1 is parallel.cp_impl=ring)")
+    if cfg.model.n_heads % u != 0:
+        raise ValueError(f"parallel.cp_impl=hybrid splits heads over the Ulysses group: model.n_heads "
+                         f"({cfg.model.n_heads}) must be divisible by parallel.ulysses_degree ({u})")
+    # The sequence layout needs seq_len % (2 * ring) == 0 and (seq_len / ring) % u == 0: both follow from the
+    # seq_len % (2 * cp) check above.
 
 
 def register_configs() -> None:
