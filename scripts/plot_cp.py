@@ -19,6 +19,14 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 
+def _save(fig, ax, out: Path) -> Path:
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    return out
+
+
 def plot_scaling(run: Path) -> Path | None:
     files = sorted(run.glob("bench_cp_w*.json"))
     if not files:
@@ -39,12 +47,7 @@ def plot_scaling(run: Path) -> Path | None:
     ax.set_ylabel("attention fwd+bwd TFLOPS per GPU")
     ax.set_title(f"{meta['device']}, {meta['heads']} heads x {meta['head_dim']}, causal, {meta['dtype']}",
                  fontsize=9)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    out = run / "scaling.png"
-    fig.tight_layout()
-    fig.savefig(out, dpi=120)
-    return out
+    return _save(fig, ax, run / "scaling.png")
 
 
 def plot_loss_curves(run: Path) -> Path | None:
@@ -63,12 +66,7 @@ def plot_loss_curves(run: Path) -> Path | None:
                 linestyle="-" if cp == 1 else "--")
     ax.set_xlabel("step")
     ax.set_ylabel("training loss")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    out = run / "loss_curves.png"
-    fig.tight_layout()
-    fig.savefig(out, dpi=120)
-    return out
+    return _save(fig, ax, run / "loss_curves.png")
 
 
 def main(argv=None) -> None:

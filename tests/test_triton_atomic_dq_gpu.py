@@ -6,32 +6,19 @@ Each case runs with per-element atomics and with TMA reduce-add (FEATURES["tma_r
 on Hopper only). Errors are relative norms, tolerances as in tests/test_triton_gpu.py.
 """
 
-import os
-
 import pytest
 import torch
+from gpu_utils import GPU_MARKS, cuda_qkv, rel_err
 
 import attention
 from attention import (attn_backward, attn_forward, attn_varlen_backward, attn_varlen_forward, flash_attn_func,
                        reference_attn_backward, reference_attn_forward)
 
-pytestmark = [pytest.mark.gpu,
-              pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1",
-                                 reason="TRITON_INTERPRET=1 (set by the CPU tests): run this file in its own process")]
+pytestmark = GPU_MARKS
 
 GRAD_TOL = 2e-2
 
 
-def _rel(got, want):
-    got, want = got.float(), want.float()
-    assert torch.isfinite(got).all(), "non-finite values"
-    return ((got - want).norm() / want.norm().clamp_min(1e-12)).item()
-
-
-def _qkv(B, nq, nk, H, hkv, D, dtype):
-    g = torch.Generator(device="cuda").manual_seed(B * 1000 + nq + nk + D)
-    mk = lambda *s: torch.randn(*s, device="cuda", dtype=dtype, generator=g)  # noqa: E731
-    return mk(B, nq, H, D), mk(B, nk, hkv, D), mk(B, nk, hkv, D)
 
 
 @pytest.fixture(params=[False, True], ids=["atomics", "tma_reduce"])
@@ -58,7 +45,7 @@ CASES = [  # B, Nq, Nk, H, Hkv, D, causal, window, dtype
 
 @pytest.mark.parametrize("B,nq,nk,H,hkv,D,causal,window,dtype", CASES)
 def test_atomic_backward_matches_fp32_reference(B, nq, nk, H, hkv, D, causal, window, dtype, tma_reduce):
-    q, k, v = _qkv(B, nq, nk, H, hkv, D, dtype)
+    q, k, v = cuda_qkv(B, nq, nk, H, hkv, D, dtype)
     out, lse = attn_forward(q, k, v, causal, None, window, backend="triton")
     ref_out, ref_lse = reference_attn_forward(q.float(), k.float(), v.float(), causal, None, window)
     dout, dlse = torch.randn_like(out), torch.randn_like(lse)
@@ -68,18 +55,18 @@ def test_atomic_backward_matches_fp32_reference(B, nq, nk, H, hkv, D, causal, wi
                                    window, dlse=dlse)
     for name, g, w in zip(("dq", "dk", "dv"), grads, want):
         assert g.dtype == dtype and g.shape == w.shape, name
-        assert _rel(g, w) < GRAD_TOL, name
+        assert rel_err(g, w) < GRAD_TOL, name
     assert (grads[0].transpose(1, 2)[torch.isinf(ref_lse)] == 0).all()  # rows that see no key
     det = attn_backward(dout, q, k, v, out, lse, causal, None, window, dlse=dlse, backend="triton")
     for name, a, b in zip(("dq", "dk", "dv"), grads, det):  # the two modes differ in rounding only
-        assert _rel(a, b) < 1e-2, name
+        assert rel_err(a, b) < 1e-2, name
 
 
 @pytest.mark.parametrize("causal,window", [(True, (-1, -1)), (False, (300, 0))])
 def test_atomic_varlen_packed_documents(causal, window, tma_reduce):
     lens = [1000, 0, 1, 2049, 517, 4096]
     cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32, device="cuda")
-    q, k, v = (t[0] for t in _qkv(1, sum(lens), sum(lens), 8, 2, 128, torch.bfloat16))
+    q, k, v = (t[0] for t in cuda_qkv(1, sum(lens), sum(lens), 8, 2, 128, torch.bfloat16))
     args = (cu, cu, max(lens), max(lens), causal, None, window)
     out, lse = attn_varlen_forward(q, k, v, *args, backend="triton")
     ref_out, ref_lse = attn_varlen_forward(q.float(), k.float(), v.float(), *args, backend="reference")
@@ -88,11 +75,11 @@ def test_atomic_varlen_packed_documents(causal, window, tma_reduce):
     want = attn_varlen_backward(dout.float(), q.float(), k.float(), v.float(), ref_out, ref_lse, *args,
                                 backend="reference")
     for name, g, w in zip(("dq", "dk", "dv"), grads, want):
-        assert _rel(g, w) < GRAD_TOL, name
+        assert rel_err(g, w) < GRAD_TOL, name
 
 
 def test_autograd_with_set_deterministic_false(tma_reduce):
-    q, k, v = (t.requires_grad_() for t in _qkv(1, 4096, 4096, 16, 2, 128, torch.bfloat16))
+    q, k, v = (t.requires_grad_() for t in cuda_qkv(1, 4096, 4096, 16, 2, 128, torch.bfloat16))
     attention.set_deterministic(False)
     try:
         out, lse = flash_attn_func(q, k, v, causal=True, return_lse=True, backend="triton")
@@ -104,4 +91,4 @@ def test_autograd_with_set_deterministic_false(tma_reduce):
     want = reference_attn_backward(2 * out.detach().float(), qf, kf, vf, ref_out, ref_lse, True,
                                    dlse=torch.ones_like(lse))
     for name, g, w in zip(("dq", "dk", "dv"), (q.grad, k.grad, v.grad), want):
-        assert _rel(g, w) < GRAD_TOL, name
+        assert rel_err(g, w) < GRAD_TOL, name

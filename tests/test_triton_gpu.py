@@ -5,31 +5,18 @@
 Errors are relative norms ||got - ref|| / ||ref|| (bf16 operands land between 1e-3 and 1e-2).
 """
 
-import os
-
 import pytest
 import torch
+from gpu_utils import GPU_MARKS, cuda_qkv, rel_err
 
 from attention import (attn_backward, attn_forward, attn_varlen_backward, attn_varlen_forward, flash_attn_func,
                        reference_attn_backward, reference_attn_forward)
 
-pytestmark = [pytest.mark.gpu,
-              pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1",
-                                 reason="TRITON_INTERPRET=1 (set by the CPU tests): run this file in its own process")]
+pytestmark = GPU_MARKS
 
 OUT_TOL, GRAD_TOL = 1e-2, 2e-2
 
 
-def _rel(got, want):
-    got, want = got.float(), want.float()
-    assert torch.isfinite(got).all(), "non-finite values"
-    return ((got - want).norm() / want.norm().clamp_min(1e-12)).item()
-
-
-def _qkv(B, nq, nk, H, hkv, D, dtype):
-    g = torch.Generator(device="cuda").manual_seed(B * 1000 + nq + nk + D)
-    mk = lambda *s: torch.randn(*s, device="cuda", dtype=dtype, generator=g)  # noqa: E731
-    return mk(B, nq, H, D), mk(B, nk, hkv, D), mk(B, nk, hkv, D)
 
 
 CASES = [  # B, Nq, Nk, H, Hkv, D, causal, window, dtype
@@ -46,11 +33,11 @@ CASES = [  # B, Nq, Nk, H, Hkv, D, causal, window, dtype
 
 @pytest.mark.parametrize("B,nq,nk,H,hkv,D,causal,window,dtype", CASES)
 def test_forward_backward_match_fp32_reference(B, nq, nk, H, hkv, D, causal, window, dtype):
-    q, k, v = _qkv(B, nq, nk, H, hkv, D, dtype)
+    q, k, v = cuda_qkv(B, nq, nk, H, hkv, D, dtype)
     out, lse = attn_forward(q, k, v, causal, None, window, backend="triton")
     ref_out, ref_lse = reference_attn_forward(q.float(), k.float(), v.float(), causal, None, window)
     assert out.dtype == dtype and lse.dtype == torch.float32
-    assert _rel(out, ref_out) < OUT_TOL
+    assert rel_err(out, ref_out) < OUT_TOL
     assert torch.equal(torch.isinf(lse), torch.isinf(ref_lse))
     fin = torch.isfinite(ref_lse)
     assert (lse[fin] - ref_lse[fin]).abs().max().item() < 2e-2
@@ -63,11 +50,11 @@ def test_forward_backward_match_fp32_reference(B, nq, nk, H, hkv, D, causal, win
                                    window, dlse=dlse)
     for name, g, w in zip(("dq", "dk", "dv"), grads, want):
         assert g.dtype == dtype, name
-        assert _rel(g, w) < GRAD_TOL, name
+        assert rel_err(g, w) < GRAD_TOL, name
 
 
 def test_autograd_path_and_head_dim_256_forward():
-    q, k, v = _qkv(1, 2048, 2048, 4, 4, 128, torch.bfloat16)
+    q, k, v = cuda_qkv(1, 2048, 2048, 4, 4, 128, torch.bfloat16)
     q, k, v = (t.requires_grad_() for t in (q, k, v))
     out, lse = flash_attn_func(q, k, v, causal=True, return_lse=True, backend="triton")
     (out.float().square().sum() + lse.sum()).backward()
@@ -76,34 +63,34 @@ def test_autograd_path_and_head_dim_256_forward():
     g_out, g_lse = 2 * out.detach().float(), torch.ones_like(lse)
     want = reference_attn_backward(g_out, qf, kf, vf, ref_out, ref_lse, True, dlse=g_lse)
     for name, g, w in zip(("dq", "dk", "dv"), (q.grad, k.grad, v.grad), want):
-        assert _rel(g, w) < GRAD_TOL, name
+        assert rel_err(g, w) < GRAD_TOL, name
 
-    q, k, v = _qkv(1, 1024, 1024, 4, 4, 256, torch.bfloat16)
+    q, k, v = cuda_qkv(1, 1024, 1024, 4, 4, 256, torch.bfloat16)
     out, lse = attn_forward(q, k, v, True, None, (-1, -1), backend="triton")
     ref_out, _ = reference_attn_forward(q.float(), k.float(), v.float(), True)
-    assert _rel(out, ref_out) < OUT_TOL
+    assert rel_err(out, ref_out) < OUT_TOL
 
 
 @pytest.mark.parametrize("causal,window", [(True, (-1, -1)), (False, (300, 0))])
 def test_varlen_packed_documents(causal, window):
     lens = [1000, 0, 1, 2049, 517, 4096]
     cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32, device="cuda")
-    q, k, v = (t[0] for t in _qkv(1, sum(lens), sum(lens), 8, 2, 128, torch.bfloat16))
+    q, k, v = (t[0] for t in cuda_qkv(1, sum(lens), sum(lens), 8, 2, 128, torch.bfloat16))
     args = (cu, cu, max(lens), max(lens), causal, None, window)
     out, lse = attn_varlen_forward(q, k, v, *args, backend="triton")
     ref_out, ref_lse = attn_varlen_forward(q.float(), k.float(), v.float(), *args, backend="reference")
-    assert _rel(out, ref_out) < OUT_TOL
+    assert rel_err(out, ref_out) < OUT_TOL
     assert (lse - ref_lse).abs().max().item() < 2e-2
     dout = torch.randn_like(out)
     grads = attn_varlen_backward(dout, q, k, v, out, lse, *args, backend="triton")
     want = attn_varlen_backward(dout.float(), q.float(), k.float(), v.float(), ref_out, ref_lse, *args,
                                 backend="reference")
     for name, g, w in zip(("dq", "dk", "dv"), grads, want):
-        assert _rel(g, w) < GRAD_TOL, name
+        assert rel_err(g, w) < GRAD_TOL, name
 
 
 def test_backward_deterministic_gqa():
-    q, k, v = _qkv(1, 4096, 4096, 16, 2, 128, torch.bfloat16)
+    q, k, v = cuda_qkv(1, 4096, 4096, 16, 2, 128, torch.bfloat16)
     out, lse = attn_forward(q, k, v, True, None, (-1, -1), backend="triton")
     dout = torch.randn_like(out)
     first = attn_backward(dout, q, k, v, out, lse, True, backend="triton")
