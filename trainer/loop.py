@@ -176,7 +176,7 @@ class Trainer:
         # labels and positions (the trainer shards inputs, not the model), and num_valid becomes the shard's
         # own count, so summing it over dp x cp counts every target once.
         if self.env.cp_size > 1:
-            batch = shard_batch(batch, self.env.cp_group)
+            batch = shard_batch(batch, self.env.cp_group, ulysses_degree=self.env.ulysses_degree)
         b = batch_to_device(batch, self.device)
         b["num_valid"] = batch["num_valid"]
         if self.cfg.data.cross_doc_attention:
