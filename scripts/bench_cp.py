@@ -10,6 +10,9 @@ Rows per (sequence length, layout):
   ring       ring_attn_func; `vs full/W` is the ring's overhead, `overlap gain` = no-overlap / overlap time
   ring-noovl ring_attn_func(overlap=False): each K/V transfer is waited for before computing
   ulysses    ulysses_attn_func (when heads divide by W)
+  hybrid     hybrid_attn_func: Ulysses over u = --ulysses-degree consecutive ranks x ring over W/u (when
+             W >= 4, 1 < u < W divides W and heads divide by u); its own layout (zigzag over the ring, then
+             contiguous over u), timed in the zigzag pass only
 Times are the median over iterations of the slowest rank. TFLOPS/rank counts the full sequence's attention
 FLOPs (halved for causal; backward = 2.5x forward) divided by W (for `local`: those of its N/W tokens);
 `vs local TFLOPS` = a CP row's TFLOPS/rank over local's, i.e. how close CP gets to one GPU at N/W tokens.
@@ -34,7 +37,7 @@ import torch.multiprocessing as mp
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from attention import flash_attn_func  # noqa: E402
-from parallel import init_distributed, ring_attn_func, ulysses_attn_func  # noqa: E402
+from parallel import hybrid_attn_func, init_distributed, init_mesh, ring_attn_func, ulysses_attn_func  # noqa: E402
 from parallel.sharding import check_shardable  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -52,7 +55,8 @@ def parse_args(argv=None):
     p.add_argument("--dtype", choices=DTYPES, default="bf16" if gpu else "fp32")
     p.add_argument("--no-causal", action="store_true")
     p.add_argument("--layouts", default="zigzag,contiguous")
-    p.add_argument("--impls", default="local,full,ring,ring-noovl,ulysses")
+    p.add_argument("--impls", default="local,full,ring,ring-noovl,ulysses,hybrid")
+    p.add_argument("--ulysses-degree", type=int, default=2, help="hybrid: Ulysses group size u (ring: W/u)")
     p.add_argument("--full-max-len", type=int, default=131072, help="skip the full/W row above this length")
     p.add_argument("--backend", default="auto", help="local attention backend: auto|triton|sdpa|reference")
     p.add_argument("--warmup", type=int, default=2)
@@ -108,7 +112,12 @@ def _inputs(n, args, device, full):
     return [torch.randn(B, m, h, D, device=device, dtype=DTYPES[args.dtype]) for h in (H, hkv, hkv, H)]
 
 
-def _bench_length(n, layout, args, device, world_size):
+def _hybrid_ok(args, world_size):
+    u = args.ulysses_degree
+    return world_size >= 4 and 1 < u < world_size and world_size % u == 0 and args.heads % u == 0
+
+
+def _bench_length(n, layout, args, device, world_size, mesh):
     causal, backend = not args.no_causal, args.backend
     ring = dict(causal=causal, layout=layout, backend=backend)
     fns = {
@@ -117,10 +126,14 @@ def _bench_length(n, layout, args, device, world_size):
         "ring": lambda q, k, v: ring_attn_func(q, k, v, **ring),
         "ring-noovl": lambda q, k, v: ring_attn_func(q, k, v, overlap=False, **ring),
         "ulysses": lambda q, k, v: ulysses_attn_func(q, k, v, causal=causal, layout=layout, backend=backend),
+        "hybrid": lambda q, k, v: hybrid_attn_func(q, k, v, mesh.cp_ulysses_group, mesh.cp_ring_group,
+                                                   causal=causal, backend=backend),
     }
     impls = [i for i in args.impls.split(",") if i in fns]
     if args.heads % world_size != 0:
         impls = [i for i in impls if i != "ulysses"]
+    if mesh is None or layout != "zigzag":  # the hybrid has one layout (zigzag over its ring): time it once
+        impls = [i for i in impls if i != "hybrid"]
     if n > args.full_max_len:
         impls = [i for i in impls if i != "full"]
     rows = {}
@@ -170,6 +183,7 @@ def _print_table(rows):
 def _meta(args, device, world_size):
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({os.cpu_count()} cores)"
     return dict(device=name, world_size=world_size, dist_backend=dist.get_backend(), dtype=args.dtype,
+                ulysses_degree=args.ulysses_degree,
                 batch=args.batch, heads=args.heads, kv_heads=args.kv_heads, head_dim=args.head_dim,
                 causal=not args.no_causal, attn_backend=args.backend, torch=torch.__version__,
                 date=datetime.now(timezone.utc).isoformat(timespec="seconds"), iters=args.iters)
@@ -180,13 +194,18 @@ def run(args):
     device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
     if device.type == "cpu":
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))  # ranks share the cores
+    # The hybrid's groups: every rank builds them (collective), once
+    mesh = init_mesh(cp=world_size, ulysses_degree=args.ulysses_degree) if _hybrid_ok(args, world_size) else None
+    if mesh is None and "hybrid" in args.impls.split(",") and rank == 0:
+        print(f"skipping hybrid: needs world size >= 4 with 1 < --ulysses-degree ({args.ulysses_degree}) < W "
+              f"dividing W ({world_size}) and --heads ({args.heads})")
     rows = []
     tag = "cuda" if device.type == "cuda" else "cpu"
     path = Path(args.json or f"outputs/bench_cp_{tag}_w{world_size}.json")
     for n in (int(s) for s in args.seq_lens.split(",")):
         for layout in args.layouts.split(","):
             check_shardable(n, world_size, layout, name="--seq-lens entry")
-            rows += _bench_length(n, layout, args, device, world_size)
+            rows += _bench_length(n, layout, args, device, world_size, mesh)
             if rank == 0:  # after every length: a run cut short keeps what it measured
                 path.parent.mkdir(parents=True, exist_ok=True)
                 path.write_text(json.dumps(dict(meta=_meta(args, device, world_size), rows=rows), indent=2))
