@@ -13,8 +13,8 @@ import torch.distributed as dist
 
 from dist_utils import full_attention, random_positions, run_world
 from helpers import assert_close
-from parallel import (HybridPlan, hybrid_attn_func, hybrid_plan, hybrid_shard_for_rank, hybrid_unshard_from_shards,
-                      init_mesh, shard_for_rank)
+from parallel import (HybridPlan, ParallelDims, hybrid_attn_func, hybrid_plan, hybrid_shard_for_rank,
+                      hybrid_unshard_from_shards, init_mesh, shard_for_rank)
 
 TOL = {torch.float64: 1e-5, torch.float32: 2e-4}  # the ring merges lse in fp32
 U, CP = 2, 4
@@ -133,6 +133,16 @@ def test_hybrid_sharding_layout_and_round_trip():
         hybrid_shard_for_rank(torch.arange(10), 0, 0, 2, 4)
     with pytest.raises(ValueError, match="ulysses_degree \\(3\\) must be an int >= 1 dividing cp_size \\(4\\)"):
         hybrid_shard_for_rank(x, 0, 0, 3, 4)
+
+
+def test_hybrid_mesh_layout():
+    """dp 2 x cp 4 (u 2 x ring 2): Ulysses groups are consecutive ranks, ring groups stride u, both inside cp."""
+    dims = ParallelDims.from_world(8, cp=4, ulysses=2)
+    assert [dims.ulysses_group_ranks(r) for r in (0, 3, 5)] == [[0, 1], [2, 3], [4, 5]]
+    assert [dims.ring_group_ranks(r) for r in (0, 3, 5, 6)] == [[0, 2], [1, 3], [5, 7], [4, 6]]
+    assert dims.ring == 2 and init_mesh(cp=1).ulysses_degree == 1
+    with pytest.raises(ValueError, match=r"ulysses_degree\(3\) must divide cp\(4\)"):
+        ParallelDims.from_world(8, cp=4, ulysses=3)
 
 
 def test_hybrid_single_process():
