@@ -13,6 +13,8 @@ Rows per (sequence length, layout):
   hybrid     hybrid_attn_func: Ulysses over u = --ulysses-degree consecutive ranks x ring over W/u (when
              W >= 4, 1 < u < W divides W and heads divide by u); its own layout (zigzag over the ring, then
              contiguous over u), timed in the zigzag pass only
+  torch-cp   the anchor, only when asked for in --impls: torch's context_parallel (SDPA ring, its own
+             load balancer; CUDA only), timed in the zigzag pass (scripts/cp_anchors.py)
 Times are the median over iterations of the slowest rank. TFLOPS/rank counts the full sequence's attention
 FLOPs (halved for causal; backward = 2.5x forward) divided by W (for `local`: those of its N/W tokens);
 `vs local TFLOPS` = a CP row's TFLOPS/rank over local's, i.e. how close CP gets to one GPU at N/W tokens.
@@ -39,6 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 from attention import flash_attn_func  # noqa: E402
 from parallel import hybrid_attn_func, init_distributed, init_mesh, ring_attn_func, ulysses_attn_func  # noqa: E402
 from parallel.sharding import check_shardable  # noqa: E402
+from cp_anchors import time_torch_cp  # noqa: E402  (scripts/ is on sys.path when run as a script)
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -55,7 +58,8 @@ def parse_args(argv=None):
     p.add_argument("--dtype", choices=DTYPES, default="bf16" if gpu else "fp32")
     p.add_argument("--no-causal", action="store_true")
     p.add_argument("--layouts", default="zigzag,contiguous")
-    p.add_argument("--impls", default="local,full,ring,ring-noovl,ulysses,hybrid")
+    p.add_argument("--impls", default="local,full,ring,ring-noovl,ulysses,hybrid",
+                   help="also: torch-cp (torch's context_parallel over SDPA, CUDA only; the anchor)")
     p.add_argument("--ulysses-degree", type=int, default=2, help="hybrid: Ulysses group size u (ring: W/u)")
     p.add_argument("--full-max-len", type=int, default=131072, help="skip the full/W row above this length")
     p.add_argument("--backend", default="auto", help="local attention backend: auto|triton|sdpa|reference")
@@ -137,6 +141,12 @@ def _bench_length(n, layout, args, device, world_size, mesh):
     if n > args.full_max_len:
         impls = [i for i in impls if i != "full"]
     rows = {}
+    if "torch-cp" in args.impls.split(",") and layout == "zigzag":  # the anchor shards with its own balancer
+        ms, why = time_torch_cp(n, args, device, lambda step: _time_ms(step, device, args.warmup, args.iters))
+        if ms is not None:
+            rows["torch-cp"] = ms
+        elif dist.get_rank() == 0:
+            print(f"torch-cp skipped at {n}: {why}", flush=True)
     for name in impls:
         full = name == "full"
         q, k, v, dout = _inputs(n, args, device, full) if not full or dist.get_rank() == 0 else [None] * 4

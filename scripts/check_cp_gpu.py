@@ -1,7 +1,7 @@
-"""Multi-GPU correctness of context-parallel attention: ring and Ulysses (NCCL, Triton, bf16) against
-single-GPU attention on the full sequence. Every rank builds the same full inputs, runs full attention on its
-own GPU (the oracle), shards with the trainer's shard_for_rank, runs the CP attention, and compares out, dq,
-dk, dv by relative error ||x - ref|| / ||ref||. Prints a table and writes JSON.
+"""Multi-GPU correctness of context-parallel attention: ring, Ulysses and (on 4+ ranks) the Ulysses x ring
+hybrid (NCCL, Triton, bf16) against single-GPU attention on the full sequence. Every rank builds the same
+full inputs, runs full attention on its own GPU (the oracle), shards them as the trainer does, runs the CP
+attention, and compares out, dq, dk, dv by relative error ||x - ref|| / ||ref||. Prints a table and JSON.
 
     torchrun --nproc_per_node=2 scripts/check_cp_gpu.py --seq-lens 16384,65536 --out docs/bench
     torchrun --nproc_per_node=2 scripts/check_cp_gpu.py --cpu --seq-lens 512 --heads 4 --kv-heads 2 --head-dim 32
@@ -23,7 +23,8 @@ import torch.distributed as dist
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from attention import flash_attn_func  # noqa: E402
-from parallel import init_distributed, ring_attn_func, shard_for_rank, ulysses_attn_func  # noqa: E402
+from parallel import (hybrid_attn_func, hybrid_shard_for_rank, init_distributed, init_mesh,  # noqa: E402
+                      ring_attn_func, shard_for_rank, ulysses_attn_func)
 
 REL_TOL = 2e-2  # bf16 inputs, fp32 accumulation: relative Frobenius error well under 1e-2 when correct
 
@@ -42,7 +43,7 @@ def packed_positions(n: int, gen: torch.Generator, device) -> torch.Tensor:
     return pos[None].to(device)
 
 
-def run_case(impl, n, heads, kv_heads, d, causal, packed, rank, world, device, dtype, layout="zigzag"):
+def run_case(impl, n, heads, kv_heads, d, causal, packed, rank, world, device, dtype, layout="zigzag", mesh=None):
     gen = torch.Generator().manual_seed(1234 + n)
     shape_q, shape_kv = (1, n, heads, d), (1, n, kv_heads, d)
     q, k, v, dout = (torch.randn(s, generator=gen).to(device, dtype)
@@ -60,11 +61,17 @@ def run_case(impl, n, heads, kv_heads, d, causal, packed, rank, world, device, d
     out.backward(dout)
 
     def shard(t):
+        if impl == "hybrid":
+            return hybrid_shard_for_rank(t, 1, rank, mesh.ulysses_degree, world)
         return shard_for_rank(t, 1, rank, world, layout)
 
     local = [shard(t).detach().requires_grad_() for t in (q, k, v)]
-    fn = ring_attn_func if impl == "ring" else ulysses_attn_func
-    out_l = fn(*local, causal=causal, layout=layout, position_ids=None if pos is None else shard(pos))
+    pos_l = None if pos is None else shard(pos)
+    if impl == "hybrid":
+        out_l = hybrid_attn_func(*local, mesh.cp_ulysses_group, mesh.cp_ring_group, causal=causal, position_ids=pos_l)
+    else:
+        fn = ring_attn_func if impl == "ring" else ulysses_attn_func
+        out_l = fn(*local, causal=causal, layout=layout, position_ids=pos_l)
     out_l.backward(shard(dout))
     errs = {"out": rel_err(out_l, shard(out))}
     for name, loc, ref in zip(("dq", "dk", "dv"), local, full):
@@ -88,13 +95,16 @@ def main():
     rank, world = init_distributed("gloo" if args.cpu else None)
     device = torch.device("cpu") if args.cpu else torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
     dtype = torch.float32 if args.cpu else torch.bfloat16
+    # hybrid: Ulysses over pairs of consecutive ranks x ring over the rest, where the heads allow it
+    hybrid = world >= 4 and world % 2 == 0 and args.heads % 2 == 0
+    mesh = init_mesh(cp=world, ulysses_degree=2) if hybrid else None
     rows = []
     for n in (int(s) for s in args.seq_lens.split(",")):
-        for impl in ("ring", "ulysses"):
+        for impl in ("ring", "ulysses", "hybrid") if hybrid else ("ring", "ulysses"):
             for causal, packed in ((True, False), (False, False), (True, True)):
                 try:
                     errs, worst = run_case(impl, n, args.heads, args.kv_heads, args.head_dim, causal, packed,
-                                           rank, world, device, dtype)
+                                           rank, world, device, dtype, mesh=mesh)
                     row = dict(impl=impl, n=n, causal=causal, packed=packed, worst_rel_err=worst,
                                ok=worst < REL_TOL, **{f"rank0_{k}": v for k, v in errs.items()})
                 except Exception as e:  # one failure must not lose the other rows

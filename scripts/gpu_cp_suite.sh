@@ -3,9 +3,10 @@
 #
 #   OUT=outputs/gpu_cp scripts/gpu_cp_suite.sh           # every visible GPU (2 or more)
 #
-# 1. correctness: ring / Ulysses vs single-GPU attention (scripts/check_cp_gpu.py) on 2 and on all GPUs
+# 1. correctness: ring / Ulysses (/ hybrid on 4+) vs single-GPU attention (check_cp_gpu.py) on 2 and all GPUs
 # 2. trainer loss curves: cp=1, cp=2, cp=all GPUs, 50 steps of llama_220m at 16K on the same data
-# 3. attention scaling: scripts/bench_cp.py at 128K..1M tokens on all GPUs (ring, no-overlap ring, Ulysses)
+# 3. attention scaling: scripts/bench_cp.py at 128K..1M tokens on all GPUs (ring, no-overlap ring, Ulysses,
+#    hybrid, and torch's context_parallel as the anchor)
 # 4. trainer throughput: llama_220m (vocab 32000) with cp=all GPUs at 256K and 512K tokens per sequence
 # Each part has its own time limit and writes into $OUT as it goes, so a cut-short run keeps what it did.
 set -u
@@ -52,7 +53,8 @@ fi
 
 echo "== 3. attention scaling"
 timeout 200 "${TR[@]}" --nproc_per_node="$NGPU" scripts/bench_cp.py --seq-lens 131072,262144,524288,1048576 \
-  --heads 8 --kv-heads 8 --layouts zigzag --impls local,full,ring,ring-noovl,ulysses --warmup 1 --iters 3 \
+  --heads 8 --kv-heads 8 --layouts zigzag --impls local,full,ring,ring-noovl,ulysses,hybrid,torch-cp \
+  --warmup 1 --iters 3 \
   --json "$OUT/bench_cp_w$NGPU.json" >"$OUT/logs/bench_cp_w$NGPU.log" 2>&1
 echo "bench_cp W=$NGPU: exit $?"
 tail -n 22 "$OUT/logs/bench_cp_w$NGPU.log"
