@@ -7,7 +7,7 @@
 # 2. trainer loss curves: cp=1, cp=2, cp=all GPUs, 50 steps of llama_220m at 16K on the same data
 # 3. attention scaling: scripts/bench_cp.py at 128K..1M tokens on all GPUs (ring, no-overlap ring, Ulysses,
 #    hybrid, and torch's context_parallel as the anchor)
-# 4. trainer throughput: llama_220m (vocab 32000) with cp=all GPUs at 256K and 512K tokens per sequence
+# 4. trainer throughput: llama_220m (vocab 32000), cp=all GPUs, 256K and 512K tokens of whole-sequence attention
 # Each part has its own time limit and writes into $OUT as it goes, so a cut-short run keeps what it did.
 set -u
 cd "$(dirname "$0")/.."
@@ -60,7 +60,7 @@ echo "bench_cp W=$NGPU: exit $?"
 tail -n 22 "$OUT/logs/bench_cp_w$NGPU.log"
 
 echo "== 4. trainer throughput"
-LONG=(model.vocab_size=32000 model.ckpt=selective parallel=ring parallel.cp="$NGPU")
+LONG=(model.vocab_size=32000 model.ckpt=selective data.cross_doc_attention=true parallel=ring parallel.cp="$NGPU")
 train "tput_256k_cp$NGPU" "$NGPU" 120 "${LONG[@]}" data.seq_len=262144 train.steps=5
 train "tput_512k_cp$NGPU" "$NGPU" 150 "${LONG[@]}" data.seq_len=524288 train.steps=3
 for f in "$OUT"/train_*.jsonl; do echo "$f"; tail -n 2 "$f"; done
