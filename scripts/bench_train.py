@@ -5,6 +5,8 @@
     python scripts/bench_train.py --out docs/bench/train_h100 --max-context     # + largest context per setup
     python scripts/bench_train.py --setups ringflash ringflash:ckpt=full,compile=0 hf_liger ...
     python scripts/bench_train.py --device cpu --models tiny --lengths 256 512 --quick   # harness dry run
+    python scripts/bench_train.py --models llama_220m --lengths 2097152 --setups ringflash:ckpt=full,offload=all \
+        --layers 2 --warmup 0 --steps 1                                 # memory probe: does 2M fit?
 
 A setup is `name[:key=value,...]`: ringflash (keys ckpt, offload, mlp_chunk, compile, loss_chunk, backend),
 hf and hf_liger (key attn: an attn_implementation, default sdpa). Every setup trains the same shapes from
@@ -54,6 +56,8 @@ def run_cell(cell: dict) -> dict:
     device = torch.device(cell["device"])
     dtype = torch.bfloat16 if cell["dtype"] == "bf16" else torch.float32
     shape, N = model_shape(cell["model"]), cell["seq_len"]
+    if cell.get("layers"):  # a memory probe: fewer blocks, each the full size (see --layers)
+        shape = {**shape, "n_layers": cell["layers"]}
     name, opts = parse_setup(cell["setup"])
     torch.manual_seed(0)
     if name == "ringflash":
@@ -191,7 +195,8 @@ class Results:
 
 def cell_for(args, setup: str, model: str, seq_len: int, warmup: int, steps: int, profile=False) -> dict:
     return {"setup": setup, "model": model, "seq_len": seq_len, "device": args.device, "dtype": args.dtype,
-            "warmup": warmup, "steps": steps, "peak_tflops": args.peak_tflops, "profile": profile}
+            "warmup": warmup, "steps": steps, "peak_tflops": args.peak_tflops, "profile": profile,
+            "layers": args.layers}
 
 
 def run_grid(args, results: Results, env: dict) -> None:
@@ -295,7 +300,8 @@ def _k(n: int) -> str:
 
 def render(data: dict) -> str:
     meta, cells = data["meta"], data["cells"]
-    lines = [f"Training step, batch 1, random tokens - {meta['gpu']}, {meta['date']}, torch {meta['torch']}, "
+    probe = f"**Memory probe: every model cut to {meta['layers']} blocks.** " if meta.get("layers") else ""
+    lines = [probe + f"Training step, batch 1, random tokens - {meta['gpu']}, {meta['date']}, torch {meta['torch']}, "
              f"transformers {meta['transformers']}, liger {meta['liger']}, dtype {meta['dtype']}.",
              "Cells: tok/s, MFU, peak GiB (max_memory_allocated). MFU: 6*P*T + causal attention (halved), "
              "no recompute counted, peak " + f"{meta['peak_tflops']:.0f} TFLOPS.",
@@ -368,7 +374,7 @@ def metadata(args) -> dict:
             "triton": version("triton"), "transformers": version("transformers"), "liger": version("liger_kernel"),
             "dtype": args.dtype, "peak_tflops": args.peak_tflops, "setups": args.setups,
             "ringflash_defaults": RINGFLASH, "warmup": args.warmup, "steps": args.steps,
-            "expandable_segments": args.expandable_segments}
+            "expandable_segments": args.expandable_segments, "layers": args.layers}
 
 
 def parse_args(argv=None):
@@ -388,6 +394,11 @@ def parse_args(argv=None):
     p.add_argument("--no-expandable-segments", dest="expandable_segments", action="store_false",
                    help="do not set PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True for the workers")
     p.add_argument("--profile", action="store_true", help="add a kernel-time profile of one step to each cell")
+    p.add_argument("--layers", type=int, default=None,
+                   help="memory probe: build every model with this many blocks (full width). With offload=all a "
+                        "block's kept input lives on the CPU, so the GPU peak of a 2-block model is the full "
+                        "model's, less the missing blocks' weights, grads and AdamW states (8 bytes a parameter "
+                        "in bf16), at a fraction of the step time; the table says so")
     m = p.add_argument_group("max context (grow x2 until a step fails, then bisect)")
     m.add_argument("--max-context", action="store_true")
     m.add_argument("--max-start", type=int, default=131072)
