@@ -209,13 +209,18 @@ def _cp_model_worker(rank, world_size, cases):
         # One plan per forward, shared by all layers, the backward and the checkpoint recompute.
         want_calls = {"ring_attn_func": ring_calls, f"{impl}_plan": 1, "all_gather": 1}
         assert {n: calls.count(n) for n in want_calls} == want_calls, (impl, ckpt, calls)
-        total = got.detach().clone()
-        dist.all_reduce(total)
-        assert_close(total, want.detach(), f"{impl}/{ckpt} loss", atol=1e-6, rtol=1e-6)
-        for name, p in model.named_parameters():
-            grad = p.grad.clone()
-            dist.all_reduce(grad)  # what DDP / ZeRO do over the cp ranks
-            assert_close(grad, want_grads[name], f"{impl}/{ckpt} d{name}", atol=1e-6, rtol=1e-5)
+        assert_cp_matches(model, got, want, want_grads, f"{impl}/{ckpt}")
+
+def assert_cp_matches(model, got, want, want_grads, label):
+    """This rank's loss and grads, summed over the cp ranks, against the unsharded model's."""
+    total = got.detach().clone()
+    dist.all_reduce(total)
+    assert_close(total, want.detach(), f"{label} loss", atol=1e-6, rtol=1e-6)
+    for name, p in model.named_parameters():
+        grad = p.grad.clone()
+        dist.all_reduce(grad)  # what DDP / ZeRO do over the cp ranks
+        assert_close(grad, want_grads[name], f"{label} d{name}", atol=1e-6, rtol=1e-5)
+
 
 def test_swapped_attention_cores_match_the_unsharded_model(free_port):
     cases = [("ring", "none", N_LAYERS), ("ring", "full", 2 * N_LAYERS),

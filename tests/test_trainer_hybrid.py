@@ -14,10 +14,9 @@ import torch.distributed as dist
 
 import trainer.parallelize as tp
 from dist_utils import run_world
-from helpers import assert_close
 from parallel import init_mesh
-from test_trainer_cp import (CP_TOL, N_LAYERS, FAST, _loss_sum, _model_and_batch, _spy, assert_same_losses,
-                             torchrun, train_single)
+from test_trainer_cp import (CP_TOL, N_LAYERS, FAST, _loss_sum, _model_and_batch, _spy, assert_cp_matches,
+                             assert_same_losses, torchrun, train_single)
 from trainer.parallelize import apply_context_parallel, shard_batch
 from trainer_utils import compose_cfg
 
@@ -78,13 +77,7 @@ def _hybrid_model_worker(rank, world_size, cases):
         got.backward()
         want_calls = {"ring_attn_func": ring_calls, "hybrid_plan": 1, "all_gather": 2}
         assert {n: calls.count(n) for n in want_calls} == want_calls, (ckpt, calls)
-        total = got.detach().clone()
-        dist.all_reduce(total)
-        assert_close(total, want.detach(), f"hybrid/{ckpt} loss", atol=1e-6, rtol=1e-6)
-        for name, p in model.named_parameters():
-            grad = p.grad.clone()
-            dist.all_reduce(grad)  # what DDP / ZeRO do over the cp ranks
-            assert_close(grad, want_grads[name], f"hybrid/{ckpt} d{name}", atol=1e-6, rtol=1e-5)
+        assert_cp_matches(model, got, want, want_grads, f"hybrid/{ckpt}")
 
 
 def test_hybrid_cores_match_the_unsharded_model(free_port):
