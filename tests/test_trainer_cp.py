@@ -190,12 +190,7 @@ def _cp_model_worker(rank, world_size, cases):
         _spy(obj, name, calls)
     for impl, ckpt, ring_calls in cases:
         model, batch = _model_and_batch(ckpt)
-        B, N = batch["tokens"].shape
-        starts = [b * N + i for b in range(B) for i in range(N) if i == 0 or batch["position_ids"][b, i] == 0]
-        cu = torch.tensor(starts + [B * N], dtype=torch.int32)
-        want = _loss_sum(model, batch["tokens"], batch["labels"], batch["position_ids"], cu, int(cu.diff().max()))
-        want.backward()
-        want_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+        want, want_grads = unsharded_loss_and_grads(model, batch)
 
         model.zero_grad()
         apply_context_parallel(model, impl, dist.group.WORLD, packed_documents=True)
@@ -210,6 +205,16 @@ def _cp_model_worker(rank, world_size, cases):
         want_calls = {"ring_attn_func": ring_calls, f"{impl}_plan": 1, "all_gather": 1}
         assert {n: calls.count(n) for n in want_calls} == want_calls, (impl, ckpt, calls)
         assert_cp_matches(model, got, want, want_grads, f"{impl}/{ckpt}")
+
+def unsharded_loss_and_grads(model, batch):
+    """The oracle: the whole packed batch in one process (varlen over its documents), loss and grads."""
+    B, N = batch["tokens"].shape
+    starts = [b * N + i for b in range(B) for i in range(N) if i == 0 or batch["position_ids"][b, i] == 0]
+    cu = torch.tensor(starts + [B * N], dtype=torch.int32)
+    want = _loss_sum(model, batch["tokens"], batch["labels"], batch["position_ids"], cu, int(cu.diff().max()))
+    want.backward()
+    return want, {n: p.grad.clone() for n, p in model.named_parameters()}
+
 
 def assert_cp_matches(model, got, want, want_grads, label):
     """This rank's loss and grads, summed over the cp ranks, against the unsharded model's."""

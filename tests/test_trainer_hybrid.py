@@ -16,7 +16,7 @@ import trainer.parallelize as tp
 from dist_utils import run_world
 from parallel import init_mesh
 from test_trainer_cp import (CP_TOL, N_LAYERS, FAST, _loss_sum, _model_and_batch, _spy, assert_cp_matches,
-                             assert_same_losses, torchrun, train_single)
+                             assert_same_losses, torchrun, train_single, unsharded_loss_and_grads)
 from trainer.parallelize import apply_context_parallel, shard_batch
 from trainer_utils import compose_cfg
 
@@ -58,12 +58,7 @@ def _hybrid_model_worker(rank, world_size, cases):
         _spy(obj, name, calls)
     for ckpt, ring_calls in cases:
         model, batch = _model_and_batch(ckpt)
-        B, N = batch["tokens"].shape
-        starts = [b * N + i for b in range(B) for i in range(N) if i == 0 or batch["position_ids"][b, i] == 0]
-        cu = torch.tensor(starts + [B * N], dtype=torch.int32)
-        want = _loss_sum(model, batch["tokens"], batch["labels"], batch["position_ids"], cu, int(cu.diff().max()))
-        want.backward()
-        want_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+        want, want_grads = unsharded_loss_and_grads(model, batch)
 
         model.zero_grad()
         apply_context_parallel(model, "hybrid", mesh.cp_group, packed_documents=True,
