@@ -89,7 +89,6 @@ def shard_indices(seq_len: int, rank: int, world_size: int, layout: str = "zigza
     return shard_for_rank(torch.arange(seq_len, device=device), 0, rank, world_size, layout)
 
 
-
 # -- hybrid (Ulysses inside, ring outside) ----------------------------------------------------------------
 
 
@@ -129,6 +128,7 @@ def hybrid_unshard_from_shards(shards: Sequence[torch.Tensor], dim: int, ulysses
     ring_shards = [unshard_from_shards(shards[o * ulysses_degree:(o + 1) * ulysses_degree], dim, "contiguous")
                    for o in range(ring)]
     return unshard_from_shards(ring_shards, dim, "zigzag")
+
 
 # -- process-group versions ---------------------------------------------------------------------------------
 

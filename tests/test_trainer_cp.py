@@ -195,16 +195,12 @@ def _cp_model_worker(rank, world_size, cases):
         model.zero_grad()
         apply_context_parallel(model, impl, dist.group.WORLD, packed_documents=True)
         local = shard_batch(batch, dist.group.WORLD)
-        count = torch.tensor(float(local["num_valid"]))
-        dist.all_reduce(count)
-        assert count.item() == batch["num_valid"]  # every target counted once over the cp ranks
-        calls.clear()
-        got = _loss_sum(model, local["tokens"], local["labels"], local["position_ids"])
-        got.backward()
+        got = sharded_loss_backward(model, batch, local, calls)
         # One plan per forward, shared by all layers, the backward and the checkpoint recompute.
         want_calls = {"ring_attn_func": ring_calls, f"{impl}_plan": 1, "all_gather": 1}
         assert {n: calls.count(n) for n in want_calls} == want_calls, (impl, ckpt, calls)
         assert_cp_matches(model, got, want, want_grads, f"{impl}/{ckpt}")
+
 
 def unsharded_loss_and_grads(model, batch):
     """The oracle: the whole packed batch in one process (varlen over its documents), loss and grads."""
@@ -214,6 +210,18 @@ def unsharded_loss_and_grads(model, batch):
     want = _loss_sum(model, batch["tokens"], batch["labels"], batch["position_ids"], cu, int(cu.diff().max()))
     want.backward()
     return want, {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+def sharded_loss_backward(model, batch, local, calls):
+    """This rank's loss on its shard `local`, after its backward; checks that the shards count every target
+    once. `calls` (the spies' log) is cleared first, so it then holds this forward + backward only."""
+    count = torch.tensor(float(local["num_valid"]))
+    dist.all_reduce(count)
+    assert count.item() == batch["num_valid"]  # every target counted once over the cp ranks
+    calls.clear()
+    got = _loss_sum(model, local["tokens"], local["labels"], local["position_ids"])
+    got.backward()
+    return got
 
 
 def assert_cp_matches(model, got, want, want_grads, label):

@@ -9,14 +9,13 @@
 """
 
 import pytest
-import torch
 import torch.distributed as dist
 
 import trainer.parallelize as tp
 from dist_utils import run_world
 from parallel import init_mesh
-from test_trainer_cp import (CP_TOL, N_LAYERS, FAST, _loss_sum, _model_and_batch, _spy, assert_cp_matches,
-                             assert_same_losses, torchrun, train_single, unsharded_loss_and_grads)
+from test_trainer_cp import (CP_TOL, N_LAYERS, FAST, _model_and_batch, _spy, assert_cp_matches, assert_same_losses,
+                             sharded_loss_backward, torchrun, train_single, unsharded_loss_and_grads)
 from trainer.parallelize import apply_context_parallel, shard_batch
 from trainer_utils import compose_cfg
 
@@ -64,12 +63,7 @@ def _hybrid_model_worker(rank, world_size, cases):
         apply_context_parallel(model, "hybrid", mesh.cp_group, packed_documents=True,
                                ulysses_group=mesh.cp_ulysses_group, ring_group=mesh.cp_ring_group)
         local = shard_batch(batch, mesh.cp_group, ulysses_degree=2)
-        count = torch.tensor(float(local["num_valid"]))
-        dist.all_reduce(count)
-        assert count.item() == batch["num_valid"]  # every target counted once over the cp ranks
-        calls.clear()
-        got = _loss_sum(model, local["tokens"], local["labels"], local["position_ids"])
-        got.backward()
+        got = sharded_loss_backward(model, batch, local, calls)
         want_calls = {"ring_attn_func": ring_calls, "hybrid_plan": 1, "all_gather": 2}
         assert {n: calls.count(n) for n in want_calls} == want_calls, (ckpt, calls)
         assert_cp_matches(model, got, want, want_grads, f"hybrid/{ckpt}")
