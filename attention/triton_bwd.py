@@ -22,8 +22,10 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_common import (FEATURES, LOG2E, atomic_add_rows, block_d, doc_bounds, key_segments, launch, load_rows,
-                            prune_configs, query_segments, store_rows, visible, visible_t, window_flags)
+from .triton_common import (FEATURES, LOG2E, atomic_add_rows, block_d, doc_bounds, key_segments, launch, length_class,
+                            load_rows, prune_configs, query_segments, stand_in_qkv, store_rows, visible, visible_t,
+                            wants_stand_in, window_flags)
+from .triton_fwd import triton_attn_forward, triton_attn_varlen_forward
 
 
 @triton.jit
@@ -114,6 +116,7 @@ def _dkdv_kernel(Q, K, V, DO, DK, DV, DQ, Lse2, Delta, CuQ, CuK,
                  stride_dkb, stride_dkn, stride_dkh, stride_dvb, stride_dvn, stride_dvh,
                  stride_dqb, stride_dqn, stride_dqh, stride_lb, stride_lh,
                  seqlen_q_dense, seqlen_k_dense, n_kv_heads, group, qk_scale, softmax_scale, win_left, win_right,
+                 len_class,
                  HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                  IS_VARLEN: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
                  USE_TMA: tl.constexpr, WARP_SPEC: tl.constexpr, ATOMIC_DQ: tl.constexpr,
@@ -204,7 +207,7 @@ def _dq_kernel(Q, K, V, DO, DQ, Lse2, Delta, CuQ, CuK,
                stride_vb, stride_vn, stride_vh, stride_db, stride_dn, stride_dh,
                stride_dqb, stride_dqn, stride_dqh, stride_lb, stride_lh,
                seqlen_q_dense, seqlen_k_dense, n_heads, group, max_seqlen_q, qk_scale, softmax_scale,
-               win_left, win_right,
+               win_left, win_right, len_class,
                HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                IS_VARLEN: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
                USE_TMA: tl.constexpr, WARP_SPEC: tl.constexpr):
@@ -267,7 +270,7 @@ _DQ_CONFIGS = _configs([(128, 64, 8, 3, False), (64, 64, 4, 3, False), (64, 64, 
 # pair: fewer, larger query blocks amortise them; 64x128 with 8 warps is the dK/dV kernel's D=128 choice
 _DKDV_ATOMIC_CONFIGS = _configs([(64, 128, 8, 2, False), (64, 128, 8, 3, False), (128, 64, 8, 2, False),
                                  (64, 64, 4, 2, False)])
-_KEY = ["HEAD_DIM", "HAS_LEFT", "HAS_RIGHT", "USE_TMA"]
+_KEY = ["HEAD_DIM", "HAS_LEFT", "HAS_RIGHT", "USE_TMA", "len_class"]
 _PRUNE = {"early_config_prune": prune_configs}
 _dkdv_tuned = triton.autotune(_DKDV_CONFIGS, key=_KEY, prune_configs_by=_PRUNE)(_dkdv_kernel)
 _dq_tuned = triton.autotune(_DQ_CONFIGS, key=_KEY, prune_configs_by=_PRUNE)(_dq_kernel)
@@ -309,6 +312,7 @@ def _launch_bwd(dout, q, k, v, out, lse, dlse, cu_q, cu_k, seqlen_q, seqlen_k, m
     cu_k = cu_k if varlen else q
     consts = dict(HEAD_DIM=d, BLOCK_D=block_d(d), IS_VARLEN=varlen, HAS_LEFT=has_left, HAS_RIGHT=has_right)
     dlse_arg = dlse.contiguous() if dlse is not None else lse
+    len_class = length_class(max(max_q, max_k))
     with torch.cuda.device(q.device) if q.is_cuda else nullcontext():
         _preprocess_kernel[(triton.cdiv(max_q, _PRE_BLOCK), n_batch * n_heads)](
             out, dout, lse, dlse_arg, delta, lse2, cu_q, *strides(out, dout), *lse_strides, seqlen_q, n_heads,
@@ -316,17 +320,23 @@ def _launch_bwd(dout, q, k, v, out, lse, dlse, cu_q, cu_k, seqlen_q, seqlen_k, m
         base = strides(q, k, v, dout)
         scales = [softmax_scale * LOG2E, softmax_scale]
         dkdv_args = [q, k, v, dout, dk, dv, dq, lse2, delta, cu_q, cu_k, *base, *strides(dk, dv, dq),
-                     *lse_strides, seqlen_q, seqlen_k, n_kv, group, *scales, left, right]
+                     *lse_strides, seqlen_q, seqlen_k, n_kv, group, *scales, left, right, len_class]
         atomic = dict(ATOMIC_DQ=not deterministic, TMA_REDUCE=not deterministic and FEATURES["tma_reduce"])
         launch(_dkdv_kernel, _dkdv_tuned if deterministic else _dkdv_atomic_tuned, _INTERPRET_CONFIG,
                lambda m: (triton.cdiv(max_k, m["BLOCK_N"]), n_batch * n_kv), dkdv_args, {**consts, **atomic}, q)
         if not deterministic:  # dq_acc already carries softmax_scale; only the cast is left
             return (dq if q.dtype == torch.float32 else dq.to(q.dtype)), dk, dv
         dq_args = [q, k, v, dout, dq, lse2, delta, cu_q, cu_k, *base, *strides(dq), *lse_strides,
-                   seqlen_q, seqlen_k, n_heads, group, max_q, *scales, left, right]
+                   seqlen_q, seqlen_k, n_heads, group, max_q, *scales, left, right, len_class]
         launch(_dq_kernel, _dq_tuned, _INTERPRET_CONFIG,
                lambda m: (triton.cdiv(max_q, m["BLOCK_M"]), n_batch * n_heads), dq_args, consts, q)
     return dq, dk, dv
+
+
+def _tag(q, k, causal, window_size, deterministic, varlen):
+    """What decides the backward kernels' autotune keys, for the stand-in bookkeeping (triton_common.STAND_IN)."""
+    return ("bwd", q.device, q.dtype, q.shape[-1], window_flags(causal, window_size)[:2], varlen, deterministic,
+            FEATURES["tma_reduce"])
 
 
 def triton_attn_backward(dout, q, k, v, out, lse, causal, softmax_scale, window_size, dlse, deterministic=True):
@@ -335,6 +345,11 @@ def triton_attn_backward(dout, q, k, v, out, lse, causal, softmax_scale, window_
     deterministic=False: atomic dQ accumulation (one kernel fewer, run-to-run variation in dq's last bits)."""
     B, nq = q.shape[:2]
     nk = k.shape[1]
+    if wants_stand_in(_tag(q, k, causal, window_size, deterministic, False), max(nq, nk), q):
+        qs, ks, vs = stand_in_qkv(q, k, False)
+        out_s, lse_s = triton_attn_forward(qs, ks, vs, causal, softmax_scale, window_size)
+        triton_attn_backward(torch.randn_like(out_s), qs, ks, vs, out_s, lse_s, causal, softmax_scale, window_size,
+                             None if dlse is None else torch.zeros_like(lse_s), deterministic)
     return _launch_bwd(dout, q, k, v, out, lse, dlse, None, None, nq, nk, nq, nk, B, causal, softmax_scale,
                        window_size, varlen=False, deterministic=deterministic)
 
@@ -343,6 +358,15 @@ def triton_attn_varlen_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlen
                                 causal, softmax_scale, window_size, dlse, deterministic=True):
     """Packed-document gradients: q (total_q, H, D), k/v (total_k, Hkv, D), lse/dlse (H, total_q)."""
     n_batch = cu_seqlens_q.numel() - 1
+    if wants_stand_in(_tag(q, k, causal, window_size, deterministic, True),
+                      max(int(max_seqlen_q), int(max_seqlen_k)), q):
+        qs, ks, vs = stand_in_qkv(q, k, True)
+        n = qs.shape[0]
+        cu = torch.tensor([0, n], dtype=cu_seqlens_q.dtype, device=q.device)
+        out_s, lse_s = triton_attn_varlen_forward(qs, ks, vs, cu, cu, n, n, causal, softmax_scale, window_size)
+        triton_attn_varlen_backward(torch.randn_like(out_s), qs, ks, vs, out_s, lse_s, cu, cu, n, n, causal,
+                                    softmax_scale, window_size, None if dlse is None else torch.zeros_like(lse_s),
+                                    deterministic)
     return _launch_bwd(dout, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k, 0, 0, int(max_seqlen_q),
                        int(max_seqlen_k), n_batch, causal, softmax_scale, window_size, varlen=True,
                        deterministic=deterministic)

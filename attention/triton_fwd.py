@@ -15,8 +15,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_common import (INTERPRET, LN2, LOG2E, block_d, doc_bounds, key_segments, launch, load_rows,
-                            prune_configs, store_rows, visible, window_flags)
+from .triton_common import (INTERPRET, LN2, LOG2E, block_d, doc_bounds, key_segments, launch, length_class,
+                            load_rows, prune_configs, stand_in_qkv, store_rows, visible, wants_stand_in,
+                            window_flags)
 
 FWD_HEAD_DIMS = (32, 64, 96, 128, 256)
 BWD_HEAD_DIMS = (32, 64, 96, 128)
@@ -63,6 +64,7 @@ def _fwd_kernel(Q, K, V, Out, Lse, CuQ, CuK,
                 stride_qb, stride_qn, stride_qh, stride_kb, stride_kn, stride_kh,
                 stride_vb, stride_vn, stride_vh, stride_ob, stride_on, stride_oh, stride_lb, stride_lh,
                 seqlen_q_dense, seqlen_k_dense, n_heads, group, max_seqlen_q, qk_scale, win_left, win_right,
+                len_class,
                 HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                 IS_VARLEN: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
                 USE_TMA: tl.constexpr, WARP_SPEC: tl.constexpr):
@@ -128,11 +130,25 @@ def _fwd_kernel(Q, K, V, Out, Lse, CuQ, CuK,
 
 _FWD_CONFIGS = [
     triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "WARP_SPEC": ws}, num_warps=w, num_stages=s)
-    for bm, bn, w, s, ws in [(128, 64, 8, 3, True), (128, 64, 4, 3, False), (128, 128, 4, 3, False),
-                             (128, 128, 8, 2, False), (64, 64, 4, 3, False)]
+    for bm, bn, w, s, ws in [(128, 128, 8, 3, True), (128, 64, 8, 3, True), (128, 64, 4, 3, False),
+                             (128, 128, 4, 3, False), (128, 128, 8, 2, False), (64, 64, 4, 3, False)]
 ]
-_fwd_tuned = triton.autotune(_FWD_CONFIGS, key=["HEAD_DIM", "HAS_LEFT", "HAS_RIGHT", "USE_TMA"],
-                             prune_configs_by={"early_config_prune": prune_configs})(_fwd_kernel)
+# H100 sweep (docs/bench/sweep_fwd_h100_32k.json): at D=128 with TMA loads this tile wins at 8K and 32K,
+# causal and not (454-503 TFLOPS); autotuning among the near-ties picked slower tiles from run to run.
+_FWD_D128_TMA = dict(BLOCK_M=128, BLOCK_N=128, WARP_SPEC=True, num_warps=8, num_stages=3)
+
+
+def _prune_fwd(configs, named_args, **kwargs):
+    keep = prune_configs(configs, named_args, **kwargs)
+    if kwargs["BLOCK_D"] == 128 and kwargs["USE_TMA"]:
+        pinned = [c for c in keep if {**c.kwargs, "num_warps": c.num_warps, "num_stages": c.num_stages}
+                  == _FWD_D128_TMA]
+        keep = pinned or keep
+    return keep
+
+
+_fwd_tuned = triton.autotune(_FWD_CONFIGS, key=["HEAD_DIM", "HAS_LEFT", "HAS_RIGHT", "USE_TMA", "len_class"],
+                             prune_configs_by={"early_config_prune": _prune_fwd})(_fwd_kernel)
 # the interpreter runs one small tile (it is for logic, not speed)
 _INTERPRET_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 16, "WARP_SPEC": False}
 
@@ -166,8 +182,8 @@ def _contig(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def _launch_fwd(q, k, v, out, lse, cu_q, cu_k, strides_b, lse_strides, seqlen_q, seqlen_k, max_q, n_batch,
-                causal, softmax_scale, window_size):
+def _launch_fwd(q, k, v, out, lse, cu_q, cu_k, strides_b, lse_strides, seqlen_q, seqlen_k, max_q, max_k,
+                n_batch, causal, softmax_scale, window_size):
     """Shared launcher; strides_b are the batch strides (0 for packed varlen tensors)."""
     has_left, has_right, left, right = window_flags(causal, window_size)
     n_heads, d = q.shape[-2], q.shape[-1]
@@ -177,32 +193,43 @@ def _launch_fwd(q, k, v, out, lse, cu_q, cu_k, strides_b, lse_strides, seqlen_q,
             strides_b[0], q.stride(-3), q.stride(-2), strides_b[1], k.stride(-3), k.stride(-2),
             strides_b[2], v.stride(-3), v.stride(-2), strides_b[3], out.stride(-3), out.stride(-2),
             lse_strides[0], lse_strides[1], seqlen_q, seqlen_k, n_heads, group, max_q,
-            softmax_scale * LOG2E, left, right]
+            softmax_scale * LOG2E, left, right, length_class(max(max_q, max_k))]
     consts = dict(HEAD_DIM=d, BLOCK_D=block_d(d), IS_VARLEN=varlen, HAS_LEFT=has_left, HAS_RIGHT=has_right)
     grid = lambda meta: (triton.cdiv(max_q, meta["BLOCK_M"]), n_batch * n_heads)  # noqa: E731
     with torch.cuda.device(q.device) if q.is_cuda else nullcontext():
         launch(_fwd_kernel, _fwd_tuned, _INTERPRET_CONFIG, grid, args, consts, q)
 
 
+def _tag(kind, q, k, causal, window_size, varlen):
+    """What decides the forward's autotune key, for the stand-in bookkeeping (triton_common.STAND_IN)."""
+    return (kind, q.device, q.dtype, q.shape[-1], window_flags(causal, window_size)[:2], varlen)
+
+
 def triton_attn_forward(q, k, v, causal, softmax_scale, window_size):
     """q (B, Nq, H, D), k/v (B, Nk, Hkv, D) -> (out (B, Nq, H, D), lse (B, H, Nq) fp32, natural log)."""
+    if wants_stand_in(_tag("fwd", q, k, causal, window_size, False), max(q.shape[1], k.shape[1]), q):
+        triton_attn_forward(*stand_in_qkv(q, k, False), causal, softmax_scale, window_size)
     q, k, v = _contig(q), _contig(k), _contig(v)
     B, nq, H, _ = q.shape
     out = torch.empty_like(q)
     lse = torch.empty(B, H, nq, dtype=torch.float32, device=q.device)
     _launch_fwd(q, k, v, out, lse, None, None, (q.stride(0), k.stride(0), v.stride(0), out.stride(0)),
-                (lse.stride(0), lse.stride(1)), nq, k.shape[1], nq, B, causal, softmax_scale, window_size)
+                (lse.stride(0), lse.stride(1)), nq, k.shape[1], nq, k.shape[1], B, causal, softmax_scale, window_size)
     return out, lse
 
 
 def triton_attn_varlen_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal,
                                softmax_scale, window_size):
     """Packed q (total_q, H, D), k/v (total_k, Hkv, D) -> (out (total_q, H, D), lse (H, total_q))."""
+    if wants_stand_in(_tag("fwd", q, k, causal, window_size, True), max(int(max_seqlen_q), int(max_seqlen_k)), q):
+        qs, ks, vs = stand_in_qkv(q, k, True)
+        cu = torch.tensor([0, qs.shape[0]], dtype=cu_seqlens_q.dtype, device=q.device)
+        triton_attn_varlen_forward(qs, ks, vs, cu, cu, qs.shape[0], qs.shape[0], causal, softmax_scale, window_size)
     q, k, v = _contig(q), _contig(k), _contig(v)
     total_q, H, _ = q.shape
     out = torch.empty_like(q)
     lse = torch.empty(H, total_q, dtype=torch.float32, device=q.device)
     n_batch = cu_seqlens_q.numel() - 1
     _launch_fwd(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, (0, 0, 0, 0), (0, lse.stride(0)), 0, 0,
-                int(max_seqlen_q), n_batch, causal, softmax_scale, window_size)
+                int(max_seqlen_q), int(max_seqlen_k), n_batch, causal, softmax_scale, window_size)
     return out, lse

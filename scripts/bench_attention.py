@@ -152,6 +152,8 @@ def run_case(provider, B, n, D, causal, window=(-1, -1), n_docs=0):
         attention.set_deterministic(True)
         torch.cuda.empty_cache()
     flops = 4.0 * HEADS * D * pairs * (B if not n_docs else 1)
+    if provider in OURS:
+        row["tiles"] = _our_tiles()
     return {**row, "status": "ok", "fwd_ms": fwd_ms, "bwd_ms": bwd_ms, "fwd_tflops": flops / fwd_ms * 1e-9,
             "bwd_tflops": 2.5 * flops / bwd_ms * 1e-9, "fwdbwd_tflops": 3.5 * flops / (fwd_ms + bwd_ms) * 1e-9}
 
@@ -272,12 +274,12 @@ def markdown(rows, meta):
 # -- variant sweep of our kernels (tiles, TMA, warp specialization) ---------------------------------------------
 
 
-def precompile(parts, dims):
+def precompile(parts, dims, extra=()):
     """Compile every sweep variant in `parts` processes at once (Triton's disk cache is shared): the
     timing process then only loads them. Small inputs keep the same specialisation (all sizes % 16 == 0)."""
     import subprocess
     procs = [subprocess.Popen([sys.executable, __file__, "--sweep", "--ns", "256", "--part", str(i), str(parts),
-                               "--dims", *map(str, dims)]) for i in range(parts)]
+                               "--dims", *map(str, dims), *extra]) for i in range(parts)]
     for p in procs:
         p.wait()
 
@@ -291,21 +293,23 @@ def _configs(entries):
 SWEEP_FWD = _configs([(128, 64, 8, 3, True), (128, 64, 8, 4, True), (128, 128, 8, 2, True), (128, 128, 8, 3, True),
                       (128, 64, 8, 3, False), (128, 128, 8, 2, False), (128, 64, 4, 3, False), (64, 64, 4, 3, False),
                       (128, 128, 4, 3, False)])
-SWEEP_DKDV = _configs([(64, 128, 8, 2, False), (64, 128, 8, 3, False), (64, 128, 8, 2, True), (64, 64, 4, 2, False),
+SWEEP_DKDV = _configs([(64, 128, 8, 2, False), (64, 128, 8, 3, False), (64, 128, 8, 2, True), (64, 128, 8, 3, True),
+                       (64, 128, 8, 4, False), (64, 64, 4, 2, False),
                        (64, 64, 4, 3, False), (32, 128, 4, 3, False), (32, 64, 4, 3, False), (128, 128, 8, 2, False)])
 SWEEP_DKDV_ATOMIC = SWEEP_DKDV
-SWEEP_DQ = _configs([(128, 64, 8, 2, False), (128, 64, 8, 3, False), (128, 64, 8, 2, True), (64, 64, 4, 2, False),
+SWEEP_DQ = _configs([(128, 64, 8, 2, False), (128, 64, 8, 3, False), (128, 64, 8, 2, True), (128, 64, 8, 3, True),
+                     (128, 64, 8, 4, False), (64, 64, 4, 2, False),
                      (64, 64, 4, 3, False), (128, 32, 4, 3, False), (64, 128, 8, 2, False), (128, 128, 8, 2, False)])
 
 
-def sweep(n, dims):
+def sweep(n, dims, kinds=("fwd", "dkdv", "dq", "atomic-bwd"), causals=(True, False)):
     """Time each candidate config of each kernel alone (the others fixed), with and without TMA loads."""
     from attention import triton_bwd, triton_common, triton_fwd
     rows = []
     B = 1 if _PART["compile_only"] else max(1, TOKENS // n)
     feats = triton_common.FEATURES
     for D in dims:
-        for causal in (True, False):
+        for causal in causals:
             torch.manual_seed(0)
             q, k, v = (torch.randn(B, n, HEADS, D, device=DEVICE, dtype=DTYPE) for _ in range(3))
             flops = 4.0 * B * HEADS * D * visible_pairs(n, causal, (-1, -1))
@@ -325,6 +329,8 @@ def sweep(n, dims):
                     ("dkdv", triton_bwd._dkdv_tuned, SWEEP_DKDV, dkdv, 2 * flops, ref[2:4]),
                     ("dq", triton_bwd._dq_tuned, SWEEP_DQ, dq, 1.5 * flops, ref[1:2]),
                     ("atomic-bwd", triton_bwd._dkdv_atomic_tuned, SWEEP_DKDV_ATOMIC, atomic, 2.5 * flops, ref[1:4])):
+                if kind not in kinds:
+                    continue
                 shipped = tuned.configs
                 for tma in (False, True):
                     for cfg in cands:
@@ -335,12 +341,22 @@ def sweep(n, dims):
                         tuned.configs = [cfg]
                         name = ("tma+ws " if cfg.kwargs["WARP_SPEC"] else "tma " if tma else "ptr ") + _cfg_name(cfg)
                         with _only_kernel(triton_bwd, None if kind == "fwd" else tuned.fn):
-                            rows.append(_time_variant(kind, name, D, causal, work, want, fn))
+                            rows.append(_time_variant(kind, name, D, causal, work, want, fn) | {"N": n})
                         if tma and not feats["tma"]:
                             rows[-1]["status"] += " (tma failed: " + str(feats["tma_error"])[:120] + ")"
                 tuned.configs = shipped
                 feats.update(tma=True, tma_error=None)
     return rows
+
+
+def _our_tiles():
+    """The tiles our kernels last ran with (the autotuners' picks), for the JSON."""
+    from attention import triton_bwd, triton_common, triton_fwd
+    tma = "tma" if triton_common.FEATURES["tma"] else "ptr"
+    tuned = dict(fwd=triton_fwd._fwd_tuned, dkdv=triton_bwd._dkdv_tuned, dq=triton_bwd._dq_tuned,
+                 atomic=triton_bwd._dkdv_atomic_tuned)
+    return {k: f"{tma}{'+ws' if t.best_config.kwargs.get('WARP_SPEC') else ''} {_cfg_name(t.best_config)}"
+            for k, t in tuned.items() if getattr(t, "best_config", None) is not None}
 
 
 def _cfg_name(cfg):
@@ -412,6 +428,8 @@ def main():
     ap.add_argument("--dims", type=int, nargs="*", default=[64, 128])
     ap.add_argument("--providers", nargs="*", default=PROVIDERS)
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "..", "docs", "bench"))
+    ap.add_argument("--kinds", nargs="*", default=["fwd", "dkdv", "dq", "atomic-bwd"], help="sweep: kernels to time")
+    ap.add_argument("--causal", nargs="*", type=int, default=[1, 0], help="sweep: 1 causal, 0 not")
     ap.add_argument("--precompile", type=int, default=0, help="compile kernels in N processes first")
     ap.add_argument("--part", type=int, nargs=2, help=argparse.SUPPRESS)  # internal: precompile worker i of n
     ap.add_argument("--render", metavar="JSON", help="redraw the markdown table of an earlier run's JSON")
@@ -424,7 +442,7 @@ def main():
         return
     if args.part and args.sweep:
         _PART.update(part=args.part[0], parts=args.part[1], compile_only=True)
-        sweep(args.ns[0], args.dims)
+        sweep(args.ns[0], args.dims, args.kinds, [bool(c) for c in args.causal])
         return
     ns = args.ns or ([8192, 32768] if args.quick else [2048 << i for i in range(7)])
     dims = [128] if args.quick else args.dims
@@ -437,9 +455,11 @@ def main():
     if args.sweep:
         if args.precompile:
             t = time.time()
-            precompile(args.precompile, args.dims)
+            precompile(args.precompile, args.dims,
+                       ["--kinds", *args.kinds, "--causal", *map(str, args.causal)])
             print(f"precompiled in {time.time() - t:.0f}s", flush=True)
-        rows = sweep((args.ns or [8192])[0], args.dims)
+        rows = [r for n in (args.ns or [8192])
+                for r in sweep(n, args.dims, args.kinds, [bool(c) for c in args.causal])]
         with open(os.path.join(args.out, f"sweep_{gpu_tag}.json"), "w") as f:
             json.dump({**info, "rows": rows}, f, indent=1)
         return

@@ -1,0 +1,105 @@
+"""Autotuning on a stand-in for very long calls (triton_common.STAND_IN), under the CPU interpreter.
+
+On a GPU the first call longer than STAND_IN["above"] first runs the same kernels on a STAND_IN["len"]-token
+stand-in, so the autotuner times its candidates there instead of on the long call. Here the thresholds are
+shrunk and the interpreter plays the GPU: the stand-in must run once per kind of call, before the real
+launch, and must not change the long call's results.
+"""
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # before anything imports triton
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from attention import reference_attn_backward  # noqa: E402
+from helpers import assert_close, naive_attention  # noqa: E402
+
+triton_common = pytest.importorskip("attention.triton_common")
+pytestmark = pytest.mark.skipif(not triton_common.INTERPRET,
+                                reason="attention.triton_* was imported before TRITON_INTERPRET=1 was set")
+from attention import triton_bwd, triton_fwd  # noqa: E402
+
+LONG, STAND_IN = 40, 24
+
+
+@pytest.fixture
+def launches(monkeypatch):
+    """Stand-in thresholds shrunk to test sizes; records (kernel pass, longest length) of every launch."""
+    monkeypatch.setitem(triton_common.STAND_IN, "above", 32)
+    monkeypatch.setitem(triton_common.STAND_IN, "len", STAND_IN)
+    monkeypatch.setitem(triton_common.STAND_IN, "on_cpu", True)
+    monkeypatch.setattr(triton_common, "_STOOD_IN", set())
+    seen = []
+    real_fwd, real_bwd = triton_fwd._launch_fwd, triton_bwd._launch_bwd
+
+    def fwd(*a, **kw):
+        seen.append(("fwd", max(a[11], a[12])))  # max_q, max_k
+        return real_fwd(*a, **kw)
+
+    def bwd(*a, **kw):
+        seen.append(("bwd", max(a[11], a[12])))
+        return real_bwd(*a, **kw)
+
+    monkeypatch.setattr(triton_fwd, "_launch_fwd", fwd)
+    monkeypatch.setattr(triton_bwd, "_launch_bwd", bwd)
+    return seen
+
+
+def _qkv(n, lead=(1,)):
+    torch.manual_seed(0)
+    return [torch.randn(*lead, n, h, 32) for h in (4, 2, 2)]  # GQA: 4 query heads, 2 kv heads
+
+
+def test_dense_forward_and_backward_stand_in_once(launches):
+    q, k, v = _qkv(LONG)
+    scale = 32 ** -0.5
+    out, lse = triton_fwd.triton_attn_forward(q, k, v, True, scale, (-1, -1))
+    assert launches == [("fwd", STAND_IN), ("fwd", LONG)]
+    want_out, want_lse = naive_attention(q.double(), k.double(), v.double(), True, scale, (-1, -1))
+    assert_close(out, want_out.float(), "out")
+    assert_close(lse, want_lse.float(), "lse")
+
+    launches.clear()
+    triton_fwd.triton_attn_forward(q, k, v, True, scale, (-1, -1))
+    assert launches == [("fwd", LONG)], "the stand-in runs once per kind of call"
+
+    launches.clear()
+    dout = torch.randn_like(out)
+    grads = triton_bwd.triton_attn_backward(dout, q, k, v, out, lse, True, scale, (-1, -1), None)
+    # the backward's stand-in needs a forward of its own first
+    assert launches == [("fwd", STAND_IN), ("bwd", STAND_IN), ("bwd", LONG)]
+    want = reference_attn_backward(dout.double(), q.double(), k.double(), v.double(), want_out, want_lse.float(),
+                                   True, scale, (-1, -1))
+    for g, w, name in zip(grads, want, ("dq", "dk", "dv")):
+        assert_close(g, w.float(), name)
+
+
+def test_new_kind_of_call_gets_its_own_stand_in_and_short_calls_none(launches):
+    q, k, v = _qkv(LONG)
+    triton_fwd.triton_attn_forward(q, k, v, True, 0.2, (-1, -1))
+    triton_fwd.triton_attn_forward(q, k, v, False, 0.2, (-1, -1))  # other window flags: another autotune key
+    triton_fwd.triton_attn_forward(*_qkv(STAND_IN + 1), False, 0.2, (-1, -1))  # not long: tuned in place
+    assert launches == [("fwd", STAND_IN), ("fwd", LONG), ("fwd", STAND_IN), ("fwd", LONG), ("fwd", STAND_IN + 1)]
+
+
+def test_varlen_stand_in_matches_the_plain_call(launches):
+    q, k, v = _qkv(2 * LONG, lead=())
+    cu = torch.tensor([0, 7, 2 * LONG], dtype=torch.int32)
+    args = (q, k, v, cu, cu, 2 * LONG - 7, 2 * LONG - 7, True, 0.2, (-1, -1))
+    out, lse = triton_fwd.triton_attn_varlen_forward(*args)
+    assert launches == [("fwd", STAND_IN), ("fwd", 2 * LONG - 7)]
+    launches.clear()
+    dout = torch.randn_like(out)
+    grads = triton_bwd.triton_attn_varlen_backward(dout, q, k, v, out, lse, cu, cu, 2 * LONG - 7, 2 * LONG - 7,
+                                                   True, 0.2, (-1, -1), None)
+    assert launches == [("fwd", STAND_IN), ("bwd", STAND_IN), ("bwd", 2 * LONG - 7)]
+
+    triton_common.STAND_IN["on_cpu"] = False  # (restored by monkeypatch) the same calls without a stand-in
+    out2, lse2 = triton_fwd.triton_attn_varlen_forward(*args)
+    grads2 = triton_bwd.triton_attn_varlen_backward(dout, q, k, v, out2, lse2, cu, cu, 2 * LONG - 7, 2 * LONG - 7,
+                                                    True, 0.2, (-1, -1), None)
+    assert torch.equal(out, out2) and torch.equal(lse, lse2)
+    for g, g2 in zip(grads, grads2):
+        assert torch.equal(g, g2)
