@@ -24,7 +24,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_common import INTERPRET, LN2, LOG2E, key_segments, load_rows, store_rows, visible
+from .triton_common import (INTERPRET, LN2, LOG2E, key_segments, load_rows, stand_in_qkv, store_rows, visible,
+                            wants_stand_in)
 
 FP8_HEAD_DIMS = (64, 128)
 E4M3_MAX: tl.constexpr = tl.constexpr(448.0)
@@ -302,6 +303,9 @@ def triton_fp8_forward(fq, causal: bool, softmax_scale: float, out_dtype=torch.b
 
     use_tma=None picks TMA descriptors where they work (falling back, with a warning, if they do not build).
     """
+    tag = ("fp8", fq.q.device, fq.q.shape[-1], bool(causal), fq.block_m, fq.block_n, use_tma, out_dtype)
+    if wants_stand_in(tag, max(fq.q.shape[1], fq.seqlen_k), fq.q):  # autotune on 16K tokens, not on this call
+        triton_fp8_forward(_stand_in(fq), causal, softmax_scale, out_dtype, use_tma)
     args, consts, out, lse = _fwd_args(fq, causal, softmax_scale, out_dtype)
     B, nq, H, _ = fq.q.shape
     if INTERPRET:
@@ -324,6 +328,17 @@ def triton_fp8_forward(fq, causal: bool, softmax_scale: float, out_dtype=torch.b
                 warnings.warn(f"ringflash: TMA fp8 forward unavailable, using pointer loads ({_FEATURES['tma_error']})")
         _fp8_tuned[grid](*args, **consts, USE_TMA=False, ROUND_P=False)
     return out, lse
+
+
+def _stand_in(fq):
+    """Quantized random inputs of triton_common.STAND_IN["len"] tokens with fq's heads, head dim and blocks."""
+    from .fp8 import Fp8Qkv
+    like = lambda t: torch.empty(1, 1, *t.shape[-2:], dtype=torch.bfloat16, device=t.device)  # noqa: E731
+    q, k, v = stand_in_qkv(like(fq.q), like(fq.k), False)
+    q8, q_scale = _quantize(q, fq.block_m, None, False)
+    k8, k_scale = _quantize(k, fq.block_n, None, False)
+    v_t, v_scale = _quantize(v, fq.block_n, None, True)
+    return Fp8Qkv(q8, k8, v_t, q_scale, k_scale, v_scale, fq.block_m, fq.block_n, k.shape[1])
 
 
 def launch_config(fq, causal, softmax_scale, config: triton.Config, use_tma: bool, out_dtype=torch.bfloat16):

@@ -103,3 +103,20 @@ def test_varlen_stand_in_matches_the_plain_call(launches):
     assert torch.equal(out, out2) and torch.equal(lse, lse2)
     for g, g2 in zip(grads, grads2):
         assert torch.equal(g, g2)
+
+
+def test_fp8_forward_stand_in_once_and_same_result(launches, monkeypatch):
+    from attention.fp8 import Fp8Config, quantize_qkv
+    from attention import triton_fp8
+    seen = []
+    real = triton_fp8._fwd_args
+    monkeypatch.setattr(triton_fp8, "_fwd_args", lambda fq, *a: seen.append(fq.q.shape[1]) or real(fq, *a))
+    q, k, v = _qkv(2 * LONG)
+    fq = quantize_qkv(q, k, v, Fp8Config(block_m=16, block_n=16, rotate=False))
+    out, lse = triton_fp8.triton_fp8_forward(fq, True, 0.2, torch.float32)
+    triton_fp8.triton_fp8_forward(fq, True, 0.2, torch.float32)
+    assert seen == [STAND_IN, 2 * LONG, 2 * LONG]
+    triton_common.STAND_IN["on_cpu"] = False  # (restored by monkeypatch)
+    monkeypatch.setattr(triton_common, "_STOOD_IN", set())
+    out2, lse2 = triton_fp8.triton_fp8_forward(fq, True, 0.2, torch.float32)
+    assert torch.equal(out, out2) and torch.equal(lse, lse2)
