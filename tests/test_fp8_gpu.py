@@ -43,19 +43,20 @@ def _qkv(B, nq, nk, H, hkv, D, dtype=torch.bfloat16, outliers=0.0):
     return q.to(dtype), k.to(dtype), v.to(dtype)
 
 
-# Known open issue, measured on H100 on 2026-11-26: the two Hkv < H cases differ from the emulation by
-# 5.5-5.7e-3 relative (bound 5e-3) while matching the fp32 reference as well as the MHA cases. Under the
-# interpreter the same kernel matches the emulation for Hkv = 1, 2 and 4 alike (5e-7 to 2e-4 at D=128,
-# N=256), so GQA indexing is ruled out there; both cases are also the only D=128 ones with more than half the
-# keys visible, which would point at the GPU's fp8 tensor-core accumulation instead. The MHA twin of the
-# first one (same shape, Hkv = H) tells the two apart on the next GPU run.
-_GQA_GAP = pytest.mark.xfail(reason="D=128 kernel vs emulation 5.5e-3 > 5e-3 on H100 (open)", strict=False)
+# Known open issue, measured on H100 on 2026-11-26: D=128 cases with more than half the keys visible differ from
+# the emulation by 5.5-5.7e-3 relative (bound 5e-3) while matching the fp32 reference as well as the others.
+# First seen on the two Hkv < H cases. Under the interpreter the kernel matches the emulation for Hkv = 1, 2
+# and 4 alike (5e-7 to 2e-4 at D=128, N=256), and on the H100 the MHA twin of the first case (same shape,
+# Hkv = H) fails the same way, so GQA is not the cause. The suspect left (not verified) is the GPU's fp8
+# tensor-core accumulation over long D=128 rows, next to the emulation's fp32 dots of the dequantized values.
+_D128_GAP = pytest.mark.xfail(reason="D=128, most keys visible: kernel vs emulation 5.5e-3 > 5e-3 on H100 (open)",
+                              strict=False)
 CASES = [  # B, Nq, Nk, H, Hkv, D, causal
     (2, 4096, 4096, 8, 8, 128, True),
-    pytest.param(2, 4096, 4096, 8, 2, 128, False, marks=_GQA_GAP),
-    pytest.param(2, 4096, 4096, 8, 8, 128, False, marks=_GQA_GAP, id="mha-twin-of-gqa-case"),
+    pytest.param(2, 4096, 4096, 8, 2, 128, False, marks=_D128_GAP),
+    pytest.param(2, 4096, 4096, 8, 8, 128, False, marks=_D128_GAP, id="mha-twin-of-gqa-case"),
     (2, 4096, 4096, 8, 8, 64, True),
-    pytest.param(1, 3000, 4097, 8, 1, 128, True, marks=_GQA_GAP),  # Nq < Nk, MQA, lengths off the block grid
+    pytest.param(1, 3000, 4097, 8, 1, 128, True, marks=_D128_GAP),  # Nq < Nk, MQA, lengths off the block grid
     (1, 4097, 3000, 4, 4, 64, True),  # Nq > Nk: 1097 rows see no key
     (1, 777, 777, 4, 4, 64, False),
 ]
