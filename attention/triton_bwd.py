@@ -333,7 +333,7 @@ def _launch_bwd(dout, q, k, v, out, lse, dlse, cu_q, cu_k, seqlen_q, seqlen_k, m
     return dq, dk, dv
 
 
-def _tag(q, k, causal, window_size, deterministic, varlen):
+def _tag(q, causal, window_size, deterministic, varlen):
     """What decides the backward kernels' autotune keys, for the stand-in bookkeeping (triton_common.STAND_IN)."""
     return ("bwd", q.device, q.dtype, q.shape[-1], window_flags(causal, window_size)[:2], varlen, deterministic,
             FEATURES["tma_reduce"])
@@ -345,7 +345,7 @@ def triton_attn_backward(dout, q, k, v, out, lse, causal, softmax_scale, window_
     deterministic=False: atomic dQ accumulation (one kernel fewer, run-to-run variation in dq's last bits)."""
     B, nq = q.shape[:2]
     nk = k.shape[1]
-    if wants_stand_in(_tag(q, k, causal, window_size, deterministic, False), max(nq, nk), q):
+    if wants_stand_in(_tag(q, causal, window_size, deterministic, False), max(nq, nk), q):
         qs, ks, vs = stand_in_qkv(q, k, False)
         out_s, lse_s = triton_attn_forward(qs, ks, vs, causal, softmax_scale, window_size)
         triton_attn_backward(torch.randn_like(out_s), qs, ks, vs, out_s, lse_s, causal, softmax_scale, window_size,
@@ -358,7 +358,7 @@ def triton_attn_varlen_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlen
                                 causal, softmax_scale, window_size, dlse, deterministic=True):
     """Packed-document gradients: q (total_q, H, D), k/v (total_k, Hkv, D), lse/dlse (H, total_q)."""
     n_batch = cu_seqlens_q.numel() - 1
-    if wants_stand_in(_tag(q, k, causal, window_size, deterministic, True),
+    if wants_stand_in(_tag(q, causal, window_size, deterministic, True),
                       max(int(max_seqlen_q), int(max_seqlen_k)), q):
         qs, ks, vs = stand_in_qkv(q, k, True)
         n = qs.shape[0]

@@ -171,16 +171,16 @@ def window_flags(causal: bool, window_size) -> tuple[bool, bool, int, int]:
 
 
 def length_class(max_len: int) -> int:
-    """Autotune key for how long the kernels' loops run. Tiles that win on short loops (many programs, few
-    steps each) lose on long ones: on an H100 at D=128 the 2K winner ran the 32K non-causal forward 13% below
-    the best tile. Two classes, so a new length never retunes; the values are both multiples of 16, which
-    Triton specialises alike, so the class adds no compile."""
+    """Autotune key for how long the kernels' loops run. Without it the tile timed on the first call (say 2K
+    tokens: many programs, a few steps each) is kept for every later length, 1M included. Two classes, so a new
+    length never retunes; the values are both multiples of 16, which Triton specialises alike, so the class
+    adds no compile."""
     return 32 if max_len >= 8192 else 16
 
 
 # The autotuner times every candidate tile on the very call it is handed. At 2M tokens one dK/dV pass of one
-# layer takes ~35 s on an H100 and each candidate runs ~8 times, so the first training step would spend a
-# quarter of an hour tuning. A call longer than STAND_IN["above"] therefore first runs the same kernels on a
+# layer takes ~35 s on an H100 and each candidate runs ~8 times, so the first training step would spend over
+# twenty minutes tuning. A call longer than STAND_IN["above"] therefore first runs the same kernels on a
 # STAND_IN["len"]-token stand-in with the same autotune key (head dim, window flags, dtypes, length class);
 # the long call then reuses the pick.
 STAND_IN = {"above": 65536, "len": 16384, "on_cpu": False}  # on_cpu: tests drive it through the interpreter

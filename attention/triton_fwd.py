@@ -200,14 +200,14 @@ def _launch_fwd(q, k, v, out, lse, cu_q, cu_k, strides_b, lse_strides, seqlen_q,
         launch(_fwd_kernel, _fwd_tuned, _INTERPRET_CONFIG, grid, args, consts, q)
 
 
-def _tag(kind, q, k, causal, window_size, varlen):
+def _tag(q, causal, window_size, varlen):
     """What decides the forward's autotune key, for the stand-in bookkeeping (triton_common.STAND_IN)."""
-    return (kind, q.device, q.dtype, q.shape[-1], window_flags(causal, window_size)[:2], varlen)
+    return ("fwd", q.device, q.dtype, q.shape[-1], window_flags(causal, window_size)[:2], varlen)
 
 
 def triton_attn_forward(q, k, v, causal, softmax_scale, window_size):
     """q (B, Nq, H, D), k/v (B, Nk, Hkv, D) -> (out (B, Nq, H, D), lse (B, H, Nq) fp32, natural log)."""
-    if wants_stand_in(_tag("fwd", q, k, causal, window_size, False), max(q.shape[1], k.shape[1]), q):
+    if wants_stand_in(_tag(q, causal, window_size, False), max(q.shape[1], k.shape[1]), q):
         triton_attn_forward(*stand_in_qkv(q, k, False), causal, softmax_scale, window_size)
     q, k, v = _contig(q), _contig(k), _contig(v)
     B, nq, H, _ = q.shape
@@ -221,7 +221,7 @@ def triton_attn_forward(q, k, v, causal, softmax_scale, window_size):
 def triton_attn_varlen_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal,
                                softmax_scale, window_size):
     """Packed q (total_q, H, D), k/v (total_k, Hkv, D) -> (out (total_q, H, D), lse (H, total_q))."""
-    if wants_stand_in(_tag("fwd", q, k, causal, window_size, True), max(int(max_seqlen_q), int(max_seqlen_k)), q):
+    if wants_stand_in(_tag(q, causal, window_size, True), max(int(max_seqlen_q), int(max_seqlen_k)), q):
         qs, ks, vs = stand_in_qkv(q, k, True)
         cu = torch.tensor([0, qs.shape[0]], dtype=cu_seqlens_q.dtype, device=q.device)
         triton_attn_varlen_forward(qs, ks, vs, cu, cu, qs.shape[0], qs.shape[0], causal, softmax_scale, window_size)
