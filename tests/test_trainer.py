@@ -126,7 +126,10 @@ def test_config_typo_fails(override):
         compose_cfg([override])
 
 
-@pytest.mark.parametrize("experiment", ["cpu_default", "gpu_220m_64k"])
+EXPERIMENTS = sorted(p.stem for p in (Path(__file__).resolve().parent.parent / "configs" / "experiment").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
 def test_experiments_compose(experiment):
     cfg = compose_cfg([f"experiment={experiment}"])
     assert cfg.run_name == experiment and cfg.train.out_dir == f"outputs/{experiment}"
