@@ -333,10 +333,26 @@ def _launch_bwd(dout, q, k, v, out, lse, dlse, cu_q, cu_k, seqlen_q, seqlen_k, m
     return dq, dk, dv
 
 
-def _tag(q, causal, window_size, deterministic, varlen):
-    """What decides the backward kernels' autotune keys, for the stand-in bookkeeping (triton_common.STAND_IN)."""
-    return ("bwd", q.device, q.dtype, q.shape[-1], window_flags(causal, window_size)[:2], varlen, deterministic,
-            FEATURES["tma_reduce"])
+def _tune_on_stand_in(q, k, causal, softmax_scale, window_size, dlse, deterministic, max_len, varlen):
+    """The first call of its kind above STAND_IN["above"] tokens runs a forward and backward on a stand-in first,
+    so the autotuners time their tiles there (triton_common.STAND_IN). The kind: what decides the backward
+    kernels' autotune keys."""
+    tag = ("bwd", q.device, q.dtype, q.shape[-1], window_flags(causal, window_size)[:2], varlen, deterministic,
+           FEATURES["tma_reduce"])
+    if not wants_stand_in(tag, max_len, q):
+        return
+    qs, ks, vs, cu = stand_in_qkv(q, k, varlen)
+    n = qs.shape[-3]
+    if varlen:
+        out, lse = triton_attn_varlen_forward(qs, ks, vs, cu, cu, n, n, causal, softmax_scale, window_size)
+    else:
+        out, lse = triton_attn_forward(qs, ks, vs, causal, softmax_scale, window_size)
+    dout, dlse = torch.randn_like(out), None if dlse is None else torch.zeros_like(lse)
+    if varlen:
+        triton_attn_varlen_backward(dout, qs, ks, vs, out, lse, cu, cu, n, n, causal, softmax_scale, window_size,
+                                    dlse, deterministic)
+    else:
+        triton_attn_backward(dout, qs, ks, vs, out, lse, causal, softmax_scale, window_size, dlse, deterministic)
 
 
 def triton_attn_backward(dout, q, k, v, out, lse, causal, softmax_scale, window_size, dlse, deterministic=True):
@@ -345,11 +361,7 @@ def triton_attn_backward(dout, q, k, v, out, lse, causal, softmax_scale, window_
     deterministic=False: atomic dQ accumulation (one kernel fewer, run-to-run variation in dq's last bits)."""
     B, nq = q.shape[:2]
     nk = k.shape[1]
-    if wants_stand_in(_tag(q, causal, window_size, deterministic, False), max(nq, nk), q):
-        qs, ks, vs = stand_in_qkv(q, k, False)
-        out_s, lse_s = triton_attn_forward(qs, ks, vs, causal, softmax_scale, window_size)
-        triton_attn_backward(torch.randn_like(out_s), qs, ks, vs, out_s, lse_s, causal, softmax_scale, window_size,
-                             None if dlse is None else torch.zeros_like(lse_s), deterministic)
+    _tune_on_stand_in(q, k, causal, softmax_scale, window_size, dlse, deterministic, max(nq, nk), False)
     return _launch_bwd(dout, q, k, v, out, lse, dlse, None, None, nq, nk, nq, nk, B, causal, softmax_scale,
                        window_size, varlen=False, deterministic=deterministic)
 
@@ -358,15 +370,8 @@ def triton_attn_varlen_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlen
                                 causal, softmax_scale, window_size, dlse, deterministic=True):
     """Packed-document gradients: q (total_q, H, D), k/v (total_k, Hkv, D), lse/dlse (H, total_q)."""
     n_batch = cu_seqlens_q.numel() - 1
-    if wants_stand_in(_tag(q, causal, window_size, deterministic, True),
-                      max(int(max_seqlen_q), int(max_seqlen_k)), q):
-        qs, ks, vs = stand_in_qkv(q, k, True)
-        n = qs.shape[0]
-        cu = torch.tensor([0, n], dtype=cu_seqlens_q.dtype, device=q.device)
-        out_s, lse_s = triton_attn_varlen_forward(qs, ks, vs, cu, cu, n, n, causal, softmax_scale, window_size)
-        triton_attn_varlen_backward(torch.randn_like(out_s), qs, ks, vs, out_s, lse_s, cu, cu, n, n, causal,
-                                    softmax_scale, window_size, None if dlse is None else torch.zeros_like(lse_s),
-                                    deterministic)
+    _tune_on_stand_in(q, k, causal, softmax_scale, window_size, dlse, deterministic,
+                      max(int(max_seqlen_q), int(max_seqlen_k)), True)
     return _launch_bwd(dout, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k, 0, 0, int(max_seqlen_q),
                        int(max_seqlen_k), n_batch, causal, softmax_scale, window_size, varlen=True,
                        deterministic=deterministic)

@@ -197,13 +197,14 @@ def wants_stand_in(tag: tuple, max_len: int, q: torch.Tensor) -> bool:
 
 
 def stand_in_qkv(q: torch.Tensor, k: torch.Tensor, varlen: bool):
-    """Random q, k, v of STAND_IN["len"] tokens with q's and k's heads, head dim, dtype and device:
-    (1, n, H, D) dense or (n, H, D) packed."""
+    """Random q, k, v of STAND_IN["len"] tokens with q's and k's heads, head dim, dtype and device, and cu_seqlens:
+    (1, n, H, D) dense with cu None, or (n, H, D) packed as one document with int32 cu [0, n]."""
     n = STAND_IN["len"]
     lead = (n,) if varlen else (1, n)
     g = torch.Generator(device=q.device).manual_seed(0)
     make = lambda t: torch.randn(*lead, *t.shape[-2:], generator=g, device=t.device).to(t.dtype)  # noqa: E731
-    return make(q), make(k), make(k)
+    cu = torch.tensor([0, n], dtype=torch.int32, device=q.device) if varlen else None
+    return make(q), make(k), make(k), cu
 
 
 def block_d(head_dim: int) -> int:

@@ -334,7 +334,7 @@ def _stand_in(fq):
     """Quantized random inputs of triton_common.STAND_IN["len"] tokens with fq's heads, head dim and blocks."""
     from .fp8 import Fp8Qkv
     like = lambda t: torch.empty(1, 1, *t.shape[-2:], dtype=torch.bfloat16, device=t.device)  # noqa: E731
-    q, k, v = stand_in_qkv(like(fq.q), like(fq.k), False)
+    q, k, v, _ = stand_in_qkv(like(fq.q), like(fq.k), False)
     q8, q_scale = _quantize(q, fq.block_m, None, False)
     k8, k_scale = _quantize(k, fq.block_n, None, False)
     v_t, v_scale = _quantize(v, fq.block_n, None, True)

@@ -200,15 +200,23 @@ def _launch_fwd(q, k, v, out, lse, cu_q, cu_k, strides_b, lse_strides, seqlen_q,
         launch(_fwd_kernel, _fwd_tuned, _INTERPRET_CONFIG, grid, args, consts, q)
 
 
-def _tag(q, causal, window_size, varlen):
-    """What decides the forward's autotune key, for the stand-in bookkeeping (triton_common.STAND_IN)."""
-    return ("fwd", q.device, q.dtype, q.shape[-1], window_flags(causal, window_size)[:2], varlen)
+def _tune_on_stand_in(q, k, causal, softmax_scale, window_size, max_len, varlen):
+    """The first call of its kind above STAND_IN["above"] tokens runs on a stand-in first, so the autotuner times
+    its tiles there (triton_common.STAND_IN). The kind: what decides the forward's autotune key."""
+    tag = ("fwd", q.device, q.dtype, q.shape[-1], window_flags(causal, window_size)[:2], varlen)
+    if not wants_stand_in(tag, max_len, q):
+        return
+    qs, ks, vs, cu = stand_in_qkv(q, k, varlen)
+    if varlen:
+        n = qs.shape[0]
+        triton_attn_varlen_forward(qs, ks, vs, cu, cu, n, n, causal, softmax_scale, window_size)
+    else:
+        triton_attn_forward(qs, ks, vs, causal, softmax_scale, window_size)
 
 
 def triton_attn_forward(q, k, v, causal, softmax_scale, window_size):
     """q (B, Nq, H, D), k/v (B, Nk, Hkv, D) -> (out (B, Nq, H, D), lse (B, H, Nq) fp32, natural log)."""
-    if wants_stand_in(_tag(q, causal, window_size, False), max(q.shape[1], k.shape[1]), q):
-        triton_attn_forward(*stand_in_qkv(q, k, False), causal, softmax_scale, window_size)
+    _tune_on_stand_in(q, k, causal, softmax_scale, window_size, max(q.shape[1], k.shape[1]), False)
     q, k, v = _contig(q), _contig(k), _contig(v)
     B, nq, H, _ = q.shape
     out = torch.empty_like(q)
@@ -221,10 +229,7 @@ def triton_attn_forward(q, k, v, causal, softmax_scale, window_size):
 def triton_attn_varlen_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal,
                                softmax_scale, window_size):
     """Packed q (total_q, H, D), k/v (total_k, Hkv, D) -> (out (total_q, H, D), lse (H, total_q))."""
-    if wants_stand_in(_tag(q, causal, window_size, True), max(int(max_seqlen_q), int(max_seqlen_k)), q):
-        qs, ks, vs = stand_in_qkv(q, k, True)
-        cu = torch.tensor([0, qs.shape[0]], dtype=cu_seqlens_q.dtype, device=q.device)
-        triton_attn_varlen_forward(qs, ks, vs, cu, cu, qs.shape[0], qs.shape[0], causal, softmax_scale, window_size)
+    _tune_on_stand_in(q, k, causal, softmax_scale, window_size, max(int(max_seqlen_q), int(max_seqlen_k)), True)
     q, k, v = _contig(q), _contig(k), _contig(v)
     total_q, H, _ = q.shape
     out = torch.empty_like(q)
