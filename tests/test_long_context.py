@@ -103,6 +103,35 @@ def test_offload_moves_what_checkpointing_keeps(monkeypatch):
     assert sorted(packed) == sorted([(B, N, dim), (B * N, H, D), (H, B * N)] * 2)  # + each block's input
 
 
+@pytest.mark.parametrize("ckpt,per_block", [("full", 1), ("selective", 3)])
+def test_offload_prefetches_one_block_ahead(monkeypatch, ckpt, per_block):
+    """In backward every offloaded tensor of a block is already on its way back when the block needs it, and
+    no more than one block's tensors are back ahead of use (under ckpt=full 4 GiB each at 2M tokens)."""
+    handles, fetched = [], []
+    real_init, real_get = trainer.activations.Offloaded.__init__, trainer.activations.Offloaded.get
+
+    def init(self, t):
+        real_init(self, t)
+        handles.append(self)
+
+    def get(self):
+        warm = self.gpu is not None
+        t = real_get(self)
+        fetched.append((self.block, warm, sum(h.gpu is not None for h in handles)))
+        return t
+
+    monkeypatch.setattr(trainer.activations.Offloaded, "__init__", init)
+    monkeypatch.setattr(trainer.activations.Offloaded, "get", get)
+    layers = 4
+    loss_and_grads(build(ckpt=ckpt, offload_activations="all", n_layers=layers))
+    assert len(fetched) == len(handles) == layers * per_block
+    assert [b for b, _, _ in fetched[::per_block]] == sorted({h.block for h in handles}, reverse=True)
+    last = fetched[0][0]  # the last block's tensors come back when backward reaches it: nothing ran before
+    assert all(warm for block, warm, _ in fetched if block != last)
+    # back ahead of use at most: the rest of the block in use and the whole next one
+    assert max(resident for _, _, resident in fetched) == 2 * per_block - 1
+
+
 class LiveTensors(TorchDispatchMode):
     """Bytes of live CPU storages created inside the mode (not the model's parameters, which op outputs
     such as weight.t() views share), and the shape of every op output."""

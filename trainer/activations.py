@@ -11,8 +11,8 @@ offload (model.offload_activations): what is kept goes to pinned CPU memory, asy
   none       nothing
   attention  the attention output + lse kept by ckpt=selective (the block input stays on the GPU)
   all        everything kept: block inputs and attention outputs (with ckpt=none: every saved tensor)
-  Copies run on a side stream and are prefetched in backward a few tensors ahead (Offloaded), so
-  they overlap with compute and the step has no host sync.
+  Copies run on a side stream and are prefetched in backward one block ahead (Offloaded), so they
+  overlap with compute, the step has no host sync, and at most two blocks' tensors are back on the GPU.
 
 How selective works: torch.utils.checkpoint (non-reentrant) with a context_fn whose two contexts mark a
 Region as recording (forward) or replaying (recomputation in backward). While recording, the attention
@@ -48,7 +48,7 @@ def normalize_offload(value) -> str:
 
 # -- CPU offload ---------------------------------------------------------------------------------------
 
-PREFETCH_DEPTH = 4  # offloaded tensors brought back ahead of use: one layer's (input, out, lse) and more
+PREFETCH_DEPTH = 4  # at most this many handles walked ahead: bounds ckpt=none, whose blocks save many tensors
 
 
 def _offload_stream(device: torch.device):
@@ -58,13 +58,21 @@ def _offload_stream(device: torch.device):
     return streams[device]
 
 
+def start_offload_block() -> None:
+    """Tensors offloaded from here on belong to a new block (run_layer calls this per block)."""
+    _local.block = getattr(_local, "block", 0) + 1
+
+
 class Offloaded:
     """One tensor in pinned CPU memory. The copies run on a side stream, so compute does not wait for
-    them; nothing waits on the host. Handles are chained in creation (forward) order: fetching one in
-    backward prefetches the PREFETCH_DEPTH before it, i.e. the tensors the next blocks' backward needs."""
+    them; nothing waits on the host. Handles are chained in creation (forward) order and tagged with their
+    block: fetching one in backward prefetches up to PREFETCH_DEPTH handles before it, but none from two
+    blocks back, i.e. what the next block's backward needs. Why the block bound: under ckpt=full a block
+    keeps one tensor, so four tensors ahead were four block inputs, 4 GiB each at 2M tokens."""
 
     def __init__(self, t: torch.Tensor):
         self.device, self.gpu, self.event = t.device, None, None
+        self.block = getattr(_local, "block", 0)
         previous = getattr(_local, "last_offloaded", None)
         self.previous = previous if previous is not None else (lambda: None)
         _local.last_offloaded = weakref.ref(self)
@@ -100,7 +108,7 @@ class Offloaded:
             t.record_stream(current)  # allocated on the side stream, used (and freed) on this one
         handle = self.previous()
         for _ in range(PREFETCH_DEPTH):
-            if handle is None:
+            if handle is None or handle.block < self.block - 1:
                 break
             handle.prefetch()
             handle = handle.previous()
@@ -220,6 +228,7 @@ def run_layer(layer, x, cos, sin, cu_seqlens=None, max_seqlen=None, ckpt: str = 
     """layer(x, cos, sin, cu_seqlens, max_seqlen) under the given checkpointing / offload policy."""
     if not torch.is_grad_enabled() or (ckpt == "none" and offload == "none"):
         return layer(x, cos, sin, cu_seqlens, max_seqlen)
+    start_offload_block()
     if ckpt == "none":  # offload == "all": every saved tensor of the block
         with offload_saved_tensors():
             return layer(x, cos, sin, cu_seqlens, max_seqlen)
