@@ -4,7 +4,7 @@
 
 scaling.png: attention fwd+bwd TFLOPS per GPU against the full sequence length for each bench_cp.py row
 (local = one GPU on its N/W tokens, the ceiling CP is measured against). loss_curves.png: training loss per
-step of every train_curve_cp<W>.jsonl, with the largest per-step difference to cp=1 in the legend.
+step of every train_curve_<impl><W>.jsonl (cp = ring), with the largest per-step difference to cp=1 in the legend.
 """
 
 from __future__ import annotations
@@ -32,10 +32,14 @@ def plot_scaling(run: Path) -> Path | None:
     if not files:
         return None
     fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    plotted = set()  # (impl, W): a later file (e.g. a rerun adding hybrid) only adds what is new
     for f in files:
         data = json.loads(f.read_text())
         w = data["meta"]["world_size"]
         for impl in dict.fromkeys(r["impl"] for r in data["rows"]):
+            if (impl, w) in plotted:
+                continue
+            plotted.add((impl, w))
             rows = sorted((r for r in data["rows"] if r["impl"] == impl and r.get("tflops_per_rank")),
                           key=lambda r: r["seq_len"])
             if len(rows) > 1:
@@ -50,15 +54,22 @@ def plot_scaling(run: Path) -> Path | None:
     return _save(fig, ax, run / "scaling.png")
 
 
+def _curve_name(path: Path) -> tuple[int, str]:
+    """train_curve_cp4.jsonl -> (4, 'cp=4'); train_curve_hybrid4.jsonl -> (4, 'hybrid cp=4')."""
+    name = path.stem.removeprefix("train_curve_")
+    kind = name.rstrip("0123456789")
+    cp = int(name[len(kind):])
+    return cp, f"cp={cp}" if kind == "cp" else f"{kind} cp={cp}"
+
+
 def plot_loss_curves(run: Path) -> Path | None:
-    curves = {int(f.stem.split("cp")[-1]): [json.loads(line) for line in f.read_text().splitlines()]
-              for f in run.glob("train_curve_cp*.jsonl")}
+    curves = {_curve_name(f): [json.loads(line) for line in f.read_text().splitlines()]
+              for f in run.glob("train_curve_*.jsonl")}
     if not curves:
         return None
-    base = curves.get(1)
+    base = curves.get((1, "cp=1"))
     fig, ax = plt.subplots(figsize=(6.4, 4.0))
-    for cp, recs in sorted(curves.items()):
-        label = f"cp={cp}"
+    for (cp, label), recs in sorted(curves.items()):
         if base is not None and cp != 1:
             diff = max(abs(a["loss"] - b["loss"]) for a, b in zip(base, recs))
             label += f" (max |diff| to cp=1: {diff:.4f})"
