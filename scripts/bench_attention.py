@@ -18,6 +18,7 @@ import argparse
 import datetime
 import json
 import os
+import statistics
 import sys
 import time
 
@@ -220,14 +221,39 @@ def _grid_worker(part, parts, ns, dims, providers, extras):
         torch.cuda.empty_cache() if DEVICE == "cuda" else None
 
 
-def main_grid(ns, dims, providers, extras, save):
+def main_grid(ns, dims, providers, extras, save, rounds=1):
+    """Every case, `rounds` times with the providers interleaved: single timings of one kernel drift by up to
+    ~8% within a process (docs/bench/fwd_paths_h100.json), so close cells are decided on the median."""
     rows = []
     for B, n, D, causal, window, n_docs in grid_cases(ns, dims, extras):
-        for p in providers:
-            rows.append(run_case(p, B, n, D, causal, window, n_docs))
-            _print_row(rows[-1])
-            save(rows)  # after every row: a run cut short keeps what it measured (--render redraws the table)
+        for r in range(rounds):
+            for p in providers:
+                rows.append({**run_case(p, B, n, D, causal, window, n_docs), "round": r})
+                _print_row(rows[-1])
+                save(rows)  # after every row: a run cut short keeps what it measured (--render redraws it)
     return rows
+
+
+def median_rows(rows):
+    """One row per (case, provider): the median fwd / bwd time over its rounds (a failed round fails it)."""
+    groups = {}
+    for r in rows:
+        key = (r["provider"], r["B"], r["N"], r["D"], r["causal"], tuple(r["window"]), r["docs"])
+        groups.setdefault(key, []).append(r)
+    merged = []
+    for group in groups.values():
+        bad = [r for r in group if r["status"] != "ok"]
+        if bad or len(group) == 1:
+            merged.append(bad[0] if bad else group[0])
+            continue
+        fwd, bwd = (statistics.median(r[k] for r in group) for k in ("fwd_ms", "bwd_ms"))
+        first = group[0]
+        flops = first["fwd_tflops"] * first["fwd_ms"] * 1e9
+        merged.append({**first, "rounds": len(group), "fwd_ms": fwd, "bwd_ms": bwd, "fwd_tflops": flops / fwd * 1e-9,
+                       "bwd_tflops": 2.5 * flops / bwd * 1e-9, "fwdbwd_tflops": 3.5 * flops / (fwd + bwd) * 1e-9,
+                       "fwd_tflops_range": [min(r["fwd_tflops"] for r in group), max(r["fwd_tflops"] for r in group)],
+                       "bwd_tflops_range": [min(r["bwd_tflops"] for r in group), max(r["bwd_tflops"] for r in group)]})
+    return merged
 
 
 def _print_row(r):
@@ -245,6 +271,10 @@ def markdown(rows, meta):
              f"torch {meta['torch']}, triton {meta['triton']}, bf16, {HEADS} heads, B*N = {TOKENS} tokens (B >= 1). "
              "TFLOPS: fwd / bwd (bwd = 2.5x fwd FLOPs; causal counts half). OOM = out of memory; "
              "n/a = the backend has no such mode; skipped = SDPA-efficient beyond 16K (too slow to time).", ""]
+    rounds = max(r.get("round", 0) for r in rows) + 1
+    if rounds > 1:
+        lines[-2] += f" Each cell: the median of {rounds} rounds, providers interleaved."
+    rows = median_rows(rows)
     provs = [p for p in PROVIDERS if any(r["provider"] == p for r in rows)]
     ok = lambda r: r["status"] == "ok"  # noqa: E731
     cell = lambda r: (f"{r['fwd_tflops']:.0f} / {r['bwd_tflops']:.0f}" if ok(r)  # noqa: E731
@@ -432,6 +462,7 @@ def main():
     ap.add_argument("--causal", nargs="*", type=int, default=[1, 0], help="sweep: 1 causal, 0 not")
     ap.add_argument("--precompile", type=int, default=0, help="compile kernels in N processes first")
     ap.add_argument("--part", type=int, nargs=2, help=argparse.SUPPRESS)  # internal: precompile worker i of n
+    ap.add_argument("--rounds", type=int, default=1, help="grid: time every case this often, interleaved")
     ap.add_argument("--render", metavar="JSON", help="redraw the markdown table of an earlier run's JSON")
     args = ap.parse_args()
     if args.render:
@@ -473,7 +504,7 @@ def main():
         with open(stem + ".json", "w") as f:
             json.dump({**info, "rows": rows}, f, indent=1)
 
-    rows = main_grid(ns, dims, args.providers, not args.quick, save)
+    rows = main_grid(ns, dims, args.providers, not args.quick, save, args.rounds)
     with open(stem + ".md", "w") as f:
         f.write(markdown(rows, info))
     print(markdown(rows, info))
