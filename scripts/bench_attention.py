@@ -2,6 +2,7 @@
 
     python scripts/bench_attention.py                 # full grid -> docs/bench/attention_<gpu>.{json,md}
     python scripts/bench_attention.py --quick         # D=128, N in {8K, 32K}
+    python scripts/bench_attention.py --dims 128 --rounds 3   # each case 3 times, providers interleaved; cells = medians
     python scripts/bench_attention.py --sweep         # our kernel variants (tiles, TMA, warp spec) at N=8K
 
 "ours" is the deterministic backward (the default); "ours-atomic" the same kernels with
