@@ -5,6 +5,7 @@ import sys
 
 import pytest
 
+os.environ.setdefault("TRITON_INTERPRET", "1")  # bench_attention imports the kernels: keep them interpretable
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "scripts"))
 bench = pytest.importorskip("bench_attention")
 
