@@ -22,19 +22,24 @@ What goes where (first match wins):
      dlse (gradient into lse) enters by one extra head-dim column: q, k get 0, v gets 1, out gets 0 and
      dout gets dlse, so the kernel's dP gains +dlse while delta is unchanged: dS = P*(dP - delta + dlse).
      (Padded by 8 columns on CUDA, which needs head_dim % 8 == 0.)
-  4. a fused kernel that raises RuntimeError (an arch or version limit we did not predict) -> reference.py,
-     with a one-time warning naming the kernel and the error.
+  4. a fused kernel that raises RuntimeError (an arch or version limit we did not predict) -> the next
+     kernel in the table; after the last, reference.py with a one-time warning naming the kernel and error.
 
 Fused kernels, feature-detected on torch.ops.aten (names and signatures moved between torch releases):
   CPU   _scaled_dot_product_flash_attention_for_cpu (+ _backward): fp32, fp64, fp16, bf16, any head_dim.
-  CUDA  _scaled_dot_product_flash_attention (+ _backward): fp16/bf16, head_dim % 8 == 0 and <= 256, sm80+.
-        else _scaled_dot_product_efficient_attention (+ _backward): fp16/bf16/fp32, head_dim % 8 == 0.
-  cuDNN is not used: its lse layout (B, H, N, 1) and its backward arguments differ across releases.
+  CUDA  _scaled_dot_product_cudnn_attention (+ _backward): fp16/bf16, head_dim % 8 == 0 and <= 256, sm90+,
+        torch.backends.cuda.cudnn_sdp_enabled(), no dlse. On an H100 it is the fastest of the three (1.2-1.5x
+        FA2, see README). Its lse is (B, H, N) or (B, H, N, 1) depending on the release, so before its first
+        use per dtype and head_dim it must reproduce the flash kernel on a small case (_self_check);
+        otherwise it is skipped.
+        then _scaled_dot_product_flash_attention (+ _backward): fp16/bf16, head_dim % 8 == 0 and <= 256, sm80+.
+        then _scaled_dot_product_efficient_attention (+ _backward): fp16/bf16/fp32, head_dim % 8 == 0.
 Deterministic: the GQA sum is; the CUDA kernels' dq accumulation follows torch.use_deterministic_algorithms.
 """
 
 from __future__ import annotations
 
+import logging
 import warnings
 from dataclasses import dataclass
 from typing import Callable, Optional
@@ -44,6 +49,9 @@ import torch.nn.functional as F
 
 from .merge import merge_attn_outputs
 from .reference import effective_window, reference_attn_backward, reference_attn_forward
+
+
+log = logging.getLogger(__name__)
 
 
 def _aten_op(name: str):
@@ -103,30 +111,85 @@ def _efficient_backward(dout, q, k, v, out, lse, causal, scale):
     return grads[0], grads[1], grads[2]
 
 
+_CUDNN_LSE_RANK: dict[str, int] = {}  # the rank of the lse the cuDNN forward returned: 3 or 4 (trailing 1)
+
+
+def _cudnn_forward(q, k, v, causal, scale):
+    res = _aten_op("_scaled_dot_product_cudnn_attention")(q, k, v, None, True, 0.0, causal, False, scale=scale)
+    _CUDNN_LSE_RANK["rank"] = res[1].dim()
+    return res[0], res[1].reshape(q.shape[:3]).float()
+
+
+def _cudnn_backward(dout, q, k, v, out, lse, causal, scale):
+    lse = lse.float().contiguous()
+    if _CUDNN_LSE_RANK.get("rank") == 4:
+        lse = lse.unsqueeze(-1)
+    # cuDNN reads dout with out's strides: give both the same (contiguous) layout.
+    out, dout = out.contiguous(), dout.contiguous()
+    philox = torch.zeros((), dtype=torch.int64, device=q.device)  # no dropout: never read
+    op = _aten_op("_scaled_dot_product_cudnn_attention_backward")
+    return op(dout, q, k, v, out, lse, philox, philox, None, None, None, q.shape[2], k.shape[2], 0.0, causal,
+              scale=scale)
+
+
 _CPU = _Kernel("flash_attention_for_cpu", _cpu_forward, _cpu_backward, pad=1)
 _FLASH = _Kernel("flash_attention (cuda)", _flash_forward, _flash_backward, pad=8)
 _EFFICIENT = _Kernel("efficient_attention (cuda)", _efficient_forward, _efficient_backward, pad=8)
+_CUDNN = _Kernel("cudnn_attention (cuda)", _cudnn_forward, _cudnn_backward, pad=8)
 
 
 def _has(*names: str) -> bool:
     return all(_aten_op(n) is not None for n in names)
 
 
-def _pick_kernel(device: torch.device, dtype: torch.dtype, head_dim: int) -> Optional[_Kernel]:
-    """The fused kernel for these inputs, or None (-> reference)."""
+def _pick_kernels(device: torch.device, dtype: torch.dtype, head_dim: int, dlse: bool = False) -> list[_Kernel]:
+    """The fused kernels for these inputs, best first; empty -> reference."""
     if device.type == "cpu":
         ok = _has("_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_flash_attention_for_cpu_backward")
-        return _CPU if ok else None
+        return [_CPU] if ok else []
     if device.type != "cuda" or head_dim % 8 != 0:
-        return None
-    if (dtype in (torch.float16, torch.bfloat16) and head_dim <= 256
-            and torch.cuda.get_device_capability(device) >= (8, 0)
+        return []
+    kernels = []
+    half = dtype in (torch.float16, torch.bfloat16)
+    arch = torch.cuda.get_device_capability(device)
+    if (half and head_dim <= 256 and arch >= (8, 0)
             and _has("_scaled_dot_product_flash_attention", "_scaled_dot_product_flash_attention_backward")):
-        return _FLASH
+        kernels.append(_FLASH)
     if (dtype in (torch.float16, torch.bfloat16, torch.float32)
             and _has("_scaled_dot_product_efficient_attention", "_scaled_dot_product_efficient_attention_backward")):
-        return _EFFICIENT
-    return None
+        kernels.append(_EFFICIENT)
+    if (half and head_dim <= 256 and arch >= (9, 0) and not dlse and torch.backends.cuda.cudnn_sdp_enabled()
+            and _has("_scaled_dot_product_cudnn_attention", "_scaled_dot_product_cudnn_attention_backward")
+            and kernels and _self_check(_CUDNN, kernels[0], device, dtype, head_dim)):
+        kernels.insert(0, _CUDNN)
+    return kernels
+
+
+_CHECKED: dict[tuple, bool] = {}
+
+
+def _self_check(kernel: _Kernel, trusted: _Kernel, device, dtype, head_dim: int) -> bool:
+    """Does `kernel` give `trusted`'s out, lse and gradients on a small causal case? Once per process, dtype and
+    head_dim: it guards against an op whose layout or arguments moved in this torch release."""
+    key = (kernel.name, str(device), dtype, head_dim)
+    if key not in _CHECKED:
+        gen = torch.Generator(device=device).manual_seed(0)
+        q, k, v, dout = (torch.randn(1, 2, 128, head_dim, generator=gen, device=device, dtype=dtype)
+                         for _ in range(4))
+        try:
+            results = []
+            for kern in (kernel, trusted):
+                out, lse = kern.forward(q, k, v, True, head_dim ** -0.5)
+                results.append((out, lse, *kern.backward(dout, q, k, v, out, lse, True, head_dim ** -0.5)))
+            errors = [((a.float() - b.float()).norm() / b.float().norm()).item() for a, b in zip(*results)]
+            _CHECKED[key] = max(errors) < 2e-2
+            reason = f"relative errors (out, lse, dq, dk, dv) {[f'{e:.1e}' for e in errors]}"
+        except RuntimeError as err:
+            _CHECKED[key], reason = False, str(err).splitlines()[0]
+        if not _CHECKED[key]:
+            log.info("sdpa backend: %s skipped for %s head_dim %d, it does not reproduce %s: %s", kernel.name, dtype,
+                     head_dim, trusted.name, reason)
+    return _CHECKED[key]
 
 
 _WARNED: set[str] = set()
@@ -136,7 +199,7 @@ def _warn_fallback(kernel: _Kernel, err: RuntimeError) -> None:
     key = f"{kernel.name}: {err}".splitlines()[0]
     if key not in _WARNED:
         _WARNED.add(key)
-        warnings.warn(f"sdpa backend: torch kernel {key}; using the reference attention instead", stacklevel=3)
+        warnings.warn(f"sdpa backend: torch kernel {key}; using the reference attention instead", stacklevel=4)
 
 
 # -- planning: which square-or-plain pieces express our mask ----------------------------------------------------
@@ -229,28 +292,35 @@ def _fused_backward(kernel, pieces, dout, q, k, v, out, lse, dlse, scale):
 # -- the backend pair --------------------------------------------------------------------------------------------
 
 
+def _run(kernels: list[_Kernel], fused):
+    """fused(kernel) with the first kernel that does not raise; None when all did (the last one warns)."""
+    for i, kernel in enumerate(kernels):
+        try:
+            return fused(kernel)
+        except RuntimeError as err:
+            if i == len(kernels) - 1:
+                _warn_fallback(kernel, err)
+            else:
+                log.info("sdpa backend: %s failed (%s); trying %s", kernel.name, str(err).splitlines()[0],
+                         kernels[i + 1].name)
+    return None
+
+
 def sdpa_attn_forward(q, k, v, causal, softmax_scale, window_size):
     """(out (B, Nq, H, D) in q.dtype, lse (B, H, Nq) fp32) via torch's fused kernel where it fits."""
     pieces = _plan(q.shape[1], k.shape[1], causal, window_size)
-    kernel = _pick_kernel(q.device, q.dtype, q.shape[-1]) if pieces is not None else None
-    if kernel is not None:
-        try:
-            return _fused_forward(kernel, pieces, q, k, v, softmax_scale)
-        except RuntimeError as err:
-            _warn_fallback(kernel, err)
-    return reference_attn_forward(q, k, v, causal, softmax_scale, window_size)
+    kernels = _pick_kernels(q.device, q.dtype, q.shape[-1]) if pieces is not None else []
+    result = _run(kernels, lambda kernel: _fused_forward(kernel, pieces, q, k, v, softmax_scale))
+    return result if result is not None else reference_attn_forward(q, k, v, causal, softmax_scale, window_size)
 
 
 def sdpa_attn_backward(dout, q, k, v, out, lse, causal, softmax_scale, window_size, dlse=None):
     """(dq, dk, dv) in the dtypes of q, k, v; P is recomputed from the given lse, dlse enters delta."""
     pieces = _plan(q.shape[1], k.shape[1], causal, window_size)
-    kernel = _pick_kernel(q.device, q.dtype, q.shape[-1]) if pieces is not None else None
-    if kernel is not None and dlse is not None:  # the dlse column widens the head dim by kernel.pad
-        kernel = _pick_kernel(q.device, q.dtype, q.shape[-1] + kernel.pad)
-    if kernel is not None:
-        try:
-            return _fused_backward(kernel, pieces, dout, q, k, v, out, lse, dlse, softmax_scale)
-        except RuntimeError as err:
-            _warn_fallback(kernel, err)
+    kernels = _pick_kernels(q.device, q.dtype, q.shape[-1]) if pieces is not None else []
+    if kernels and dlse is not None:  # the dlse column widens the head dim by the pad (one per device)
+        kernels = _pick_kernels(q.device, q.dtype, q.shape[-1] + kernels[0].pad, dlse=True)
+    result = _run(kernels, lambda kernel: _fused_backward(kernel, pieces, dout, q, k, v, out, lse, dlse, softmax_scale))
+    if result is not None:
+        return result
     return reference_attn_backward(dout, q, k, v, out, lse, causal, softmax_scale, window_size, dlse)
-

@@ -123,7 +123,7 @@ def test_kernel_runtime_error_falls_back_with_warning(monkeypatch, ref_calls):
         raise RuntimeError("simulated: kernel not built for this arch")
 
     broken_kernel = sdpa._Kernel("broken", broken, broken, pad=1)
-    monkeypatch.setattr(sdpa, "_pick_kernel", lambda *a: broken_kernel)
+    monkeypatch.setattr(sdpa, "_pick_kernels", lambda *a, **kw: [broken_kernel])
     monkeypatch.setattr(sdpa, "_WARNED", set())
     q, k, v = rand_qkv(1, 9, 9, 2, 2, 8)
     with pytest.warns(UserWarning, match="broken: simulated"):
@@ -137,10 +137,48 @@ def test_kernel_runtime_error_falls_back_with_warning(monkeypatch, ref_calls):
 
 
 def test_no_kernel_means_reference(monkeypatch, ref_calls):
-    monkeypatch.setattr(sdpa, "_pick_kernel", lambda *a: None)
+    monkeypatch.setattr(sdpa, "_pick_kernels", lambda *a, **kw: [])
     q, k, v = rand_qkv(1, 6, 6, 2, 2, 8)
     _check_against_reference(q, k, v, False, (-1, -1), 0.3, None)
     assert ref_calls == {"forward": 1, "backward": 1}
+
+
+def test_a_failing_kernel_hands_over_to_the_next_without_warning(monkeypatch, ref_calls):
+    def broken(*args, **kwargs):
+        raise RuntimeError("simulated: shape not supported")
+
+    chain = [sdpa._Kernel("broken", broken, broken, pad=1), sdpa._CPU]
+    monkeypatch.setattr(sdpa, "_pick_kernels", lambda *a, **kw: chain)
+    q, k, v = rand_qkv(1, 9, 9, 2, 2, 8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # only a fall to the reference warns
+        _check_against_reference(q, k, v, True, (-1, -1), 0.3, None)
+    assert ref_calls == {"forward": 0, "backward": 0}
+
+
+def _lse_in_log2(q, k, v, causal, scale):  # a kernel whose lse is in another base: the check must see it
+    out, lse = sdpa._cpu_forward(q, k, v, causal, scale)
+    return out, lse * 1.4426950408889634
+
+
+@pytest.mark.parametrize("kernel,passes", [
+    (sdpa._CPU, True),
+    (sdpa._Kernel("log2 lse", _lse_in_log2, sdpa._cpu_backward, pad=1), False),
+    (sdpa._Kernel("raises", sdpa._cpu_forward, lambda *a: (_ for _ in ()).throw(RuntimeError("no")), pad=1), False),
+], ids=["same", "wrong-lse", "raises"])
+def test_self_check_admits_only_a_kernel_that_reproduces_the_trusted_one(monkeypatch, kernel, passes):
+    monkeypatch.setattr(sdpa, "_CHECKED", {})
+    assert sdpa._self_check(kernel, sdpa._CPU, torch.device("cpu"), torch.float32, 16) is passes
+
+
+@pytest.mark.gpu
+def test_cudnn_is_first_on_hopper_and_passes_its_self_check():
+    if torch.cuda.get_device_capability() < (9, 0):
+        pytest.skip("cuDNN attention is only preferred on sm90+")
+    for dtype in (torch.float16, torch.bfloat16):
+        for D in (64, 128):
+            assert sdpa._pick_kernels(torch.device("cuda"), dtype, D)[0] is sdpa._CUDNN, (dtype, D)
+    assert sdpa._CUDNN not in sdpa._pick_kernels(torch.device("cuda"), torch.bfloat16, 136, dlse=True)
 
 
 @pytest.mark.gpu
