@@ -6,7 +6,7 @@
 # 1. correctness: ring / Ulysses (/ hybrid on 4+) vs single-GPU attention (check_cp_gpu.py) on 2 and all GPUs
 # 2. trainer loss curves: cp=1, cp=2, cp=all GPUs, 50 steps of llama_220m at 16K on the same data
 # 3. attention scaling: scripts/bench_cp.py at 128K..1M tokens on all GPUs (ring, no-overlap ring, Ulysses,
-#    hybrid, and torch's context_parallel as the anchor)
+#    hybrid, and torch's context_parallel as the anchor); 3b. ring and Ulysses on torch's kernels (cuDNN)
 # 4. trainer throughput: llama_220m (vocab 32000), cp=all GPUs, 256K and 512K tokens of whole-sequence attention
 # Each part has its own time limit and writes into $OUT as it goes, so a cut-short run keeps what it did.
 set -u
@@ -58,6 +58,14 @@ timeout 200 "${TR[@]}" --nproc_per_node="$NGPU" scripts/bench_cp.py --seq-lens 1
   --json "$OUT/bench_cp_w$NGPU.json" >"$OUT/logs/bench_cp_w$NGPU.log" 2>&1
 echo "bench_cp W=$NGPU: exit $?"
 tail -n 22 "$OUT/logs/bench_cp_w$NGPU.log"
+
+echo "== 3b. the same on torch's kernels (backend=sdpa: cuDNN per block on sm90+), against torch's context_parallel"
+timeout 150 "${TR[@]}" --nproc_per_node="$NGPU" scripts/bench_cp.py --seq-lens 131072,524288 \
+  --heads 8 --kv-heads 8 --layouts zigzag --impls local,ring,ulysses,torch-cp --backend sdpa \
+  --warmup 1 --iters 3 \
+  --json "$OUT/bench_cp_sdpa_w$NGPU.json" >"$OUT/logs/bench_cp_sdpa_w$NGPU.log" 2>&1
+echo "bench_cp sdpa W=$NGPU: exit $?"
+tail -n 10 "$OUT/logs/bench_cp_sdpa_w$NGPU.log"
 
 echo "== 4. trainer throughput"
 LONG=(model.vocab_size=32000 model.ckpt=selective data.cross_doc_attention=true parallel=ring parallel.cp="$NGPU")

@@ -28,23 +28,25 @@ def _save(fig, ax, out: Path) -> Path:
 
 
 def plot_scaling(run: Path) -> Path | None:
-    files = sorted(run.glob("bench_cp_w*.json"))
+    files = sorted(run.glob("bench_cp_*w*.json"))
     if not files:
         return None
     fig, ax = plt.subplots(figsize=(6.4, 4.0))
     plotted = set()  # (impl, W): a later file (e.g. a rerun adding hybrid) only adds what is new
     for f in files:
         data = json.loads(f.read_text())
-        w = data["meta"]["world_size"]
+        w, backend = data["meta"]["world_size"], data["meta"].get("attn_backend", "auto")
+        kernels = "" if backend in ("auto", "triton") else f" [{backend}]"  # e.g. ring on torch's kernels
         for impl in dict.fromkeys(r["impl"] for r in data["rows"]):
-            if (impl, w) in plotted:
+            tag = "" if impl == "torch-cp" else kernels  # torch-cp runs torch's kernels whatever --backend says
+            if (impl, w, tag) in plotted:
                 continue
-            plotted.add((impl, w))
+            plotted.add((impl, w, tag))
             rows = sorted((r for r in data["rows"] if r["impl"] == impl and r.get("tflops_per_rank")),
                           key=lambda r: r["seq_len"])
             if len(rows) > 1:
                 ax.plot([r["seq_len"] for r in rows], [r["tflops_per_rank"] for r in rows], marker="o",
-                        label=f"{impl} (W={w})")
+                        label=f"{impl}{tag} (W={w})")
     meta = json.loads(files[-1].read_text())["meta"]
     ax.set_xscale("log", base=2)
     ax.set_xlabel("full sequence length (tokens)")
@@ -82,7 +84,7 @@ def plot_loss_curves(run: Path) -> Path | None:
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("run", type=Path, help="directory with bench_cp_w*.json and train_curve_cp*.jsonl")
+    p.add_argument("run", type=Path, help="directory with bench_cp_*w*.json and train_curve_*.jsonl")
     args = p.parse_args(argv)
     for out in (plot_scaling(args.run), plot_loss_curves(args.run)):
         print(out or "nothing to plot")
