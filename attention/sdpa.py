@@ -174,7 +174,8 @@ def _self_check(kernel: _Kernel, trusted: _Kernel, device, dtype, head_dim: int)
     key = (kernel.name, str(device), dtype, head_dim)
     if key not in _CHECKED:
         gen = torch.Generator(device=device).manual_seed(0)
-        q, k, v, dout = (torch.randn(1, 2, 128, head_dim, generator=gen, device=device, dtype=dtype)
+        # (B, N, H, D) storage seen as (B, H, N, D), the layout _fused_forward/_fused_backward hand over
+        q, k, v, dout = (torch.randn(1, 128, 2, head_dim, generator=gen, device=device, dtype=dtype).transpose(1, 2)
                          for _ in range(4))
         try:
             results = []
