@@ -118,6 +118,21 @@ def test_passkey_documents_mixed_into_training_data():
         build_loader(DataConfig(passkey_ratio=1.0), TOK, "train")
 
 
+def test_log_uniform_lengths_favour_short_documents():
+    low, high = passkey.min_length(TOK), 2048
+    lengths = {}
+    for log in (False, True):
+        docs = passkey.passkey_documents(TOK, 400, 0, low, high, np.int64, log_lengths=log)
+        again = passkey.passkey_documents(TOK, 400, 0, low, high, np.int64, log_lengths=log)
+        assert all(np.array_equal(a, b) for a, b in zip(docs, again))  # deterministic in the seed
+        lengths[log] = np.array([len(d) - passkey.KEY_DIGITS - 1 for d in docs])  # the prompt's length
+        assert lengths[log].min() >= low and lengths[log].max() <= high
+    median = np.sqrt(low * (high + 1))  # of the log-uniform law; a uniform one puts ~20% of documents below it
+    assert 0.4 < np.mean(lengths[True] <= median) < 0.6
+    assert np.mean(lengths[False] <= median) < 0.3
+    assert lengths[True].max() > 1024  # the long end is still drawn
+
+
 def test_trainer_hook_and_command_line(tmp_path):
     from tests.test_trainer import train  # the small, fast trainer setup of the trainer tests
 

@@ -61,8 +61,9 @@ class DataConfig:
     cache_dir: Optional[str] = None # source=hf: datasets cache dir (downloads + tokenised map cache)
     token_cache: Optional[str] = None  # dir for memory-mapped token stores (loaded data): the corpus stays on disk
     passkey_ratio: float = 0.0      # train split: this fraction of documents are synthetic passkey documents
-    passkey_min_len: int = 0        # their length in tokens, uniform in [min, max]; 0: the shortest prompt
+    passkey_min_len: int = 0        # their length in tokens, in [min, max]; 0: the shortest prompt
     passkey_max_len: int = 0        # 0: data.seq_len
+    passkey_log_lengths: bool = False  # lengths log-uniform in [min, max] (mostly short, some long) instead of uniform
 
 
 def validate_data_config(cfg) -> None:
@@ -302,7 +303,8 @@ def build_loader(cfg, tokenizer: Tokenizer, split: str, dp_rank: int = 0, dp_siz
         open_docs = _stream_opener(cfg, tokenizer, docs, split, dp_rank, dp_size, seed)
         if mix:
             open_docs = passkey.mix_into_stream(open_docs, tokenizer, cfg.passkey_ratio, seed,
-                                                *_passkey_lengths(cfg, tokenizer), rank=dp_rank)
+                                                *_passkey_lengths(cfg, tokenizer), rank=dp_rank,
+                                                log_lengths=cfg.passkey_log_lengths)
         return StreamingPackedLoader(open_docs, **common)
     store = None
     if len(docs):
@@ -313,7 +315,8 @@ def build_loader(cfg, tokenizer: Tokenizer, split: str, dp_rank: int = 0, dp_siz
     if mix:  # ratio / (1 - ratio) passkey documents per corpus document, the same on every rank
         count = round(cfg.passkey_ratio / (1 - cfg.passkey_ratio) * store.num_docs)
         store = append_documents(store, passkey.passkey_documents(
-            tokenizer, count, seed, *_passkey_lengths(cfg, tokenizer), token_dtype(tokenizer.vocab_size)))
+            tokenizer, count, seed, *_passkey_lengths(cfg, tokenizer), token_dtype(tokenizer.vocab_size),
+            log_lengths=cfg.passkey_log_lengths))
     return PackedLoader(store, shuffle=split == "train", **common)
 
 

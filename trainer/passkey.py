@@ -106,22 +106,33 @@ def _is_passkey(seed, epoch: int, index: int, ratio: float) -> bool:
     return _doc_rng(seed, epoch, index).random() < ratio
 
 
-def _document_at(tokenizer, seed, epoch, index, min_len, max_len) -> np.ndarray:
+def _draw_length(rng: np.random.Generator, low: int, high: int, log_lengths: bool) -> int:
+    if not log_lengths:
+        return int(rng.integers(low, high + 1))
+    # Log-uniform: as many documents in [256, 512) as in [2048, 4096). Each document holds one answer, so the
+    # short ones give many answers per token to learn copying from, and the long ones teach the distance.
+    return min(high, int(np.exp(rng.uniform(np.log(low), np.log(high + 1)))))
+
+
+def _document_at(tokenizer, seed, epoch, index, min_len, max_len, log_lengths=False) -> np.ndarray:
     rng = _doc_rng(seed, epoch, index)
     rng.random()  # the draw that decided this is a passkey document
-    return make_document(tokenizer, int(rng.integers(min_len, max_len + 1)), rng)
+    return make_document(tokenizer, _draw_length(rng, min_len, max_len, log_lengths), rng)
 
 
-def passkey_documents(tokenizer, count: int, seed: int, min_len: int, max_len: int, dtype) -> list[np.ndarray]:
-    """`count` training documents for an in-memory corpus (deterministic in seed)."""
-    return [_document_at(tokenizer, seed, _STORE, i, min_len, max_len).astype(dtype) for i in range(count)]
+def passkey_documents(tokenizer, count: int, seed: int, min_len: int, max_len: int, dtype,
+                      log_lengths: bool = False) -> list[np.ndarray]:
+    """`count` training documents for an in-memory corpus (deterministic in seed); lengths uniform in
+    [min_len, max_len], or log-uniform with log_lengths."""
+    return [_document_at(tokenizer, seed, _STORE, i, min_len, max_len, log_lengths).astype(dtype)
+            for i in range(count)]
 
 
 OpenDocs = Callable[[int, int], Iterator[np.ndarray]]
 
 
 def mix_into_stream(open_docs: OpenDocs, tokenizer, ratio: float, seed: int, min_len: int, max_len: int,
-                    rank: int = 0) -> OpenDocs:
+                    rank: int = 0, log_lengths: bool = False) -> OpenDocs:
     """open_docs(epoch, skip) whose document i is a passkey document with probability `ratio`, decided by
     (seed, rank, epoch, i) alone, so `skip` (a resume position counted in mixed documents) maps to an exact
     number of corpus documents to skip."""
@@ -135,7 +146,7 @@ def mix_into_stream(open_docs: OpenDocs, tokenizer, ratio: float, seed: int, min
         index = skip
         while True:
             if _is_passkey(seed, epoch, index, ratio):
-                doc = _document_at(tokenizer, seed, epoch, index, min_len, max_len)
+                doc = _document_at(tokenizer, seed, epoch, index, min_len, max_len, log_lengths)
             else:
                 doc = next(corpus, None)
                 if doc is None:
