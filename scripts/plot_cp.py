@@ -32,7 +32,7 @@ def plot_scaling(run: Path) -> Path | None:
     if not files:
         return None
     fig, ax = plt.subplots(figsize=(6.4, 4.0))
-    plotted = set()  # (impl, W): a later file (e.g. a rerun adding hybrid) only adds what is new
+    plotted = set()  # (impl, W, backend tag): a later file (e.g. a rerun adding hybrid) only adds what is new
     for f in files:
         data = json.loads(f.read_text())
         w, backend = data["meta"]["world_size"], data["meta"].get("attn_backend", "auto")
