@@ -2,7 +2,7 @@
 
     python scripts/bench_attention.py                 # full grid -> docs/bench/attention_<gpu>.{json,md}
     python scripts/bench_attention.py --quick         # D=128, N in {8K, 32K}
-    python scripts/bench_attention.py --dims 128 --rounds 3   # each case 3 times, providers interleaved; cells = medians
+    python scripts/bench_attention.py --dims 128 --rounds 3   # each case 3 times, providers interleaved: medians
     python scripts/bench_attention.py --sweep         # our kernel variants (tiles, TMA, warp spec) at N=8K
 
 "ours" is the deterministic backward (the default); "ours-atomic" the same kernels with
@@ -156,7 +156,12 @@ def run_case(provider, B, n, D, causal, window=(-1, -1), n_docs=0):
     flops = 4.0 * HEADS * D * pairs * (B if not n_docs else 1)
     if provider in OURS:
         row["tiles"] = _our_tiles()
-    return {**row, "status": "ok", "fwd_ms": fwd_ms, "bwd_ms": bwd_ms, "fwd_tflops": flops / fwd_ms * 1e-9,
+    return {**row, "status": "ok", **_rates(flops, fwd_ms, bwd_ms)}
+
+
+def _rates(flops, fwd_ms, bwd_ms):
+    """Times and TFLOPS of one cell; the backward counts 2.5x the forward's FLOPs."""
+    return {"fwd_ms": fwd_ms, "bwd_ms": bwd_ms, "fwd_tflops": flops / fwd_ms * 1e-9,
             "bwd_tflops": 2.5 * flops / bwd_ms * 1e-9, "fwdbwd_tflops": 3.5 * flops / (fwd_ms + bwd_ms) * 1e-9}
 
 
@@ -249,9 +254,8 @@ def median_rows(rows):
             continue
         fwd, bwd = (statistics.median(r[k] for r in group) for k in ("fwd_ms", "bwd_ms"))
         first = group[0]
-        flops = first["fwd_tflops"] * first["fwd_ms"] * 1e9
-        merged.append({**first, "rounds": len(group), "fwd_ms": fwd, "bwd_ms": bwd, "fwd_tflops": flops / fwd * 1e-9,
-                       "bwd_tflops": 2.5 * flops / bwd * 1e-9, "fwdbwd_tflops": 3.5 * flops / (fwd + bwd) * 1e-9,
+        flops = first["fwd_tflops"] * first["fwd_ms"] * 1e9  # rows carry times and rates; the FLOPs are their product
+        merged.append({**first, "rounds": len(group), **_rates(flops, fwd, bwd),
                        "fwd_tflops_range": [min(r["fwd_tflops"] for r in group), max(r["fwd_tflops"] for r in group)],
                        "bwd_tflops_range": [min(r["bwd_tflops"] for r in group), max(r["bwd_tflops"] for r in group)]})
     return merged
