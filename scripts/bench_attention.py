@@ -320,8 +320,10 @@ def precompile(parts, dims, extra=()):
 
 
 def _configs(entries):
-    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "WARP_SPEC": ws}, num_warps=w, num_stages=s)
-            for bm, bn, w, s, ws in entries]
+    """(BLOCK_M, BLOCK_N, warps, stages, warp_spec[, early_dp]); early_dp only for the backward kernels."""
+    extra = lambda e: {"EARLY_DP": e[5]} if e[5:] else {}  # noqa: E731
+    return [triton.Config({"BLOCK_M": e[0], "BLOCK_N": e[1], "WARP_SPEC": e[4], **extra(e)},
+                          num_warps=e[2], num_stages=e[3]) for e in entries]
 
 
 # candidates beyond the shipped lists: (BLOCK_M, BLOCK_N, warps, stages, warp_spec)
@@ -330,14 +332,23 @@ SWEEP_FWD = _configs([(128, 64, 8, 3, True), (128, 64, 8, 4, True), (128, 128, 8
                       (128, 128, 4, 3, False)])
 SWEEP_DKDV = _configs([(64, 128, 8, 2, False), (64, 128, 8, 3, False), (64, 128, 8, 2, True), (64, 128, 8, 3, True),
                        (64, 128, 8, 4, False), (64, 64, 4, 2, False),
-                       (64, 64, 4, 3, False), (32, 128, 4, 3, False), (32, 64, 4, 3, False), (128, 128, 8, 2, False)])
+                       (64, 64, 4, 3, False), (32, 128, 4, 3, False), (32, 64, 4, 3, False), (128, 128, 8, 2, False),
+                       (64, 128, 8, 3, False, True), (64, 128, 8, 3, True, True), (64, 64, 4, 2, False, True),
+                       (64, 64, 4, 3, False, True), (128, 64, 8, 3, False, True), (128, 64, 8, 2, False, True),
+                       (64, 128, 8, 4, False, True)])
 SWEEP_DKDV_ATOMIC = SWEEP_DKDV
 SWEEP_DQ = _configs([(128, 64, 8, 2, False), (128, 64, 8, 3, False), (128, 64, 8, 2, True), (128, 64, 8, 3, True),
                      (128, 64, 8, 4, False), (64, 64, 4, 2, False),
-                     (64, 64, 4, 3, False), (128, 32, 4, 3, False), (64, 128, 8, 2, False), (128, 128, 8, 2, False)])
+                     (64, 64, 4, 3, False), (128, 32, 4, 3, False), (64, 128, 8, 2, False), (128, 128, 8, 2, False),
+                     (128, 64, 8, 3, False, True), (128, 64, 8, 4, False, True)])
+
+# --order: the shipped lead tiles with dP issued after P (as shipped) and right behind S (EARLY_DP), each
+# listed --rounds times in alternation so a few-percent difference is not drift
+ORDER_DKDV = _configs([(64, 128, 8, 3, False, False), (64, 128, 8, 3, False, True)])
+ORDER_DQ = _configs([(128, 64, 8, 3, False, False), (128, 64, 8, 3, False, True)])
 
 
-def sweep(n, dims, kinds=("fwd", "dkdv", "dq", "atomic-bwd"), causals=(True, False)):
+def sweep(n, dims, kinds=("fwd", "dkdv", "dq", "atomic-bwd"), causals=(True, False), order_rounds=0):
     """Time each candidate config of each kernel alone (the others fixed), with and without TMA loads."""
     from attention import triton_bwd, triton_common, triton_fwd
     rows = []
@@ -361,13 +372,14 @@ def sweep(n, dims, kinds=("fwd", "dkdv", "dq", "atomic-bwd"), causals=(True, Fal
             # dK/dV with atomic dQ 5 (the whole backward's count)
             for kind, tuned, cands, fn, work, want in (
                     ("fwd", triton_fwd._fwd_tuned, SWEEP_FWD, fwd, flops, ref[:1]),
-                    ("dkdv", triton_bwd._dkdv_tuned, SWEEP_DKDV, dkdv, 2 * flops, ref[2:4]),
-                    ("dq", triton_bwd._dq_tuned, SWEEP_DQ, dq, 1.5 * flops, ref[1:2]),
+                    ("dkdv", triton_bwd._dkdv_tuned, ORDER_DKDV * order_rounds or SWEEP_DKDV, dkdv, 2 * flops,
+                     ref[2:4]),
+                    ("dq", triton_bwd._dq_tuned, ORDER_DQ * order_rounds or SWEEP_DQ, dq, 1.5 * flops, ref[1:2]),
                     ("atomic-bwd", triton_bwd._dkdv_atomic_tuned, SWEEP_DKDV_ATOMIC, atomic, 2.5 * flops, ref[1:4])):
                 if kind not in kinds:
                     continue
                 shipped = tuned.configs
-                for tma in (False, True):
+                for tma in ((True,) if order_rounds else (False, True)):
                     for cfg in cands:
                         if (cfg.kwargs["WARP_SPEC"] and not tma) or (D > 64 and cfg.kwargs["BLOCK_N"] == 128
                                                                     and cfg.kwargs["BLOCK_M"] == 128 and kind != "fwd"):
@@ -375,6 +387,7 @@ def sweep(n, dims, kinds=("fwd", "dkdv", "dq", "atomic-bwd"), causals=(True, Fal
                         feats.update(tma=tma, tma_error=None)
                         tuned.configs = [cfg]
                         name = ("tma+ws " if cfg.kwargs["WARP_SPEC"] else "tma " if tma else "ptr ") + _cfg_name(cfg)
+                        name += " early-dP" if cfg.kwargs.get("EARLY_DP") else ""
                         with _only_kernel(triton_bwd, None if kind == "fwd" else tuned.fn):
                             rows.append(_time_variant(kind, name, D, causal, work, want, fn) | {"N": n})
                         if tma and not feats["tma"]:
@@ -391,6 +404,7 @@ def _our_tiles():
     tuned = dict(fwd=triton_fwd._fwd_tuned, dkdv=triton_bwd._dkdv_tuned, dq=triton_bwd._dq_tuned,
                  atomic=triton_bwd._dkdv_atomic_tuned)
     return {k: f"{tma}{'+ws' if t.best_config.kwargs.get('WARP_SPEC') else ''} {_cfg_name(t.best_config)}"
+               f"{' early-dP' if t.best_config.kwargs.get('EARLY_DP') else ''}"
             for k, t in tuned.items() if getattr(t, "best_config", None) is not None}
 
 
@@ -468,6 +482,8 @@ def main():
     ap.add_argument("--precompile", type=int, default=0, help="compile kernels in N processes first")
     ap.add_argument("--part", type=int, nargs=2, help=argparse.SUPPRESS)  # internal: precompile worker i of n
     ap.add_argument("--rounds", type=int, default=1, help="grid: time every case this often, interleaved")
+    ap.add_argument("--order", action="store_true",
+                    help="sweep: only the shipped backward tiles, dP GEMM late vs early, --rounds times alternating")
     ap.add_argument("--render", metavar="JSON", help="redraw the markdown table of an earlier run's JSON")
     args = ap.parse_args()
     if args.render:
@@ -478,7 +494,7 @@ def main():
         return
     if args.part and args.sweep:
         _PART.update(part=args.part[0], parts=args.part[1], compile_only=True)
-        sweep(args.ns[0], args.dims, args.kinds, [bool(c) for c in args.causal])
+        sweep(args.ns[0], args.dims, args.kinds, [bool(c) for c in args.causal], args.order and args.rounds)
         return
     ns = args.ns or ([8192, 32768] if args.quick else [2048 << i for i in range(7)])
     dims = [128] if args.quick else args.dims
@@ -495,8 +511,8 @@ def main():
                        ["--kinds", *args.kinds, "--causal", *map(str, args.causal)])
             print(f"precompiled in {time.time() - t:.0f}s", flush=True)
         rows = [r for n in (args.ns or [8192])
-                for r in sweep(n, args.dims, args.kinds, [bool(c) for c in args.causal])]
-        with open(os.path.join(args.out, f"sweep_{gpu_tag}.json"), "w") as f:
+                for r in sweep(n, args.dims, args.kinds, [bool(c) for c in args.causal], args.order and args.rounds)]
+        with open(os.path.join(args.out, f"sweep{'_order' if args.order else ''}_{gpu_tag}.json"), "w") as f:
             json.dump({**info, "rows": rows}, f, indent=1)
         return
     if args.precompile:

@@ -91,15 +91,17 @@ def test_gradients_match_naive_autograd():
         assert_close(got, want.float(), name, atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("tma", [False, True], ids=["pointers", "tma"])
+@pytest.mark.parametrize("tma,early_dp", [(False, False), (True, False), (False, True), (True, True)],
+                         ids=["pointers", "tma", "pointers-early-dP", "tma-early-dP"])
 @pytest.mark.parametrize("bm,bn", [(32, 16), (16, 32)])
-def test_unequal_tiles_low_level_pair(bm, bn, tma, monkeypatch):
+def test_unequal_tiles_low_level_pair(bm, bn, tma, early_dp, monkeypatch):
     """attn_forward / attn_backward(dlse=...) with BLOCK_M != BLOCK_N, as the GPU configs use, through
-    pointer loads and through the tensor-descriptor (TMA) loads that Hopper runs."""
+    pointer loads and through the tensor-descriptor (TMA) loads that Hopper runs, with the backward's dP GEMM
+    issued after P (default) or right behind S (EARLY_DP)."""
     from attention import triton_bwd, triton_fwd
     tiles = {"BLOCK_M": bm, "BLOCK_N": bn, "WARP_SPEC": False}
     monkeypatch.setattr(triton_fwd, "_INTERPRET_CONFIG", tiles)
-    monkeypatch.setattr(triton_bwd, "_INTERPRET_CONFIG", tiles)
+    monkeypatch.setattr(triton_bwd, "_INTERPRET_CONFIG", {**tiles, "EARLY_DP": early_dp})
     monkeypatch.setitem(triton_common.FEATURES, "interpret_tma", tma)
     for causal, window, nq, nk in ((True, (-1, -1), 45, 70), (False, (13, 5), 70, 45), (True, (20, -1), 66, 66)):
         q, k, v = _qkv(1, nq, nk, 2, 1, 32, torch.float32)
