@@ -170,12 +170,15 @@ def window_flags(causal: bool, window_size) -> tuple[bool, bool, int, int]:
     return left >= 0, right >= 0, max(left, 0), max(right, 0)
 
 
+# length classes: under 4K tokens, 4K to 8K, 8K and up (all multiples of 16, which Triton specialises alike)
+SHORT, MID, LONG = 16, 32, 48
+
+
 def length_class(max_len: int) -> int:
     """Autotune key for how long the kernels' loops run. Without it the tile timed on the first call (say 2K
-    tokens: many programs, a few steps each) is kept for every later length, 1M included. Two classes, so a new
-    length never retunes; the values are both multiples of 16, which Triton specialises alike, so the class
-    adds no compile."""
-    return 32 if max_len >= 8192 else 16
+    tokens: many programs, a few steps each) is kept for every later length, 1M included. Three classes, so a
+    new length rarely retunes; the class adds no compile."""
+    return LONG if max_len >= 8192 else MID if max_len >= 4096 else SHORT
 
 
 # The autotuner times every candidate tile on the very call it is handed. At 2M tokens one dK/dV pass of one

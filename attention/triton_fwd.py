@@ -15,9 +15,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_common import (INTERPRET, LN2, LOG2E, block_d, doc_bounds, key_segments, launch, length_class,
-                            load_rows, prune_configs, stand_in_qkv, store_rows, visible, wants_stand_in,
-                            window_flags)
+from .triton_common import (INTERPRET, LN2, LOG2E, LONG, MID, SHORT, block_d, doc_bounds, key_segments, launch,
+                            length_class, load_rows, prune_configs, stand_in_qkv, store_rows, visible,
+                            wants_stand_in, window_flags)
 
 FWD_HEAD_DIMS = (32, 64, 96, 128, 256)
 BWD_HEAD_DIMS = (32, 64, 96, 128)
@@ -133,16 +133,20 @@ _FWD_CONFIGS = [
     for bm, bn, w, s, ws in [(128, 128, 8, 3, True), (128, 64, 8, 3, True), (128, 64, 4, 3, False),
                              (128, 128, 4, 3, False), (128, 128, 8, 2, False), (64, 64, 4, 3, False)]
 ]
-# H100 sweep (docs/bench/sweep_fwd_h100_32k.json): at D=128 with TMA loads this tile wins at 8K and 32K,
-# causal and not (454-503 TFLOPS); autotuning among the near-ties picked slower tiles from run to run.
-_FWD_D128_TMA = dict(BLOCK_M=128, BLOCK_N=128, WARP_SPEC=True, num_warps=8, num_stages=3)
+# H100 sweeps (docs/bench/sweep_fwd_h100_32k.json, sweep_fwd_h100_2k_8k.json): at D=128 with TMA loads the
+# 128x128 warp-specialised tile wins from 4K up, causal and not (454-503 TFLOPS); under 4K (B*N fixed, so many
+# short programs) 64x64 with 4 warps wins, 496 vs 458 non-causal and 399 vs 358 causal at 2K, and is far behind
+# at 4K (396 vs 486). Autotuning among near-ties picked slower tiles from run to run, hence the pins.
+_FWD_D128_TMA = {LONG: dict(BLOCK_M=128, BLOCK_N=128, WARP_SPEC=True, num_warps=8, num_stages=3),
+                 SHORT: dict(BLOCK_M=64, BLOCK_N=64, WARP_SPEC=False, num_warps=4, num_stages=3)}
+_FWD_D128_TMA[MID] = _FWD_D128_TMA[LONG]
 
 
 def _prune_fwd(configs, named_args, **kwargs):
     keep = prune_configs(configs, named_args, **kwargs)
     if kwargs["BLOCK_D"] == 128 and kwargs["USE_TMA"]:
-        pinned = [c for c in keep if {**c.kwargs, "num_warps": c.num_warps, "num_stages": c.num_stages}
-                  == _FWD_D128_TMA]
+        want = _FWD_D128_TMA[named_args["len_class"]]
+        pinned = [c for c in keep if {**c.kwargs, "num_warps": c.num_warps, "num_stages": c.num_stages} == want]
         keep = pinned or keep
     return keep
 

@@ -120,3 +120,25 @@ def test_fp8_forward_stand_in_once_and_same_result(launches, monkeypatch):
     monkeypatch.setattr(triton_common, "_STOOD_IN", set())
     out2, lse2 = triton_fp8.triton_fp8_forward(fq, True, 0.2, torch.float32)
     assert torch.equal(out, out2) and torch.equal(lse, lse2)
+
+
+def test_length_classes_and_the_forward_pins():
+    """Three length classes (under 4K, 4K-8K, 8K up); at D=128 with TMA the forward keeps only the tile pinned
+    for the call's class (64x64, 4 warps under 4K; 128x128 warp-specialised above), whatever else survives."""
+    lc = triton_common.length_class
+    assert [lc(n) for n in (1, 4095, 4096, 8191, 8192, 1 << 21)] == [triton_common.SHORT] * 2 + \
+        [triton_common.MID] * 2 + [triton_common.LONG] * 2
+    assert len({triton_common.SHORT, triton_common.MID, triton_common.LONG}) == 3
+    assert all(c % 16 == 0 for c in (triton_common.SHORT, triton_common.MID, triton_common.LONG))
+
+    def tile(c):
+        return c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages, c.kwargs["WARP_SPEC"]
+
+    for n, want in ((2048, (64, 64, 4, 3, False)), (4096, (128, 128, 8, 3, True)), (65536, (128, 128, 8, 3, True))):
+        kept = triton_fwd._prune_fwd(triton_fwd._FWD_CONFIGS, {"len_class": lc(n)}, BLOCK_D=128, USE_TMA=True)
+        assert [tile(c) for c in kept] == [want], n
+    # no pin without TMA or at other head dims: the autotuner chooses among the pruned list
+    assert len(triton_fwd._prune_fwd(triton_fwd._FWD_CONFIGS, {"len_class": lc(2048)}, BLOCK_D=128,
+                                     USE_TMA=False)) > 1
+    assert len(triton_fwd._prune_fwd(triton_fwd._FWD_CONFIGS, {"len_class": lc(2048)}, BLOCK_D=64,
+                                     USE_TMA=True)) > 1
