@@ -91,14 +91,16 @@ def _dkdv_inner(dk, dv, k, v, q_src, do_src, dq_dst, lse_base, delta_base, strid
         # -- recompute P^T (keys x queries) from the saved lse: no running max needed ----
         s_t = tl.dot(k, tl.trans(q))
         if EARLY_DP:  # issue dP^T right behind S^T: its GEMM can run while exp2 works on S^T (FA2/FA3 order)
-            do = _load_tile(do_src, start_m, offs_m, stride_dn, seqlen_q, offs_d, HEAD_DIM, BLOCK_D, MASKED, USE_TMA)
+            do = _load_tile(do_src, start_m, offs_m, stride_dn, seqlen_q, offs_d, HEAD_DIM, BLOCK_D, MASKED,
+                            USE_TMA)
             dp_t = tl.dot(v, tl.trans(do))
         p_t = tl.math.exp2(s_t * qk_scale - lse2[None, :])
         if MASKED:
             keep = visible_t(offs_n, offs_m, seqlen_q, seqlen_k, win_left, win_right, HAS_LEFT, HAS_RIGHT)
             p_t = tl.where(keep, p_t, 0.0)
         if not EARLY_DP:
-            do = _load_tile(do_src, start_m, offs_m, stride_dn, seqlen_q, offs_d, HEAD_DIM, BLOCK_D, MASKED, USE_TMA)
+            do = _load_tile(do_src, start_m, offs_m, stride_dn, seqlen_q, offs_d, HEAD_DIM, BLOCK_D, MASKED,
+                            USE_TMA)
         dv = tl.dot(p_t.to(do.dtype), do, dv)
         if MASKED:
             delta = tl.load(delta_base + offs_m, mask=offs_m < seqlen_q, other=0.0)
@@ -196,12 +198,10 @@ def _dq_inner(dq, q, do, lse2, delta, k_src, v_src, stride_kn, stride_vn, start,
               USE_TMA: tl.constexpr, WARP_SPEC: tl.constexpr, EARLY_DP: tl.constexpr):
     """k_src / v_src are tensor descriptors (USE_TMA) or base pointers."""
     for start_n in tl.range(start, end, BLOCK_N, warp_specialize=WARP_SPEC):
-        if USE_TMA:
-            k = k_src.load([start_n, 0])
-            v = v_src.load([start_n, 0])
-        else:
-            k = load_rows(k_src, start_n + offs_n, stride_kn, seqlen_k, offs_d, HEAD_DIM, BLOCK_D, MASKED)
-            v = load_rows(v_src, start_n + offs_n, stride_vn, seqlen_k, offs_d, HEAD_DIM, BLOCK_D, MASKED)
+        k = _load_tile(k_src, start_n, start_n + offs_n, stride_kn, seqlen_k, offs_d, HEAD_DIM, BLOCK_D, MASKED,
+                       USE_TMA)
+        v = _load_tile(v_src, start_n, start_n + offs_n, stride_vn, seqlen_k, offs_d, HEAD_DIM, BLOCK_D, MASKED,
+                       USE_TMA)
         s = tl.dot(q, tl.trans(k))
         if EARLY_DP:
             dp = tl.dot(do, tl.trans(v))
@@ -277,7 +277,7 @@ def _dq_kernel(Q, K, V, DO, DQ, Lse2, Delta, CuQ, CuK,
 
 def _configs(entries):
     """(BLOCK_M, BLOCK_N, warps, stages, warp_spec[, early_dp]) -> triton.Config."""
-    return [triton.Config({"BLOCK_M": e[0], "BLOCK_N": e[1], "WARP_SPEC": e[4], "EARLY_DP": e[5] if e[5:] else False},
+    return [triton.Config({"BLOCK_M": e[0], "BLOCK_N": e[1], "WARP_SPEC": e[4], "EARLY_DP": bool(e[5:] and e[5])},
                           num_warps=e[2], num_stages=e[3]) for e in entries]
 
 

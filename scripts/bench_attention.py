@@ -326,7 +326,7 @@ def _configs(entries):
                           num_warps=e[2], num_stages=e[3]) for e in entries]
 
 
-# candidates beyond the shipped lists: (BLOCK_M, BLOCK_N, warps, stages, warp_spec)
+# candidates beyond the shipped lists: (BLOCK_M, BLOCK_N, warps, stages, warp_spec[, early_dp])
 SWEEP_FWD = _configs([(128, 64, 8, 3, True), (128, 64, 8, 4, True), (128, 128, 8, 2, True), (128, 128, 8, 3, True),
                       (128, 64, 8, 3, False), (128, 128, 8, 2, False), (128, 64, 4, 3, False), (64, 64, 4, 3, False),
                       (128, 128, 4, 3, False)])
