@@ -6,7 +6,9 @@
     python scripts/bench_attention.py --sweep         # our kernel variants (tiles, TMA, warp spec) at N=8K
 
 "ours" is the deterministic backward (the default); "ours-atomic" the same kernels with
-attention.set_deterministic(False): dQ accumulated with float atomics inside the dK/dV kernel.
+attention.set_deterministic(False): dQ accumulated with float atomics inside the dK/dV kernel;
+"ours-atomic-tma" (opt-in: --providers) the same with whole dQ tiles added by TMA reduce-add
+(triton_common.FEATURES["tma_reduce"]).
 
 TFLOPS count 4*B*H*Nq*Nk*D per forward (visible pairs only: causal halves it, windows and packed documents
 count what they attend to) and 2.5x that per backward; fwd+bwd uses the sum of the two medians. Timings
@@ -36,9 +38,16 @@ TOKENS, HEADS = 65536, 16
 DEVICE, DTYPE = "cuda", torch.bfloat16  # the sweep's tensors (a CPU dry run of the script swaps them)
 PRECOMPILE_N = 2048  # precompile workers run our kernels at this length (same specialisation: N % 16 == 0)
 PROVIDERS = ["ours", "ours-atomic", "sdpa_flash", "sdpa_cudnn", "sdpa_efficient", "flex"]
-OURS = ("ours", "ours-atomic")  # same forward; ours-atomic runs the backward with set_deterministic(False)
+OURS = ("ours", "ours-atomic", "ours-atomic-tma")  # same forward; the backward differs (module docstring)
 SDPA = {"sdpa_flash": SDPBackend.FLASH_ATTENTION, "sdpa_cudnn": SDPBackend.CUDNN_ATTENTION,
         "sdpa_efficient": SDPBackend.EFFICIENT_ATTENTION}
+
+
+def _our_mode(provider):
+    """Set the backward our kernels run for `provider`; _our_mode("ours") restores the defaults."""
+    from attention import triton_common
+    attention.set_deterministic(provider not in ("ours-atomic", "ours-atomic-tma"))
+    triton_common.FEATURES["tma_reduce"] = provider == "ours-atomic-tma"
 
 
 def visible_pairs(n, causal, window):
@@ -130,7 +139,7 @@ def run_case(provider, B, n, D, causal, window=(-1, -1), n_docs=0):
     """One provider on one shape: fwd/bwd medians and TFLOPS, or a status ('OOM', 'n/a', 'error: ...')."""
     row = dict(provider=provider, B=B, N=n, H=HEADS, D=D, causal=causal, window=list(window), docs=n_docs)
     torch.manual_seed(0)
-    attention.set_deterministic(provider != "ours-atomic")  # read when the timed backward runs
+    _our_mode(provider)  # read when the timed backward runs
     try:
         q, k, v = (torch.randn(B, n, HEADS, D, device=DEVICE, dtype=DTYPE, requires_grad=True) for _ in range(3))
         doc, pairs = None, visible_pairs(n, causal, window)
@@ -151,7 +160,7 @@ def run_case(provider, B, n, D, causal, window=(-1, -1), n_docs=0):
     except Exception as e:  # a baseline that cannot run this shape is marked, not fatal
         return {**row, "status": f"error: {type(e).__name__}: {str(e)[:160]}"}
     finally:
-        attention.set_deterministic(True)
+        _our_mode("ours")
         torch.cuda.empty_cache()
     flops = 4.0 * HEADS * D * pairs * (B if not n_docs else 1)
     if provider in OURS:
@@ -210,7 +219,7 @@ def _grid_worker(part, parts, ns, dims, providers, extras):
     for j, (provider, (B, n, D, causal, window, n_docs), i) in enumerate(jobs):
         if j % parts != part:
             continue
-        attention.set_deterministic(provider != "ours-atomic")
+        _our_mode(provider)
         if provider in OURS:  # one candidate config per kernel; a short sequence specialises the same way
             for t, cfgs in zip(tuned, shipped):
                 cfgs = triton_common.prune_configs(cfgs, None, USE_TMA=True, BLOCK_D=D)

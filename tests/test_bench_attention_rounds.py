@@ -35,3 +35,18 @@ def test_markdown_states_the_rounds():
     text = bench.markdown(rows, dict(gpu="GPU", date="today", torch="t", triton="tr"))
     assert "median of 3 rounds" in text
     assert "| 1.33, 1.00 |" in text  # ours: median 3.0 ms forward against flex 4.0 ms, so 4/3 the TFLOPS
+
+
+def test_our_providers_set_and_restore_the_backward_mode():
+    """ours-atomic / ours-atomic-tma switch the Triton backward to atomic dQ (the latter with TMA reduce-add);
+    _our_mode("ours") puts the defaults back, as run_case does after every cell."""
+    import attention
+    from attention import triton_common
+    try:
+        for provider, deterministic, tma_reduce in (("ours-atomic", False, False), ("ours-atomic-tma", False, True),
+                                                    ("ours", True, False)):
+            bench._our_mode(provider)
+            assert attention.get_deterministic() == deterministic, provider
+            assert triton_common.FEATURES["tma_reduce"] == tma_reduce, provider
+    finally:
+        bench._our_mode("ours")
