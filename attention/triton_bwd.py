@@ -23,8 +23,8 @@ import triton
 import triton.language as tl
 
 from .triton_common import (FEATURES, LOG2E, atomic_add_rows, block_d, doc_bounds, key_segments, launch, length_class,
-                            load_rows, prune_configs, query_segments, stand_in_qkv, store_rows, visible, visible_t,
-                            wants_stand_in, window_flags)
+                            load_rows, load_tile, prune_configs, query_segments, stand_in_qkv, store_rows,
+                            tile_configs, visible, visible_t, wants_stand_in, window_flags)
 from .triton_fwd import triton_attn_forward, triton_attn_varlen_forward
 
 
@@ -62,17 +62,6 @@ def _preprocess_kernel(Out, DO, Lse, DLse, Delta, Lse2, CuQ,
 
 
 @triton.jit
-def _load_tile(src, start, offs, stride, seqlen, offs_d, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-               MASKED: tl.constexpr, USE_TMA: tl.constexpr):
-    """Rows [start, start + len(offs)) of one head: through a tensor descriptor (USE_TMA) or a base pointer."""
-    if USE_TMA:
-        tile = src.load([start, 0])
-    else:
-        tile = load_rows(src, offs, stride, seqlen, offs_d, HEAD_DIM, BLOCK_D, MASKED)
-    return tile
-
-
-@triton.jit
 def _dkdv_inner(dk, dv, k, v, q_src, do_src, dq_dst, lse_base, delta_base, stride_qn, stride_dn, stride_dqn,
                 start, end, offs_n, offs_d, seqlen_q, seqlen_k, qk_scale, softmax_scale, win_left, win_right,
                 MASKED: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
@@ -83,7 +72,7 @@ def _dkdv_inner(dk, dv, k, v, q_src, do_src, dq_dst, lse_base, delta_base, strid
     dQ accumulator of this head: a descriptor (TMA_REDUCE) or a base pointer."""
     for start_m in tl.range(start, end, BLOCK_M, warp_specialize=WARP_SPEC):
         offs_m = start_m + tl.arange(0, BLOCK_M)
-        q = _load_tile(q_src, start_m, offs_m, stride_qn, seqlen_q, offs_d, HEAD_DIM, BLOCK_D, MASKED, USE_TMA)
+        q = load_tile(q_src, start_m, offs_m, stride_qn, seqlen_q, offs_d, HEAD_DIM, BLOCK_D, MASKED, USE_TMA)
         if MASKED:
             lse2 = tl.load(lse_base + offs_m, mask=offs_m < seqlen_q, other=0.0)
         else:
@@ -91,7 +80,7 @@ def _dkdv_inner(dk, dv, k, v, q_src, do_src, dq_dst, lse_base, delta_base, strid
         # -- recompute P^T (keys x queries) from the saved lse: no running max needed ----
         s_t = tl.dot(k, tl.trans(q))
         if EARLY_DP:  # issue dP^T right behind S^T: its GEMM can run while exp2 works on S^T (FA2/FA3 order)
-            do = _load_tile(do_src, start_m, offs_m, stride_dn, seqlen_q, offs_d, HEAD_DIM, BLOCK_D, MASKED,
+            do = load_tile(do_src, start_m, offs_m, stride_dn, seqlen_q, offs_d, HEAD_DIM, BLOCK_D, MASKED,
                             USE_TMA)
             dp_t = tl.dot(v, tl.trans(do))
         p_t = tl.math.exp2(s_t * qk_scale - lse2[None, :])
@@ -99,7 +88,7 @@ def _dkdv_inner(dk, dv, k, v, q_src, do_src, dq_dst, lse_base, delta_base, strid
             keep = visible_t(offs_n, offs_m, seqlen_q, seqlen_k, win_left, win_right, HAS_LEFT, HAS_RIGHT)
             p_t = tl.where(keep, p_t, 0.0)
         if not EARLY_DP:
-            do = _load_tile(do_src, start_m, offs_m, stride_dn, seqlen_q, offs_d, HEAD_DIM, BLOCK_D, MASKED,
+            do = load_tile(do_src, start_m, offs_m, stride_dn, seqlen_q, offs_d, HEAD_DIM, BLOCK_D, MASKED,
                             USE_TMA)
         dv = tl.dot(p_t.to(do.dtype), do, dv)
         if MASKED:
@@ -198,9 +187,9 @@ def _dq_inner(dq, q, do, lse2, delta, k_src, v_src, stride_kn, stride_vn, start,
               USE_TMA: tl.constexpr, WARP_SPEC: tl.constexpr, EARLY_DP: tl.constexpr):
     """k_src / v_src are tensor descriptors (USE_TMA) or base pointers."""
     for start_n in tl.range(start, end, BLOCK_N, warp_specialize=WARP_SPEC):
-        k = _load_tile(k_src, start_n, start_n + offs_n, stride_kn, seqlen_k, offs_d, HEAD_DIM, BLOCK_D, MASKED,
+        k = load_tile(k_src, start_n, start_n + offs_n, stride_kn, seqlen_k, offs_d, HEAD_DIM, BLOCK_D, MASKED,
                        USE_TMA)
-        v = _load_tile(v_src, start_n, start_n + offs_n, stride_vn, seqlen_k, offs_d, HEAD_DIM, BLOCK_D, MASKED,
+        v = load_tile(v_src, start_n, start_n + offs_n, stride_vn, seqlen_k, offs_d, HEAD_DIM, BLOCK_D, MASKED,
                        USE_TMA)
         s = tl.dot(q, tl.trans(k))
         if EARLY_DP:
@@ -275,20 +264,14 @@ def _dq_kernel(Q, K, V, DO, DQ, Lse2, Delta, CuQ, CuK,
 
 # -- configs: one list per kernel, pruned per call; tuned once per (HEAD_DIM, window flags, TMA, dtype) ----
 
-def _configs(entries):
-    """(BLOCK_M, BLOCK_N, warps, stages, warp_spec[, early_dp]) -> triton.Config."""
-    return [triton.Config({"BLOCK_M": e[0], "BLOCK_N": e[1], "WARP_SPEC": e[4], "EARLY_DP": bool(e[5:] and e[5])},
-                          num_warps=e[2], num_stages=e[3]) for e in entries]
-
-
 # early_dp (the dP GEMM issued right behind S): on an H100 at D=128 it lifts dK/dV by 1-5% (64x64 w4 s2: 538 -> 557
 # causal; 64x128 w8 s3: 509 -> 525 non-causal at 16K); in dQ it moves -2..+1.5%, inside the noise, so dQ keeps
 # the shipped order (docs/bench/sweep_order_h100.json, sweep_bwd_h100_16k_early.json)
-_DKDV_CONFIGS = _configs([(64, 128, 8, 3, False, True), (64, 64, 4, 2, False, True), (64, 64, 4, 3, False, True)])
-_DQ_CONFIGS = _configs([(128, 64, 8, 3, False), (64, 64, 4, 3, False), (64, 64, 4, 2, False)])
+_DKDV_CONFIGS = tile_configs([(64, 128, 8, 3, False, True), (64, 64, 4, 2, False, True), (64, 64, 4, 3, False, True)])
+_DQ_CONFIGS = tile_configs([(128, 64, 8, 3, False), (64, 64, 4, 3, False), (64, 64, 4, 2, False)])
 # the atomic variant holds one more (BLOCK_M, D) fp32 tile per step and issues BLOCK_M*D atomics per tile
 # pair: fewer, larger query blocks amortise them; 64x128 with 8 warps is the dK/dV kernel's D=128 choice
-_DKDV_ATOMIC_CONFIGS = _configs([(64, 128, 8, 2, False), (64, 128, 8, 3, False), (128, 64, 8, 2, False),
+_DKDV_ATOMIC_CONFIGS = tile_configs([(64, 128, 8, 2, False), (64, 128, 8, 3, False), (128, 64, 8, 2, False),
                                  (64, 64, 4, 2, False)])
 _KEY = ["HEAD_DIM", "HAS_LEFT", "HAS_RIGHT", "USE_TMA", "len_class"]
 _PRUNE = {"early_config_prune": prune_configs}

@@ -137,6 +137,18 @@ def load_rows(base, rows, stride_row, n_rows, offs_d, HEAD_DIM: tl.constexpr, BL
 
 
 @triton.jit
+def load_tile(src, start, rows, stride_row, n_rows, offs_d, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+              CHECK_ROWS: tl.constexpr, USE_TMA: tl.constexpr):
+    """Rows [start, start + len(rows)) of one head: through a tensor descriptor (USE_TMA; the copy engine
+    zero-fills past the descriptor's shape) or from a base pointer with load_rows."""
+    if USE_TMA:
+        tile = src.load([start, 0])
+    else:
+        tile = load_rows(src, rows, stride_row, n_rows, offs_d, HEAD_DIM, BLOCK_D, CHECK_ROWS)
+    return tile
+
+
+@triton.jit
 def store_rows(base, rows, stride_row, n_rows, offs_d, value, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
     ptrs = base + rows[:, None].to(tl.int64) * stride_row + offs_d[None, :]
     if BLOCK_D == HEAD_DIM:
@@ -242,6 +254,15 @@ def _CPU_ALLOC(size, align, stream):
 
 def _CUDA_ALLOC(size, align, stream):
     return torch.empty(size, dtype=torch.int8, device="cuda")
+
+
+def tile_configs(entries) -> list:
+    """(BLOCK_M, BLOCK_N, warps, stages, warp_spec[, early_dp]) tuples -> triton.Config list. EARLY_DP is set only
+    where a sixth field is given: the backward kernels default it to False, the forward kernel has no such
+    parameter."""
+    extra = lambda e: {"EARLY_DP": e[5]} if e[5:] else {}  # noqa: E731
+    return [triton.Config({"BLOCK_M": e[0], "BLOCK_N": e[1], "WARP_SPEC": e[4], **extra(e)},
+                          num_warps=e[2], num_stages=e[3]) for e in entries]
 
 
 def prune_configs(configs, named_args, **kwargs):

@@ -16,8 +16,8 @@ import triton
 import triton.language as tl
 
 from .triton_common import (INTERPRET, LN2, LOG2E, LONG, MID, SHORT, block_d, doc_bounds, key_segments, launch,
-                            length_class, load_rows, prune_configs, stand_in_qkv, store_rows, visible,
-                            wants_stand_in, window_flags)
+                            length_class, load_rows, prune_configs, stand_in_qkv, store_rows, tile_configs,
+                            visible, wants_stand_in, window_flags)
 
 FWD_HEAD_DIMS = (32, 64, 96, 128, 256)
 BWD_HEAD_DIMS = (32, 64, 96, 128)
@@ -126,13 +126,10 @@ def _fwd_kernel(Q, K, V, Out, Lse, CuQ, CuK,
     tl.store(lse_base + offs_m, lse, mask=offs_m < seqlen_q)
 
 
-# -- configs: one list, pruned per call; tuned once per (HEAD_DIM, window flags, TMA, dtype), never per length ----
+# -- configs: one list, pruned per call; tuned once per (HEAD_DIM, window flags, TMA, dtype, length class) ----
 
-_FWD_CONFIGS = [
-    triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "WARP_SPEC": ws}, num_warps=w, num_stages=s)
-    for bm, bn, w, s, ws in [(128, 128, 8, 3, True), (128, 64, 8, 3, True), (128, 64, 4, 3, False),
-                             (128, 128, 4, 3, False), (128, 128, 8, 2, False), (64, 64, 4, 3, False)]
-]
+_FWD_CONFIGS = tile_configs([(128, 128, 8, 3, True), (128, 64, 8, 3, True), (128, 64, 4, 3, False),
+                             (128, 128, 4, 3, False), (128, 128, 8, 2, False), (64, 64, 4, 3, False)])
 # H100 sweeps (docs/bench/sweep_fwd_h100_32k.json, sweep_fwd_h100_2k_8k.json): at D=128 with TMA loads the
 # 128x128 warp-specialised tile wins from 4K up, causal and not (454-503 TFLOPS); under 4K (B*N fixed, so many
 # short programs) 64x64 with 4 warps wins, 496 vs 458 non-causal and 399 vs 358 causal at 2K, and is far behind

@@ -33,6 +33,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import attention  # noqa: E402
 from attention import flash_attn_func, flash_attn_varlen_func  # noqa: E402
+from attention.triton_common import tile_configs  # noqa: E402
 
 TOKENS, HEADS = 65536, 16
 DEVICE, DTYPE = "cuda", torch.bfloat16  # the sweep's tensors (a CPU dry run of the script swaps them)
@@ -328,33 +329,29 @@ def precompile(parts, dims, extra=()):
         p.wait()
 
 
-def _configs(entries):
-    """(BLOCK_M, BLOCK_N, warps, stages, warp_spec[, early_dp]); early_dp only for the backward kernels."""
-    extra = lambda e: {"EARLY_DP": e[5]} if e[5:] else {}  # noqa: E731
-    return [triton.Config({"BLOCK_M": e[0], "BLOCK_N": e[1], "WARP_SPEC": e[4], **extra(e)},
-                          num_warps=e[2], num_stages=e[3]) for e in entries]
-
-
 # candidates beyond the shipped lists: (BLOCK_M, BLOCK_N, warps, stages, warp_spec[, early_dp])
-SWEEP_FWD = _configs([(128, 64, 8, 3, True), (128, 64, 8, 4, True), (128, 128, 8, 2, True), (128, 128, 8, 3, True),
-                      (128, 64, 8, 3, False), (128, 128, 8, 2, False), (128, 64, 4, 3, False), (64, 64, 4, 3, False),
-                      (128, 128, 4, 3, False)])
-SWEEP_DKDV = _configs([(64, 128, 8, 2, False), (64, 128, 8, 3, False), (64, 128, 8, 2, True), (64, 128, 8, 3, True),
-                       (64, 128, 8, 4, False), (64, 64, 4, 2, False),
-                       (64, 64, 4, 3, False), (32, 128, 4, 3, False), (32, 64, 4, 3, False), (128, 128, 8, 2, False),
-                       (64, 128, 8, 3, False, True), (64, 128, 8, 3, True, True), (64, 64, 4, 2, False, True),
-                       (64, 64, 4, 3, False, True), (128, 64, 8, 3, False, True), (128, 64, 8, 2, False, True),
-                       (64, 128, 8, 4, False, True)])
+SWEEP_FWD = tile_configs([
+    (128, 64, 8, 3, True), (128, 64, 8, 4, True), (128, 128, 8, 2, True), (128, 128, 8, 3, True),
+    (128, 64, 8, 3, False), (128, 128, 8, 2, False), (128, 64, 4, 3, False), (64, 64, 4, 3, False),
+    (128, 128, 4, 3, False)])
+SWEEP_DKDV = tile_configs([
+    (64, 128, 8, 2, False), (64, 128, 8, 3, False), (64, 128, 8, 2, True), (64, 128, 8, 3, True),
+    (64, 128, 8, 4, False), (64, 64, 4, 2, False), (64, 64, 4, 3, False), (32, 128, 4, 3, False),
+    (32, 64, 4, 3, False), (128, 128, 8, 2, False),
+    (64, 128, 8, 3, False, True), (64, 128, 8, 3, True, True), (64, 64, 4, 2, False, True),
+    (64, 64, 4, 3, False, True), (128, 64, 8, 3, False, True), (128, 64, 8, 2, False, True),
+    (64, 128, 8, 4, False, True)])
 SWEEP_DKDV_ATOMIC = SWEEP_DKDV
-SWEEP_DQ = _configs([(128, 64, 8, 2, False), (128, 64, 8, 3, False), (128, 64, 8, 2, True), (128, 64, 8, 3, True),
-                     (128, 64, 8, 4, False), (64, 64, 4, 2, False),
-                     (64, 64, 4, 3, False), (128, 32, 4, 3, False), (64, 128, 8, 2, False), (128, 128, 8, 2, False),
-                     (128, 64, 8, 3, False, True), (128, 64, 8, 4, False, True)])
+SWEEP_DQ = tile_configs([
+    (128, 64, 8, 2, False), (128, 64, 8, 3, False), (128, 64, 8, 2, True), (128, 64, 8, 3, True),
+    (128, 64, 8, 4, False), (64, 64, 4, 2, False), (64, 64, 4, 3, False), (128, 32, 4, 3, False),
+    (64, 128, 8, 2, False), (128, 128, 8, 2, False),
+    (128, 64, 8, 3, False, True), (128, 64, 8, 4, False, True)])
 
 # --order: the shipped lead tiles with dP issued after P (as shipped) and right behind S (EARLY_DP), each
 # listed --rounds times in alternation so a few-percent difference is not drift
-ORDER_DKDV = _configs([(64, 128, 8, 3, False, False), (64, 128, 8, 3, False, True)])
-ORDER_DQ = _configs([(128, 64, 8, 3, False, False), (128, 64, 8, 3, False, True)])
+ORDER_DKDV = tile_configs([(64, 128, 8, 3, False, False), (64, 128, 8, 3, False, True)])
+ORDER_DQ = tile_configs([(128, 64, 8, 3, False, False), (128, 64, 8, 3, False, True)])
 
 
 def sweep(n, dims, kinds=("fwd", "dkdv", "dq", "atomic-bwd"), causals=(True, False), order_rounds=0):
@@ -501,9 +498,10 @@ def main():
         with open(args.render[:-len(".json")] + ".md", "w") as f:
             f.write(markdown(data["rows"], data))
         return
+    order_rounds = args.rounds if args.order else 0
     if args.part and args.sweep:
         _PART.update(part=args.part[0], parts=args.part[1], compile_only=True)
-        sweep(args.ns[0], args.dims, args.kinds, [bool(c) for c in args.causal], args.order and args.rounds)
+        sweep(args.ns[0], args.dims, args.kinds, [bool(c) for c in args.causal], order_rounds)
         return
     ns = args.ns or ([8192, 32768] if args.quick else [2048 << i for i in range(7)])
     dims = [128] if args.quick else args.dims
@@ -516,11 +514,13 @@ def main():
     if args.sweep:
         if args.precompile:
             t = time.time()
+            # the workers must walk the same candidate list as this process (their share is by position)
+            order = ["--order", "--rounds", str(args.rounds)] if args.order else []
             precompile(args.precompile, args.dims,
-                       ["--kinds", *args.kinds, "--causal", *map(str, args.causal)])
+                       ["--kinds", *args.kinds, "--causal", *map(str, args.causal), *order])
             print(f"precompiled in {time.time() - t:.0f}s", flush=True)
         rows = [r for n in (args.ns or [8192])
-                for r in sweep(n, args.dims, args.kinds, [bool(c) for c in args.causal], args.order and args.rounds)]
+                for r in sweep(n, args.dims, args.kinds, [bool(c) for c in args.causal], order_rounds)]
         with open(os.path.join(args.out, f"sweep{'_order' if args.order else ''}_{gpu_tag}.json"), "w") as f:
             json.dump({**info, "rows": rows}, f, indent=1)
         return
