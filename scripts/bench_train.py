@@ -8,8 +8,8 @@
     python scripts/bench_train.py --models llama_220m --lengths 2097152 --setups ringflash:ckpt=full,offload=all \
         --layers 2 --warmup 0 --steps 1                                 # memory probe: does 2M fit?
 
-A setup is `name[:key=value,...]`: ringflash (keys ckpt, offload, mlp_chunk, compile, loss_chunk, backend),
-hf and hf_liger (key attn: an attn_implementation, default sdpa). Every setup trains the same shapes from
+A setup is `name[:key=value,...]`: ringflash (keys ckpt, offload, mlp_chunk, compile, loss_chunk, backend, det,
+loss_compile), hf and hf_liger (key attn: an attn_implementation, default sdpa). Every setup trains the same shapes from
 random tokens, batch 1, with fused AdamW; --dtype bf16 (default) keeps parameters and AdamW states in bf16
 for every setup, --dtype amp keeps fp32 parameters under bf16 autocast. HF runs with gradient
 checkpointing (non-reentrant). Each (setup, model, length) runs in its own subprocess (a crash or OOM never

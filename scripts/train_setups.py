@@ -18,8 +18,10 @@ ROOT = Path(__file__).resolve().parent.parent
 VOCAB = 32000
 # ringflash's defaults: no attention recompute; the kept attention outputs go to pinned CPU memory (side
 # stream, prefetched), so what stays on the GPU is about what HF's full checkpointing keeps.
+# det=0: atomic-dQ attention backward (attention.set_deterministic); loss_compile: the loss chunks' softmax
+# gradient through torch.compile (-1: as compile)
 RINGFLASH = dict(ckpt="selective", offload="attention", mlp_chunk=8192, compile=1, loss_chunk=2048,
-                 backend="triton", det=1)  # det=0: atomic-dQ attention backward (attention.set_deterministic)
+                 backend="triton", det=1, loss_compile=-1)
 TINY = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=4, head_dim=16, ffn_dim=128, rope_theta=500000.0)
 
 
@@ -71,10 +73,12 @@ def build_ringflash(shape: dict, opts: dict, device, dtype):
     with torch.device(device):
         model = GPT(cfg, attn_backend=backend).to(dtype)
 
+    loss_compile = opts["compile"] if opts["loss_compile"] < 0 else opts["loss_compile"]
+
     def loss_fn(tokens, labels):
         hidden = model(tokens)  # (1, N, dim)
         loss = chunked_cross_entropy(hidden.flatten(0, 1), model.output_weight, labels.flatten(),
-                                     opts["loss_chunk"])
+                                     opts["loss_chunk"], compile=bool(loss_compile))
         return loss / (labels.numel() - 1)
 
     return model, loss_fn

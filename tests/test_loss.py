@@ -88,3 +88,43 @@ def test_bad_inputs():
 def test_global_valid_count_single_process():
     count = global_valid_count(123, torch.device("cpu"))
     assert count.item() == 123.0 and count.dtype == torch.float32
+
+
+def test_expression_form_matches_the_in_place_form():
+    """ce_chunk_grad is what torch.compile sees on CUDA (model.compile); eager it must equal the in-place
+    form the CPU path runs, ignored labels included."""
+    from trainer.loss import _in_place_chunk_grad, ce_chunk_grad
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(37, 101, generator=g).to(torch.bfloat16)
+    labels = torch.randint(0, 101, (37,), generator=g)
+    labels[[0, 5, 36]] = -100
+    loss_a, grad_a = ce_chunk_grad(logits, labels, -100)
+    loss_b, grad_b = _in_place_chunk_grad(logits.clone(), labels, -100)
+    want = F.cross_entropy(logits.float(), labels, ignore_index=-100, reduction="sum")
+    assert_close(loss_a, want, "loss", atol=1e-4, rtol=1e-5)
+    assert_close(loss_b, want, "loss in place", atol=1e-4, rtol=1e-5)
+    assert grad_a.dtype == torch.bfloat16 and torch.equal(grad_a, grad_b)
+    assert (grad_a[[0, 5, 36]] == 0).all()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_compiled_chunks_on_cuda_match_eager():
+    """compile=True: the torch.compile'd softmax gradient and the fp32-output addmm for the weight gradient."""
+    from trainer import loss as loss_mod
+    g = torch.Generator(device="cuda").manual_seed(0)
+    hidden = torch.randn(5000, 256, device="cuda", generator=g).to(torch.bfloat16).requires_grad_()
+    weight = (torch.randn(3000, 256, device="cuda", generator=g) * 0.05).to(torch.bfloat16).requires_grad_()
+    labels = torch.randint(0, 3000, (5000,), device="cuda", generator=g)
+    labels[::7] = -100
+    grads = {}
+    for compile in (False, True):
+        hidden.grad = weight.grad = None
+        total = chunked_cross_entropy(hidden, weight, labels, 2048, compile=compile)
+        total.backward()
+        grads[compile] = (total.detach(), hidden.grad.clone(), weight.grad.clone())
+    want = F.cross_entropy(hidden.detach().float() @ weight.detach().float().T, labels, reduction="sum")
+    assert_close(grads[True][0], want, "loss", atol=1e-2, rtol=1e-3)
+    for name, a, b in zip(("loss", "d hidden", "d weight"), grads[True], grads[False]):
+        assert ((a.float() - b.float()).norm() / b.float().norm()).item() < 1e-2, name
+    assert loss_mod._ADDMM_FP32_OUT[0] is not None  # the fp32-output GEMM was tried on CUDA

@@ -47,15 +47,16 @@ class TrainingStopped(RuntimeError):
 class LMLoss(nn.Module):
     """model + chunked lm-head CE in one forward, so DDP / ZeRO wrap a single module. Returns the loss sum."""
 
-    def __init__(self, model: GPT, chunk: int):
+    def __init__(self, model: GPT, chunk: int, compile: bool = False):
         super().__init__()
         self.model = model
         self.chunk = chunk
+        self.compile = compile  # the softmax gradient of each loss chunk through torch.compile (CUDA)
 
     def forward(self, tokens, labels, position_ids=None, cu_seqlens=None, max_seqlen=None):
         hidden = self.model(tokens, position_ids, cu_seqlens, max_seqlen)  # (B, N, dim)
         return chunked_cross_entropy(hidden.flatten(0, 1), self.model.output_weight, labels.flatten(),
-                                     self.chunk)
+                                     self.chunk, compile=self.compile)
 
 
 def lr_lambda(warmup: int, total: int, min_ratio: float):
@@ -102,7 +103,7 @@ class Trainer:
         self.model = GPT(cfg.model, attn_backend=cfg.attention.backend).to(self.device)
         for block in self.model.layers:  # check_config allows fp8 only where the dense path runs
             block.attention.inner_attention.fp8 = cfg.attention.fp8_forward
-        self.loss_module = LMLoss(self.model, cfg.train.loss_chunk)
+        self.loss_module = LMLoss(self.model, cfg.train.loss_chunk, cfg.model.compile)
         # Counted before parallelize: ZeRO-3 leaves each rank only a shard of every parameter.
         self.n_params = self.model.num_params(exclude_embedding=True)
         self.n_params_total = self.model.num_params()

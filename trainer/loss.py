@@ -25,50 +25,88 @@ def _compute_dtype(hidden: torch.Tensor) -> torch.dtype:
     return hidden.dtype
 
 
-def _chunk_loss(h, weight, labels, ignore_index):
-    """Per-token CE of one chunk: h (C, dim), labels (C,) -> (losses (C,) fp32, logits fp32, valid mask)."""
-    logits = (h @ weight.T).float()  # (C, V)
+def _losses(logits, labels, ignore_index: int):
+    """Per-token CE of one chunk, logits (C, V): (losses (C,) fp32, fp32 logits, lse, valid mask, safe labels)."""
+    x = logits.float()
     valid = labels != ignore_index
     safe = torch.where(valid, labels, torch.zeros_like(labels))
-    lse = torch.logsumexp(logits, dim=-1)
-    target = logits.gather(1, safe[:, None]).squeeze(1)
-    return torch.where(valid, lse - target, torch.zeros_like(lse)), logits, lse, valid, safe
+    lse = torch.logsumexp(x, dim=-1)
+    target = x.gather(1, safe[:, None]).squeeze(1)
+    return torch.where(valid, lse - target, torch.zeros_like(lse)), x, lse, valid, safe
+
+
+def ce_chunk_grad(logits, labels, ignore_index: int):
+    """(sum of the chunk's losses fp32, d(sum)/d(logits) in logits' dtype) for logits (C, V), labels (C,).
+
+    d(loss)/d(logits) = softmax - onehot(target) on valid rows, 0 elsewhere. Written as one expression over
+    the [C, V] block so that torch.compile makes it a reduction and one pointwise pass over the bf16 logits."""
+    losses, x, lse, valid, safe = _losses(logits, labels, ignore_index)
+    onehot = torch.arange(x.shape[1], device=x.device)[None, :] == safe[:, None]
+    grad = (torch.exp(x - lse[:, None]) - onehot.float()) * valid[:, None].float()
+    return losses.sum(), grad.to(logits.dtype)
+
+
+def _in_place_chunk_grad(logits, labels, ignore_index: int):
+    """ce_chunk_grad for eager runs, built in place in the fp32 logits so that a chunk holds one [C, V] fp32
+    tensor (the expression form would allocate several)."""
+    losses, x, lse, valid, safe = _losses(logits, labels, ignore_index)
+    grad = x.sub_(lse[:, None]).exp_()
+    grad[torch.arange(x.shape[0], device=x.device), safe] -= 1.0
+    grad.mul_(valid[:, None])
+    return losses.sum(), grad.to(logits.dtype)
+
+
+# torch.addmm(fp32, bf16, bf16, out_dtype=fp32) on CUDA: cuBLAS adds into the fp32 buffer in its epilogue.
+# None until the first CUDA call tries it; False where this torch lacks it.
+_ADDMM_FP32_OUT: list = [None]
+
+
+def _add_grad_w(grad_w, grad_logits, h):
+    """grad_w (fp32) + grad_logits^T h. Where it works, one GEMM with an fp32 output instead of a [V, dim]
+    product in the compute dtype and a separate add."""
+    if grad_w.is_cuda and grad_logits.dtype != torch.float32 and _ADDMM_FP32_OUT[0] is not False:
+        try:
+            out = torch.addmm(grad_w, grad_logits.T, h, out_dtype=torch.float32)
+            _ADDMM_FP32_OUT[0] = True
+            return out
+        except (RuntimeError, TypeError, NotImplementedError):
+            _ADDMM_FP32_OUT[0] = False
+    return grad_w.add_(grad_logits.T @ h)
 
 
 class ChunkedCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, labels, chunk_size, ignore_index):
+    def forward(ctx, hidden, weight, labels, chunk_size, ignore_index, compile):
         grad_h = torch.empty_like(hidden)
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        if compile:
+            from .fused import compiled
+            loss_and_grad = compiled(ce_chunk_grad)
+        else:
+            loss_and_grad = _in_place_chunk_grad
         for start in range(0, hidden.shape[0], chunk_size):
             h = hidden[start:start + chunk_size]
-            losses, logits, lse, valid, safe = _chunk_loss(h, weight, labels[start:start + chunk_size],
-                                                           ignore_index)
-            total += losses.sum()
-            # d(sum of losses)/d(logits) = softmax - onehot(target) on valid rows, 0 elsewhere. Built in
-            # place in the logits buffer so the chunk holds one [C, V] fp32 tensor.
-            grad_logits = logits.sub_(lse[:, None]).exp_()
-            grad_logits[torch.arange(h.shape[0], device=h.device), safe] -= 1.0
-            grad_logits.mul_(valid[:, None])
-            grad_logits = grad_logits.to(hidden.dtype)
+            loss, grad_logits = loss_and_grad(h @ weight.T, labels[start:start + chunk_size], ignore_index)
+            total += loss
             grad_h[start:start + chunk_size] = grad_logits @ weight
-            grad_w += grad_logits.T @ h
+            grad_w = _add_grad_w(grad_w, grad_logits, h)
         ctx.save_for_backward(grad_h, grad_w.to(weight.dtype))
         return total
 
     @staticmethod
     def backward(ctx, grad_out):
         grad_h, grad_w = ctx.saved_tensors
-        return grad_h * grad_out, grad_w * grad_out, None, None, None
+        return grad_h * grad_out, grad_w * grad_out, None, None, None, None
 
 
 def chunked_cross_entropy(hidden, weight, labels, chunk_size: int = DEFAULT_CHUNK,
-                          ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+                          ignore_index: int = IGNORE_INDEX, compile: bool = False) -> torch.Tensor:
     """Sum over tokens of CE(hidden @ weight.T, labels), fp32 scalar.
 
     hidden (T, dim), weight (vocab, dim), labels (T,) int64 with ignore_index for no target. Divide by the
-    (global) number of valid labels for the mean.
+    (global) number of valid labels for the mean. compile=True (CUDA only; model.compile in the trainer):
+    each chunk's softmax gradient is one torch.compile'd pass over the logits instead of ~6 eager fp32 ones.
     """
     if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
         raise ValueError(f"chunked_cross_entropy: hidden must be (T, dim) and weight (vocab, dim); got hidden "
@@ -81,12 +119,12 @@ def chunked_cross_entropy(hidden, weight, labels, chunk_size: int = DEFAULT_CHUN
     dtype = _compute_dtype(hidden)
     hidden, weight = hidden.to(dtype), weight.to(dtype)
     if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
-        return ChunkedCrossEntropy.apply(hidden, weight, labels, chunk_size, ignore_index)
+        return ChunkedCrossEntropy.apply(hidden, weight, labels, chunk_size, ignore_index,
+                                         compile and hidden.is_cuda)
     total = torch.zeros((), dtype=torch.float32, device=hidden.device)
     for start in range(0, hidden.shape[0], chunk_size):
-        losses = _chunk_loss(hidden[start:start + chunk_size], weight, labels[start:start + chunk_size],
-                             ignore_index)[0]
-        total += losses.sum()
+        h = hidden[start:start + chunk_size]
+        total += _losses(h @ weight.T, labels[start:start + chunk_size], ignore_index)[0].sum()
     return total
 
 
