@@ -6,9 +6,10 @@
     python scripts/bench_attention.py --sweep         # our kernel variants (tiles, TMA, warp spec) at N=8K
 
 "ours" is the deterministic backward (the default); "ours-atomic" the same kernels with
-attention.set_deterministic(False): dQ accumulated with float atomics inside the dK/dV kernel;
-"ours-atomic-tma" (opt-in: --providers) the same with whole dQ tiles added by TMA reduce-add
-(triton_common.FEATURES["tma_reduce"]).
+attention.set_deterministic(False): dQ accumulated inside the dK/dV kernel, whole tiles added by TMA
+reduce-add on Hopper. Opt-in (--providers): "ours-atomic-elem" the atomic backward with per-element atomics
+(triton_common.FEATURES["tma_reduce"] off); "ours-fused" the deterministic backward in one launch
+(FEATURES["fused_bwd"]).
 
 TFLOPS count 4*B*H*Nq*Nk*D per forward (visible pairs only: causal halves it, windows and packed documents
 count what they attend to) and 2.5x that per backward; fwd+bwd uses the sum of the two medians. Timings
@@ -39,7 +40,8 @@ TOKENS, HEADS = 65536, 16
 DEVICE, DTYPE = "cuda", torch.bfloat16  # the sweep's tensors (a CPU dry run of the script swaps them)
 PRECOMPILE_N = 2048  # precompile workers run our kernels at this length (same specialisation: N % 16 == 0)
 PROVIDERS = ["ours", "ours-atomic", "sdpa_flash", "sdpa_cudnn", "sdpa_efficient", "flex"]
-OURS = ("ours", "ours-atomic", "ours-atomic-tma")  # same forward; the backward differs (module docstring)
+# same forward; the backward differs (module docstring)
+OURS = ("ours", "ours-atomic", "ours-atomic-elem", "ours-fused")
 SDPA = {"sdpa_flash": SDPBackend.FLASH_ATTENTION, "sdpa_cudnn": SDPBackend.CUDNN_ATTENTION,
         "sdpa_efficient": SDPBackend.EFFICIENT_ATTENTION}
 
@@ -47,8 +49,9 @@ SDPA = {"sdpa_flash": SDPBackend.FLASH_ATTENTION, "sdpa_cudnn": SDPBackend.CUDNN
 def _our_mode(provider):
     """Set the backward our kernels run for `provider`; _our_mode("ours") restores the defaults."""
     from attention import triton_common
-    attention.set_deterministic(provider not in ("ours-atomic", "ours-atomic-tma"))
-    triton_common.FEATURES["tma_reduce"] = provider == "ours-atomic-tma"
+    attention.set_deterministic(provider not in ("ours-atomic", "ours-atomic-elem"))
+    triton_common.FEATURES["tma_reduce"] = provider != "ours-atomic-elem"
+    triton_common.FEATURES["fused_bwd"] = provider == "ours-fused"
 
 
 def visible_pairs(n, causal, window):
@@ -212,7 +215,8 @@ def precompile_grid(parts, ns, dims, providers, extras):
 
 def _grid_worker(part, parts, ns, dims, providers, extras):
     from attention import triton_bwd, triton_common, triton_fwd
-    tuned = (triton_fwd._fwd_tuned, triton_bwd._dkdv_tuned, triton_bwd._dq_tuned, triton_bwd._dkdv_atomic_tuned)
+    tuned = (triton_fwd._fwd_tuned, triton_bwd._dkdv_tuned, triton_bwd._dq_tuned, triton_bwd._dkdv_atomic_tuned,
+             triton_bwd._fused_tuned)
     shipped = [t.configs for t in tuned]
     jobs = []
     for case in grid_cases(ns, dims, extras):

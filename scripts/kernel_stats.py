@@ -1,0 +1,66 @@
+"""Registers, spills and shared memory of our compiled backward kernels: why a tile runs as fast as it does.
+
+    python scripts/kernel_stats.py [--n 16384] [--causal 0] [--out DIR]     # on a GPU; prints and writes JSON
+
+Runs one backward per mode (deterministic, one-launch, atomic) at B*N = 65536 tokens, 16 heads, D=128, bf16,
+then lists every variant Triton compiled for each kernel (the autotuner's candidates) and its pick.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+import torch
+
+import attention
+from attention import attn_backward, attn_forward, triton_bwd, triton_common
+
+
+def compiled_variants(kernel) -> list[dict]:
+    rows = []
+    for cache in kernel.device_caches.values():
+        for compiled in cache[0].values():
+            md = compiled.metadata
+            row = {"warps": md.num_warps, "stages": md.num_stages, "shared_kib": md.shared / 1024}
+            try:
+                compiled._init_handles()  # n_regs / n_spills are read when the binary is loaded
+                row.update(regs=compiled.n_regs, spills=compiled.n_spills)
+            except Exception as e:  # a candidate the autotuner compiled but the GPU cannot hold
+                row.update(error=type(e).__name__)
+            rows.append(row)
+    return rows
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--n", type=int, default=16384)
+    ap.add_argument("--causal", type=int, default=0)
+    ap.add_argument("--out", default=".")
+    args = ap.parse_args()
+    B, H, D = 65536 // args.n, 16, 128
+    q, k, v = (torch.randn(B, args.n, H, D, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    out, lse = attn_forward(q, k, v, bool(args.causal), backend="triton")
+    dout = torch.randn_like(out)
+    for fused, det in ((False, True), (True, True), (False, False)):
+        triton_common.FEATURES["fused_bwd"] = fused
+        attn_backward(dout, q, k, v, out, lse, bool(args.causal), backend="triton", deterministic=det)
+    triton_common.FEATURES["fused_bwd"] = False
+    attention.set_deterministic(True)
+    torch.cuda.synchronize()
+    report = {}
+    for name in ("_dkdv_tuned", "_dq_tuned", "_fused_tuned", "_dkdv_atomic_tuned"):
+        tuned = getattr(triton_bwd, name)
+        best = getattr(tuned, "best_config", None)
+        report[name] = {"pick": str(best), "variants": compiled_variants(tuned.fn)}
+        print(name, "pick:", best)
+        for row in report[name]["variants"]:
+            print("   ", row)
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, f"kernel_stats_{args.n}_{'causal' if args.causal else 'full'}.json"), "w") as f:
+        json.dump(report, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
