@@ -113,23 +113,24 @@ def _dkdv_inner(dk, dv, k, v, q_src, do_src, dq_dst, lse_base, delta_base, strid
 
 
 @triton.jit
-def _dkdv_program(pid_n, bhk, Q, K, V, DO, DK, DV, DQ, Lse2, Delta, CuQ, CuK,
-                  stride_qb, stride_qn, stride_qh, stride_kb, stride_kn, stride_kh,
-                  stride_vb, stride_vn, stride_vh, stride_db, stride_dn, stride_dh,
-                  stride_dkb, stride_dkn, stride_dkh, stride_dvb, stride_dvn, stride_dvh,
-                  stride_dqb, stride_dqn, stride_dqh, stride_lb, stride_lh,
-                  seqlen_q_dense, seqlen_k_dense, n_kv_heads, group, qk_scale, softmax_scale, win_left, win_right,
-                  HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                  IS_VARLEN: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
-                  USE_TMA: tl.constexpr, WARP_SPEC: tl.constexpr, ATOMIC_DQ: tl.constexpr,
-                  TMA_REDUCE: tl.constexpr, EARLY_DP: tl.constexpr):
-    """dK, dV of key block pid_n of kv head bhk (batch * n_kv_heads + head). DQ: the fp32 dQ accumulator
-    (ATOMIC_DQ; each query head's rows get their own atomics), else unused."""
+def _dkdv_kernel(Q, K, V, DO, DK, DV, DQ, Lse2, Delta, CuQ, CuK,
+                 stride_qb, stride_qn, stride_qh, stride_kb, stride_kn, stride_kh,
+                 stride_vb, stride_vn, stride_vh, stride_db, stride_dn, stride_dh,
+                 stride_dkb, stride_dkn, stride_dkh, stride_dvb, stride_dvn, stride_dvh,
+                 stride_dqb, stride_dqn, stride_dqh, stride_lb, stride_lh,
+                 seqlen_q_dense, seqlen_k_dense, n_kv_heads, group, qk_scale, softmax_scale, win_left, win_right,
+                 len_class,
+                 HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                 IS_VARLEN: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+                 USE_TMA: tl.constexpr, WARP_SPEC: tl.constexpr, ATOMIC_DQ: tl.constexpr,
+                 TMA_REDUCE: tl.constexpr, EARLY_DP: tl.constexpr = False):
+    """DQ: the fp32 dQ accumulator (ATOMIC_DQ; each query head's rows get their own atomics), else unused."""
+    bhk = tl.program_id(1)
     b = bhk // n_kv_heads
     hk = bhk % n_kv_heads
     q_start, seqlen_q = doc_bounds(CuQ, b, seqlen_q_dense, IS_VARLEN)
     k_start, seqlen_k = doc_bounds(CuK, b, seqlen_k_dense, IS_VARLEN)
-    n0 = pid_n * BLOCK_N
+    n0 = tl.program_id(0) * BLOCK_N
     if n0 >= seqlen_k:
         return
     offs_n = n0 + tl.arange(0, BLOCK_N)
@@ -179,29 +180,6 @@ def _dkdv_program(pid_n, bhk, Q, K, V, DO, DK, DV, DQ, Lse2, Delta, CuQ, CuK,
 
 
 @triton.jit
-def _dkdv_kernel(Q, K, V, DO, DK, DV, DQ, Lse2, Delta, CuQ, CuK,
-                 stride_qb, stride_qn, stride_qh, stride_kb, stride_kn, stride_kh,
-                 stride_vb, stride_vn, stride_vh, stride_db, stride_dn, stride_dh,
-                 stride_dkb, stride_dkn, stride_dkh, stride_dvb, stride_dvn, stride_dvh,
-                 stride_dqb, stride_dqn, stride_dqh, stride_lb, stride_lh,
-                 seqlen_q_dense, seqlen_k_dense, n_kv_heads, group, qk_scale, softmax_scale, win_left, win_right,
-                 len_class,
-                 HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                 IS_VARLEN: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
-                 USE_TMA: tl.constexpr, WARP_SPEC: tl.constexpr, ATOMIC_DQ: tl.constexpr,
-                 TMA_REDUCE: tl.constexpr, EARLY_DP: tl.constexpr = False):
-    """Grid (key blocks, batch * n_kv_heads)."""
-    _dkdv_program(tl.program_id(0), tl.program_id(1), Q, K, V, DO, DK, DV, DQ, Lse2, Delta, CuQ, CuK,
-                  stride_qb, stride_qn, stride_qh, stride_kb, stride_kn, stride_kh,
-                  stride_vb, stride_vn, stride_vh, stride_db, stride_dn, stride_dh,
-                  stride_dkb, stride_dkn, stride_dkh, stride_dvb, stride_dvn, stride_dvh,
-                  stride_dqb, stride_dqn, stride_dqh, stride_lb, stride_lh,
-                  seqlen_q_dense, seqlen_k_dense, n_kv_heads, group, qk_scale, softmax_scale, win_left, win_right,
-                  HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, IS_VARLEN, HAS_LEFT, HAS_RIGHT, USE_TMA, WARP_SPEC,
-                  ATOMIC_DQ, TMA_REDUCE, EARLY_DP)
-
-
-@triton.jit
 def _dq_inner(dq, q, do, lse2, delta, k_src, v_src, stride_kn, stride_vn, start, end, offs_m, offs_n, offs_d,
               seqlen_q, seqlen_k, qk_scale, win_left, win_right,
               MASKED: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
@@ -229,17 +207,17 @@ def _dq_inner(dq, q, do, lse2, delta, k_src, v_src, stride_kn, stride_vn, start,
 
 
 @triton.jit
-def _dq_program(pid_m, bh, Q, K, V, DO, DQ, Lse2, Delta, CuQ, CuK,
-                stride_qb, stride_qn, stride_qh, stride_kb, stride_kn, stride_kh,
-                stride_vb, stride_vn, stride_vh, stride_db, stride_dn, stride_dh,
-                stride_dqb, stride_dqn, stride_dqh, stride_lb, stride_lh,
-                seqlen_q_dense, seqlen_k_dense, n_heads, group, max_seqlen_q, qk_scale, softmax_scale,
-                win_left, win_right,
-                HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                IS_VARLEN: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
-                USE_TMA: tl.constexpr, WARP_SPEC: tl.constexpr, EARLY_DP: tl.constexpr):
-    """dQ of the pid_m-th heaviest query block of head bh (batch * n_heads + head)."""
-    start_m = tl.cdiv(max_seqlen_q, BLOCK_M) - 1 - pid_m  # heaviest causal blocks first
+def _dq_kernel(Q, K, V, DO, DQ, Lse2, Delta, CuQ, CuK,
+               stride_qb, stride_qn, stride_qh, stride_kb, stride_kn, stride_kh,
+               stride_vb, stride_vn, stride_vh, stride_db, stride_dn, stride_dh,
+               stride_dqb, stride_dqn, stride_dqh, stride_lb, stride_lh,
+               seqlen_q_dense, seqlen_k_dense, n_heads, group, max_seqlen_q, qk_scale, softmax_scale,
+               win_left, win_right, len_class,
+               HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+               IS_VARLEN: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+               USE_TMA: tl.constexpr, WARP_SPEC: tl.constexpr, EARLY_DP: tl.constexpr = False):
+    start_m = tl.cdiv(max_seqlen_q, BLOCK_M) - 1 - tl.program_id(0)  # heaviest causal blocks first
+    bh = tl.program_id(1)
     b = bh // n_heads
     h = bh % n_heads
     q_start, seqlen_q = doc_bounds(CuQ, b, seqlen_q_dense, IS_VARLEN)
@@ -284,67 +262,6 @@ def _dq_program(pid_m, bh, Q, K, V, DO, DQ, Lse2, Delta, CuQ, CuK,
                HEAD_DIM, BLOCK_D)
 
 
-@triton.jit
-def _dq_kernel(Q, K, V, DO, DQ, Lse2, Delta, CuQ, CuK,
-               stride_qb, stride_qn, stride_qh, stride_kb, stride_kn, stride_kh,
-               stride_vb, stride_vn, stride_vh, stride_db, stride_dn, stride_dh,
-               stride_dqb, stride_dqn, stride_dqh, stride_lb, stride_lh,
-               seqlen_q_dense, seqlen_k_dense, n_heads, group, max_seqlen_q, qk_scale, softmax_scale,
-               win_left, win_right, len_class,
-               HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-               IS_VARLEN: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
-               USE_TMA: tl.constexpr, WARP_SPEC: tl.constexpr, EARLY_DP: tl.constexpr = False):
-    """Grid (query blocks, batch * n_heads)."""
-    _dq_program(tl.program_id(0), tl.program_id(1), Q, K, V, DO, DQ, Lse2, Delta, CuQ, CuK,
-                stride_qb, stride_qn, stride_qh, stride_kb, stride_kn, stride_kh,
-                stride_vb, stride_vn, stride_vh, stride_db, stride_dn, stride_dh,
-                stride_dqb, stride_dqn, stride_dqh, stride_lb, stride_lh,
-                seqlen_q_dense, seqlen_k_dense, n_heads, group, max_seqlen_q, qk_scale, softmax_scale,
-                win_left, win_right, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, IS_VARLEN, HAS_LEFT, HAS_RIGHT,
-                USE_TMA, WARP_SPEC, EARLY_DP)
-
-
-@triton.jit
-def _bwd_fused_kernel(Q, K, V, DO, DK, DV, DQ, Lse2, Delta, CuQ, CuK,
-                      stride_qb, stride_qn, stride_qh, stride_kb, stride_kn, stride_kh,
-                      stride_vb, stride_vn, stride_vh, stride_db, stride_dn, stride_dh,
-                      stride_dkb, stride_dkn, stride_dkh, stride_dvb, stride_dvn, stride_dvh,
-                      stride_dqb, stride_dqn, stride_dqh, stride_lb, stride_lh,
-                      seqlen_q_dense, seqlen_k_dense, n_kv_heads, group, max_seqlen_q, max_seqlen_k,
-                      qk_scale, softmax_scale, win_left, win_right, len_class,
-                      HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                      BLOCK_M2: tl.constexpr, BLOCK_N2: tl.constexpr,
-                      IS_VARLEN: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
-                      USE_TMA: tl.constexpr, WARP_SPEC: tl.constexpr, EARLY_DP: tl.constexpr = False):
-    """The deterministic backward in one launch (FlexAttention's layout): grid (key blocks + query blocks x
-    group, batch * n_kv_heads). The first programs of a kv head run dK/dV (BLOCK_M x BLOCK_N tiles), the rest
-    dQ of its query heads (BLOCK_M2 x BLOCK_N2), so both kinds share the machine instead of the dQ pass
-    starting on an idle GPU behind the dK/dV tail."""
-    pid = tl.program_id(0)
-    bhk = tl.program_id(1)
-    n_kv_blocks = tl.cdiv(max_seqlen_k, BLOCK_N)
-    if pid < n_kv_blocks:
-        _dkdv_program(pid, bhk, Q, K, V, DO, DK, DV, DQ, Lse2, Delta, CuQ, CuK,
-                      stride_qb, stride_qn, stride_qh, stride_kb, stride_kn, stride_kh,
-                      stride_vb, stride_vn, stride_vh, stride_db, stride_dn, stride_dh,
-                      stride_dkb, stride_dkn, stride_dkh, stride_dvb, stride_dvn, stride_dvh,
-                      stride_dqb, stride_dqn, stride_dqh, stride_lb, stride_lh,
-                      seqlen_q_dense, seqlen_k_dense, n_kv_heads, group, qk_scale, softmax_scale, win_left,
-                      win_right, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, IS_VARLEN, HAS_LEFT, HAS_RIGHT, USE_TMA,
-                      WARP_SPEC, False, False, EARLY_DP)
-    else:
-        j = pid - n_kv_blocks
-        b = bhk // n_kv_heads
-        h = (bhk % n_kv_heads) * group + j % group
-        _dq_program(j // group, b * n_kv_heads * group + h, Q, K, V, DO, DQ, Lse2, Delta, CuQ, CuK,
-                    stride_qb, stride_qn, stride_qh, stride_kb, stride_kn, stride_kh,
-                    stride_vb, stride_vn, stride_vh, stride_db, stride_dn, stride_dh,
-                    stride_dqb, stride_dqn, stride_dqh, stride_lb, stride_lh,
-                    seqlen_q_dense, seqlen_k_dense, n_kv_heads * group, group, max_seqlen_q, qk_scale,
-                    softmax_scale, win_left, win_right, HEAD_DIM, BLOCK_D, BLOCK_M2, BLOCK_N2, IS_VARLEN, HAS_LEFT,
-                    HAS_RIGHT, USE_TMA, WARP_SPEC, False)
-
-
 # -- configs: one list per kernel, pruned per call; tuned once per (HEAD_DIM, window flags, TMA, dtype) ----
 
 # early_dp (the dP GEMM issued right behind S): on an H100 at D=128 it lifts dK/dV by 1-5% (64x64 w4 s2: 538 -> 557
@@ -356,12 +273,6 @@ _DQ_CONFIGS = tile_configs([(128, 64, 8, 3, False), (64, 64, 4, 3, False), (64, 
 # pair: fewer, larger query blocks amortise them; 64x128 with 8 warps is the dK/dV kernel's D=128 choice
 _DKDV_ATOMIC_CONFIGS = tile_configs([(64, 128, 8, 2, False), (64, 128, 8, 3, False), (128, 64, 8, 2, False),
                                  (64, 64, 4, 2, False)])
-# the one-launch backward (FEATURES["fused_bwd"]): both program kinds share num_warps / num_stages, so it pairs
-# the dK/dV and dQ tiles that ship with the same warps and stages
-_FUSED_CONFIGS = [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_M2": m2, "BLOCK_N2": n2, "WARP_SPEC": False,
-                                 "EARLY_DP": True}, num_warps=w, num_stages=st)
-                  for m, n, m2, n2, w, st in ((64, 128, 128, 64, 8, 3), (64, 64, 64, 64, 4, 2),
-                                              (64, 64, 64, 64, 4, 3))]
 _KEY = ["HEAD_DIM", "HAS_LEFT", "HAS_RIGHT", "USE_TMA", "len_class"]
 _PRUNE = {"early_config_prune": prune_configs}
 _dkdv_tuned = triton.autotune(_DKDV_CONFIGS, key=_KEY, prune_configs_by=_PRUNE)(_dkdv_kernel)
@@ -369,9 +280,7 @@ _dq_tuned = triton.autotune(_DQ_CONFIGS, key=_KEY, prune_configs_by=_PRUNE)(_dq_
 # autotuning launches the kernel many times: DQ is zeroed before each trial and before the real run
 _dkdv_atomic_tuned = triton.autotune(_DKDV_ATOMIC_CONFIGS, key=_KEY + ["TMA_REDUCE"], prune_configs_by=_PRUNE,
                                      reset_to_zero=["DQ"])(_dkdv_kernel)
-_fused_tuned = triton.autotune(_FUSED_CONFIGS, key=_KEY, prune_configs_by=_PRUNE)(_bwd_fused_kernel)
 _INTERPRET_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 16, "WARP_SPEC": False}
-_INTERPRET_FUSED = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_M2": 32, "BLOCK_N2": 16, "WARP_SPEC": False}
 _PRE_BLOCK = 64
 
 
@@ -415,14 +324,6 @@ def _launch_bwd(dout, q, k, v, out, lse, dlse, cu_q, cu_k, seqlen_q, seqlen_k, m
         scales = [softmax_scale * LOG2E, softmax_scale]
         dkdv_args = [q, k, v, dout, dk, dv, dq, lse2, delta, cu_q, cu_k, *base, *strides(dk, dv, dq),
                      *lse_strides, seqlen_q, seqlen_k, n_kv, group, *scales, left, right, len_class]
-        if deterministic and FEATURES["fused_bwd"]:
-            fused_args = [q, k, v, dout, dk, dv, dq, lse2, delta, cu_q, cu_k, *base, *strides(dk, dv, dq),
-                          *lse_strides, seqlen_q, seqlen_k, n_kv, group, max_q, max_k, *scales, left, right,
-                          len_class]
-            launch(_bwd_fused_kernel, _fused_tuned, _INTERPRET_FUSED,
-                   lambda m: (triton.cdiv(max_k, m["BLOCK_N"]) + triton.cdiv(max_q, m["BLOCK_M2"]) * group,
-                              n_batch * n_kv), fused_args, consts, q)
-            return dq, dk, dv
         # the interpreter has no TMA reduce-add
         tma_reduce = not deterministic and FEATURES["tma_reduce"] and not INTERPRET
         atomic = dict(ATOMIC_DQ=not deterministic, TMA_REDUCE=tma_reduce)
@@ -442,7 +343,7 @@ def _tune_on_stand_in(q, k, causal, softmax_scale, window_size, dlse, determinis
     so the autotuners time their tiles there (triton_common.STAND_IN). The kind: what decides the backward
     kernels' autotune keys."""
     tag = ("bwd", q.device, q.dtype, q.shape[-1], window_flags(causal, window_size)[:2], varlen, deterministic,
-           FEATURES["tma_reduce"], FEATURES["fused_bwd"])
+           FEATURES["tma_reduce"])
     if not wants_stand_in(tag, max_len, q):
         return
     qs, ks, vs, cu = stand_in_qkv(q, k, varlen)

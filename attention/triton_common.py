@@ -239,9 +239,8 @@ def hopper_features_ok(q: torch.Tensor) -> bool:
 # "interpret_tma" lets the CPU tests run the descriptor path through the interpreter;
 # "tma_reduce": the atomic-dQ backward adds its dQ tiles with TMA reduce-add (desc.atomic_add) instead of
 # per-element atomics when TMA is in use (H100: 360-368 TFLOPS backward against 313-326; the interpreter
-# cannot run it, so CPU runs use the per-element atomics);
-# "fused_bwd": the deterministic backward runs its dK/dV and dQ programs in one launch (triton_bwd).
-FEATURES = {"tma": True, "tma_error": None, "interpret_tma": False, "tma_reduce": True, "fused_bwd": False}
+# cannot run it, so CPU runs use the per-element atomics).
+FEATURES = {"tma": True, "tma_error": None, "interpret_tma": False, "tma_reduce": True}
 
 
 def _ensure_tma_allocator(device: torch.device) -> None:

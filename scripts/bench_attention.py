@@ -7,9 +7,8 @@
 
 "ours" is the deterministic backward (the default); "ours-atomic" the same kernels with
 attention.set_deterministic(False): dQ accumulated inside the dK/dV kernel, whole tiles added by TMA
-reduce-add on Hopper. Opt-in (--providers): "ours-atomic-elem" the atomic backward with per-element atomics
-(triton_common.FEATURES["tma_reduce"] off); "ours-fused" the deterministic backward in one launch
-(FEATURES["fused_bwd"]).
+reduce-add on Hopper; "ours-atomic-elem" (opt-in: --providers) the same with per-element atomics
+(triton_common.FEATURES["tma_reduce"] off).
 
 TFLOPS count 4*B*H*Nq*Nk*D per forward (visible pairs only: causal halves it, windows and packed documents
 count what they attend to) and 2.5x that per backward; fwd+bwd uses the sum of the two medians. Timings
@@ -41,7 +40,7 @@ DEVICE, DTYPE = "cuda", torch.bfloat16  # the sweep's tensors (a CPU dry run of 
 PRECOMPILE_N = 2048  # precompile workers run our kernels at this length (same specialisation: N % 16 == 0)
 PROVIDERS = ["ours", "ours-atomic", "sdpa_flash", "sdpa_cudnn", "sdpa_efficient", "flex"]
 # same forward; the backward differs (module docstring)
-OURS = ("ours", "ours-atomic", "ours-atomic-elem", "ours-fused")
+OURS = ("ours", "ours-atomic", "ours-atomic-elem")
 SDPA = {"sdpa_flash": SDPBackend.FLASH_ATTENTION, "sdpa_cudnn": SDPBackend.CUDNN_ATTENTION,
         "sdpa_efficient": SDPBackend.EFFICIENT_ATTENTION}
 
@@ -51,7 +50,6 @@ def _our_mode(provider):
     from attention import triton_common
     attention.set_deterministic(provider not in ("ours-atomic", "ours-atomic-elem"))
     triton_common.FEATURES["tma_reduce"] = provider != "ours-atomic-elem"
-    triton_common.FEATURES["fused_bwd"] = provider == "ours-fused"
 
 
 def visible_pairs(n, causal, window):
@@ -215,8 +213,7 @@ def precompile_grid(parts, ns, dims, providers, extras):
 
 def _grid_worker(part, parts, ns, dims, providers, extras):
     from attention import triton_bwd, triton_common, triton_fwd
-    tuned = (triton_fwd._fwd_tuned, triton_bwd._dkdv_tuned, triton_bwd._dq_tuned, triton_bwd._dkdv_atomic_tuned,
-             triton_bwd._fused_tuned)
+    tuned = (triton_fwd._fwd_tuned, triton_bwd._dkdv_tuned, triton_bwd._dq_tuned, triton_bwd._dkdv_atomic_tuned)
     shipped = [t.configs for t in tuned]
     jobs = []
     for case in grid_cases(ns, dims, extras):

@@ -2,7 +2,7 @@
 
     python scripts/kernel_stats.py [--n 16384] [--causal 0] [--out DIR]     # on a GPU; prints and writes JSON
 
-Runs one backward per mode (deterministic, one-launch, atomic) at B*N = 65536 tokens, 16 heads, D=128, bf16,
+Runs one backward per mode (deterministic, atomic) at B*N = 65536 tokens, 16 heads, D=128, bf16,
 then lists every variant Triton compiled for each kernel (the autotuner's candidates) and its pick.
 """
 
@@ -14,8 +14,7 @@ import os
 
 import torch
 
-import attention
-from attention import attn_backward, attn_forward, triton_bwd, triton_common
+from attention import attn_backward, attn_forward, triton_bwd
 
 
 def compiled_variants(kernel) -> list[dict]:
@@ -43,14 +42,11 @@ def main():
     q, k, v = (torch.randn(B, args.n, H, D, device="cuda", dtype=torch.bfloat16) for _ in range(3))
     out, lse = attn_forward(q, k, v, bool(args.causal), backend="triton")
     dout = torch.randn_like(out)
-    for fused, det in ((False, True), (True, True), (False, False)):
-        triton_common.FEATURES["fused_bwd"] = fused
+    for det in (True, False):
         attn_backward(dout, q, k, v, out, lse, bool(args.causal), backend="triton", deterministic=det)
-    triton_common.FEATURES["fused_bwd"] = False
-    attention.set_deterministic(True)
     torch.cuda.synchronize()
     report = {}
-    for name in ("_dkdv_tuned", "_dq_tuned", "_fused_tuned", "_dkdv_atomic_tuned"):
+    for name in ("_dkdv_tuned", "_dq_tuned", "_dkdv_atomic_tuned"):
         tuned = getattr(triton_bwd, name)
         best = getattr(tuned, "best_config", None)
         report[name] = {"pick": str(best), "variants": compiled_variants(tuned.fn)}

@@ -39,17 +39,14 @@ def test_markdown_states_the_rounds():
 
 def test_our_providers_set_and_restore_the_backward_mode():
     """ours-atomic / ours-atomic-elem switch the Triton backward to atomic dQ (the latter with per-element
-    atomics), ours-fused to the one-launch deterministic backward; _our_mode("ours") puts the defaults back, as
-    run_case does after every cell."""
+    atomics); _our_mode("ours") puts the defaults back, as run_case does after every cell."""
     import attention
     from attention import triton_common
     try:
-        for provider, deterministic, tma_reduce, fused in (
-                ("ours-atomic", False, True, False), ("ours-atomic-elem", False, False, False),
-                ("ours-fused", True, True, True), ("ours", True, True, False)):
+        for provider, deterministic, tma_reduce in (("ours-atomic", False, True), ("ours-atomic-elem", False, False),
+                                                    ("ours", True, True)):
             bench._our_mode(provider)
             assert attention.get_deterministic() == deterministic, provider
             assert triton_common.FEATURES["tma_reduce"] == tma_reduce, provider
-            assert triton_common.FEATURES["fused_bwd"] == fused, provider
     finally:
         bench._our_mode("ours")

@@ -97,22 +97,3 @@ def test_backward_deterministic_gqa():
     second = attn_backward(dout, q, k, v, out, lse, True, backend="triton")
     for a, b in zip(first, second):
         assert torch.equal(a, b)
-
-
-@pytest.mark.parametrize("B,nq,nk,H,hkv,D,causal,window,dtype", CASES[:4] + CASES[5:7])
-def test_one_launch_backward(B, nq, nk, H, hkv, D, causal, window, dtype, monkeypatch):
-    """FEATURES["fused_bwd"]: dK/dV and dQ programs in one grid, against the reference, and run to run equal."""
-    from attention import triton_common
-    monkeypatch.setitem(triton_common.FEATURES, "fused_bwd", True)
-    q, k, v = cuda_qkv(B, nq, nk, H, hkv, D, dtype)
-    out, lse = attn_forward(q, k, v, causal, None, window, backend="triton")
-    ref_out, ref_lse = reference_attn_forward(q.float(), k.float(), v.float(), causal, None, window)
-    dout, dlse = torch.randn_like(out), torch.randn_like(lse)
-    grads = attn_backward(dout, q, k, v, out, lse, causal, None, window, dlse=dlse, backend="triton")
-    want = reference_attn_backward(dout.float(), q.float(), k.float(), v.float(), ref_out, ref_lse, causal, None,
-                                   window, dlse=dlse)
-    for name, g, w in zip(("dq", "dk", "dv"), grads, want):
-        assert g.dtype == dtype and rel_err(g, w) < GRAD_TOL, name
-    again = attn_backward(dout, q, k, v, out, lse, causal, None, window, dlse=dlse, backend="triton")
-    for a, b in zip(grads, again):
-        assert torch.equal(a, b)
