@@ -260,6 +260,18 @@ def test_compiled_model_matches_eager():
                               "compile + mlp_chunk")
 
 
+def test_compiled_model_takes_many_lengths():
+    """Eval prompts come in many lengths: more than torch's recompile limit (8) must neither fail (fullgraph) nor
+    drift from eager."""
+    torch._dynamo.reset()
+    model, ref = build(torch.float32, compile=True), build(torch.float32)
+    ref.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        for n in range(3, 14):
+            tokens = torch.randint(0, VOCAB, (1, n))
+            assert_close(model(tokens), ref(tokens), f"compiled vs eager at {n} tokens", atol=1e-4, rtol=1e-4)
+
+
 def test_bad_memory_options():
     with pytest.raises(ValueError, match="offload_activations"):
         build(offload_activations="sometimes")

@@ -30,10 +30,13 @@ _COMPILED: dict = {}
 
 
 def compiled(fn):
-    """torch.compile(fn) once per function: static shapes, one graph, weights passed as arguments so every
-    layer shares it (no per-module guards or recompiles)."""
+    """torch.compile(fn) once per function: one graph, weights passed as arguments so every layer shares it
+    (no per-module guards). The first shape compiles static; a second shape recompiles with dynamic sizes,
+    which then serves every later one. dynamic=False compiled once per shape and, at torch's recompile limit
+    (8), fullgraph made that a hard error: an H100 passkey run died at its first eval, whose prompts come in
+    more lengths than that."""
     if fn not in _COMPILED:
-        _COMPILED[fn] = torch.compile(fn, fullgraph=True, dynamic=False)
+        _COMPILED[fn] = torch.compile(fn, fullgraph=True, dynamic=None)
     return _COMPILED[fn]
 
 
