@@ -9,9 +9,9 @@
         --layers 2 --warmup 0 --steps 1                                 # memory probe: does 2M fit?
 
 A setup is `name[:key=value,...]`: ringflash (keys ckpt, offload, mlp_chunk, compile, loss_chunk, backend, det,
-loss_compile), hf and hf_liger (key attn: an attn_implementation, default sdpa). Every setup trains the same shapes from
-random tokens, batch 1, with fused AdamW; --dtype bf16 (default) keeps parameters and AdamW states in bf16
-for every setup, --dtype amp keeps fp32 parameters under bf16 autocast. HF runs with gradient
+loss_compile), hf and hf_liger (key attn: an attn_implementation, default sdpa). Every setup trains the same
+shapes from random tokens, batch 1, with fused AdamW; --dtype bf16 (default) keeps parameters and AdamW states
+in bf16 for every setup, --dtype amp keeps fp32 parameters under bf16 autocast. HF runs with gradient
 checkpointing (non-reentrant). Each (setup, model, length) runs in its own subprocess (a crash or OOM never
 poisons the next cell): warm-up steps, then the median of timed steps (CUDA events, no host sync inside a
 step). MFU uses trainer/metrics.py's formula for every setup: 6 * params (no input embedding) * tokens +
