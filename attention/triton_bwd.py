@@ -272,7 +272,7 @@ _DQ_CONFIGS = tile_configs([(128, 64, 8, 3, False), (64, 64, 4, 3, False), (64, 
 # the atomic variant holds one more (BLOCK_M, D) fp32 tile per step and issues BLOCK_M*D atomics per tile
 # pair: fewer, larger query blocks amortise them; 64x128 with 8 warps is the dK/dV kernel's D=128 choice
 _DKDV_ATOMIC_CONFIGS = tile_configs([(64, 128, 8, 2, False), (64, 128, 8, 3, False), (128, 64, 8, 2, False),
-                                 (64, 64, 4, 2, False)])
+                                     (64, 64, 4, 2, False)])
 _KEY = ["HEAD_DIM", "HAS_LEFT", "HAS_RIGHT", "USE_TMA", "len_class"]
 _PRUNE = {"early_config_prune": prune_configs}
 _dkdv_tuned = triton.autotune(_DKDV_CONFIGS, key=_KEY, prune_configs_by=_PRUNE)(_dkdv_kernel)

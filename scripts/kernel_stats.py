@@ -46,11 +46,11 @@ def main():
         attn_backward(dout, q, k, v, out, lse, bool(args.causal), backend="triton", deterministic=det)
     torch.cuda.synchronize()
     report = {}
-    for name in ("_dkdv_tuned", "_dq_tuned", "_dkdv_atomic_tuned"):
-        tuned = getattr(triton_bwd, name)
-        best = getattr(tuned, "best_config", None)
-        report[name] = {"pick": str(best), "variants": compiled_variants(tuned.fn)}
-        print(name, "pick:", best)
+    # the deterministic and the atomic dK/dV tuners share one kernel: its variants are listed once
+    for name, tuners in (("_dkdv_kernel", ("_dkdv_tuned", "_dkdv_atomic_tuned")), ("_dq_kernel", ("_dq_tuned",))):
+        picks = {t: str(getattr(getattr(triton_bwd, t), "best_config", None)) for t in tuners}
+        report[name] = {"picks": picks, "variants": compiled_variants(getattr(triton_bwd, tuners[0]).fn)}
+        print(name, "picks:", picks)
         for row in report[name]["variants"]:
             print("   ", row)
     os.makedirs(args.out, exist_ok=True)

@@ -14,6 +14,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from .fused import compiled
+
 IGNORE_INDEX = -100
 DEFAULT_CHUNK = 4096
 
@@ -80,11 +82,7 @@ class ChunkedCrossEntropy(torch.autograd.Function):
         grad_h = torch.empty_like(hidden)
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        if compile:
-            from .fused import compiled
-            loss_and_grad = compiled(ce_chunk_grad)
-        else:
-            loss_and_grad = _in_place_chunk_grad
+        loss_and_grad = compiled(ce_chunk_grad) if compile else _in_place_chunk_grad
         for start in range(0, hidden.shape[0], chunk_size):
             h = hidden[start:start + chunk_size]
             loss, grad_logits = loss_and_grad(h @ weight.T, labels[start:start + chunk_size], ignore_index)
