@@ -104,6 +104,34 @@ def test_resume_none_refuses_an_existing_run(run36):
         train(run36, "train.steps=36", "train.resume=none")
 
 
+def test_init_from_takes_weights_only(run36, tmp_path):
+    step36 = run36 / "checkpoints" / "step_36"
+    saved = torch.load(step36 / "state.pt", weights_only=False)["model"]
+    # a longer context than the source run, as a context extension would use
+    cfg = compose_cfg([*FAST, f"train.out_dir={tmp_path}", "train.steps=2", "data.seq_len=128",
+                       f"train.init_from={step36}"])
+    t = Trainer(cfg, init_distributed("cpu"))
+    for name, value in t.model.state_dict().items():
+        assert torch.equal(value, saved[name]), name
+    assert t.step == 0 and not t.optimizer.state
+    t.run()
+    fresh = metrics(tmp_path)
+    scratch = compose_cfg([*FAST, f"train.out_dir={tmp_path / 'scratch'}", "train.steps=1", "data.seq_len=128"])
+    Trainer(scratch, init_distributed("cpu")).run()
+    assert sorted(fresh) == [1, 2]
+    assert fresh[1]["loss"] < metrics(tmp_path / "scratch")[1]["loss"] - 1.0  # trained weights, not a new init
+
+
+def test_init_from_refuses_another_shape(run36, tmp_path):
+    cfg = compose_cfg([*FAST, f"train.out_dir={tmp_path}", "model.dim=32",
+                       f"train.init_from={run36 / 'checkpoints' / 'step_36'}"])
+    with pytest.raises(ValueError, match="does not fit this model"):
+        Trainer(cfg, init_distributed("cpu"))
+    cfg.train.init_from = str(tmp_path / "nowhere")
+    with pytest.raises(ValueError, match="not a complete checkpoint"):
+        Trainer(cfg, init_distributed("cpu"))
+
+
 def test_checkpoint_manager_keep_and_world_size(tmp_path):
     mgr = CheckpointManager(tmp_path, keep=2)
     for step in (1, 2, 3):

@@ -158,3 +158,27 @@ class CheckpointManager:
     def load_latest(self) -> Optional[tuple[int, dict, dict]]:
         path = self.latest()
         return None if path is None else self.load(path)
+
+
+def load_weights(model: torch.nn.Module, path) -> None:
+    """Weights of a complete checkpoint written with zero_stage 0 (state.pt holds the whole model), into `model`.
+
+    For warm starts (train.init_from): a context extension or a second curriculum phase takes the weights and
+    none of the optimizer, schedule or data position, so any world size, data mix or length may follow.
+    """
+    path = Path(path)
+    if not (path / "meta.json").is_file():
+        raise ValueError(f"train.init_from: {path} is not a complete checkpoint (no meta.json)")
+    shared = torch.load(path / "state.pt", map_location="cpu", weights_only=False)
+    if "model" not in shared:
+        raise ValueError(f"train.init_from: {path} was written under ZeRO (its weights are shards); warm-start from a "
+                         f"parallel.zero_stage=0 checkpoint")
+    mine = model.state_dict()
+    theirs = shared["model"]
+    missing, extra = sorted(set(mine) - set(theirs)), sorted(set(theirs) - set(mine))
+    shapes = {k: (tuple(theirs[k].shape), tuple(v.shape)) for k, v in mine.items()
+              if k in theirs and theirs[k].shape != v.shape}
+    if missing or extra or shapes:
+        raise ValueError(f"train.init_from: {path} does not fit this model: missing {missing[:4]}, unexpected "
+                         f"{extra[:4]}, shape (checkpoint, model) {dict(list(shapes.items())[:4])}")
+    model.load_state_dict(theirs)

@@ -28,7 +28,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from attention import set_deterministic
 from parallel.data_parallel import load_zero_checkpoint, save_zero_checkpoint, zero_grad_norm
-from trainer.checkpoint import CheckpointManager, rng_state, set_rng_state
+from trainer.checkpoint import CheckpointManager, load_weights, rng_state, set_rng_state
 from trainer.config import Config
 from trainer.data import build_loader, build_tokenizer
 from trainer.loss import chunked_cross_entropy, global_valid_count
@@ -101,6 +101,9 @@ class Trainer:
             cfg.model.vocab_size = self.tokenizer.vocab_size
         set_deterministic(cfg.attention.deterministic)  # process-wide: every attention backward follows it
         self.model = GPT(cfg.model, attn_backend=cfg.attention.backend).to(self.device)
+        if cfg.train.init_from:  # before the optimizer and ZeRO take copies of the weights
+            load_weights(self.model, cfg.train.init_from)
+            log.info("weights from %s (optimizer, schedule and data start afresh)", cfg.train.init_from)
         for block in self.model.layers:  # check_config allows fp8 only where the dense path runs
             block.attention.inner_attention.fp8 = cfg.attention.fp8_forward
         self.loss_module = LMLoss(self.model, cfg.train.loss_chunk, cfg.model.compile)
