@@ -67,7 +67,7 @@ def _dkdv_inner(dk, dv, k, v, q_src, do_src, dq_dst, lse_base, delta_base, strid
                 MASKED: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
                 HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
                 USE_TMA: tl.constexpr, WARP_SPEC: tl.constexpr, ATOMIC_DQ: tl.constexpr, TMA_REDUCE: tl.constexpr,
-                EARLY_DP: tl.constexpr, DQ_FIRST: tl.constexpr):
+                EARLY_DP: tl.constexpr):
     """q_src / do_src are tensor descriptors (USE_TMA) or base pointers; dq_dst (ATOMIC_DQ only) is the fp32
     dQ accumulator of this head: a descriptor (TMA_REDUCE) or a base pointer."""
     for start_m in tl.range(start, end, BLOCK_M, warp_specialize=WARP_SPEC):
@@ -99,8 +99,7 @@ def _dkdv_inner(dk, dv, k, v, q_src, do_src, dq_dst, lse_base, delta_base, strid
         if not EARLY_DP:
             dp_t = tl.dot(v, tl.trans(do))
         ds_t = (p_t * (dp_t - delta[None, :])).to(q.dtype)
-        if not DQ_FIRST:
-            dk = tl.dot(ds_t, q, dk)
+        dk = tl.dot(ds_t, q, dk)
         if ATOMIC_DQ:  # this tile's share of dQ = dS K; masked pairs have dS = 0, so they add nothing
             dq = tl.dot(tl.trans(ds_t), k) * softmax_scale
             if USE_TMA:  # (nested, not `and`: constexpr-only branches whatever this Triton does with `and`)
@@ -110,8 +109,6 @@ def _dkdv_inner(dk, dv, k, v, q_src, do_src, dq_dst, lse_base, delta_base, strid
                     atomic_add_rows(dq_dst, offs_m, stride_dqn, seqlen_q, offs_d, dq, HEAD_DIM, BLOCK_D, MASKED)
             else:
                 atomic_add_rows(dq_dst, offs_m, stride_dqn, seqlen_q, offs_d, dq, HEAD_DIM, BLOCK_D, MASKED)
-        if DQ_FIRST:  # dK's GEMM runs async and pins dS^T: issued after dQ's, the two do not hold registers together
-            dk = tl.dot(ds_t, q, dk)
     return dk, dv
 
 
@@ -126,7 +123,7 @@ def _dkdv_kernel(Q, K, V, DO, DK, DV, DQ, Lse2, Delta, CuQ, CuK,
                  HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                  IS_VARLEN: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
                  USE_TMA: tl.constexpr, WARP_SPEC: tl.constexpr, ATOMIC_DQ: tl.constexpr,
-                 TMA_REDUCE: tl.constexpr, EARLY_DP: tl.constexpr = False, DQ_FIRST: tl.constexpr = False):
+                 TMA_REDUCE: tl.constexpr, EARLY_DP: tl.constexpr = False):
     """DQ: the fp32 dQ accumulator (ATOMIC_DQ; each query head's rows get their own atomics), else unused."""
     bhk = tl.program_id(1)
     b = bhk // n_kv_heads
@@ -166,15 +163,15 @@ def _dkdv_kernel(Q, K, V, DO, DK, DV, DQ, Lse2, Delta, CuQ, CuK,
             dk, dv = _dkdv_inner(dk, dv, k, v, q_src, do_src, dq_dst, lse_base, delta_base, stride_qn, stride_dn,
                                  stride_dqn, lo, a, offs_n, offs_d, seqlen_q, seqlen_k, qk_scale, softmax_scale,
                                  win_left, win_right, True, HAS_LEFT, HAS_RIGHT, HEAD_DIM, BLOCK_D, BLOCK_M,
-                                 USE_TMA, False, ATOMIC_DQ, TMA_REDUCE, EARLY_DP, DQ_FIRST)
+                                 USE_TMA, False, ATOMIC_DQ, TMA_REDUCE, EARLY_DP)
         dk, dv = _dkdv_inner(dk, dv, k, v, q_src, do_src, dq_dst, lse_base, delta_base, stride_qn, stride_dn,
                              stride_dqn, a, c, offs_n, offs_d, seqlen_q, seqlen_k, qk_scale, softmax_scale,
                              win_left, win_right, False, HAS_LEFT, HAS_RIGHT, HEAD_DIM, BLOCK_D, BLOCK_M,
-                             USE_TMA, WARP_SPEC, ATOMIC_DQ, TMA_REDUCE, EARLY_DP, DQ_FIRST)
+                             USE_TMA, WARP_SPEC, ATOMIC_DQ, TMA_REDUCE, EARLY_DP)
         dk, dv = _dkdv_inner(dk, dv, k, v, q_src, do_src, dq_dst, lse_base, delta_base, stride_qn, stride_dn,
                              stride_dqn, c, hi, offs_n, offs_d, seqlen_q, seqlen_k, qk_scale, softmax_scale,
                              win_left, win_right, True, HAS_LEFT, HAS_RIGHT, HEAD_DIM, BLOCK_D, BLOCK_M,
-                             USE_TMA, False, ATOMIC_DQ, TMA_REDUCE, EARLY_DP, DQ_FIRST)
+                             USE_TMA, False, ATOMIC_DQ, TMA_REDUCE, EARLY_DP)
     dk_base = DK + b.to(tl.int64) * stride_dkb + k_start.to(tl.int64) * stride_dkn + hk * stride_dkh
     dv_base = DV + b.to(tl.int64) * stride_dvb + k_start.to(tl.int64) * stride_dvn + hk * stride_dvh
     store_rows(dk_base, offs_n, stride_dkn, seqlen_k, offs_d, (dk * softmax_scale).to(DK.dtype.element_ty),
@@ -273,12 +270,9 @@ def _dq_kernel(Q, K, V, DO, DQ, Lse2, Delta, CuQ, CuK,
 _DKDV_CONFIGS = tile_configs([(64, 128, 8, 3, False, True), (64, 64, 4, 2, False, True), (64, 64, 4, 3, False, True)])
 _DQ_CONFIGS = tile_configs([(128, 64, 8, 3, False), (64, 64, 4, 3, False), (64, 64, 4, 2, False)])
 # the atomic variant holds one more (BLOCK_M, D) fp32 tile per step and issues BLOCK_M*D atomics per tile
-# pair: fewer, larger query blocks amortise them. DQ_FIRST (7th field) cuts its spills at D=128 non-causal from
-# 40-78 to 2-24 (offline ptxas, scripts/compile_sm90.py); causal keeps 58-100 either way
-_DKDV_ATOMIC_CONFIGS = tile_configs([(64, 128, 8, 2, False, False, False), (64, 128, 8, 3, False, False, False),
-                                     (128, 64, 8, 2, False, False, False), (64, 64, 4, 2, False, False, False),
-                                     (128, 64, 8, 2, False, False, True), (64, 128, 8, 2, False, False, True),
-                                     (64, 64, 4, 2, False, False, True)])
+# pair: fewer, larger query blocks amortise them; 64x128 with 8 warps is the dK/dV kernel's D=128 choice
+_DKDV_ATOMIC_CONFIGS = tile_configs([(64, 128, 8, 2, False), (64, 128, 8, 3, False), (128, 64, 8, 2, False),
+                                     (64, 64, 4, 2, False)])
 _KEY = ["HEAD_DIM", "HAS_LEFT", "HAS_RIGHT", "USE_TMA", "len_class"]
 _PRUNE = {"early_config_prune": prune_configs}
 _dkdv_tuned = triton.autotune(_DKDV_CONFIGS, key=_KEY, prune_configs_by=_PRUNE)(_dkdv_kernel)

@@ -257,10 +257,12 @@ def _CUDA_ALLOC(size, align, stream):
     return torch.empty(size, dtype=torch.int8, device="cuda")
 
 
-def tile_configs(entries, flags=("EARLY_DP", "DQ_FIRST")) -> list:
-    """(BLOCK_M, BLOCK_N, warps, stages, warp_spec, *flag values) tuples -> triton.Config list. The flags (backward
-    kernels only) are set only where an entry gives them; the kernels default them to False."""
-    return [triton.Config({"BLOCK_M": e[0], "BLOCK_N": e[1], "WARP_SPEC": e[4], **dict(zip(flags, e[5:]))},
+def tile_configs(entries) -> list:
+    """(BLOCK_M, BLOCK_N, warps, stages, warp_spec[, early_dp]) tuples -> triton.Config list. EARLY_DP is set only
+    where a sixth field is given: the backward kernels default it to False, the forward kernel has no such
+    parameter."""
+    extra = lambda e: {"EARLY_DP": e[5]} if e[5:] else {}  # noqa: E731
+    return [triton.Config({"BLOCK_M": e[0], "BLOCK_N": e[1], "WARP_SPEC": e[4], **extra(e)},
                           num_warps=e[2], num_stages=e[3]) for e in entries]
 
 

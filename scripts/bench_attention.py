@@ -341,11 +341,7 @@ SWEEP_DKDV = tile_configs([
     (64, 128, 8, 3, False, True), (64, 128, 8, 3, True, True), (64, 64, 4, 2, False, True),
     (64, 64, 4, 3, False, True), (128, 64, 8, 3, False, True), (128, 64, 8, 2, False, True),
     (64, 128, 8, 4, False, True)])
-# (..., early_dp, dq_first): the atomic kernel in both GEMM orders
-SWEEP_DKDV_ATOMIC = tile_configs([
-    (64, 128, 8, 2, False, False, False), (64, 128, 8, 3, False, False, False), (128, 64, 8, 2, False, False, False),
-    (64, 64, 4, 2, False, False, False), (64, 128, 8, 2, False, False, True), (64, 128, 8, 3, False, False, True),
-    (128, 64, 8, 2, False, False, True), (64, 64, 4, 2, False, False, True), (64, 64, 4, 3, False, False, True)])
+SWEEP_DKDV_ATOMIC = SWEEP_DKDV
 SWEEP_DQ = tile_configs([
     (128, 64, 8, 2, False), (128, 64, 8, 3, False), (128, 64, 8, 2, True), (128, 64, 8, 3, True),
     (128, 64, 8, 4, False), (64, 64, 4, 2, False), (64, 64, 4, 3, False), (128, 32, 4, 3, False),
@@ -398,7 +394,6 @@ def sweep(n, dims, kinds=("fwd", "dkdv", "dq", "atomic-bwd"), causals=(True, Fal
                         tuned.configs = [cfg]
                         name = ("tma+ws " if cfg.kwargs["WARP_SPEC"] else "tma " if tma else "ptr ") + _cfg_name(cfg)
                         name += " early-dP" if cfg.kwargs.get("EARLY_DP") else ""
-                        name += " dQ-first" if cfg.kwargs.get("DQ_FIRST") else ""
                         with _only_kernel(triton_bwd, None if kind == "fwd" else tuned.fn):
                             rows.append(_time_variant(kind, name, D, causal, work, want, fn) | {"N": n})
                         if tma and not feats["tma"]:
@@ -416,7 +411,6 @@ def _our_tiles():
                  atomic=triton_bwd._dkdv_atomic_tuned)
     return {k: f"{tma}{'+ws' if t.best_config.kwargs.get('WARP_SPEC') else ''} {_cfg_name(t.best_config)}"
                f"{' early-dP' if t.best_config.kwargs.get('EARLY_DP') else ''}"
-               f"{' dQ-first' if t.best_config.kwargs.get('DQ_FIRST') else ''}"
             for k, t in tuned.items() if getattr(t, "best_config", None) is not None}
 
 

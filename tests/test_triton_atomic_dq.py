@@ -99,14 +99,11 @@ def test_atomic_dq_matches_oracle(B, nq, nk, H, hkv, D, causal, window, dtype, l
     assert (grads[0][blind] == 0).all()
 
 
-@pytest.mark.parametrize("dq_first", [False, True], ids=["dk_first", "dq_first"])
 @pytest.mark.parametrize("tma", [False, True], ids=["pointers", "tma"])
 @pytest.mark.parametrize("bm,bn", [(32, 16), (16, 32)])
-def test_atomic_dq_unequal_tiles(bm, bn, tma, dq_first, monkeypatch):
-    """BLOCK_M != BLOCK_N as the GPU configs use, through pointer loads and through the descriptor loads, in
-    either GEMM order (DQ_FIRST)."""
-    monkeypatch.setattr(triton_bwd, "_INTERPRET_CONFIG", {"BLOCK_M": bm, "BLOCK_N": bn, "WARP_SPEC": False,
-                                                          "DQ_FIRST": dq_first})
+def test_atomic_dq_unequal_tiles(bm, bn, tma, monkeypatch):
+    """BLOCK_M != BLOCK_N as the GPU configs use, through pointer loads and through the descriptor loads."""
+    monkeypatch.setattr(triton_bwd, "_INTERPRET_CONFIG", {"BLOCK_M": bm, "BLOCK_N": bn, "WARP_SPEC": False})
     monkeypatch.setitem(triton_common.FEATURES, "interpret_tma", tma)
     for causal, window, nq, nk in ((True, (-1, -1), 45, 70), (False, (13, 5), 70, 45), (True, (20, -1), 66, 66)):
         q, k, v = _qkv(1, nq, nk, 2, 1, 32, torch.float32)
