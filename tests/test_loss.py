@@ -127,4 +127,4 @@ def test_compiled_chunks_on_cuda_match_eager():
     assert_close(grads[True][0], want, "loss", atol=1e-2, rtol=1e-3)
     for name, a, b in zip(("loss", "d hidden", "d weight"), grads[True], grads[False]):
         assert ((a.float() - b.float()).norm() / b.float().norm()).item() < 1e-2, name
-    assert loss_mod._ADDMM_FP32_OUT[0] is not None  # the fp32-output GEMM was tried on CUDA
+    assert loss_mod._ADDMM_FP32_OUT[0] is True  # the fp32-output GEMM ran (torch 2.11 + cu130 on an H200: yes)
