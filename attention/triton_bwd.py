@@ -269,10 +269,12 @@ def _dq_kernel(Q, K, V, DO, DQ, Lse2, Delta, CuQ, CuK,
 # the shipped order (docs/bench/sweep_order_h100.json, sweep_bwd_h100_16k_early.json)
 _DKDV_CONFIGS = tile_configs([(64, 128, 8, 3, False, True), (64, 64, 4, 2, False, True), (64, 64, 4, 3, False, True)])
 _DQ_CONFIGS = tile_configs([(128, 64, 8, 3, False), (64, 64, 4, 3, False), (64, 64, 4, 2, False)])
-# the atomic variant holds one more (BLOCK_M, D) fp32 tile per step and issues BLOCK_M*D atomics per tile
-# pair: fewer, larger query blocks amortise them; 64x128 with 8 warps is the dK/dV kernel's D=128 choice
-_DKDV_ATOMIC_CONFIGS = tile_configs([(64, 128, 8, 2, False), (64, 128, 8, 3, False), (128, 64, 8, 2, False),
-                                     (64, 64, 4, 2, False)])
+# the atomic variant holds one more (BLOCK_M, D) fp32 tile per step and issues BLOCK_M*D atomics per tile pair:
+# fewer, larger query blocks amortise them. With pointer loads (the default) early dP and 3-4 stages lead:
+# H100, 16K, D=128: 64x128 w8 s3 395 -> 405-425 with early dP, s4 412-427; 128x64 ~210
+# (docs/bench/sweep_atomic_h100_16k.json). Four stages do not fit beside the TMA reduce-add's staging tile.
+_DKDV_ATOMIC_CONFIGS = tile_configs([(64, 128, 8, 3, False, True), (64, 128, 8, 4, False, True),
+                                     (64, 128, 8, 3, False), (64, 128, 8, 2, False), (64, 64, 4, 2, False)])
 _KEY = ["HEAD_DIM", "HAS_LEFT", "HAS_RIGHT", "USE_TMA", "len_class"]
 _PRUNE = {"early_config_prune": prune_configs}
 _dkdv_tuned = triton.autotune(_DKDV_CONFIGS, key=_KEY, prune_configs_by=_PRUNE)(_dkdv_kernel)
@@ -324,11 +326,13 @@ def _launch_bwd(dout, q, k, v, out, lse, dlse, cu_q, cu_k, seqlen_q, seqlen_k, m
         scales = [softmax_scale * LOG2E, softmax_scale]
         dkdv_args = [q, k, v, dout, dk, dv, dq, lse2, delta, cu_q, cu_k, *base, *strides(dk, dv, dq),
                      *lse_strides, seqlen_q, seqlen_k, n_kv, group, *scales, left, right, len_class]
-        # the interpreter has no TMA reduce-add
-        tma_reduce = not deterministic and FEATURES["tma_reduce"] and not INTERPRET
-        atomic = dict(ATOMIC_DQ=not deterministic, TMA_REDUCE=tma_reduce)
+        # atomic dQ: pointer loads + per-element atomics unless FEATURES["tma_reduce"] (the interpreter has no
+        # TMA reduce-add: there the flag only switches the loads)
+        tma_reduce = not deterministic and FEATURES["tma_reduce"]
+        atomic = dict(ATOMIC_DQ=not deterministic, TMA_REDUCE=tma_reduce and not INTERPRET)
         launch(_dkdv_kernel, _dkdv_tuned if deterministic else _dkdv_atomic_tuned, _INTERPRET_CONFIG,
-               lambda m: (triton.cdiv(max_k, m["BLOCK_N"]), n_batch * n_kv), dkdv_args, {**consts, **atomic}, q)
+               lambda m: (triton.cdiv(max_k, m["BLOCK_N"]), n_batch * n_kv), dkdv_args, {**consts, **atomic}, q,
+               allow_tma=deterministic or tma_reduce)
         if not deterministic:  # dq_acc already carries softmax_scale; only the cast is left
             return (dq if q.dtype == torch.float32 else dq.to(q.dtype)), dk, dv
         dq_args = [q, k, v, dout, dq, lse2, delta, cu_q, cu_k, *base, *strides(dq), *lse_strides,

@@ -237,10 +237,11 @@ def hopper_features_ok(q: torch.Tensor) -> bool:
 
 # "tma" turns itself off (keeping the reason) if this Triton cannot build the descriptor path;
 # "interpret_tma" lets the CPU tests run the descriptor path through the interpreter;
-# "tma_reduce": the atomic-dQ backward adds its dQ tiles with TMA reduce-add (desc.atomic_add) instead of
-# per-element atomics when TMA is in use (H100: 360-368 TFLOPS backward against 313-326; the interpreter
-# cannot run it, so CPU runs use the per-element atomics).
-FEATURES = {"tma": True, "tma_error": None, "interpret_tma": False, "tma_reduce": True}
+# "tma_reduce": the atomic-dQ dK/dV kernel loads through TMA and adds its dQ tiles with TMA reduce-add
+# (desc.atomic_add). Off: pointer loads and per-element atomics, which leave the shared memory for a fourth
+# pipeline stage (H100, 16K, D=128: 410-429 TFLOPS backward against 353-358; docs/bench/sweep_atomic_h100_16k.json).
+# The interpreter has no reduce-add: there the flag only switches the loads.
+FEATURES = {"tma": True, "tma_error": None, "interpret_tma": False, "tma_reduce": False}
 
 
 def _ensure_tma_allocator(device: torch.device) -> None:
@@ -278,12 +279,12 @@ def prune_configs(configs, named_args, **kwargs):
     return keep or configs[-1:]
 
 
-def launch(kernel, tuned, interpret_config, grid, args, kwargs, q) -> None:
-    """Run `tuned` (autotuned) with TMA loads where this GPU and Triton support them, else plain loads.
+def launch(kernel, tuned, interpret_config, grid, args, kwargs, q, allow_tma: bool = True) -> None:
+    """Run `tuned` (autotuned) with TMA loads where allowed and this GPU and Triton support them, else plain loads.
 
     Under the interpreter the plain kernel runs with one small fixed tile. `grid` takes the config dict.
     """
-    use_tma = FEATURES["tma"] and hopper_features_ok(q)
+    use_tma = allow_tma and FEATURES["tma"] and hopper_features_ok(q)
     if use_tma:
         _ensure_tma_allocator(q.device)
     if INTERPRET:

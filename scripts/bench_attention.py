@@ -6,9 +6,9 @@
     python scripts/bench_attention.py --sweep         # our kernel variants (tiles, TMA, warp spec) at N=8K
 
 "ours" is the deterministic backward (the default); "ours-atomic" the same kernels with
-attention.set_deterministic(False): dQ accumulated inside the dK/dV kernel, whole tiles added by TMA
-reduce-add on Hopper; "ours-atomic-elem" (opt-in: --providers) the same with per-element atomics
-(triton_common.FEATURES["tma_reduce"] off).
+attention.set_deterministic(False): dQ accumulated inside the dK/dV kernel by per-element atomics, pointer
+loads; "ours-atomic-tma" (opt-in: --providers) the same with TMA loads and whole dQ tiles added by TMA
+reduce-add (triton_common.FEATURES["tma_reduce"]).
 
 TFLOPS count 4*B*H*Nq*Nk*D per forward (visible pairs only: causal halves it, windows and packed documents
 count what they attend to) and 2.5x that per backward; fwd+bwd uses the sum of the two medians. Timings
@@ -39,7 +39,7 @@ TOKENS, HEADS = 65536, 16
 DEVICE, DTYPE = "cuda", torch.bfloat16  # the sweep's tensors (a CPU dry run of the script swaps them)
 PRECOMPILE_N = 2048  # precompile workers run our kernels at this length (same specialisation: N % 16 == 0)
 PROVIDERS = ["ours", "ours-atomic", "sdpa_flash", "sdpa_cudnn", "sdpa_efficient", "flex"]
-OURS = ("ours", "ours-atomic", "ours-atomic-elem")  # same forward; the backward differs (module docstring)
+OURS = ("ours", "ours-atomic", "ours-atomic-tma")  # same forward; the backward differs (module docstring)
 SDPA = {"sdpa_flash": SDPBackend.FLASH_ATTENTION, "sdpa_cudnn": SDPBackend.CUDNN_ATTENTION,
         "sdpa_efficient": SDPBackend.EFFICIENT_ATTENTION}
 
@@ -47,8 +47,8 @@ SDPA = {"sdpa_flash": SDPBackend.FLASH_ATTENTION, "sdpa_cudnn": SDPBackend.CUDNN
 def _our_mode(provider):
     """Set the backward our kernels run for `provider`; _our_mode("ours") restores the defaults."""
     from attention import triton_common
-    attention.set_deterministic(provider not in ("ours-atomic", "ours-atomic-elem"))
-    triton_common.FEATURES["tma_reduce"] = provider != "ours-atomic-elem"
+    attention.set_deterministic(provider not in ("ours-atomic", "ours-atomic-tma"))
+    triton_common.FEATURES["tma_reduce"] = provider == "ours-atomic-tma"
 
 
 def visible_pairs(n, causal, window):

@@ -38,13 +38,13 @@ def test_markdown_states_the_rounds():
 
 
 def test_our_providers_set_and_restore_the_backward_mode():
-    """ours-atomic / ours-atomic-elem switch the Triton backward to atomic dQ (the latter with per-element
-    atomics); _our_mode("ours") puts the defaults back, as run_case does after every cell."""
+    """ours-atomic / ours-atomic-tma switch the Triton backward to atomic dQ (the latter with TMA loads and
+    reduce-add); _our_mode("ours") puts the defaults back, as run_case does after every cell."""
     import attention
     from attention import triton_common
     try:
-        for provider, deterministic, tma_reduce in (("ours-atomic", False, True), ("ours-atomic-elem", False, False),
-                                                    ("ours", True, True)):
+        for provider, deterministic, tma_reduce in (("ours-atomic", False, False), ("ours-atomic-tma", False, True),
+                                                    ("ours", True, False)):
             bench._our_mode(provider)
             assert attention.get_deterministic() == deterministic, provider
             assert triton_common.FEATURES["tma_reduce"] == tma_reduce, provider

@@ -40,10 +40,10 @@ def launches(monkeypatch):
     """Records (kernel name, ATOMIC_DQ) for every dK/dV or dQ kernel launch of the Triton backward."""
     seen, real = [], triton_bwd.launch
 
-    def spy(kernel, tuned, cfg, grid, args, kwargs, q):
+    def spy(kernel, tuned, cfg, grid, args, kwargs, q, **opts):
         seen.append((kernel.__name__ if hasattr(kernel, "__name__") else kernel.fn.__name__,
                      kwargs.get("ATOMIC_DQ")))
-        return real(kernel, tuned, cfg, grid, args, kwargs, q)
+        return real(kernel, tuned, cfg, grid, args, kwargs, q, **opts)
 
     monkeypatch.setattr(triton_bwd, "launch", spy)
     return seen
@@ -105,6 +105,7 @@ def test_atomic_dq_unequal_tiles(bm, bn, tma, monkeypatch):
     """BLOCK_M != BLOCK_N as the GPU configs use, through pointer loads and through the descriptor loads."""
     monkeypatch.setattr(triton_bwd, "_INTERPRET_CONFIG", {"BLOCK_M": bm, "BLOCK_N": bn, "WARP_SPEC": False})
     monkeypatch.setitem(triton_common.FEATURES, "interpret_tma", tma)
+    monkeypatch.setitem(triton_common.FEATURES, "tma_reduce", tma)  # the atomic kernel loads by TMA only with it
     for causal, window, nq, nk in ((True, (-1, -1), 45, 70), (False, (13, 5), 70, 45), (True, (20, -1), 66, 66)):
         q, k, v = _qkv(1, nq, nk, 2, 1, 32, torch.float32)
         out, lse = attn_forward(q, k, v, causal, None, window, backend="triton")
@@ -126,6 +127,7 @@ VARLEN_CASES = [  # q doc lengths, k doc lengths, Hkv, causal, window
 @pytest.mark.parametrize("len_q,len_k,hkv,causal,window", VARLEN_CASES)
 def test_atomic_dq_varlen(len_q, len_k, hkv, causal, window, dtype, tma, monkeypatch, launches):
     monkeypatch.setitem(triton_common.FEATURES, "interpret_tma", tma)
+    monkeypatch.setitem(triton_common.FEATURES, "tma_reduce", tma)  # the atomic kernel loads by TMA only with it
     H, D = 4, 32
     cu_q = torch.tensor([0, *torch.tensor(len_q).cumsum(0).tolist()], dtype=torch.int32)
     cu_k = torch.tensor([0, *torch.tensor(len_k).cumsum(0).tolist()], dtype=torch.int32)

@@ -2,8 +2,8 @@
 
     pytest tests/test_triton_atomic_dq_gpu.py -q    # in its own process: the CPU test files set TRITON_INTERPRET=1
 
-Each case runs with per-element atomics and with TMA reduce-add (FEATURES["tma_reduce"], off by default;
-on Hopper only). Errors are relative norms, tolerances as in tests/test_triton_gpu.py.
+Each case runs with pointer loads + per-element atomics (the default) and with TMA loads + TMA reduce-add
+(FEATURES["tma_reduce"]; Hopper only). Errors are relative norms, tolerances as in tests/test_triton_gpu.py.
 """
 
 import pytest
@@ -21,7 +21,7 @@ GRAD_TOL = 2e-2
 
 
 
-@pytest.fixture(params=[False, True], ids=["atomics", "tma_reduce"])
+@pytest.fixture(params=[False, True], ids=["ptr_atomics", "tma_reduce"])
 def tma_reduce(request, monkeypatch):
     from attention import triton_common
     if request.param and torch.cuda.get_device_capability()[0] < 9:
