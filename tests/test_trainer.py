@@ -120,6 +120,11 @@ def test_init_from_takes_weights_only(run36, tmp_path):
     Trainer(scratch, init_distributed("cpu")).run()
     assert sorted(fresh) == [1, 2]
     assert fresh[1]["loss"] < metrics(tmp_path / "scratch")[1]["loss"] - 1.0  # trained weights, not a new init
+    # a restart of the warm-started run resumes its own checkpoint; the init_from weights are not loaded again
+    again = Trainer(cfg, init_distributed("cpu"))
+    assert not torch.equal(again.model.state_dict()["tok_embeddings.weight"], saved["tok_embeddings.weight"])
+    again.maybe_resume()
+    assert again.step == 2
 
 
 def test_init_from_refuses_another_shape(run36, tmp_path):

@@ -101,7 +101,10 @@ class Trainer:
             cfg.model.vocab_size = self.tokenizer.vocab_size
         set_deterministic(cfg.attention.deterministic)  # process-wide: every attention backward follows it
         self.model = GPT(cfg.model, attn_backend=cfg.attention.backend).to(self.device)
-        if cfg.train.init_from:  # before the optimizer and ZeRO take copies of the weights
+        self.ckpt = CheckpointManager(self.out_dir / "checkpoints", cfg.train.keep_ckpts, env.rank,
+                                      env.world_size, env.barrier)
+        # before the optimizer and ZeRO take copies of the weights; a run that resumes has its own
+        if cfg.train.init_from and self._resume_path() is None:
             load_weights(self.model, cfg.train.init_from)
             log.info("weights from %s (optimizer, schedule and data start afresh)", cfg.train.init_from)
         for block in self.model.layers:  # check_config allows fp8 only where the dense path runs
@@ -126,8 +129,6 @@ class Trainer:
         if cfg.train.eval_batches > 0:
             self.val_loader = build_loader(cfg.data, self.tokenizer, "validation", env.dp_rank, env.dp_size,
                                            cfg.train.seed)
-        self.ckpt = CheckpointManager(self.out_dir / "checkpoints", cfg.train.keep_ckpts, env.rank,
-                                      env.world_size, env.barrier)
         self.step = 0
         # Non-finite bookkeeping stays on the device: [skipped total, current streak, longest streak].
         self.bad = torch.zeros(3, device=self.device)
@@ -136,15 +137,18 @@ class Trainer:
 
     # -- setup helpers ------------------------------------------------------------------------------------
 
-    def maybe_resume(self) -> None:
+    def _resume_path(self) -> Optional[Path]:
         resume = self.cfg.train.resume
         if resume == "none":
             if self.ckpt.latest() is not None:  # they would mix with, and be pruned against, the new run's
                 raise ValueError(f"train.resume=none but {self.ckpt.root} already holds checkpoints (newest "
                                  f"{self.ckpt.latest().name}); use train.resume=auto, another run_name / "
                                  f"train.out_dir, or delete them")
-            return
-        path = self.ckpt.latest() if resume == "auto" else Path(resume)
+            return None
+        return self.ckpt.latest() if resume == "auto" else Path(resume)
+
+    def maybe_resume(self) -> None:
+        path = self._resume_path()
         if path is None:
             return
         step, shared, per_rank = self.ckpt.load(path)
