@@ -1,6 +1,6 @@
 """Compile our Triton kernels for an H100 (sm_90a) on a machine without a GPU: registers, spills, shared memory.
 
-    PYTHONPATH=$TRITON36:. python scripts/compile_sm90.py [--kernel dkdv|dq|fwd] [--causal 0] [--dump DIR]
+    PYTHONPATH=$TRITON36:. python scripts/compile_sm90.py [--kernel fwd|dkdv|dkdv_atomic|dq] [--causal 0] [--dump DIR]
 
 Put the device's Triton first on PYTHONPATH (pip install --target DIR triton==3.6.0): codegen differs between
 releases. ptxas from the Triton wheel does the register allocation offline, so a kernel change can be judged
@@ -66,7 +66,7 @@ def resource_usage(compiled) -> dict:
     return usage
 
 
-def _bwd_args(n: int, heads: int, d: int, atomic: bool) -> dict:
+def _kernel_args(n: int, heads: int, d: int, atomic: bool) -> dict:
     """A (B, N, H, D) bf16 layout, lse (B, H, N): the strides the launcher passes."""
     batch = 65536 // n
     row, head, bstride = heads * d, d, n * heads * d
@@ -77,30 +77,35 @@ def _bwd_args(n: int, heads: int, d: int, atomic: bool) -> dict:
                 n_kv_heads=heads, n_heads=heads, group=1, stride_lb=heads * n, stride_lh=n)
     for t in ("q", "k", "v", "d", "dk", "dv", "dq"):
         args.update({f"stride_{t}b": bstride, f"stride_{t}n": row, f"stride_{t}h": head})
-    args.update(stride_ob=bstride, stride_on=row, stride_oh=head, Lse="*fp32", LSE="*fp32", Out_="*bf16")
+    args.update(stride_ob=bstride, stride_on=row, stride_oh=head, Lse="*fp32")
     return args
 
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--kernel", choices=["dkdv", "dkdv_atomic", "dq"], default="dkdv")
+    ap.add_argument("--kernel", choices=["fwd", "dkdv", "dkdv_atomic", "dq"], default="dkdv")
     ap.add_argument("--causal", type=int, default=0)
     ap.add_argument("--n", type=int, default=16384)
     ap.add_argument("--d", type=int, default=128)
-    ap.add_argument("--tma", type=int, default=1)
+    ap.add_argument("--tma", type=int, default=None, help="TMA loads; default as shipped (the atomic kernel: off)")
     ap.add_argument("--dump", default="", help="write ttgir / ptx / sass of each variant here")
     args = ap.parse_args()
     atomic = args.kernel == "dkdv_atomic"
-    fn = triton_bwd._dq_kernel if args.kernel == "dq" else triton_bwd._dkdv_kernel
-    configs = {"dkdv": triton_bwd._DKDV_CONFIGS, "dkdv_atomic": triton_bwd._DKDV_ATOMIC_CONFIGS,
-               "dq": triton_bwd._DQ_CONFIGS}[args.kernel]
+    tma = (not atomic) if args.tma is None else bool(args.tma)
+    fn = {"fwd": triton_fwd._fwd_kernel, "dq": triton_bwd._dq_kernel}.get(args.kernel, triton_bwd._dkdv_kernel)
+    configs = {"fwd": triton_fwd._FWD_CONFIGS, "dkdv": triton_bwd._DKDV_CONFIGS,
+               "dkdv_atomic": triton_bwd._DKDV_ATOMIC_CONFIGS, "dq": triton_bwd._DQ_CONFIGS}[args.kernel]
     base = dict(HEAD_DIM=args.d, BLOCK_D=args.d, IS_VARLEN=False, HAS_LEFT=False, HAS_RIGHT=bool(args.causal),
-                USE_TMA=bool(args.tma))
-    if args.kernel != "dq":
-        base.update(ATOMIC_DQ=atomic, TMA_REDUCE=atomic and bool(args.tma))
+                USE_TMA=tma)
+    if args.kernel.startswith("dkdv"):
+        base.update(ATOMIC_DQ=atomic, TMA_REDUCE=atomic and tma)
     for cfg in configs:
-        consts = {"EARLY_DP": False, **base, **cfg.kwargs}  # the kernels' default where a config leaves it out
-        compiled = compile_kernel(fn, _bwd_args(args.n, 16, args.d, atomic), consts, cfg.num_warps, cfg.num_stages)
+        if cfg.kwargs["WARP_SPEC"] and not tma:
+            continue
+        consts = {**base, **cfg.kwargs}
+        if args.kernel != "fwd":
+            consts = {"EARLY_DP": False, **consts}  # the kernels' default where a config leaves it out
+        compiled = compile_kernel(fn, _kernel_args(args.n, 16, args.d, atomic), consts, cfg.num_warps, cfg.num_stages)
         usage = resource_usage(compiled)
         print(f"{args.kernel} {cfg.kwargs} w{cfg.num_warps} s{cfg.num_stages}: {usage}", flush=True)
         if args.dump:
