@@ -13,7 +13,7 @@ import torch
 
 from trainer import passkey
 from trainer.data import DataConfig, build_loader
-from trainer.eval_passkey import CHANCE, evaluate_passkey, model_predictor, write_result
+from trainer.eval_passkey import CHANCE, evaluate_during_training, evaluate_passkey, model_predictor, write_result
 from trainer.model import GPT, ModelConfig
 from trainer.tokenizer import ByteTokenizer
 
@@ -94,6 +94,29 @@ def test_teacher_forcing_is_greedy_decoding():
     assert int(pred[0, 0]) == greedy[0]
     first_wrong = next((t for t in range(5) if greedy[t] != int(answers[0, t])), 5)
     assert pred[0, :first_wrong + 1].tolist() == greedy[:first_wrong + 1]  # same context up to there
+
+
+def test_periodic_eval_leaves_the_compiled_training_graph_alone(tmp_path):
+    """The trainer's passkey eval runs a compiled model eagerly: no graph is compiled for its prompt lengths (the
+    training shape keeps its static graph) and the scores equal an eager model's."""
+    from types import SimpleNamespace
+    from torch._dynamo.utils import counters
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=TOK.vocab_size, dim=32, n_layers=2, n_heads=2, ffn_dim=64, compile=True)
+    model = GPT(cfg, attn_backend="reference")
+    eager = GPT(ModelConfig(**{**cfg.__dict__, "compile": False}), attn_backend="reference")
+    eager.load_state_dict(model.state_dict())
+    model(torch.randint(0, TOK.vocab_size, (2, 64))).sum().backward()  # a training step's shape compiles
+    graphs = counters["stats"]["unique_graphs"]
+    assert graphs > 0
+    ecfg = SimpleNamespace(passkey_lengths=[112, 160], passkey_depths=[0.0, 1.0], passkey_samples=2,
+                           passkey_batch_size=2)
+    got = evaluate_during_training(model, TOK, ecfg, torch.device("cpu"), None, tmp_path / "a", 1)
+    assert counters["stats"]["unique_graphs"] == graphs
+    assert model.training  # restored
+    want = evaluate_during_training(eager, TOK, ecfg, torch.device("cpu"), None, tmp_path / "b", 1)
+    assert got == want
 
 
 def test_results_json_and_heatmap(tmp_path):

@@ -126,9 +126,12 @@ def evaluate_during_training(model, tokenizer, eval_cfg, device, autocast_dtype,
     was_training = model.training
     model.eval()
     try:
-        result = evaluate_passkey(model_predictor(model, device, autocast_dtype), tokenizer, eval_cfg.passkey_lengths,
-                                  eval_cfg.passkey_depths, eval_cfg.passkey_samples, seed=1234,
-                                  batch_size=eval_cfg.passkey_batch_size)
+        # Eager: compiling the eval's prompt lengths would add a dynamic-shape graph that dynamo then also picks
+        # for the training shape (newest cache entry first), in place of the static one training compiled.
+        with torch.compiler.set_stance("force_eager"):
+            result = evaluate_passkey(model_predictor(model, device, autocast_dtype), tokenizer,
+                                      eval_cfg.passkey_lengths, eval_cfg.passkey_depths, eval_cfg.passkey_samples,
+                                      seed=1234, batch_size=eval_cfg.passkey_batch_size)
     finally:
         model.train(was_training)
     result["step"] = step
