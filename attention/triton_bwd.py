@@ -271,7 +271,7 @@ _DKDV_CONFIGS = tile_configs([(64, 128, 8, 3, False, True), (64, 64, 4, 2, False
 _DQ_CONFIGS = tile_configs([(128, 64, 8, 3, False), (64, 64, 4, 3, False), (64, 64, 4, 2, False)])
 # the atomic variant holds one more (BLOCK_M, D) fp32 tile per step and issues BLOCK_M*D atomics per tile pair:
 # fewer, larger query blocks amortise them. With pointer loads (the default) early dP and 3-4 stages lead:
-# H100, 16K, D=128: 64x128 w8 s3 395 -> 405-425 with early dP, s4 412-427; 128x64 ~210
+# H100, 16K, D=128: 64x128 w8 s3 355-395 -> 405-425 with early dP, s4 412-427; 128x64 ~210
 # (docs/bench/sweep_atomic_h100_16k.json). Four stages do not fit beside the TMA reduce-add's staging tile.
 _DKDV_ATOMIC_CONFIGS = tile_configs([(64, 128, 8, 3, False, True), (64, 128, 8, 4, False, True),
                                      (64, 128, 8, 3, False), (64, 128, 8, 2, False), (64, 64, 4, 2, False)])

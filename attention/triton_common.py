@@ -239,7 +239,7 @@ def hopper_features_ok(q: torch.Tensor) -> bool:
 # "interpret_tma" lets the CPU tests run the descriptor path through the interpreter;
 # "tma_reduce": the atomic-dQ dK/dV kernel loads through TMA and adds its dQ tiles with TMA reduce-add
 # (desc.atomic_add). Off: pointer loads and per-element atomics, which leave the shared memory for a fourth
-# pipeline stage (H100, 16K, D=128: 410-429 TFLOPS backward against 353-358; docs/bench/sweep_atomic_h100_16k.json).
+# pipeline stage (H100, 16K, D=128: 405-427 TFLOPS backward against 353-355; docs/bench/sweep_atomic_h100_16k.json).
 # The interpreter has no reduce-add: there the flag only switches the loads.
 FEATURES = {"tma": True, "tma_error": None, "interpret_tma": False, "tma_reduce": False}
 
