@@ -107,9 +107,9 @@ def test_resume_none_refuses_an_existing_run(run36):
 def test_init_from_takes_weights_only(run36, tmp_path):
     step36 = run36 / "checkpoints" / "step_36"
     saved = torch.load(step36 / "state.pt", weights_only=False)["model"]
-    # a longer context than the source run, as a context extension would use
+    # a longer context than the source run, as a context extension would use; a run dir means its newest checkpoint
     cfg = compose_cfg([*FAST, f"train.out_dir={tmp_path}", "train.steps=2", "data.seq_len=128",
-                       f"train.init_from={step36}"])
+                       f"train.init_from={run36}"])
     t = Trainer(cfg, init_distributed("cpu"))
     for name, value in t.model.state_dict().items():
         assert torch.equal(value, saved[name]), name

@@ -160,15 +160,27 @@ class CheckpointManager:
         return None if path is None else self.load(path)
 
 
-def load_weights(model: torch.nn.Module, path) -> None:
-    """Weights of a complete checkpoint written with zero_stage 0 (state.pt holds the whole model), into `model`.
+def resolve_checkpoint(path, key: str) -> Path:
+    """A checkpoint dir (step_<N> with meta.json) as given, or the newest complete one of a run dir (or of its
+    checkpoints/ dir). ValueError naming the config `key` otherwise."""
+    p = Path(path)
+    if (p / "meta.json").is_file():
+        return p
+    found = list_checkpoints(p / "checkpoints") or list_checkpoints(p)
+    if not found:
+        raise ValueError(f"{key}={str(path)!r}: not a complete checkpoint (no meta.json), nor a run dir with "
+                         f"checkpoints/step_<N>")
+    return found[-1][1]
+
+
+def load_weights(model: torch.nn.Module, path) -> Path:
+    """Weights of a complete checkpoint written with zero_stage 0 (state.pt holds the whole model), into `model`;
+    `path` may also be a run dir (its newest checkpoint). Returns the checkpoint dir read.
 
     For warm starts (train.init_from): a context extension or a second curriculum phase takes the weights and
     none of the optimizer, schedule or data position, so any world size, data mix or length may follow.
     """
-    path = Path(path)
-    if not (path / "meta.json").is_file():
-        raise ValueError(f"train.init_from: {path} is not a complete checkpoint (no meta.json)")
+    path = resolve_checkpoint(path, "train.init_from")
     shared = torch.load(path / "state.pt", map_location="cpu", weights_only=False)
     if "model" not in shared:
         raise ValueError(f"train.init_from: {path} was written under ZeRO (its weights are shards); warm-start from a "
@@ -182,3 +194,4 @@ def load_weights(model: torch.nn.Module, path) -> None:
         raise ValueError(f"train.init_from: {path} does not fit this model: missing {missing[:4]}, unexpected "
                          f"{extra[:4]}, shape (checkpoint, model) {dict(list(shapes.items())[:4])}")
     model.load_state_dict(theirs)
+    return path

@@ -23,7 +23,7 @@ class TrainConfig:
     seed: int = 0  # init, data order
     out_dir: str = "outputs/${run_name}"  # same on every rank; Hydra's run dir too
     resume: str = "auto"  # auto: newest complete checkpoint in out_dir (if any) | none | path to step_<N>
-    init_from: str = ""  # a step_<N> dir of another run: its weights only (fresh optimizer, schedule, data); resume wins
+    init_from: str = ""  # another run's step_<N> dir or run dir (newest): weights only, fresh optimizer/schedule/data
     ckpt_every: int = 100  # 0: only at the end
     keep_ckpts: int = 2  # newest K complete checkpoints are kept
     log_every: int = 10  # the only steps that read values back from the device

@@ -24,6 +24,7 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
+from .checkpoint import resolve_checkpoint
 from .passkey import KEY_DIGITS, make_sample
 
 CHANCE = {"exact": 10.0 ** -KEY_DIGITS, "digit": 0.1}
@@ -142,19 +143,6 @@ def evaluate_during_training(model, tokenizer, eval_cfg, device, autocast_dtype,
 
 # -- the command line: load a checkpoint, evaluate, write ----------------------------------------------------
 
-def _resolve_checkpoint(path: str) -> Path:
-    from .checkpoint import list_checkpoints
-
-    p = Path(path)
-    if (p / "meta.json").is_file():
-        return p
-    found = list_checkpoints(p / "checkpoints") or list_checkpoints(p)
-    if not found:
-        raise ValueError(f"checkpoint={path!r}: neither a checkpoint dir (meta.json) nor a run dir with "
-                         f"checkpoints/step_<N>")
-    return found[-1][1]
-
-
 def load_for_eval(cfg: PasskeyConfig):
     """(model, tokenizer, step, ckpt_dir) from a trainer checkpoint, with cfg.model overrides applied."""
     from types import SimpleNamespace
@@ -163,7 +151,7 @@ def load_for_eval(cfg: PasskeyConfig):
     from .parallelize import resolve_device
     from .tokenizer import build_tokenizer
 
-    ckpt = _resolve_checkpoint(cfg.checkpoint)
+    ckpt = resolve_checkpoint(cfg.checkpoint, "checkpoint")
     shared = torch.load(ckpt / "state.pt", map_location="cpu", weights_only=False)
     saved = shared["config"]
     known = ModelConfig.__dataclass_fields__

@@ -105,8 +105,8 @@ class Trainer:
                                       env.world_size, env.barrier)
         # before the optimizer and ZeRO take copies of the weights; a run that resumes has its own
         if cfg.train.init_from and self._resume_path() is None:
-            load_weights(self.model, cfg.train.init_from)
-            log.info("weights from %s (optimizer, schedule and data start afresh)", cfg.train.init_from)
+            source = load_weights(self.model, cfg.train.init_from)
+            log.info("weights from %s (optimizer, schedule and data start afresh)", source)
         for block in self.model.layers:  # check_config allows fp8 only where the dense path runs
             block.attention.inner_attention.fp8 = cfg.attention.fp8_forward
         self.loss_module = LMLoss(self.model, cfg.train.loss_chunk, cfg.model.compile)
