@@ -53,13 +53,15 @@ def compile_kernel(fn, args: dict, constexprs: dict, num_warps: int, num_stages:
 
 
 def resource_usage(compiled) -> dict:
-    """REG / STACK / LOCAL (spill) / SHARED from the cubin, as cuobjdump reads them."""
+    """REG / STACK (spill) / LOCAL / static SHARED from the cubin, as cuobjdump reads them, and the dynamic shared
+    memory the launch asks for."""
     tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(compiled.asm["cubin"])
         f.flush()
         text = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True, check=True).stdout
     usage = {k.lower(): int(v) for k, v in re.findall(r"(REG|STACK|SHARED|LOCAL):(\d+)", text)}
+    usage["smem"] = compiled.metadata.shared  # the launch's dynamic shared memory (H100 limit: 232448 bytes)
     ptx = compiled.asm["ptx"]
     usage["wgmma"] = len(re.findall(r"wgmma\.mma_async", ptx))
     usage["wgmma_rs"] = len(re.findall(r"wgmma\.mma_async[^;]*\{[^}]*\}\s*,\s*\{", ptx))  # A from registers

@@ -1,8 +1,9 @@
 """Our Triton kernels compile for an H100 (sm_90a) on a machine without a GPU, through the real compiler rather than
 the interpreter: code the interpreter accepts but the NVIDIA backend rejects fails here, on CPU CI.
 
-scripts/compile_sm90.py builds each shipped autotune candidate with this Triton's ptxas and prints its register and
-stack (spill) use; the dQ kernel carries one accumulator and must fit without spills.
+scripts/compile_sm90.py builds each shipped autotune candidate with this Triton's ptxas and prints its register,
+stack (spill) and shared-memory use; every candidate must fit an H100's shared memory (the TMA-reduce atomic kernel
+at four stages did not: 247808 bytes), and the dQ kernel, with one accumulator, must fit without spills.
 """
 
 import os
@@ -17,6 +18,7 @@ ROOT = Path(__file__).resolve().parent.parent
 triton = pytest.importorskip("triton")
 PTXAS = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
 pytestmark = pytest.mark.skipif(not PTXAS.exists(), reason="this Triton wheel ships no ptxas")
+H100_SMEM = 232448  # bytes of shared memory one block may use on sm_90
 
 
 def _compile(*args) -> list[dict]:
@@ -25,7 +27,7 @@ def _compile(*args) -> list[dict]:
     done = subprocess.run([sys.executable, str(ROOT / "scripts" / "compile_sm90.py"), *args], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    return [{k: int(v) for k, v in re.findall(r"'(reg|stack|wgmma)': (\d+)", line)}
+    return [{k: int(v) for k, v in re.findall(r"'(reg|stack|smem|wgmma)': (\d+)", line)}
             for line in done.stdout.splitlines() if "'reg'" in line]
 
 
@@ -35,6 +37,7 @@ def test_kernels_compile_for_hopper(kernel, causal, count):
     assert len(rows) == count  # every shipped candidate (the atomic kernel: pointer loads, no warp-specialised ones)
     for row in rows:
         assert 0 < row["reg"] <= 255 and row["wgmma"] > 0, row  # tensor-core (wgmma) code, not a fallback
+        assert row["smem"] <= H100_SMEM, row  # a candidate over the limit could never launch
 
 
 def test_dq_kernel_does_not_spill():
