@@ -396,8 +396,11 @@ def sweep(n, dims, kinds=("fwd", "dkdv", "dq", "atomic-bwd"), causals=(True, Fal
                         name += " early-dP" if cfg.kwargs.get("EARLY_DP") else ""
                         with _only_kernel(triton_bwd, None if kind == "fwd" else tuned.fn):
                             rows.append(_time_variant(kind, name, D, causal, work, want, fn) | {"N": n})
-                        if tma and not feats["tma"]:
+                        if tma and not feats["tma"]:  # launch() fell back to pointer loads: the row timed those
                             rows[-1]["status"] += " (tma failed: " + str(feats["tma_error"])[:120] + ")"
+                            rows[-1]["variant"] = "ptr (tma failed) " + rows[-1]["variant"].split(" ", 1)[1]
+                            print(f"  ^ TMA build failed, timed with pointer loads: {feats['tma_error'][:100]}",
+                                  flush=True)
                 tuned.configs = shipped
                 feats.update(tma=True, tma_error=None)
     return rows
