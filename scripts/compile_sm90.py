@@ -70,7 +70,6 @@ def resource_usage(compiled) -> dict:
 
 def _kernel_args(n: int, heads: int, d: int, atomic: bool) -> dict:
     """A (B, N, H, D) bf16 layout, lse (B, H, N): the strides the launcher passes."""
-    batch = 65536 // n
     row, head, bstride = heads * d, d, n * heads * d
     ptr = "*bf16"
     args = dict(Q=ptr, K=ptr, V=ptr, DO=ptr, DK=ptr, DV=ptr, DQ="*fp32" if atomic else ptr, Out=ptr,
@@ -90,7 +89,7 @@ def main():
     ap.add_argument("--n", type=int, default=16384)
     ap.add_argument("--d", type=int, default=128)
     ap.add_argument("--tma", type=int, default=None, help="TMA loads; default as shipped (the atomic kernel: off)")
-    ap.add_argument("--dump", default="", help="write ttgir / ptx / sass of each variant here")
+    ap.add_argument("--dump", default="", help="write the TTGIR and PTX of each variant here")
     args = ap.parse_args()
     atomic = args.kernel == "dkdv_atomic"
     tma = (not atomic) if args.tma is None else bool(args.tma)
