@@ -2,20 +2,33 @@
 # Every GPU test (pytest -m gpu), one file per process: the CPU test files set TRITON_INTERPRET=1 at import, so a
 # GPU file must not share a process with them. Each file has its own time limit (the autotuners compile every
 # candidate on first use: the atomic file alone takes ~150 s on an H100) and writes its log and JUnit XML to $OUT.
+# PARALLEL=1 runs the files side by side: they are bound by Triton compiles on the CPU, not by the GPU.
 #
-#   OUT=outputs/gpu_tests scripts/gpu_tests.sh [LIMIT_S]      # exit status: how many files failed
+#   OUT=outputs/gpu_tests [PARALLEL=1] scripts/gpu_tests.sh [LIMIT_S]      # exit status: how many files failed
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-outputs/gpu_tests}
 PY=${PYTHON:-python3}
 LIMIT=${1:-300}
+FILES="tests/test_triton_gpu.py tests/test_triton_atomic_dq_gpu.py tests/test_fp8_gpu.py tests/test_sdpa_backend.py
+       tests/test_loss.py"
 mkdir -p "$OUT"
+
+run_one() {  # file -> its log, XML and exit status under $OUT
+  local name
+  name=$(basename "$1" .py)
+  timeout "$LIMIT" "$PY" -m pytest -q -m gpu "$1" --junitxml="$OUT/$name.xml" >"$OUT/$name.log" 2>&1
+  echo $? >"$OUT/$name.rc"
+}
+
+for f in $FILES; do
+  if [ "${PARALLEL:-0}" = 1 ]; then run_one "$f" & else run_one "$f"; fi
+done
+wait
 failed=0
-for f in tests/test_triton_gpu.py tests/test_triton_atomic_dq_gpu.py tests/test_fp8_gpu.py tests/test_sdpa_backend.py \
-         tests/test_loss.py; do
+for f in $FILES; do
   name=$(basename "$f" .py)
-  timeout "$LIMIT" "$PY" -m pytest -q -m gpu "$f" --junitxml="$OUT/$name.xml" >"$OUT/$name.log" 2>&1
-  rc=$?
+  rc=$(cat "$OUT/$name.rc")
   echo "$name: $(tail -1 "$OUT/$name.log") (exit $rc)"
   [ "$rc" -eq 0 ] || failed=$((failed + 1))
 done
