@@ -80,8 +80,8 @@ def run_cell(cell: dict) -> dict:
 
     times, loss = _timed_steps(step, device, cell["warmup"], cell["steps"])
     sec = statistics.median(times)
-    flops = train_flops(n_flop_params(shape), N, causal_pairs(None, 1, N), shape["n_layers"], shape["n_heads"],
-                        shape["head_dim"])
+    pairs = causal_pairs(None, 1, N, window=opts.get("window", 0))
+    flops = train_flops(n_flop_params(shape), N, pairs, shape["n_layers"], shape["n_heads"], shape["head_dim"])
     result = {"status": "ok", "tokens_per_s": N / sec, "step_s": sec, "tflops": flops / sec / 1e12,
               "mfu": flops / sec / 1e12 / cell["peak_tflops"], "peak_gib": _peak_gib(device),
               "loss": float(loss), "step_times": times}

@@ -19,9 +19,9 @@ VOCAB = 32000
 # ringflash's defaults: no attention recompute; the kept attention outputs go to pinned CPU memory (side
 # stream, prefetched), so what stays on the GPU is about what HF's full checkpointing keeps.
 # det=0: atomic-dQ attention backward (attention.set_deterministic); loss_compile: the loss chunks' softmax
-# gradient through torch.compile (-1: as compile)
+# gradient through torch.compile (-1: as compile); window: model.attn_window (0: full causal attention)
 RINGFLASH = dict(ckpt="selective", offload="attention", mlp_chunk=8192, compile=1, loss_chunk=2048,
-                 backend="triton", det=1, loss_compile=-1)
+                 backend="triton", det=1, loss_compile=-1, window=0)
 TINY = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=4, head_dim=16, ffn_dim=128, rope_theta=500000.0)
 
 
@@ -69,7 +69,7 @@ def build_ringflash(shape: dict, opts: dict, device, dtype):
     set_deterministic(bool(opts["det"]))
     backend = opts["backend"] if device.type == "cuda" else "reference"
     cfg = ModelConfig(**shape, ckpt=opts["ckpt"], offload_activations=opts["offload"],
-                      mlp_chunk=opts["mlp_chunk"], compile=bool(opts["compile"]))
+                      mlp_chunk=opts["mlp_chunk"], compile=bool(opts["compile"]), attn_window=opts["window"])
     with torch.device(device):
         model = GPT(cfg, attn_backend=backend).to(dtype)
 

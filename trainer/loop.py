@@ -301,7 +301,8 @@ class Trainer:
         # Every dp rank has its own batch; rank-local attention pairs stand in for the others'.
         mc = self.model.config
         tokens = sum(b["tokens"].numel() for b in micro_batches)
-        pairs = sum(causal_pairs(b.get("cu_seqlens"), *b["tokens"].shape) for b in micro_batches)
+        pairs = sum(causal_pairs(b.get("cu_seqlens"), *b["tokens"].shape, window=mc.attn_window)
+                    for b in micro_batches)
         flops = train_flops(self.n_params, tokens, pairs, mc.n_layers, mc.n_heads, mc.head_dim)
         return flops * self.env.dp_size, tokens * self.env.dp_size
 

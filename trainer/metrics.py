@@ -29,12 +29,16 @@ H100_BF16_PEAK_TFLOPS = 989.0  # dense bf16, H100 SXM
 CPU_PEAK_TFLOPS = 0.2  # a rough 2-core AVX2 fp32 figure; set train.peak_tflops for your machine
 
 
-def causal_pairs(cu_seqlens: Optional[torch.Tensor], batch: int, seq_len: int) -> float:
-    """Attended (query, key) pairs of a causal step, counted as len^2 / 2 per document (host tensor)."""
-    if cu_seqlens is None:
-        return batch * seq_len * seq_len / 2
-    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).double()
-    return float((lengths * lengths).sum()) / 2
+def causal_pairs(cu_seqlens: Optional[torch.Tensor], batch: int, seq_len: int, window: int = 0) -> float:
+    """Attended (query, key) pairs of a causal step, counted as len^2 / 2 per document (host tensor).
+
+    window > 0 (sliding window, each query sees its last `window` keys): len * w - w^2 / 2 with w = min(window,
+    len), which is len^2 / 2 again once the window covers the document.
+    """
+    lengths = torch.tensor([float(seq_len)] * batch, dtype=torch.float64) if cu_seqlens is None else \
+        (cu_seqlens[1:] - cu_seqlens[:-1]).double().cpu()
+    w = lengths if window <= 0 else lengths.clamp(max=window)
+    return float((lengths * w - w * w / 2).sum())
 
 
 def train_flops(n_params: int, tokens: int, pairs: float, n_layers: int, n_heads: int, head_dim: int) -> float:

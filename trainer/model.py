@@ -46,6 +46,7 @@ class ModelConfig:
     offload_activations: str = "none"  # what checkpointing keeps, on pinned CPU: none|attention|all (true=all)
     mlp_chunk: int = 0  # tokens per SwiGLU chunk (0: unchunked); no [N, ffn] tensor is kept when > 0
     compile: bool = False  # torch.compile the norms, projections, RoPE, SwiGLU and residuals of each block
+    attn_window: int = 0  # sliding-window attention: each token sees itself and the window-1 before it (0: all)
     init_std: float = 0.02
 
     def resolved(self) -> "ModelConfig":
@@ -75,6 +76,8 @@ class ModelConfig:
         if self.offload_activations == "attention" and self.ckpt != "selective":
             raise ValueError(f"model.offload_activations=attention offloads what model.ckpt=selective keeps; "
                              f"got model.ckpt={self.ckpt!r}")
+        if self.attn_window < 0:
+            raise ValueError(f"model.attn_window must be >= 0 (0: full causal attention), got {self.attn_window}")
         if self.mlp_chunk < 0:
             raise ValueError(f"model.mlp_chunk must be >= 0 (0: unchunked), got {self.mlp_chunk}")
         if self.rope_scaling <= 0 or self.rope_theta <= 0:
@@ -108,12 +111,18 @@ class InnerAttention(nn.Module):
 
     A module of its own so context parallelism can swap it (ring / Ulysses) without touching the model.
     With cu_seqlens it runs the varlen kernel over the flattened B*N tokens (packed documents).
+    window > 0: sliding-window attention, query i sees keys i-window+1 .. i (the kernels skip the rest).
     """
 
-    def __init__(self, backend: str = "auto", fp8: bool = False):
+    def __init__(self, backend: str = "auto", fp8: bool = False, window: int = 0):
         super().__init__()
         self.backend = backend
         self.fp8 = fp8  # FP8 forward (attention/fp8.py) on the dense path; varlen has no fp8 kernel
+        self.window = window
+
+    @property
+    def window_size(self) -> tuple[int, int]:
+        return (self.window - 1, 0) if self.window > 0 else (-1, -1)
 
     def forward(self, q, k, v, cu_seqlens=None, max_seqlen=None):
         # model.ckpt=selective: inside a checkpointed block the forward keeps (out, lse) and the
@@ -127,10 +136,12 @@ class InnerAttention(nn.Module):
             extra = () if cu_seqlens is None else (cu_seqlens, cu_seqlens)
             return replay_attention(q, k, v, *extra).view(B, N, H, D)
         if cu_seqlens is None:
-            out, lse = flash_attn_func(q, k, v, causal=True, backend=self.backend, return_lse=True, fp8=self.fp8)
+            out, lse = flash_attn_func(q, k, v, causal=True, window_size=self.window_size, backend=self.backend,
+                                       return_lse=True, fp8=self.fp8)
         else:
             out, lse = flash_attn_varlen_func(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen,
-                                              causal=True, backend=self.backend, return_lse=True)
+                                              causal=True, window_size=self.window_size, backend=self.backend,
+                                              return_lse=True)
         if mode == "record":
             keep_attention(out, lse)
         return out.view(B, N, H, D)
@@ -144,7 +155,7 @@ class Attention(nn.Module):
         self.wk = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
         self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
         self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
-        self.inner_attention = InnerAttention(backend)
+        self.inner_attention = InnerAttention(backend, window=cfg.attn_window)
 
     def forward(self, x, cos, sin, cu_seqlens=None, max_seqlen=None):
         B, N, _ = x.shape
