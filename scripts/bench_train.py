@@ -7,9 +7,11 @@
     python scripts/bench_train.py --device cpu --models tiny --lengths 256 512 --quick   # harness dry run
     python scripts/bench_train.py --models llama_220m --lengths 2097152 --setups ringflash:ckpt=full,offload=all \
         --layers 2 --warmup 0 --steps 1                                 # memory probe: does 2M fit?
+    ... --warmup 0 --steps 1 --cell-timeout 540 --memory-trace DIR      # a step longer than the timeout: the
+                                                                        # peak so far, sampled every 5 s
 
 A setup is `name[:key=value,...]`: ringflash (keys ckpt, offload, mlp_chunk, compile, loss_chunk, backend, det,
-loss_compile), hf and hf_liger (key attn: an attn_implementation, default sdpa). Every setup trains the same
+loss_compile, window), hf and hf_liger (key attn: an attn_implementation, default sdpa). Every setup trains the same
 shapes from random tokens, batch 1, with fused AdamW; --dtype bf16 (default) keeps parameters and AdamW states
 in bf16 for every setup, --dtype amp keeps fp32 parameters under bf16 autocast. HF runs with gradient
 checkpointing (non-reentrant). Each (setup, model, length) runs in its own subprocess (a crash or OOM never
@@ -30,6 +32,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -78,7 +81,7 @@ def run_cell(cell: dict) -> dict:
         opt.zero_grad(set_to_none=True)
         return loss
 
-    times, loss = _timed_steps(step, device, cell["warmup"], cell["steps"])
+    times, loss = _timed_steps(step, device, cell["warmup"], cell["steps"], cell.get("memory_trace"))
     sec = statistics.median(times)
     pairs = causal_pairs(None, 1, N, window=opts.get("window", 0))
     flops = train_flops(n_flop_params(shape), N, pairs, shape["n_layers"], shape["n_heads"], shape["head_dim"])
@@ -90,10 +93,12 @@ def run_cell(cell: dict) -> dict:
     return result
 
 
-def _timed_steps(step, device, warmup: int, steps: int):
+def _timed_steps(step, device, warmup: int, steps: int, memory_trace: str | None = None):
     cuda = device.type == "cuda"
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)  # parameters are counted (allocated), as the peak goes
+        if memory_trace:
+            _start_memory_trace(memory_trace, device)
     for _ in range(warmup):
         loss = step()
     if cuda:
@@ -111,6 +116,32 @@ def _timed_steps(step, device, warmup: int, steps: int):
         loss = step()
         times.append(time.perf_counter() - t)
     return times, loss.item()
+
+
+def _start_memory_trace(path: str, device, every_s: float = 5.0) -> None:
+    """Append {t, alloc_gib, peak_gib} to a JSONL file every few seconds from a daemon thread, flushed each time,
+    so a step cut off by the cell timeout still tells its peak so far (read back by `launch`)."""
+    def sample():
+        t0 = time.perf_counter()
+        with open(path, "a") as f:
+            while True:
+                f.write(json.dumps({"t": round(time.perf_counter() - t0, 1),
+                                    "alloc_gib": round(torch.cuda.memory_allocated(device) / 2**30, 3),
+                                    "peak_gib": round(torch.cuda.max_memory_allocated(device) / 2**30, 3)}) + "\n")
+                f.flush()
+                time.sleep(every_s)
+
+    threading.Thread(target=sample, daemon=True).start()
+
+
+def _trace_summary(path: str) -> dict:
+    """What a memory trace saw: its peak and how many seconds it covered ({} if there is none)."""
+    if not path or not os.path.exists(path):
+        return {}
+    rows = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    if not rows:
+        return {}
+    return {"traced_peak_gib": max(r["peak_gib"] for r in rows), "traced_s": rows[-1]["t"], "memory_trace": path}
 
 
 def _peak_gib(device):
@@ -172,6 +203,7 @@ def launch(cell: dict, timeout: float, env: dict) -> dict:
         result = {"status": "timeout"}
     finally:
         os.unlink(out_path)
+    result.update(_trace_summary(cell.get("memory_trace")))
     result["wall_s"] = round(time.perf_counter() - t0, 1)
     return result
 
@@ -194,9 +226,14 @@ class Results:
 
 
 def cell_for(args, setup: str, model: str, seq_len: int, warmup: int, steps: int, profile=False) -> dict:
+    trace = None
+    if getattr(args, "memory_trace", None):
+        os.makedirs(args.memory_trace, exist_ok=True)
+        tag = "".join(c if c.isalnum() or c in "-_" else "_" for c in f"{model}_{seq_len}_{setup}")
+        trace = os.path.join(args.memory_trace, tag + ".jsonl")
     return {"setup": setup, "model": model, "seq_len": seq_len, "device": args.device, "dtype": args.dtype,
             "warmup": warmup, "steps": steps, "peak_tflops": args.peak_tflops, "profile": profile,
-            "layers": args.layers}
+            "layers": args.layers, "memory_trace": trace}
 
 
 def run_grid(args, results: Results, env: dict) -> None:
@@ -286,7 +323,8 @@ def run_max_context(args, results: Results, env: dict) -> None:
 
 def describe(r: dict) -> str:
     if r.get("status") != "ok":
-        return r.get("status", "?") + (f" ({r['error'][:120]})" if r.get("error") else "")
+        traced = f" (peak {r['traced_peak_gib']:.1f} GiB in its first {r['traced_s']:.0f} s)" if r.get("traced_s") else ""
+        return r.get("status", "?") + traced + (f" ({r['error'][:120]})" if r.get("error") else "")
     gib = "n/a" if r["peak_gib"] is None else f"{r['peak_gib']:.1f}"
     note = f" [ran with {r['fallback']}]" if r.get("fallback") else ""
     return f"{r['tokens_per_s'] / 1e3:.1f}K tok/s, MFU {100 * r['mfu']:.1f}%, {gib} GiB{note}"
@@ -408,6 +446,9 @@ def parse_args(argv=None):
     m.add_argument("--probe-timeout", type=float, default=1800.0, help="seconds per probe step")
     m.add_argument("--no-max-extra", dest="max_extra", action="store_false",
                    help=f"do not add {MAX_CONTEXT_EXTRA} to the max-context search")
+    p.add_argument("--memory-trace", metavar="DIR",
+                   help="each cell samples its GPU memory every 5 s into DIR/<cell>.jsonl; a cell that times out "
+                        "still reports the peak it reached (traced_peak_gib)")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--worker-out", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
