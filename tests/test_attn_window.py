@@ -59,8 +59,19 @@ def test_causal_pairs_with_window():
 def test_bad_window_and_window_under_context_parallelism():
     with pytest.raises(ValueError, match="model.attn_window"):
         ModelConfig(vocab_size=50, attn_window=-1).resolved()
-    with pytest.raises(ValueError, match="model.attn_window=4.*parallel.cp=1"):
+    with pytest.raises(ValueError, match="model.attn_window=4 .*context parallelism"):
         apply_context_parallel(make_model(attn_window=4), "ring", group=None, packed_documents=False)
+
+
+@pytest.mark.parametrize("overrides, match", [
+    (["parallel.cp=2"], "context parallelism"),
+    (["attention.backend=sdpa"], "attention.backend=auto or triton"),
+    (["attention.fp8_forward=true", "data.cross_doc_attention=true"], "fp8_forward"),
+])
+def test_config_refuses_window_where_no_kernel_takes_it(overrides, match):
+    with pytest.raises(ValueError, match=match):
+        compose_cfg(["model.attn_window=16", *overrides])
+    compose_cfg(overrides)  # the same settings without a window are fine
 
 
 def test_hydra_config_takes_attn_window():
@@ -68,3 +79,21 @@ def test_hydra_config_takes_attn_window():
     assert cfg.model.attn_window == 4096
     with pytest.raises(Exception, match="attn_windw"):
         compose_cfg(["model.attn_windw=4096"])
+
+
+def test_trainer_runs_windowed_model_and_counts_window_flops(tmp_path):
+    from tests.test_trainer import FAST, metrics
+    from tests.trainer_utils import train_one_process
+
+    runs = {}
+    for w in (0, 16):
+        out = tmp_path / f"w{w}"
+        result = train_one_process(FAST, out, "train.steps=3", "data.cross_doc_attention=true",
+                                   f"model.attn_window={w}")
+        assert result["loss"] == result["loss"]  # not NaN
+        runs[w] = metrics(out)[3]
+    flops_per_token = {w: m["tflops"] * 1e12 / m["tokens_per_s"] for w, m in runs.items()}
+    # FAST: 2 layers x 4 heads x head_dim 16, rows of 64 tokens; the window drops 64*64/2 - (64*16 - 16*16/2) pairs
+    per_pair = 12 * 2 * 4 * 16
+    want = per_pair * (64 * 64 / 2 - (64 * 16 - 16 * 16 / 2)) / 64
+    assert flops_per_token[0] - flops_per_token[16] == pytest.approx(want, rel=1e-6)

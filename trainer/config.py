@@ -143,6 +143,7 @@ def _check_parallel_combinations(cfg: Config) -> None:
         raise ValueError(f"parallel.cp_impl=ulysses splits heads across ranks: model.n_heads ({cfg.model.n_heads}) "
                          f"must be divisible by parallel.cp ({p.cp}); use parallel.cp_impl=ring")
     _check_hybrid(cfg)
+    _check_window(cfg)
     if cfg.attention.fp8_forward:
         if not cfg.data.cross_doc_attention:
             raise ValueError("attention.fp8_forward=true needs data.cross_doc_attention=true: packed documents run "
@@ -150,6 +151,22 @@ def _check_parallel_combinations(cfg: Config) -> None:
         if p.cp > 1:
             raise ValueError(f"attention.fp8_forward=true needs parallel.cp=1 (got {p.cp}): ring / Ulysses "
                              f"attention have no fp8 path")
+
+
+def _check_window(cfg: Config) -> None:
+    """model.attn_window runs on the local kernels that take a window: Triton (or the reference on CPU)."""
+    w = cfg.model.attn_window
+    if w <= 0:
+        return
+    if cfg.parallel.cp > 1:
+        raise ValueError(f"model.attn_window={w} does not combine with context parallelism (parallel.cp="
+                         f"{cfg.parallel.cp}): the ring, Ulysses and hybrid cores attend over the whole sequence")
+    if cfg.attention.backend == "sdpa":
+        raise ValueError(f"model.attn_window={w} needs attention.backend=auto or triton: torch's fused kernels have "
+                         f"no sliding window, so sdpa would fall back to the dense N x N reference")
+    if cfg.attention.fp8_forward:
+        raise ValueError(f"model.attn_window={w} does not combine with attention.fp8_forward=true (the fp8 kernel "
+                         f"is causal or full only)")
 
 
 def _check_hybrid(cfg: Config) -> None:

@@ -226,15 +226,15 @@ def apply_context_parallel(model: nn.Module, impl: str, group, packed_documents:
     group: the cp group; impl="hybrid" also needs the cp group's split into ulysses_group x ring_group
     (parallel.init_mesh(cp, ulysses_degree=u) builds them).
     """
+    window = getattr(model.layers[0].attention.inner_attention, "window", 0) if len(model.layers) else 0
+    if window > 0:
+        raise ValueError(f"model.attn_window={window} (sliding-window attention) does not combine with context "
+                         f"parallelism: the ring, Ulysses and hybrid cores attend over the whole sequence")
     groups = CPGroups(group, ulysses_group, ring_group)
     current = None
     if packed_documents:
         current = CurrentPlan(impl, groups)
         model.register_forward_pre_hook(current.capture, with_kwargs=True)
-    window = getattr(model.layers[0].attention.inner_attention, "window", 0) if len(model.layers) else 0
-    if window > 0:
-        raise ValueError(f"model.attn_window={window} (sliding-window attention) runs on one GPU only: the ring, "
-                         f"Ulysses and hybrid cores attend causally over the whole sequence; set parallel.cp=1")
     for block in model.layers:
         backend = getattr(block.attention.inner_attention, "backend", "auto")
         block.attention.inner_attention = ContextParallelAttention(impl, groups, current, backend)
