@@ -1,6 +1,7 @@
 """Ulysses (DeepSpeed-style) context parallelism: all-to-all from sequence shards to head shards and back.
 
     out_local = ulysses_attn_func(q_local, k_local, v_local, group=cp_group, causal=True)
+    out_local = ulysses_attn_func(..., window_size=(4095, 0))    # sliding window: every rank holds the whole sequence
 
 q/k/v are this rank's sequence shards (B, N_local, H|Hkv, D) in `layout` (as produced by shard_sequence).
 One all-to-all gives every rank the *whole* sequence, in true order, for H/W of the heads; local attention
@@ -112,10 +113,10 @@ def ulysses_plan(position_ids: torch.Tensor, group=None, layout: str = "zigzag")
                        int(bounds.diff().max()))
 
 
-def _check_ulysses_inputs(q, k, v, world_size, layout, softmax_scale, position_ids, plan):
+def _check_ulysses_inputs(q, k, v, world_size, layout, softmax_scale, position_ids, plan, window_size):
     fn = "ulysses_attn_func"
     check_qkv(q, k, v, fn)
-    check_options(fn, softmax_scale, (-1, -1))
+    check_options(fn, softmax_scale, window_size)
     check_layout(layout)
     if q.shape[1] != k.shape[1]:
         raise ValueError(f"{fn}: q and k must hold the same local tokens; got q {tuple(q.shape)}, k {tuple(k.shape)}")
@@ -138,27 +139,29 @@ def _check_ulysses_inputs(q, k, v, world_size, layout, softmax_scale, position_i
                              f"{world_size}, layout {layout!r}, q {tuple(q.shape)})")
 
 
-def _packed_attention(q, k, v, plan: UlyssesPlan, causal, softmax_scale, backend):
+def _packed_attention(q, k, v, plan: UlyssesPlan, causal, softmax_scale, window_size, backend):
     """q (B, N, h, D) full sequence with the plan's segments: one varlen call, documents never mix."""
     B, N, h, D = q.shape
     cu, max_len = plan.cu_seqlens, plan.max_seqlen
     out = flash_attn_varlen_func(q.reshape(B * N, h, D), k.reshape(B * N, k.shape[2], D),
                                  v.reshape(B * N, v.shape[2], D), cu, cu, max_len, max_len, causal=causal,
-                                 softmax_scale=softmax_scale, backend=backend)  # (B*N, h, D)
+                                 softmax_scale=softmax_scale, window_size=window_size,
+                                 backend=backend)  # (B*N, h, D)
     return out.view(B, N, h, D)
 
 
 def ulysses_attn_func(q, k, v, group=None, causal=True, softmax_scale=None, layout="zigzag", position_ids=None,
-                      backend="auto", plan=None):
+                      backend="auto", plan=None, window_size=(-1, -1)):
     """Attention over the sequence split across `group` by head-scattering all-to-all.
 
     q (B, N_local, H, D), k/v (B, N_local, Hkv, D): this rank's shards in `layout`; returns out
     (B, N_local, H, D) equal to flash_attn_func on the full sequence, sharded. position_ids: this rank's
     shard of packed-document positions (0 starts a document), as for ring_attn_func; or plan=ulysses_plan(
     position_ids, group, layout), built once per batch for all layers (same result, no per-call gather).
+    window_size: as in flash_attn_func, over the full sequence's (or each document's) positions.
     """
     _, world_size = group_rank_and_size(group)
-    _check_ulysses_inputs(q, k, v, world_size, layout, softmax_scale, position_ids, plan)
+    _check_ulysses_inputs(q, k, v, world_size, layout, softmax_scale, position_ids, plan, window_size)
     if position_ids is not None:
         local_pos = position_ids.reshape(-1, q.shape[1]).expand(q.shape[0], -1)  # (B, N_local)
         plan = ulysses_plan(local_pos, group, layout)
@@ -168,7 +171,8 @@ def ulysses_attn_func(q, k, v, group=None, causal=True, softmax_scale=None, layo
         k, v = _replicate_kv(k, q.shape[2], world_size), _replicate_kv(v, q.shape[2], world_size)
         q_full, k_full, v_full = (_SeqToHeads.apply(t, group, layout) for t in (q, k, v))  # (B, N, h, D)
     if plan is None:
-        out = flash_attn_func(q_full, k_full, v_full, causal=causal, softmax_scale=softmax_scale, backend=backend)
+        out = flash_attn_func(q_full, k_full, v_full, causal=causal, softmax_scale=softmax_scale,
+                              window_size=window_size, backend=backend)
     else:
-        out = _packed_attention(q_full, k_full, v_full, plan, causal, softmax_scale, backend)
+        out = _packed_attention(q_full, k_full, v_full, plan, causal, softmax_scale, window_size, backend)
     return out if world_size == 1 else _HeadsToSeq.apply(out, group, layout)

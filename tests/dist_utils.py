@@ -52,16 +52,17 @@ def random_positions(batch: int, seq_len: int, gen: torch.Generator, max_doc: in
     return torch.tensor(rows)
 
 
-def full_attention(q, k, v, causal, softmax_scale=None, position_ids=None, backend="reference"):
+def full_attention(q, k, v, causal, softmax_scale=None, position_ids=None, backend="reference",
+                   window_size=(-1, -1)):
     """Oracle on the unsharded sequence: (out, lse (B, H, N)). Packed documents via per-row cu_seqlens."""
     if position_ids is None:
         return flash_attn_func(q, k, v, causal=causal, softmax_scale=softmax_scale, return_lse=True,
-                               backend=backend)
+                               backend=backend, window_size=window_size)
     B, N, H, D = q.shape
     starts = [b * N + i for b in range(B) for i in range(N) if i == 0 or int(position_ids[b, i]) == 0]
     cu = torch.tensor(starts + [B * N], dtype=torch.int32)
     longest = int(cu.diff().max())
     out, lse = flash_attn_varlen_func(q.reshape(B * N, H, D), k.reshape(B * N, -1, D), v.reshape(B * N, -1, D),
                                       cu, cu, longest, longest, causal=causal, softmax_scale=softmax_scale,
-                                      return_lse=True, backend=backend)
+                                      window_size=window_size, return_lse=True, backend=backend)
     return out.view(B, N, H, D), lse.view(H, B, N).transpose(0, 1)

@@ -1,6 +1,6 @@
 """Ulysses attention against full-sequence attention (reference backend, fp64), W = 2 and 4: out, dq, dk, dv
-of the local shards equal the shards of the full results, for both sequence layouts, GQA with Hkv < W and
-packed documents."""
+of the local shards equal the shards of the full results, for both sequence layouts, GQA with Hkv < W,
+packed documents and sliding windows."""
 
 import pytest
 import torch
@@ -13,10 +13,10 @@ TOL = 1e-9  # fp64 all the way: the all-to-alls only move data
 
 
 def _case(layout="zigzag", causal=True, heads=(4, 2), B=2, chunk=3, D=8, packed=False, scale=None, seed=0,
-          via_plan=False):
+          via_plan=False, window=(-1, -1)):
     """via_plan (packed only): also run with plan=ulysses_plan(...), which must give identical results."""
     return dict(layout=layout, causal=causal, heads=heads, B=B, chunk=chunk, D=D, packed=packed, scale=scale,
-                seed=seed, via_plan=via_plan)
+                seed=seed, via_plan=via_plan, window=window)
 
 
 def _cases(world_size):
@@ -26,6 +26,10 @@ def _cases(world_size):
     cases += [_case("zigzag", True, (2 * world_size, 2), chunk=5, packed=True, seed=20),
               _case("contiguous", False, (world_size, 1), chunk=5, packed=True, scale=0.2, seed=21, via_plan=True),
               _case("zigzag", True, (world_size, 2), chunk=4, packed=True, seed=22, via_plan=True)]
+    # sliding windows, narrower than a shard so they cut across the zigzag chunks
+    cases += [_case("zigzag", True, (world_size, world_size), chunk=4, seed=30, window=(2, 0)),
+              _case("contiguous", False, (2 * world_size, 2), chunk=4, seed=31, window=(3, 1)),
+              _case("zigzag", True, (world_size, 2), chunk=5, packed=True, seed=32, via_plan=True, window=(3, 0))]
     return cases
 
 
@@ -36,7 +40,7 @@ def _check_case(rank, world_size, c):
                for h in (H, hkv, hkv))
     dout = torch.randn(B, N, H, D, generator=gen, dtype=torch.float64)
     pos = random_positions(B, N, gen, max_doc=9) if c["packed"] else None
-    out, _ = full_attention(q, k, v, c["causal"], c["scale"], pos)
+    out, _ = full_attention(q, k, v, c["causal"], c["scale"], pos, window_size=c["window"])
     out.backward(dout)
 
     def shard(t):
@@ -45,7 +49,7 @@ def _check_case(rank, world_size, c):
     def run(**docs):
         local = [shard(t).detach().requires_grad_() for t in (q, k, v)]
         out_l = ulysses_attn_func(*local, causal=c["causal"], softmax_scale=c["scale"], layout=c["layout"],
-                                  backend="reference", **docs)
+                                  backend="reference", window_size=c["window"], **docs)
         out_l.backward(shard(dout))
         return out_l, local
 

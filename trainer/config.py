@@ -158,9 +158,9 @@ def _check_window(cfg: Config) -> None:
     w = cfg.model.attn_window
     if w <= 0:
         return
-    if cfg.parallel.cp > 1:
-        raise ValueError(f"model.attn_window={w} does not combine with context parallelism (parallel.cp="
-                         f"{cfg.parallel.cp}): the ring, Ulysses and hybrid cores attend over the whole sequence")
+    if cfg.parallel.cp > 1 and cfg.parallel.cp_impl != "ulysses":
+        raise ValueError(f"model.attn_window={w} under context parallelism needs parallel.cp_impl=ulysses (got "
+                         f"{cfg.parallel.cp_impl!r}): the ring and hybrid cores attend over the whole sequence")
     if cfg.attention.backend == "sdpa":
         raise ValueError(f"model.attn_window={w} needs attention.backend=auto or triton: torch's fused kernels have "
                          f"no sliding window, so sdpa would fall back to the dense N x N reference")

@@ -182,14 +182,18 @@ class ContextParallelAttention(nn.Module):
     shard and must not be passed. Under model.ckpt=selective the ring keeps its (out, lse) and the block
     recomputation replays them (RingAttnFunc saves q, k, v, out, lse like the local attention Function), so
     backward runs no second forward ring; hybrid replays its ring the same way (the recomputation reruns only
-    its all-to-alls); Ulysses is recomputed.
+    its all-to-alls); Ulysses is recomputed. window > 0 (model.attn_window): Ulysses only, as each of its ranks
+    holds the whole sequence.
     """
 
-    def __init__(self, impl: str, groups: CPGroups, current: Optional[CurrentPlan], backend: str = "auto"):
+    def __init__(self, impl: str, groups: CPGroups, current: Optional[CurrentPlan], backend: str = "auto",
+                 window: int = 0):
         super().__init__()
         assert impl in CP_IMPLS, impl
         assert impl != "hybrid" or (groups.ulysses is not None and groups.ring is not None), "hybrid needs groups"
+        assert window == 0 or impl == "ulysses", "only Ulysses takes a sliding window"
         self.impl, self.groups, self.current, self.backend = impl, groups, current, backend
+        self.window_size = (window - 1, 0) if window > 0 else (-1, -1)
 
     @torch.compiler.disable  # process-group calls and a data-dependent plan: always eager
     def forward(self, q, k, v, cu_seqlens=None, max_seqlen=None):
@@ -200,7 +204,7 @@ class ContextParallelAttention(nn.Module):
             assert plan is not None, "the model forward must receive position_ids"
         if self.impl == "ulysses":
             return ulysses_attn_func(q, k, v, group=self.groups.cp, causal=True, layout=CP_LAYOUT, plan=plan,
-                                     backend=self.backend)
+                                     backend=self.backend, window_size=self.window_size)
         if self.impl == "ring":
             return self._ring(q, k, v, self.groups.cp, plan)
         # hybrid: the hybrid_attn_func steps, with the ring in the middle taking part in ckpt=selective
@@ -227,9 +231,9 @@ def apply_context_parallel(model: nn.Module, impl: str, group, packed_documents:
     (parallel.init_mesh(cp, ulysses_degree=u) builds them).
     """
     window = getattr(model.layers[0].attention.inner_attention, "window", 0) if len(model.layers) else 0
-    if window > 0:
-        raise ValueError(f"model.attn_window={window} (sliding-window attention) does not combine with context "
-                         f"parallelism: the ring, Ulysses and hybrid cores attend over the whole sequence")
+    if window > 0 and impl != "ulysses":
+        raise ValueError(f"model.attn_window={window} (sliding-window attention) needs parallel.cp_impl=ulysses, "
+                         f"got {impl!r}: the ring and hybrid cores attend over the whole sequence")
     groups = CPGroups(group, ulysses_group, ring_group)
     current = None
     if packed_documents:
@@ -237,7 +241,7 @@ def apply_context_parallel(model: nn.Module, impl: str, group, packed_documents:
         model.register_forward_pre_hook(current.capture, with_kwargs=True)
     for block in model.layers:
         backend = getattr(block.attention.inner_attention, "backend", "auto")
-        block.attention.inner_attention = ContextParallelAttention(impl, groups, current, backend)
+        block.attention.inner_attention = ContextParallelAttention(impl, groups, current, backend, window)
 
 
 def shard_batch(batch: dict, group, layout: str = CP_LAYOUT, ulysses_degree: int = 1) -> dict:
