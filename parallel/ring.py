@@ -12,6 +12,9 @@ out/lse. With causal attention only the visible chunk pairs are computed (zigzag
 diagonal one costs exactly half a block; contiguous: later ranks' blocks are skipped, so work is unbalanced).
 Packed documents (`position_ids`, 0 = document start) turn each block into a varlen call whose segments are
 the documents shared by the block's queries and keys; blocks sharing no document are skipped.
+A causal sliding window (`window_size=(left, 0)`) splits the blocks per chunk pair and cuts each to the rows
+that see one another, with the window re-expressed for that rectangle (window_rect); pairs the window does not
+reach are skipped, so a rank's work per step shrinks to about chunk x window.
 
 Building that plan needs the whole sequence's positions: an all-gather and a host sync. A model calls the
 ring once per layer on the same positions, so it builds the plan once per batch and passes it to every layer:
@@ -22,7 +25,7 @@ ring once per layer on the same positions, so it builds the plan once per batch 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from itertools import groupby
 from typing import Optional
 
@@ -46,6 +49,33 @@ class _Block:
     k_rows: slice
     causal: bool
     varlen: Optional[tuple] = None  # (cu_q, cu_k, max_q, max_k) over the block's rows, batch flattened
+    window: tuple = _NO_WINDOW  # window_size of the kernel call, for this block's rectangle
+    batch: slice = field(default_factory=lambda: slice(None))  # batch rows (one, for a packed off-diagonal
+    # block under a window)
+
+
+def window_rect(q0: int, nq: int, k0: int, nk: int, window: int) -> Optional[tuple]:
+    """A causal sliding window between the global query rows [q0, q0+nq) and key rows [k0, k0+nk).
+
+    Query q sees key k iff q - window < k <= q. Returns None when no pair is visible, else (i0, i1, j0, j1,
+    window_size): the local query rows [i0, i1) and key rows [j0, j1) holding every visible pair, each of them
+    seeing or seen by at least one other, and the (left, right) that flash_attn_func takes for that rectangle
+    (bottom-right aligned; -1 where a side does not bind). Trimming is what keeps both sides >= 0: the
+    kernels' convention has no window that starts right of the diagonal.
+    """
+    d = q0 - k0  # local key j is visible to local query i iff i + d - (window - 1) <= j <= i + d
+    i0, i1 = max(0, -d), min(nq, nk - d + window - 1)
+    if i0 >= i1:
+        return None
+    j0, j1 = max(0, i0 + d - (window - 1)), min(nk, i1 + d)
+    if j0 >= j1:
+        return None
+    nq2, nk2, d2 = i1 - i0, j1 - j0, d + i0 - j0
+    off = nk2 - nq2  # the kernels align the rectangle bottom-right: key j sees query i around i + off
+    right, left = d2 - off, window - 1 - d2 + off
+    right = -1 if d2 >= nk2 - 1 else right  # every key at or left of each query's diagonal: unbounded
+    left = -1 if left >= nk2 - 1 else left
+    return i0, i1, j0, j1, (left, right)
 
 
 def _runs(indices):
@@ -76,6 +106,48 @@ def _dense_blocks(rank: int, src: int, world_size: int, n_local: int, layout: st
     return blocks
 
 
+def _window_blocks(rank: int, src: int, world_size: int, n_local: int, layout: str, window: int,
+                   q_doc: Optional[torch.Tensor] = None, k_doc: Optional[torch.Tensor] = None, device=None) -> list:
+    """The blocks of one ring step under a causal sliding window, one per visible (query chunk, key chunk) pair.
+
+    With documents (q_doc / k_doc: (B, n_local) ids of this rank's and src's rows), a chunk paired with itself
+    keeps one varlen call (each document's segment is square there, so one window fits all). Between distinct
+    chunks only the document crossing from the key chunk into the query chunk is shared, with a different
+    offset in each batch row, so each row gets a dense call on that document's rectangle.
+    """
+    q_chunks, k_chunks = chunk_ids(rank, world_size, layout), chunk_ids(src, world_size, layout)
+    size = n_local // len(q_chunks)
+    blocks = []
+    for a, qc in enumerate(q_chunks):
+        for b, kc in enumerate(k_chunks):
+            if kc > qc:
+                continue
+            if qc == kc or q_doc is None:
+                rect = window_rect(qc * size, size, kc * size, size, window)
+                if rect is None:
+                    continue
+                i0, i1, j0, j1, win = rect
+                blk = _Block(slice(a * size + i0, a * size + i1), slice(b * size + j0, b * size + j1), False,
+                             window=win)
+                blocks += [blk] if q_doc is None else _with_docs([blk], q_doc, k_doc, device)
+                continue
+            for r in range(q_doc.shape[0]):
+                q_ids, k_ids = q_doc[r, a * size:(a + 1) * size], k_doc[r, b * size:(b + 1) * size]
+                shared = int(q_ids[0])  # a document in both chunks runs from the key chunk into this one
+                qs, ks = (q_ids == shared).nonzero().flatten(), (k_ids == shared).nonzero().flatten()
+                if len(ks) == 0:
+                    continue
+                q_lo, k_lo = int(qs[0]), int(ks[0])  # a prefix of the query chunk, a suffix of the key chunk
+                rect = window_rect(qc * size + q_lo, len(qs), kc * size + k_lo, len(ks), window)
+                if rect is None:
+                    continue
+                i0, i1, j0, j1, win = rect
+                q_at, k_at = a * size + q_lo, b * size + k_lo
+                blocks.append(_Block(slice(q_at + i0, q_at + i1), slice(k_at + j0, k_at + j1), False, window=win,
+                                     batch=slice(r, r + 1)))
+    return blocks
+
+
 def _with_docs(blocks: list, q_doc: torch.Tensor, k_doc: torch.Tensor, device) -> list:
     """Attach per-document varlen segments; drop blocks whose queries and keys share no document."""
     kept = []
@@ -87,19 +159,25 @@ def _with_docs(blocks: list, q_doc: torch.Tensor, k_doc: torch.Tensor, device) -
 
 
 def ring_steps(rank: int, world_size: int, n_local: int, layout: str = "zigzag", causal: bool = True,
-               doc_ids: Optional[torch.Tensor] = None, device=None) -> list:
+               doc_ids: Optional[torch.Tensor] = None, device=None, window: int = 0) -> list:
     """The blocks each ring step computes, indexed by step (step s holds the K/V of rank - s). Pure: no comm.
 
     doc_ids: (B, N) document ids of the full sequence (see sharding.doc_ids_from_positions), or None.
+    window > 0: a causal sliding window (query q sees keys q - window + 1 .. q); causal is then implied.
     """
     steps = []
     for step in range(world_size):
         src = (rank - step) % world_size
-        blocks = _dense_blocks(rank, src, world_size, n_local, layout, causal)
+        q_doc = k_doc = None
         if doc_ids is not None:
             q_doc = shard_for_rank(doc_ids, 1, rank, world_size, layout)
             k_doc = shard_for_rank(doc_ids, 1, src, world_size, layout)
-            blocks = _with_docs(blocks, q_doc, k_doc, device)
+        if window > 0:
+            blocks = _window_blocks(rank, src, world_size, n_local, layout, window, q_doc, k_doc, device)
+        else:
+            blocks = _dense_blocks(rank, src, world_size, n_local, layout, causal)
+            if doc_ids is not None:
+                blocks = _with_docs(blocks, q_doc, k_doc, device)
         steps.append(blocks)
     return steps
 
@@ -118,11 +196,12 @@ class RingPlan:
     causal: bool
     batch_size: Optional[int]  # rows the document segments cover; None: dense, any batch size
     steps: tuple  # steps[s]: tuple of _Block computed while holding the K/V of rank (rank - s) % world_size
+    window: int = 0  # causal sliding window (0: none)
 
 
-def _dense_plan(rank: int, world_size: int, n_local: int, layout: str, causal: bool) -> RingPlan:
-    steps = ring_steps(rank, world_size, n_local, layout, causal)
-    return RingPlan(rank, world_size, n_local, layout, causal, None, tuple(map(tuple, steps)))
+def _dense_plan(rank: int, world_size: int, n_local: int, layout: str, causal: bool, window: int = 0) -> RingPlan:
+    steps = ring_steps(rank, world_size, n_local, layout, causal, window=window)
+    return RingPlan(rank, world_size, n_local, layout, causal, None, tuple(map(tuple, steps)), window)
 
 
 def check_local_positions(fn: str, position_ids, layout: str, world_size: int) -> torch.Tensor:
@@ -138,9 +217,11 @@ def check_local_positions(fn: str, position_ids, layout: str, world_size: int) -
     return position_ids.reshape(-1, position_ids.shape[-1])
 
 
-def ring_plan(position_ids: torch.Tensor, group=None, layout: str = "zigzag", causal: bool = True) -> RingPlan:
+def ring_plan(position_ids: torch.Tensor, group=None, layout: str = "zigzag", causal: bool = True,
+              window: int = 0) -> RingPlan:
     """The packed-document plan for ring_attn_func(..., plan=...): build once per batch, reuse in every layer.
 
+    window > 0: a causal sliding window of that many keys (ring_attn_func's window_size=(window - 1, 0)).
     position_ids (N_local,) or (B, N_local): this rank's shard (in `layout`) of the packed positions (0 starts
     a document); the plan then fits q of batch size B (1 for a 1-D input; expand the ids for more rows).
     Collective over `group`: every rank calls it. Costs one all-gather of the int positions and one host sync.
@@ -151,8 +232,9 @@ def ring_plan(position_ids: torch.Tensor, group=None, layout: str = "zigzag", ca
     # Document ids need the whole sequence: a shard cannot see where its first document began.
     doc_ids = doc_ids_from_positions(unshard_sequence(local_pos, 1, group, layout).cpu())
     B, n_local = local_pos.shape
-    steps = ring_steps(rank, world_size, n_local, layout, bool(causal), doc_ids, position_ids.device)
-    return RingPlan(rank, world_size, n_local, layout, bool(causal), B, tuple(map(tuple, steps)))
+    causal = bool(causal) or window > 0
+    steps = ring_steps(rank, world_size, n_local, layout, causal, doc_ids, position_ids.device, window)
+    return RingPlan(rank, world_size, n_local, layout, causal, B, tuple(map(tuple, steps)), window)
 
 
 # -- one block ----------------------------------------------------------------------------------------------
@@ -163,30 +245,30 @@ def _flat(t: torch.Tensor) -> torch.Tensor:
 
 
 def _block_forward(q, k, v, blk: _Block, scale: float, backend: str):
-    qb = q[:, blk.q_rows].contiguous()
-    kb, vb = k[:, blk.k_rows].contiguous(), v[:, blk.k_rows].contiguous()
+    qb = q[blk.batch, blk.q_rows].contiguous()
+    kb, vb = k[blk.batch, blk.k_rows].contiguous(), v[blk.batch, blk.k_rows].contiguous()
     if blk.varlen is None:
-        return attn_forward(qb, kb, vb, blk.causal, scale, _NO_WINDOW, backend)
+        return attn_forward(qb, kb, vb, blk.causal, scale, blk.window, backend)
     B, nq, H, _ = qb.shape
-    out, lse = attn_varlen_forward(_flat(qb), _flat(kb), _flat(vb), *blk.varlen, blk.causal, scale, _NO_WINDOW,
+    out, lse = attn_varlen_forward(_flat(qb), _flat(kb), _flat(vb), *blk.varlen, blk.causal, scale, blk.window,
                                    backend)
     return out.view(qb.shape), lse.view(H, B, nq).transpose(0, 1)  # lse (H, B*nq) -> (B, H, nq)
 
 
 def _block_backward(dout, q, k, v, out, lse, dlse, blk: _Block, scale: float, backend: str):
-    r, c = blk.q_rows, blk.k_rows
-    dob, qb, ob = dout[:, r].contiguous(), q[:, r].contiguous(), out[:, r].contiguous()
-    kb, vb = k[:, c].contiguous(), v[:, c].contiguous()
-    lb = lse[:, :, r].contiguous()
-    dlb = None if dlse is None else dlse[:, :, r].contiguous()
+    b, r, c = blk.batch, blk.q_rows, blk.k_rows
+    dob, qb, ob = dout[b, r].contiguous(), q[b, r].contiguous(), out[b, r].contiguous()
+    kb, vb = k[b, c].contiguous(), v[b, c].contiguous()
+    lb = lse[b, :, r].contiguous()
+    dlb = None if dlse is None else dlse[b, :, r].contiguous()
     if blk.varlen is None:
-        return attn_backward(dob, qb, kb, vb, ob, lb, blk.causal, scale, _NO_WINDOW, dlse=dlb, backend=backend)
+        return attn_backward(dob, qb, kb, vb, ob, lb, blk.causal, scale, blk.window, dlse=dlb, backend=backend)
 
     def heads_first(t):  # (B, H, nq) -> (H, B*nq), the varlen lse layout
         return None if t is None else t.transpose(0, 1).reshape(t.shape[1], -1)
 
     dq, dk, dv = attn_varlen_backward(_flat(dob), _flat(qb), _flat(kb), _flat(vb), _flat(ob), heads_first(lb),
-                                      *blk.varlen, blk.causal, scale, _NO_WINDOW, dlse=heads_first(dlb),
+                                      *blk.varlen, blk.causal, scale, blk.window, dlse=heads_first(dlb),
                                       backend=backend)
     return dq.view(qb.shape), dk.view(kb.shape), dv.view(vb.shape)
 
@@ -228,7 +310,7 @@ def ring_attn_forward(comm: Optional[RingComm], q, k, v, plan: list, scale: floa
                 comm.wait()
         for blk in blocks:
             block_out, block_lse = _block_forward(q, k, v, blk, scale, backend)
-            merge_into(out[:, blk.q_rows], lse[:, :, blk.q_rows], block_out, block_lse)
+            merge_into(out[blk.batch, blk.q_rows], lse[blk.batch, :, blk.q_rows], block_out, block_lse)
         if step < last:
             if overlap:
                 comm.wait()
@@ -253,9 +335,9 @@ def ring_attn_backward(kv_comm: Optional[RingComm], d_kv_comm: Optional[RingComm
         block_dv = torch.zeros_like(block_dk)
         for blk in blocks:
             dq_b, dk_b, dv_b = _block_backward(dout, q, k, v, out, lse, dlse, blk, scale, backend)
-            dq[:, blk.q_rows] += dq_b
-            block_dk[:, blk.k_rows] += dk_b
-            block_dv[:, blk.k_rows] += dv_b
+            dq[blk.batch, blk.q_rows] += dq_b
+            block_dk[blk.batch, blk.k_rows] += dk_b
+            block_dv[blk.batch, blk.k_rows] += dv_b
         # Step 2: add what the previous ranks accumulated for this block, pass the sum on.
         if step > 0:
             if overlap:
@@ -305,10 +387,21 @@ class RingAttnFunc(torch.autograd.Function):
 # -- public entry point -------------------------------------------------------------------------------------
 
 
-def _check_ring_inputs(q, k, v, layout, softmax_scale, position_ids, plan):
+def _ring_window(causal: bool, window_size) -> int:
+    """window_size -> the causal sliding window's length in keys (0: none); the ring takes (left, 0) windows."""
+    left, right = window_size
+    if (left, right) == _NO_WINDOW or (causal and (left, right) == (-1, 0)):
+        return 0
+    if left < 0 or not (right == 0 or (right == -1 and causal)):
+        raise ValueError(f"ring_attn_func: window_size must be a causal sliding window (left >= 0, 0) or "
+                         f"(-1, -1); got {tuple(window_size)} with causal={causal}")
+    return left + 1
+
+
+def _check_ring_inputs(q, k, v, layout, softmax_scale, position_ids, plan, window_size):
     fn = "ring_attn_func"
     check_qkv(q, k, v, fn)
-    check_options(fn, softmax_scale, _NO_WINDOW)
+    check_options(fn, softmax_scale, window_size)
     check_layout(layout)
     if q.shape[1] != k.shape[1]:
         raise ValueError(f"{fn}: q and k must hold the same local tokens (self-attention); got q {tuple(q.shape)}, "
@@ -325,22 +418,22 @@ def _check_ring_inputs(q, k, v, layout, softmax_scale, position_ids, plan):
                              f"got {tuple(position_ids.shape)}")
 
 
-def _check_plan(plan: RingPlan, q, layout: str, causal: bool, rank: int, world_size: int) -> None:
+def _check_plan(plan: RingPlan, q, layout: str, causal: bool, rank: int, world_size: int, window: int) -> None:
     fn = "ring_attn_func"
     if not isinstance(plan, RingPlan):
         raise ValueError(f"{fn}: plan must be a RingPlan (from ring_plan), got {type(plan).__name__}")
     B, n = q.shape[:2]
     seen = (f"plan (rank {plan.rank}/{plan.world_size}, N_local {plan.n_local}, batch {plan.batch_size}, "
-            f"layout {plan.layout!r}, causal {plan.causal}); call (rank {rank}/{world_size}, q {tuple(q.shape)}, "
-            f"layout {layout!r}, causal {bool(causal)})")
+            f"layout {plan.layout!r}, causal {plan.causal}, window {plan.window}); call (rank {rank}/{world_size}, "
+            f"q {tuple(q.shape)}, layout {layout!r}, causal {bool(causal)}, window {window})")
     if (plan.rank, plan.world_size, plan.n_local) != (rank, world_size, n) or plan.batch_size not in (None, B):
         raise ValueError(f"{fn}: plan was built for other shards: {seen}")
-    if (plan.layout, plan.causal) != (layout, bool(causal)):
+    if (plan.layout, plan.causal, plan.window) != (layout, bool(causal), window):
         raise ValueError(f"{fn}: plan was built for another layout or mask: {seen}")
 
 
 def ring_attn_func(q, k, v, group=None, causal=True, softmax_scale=None, layout="zigzag", return_lse=False,
-                   position_ids=None, backend="auto", overlap=True, plan=None):
+                   position_ids=None, backend="auto", overlap=True, plan=None, window_size=(-1, -1)):
     """Ring attention over the sequence split across `group` (None = default group; no group = one rank).
 
     q (B, N_local, H, D), k/v (B, N_local, Hkv, D): this rank's shards in `layout`. Returns out
@@ -349,17 +442,20 @@ def ring_attn_func(q, k, v, group=None, causal=True, softmax_scale=None, layout=
     attention then stays inside documents. Each such call all-gathers them and syncs with the host; a model
     calling the ring in every layer passes plan=ring_plan(position_ids, group, layout, causal) instead, built
     once per batch (same result). `overlap=False` waits for each transfer before computing (for benchmarking
-    the overlap).
+    the overlap). window_size=(left, 0): a causal sliding window over global positions (a plan must then be
+    built with ring_plan(..., window=left + 1)).
     """
-    _check_ring_inputs(q, k, v, layout, softmax_scale, position_ids, plan)
+    _check_ring_inputs(q, k, v, layout, softmax_scale, position_ids, plan, window_size)
+    window = _ring_window(bool(causal), window_size)
+    causal = bool(causal) or window > 0
     rank, world_size = group_rank_and_size(group)
     backend = resolve_backend_name(backend, q.device)
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
     if position_ids is not None:
         local_pos = position_ids.reshape(-1, q.shape[1]).expand(q.shape[0], -1)  # (B, N_local)
-        plan = ring_plan(local_pos, group, layout, causal)
+        plan = ring_plan(local_pos, group, layout, causal, window)
     elif plan is None:
-        plan = _dense_plan(rank, world_size, q.shape[1], layout, bool(causal))
-    _check_plan(plan, q, layout, causal, rank, world_size)
+        plan = _dense_plan(rank, world_size, q.shape[1], layout, causal, window)
+    _check_plan(plan, q, layout, causal, rank, world_size, window)
     out, lse = RingAttnFunc.apply(q, k, v, group, plan.steps, scale, backend, bool(overlap))
     return (out, lse) if return_lse else out

@@ -1,5 +1,6 @@
-"""model.attn_window: sliding-window attention in the model, its FLOP count, and where it is refused (ring / hybrid
-CP, the sdpa backend, the fp8 forward). Ulysses with a window: tests/test_ulysses.py and test_trainer_cp.py."""
+"""model.attn_window: sliding-window attention in the model, its FLOP count, and where it is refused (hybrid CP,
+the sdpa backend, the fp8 forward). Ring and Ulysses with a window: test_ring.py, test_ulysses.py and
+test_trainer_cp.py."""
 
 import pytest
 import torch
@@ -60,14 +61,12 @@ def test_causal_pairs_with_window():
 def test_bad_window_and_window_under_context_parallelism():
     with pytest.raises(ValueError, match="model.attn_window"):
         ModelConfig(vocab_size=50, attn_window=-1).resolved()
-    for impl in ("ring", "hybrid"):
-        with pytest.raises(ValueError, match="model.attn_window=4 .*needs parallel.cp_impl=ulysses"):
-            apply_context_parallel(make_model(attn_window=4), impl, group=None, packed_documents=False)
+    with pytest.raises(ValueError, match="model.attn_window=4 .*needs parallel.cp_impl=ring or ulysses"):
+        apply_context_parallel(make_model(attn_window=4), "hybrid", group=None, packed_documents=False)
 
 
 @pytest.mark.parametrize("overrides, match", [
-    (["parallel.cp=2"], "parallel.cp_impl=ulysses"),
-    (["parallel.cp=4", "parallel.cp_impl=hybrid", "parallel.ulysses_degree=2"], "parallel.cp_impl=ulysses"),
+    (["parallel.cp=4", "parallel.cp_impl=hybrid", "parallel.ulysses_degree=2"], "cp_impl=ring or ulysses"),
     (["attention.backend=sdpa"], "attention.backend=auto or triton"),
     (["attention.fp8_forward=true", "data.cross_doc_attention=true"], "fp8_forward"),
 ])

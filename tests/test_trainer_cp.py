@@ -4,7 +4,7 @@ give the per-step losses of one process over the same global batch (the oracle),
 - cp=2 (ring with ckpt=selective, Ulysses with ckpt=full) on packed documents (data.cross_doc_attention=false)
   vs cp=1 without checkpointing: within 1e-4
 - cp=2 ring on one-document rows (the dense path) with gradient accumulation vs cp=1
-- cp=2 Ulysses with a sliding window (model.attn_window) vs cp=1 with the same window
+- cp=2 ring and Ulysses with a sliding window (model.attn_window) vs cp=1 with the same window
 - ZeRO-2 with dp=2 (half the batch per rank) vs one process; resuming its mid-run ZeRO checkpoint
   reproduces the uninterrupted run's later steps exactly
 - dp=2 x cp=2 under ZeRO-3 (4 processes; the 2048-row embedding and lm head are really partitioned)
@@ -85,13 +85,20 @@ def test_cp2_matches_one_process(impl, ckpt, packed, tmp_path, free_port):
     assert_same_losses(tmp_path, packed, CP_TOL)
     assert metrics(packed)[4]["loss"] < metrics(packed)[1]["loss"] - 0.5  # it trains: the runs are not trivial
 
-def test_cp2_ulysses_sliding_window_matches_one_process(packed, tmp_path, free_port):
-    """model.attn_window under Ulysses: every rank holds the whole sequence, so the window applies unchanged."""
-    window = ["model.attn_window=8"]
-    train_single(tmp_path / "single", *window)
-    torchrun(2, free_port, tmp_path / "cp", "parallel.cp=2", "parallel.cp_impl=ulysses", *window)
-    assert_same_losses(tmp_path / "cp", tmp_path / "single", CP_TOL)
-    assert abs(metrics(tmp_path / "single")[4]["loss"] - metrics(packed)[4]["loss"]) > 1e-3  # the window bites
+@pytest.fixture(scope="module")
+def windowed(tmp_path_factory):
+    """One process with a sliding window of 8 tokens (packed documents of up to 64): the windowed oracle."""
+    out = tmp_path_factory.mktemp("windowed")
+    train_single(out, "model.attn_window=8")
+    return out
+
+@pytest.mark.parametrize("impl,ckpt", [("ring", "selective"), ("ulysses", "none")])
+def test_cp2_sliding_window_matches_one_process(impl, ckpt, windowed, packed, tmp_path, free_port):
+    """model.attn_window under CP: the ring computes only the chunk pairs the window reaches."""
+    torchrun(2, free_port, tmp_path, "parallel.cp=2", f"parallel.cp_impl={impl}", f"model.ckpt={ckpt}",
+             "model.attn_window=8")
+    assert_same_losses(tmp_path, windowed, CP_TOL)
+    assert abs(metrics(windowed)[4]["loss"] - metrics(packed)[4]["loss"]) > 1e-3  # the window bites
 
 def test_cp2_dense_rows_with_accumulation(tmp_path, free_port):
     """cross_doc_attention: no document boundaries, the ring's dense path; 2 micro-batches of 2 per step."""

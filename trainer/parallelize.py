@@ -156,8 +156,8 @@ class CurrentPlan:
     then and is not rebuilt.
     """
 
-    def __init__(self, impl: str, groups: CPGroups):
-        self.impl, self.groups = impl, groups
+    def __init__(self, impl: str, groups: CPGroups, window: int = 0):
+        self.impl, self.groups, self.window = impl, groups, window
         self.plan = None  # RingPlan | UlyssesPlan | HybridPlan, or None before the first forward / without ids
 
     def capture(self, module, args, kwargs) -> None:
@@ -166,7 +166,7 @@ class CurrentPlan:
         if pos is None:
             self.plan = None
         elif self.impl == "ring":
-            self.plan = ring_plan(pos, g.cp, CP_LAYOUT, causal=True)
+            self.plan = ring_plan(pos, g.cp, CP_LAYOUT, causal=True, window=self.window)
         elif self.impl == "hybrid":
             self.plan = hybrid_plan(pos, g.ulysses, g.ring, causal=True)
         else:
@@ -182,8 +182,7 @@ class ContextParallelAttention(nn.Module):
     shard and must not be passed. Under model.ckpt=selective the ring keeps its (out, lse) and the block
     recomputation replays them (RingAttnFunc saves q, k, v, out, lse like the local attention Function), so
     backward runs no second forward ring; hybrid replays its ring the same way (the recomputation reruns only
-    its all-to-alls); Ulysses is recomputed. window > 0 (model.attn_window): Ulysses only, as each of its ranks
-    holds the whole sequence.
+    its all-to-alls); Ulysses is recomputed. window > 0 (model.attn_window): ring and Ulysses; not hybrid.
     """
 
     def __init__(self, impl: str, groups: CPGroups, current: Optional[CurrentPlan], backend: str = "auto",
@@ -191,7 +190,7 @@ class ContextParallelAttention(nn.Module):
         super().__init__()
         assert impl in CP_IMPLS, impl
         assert impl != "hybrid" or (groups.ulysses is not None and groups.ring is not None), "hybrid needs groups"
-        assert window == 0 or impl == "ulysses", "only Ulysses takes a sliding window"
+        assert window == 0 or impl != "hybrid", "the hybrid core takes no sliding window"
         self.impl, self.groups, self.current, self.backend = impl, groups, current, backend
         self.window_size = (window - 1, 0) if window > 0 else (-1, -1)
 
@@ -217,7 +216,7 @@ class ContextParallelAttention(nn.Module):
         if mode == "replay":
             return replay_attention(q, k, v)
         out, lse = ring_attn_func(q, k, v, group=group, causal=True, layout=CP_LAYOUT, return_lse=True,
-                                  plan=plan, backend=self.backend)
+                                  plan=plan, backend=self.backend, window_size=self.window_size)
         if mode == "record":
             keep_attention(out, lse)
         return out
@@ -231,13 +230,13 @@ def apply_context_parallel(model: nn.Module, impl: str, group, packed_documents:
     (parallel.init_mesh(cp, ulysses_degree=u) builds them).
     """
     window = getattr(model.layers[0].attention.inner_attention, "window", 0) if len(model.layers) else 0
-    if window > 0 and impl != "ulysses":
-        raise ValueError(f"model.attn_window={window} (sliding-window attention) needs parallel.cp_impl=ulysses, "
-                         f"got {impl!r}: the ring and hybrid cores attend over the whole sequence")
+    if window > 0 and impl == "hybrid":
+        raise ValueError(f"model.attn_window={window} (sliding-window attention) needs parallel.cp_impl=ring or "
+                         f"ulysses: the hybrid core takes no window")
     groups = CPGroups(group, ulysses_group, ring_group)
     current = None
     if packed_documents:
-        current = CurrentPlan(impl, groups)
+        current = CurrentPlan(impl, groups, window)
         model.register_forward_pre_hook(current.capture, with_kwargs=True)
     for block in model.layers:
         backend = getattr(block.attention.inner_attention, "backend", "auto")
