@@ -71,7 +71,7 @@ def window_rect(q0: int, nq: int, k0: int, nk: int, window: int) -> Optional[tup
     if j0 >= j1:
         return None
     nq2, nk2, d2 = i1 - i0, j1 - j0, d + i0 - j0
-    off = nk2 - nq2  # the kernels align the rectangle bottom-right: key j sees query i around i + off
+    off = nk2 - nq2  # the kernels align the rectangle bottom-right: query i's diagonal is key i + off
     right, left = d2 - off, window - 1 - d2 + off
     right = -1 if d2 >= nk2 - 1 else right  # every key at or left of each query's diagonal: unbounded
     left = -1 if left >= nk2 - 1 else left
