@@ -29,7 +29,7 @@ import torch.distributed as dist
 
 from attention.validation import check_options, check_qkv
 
-from .ring import RingPlan, check_local_positions, ring_attn_func, ring_plan
+from .ring import RingPlan, _ring_window, check_local_positions, ring_attn_func, ring_plan
 from .sharding import group_rank_and_size, unshard_sequence
 from .ulysses import _HeadsToSeq, _replicate_kv, _SeqToHeads
 
@@ -59,24 +59,26 @@ def _check_groups(fn: str, ulysses_group, ring_group) -> tuple[int, int]:
     return u, r
 
 
-def hybrid_plan(position_ids: torch.Tensor, ulysses_group=None, ring_group=None, causal: bool = True) -> HybridPlan:
+def hybrid_plan(position_ids: torch.Tensor, ulysses_group=None, ring_group=None, causal: bool = True,
+                window: int = 0) -> HybridPlan:
     """The packed-document plan for hybrid_attn_func: build once per batch, reuse in every layer.
 
     position_ids (N_local,) or (B, N_local): this rank's hybrid shard of the packed positions (0 starts a
     document). Collective over both groups (every rank calls it): an all-gather over the Ulysses group gives
     the ring shard's positions, then ring_plan over the ring group (one more all-gather and a host sync).
+    window > 0: a causal sliding window of that many keys (hybrid_attn_func's window_size=(window - 1, 0)).
     """
     u, _ = _check_groups("hybrid_plan", ulysses_group, ring_group)
     local_pos = check_local_positions("hybrid_plan", position_ids, _INNER_LAYOUT, u)  # (B, N_local)
     ring_pos = unshard_sequence(local_pos, 1, ulysses_group, _INNER_LAYOUT)  # (B, N_local * u), true order
-    ring = ring_plan(ring_pos, ring_group, _RING_LAYOUT, causal)
+    ring = ring_plan(ring_pos, ring_group, _RING_LAYOUT, causal, window)
     return HybridPlan(u, local_pos.shape[1], local_pos.shape[0], ring)
 
 
-def _check_hybrid_inputs(q, k, v, u, r, softmax_scale, position_ids, plan):
+def _check_hybrid_inputs(q, k, v, u, r, softmax_scale, position_ids, plan, window_size):
     fn = "hybrid_attn_func"
     check_qkv(q, k, v, fn)
-    check_options(fn, softmax_scale, (-1, -1))
+    check_options(fn, softmax_scale, window_size)
     B, n, H = q.shape[:3]
     if k.shape[1] != n:
         raise ValueError(f"{fn}: q and k must hold the same local tokens; got q {tuple(q.shape)}, k {tuple(k.shape)}")
@@ -118,24 +120,27 @@ def hybrid_to_sequence(x, ulysses_group):
 
 
 def hybrid_attn_func(q, k, v, ulysses_group=None, ring_group=None, causal=True, softmax_scale=None,
-                     return_lse=False, position_ids=None, backend="auto", overlap=True, plan=None):
+                     return_lse=False, position_ids=None, backend="auto", overlap=True, plan=None,
+                     window_size=(-1, -1)):
     """Attention over a sequence split over u x r ranks: Ulysses all-to-all inside, ring attention outside.
 
     q (B, N_local, H, D), k/v (B, N_local, Hkv, D): this rank's hybrid shards (hybrid_shard_for_rank).
     Returns out (B, N_local, H, D) [and lse (B, H, N_local) fp32], equal to flash_attn_func on the full
     sequence, sharded the same way. position_ids: this rank's shard of packed-document positions (0 starts a
     document); or plan=hybrid_plan(position_ids, ulysses_group, ring_group, causal), built once per batch.
-    overlap: passed to ring_attn_func.
+    overlap: passed to ring_attn_func. window_size=(left, 0): a causal sliding window; the ring runs it over the
+    whole sequence (hybrid_plan then needs window=left + 1).
     """
     u, r = _check_groups("hybrid_attn_func", ulysses_group, ring_group)
-    _check_hybrid_inputs(q, k, v, u, r, softmax_scale, position_ids, plan)
+    _check_hybrid_inputs(q, k, v, u, r, softmax_scale, position_ids, plan, window_size)
+    window = _ring_window(bool(causal), window_size)  # before any collective: a bad window fails on every rank
     if position_ids is not None:
         local_pos = position_ids.reshape(-1, q.shape[1]).expand(q.shape[0], -1)  # (B, N_local)
-        plan = hybrid_plan(local_pos, ulysses_group, ring_group, causal)
+        plan = hybrid_plan(local_pos, ulysses_group, ring_group, causal, window)
     qh, kh, vh = hybrid_to_heads(q, k, v, ulysses_group)  # (B, N_local*u, H/u, D)
     out, lse = ring_attn_func(qh, kh, vh, group=ring_group, causal=causal, softmax_scale=softmax_scale,
                               layout=_RING_LAYOUT, return_lse=True, backend=backend, overlap=overlap,
-                              plan=None if plan is None else plan.ring)
+                              plan=None if plan is None else plan.ring, window_size=window_size)
     out = hybrid_to_sequence(out, ulysses_group)
     if not return_lse:
         return out

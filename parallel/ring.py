@@ -393,7 +393,7 @@ def _ring_window(causal: bool, window_size) -> int:
     if (left, right) == _NO_WINDOW or (causal and (left, right) == (-1, 0)):
         return 0
     if left < 0 or not (right == 0 or (right == -1 and causal)):
-        raise ValueError(f"ring_attn_func: window_size must be a causal sliding window (left >= 0, 0) or "
+        raise ValueError(f"ring / hybrid attention: window_size must be a causal sliding window (left >= 0, 0) or "
                          f"(-1, -1); got {tuple(window_size)} with causal={causal}")
     return left + 1
 

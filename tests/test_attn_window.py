@@ -1,6 +1,5 @@
-"""model.attn_window: sliding-window attention in the model, its FLOP count, and where it is refused (hybrid CP,
-the sdpa backend, the fp8 forward). Ring and Ulysses with a window: test_ring.py, test_ulysses.py and
-test_trainer_cp.py."""
+"""model.attn_window: sliding-window attention in the model, its FLOP count, and where it is refused (the sdpa
+backend, the fp8 forward). Under CP: test_ring.py, test_ulysses.py, test_hybrid.py and test_trainer_cp.py."""
 
 import pytest
 import torch
@@ -10,7 +9,6 @@ from tests.test_model import make_model, packed_inputs
 from tests.trainer_utils import compose_cfg
 from trainer.metrics import causal_pairs
 from trainer.model import InnerAttention, ModelConfig
-from trainer.parallelize import apply_context_parallel
 
 
 @pytest.mark.parametrize("window", [1, 3, 8])
@@ -58,15 +56,12 @@ def test_causal_pairs_with_window():
     assert causal_pairs(cu, 1, 10, window=4) == (3 * 3 - 4.5) + (7 * 4 - 8)
 
 
-def test_bad_window_and_window_under_context_parallelism():
+def test_bad_window():
     with pytest.raises(ValueError, match="model.attn_window"):
         ModelConfig(vocab_size=50, attn_window=-1).resolved()
-    with pytest.raises(ValueError, match="model.attn_window=4 .*needs parallel.cp_impl=ring or ulysses"):
-        apply_context_parallel(make_model(attn_window=4), "hybrid", group=None, packed_documents=False)
 
 
 @pytest.mark.parametrize("overrides, match", [
-    (["parallel.cp=4", "parallel.cp_impl=hybrid", "parallel.ulysses_degree=2"], "cp_impl=ring or ulysses"),
     (["attention.backend=sdpa"], "attention.backend=auto or triton"),
     (["attention.fp8_forward=true", "data.cross_doc_attention=true"], "fp8_forward"),
 ])

@@ -1,7 +1,7 @@
 """Hybrid (Ulysses inside, ring outside) attention against full-sequence attention, u=2 x r=2 on 4 gloo ranks:
 out, lse, dq, dk, dv of the local shards equal the hybrid shards of the full results (reference backend,
 fp64 and fp32), causal and not, GQA with Hkv % u == 0 and Hkv < u (replicated), packed documents crossing
-shard boundaries via position_ids and via plan=hybrid_plan(...). Also the groups init_mesh builds, the
+shard boundaries via position_ids and via plan=hybrid_plan(...), sliding windows. Also the groups init_mesh builds, the
 sharding round trip and the input checks.
 
 One spawned world runs every case (starting 4 gloo ranks costs seconds on 2 cores).
@@ -21,9 +21,9 @@ U, CP = 2, 4
 
 
 def _case(causal=True, heads=(4, 2), B=2, chunk=3, D=8, packed=False, dtype=torch.float64, scale=None, seed=0,
-          via_plan=False, lse_loss=False):
+          via_plan=False, lse_loss=False, window=0):
     return dict(causal=causal, heads=heads, B=B, chunk=chunk, D=D, packed=packed, dtype=dtype, scale=scale,
-                seed=seed, via_plan=via_plan, lse_loss=lse_loss)
+                seed=seed, via_plan=via_plan, lse_loss=lse_loss, window=window)
 
 
 CASES = [
@@ -33,6 +33,8 @@ CASES = [
     _case(False, (2, 2), B=1, seed=3, dtype=torch.float32, D=16),
     _case(True, (4, 2), chunk=5, packed=True, seed=4, via_plan=True, lse_loss=True),  # docs cross shards
     _case(False, (4, 1), chunk=4, packed=True, seed=5, scale=0.3),
+    _case(True, (4, 2), chunk=3, seed=6, window=5),  # sliding windows: the ring runs them over the whole sequence
+    _case(True, (4, 1), chunk=5, packed=True, seed=7, via_plan=True, lse_loss=True, window=7),
 ]
 
 
@@ -47,7 +49,8 @@ def _check_case(rank, c, mesh):
     dlse = rand(B, H, N).float() if c["lse_loss"] else None
     pos = random_positions(B, N, gen, max_doc=9) if c["packed"] else None
     full = [t.clone().requires_grad_() for t in (q, k, v)]
-    out, lse = full_attention(*full, c["causal"], c["scale"], pos)
+    window_size = (c["window"] - 1, 0) if c["window"] else (-1, -1)
+    out, lse = full_attention(*full, c["causal"], c["scale"], pos, window_size=window_size)
     ((out * dout).sum() + (0 if dlse is None else (lse * dlse).sum())).backward()
 
     def shard(t, dim=1):
@@ -56,14 +59,16 @@ def _check_case(rank, c, mesh):
     def run(**docs):
         local = [shard(t).detach().requires_grad_() for t in (q, k, v)]
         out_l, lse_l = hybrid_attn_func(*local, mesh.cp_ulysses_group, mesh.cp_ring_group, causal=c["causal"],
-                                        softmax_scale=c["scale"], return_lse=True, backend="reference", **docs)
+                                        softmax_scale=c["scale"], return_lse=True, backend="reference",
+                                        window_size=window_size, **docs)
         loss = (out_l * shard(dout)).sum()
         (loss if dlse is None else loss + (lse_l * shard(dlse, 2)).sum()).backward()
         return out_l, lse_l, local
 
     out_l, lse_l, local = run(position_ids=None if pos is None else shard(pos))
     if c["via_plan"]:
-        plan = hybrid_plan(shard(pos), mesh.cp_ulysses_group, mesh.cp_ring_group, causal=c["causal"])
+        plan = hybrid_plan(shard(pos), mesh.cp_ulysses_group, mesh.cp_ring_group, causal=c["causal"],
+                           window=c["window"])
         out_p, _, local_p = run(plan=plan)
         for name, got, want in [("out", out_p, out_l)] + [(f"d{n}", a.grad, b.grad)
                                                           for n, a, b in zip("qkv", local_p, local)]:
@@ -88,6 +93,8 @@ def _check_errors(mesh):
         hybrid_attn_func(q, q, q, mesh.cp_group, outer)
     with pytest.raises(ValueError, match="position_ids must be"):
         hybrid_attn_func(q, q, q, inner, outer, position_ids=torch.zeros(2, 6, dtype=torch.long))
+    with pytest.raises(ValueError, match="causal sliding window"):
+        hybrid_attn_func(q, q, q, inner, outer, window_size=(2, 2))
     with pytest.raises(ValueError, match="plan must be a HybridPlan"):
         hybrid_attn_func(q, q, q, inner, outer, plan=object())
 

@@ -5,6 +5,7 @@
 - below the trainer (4 spawned ranks): a GPT with hybrid cores (apply_context_parallel) on shard_batch inputs
   gives the unsharded model's loss and gradients for ckpt none / full / selective; the plan is built once
   per forward (two all-gathers: Ulysses group, then ring group), and selective replays the ring
+- the same with a sliding window (model.attn_window=8) against one windowed process
 - config checks for parallel.ulysses_degree
 """
 
@@ -26,6 +27,12 @@ def test_cp4_hybrid_matches_one_process(tmp_path, free_port):
     train_single(tmp_path / "single")
     torchrun(4, free_port, tmp_path / "hybrid", *HYBRID, "model.ckpt=selective")
     assert "cp_impl: hybrid" in (tmp_path / "hybrid" / "config.yaml").read_text()
+    assert_same_losses(tmp_path / "hybrid", tmp_path / "single", CP_TOL)
+
+
+def test_cp4_hybrid_sliding_window_matches_one_process(tmp_path, free_port):
+    train_single(tmp_path / "single", "model.attn_window=8")
+    torchrun(4, free_port, tmp_path / "hybrid", *HYBRID, "model.ckpt=selective", "model.attn_window=8")
     assert_same_losses(tmp_path / "hybrid", tmp_path / "single", CP_TOL)
 
 

@@ -154,13 +154,11 @@ def _check_parallel_combinations(cfg: Config) -> None:
 
 
 def _check_window(cfg: Config) -> None:
-    """model.attn_window runs on the local kernels that take a window: Triton (or the reference on CPU)."""
+    """model.attn_window runs on the local kernels that take a window: Triton (or the reference on CPU); every CP
+    core passes it on."""
     w = cfg.model.attn_window
     if w <= 0:
         return
-    if cfg.parallel.cp > 1 and cfg.parallel.cp_impl == "hybrid":
-        raise ValueError(f"model.attn_window={w} under context parallelism needs parallel.cp_impl=ring or ulysses "
-                         f"(got hybrid): the hybrid core takes no window")
     if cfg.attention.backend == "sdpa":
         raise ValueError(f"model.attn_window={w} needs attention.backend=auto or triton: torch's fused kernels have "
                          f"no sliding window, so sdpa would fall back to the dense N x N reference")

@@ -168,7 +168,7 @@ class CurrentPlan:
         elif self.impl == "ring":
             self.plan = ring_plan(pos, g.cp, CP_LAYOUT, causal=True, window=self.window)
         elif self.impl == "hybrid":
-            self.plan = hybrid_plan(pos, g.ulysses, g.ring, causal=True)
+            self.plan = hybrid_plan(pos, g.ulysses, g.ring, causal=True, window=self.window)
         else:
             self.plan = ulysses_plan(pos, g.cp, CP_LAYOUT)
 
@@ -182,7 +182,7 @@ class ContextParallelAttention(nn.Module):
     shard and must not be passed. Under model.ckpt=selective the ring keeps its (out, lse) and the block
     recomputation replays them (RingAttnFunc saves q, k, v, out, lse like the local attention Function), so
     backward runs no second forward ring; hybrid replays its ring the same way (the recomputation reruns only
-    its all-to-alls); Ulysses is recomputed. window > 0 (model.attn_window): ring and Ulysses; not hybrid.
+    its all-to-alls); Ulysses is recomputed. window > 0: model.attn_window, a causal sliding window.
     """
 
     def __init__(self, impl: str, groups: CPGroups, current: Optional[CurrentPlan], backend: str = "auto",
@@ -190,7 +190,6 @@ class ContextParallelAttention(nn.Module):
         super().__init__()
         assert impl in CP_IMPLS, impl
         assert impl != "hybrid" or (groups.ulysses is not None and groups.ring is not None), "hybrid needs groups"
-        assert window == 0 or impl != "hybrid", "the hybrid core takes no sliding window"
         self.impl, self.groups, self.current, self.backend = impl, groups, current, backend
         self.window_size = (window - 1, 0) if window > 0 else (-1, -1)
 
@@ -230,9 +229,6 @@ def apply_context_parallel(model: nn.Module, impl: str, group, packed_documents:
     (parallel.init_mesh(cp, ulysses_degree=u) builds them).
     """
     window = getattr(model.layers[0].attention.inner_attention, "window", 0) if len(model.layers) else 0
-    if window > 0 and impl == "hybrid":
-        raise ValueError(f"model.attn_window={window} (sliding-window attention) needs parallel.cp_impl=ring or "
-                         f"ulysses: the hybrid core takes no window")
     groups = CPGroups(group, ulysses_group, ring_group)
     current = None
     if packed_documents:
