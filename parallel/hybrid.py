@@ -29,7 +29,7 @@ import torch.distributed as dist
 
 from attention.validation import check_options, check_qkv
 
-from .ring import RingPlan, _ring_window, check_local_positions, ring_attn_func, ring_plan
+from .ring import RingPlan, causal_window_length, check_local_positions, ring_attn_func, ring_plan
 from .sharding import group_rank_and_size, unshard_sequence
 from .ulysses import _HeadsToSeq, _replicate_kv, _SeqToHeads
 
@@ -133,7 +133,7 @@ def hybrid_attn_func(q, k, v, ulysses_group=None, ring_group=None, causal=True, 
     """
     u, r = _check_groups("hybrid_attn_func", ulysses_group, ring_group)
     _check_hybrid_inputs(q, k, v, u, r, softmax_scale, position_ids, plan, window_size)
-    window = _ring_window(bool(causal), window_size)  # before any collective: a bad window fails on every rank
+    window = causal_window_length(bool(causal), window_size)  # before any collective: a bad window fails on every rank
     if position_ids is not None:
         local_pos = position_ids.reshape(-1, q.shape[1]).expand(q.shape[0], -1)  # (B, N_local)
         plan = hybrid_plan(local_pos, ulysses_group, ring_group, causal, window)

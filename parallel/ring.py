@@ -387,7 +387,7 @@ class RingAttnFunc(torch.autograd.Function):
 # -- public entry point -------------------------------------------------------------------------------------
 
 
-def _ring_window(causal: bool, window_size) -> int:
+def causal_window_length(causal: bool, window_size) -> int:
     """window_size -> the causal sliding window's length in keys (0: none); the ring takes (left, 0) windows."""
     left, right = window_size
     if (left, right) == _NO_WINDOW or (causal and (left, right) == (-1, 0)):
@@ -446,7 +446,7 @@ def ring_attn_func(q, k, v, group=None, causal=True, softmax_scale=None, layout=
     built with ring_plan(..., window=left + 1)).
     """
     _check_ring_inputs(q, k, v, layout, softmax_scale, position_ids, plan, window_size)
-    window = _ring_window(bool(causal), window_size)
+    window = causal_window_length(bool(causal), window_size)
     causal = bool(causal) or window > 0
     rank, world_size = group_rank_and_size(group)
     backend = resolve_backend_name(backend, q.device)
