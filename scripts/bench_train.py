@@ -323,7 +323,9 @@ def run_max_context(args, results: Results, env: dict) -> None:
 
 def describe(r: dict) -> str:
     if r.get("status") != "ok":
-        traced = f" (peak {r['traced_peak_gib']:.1f} GiB in its first {r['traced_s']:.0f} s)" if r.get("traced_s") else ""
+        traced = ""
+        if r.get("traced_s"):  # a cut-off cell with a memory trace: the peak it had reached
+            traced = f" (peak {r['traced_peak_gib']:.1f} GiB in its first {r['traced_s']:.0f} s)"
         return r.get("status", "?") + traced + (f" ({r['error'][:120]})" if r.get("error") else "")
     gib = "n/a" if r["peak_gib"] is None else f"{r['peak_gib']:.1f}"
     note = f" [ran with {r['fallback']}]" if r.get("fallback") else ""
