@@ -106,6 +106,11 @@ def rope_cos_sin(position_ids, head_dim: int, theta: float, scaling: float = 1.0
     return angles.cos().to(dtype)[:, :, None, :], angles.sin().to(dtype)[:, :, None, :]  # broadcast over heads
 
 
+def sliding_window_size(window: int) -> tuple[int, int]:
+    """model.attn_window -> the attention functions' window_size: itself and the window-1 keys before it."""
+    return (window - 1, 0) if window > 0 else (-1, -1)
+
+
 class InnerAttention(nn.Module):
     """The attention core: q (B, N, H, D), k/v (B, N, Hkv, D) -> out (B, N, H, D), causal.
 
@@ -122,7 +127,7 @@ class InnerAttention(nn.Module):
 
     @property
     def window_size(self) -> tuple[int, int]:
-        return (self.window - 1, 0) if self.window > 0 else (-1, -1)
+        return sliding_window_size(self.window)
 
     def forward(self, q, k, v, cu_seqlens=None, max_seqlen=None):
         # model.ckpt=selective: inside a checkpointed block the forward keeps (out, lse) and the

@@ -34,6 +34,7 @@ from parallel.hybrid import hybrid_to_heads, hybrid_to_sequence
 from parallel.sharding import group_rank_and_size
 from trainer.activations import attention_keep_mode, keep_attention, replay_attention
 from trainer.loss import IGNORE_INDEX
+from trainer.model import sliding_window_size
 
 CP_IMPLS = ("ring", "ulysses", "hybrid")
 CP_LAYOUT = "zigzag"  # 2*cp chunks, rank r holds r and 2cp-1-r: equal causal work on every rank
@@ -191,7 +192,7 @@ class ContextParallelAttention(nn.Module):
         assert impl in CP_IMPLS, impl
         assert impl != "hybrid" or (groups.ulysses is not None and groups.ring is not None), "hybrid needs groups"
         self.impl, self.groups, self.current, self.backend = impl, groups, current, backend
-        self.window_size = (window - 1, 0) if window > 0 else (-1, -1)
+        self.window_size = sliding_window_size(window)
 
     @torch.compiler.disable  # process-group calls and a data-dependent plan: always eager
     def forward(self, q, k, v, cu_seqlens=None, max_seqlen=None):
