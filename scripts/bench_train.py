@@ -119,11 +119,12 @@ def _timed_steps(step, device, warmup: int, steps: int, memory_trace: str | None
 
 
 def _start_memory_trace(path: str, device, every_s: float = 5.0) -> None:
-    """Append {t, alloc_gib, peak_gib} to a JSONL file every few seconds from a daemon thread, flushed each time,
-    so a step cut off by the cell timeout still tells its peak so far (read back by `launch`)."""
+    """Write {t, alloc_gib, peak_gib} to a JSONL file every few seconds from a daemon thread, flushed each time,
+    so a step cut off by the cell timeout still tells its peak so far (read back by `launch`). The file starts
+    empty: a rerun into the same DIR must not report an earlier run's peak."""
     def sample():
         t0 = time.perf_counter()
-        with open(path, "a") as f:
+        with open(path, "w") as f:
             while True:
                 f.write(json.dumps({"t": round(time.perf_counter() - t0, 1),
                                     "alloc_gib": round(torch.cuda.memory_allocated(device) / 2**30, 3),
