@@ -120,8 +120,8 @@ def _timed_steps(step, device, warmup: int, steps: int, memory_trace: str | None
 
 def _start_memory_trace(path: str, device, every_s: float = 5.0) -> None:
     """Write {t, alloc_gib, peak_gib} to a JSONL file every few seconds from a daemon thread, flushed each time,
-    so a step cut off by the cell timeout still tells its peak so far (read back by `launch`). The file starts
-    empty: a rerun into the same DIR must not report an earlier run's peak."""
+    so a step cut off by the cell timeout still tells its peak so far (read back by `launch`, which also clears
+    an earlier run's file first)."""
     def sample():
         t0 = time.perf_counter()
         with open(path, "w") as f:
@@ -194,6 +194,8 @@ def launch(cell: dict, timeout: float, env: dict) -> dict:
     with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
         out_path = f.name
     cmd = [sys.executable, __file__, "--worker", json.dumps(cell), "--worker-out", out_path]
+    if cell.get("memory_trace"):  # a cell that fails before sampling must not report an earlier run's trace
+        Path(cell["memory_trace"]).unlink(missing_ok=True)
     t0 = time.perf_counter()
     try:
         proc = subprocess.run(cmd, env=env, timeout=timeout, capture_output=True, text=True)
