@@ -43,21 +43,25 @@ def packed_positions(n: int, gen: torch.Generator, device) -> torch.Tensor:
     return pos[None].to(device)
 
 
-def run_case(impl, n, heads, kv_heads, d, causal, packed, rank, world, device, dtype, layout="zigzag", mesh=None):
+def run_case(impl, n, heads, kv_heads, d, causal, packed, rank, world, device, dtype, layout="zigzag", mesh=None,
+             window=0):
+    """window > 0: causal sliding window, each query sees itself and the window - 1 keys before it."""
     gen = torch.Generator().manual_seed(1234 + n)
     shape_q, shape_kv = (1, n, heads, d), (1, n, kv_heads, d)
     q, k, v, dout = (torch.randn(s, generator=gen).to(device, dtype)
                      for s in (shape_q, shape_kv, shape_kv, shape_q))
     pos = packed_positions(n, gen, device) if packed else None
     full = [t.clone().requires_grad_() for t in (q, k, v)]
+    ws = (window - 1, 0) if window else (-1, -1)
     if packed:  # oracle: varlen over the documents of the full sequence
         from attention import flash_attn_varlen_func
         starts = torch.nonzero(pos[0] == 0).flatten().tolist() + [n]
         cu = torch.tensor(starts, dtype=torch.int32, device=device)
         mx = max(b - a for a, b in zip(starts, starts[1:]))
-        out = flash_attn_varlen_func(full[0][0], full[1][0], full[2][0], cu, cu, mx, mx, causal=causal)[None]
+        out = flash_attn_varlen_func(full[0][0], full[1][0], full[2][0], cu, cu, mx, mx, causal=causal,
+                                     window_size=ws)[None]
     else:
-        out = flash_attn_func(*full, causal=causal)
+        out = flash_attn_func(*full, causal=causal, window_size=ws)
     out.backward(dout)
 
     def shard(t):
@@ -68,10 +72,11 @@ def run_case(impl, n, heads, kv_heads, d, causal, packed, rank, world, device, d
     local = [shard(t).detach().requires_grad_() for t in (q, k, v)]
     pos_l = None if pos is None else shard(pos)
     if impl == "hybrid":
-        out_l = hybrid_attn_func(*local, mesh.cp_ulysses_group, mesh.cp_ring_group, causal=causal, position_ids=pos_l)
+        out_l = hybrid_attn_func(*local, mesh.cp_ulysses_group, mesh.cp_ring_group, causal=causal, position_ids=pos_l,
+                                 window_size=ws)
     else:
         fn = ring_attn_func if impl == "ring" else ulysses_attn_func
-        out_l = fn(*local, causal=causal, layout=layout, position_ids=pos_l)
+        out_l = fn(*local, causal=causal, layout=layout, position_ids=pos_l, window_size=ws)
     out_l.backward(shard(dout))
     errs = {"out": rel_err(out_l, shard(out))}
     for name, loc, ref in zip(("dq", "dk", "dv"), local, full):
@@ -89,6 +94,8 @@ def main():
     p.add_argument("--head-dim", type=int, default=128)
     p.add_argument("--out", default="docs/bench")
     p.add_argument("--cpu", action="store_true", help="gloo + reference backend in fp32 (smoke run)")
+    p.add_argument("--no-window", dest="window_rows", action="store_false",
+                   help="skip the sliding-window rows (causal, window of N/5 + 7 tokens, dense and packed)")
     args = p.parse_args()
     if args.cpu:
         os.environ["ATTN_BACKEND"] = "reference"
@@ -101,14 +108,19 @@ def main():
     rows = []
     for n in (int(s) for s in args.seq_lens.split(",")):
         for impl in ("ring", "ulysses", "hybrid") if hybrid else ("ring", "ulysses"):
-            for causal, packed in ((True, False), (False, False), (True, True)):
+            # a window of n/5 + 7 tokens reaches across several chunks of the zigzag layout, never a multiple of them
+            win = n // 5 + 7 if args.window_rows else 0
+            cases = ((True, False, 0), (False, False, 0), (True, True, 0)) + (((True, False, win), (True, True, win))
+                                                                               if win else ())
+            for causal, packed, window in cases:
                 try:
                     errs, worst = run_case(impl, n, args.heads, args.kv_heads, args.head_dim, causal, packed,
-                                           rank, world, device, dtype, mesh=mesh)
-                    row = dict(impl=impl, n=n, causal=causal, packed=packed, worst_rel_err=worst,
+                                           rank, world, device, dtype, mesh=mesh, window=window)
+                    row = dict(impl=impl, n=n, causal=causal, packed=packed, window=window, worst_rel_err=worst,
                                ok=worst < REL_TOL, **{f"rank0_{k}": v for k, v in errs.items()})
                 except Exception as e:  # one failure must not lose the other rows
-                    row = dict(impl=impl, n=n, causal=causal, packed=packed, error=f"{type(e).__name__}: {e}"[:300])
+                    row = dict(impl=impl, n=n, causal=causal, packed=packed, window=window,
+                               error=f"{type(e).__name__}: {e}"[:300])
                 rows.append(row)
                 if rank == 0:
                     print(json.dumps(row), flush=True)
@@ -120,10 +132,12 @@ def main():
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         (out / f"cp_correctness_{'cpu' if args.cpu else 'gpu'}_w{world}.json").write_text(json.dumps(result, indent=1))
-        print(f"\n| impl | N | causal | packed | worst rel err (all ranks; out,dq,dk,dv) | ok |\n|---|---|---|---|---|---|")
+        print("\n| impl | N | causal | packed | window | worst rel err (all ranks; out,dq,dk,dv) | ok |\n"
+              "|---|---|---|---|---|---|---|")
         for r in rows:
             err = f"{r['worst_rel_err']:.2e}" if "worst_rel_err" in r else r["error"]
-            print(f"| {r['impl']} | {r['n']} | {r['causal']} | {r['packed']} | {err} | {r.get('ok', False)} |")
+            print(f"| {r['impl']} | {r['n']} | {r['causal']} | {r['packed']} | {r['window'] or '-'} | {err} "
+                  f"| {r.get('ok', False)} |")
     dist.destroy_process_group()
 
 
