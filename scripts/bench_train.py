@@ -153,10 +153,11 @@ def worker_main(cell_json: str, out_path: str) -> None:
     cell = json.loads(cell_json)
     try:
         result = run_cell(cell)
-    except torch.cuda.OutOfMemoryError:
-        result = {"status": "OOM"}
     except Exception as exc:  # noqa: BLE001 - reported in the table, the run goes on
-        result = {"status": "error", "error": f"{type(exc).__name__}: {str(exc)[:400]}"}
+        error = f"{type(exc).__name__}: {str(exc)[:400]}"
+        # a failed pinned-memory (host) allocation surfaces as a plain CUDA error, not OutOfMemoryError
+        oom = isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc)
+        result = {"status": "OOM" if oom else "error", "error": error}
     Path(out_path).write_text(json.dumps(result))
 
 

@@ -30,3 +30,19 @@ def test_windowed_cell_counts_only_window_pairs():
     per_pair = 12 * shape["n_layers"] * shape["n_heads"] * shape["head_dim"]
     want_drop = per_pair * (128 * 128 / 2 - (128 * 16 - 16 * 16 / 2))  # full-causal pairs minus windowed pairs
     assert flops[0] - flops[16] == pytest.approx(want_drop, rel=1e-9)
+
+
+@pytest.mark.parametrize("exc,status", [(RuntimeError("CUDA error: out of memory"), "OOM"),
+                                        (RuntimeError("CUDA error: an illegal memory access"), "error"),
+                                        (ValueError("bad"), "error")])
+def test_worker_counts_a_host_memory_failure_as_oom(monkeypatch, tmp_path, exc, status):
+    """A failed pinned (host) allocation raises a plain CUDA error: it ends the max-context search as OOM
+    instead of sending the cell to the fallbacks, and keeps its message."""
+    def fail(cell):
+        raise exc
+
+    monkeypatch.setattr(bench, "run_cell", fail)
+    out = tmp_path / "r.json"
+    bench.worker_main("{}", str(out))
+    got = json.loads(out.read_text())
+    assert got["status"] == status and str(exc) in got["error"]

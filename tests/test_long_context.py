@@ -103,6 +103,31 @@ def test_offload_moves_what_checkpointing_keeps(monkeypatch):
     assert sorted(packed) == sorted([(B, N, dim), (B * N, H, D), (H, B * N)] * 2)  # + each block's input
 
 
+@pytest.mark.parametrize("shape,dtype", [((5, 7, 3), torch.bfloat16), ((33,), torch.int64), ((0, 4), torch.float32),
+                                         ((), torch.float32), ((10,), torch.bool)])
+def test_offload_travels_in_fixed_size_pieces(monkeypatch, shape, dtype):
+    """torch's pinned cache rounds each block up to a power of two; pieces of PIN_CHUNK_BYTES (one) round only
+    the last piece. The tensor comes back bit for bit, non-contiguous ones too."""
+    monkeypatch.setattr(trainer.activations, "PIN_CHUNK_BYTES", 64)
+    t = (torch.randn(shape) * 100).to(dtype)
+    for source in (t, t.unsqueeze(-1).expand(*shape, 2)[..., 1]):
+        handle = trainer.activations.Offloaded(source)
+        sizes = [piece.numel() for piece in handle.cpu]
+        nbytes = source.numel() * source.element_size()
+        assert sum(sizes) == nbytes and all(n == 64 for n in sizes[:-1]) and 0 < sizes[-1] <= 64 or nbytes == 0
+        back = handle.get()
+        assert back.shape == source.shape and back.dtype == dtype
+        assert torch.equal(back.view(-1).view(torch.uint8), source.reshape(-1).view(torch.uint8))
+    assert trainer.activations.PIN_CHUNK_BYTES & (trainer.activations.PIN_CHUNK_BYTES - 1) == 0
+
+
+def test_offload_in_pieces_matches_no_checkpointing(monkeypatch):
+    monkeypatch.setattr(trainer.activations, "PIN_CHUNK_BYTES", 96)  # every offloaded tensor in several pieces
+    expected = loss_and_grads(build(), True)
+    for policy in (dict(ckpt="full", offload_activations="all"), dict(ckpt="selective", offload_activations="all")):
+        assert_same_training_step(loss_and_grads(build(**policy), True), expected, str(policy))
+
+
 @pytest.mark.parametrize("ckpt,per_block", [("full", 1), ("selective", 3)])
 def test_offload_prefetches_one_block_ahead(monkeypatch, ckpt, per_block):
     """In backward every offloaded tensor of a block is already on its way back when the block needs it, and

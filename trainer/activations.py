@@ -63,6 +63,34 @@ def start_offload_block() -> None:
     _local.block = getattr(_local, "block", 0) + 1
 
 
+# torch's pinned-memory cache rounds every block up to a power of two: a 5 GiB block input (1B model, 1.25M
+# tokens) took 8 GiB, and 16 of them exhausted a 128 GiB host. Offloaded tensors travel as pieces of
+# PIN_CHUNK_BYTES, so only the last piece of each rounds up.
+PIN_CHUNK_BYTES = 1 << 28
+
+
+def byte_chunks(t: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Views of a contiguous tensor's bytes, PIN_CHUNK_BYTES each but the last."""
+    return t.reshape(-1).view(torch.uint8).split(PIN_CHUNK_BYTES)
+
+
+def _pinned(nbytes: int) -> torch.Tensor:
+    try:
+        return torch.empty(nbytes, dtype=torch.uint8, device="cpu", pin_memory=True)
+    except RuntimeError as exc:
+        if "out of memory" not in str(exc):
+            raise
+        raise torch.cuda.OutOfMemoryError(
+            f"model.offload_activations: pinned CPU memory is exhausted ({_pinned_gib():.1f} GiB held, "
+            f"{nbytes / 2**20:.0f} MiB more asked). Use a shorter data.seq_len, offload_activations=attention, "
+            f"or a host with more memory.") from exc
+
+
+def _pinned_gib() -> float:
+    stats = torch.cuda.host_memory_stats() if hasattr(torch.cuda, "host_memory_stats") else {}
+    return stats.get("allocated_bytes.current", 0) / 2**30
+
+
 class Offloaded:
     """One tensor in pinned CPU memory. The copies run on a side stream, so compute does not wait for
     them; nothing waits on the host. Handles are chained in creation (forward) order and tagged with their
@@ -72,31 +100,40 @@ class Offloaded:
 
     def __init__(self, t: torch.Tensor):
         self.device, self.gpu, self.event = t.device, None, None
+        self.shape, self.dtype = t.shape, t.dtype
         self.block = getattr(_local, "block", 0)
         previous = getattr(_local, "last_offloaded", None)
         self.previous = previous if previous is not None else (lambda: None)
         _local.last_offloaded = weakref.ref(self)
-        if t.device.type != "cuda":
-            self.cpu = t.clone()  # CPU runs exercise the same bookkeeping
+        if t.device.type != "cuda":  # CPU runs exercise the same bookkeeping and pieces
+            self.cpu = [piece.clone() for piece in byte_chunks(t.contiguous())]
             return
         stream = _offload_stream(t.device)
         stream.wait_stream(torch.cuda.current_stream(t.device))  # t is complete before it is copied
         with torch.cuda.stream(stream):
-            self.cpu = torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=True)
-            self.cpu.copy_(t, non_blocking=True)
+            pieces = byte_chunks(t.contiguous())
+            self.cpu = [_pinned(piece.numel()) for piece in pieces]
+            for host, piece in zip(self.cpu, pieces):
+                host.copy_(piece, non_blocking=True)
             self.event = stream.record_event()
         t.record_stream(stream)  # t's memory is not reused before the copy has read it
+
+    def _join(self) -> torch.Tensor:
+        flat = torch.empty(sum(c.numel() for c in self.cpu), dtype=torch.uint8, device=self.device)
+        for piece, host in zip(byte_chunks(flat), self.cpu):
+            piece.copy_(host, non_blocking=True)
+        return flat.view(self.dtype).view(self.shape)
 
     def prefetch(self) -> None:
         if self.gpu is not None or self.cpu is None:
             return
         if self.device.type != "cuda":
-            self.gpu = self.cpu
+            self.gpu = self._join()
             return
         stream = _offload_stream(self.device)
         with torch.cuda.stream(stream):
             stream.wait_event(self.event)
-            self.gpu = self.cpu.to(self.device, non_blocking=True)
+            self.gpu = self._join()
             self.event = stream.record_event()
 
     def get(self) -> torch.Tensor:
