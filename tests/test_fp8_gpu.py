@@ -43,29 +43,29 @@ def _qkv(B, nq, nk, H, hkv, D, dtype=torch.bfloat16, outliers=0.0):
     return q.to(dtype), k.to(dtype), v.to(dtype)
 
 
-# Known open issue, measured on H100 on 2026-11-26: D=128 cases with more than half the keys visible differ from
-# the emulation by 5.5-5.7e-3 relative (bound 5e-3) while matching the fp32 reference as well as the others.
-# First seen on the two Hkv < H cases. Under the interpreter the kernel matches the emulation for Hkv = 1, 2
-# and 4 alike (5e-7 to 2e-4 at D=128, N=256), and on the H100 the MHA twin of the first case (same shape,
-# Hkv = H) fails too, so GQA is not the cause. The suspect left (not verified) is the GPU's fp8
-# tensor-core accumulation over long D=128 rows, next to the emulation's fp32 dots of the dequantized values.
-_D128_GAP = pytest.mark.xfail(reason="D=128, most keys visible: kernel vs emulation 5.5e-3 > 5e-3 on H100 (open)",
-                              strict=False)
-CASES = [  # B, Nq, Nk, H, Hkv, D, causal
-    (2, 4096, 4096, 8, 8, 128, True),
-    pytest.param(2, 4096, 4096, 8, 2, 128, False, marks=_D128_GAP),
-    pytest.param(2, 4096, 4096, 8, 8, 128, False, marks=_D128_GAP, id="mha-twin-of-gqa-case"),
-    (2, 4096, 4096, 8, 8, 64, True),
-    pytest.param(1, 3000, 4097, 8, 1, 128, True, marks=_D128_GAP),  # Nq < Nk, MQA, lengths off the block grid
-    (1, 4097, 3000, 4, 4, 64, True),  # Nq > Nk: 1097 rows see no key
-    (1, 777, 777, 4, 4, 64, False),
+# Hopper's fp8 wgmma keeps fewer bits than fp32 in its accumulator. scripts/probe_fp8_acc.py on an H100
+# (docs/bench/fp8_acc_h100.json): an fp8 tl.dot errs by 2^-17 of the sum of |products| at the median and 2^-12
+# at worst (K = 32-256); bf16 operands, 2^-27. So S = Q K^T differs from the emulation's fp32 dot, and now and
+# then an fp8 rounding of P flips, moving that P by one e4m3 step (1/16 to 1/8 of its value). A CPU model of
+# the flips (a 13-14-bit running sum per 32 of D) ranks the cases as the H100 does: D=128 with most keys visible
+# furthest from the emulation. Measured on the H100 (docs/bench/logs/fp8_gpu_s9.log): those 5.5-5.7e-3, the
+# rest 3.2-4.0e-3. They get their own bound.
+_DENSE_D128 = 8e-3
+CASES = [  # B, Nq, Nk, H, Hkv, D, causal, bound on the kernel-vs-emulation relative error
+    (2, 4096, 4096, 8, 8, 128, True, 5e-3),
+    (2, 4096, 4096, 8, 2, 128, False, _DENSE_D128),
+    pytest.param(2, 4096, 4096, 8, 8, 128, False, _DENSE_D128, id="mha-twin-of-gqa-case"),
+    (2, 4096, 4096, 8, 8, 64, True, 5e-3),
+    (1, 3000, 4097, 8, 1, 128, True, _DENSE_D128),  # Nq < Nk, MQA, lengths off the block grid
+    (1, 4097, 3000, 4, 4, 64, True, 5e-3),  # Nq > Nk: 1097 rows see no key
+    (1, 777, 777, 4, 4, 64, False, 5e-3),
 ]
 
 
 @needs_hopper
 @pytest.mark.parametrize("use_tma", [None, False])
-@pytest.mark.parametrize("B,nq,nk,H,hkv,D,causal", CASES)
-def test_kernel_matches_emulation_and_reference(B, nq, nk, H, hkv, D, causal, use_tma):
+@pytest.mark.parametrize("B,nq,nk,H,hkv,D,causal,bound", CASES)
+def test_kernel_matches_emulation_and_reference(B, nq, nk, H, hkv, D, causal, bound, use_tma):
     from attention import triton_fp8
     q, k, v = _qkv(B, nq, nk, H, hkv, D)
     fq = triton_fp8.triton_quantize_qkv(q, k, v, Fp8Config())
@@ -77,7 +77,9 @@ def test_kernel_matches_emulation_and_reference(B, nq, nk, H, hkv, D, causal, us
     fin = torch.isfinite(want_lse)
     assert torch.equal(torch.isinf(lse), ~fin)
     assert (out.transpose(1, 2)[~fin] == 0).all()
-    assert _rel(out, want) < 5e-3  # bf16 output rounding + rare P rounding flips
+    err = _rel(out, want)
+    print(f"kernel vs emulation: {err:.2e}")
+    assert err < bound, err  # bf16 output rounding + P rounding flips
     assert (lse[fin] - want_lse[fin]).abs().max().item() < 1e-3
     ref, ref_lse = reference_attn_forward(q.float(), k.float(), v.float(), causal)
     assert _rel(out, ref) < 0.08  # e4m3: ~5% relative error on Gaussian inputs (CPU emulation agrees)
