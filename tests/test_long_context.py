@@ -103,6 +103,16 @@ def test_offload_moves_what_checkpointing_keeps(monkeypatch):
     assert sorted(packed) == sorted([(B, N, dim), (B * N, H, D), (H, B * N)] * 2)  # + each block's input
 
 
+def test_offloaded_bytes_per_policy():
+    f = trainer.activations.offloaded_bytes
+    L, T, dim, H, D = 3, 1000, 64, 4, 16  # fp32 block inputs, bf16 attention outputs, fp32 lse
+    assert f("full", "all", L, T, dim, H, D, 4, 2) == L * T * dim * 4
+    assert f("selective", "attention", L, T, dim, H, D, 4, 2) == L * T * H * (D * 2 + 4)
+    assert f("selective", "all", L, T, dim, H, D, 4, 2) == L * T * (dim * 4 + H * (D * 2 + 4))
+    assert f("full", "none", L, T, dim, H, D, 4, 2) == 0
+    assert f("none", "all", L, T, dim, H, D, 4, 2) is None  # whatever autograd saves: not estimated
+
+
 @pytest.mark.parametrize("shape,dtype", [((5, 7, 3), torch.bfloat16), ((33,), torch.int64), ((0, 4), torch.float32),
                                          ((), torch.float32), ((10,), torch.bool)])
 def test_offload_travels_in_fixed_size_pieces(monkeypatch, shape, dtype):

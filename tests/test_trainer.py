@@ -249,3 +249,22 @@ def test_ddp_two_processes_match_one(tmp_path, free_port):
     for step in range(1, 7):
         assert abs(ddp[step]["loss"] - single[step]["loss"]) <= 1e-5, (step, ddp[step], single[step])
     assert abs(ddp[6]["val_loss"] - single[6]["val_loss"]) <= 1e-5
+
+
+def test_offload_beyond_host_memory_fails_before_the_first_step(tmp_path, monkeypatch, caplog):
+    """ckpt=full + offload=all keeps each block's fp32 input in pinned host memory: 2 layers x 4 x 64 tokens
+    x 64 x 4 bytes = 131072 bytes. More than the host has is a ValueError at start-up, not a failure inside
+    the first step; most of it is a warning."""
+    cfg = compose_cfg([*FAST, f"train.out_dir={tmp_path}", "model.ckpt=full", "model.offload_activations=all"])
+    monkeypatch.setattr(trainer.loop, "host_memory_available", lambda: 131071)
+    with pytest.raises(ValueError, match=r"data.seq_len \(64\)"):
+        Trainer(cfg, init_distributed("cpu"))
+    monkeypatch.setattr(trainer.loop, "host_memory_available", lambda: 10**9)
+    t = Trainer(cfg, init_distributed("cpu"))
+    with caplog.at_level("WARNING", logger=trainer.loop.log.name):
+        t._check_host_memory(available=131072)  # fits, with under 20% to spare
+    assert "little host memory is left" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger=trainer.loop.log.name):
+        t._check_host_memory(available=10**9)
+    assert "host memory" not in caplog.text

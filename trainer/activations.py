@@ -91,6 +91,33 @@ def _pinned_gib() -> float:
     return stats.get("allocated_bytes.current", 0) / 2**30
 
 
+def offloaded_bytes(ckpt: str, offload: str, n_layers: int, tokens: int, dim: int, n_heads: int, head_dim: int,
+                    input_bytes: int, attn_bytes: int) -> Optional[int]:
+    """Host memory one micro-batch's offloaded activations hold at the end of its forward (`tokens` on this
+    rank; block inputs of input_bytes per element, attention outputs of attn_bytes). None where it is not
+    estimated: ckpt=none offloads whatever autograd saves."""
+    if offload == "none":
+        return 0
+    if ckpt == "none":
+        return None
+    per_layer = tokens * dim * input_bytes if offload == "all" else 0
+    if ckpt == "selective":  # the attention output and its fp32 lse
+        per_layer += tokens * n_heads * (head_dim * attn_bytes + 4)
+    return n_layers * per_layer
+
+
+def host_memory_available() -> Optional[int]:
+    """MemAvailable of this host in bytes (Linux), else None."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
 class Offloaded:
     """One tensor in pinned CPU memory. The copies run on a side stream, so compute does not wait for
     them; nothing waits on the host. Handles are chained in creation (forward) order and tagged with their

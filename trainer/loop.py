@@ -28,6 +28,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from attention import set_deterministic
 from parallel.data_parallel import load_zero_checkpoint, save_zero_checkpoint, zero_grad_norm
+from trainer.activations import host_memory_available, offloaded_bytes
 from trainer.checkpoint import CheckpointManager, load_weights, rng_state, set_rng_state
 from trainer.config import Config
 from trainer.data import build_loader, build_tokenizer
@@ -110,6 +111,7 @@ class Trainer:
         for block in self.model.layers:  # check_config allows fp8 only where the dense path runs
             block.attention.inner_attention.fp8 = cfg.attention.fp8_forward
         self.loss_module = LMLoss(self.model, cfg.train.loss_chunk, cfg.model.compile)
+        self._check_host_memory()
         # Counted before parallelize: ZeRO-3 leaves each rank only a shard of every parameter.
         self.n_params = self.model.num_params(exclude_embedding=True)
         self.n_params_total = self.model.num_params()
@@ -136,6 +138,28 @@ class Trainer:
         self.throughput = Throughput(peak, env.world_size)
 
     # -- setup helpers ------------------------------------------------------------------------------------
+
+    def _check_host_memory(self, available: Optional[int] = None) -> None:
+        """Offloaded activations live in pinned host memory, which cannot be paged out: a run that needs more
+        than the host has would fail inside its first step, after minutes of forward at 1M+ tokens."""
+        m, d = self.model.config, self.cfg.data
+        param_dtype = next(self.model.parameters()).dtype
+        input_bytes, attn_bytes = (torch.finfo(t).bits // 8 for t in (param_dtype, self.autocast_dtype or param_dtype))
+        tokens = d.batch_size * d.seq_len // self.cfg.parallel.cp
+        need = offloaded_bytes(m.ckpt, m.offload_activations, m.n_layers, tokens, m.dim, m.n_heads, m.head_dim,
+                               input_bytes, attn_bytes)
+        available = host_memory_available() if available is None else available
+        if not need or available is None:
+            return
+        local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", 1))  # ranks of this host share its memory
+        gib = lambda b: f"{b / 2**30:.1f} GiB"  # noqa: E731
+        what = (f"model.offload_activations={m.offload_activations} with model.ckpt={m.ckpt} keeps {gib(need)} per "
+                f"rank in pinned host memory ({local_ranks} rank(s) on this host, {gib(available)} available)")
+        if need * local_ranks > available:
+            raise ValueError(f"{what}: lower data.seq_len ({d.seq_len}) or data.batch_size ({d.batch_size}), "
+                             f"offload less, or raise parallel.cp ({self.cfg.parallel.cp})")
+        if need * local_ranks > 0.8 * available:
+            log.warning("%s: little host memory is left for the rest", what)
 
     def _resume_path(self) -> Optional[Path]:
         resume = self.cfg.train.resume
