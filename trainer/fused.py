@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from .activations import recomputing
 
 
-def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
     # What nn.Linear would run in: the autocast dtype if autocast is on for x's device, else x's dtype.
     if torch.is_autocast_enabled(x.device.type):
         return torch.get_autocast_dtype(x.device.type)
@@ -142,7 +142,7 @@ class ChunkedSwiGLU(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, w1, w3, w2, chunk, compile_chunks):
-        dtype = _compute_dtype(x)
+        dtype = compute_dtype(x)
         ctx.save_for_backward(x, w1, w3, w2)
         ctx.chunk, ctx.dtype, ctx.compile_chunks = chunk, dtype, compile_chunks
         rows = x.reshape(-1, x.shape[-1])  # (T, dim)

@@ -143,8 +143,9 @@ class Trainer:
         """Offloaded activations live in pinned host memory, which cannot be paged out: a run that needs more
         than the host has would fail inside its first step, after minutes of forward at 1M+ tokens."""
         m, d = self.model.config, self.cfg.data
-        param_dtype = next(self.model.parameters()).dtype
-        input_bytes, attn_bytes = (torch.finfo(t).bits // 8 for t in (param_dtype, self.autocast_dtype or param_dtype))
+        compute = self.autocast_dtype or next(self.model.parameters()).dtype
+        residual = next(self.model.parameters()).dtype if m.fp32_residual else compute
+        input_bytes, attn_bytes = (torch.finfo(t).bits // 8 for t in (residual, compute))
         tokens = d.batch_size * d.seq_len // self.cfg.parallel.cp
         need = offloaded_bytes(m.ckpt, m.offload_activations, m.n_layers, tokens, m.dim, m.n_heads, m.head_dim,
                                input_bytes, attn_bytes)

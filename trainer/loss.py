@@ -14,17 +14,10 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from .fused import compiled
+from .fused import compiled, compute_dtype
 
 IGNORE_INDEX = -100
 DEFAULT_CHUNK = 4096
-
-
-def _compute_dtype(hidden: torch.Tensor) -> torch.dtype:
-    # Under autocast the matmuls run in the autocast dtype like nn.Linear would; softmax is always fp32.
-    if torch.is_autocast_enabled(hidden.device.type):
-        return torch.get_autocast_dtype(hidden.device.type)
-    return hidden.dtype
 
 
 def _losses(logits, labels, ignore_index: int):
@@ -114,7 +107,7 @@ def chunked_cross_entropy(hidden, weight, labels, chunk_size: int = DEFAULT_CHUN
                          f"({hidden.shape[0]},)")
     if chunk_size < 1:
         raise ValueError(f"chunked_cross_entropy: chunk_size must be >= 1, got {chunk_size}")
-    dtype = _compute_dtype(hidden)
+    dtype = compute_dtype(hidden)  # the matmuls run as nn.Linear would; softmax is always fp32
     hidden, weight = hidden.to(dtype), weight.to(dtype)
     if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
         return ChunkedCrossEntropy.apply(hidden, weight, labels, chunk_size, ignore_index,

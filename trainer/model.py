@@ -24,7 +24,7 @@ from attention import flash_attn_func, flash_attn_varlen_func
 
 from .activations import (CKPT_MODES, OFFLOAD_MODES, attention_keep_mode, keep_attention, normalize_offload,
                           replay_attention, run_layer)
-from .fused import compiled, rms_norm, rms_norm_math, rope, rope_math, swiglu, swiglu_math
+from .fused import compiled, compute_dtype, rms_norm, rms_norm_math, rope, rope_math, swiglu, swiglu_math
 
 
 @dataclass
@@ -47,6 +47,9 @@ class ModelConfig:
     mlp_chunk: int = 0  # tokens per SwiGLU chunk (0: unchunked); no [N, ffn] tensor is kept when > 0
     compile: bool = False  # torch.compile the norms, projections, RoPE, SwiGLU and residuals of each block
     attn_window: int = 0  # sliding-window attention: each token sees itself and the window-1 before it (0: all)
+    # Under bf16 autocast the residual stream (what checkpointing keeps and offloads) runs in bf16, as with bf16
+    # weights; true keeps it in the weights' fp32: twice the block-input memory, on the GPU or the host.
+    fp32_residual: bool = False
     init_std: float = 0.02
 
     def resolved(self) -> "ModelConfig":
@@ -288,6 +291,8 @@ class GPT(nn.Module):
         cos, sin = rope_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta,
                                 self.config.rope_scaling, table_dtype)
         x = self.tok_embeddings(tokens)  # (B, N, dim)
+        if not self.config.fp32_residual:
+            x = x.to(compute_dtype(x))
         for layer in self.layers:
             x = self._run_layer(layer, x, cos, sin, cu_seqlens, max_seqlen)
         return self.norm(x)
