@@ -153,6 +153,19 @@ def test_offload_travels_in_fixed_size_pieces(monkeypatch, shape, dtype):
     assert trainer.activations.PIN_CHUNK_BYTES & (trainer.activations.PIN_CHUNK_BYTES - 1) == 0
 
 
+def test_exhausted_pinned_memory_says_what_to_change(monkeypatch):
+    real = torch.empty
+
+    def empty(*args, pin_memory=False, **kw):
+        if pin_memory:  # what cudaHostAlloc's failure looks like from torch
+            raise RuntimeError("CUDA error: out of memory")
+        return real(*args, **kw)
+
+    monkeypatch.setattr(torch, "empty", empty)
+    with pytest.raises(torch.cuda.OutOfMemoryError, match="pinned CPU memory is exhausted.*data.seq_len"):
+        trainer.activations._pinned(1 << 20)
+
+
 def test_offload_in_pieces_matches_no_checkpointing(monkeypatch):
     monkeypatch.setattr(trainer.activations, "PIN_CHUNK_BYTES", 96)  # every offloaded tensor in several pieces
     expected = loss_and_grads(build(), True)
