@@ -168,6 +168,14 @@ def test_experiments_compose(experiment):
     assert cfg.run_name == experiment and cfg.train.out_dir == f"outputs/{experiment}"
     if experiment == "gpu_220m_64k":
         assert cfg.model.name == "llama_220m" and cfg.data.seq_len == 65536 and cfg.model.vocab_size == 32000
+    # the long-context presets carry the memory settings README's tables measured
+    lean = {"gpu_220m_64k": ("selective", "attention"), "gpu_1b_128k": ("selective", "attention"),
+            "gpu_220m_1m": ("full", "all")}
+    if experiment in lean:
+        m = cfg.model
+        assert (m.ckpt, m.offload_activations) == lean[experiment] and m.mlp_chunk == 8192 and m.compile
+        assert cfg.train.loss_chunk == 2048 and m.vocab_size == 32000
+        assert m.name == ("llama_1b" if "1b" in experiment else "llama_220m")
 
 
 def test_unknown_group_option_fails():
