@@ -3,6 +3,7 @@ non-finite steps are skipped then stop the run, 2-process DDP equals one process
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -276,3 +277,32 @@ def test_offload_beyond_host_memory_fails_before_the_first_step(tmp_path, monkey
     with caplog.at_level("WARNING", logger=trainer.loop.log.name):
         t._check_host_memory(available=10**9)
     assert "host memory" not in caplog.text
+
+
+def test_bf16_params_train_resume_and_halve_the_state(run36, tmp_path):
+    """train.param_dtype=bf16: weights, gradients and AdamW states in bf16 (8 bytes per parameter, not 16); the
+    loss still falls as in the fp32 run, and a resumed run continues exactly."""
+    train(tmp_path, "train.steps=36", "train.ckpt_every=10", "train.param_dtype=bf16")
+    m, ref = metrics(tmp_path), metrics(run36)
+    first, last = (sum(m[s]["loss"] for s in steps) / 5 for steps in (range(1, 6), range(32, 37)))
+    assert last < first - 1.0, (first, last)
+    assert abs(last - sum(ref[s]["loss"] for s in range(32, 37)) / 5) < 0.15  # close to the fp32-weight run
+    state = torch.load(tmp_path / "checkpoints" / "step_36" / "state.pt", weights_only=False)
+    assert {v.dtype for v in state["model"].values()} == {torch.bfloat16}
+    moments = [t for s in state["optimizer"]["state"].values() for k, t in s.items() if k.startswith("exp_avg")]
+    assert moments and {t.dtype for t in moments} == {torch.bfloat16}
+    # resume from step 30 (keep_ckpts=2 kept 30 and 36) in a fresh dir: the same losses, step for step
+    resumed = tmp_path / "resumed"
+    shutil.copytree(tmp_path / "checkpoints" / "step_30", resumed / "checkpoints" / "step_30")
+    train(resumed, "train.steps=36", "train.ckpt_every=10", "train.param_dtype=bf16")
+    again = metrics(resumed)
+    assert sorted(again) == list(range(31, 37))
+    for step in range(31, 37):
+        assert again[step]["loss"] == m[step]["loss"], step
+
+
+@pytest.mark.parametrize("override,match", [(["train.param_dtype=fp16"], "param_dtype"),
+                                            (["train.param_dtype=bf16", "train.dtype=fp32"], "train.dtype=fp32")])
+def test_bad_param_dtype(tmp_path, override, match):
+    with pytest.raises(ValueError, match=match):
+        train(tmp_path, *override)

@@ -33,6 +33,9 @@ class TrainConfig:
     grad_accum: int = 1  # micro-batches per optimizer step
     loss_chunk: int = 4096  # tokens per lm-head/CE chunk (memory: loss_chunk * vocab * 4 bytes)
     dtype: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | bf16 | fp32
+    # fp32: fp32 weights, gradients and AdamW states (16 bytes per parameter). bf16: all three in bf16, 8 bytes,
+    # as Hugging Face's bf16 training keeps them; an update below a weight's bf16 resolution is lost.
+    param_dtype: str = "fp32"
     device: str = "auto"  # auto | cpu | cuda
     peak_tflops: Optional[float] = None  # MFU denominator per device; None: 989 (H100 bf16) on CUDA, 0.2 on CPU
 
@@ -117,6 +120,13 @@ def check_config(cfg: Config) -> None:
     if len(o.betas) != 2 or o.warmup_steps < 0:
         raise ValueError(f"optim.betas must be two floats and optim.warmup_steps >= 0, got betas={o.betas}, "
                          f"warmup_steps={o.warmup_steps}")
+    if t.param_dtype not in ("fp32", "bf16"):
+        raise ValueError(f"train.param_dtype must be fp32 or bf16, got {t.param_dtype!r}")
+    if t.param_dtype == "bf16" and t.dtype == "fp32":
+        raise ValueError("train.param_dtype=bf16 computes in bf16: it cannot go with train.dtype=fp32")
+    if t.param_dtype == "bf16" and cfg.parallel.zero_stage > 0:
+        raise ValueError(f"train.param_dtype=bf16 is for one GPU and DDP: parallel.zero_stage "
+                         f"{cfg.parallel.zero_stage} already keeps bf16 weights, with fp32 masters in DeepSpeed")
     if cfg.logger.name not in ("none", "wandb"):
         raise ValueError(f"logger.name must be none or wandb, got {cfg.logger.name!r}")
     _check_eval(cfg.eval)

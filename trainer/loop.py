@@ -108,6 +108,8 @@ class Trainer:
         if cfg.train.init_from and self._resume_path() is None:
             source = load_weights(self.model, cfg.train.init_from)
             log.info("weights from %s (optimizer, schedule and data start afresh)", source)
+        if cfg.train.param_dtype == "bf16":  # after init_from, whose fp32 weights are then rounded once
+            self.model.to(torch.bfloat16)
         for block in self.model.layers:  # check_config allows fp8 only where the dense path runs
             block.attention.inner_attention.fp8 = cfg.attention.fp8_forward
         self.loss_module = LMLoss(self.model, cfg.train.loss_chunk, cfg.model.compile)
@@ -341,8 +343,10 @@ class Trainer:
             log.info("step %d >= train.steps=%d in %s: nothing to train (a new train.out_dir or run_name starts "
                      "afresh)", self.step, cfg.steps, self.out_dir)
             return {"step": self.step}
-        log.info("model %s: %.2fM parameters, device %s, dtype %s, world %d", self.model.config.name,
-                 self.n_params_total / 1e6, self.device, self.autocast_dtype or "fp32", self.env.world_size)
+        log.info("model %s: %.2fM parameters (%s), device %s, compute %s, world %d", self.model.config.name,
+                 self.n_params_total / 1e6, self.cfg.train.param_dtype, self.device,
+                 self.autocast_dtype or next(self.model.parameters()).dtype,
+                 self.env.world_size)
         sink = MetricsSink(self.out_dir, self.cfg.logger, asdict(self.cfg), self.env.rank, cfg.steps, self.step,
                            self.cfg.run_name)
         try:
