@@ -302,7 +302,8 @@ def test_bf16_params_train_resume_and_halve_the_state(run36, tmp_path):
 
 
 @pytest.mark.parametrize("override,match", [(["train.param_dtype=fp16"], "param_dtype"),
-                                            (["train.param_dtype=bf16", "train.dtype=fp32"], "train.dtype=fp32")])
+                                            (["train.param_dtype=bf16", "train.dtype=fp32"], "train.dtype=fp32"),
+                                            (["train.param_dtype=bf16", "parallel.zero_stage=2"], "zero_stage 2")])
 def test_bad_param_dtype(tmp_path, override, match):
     with pytest.raises(ValueError, match=match):
         train(tmp_path, *override)
