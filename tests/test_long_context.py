@@ -14,6 +14,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 import trainer.activations
+import trainer.fused
 import trainer.model
 from tests.helpers import assert_close
 from trainer.fused import rms_norm, rms_norm_math, rope, rope_math, swiglu, swiglu_math
@@ -228,6 +229,32 @@ class LiveTensors(TorchDispatchMode):
         return out
 
 
+class PeakBytes(TorchDispatchMode):
+    """The most bytes that storages allocated inside the mode held at once (views of older storages do not
+    count)."""
+
+    def __init__(self):
+        super().__init__()
+        self.now, self.peak, self.live = 0, 0, set()
+
+    def _free(self, key, nbytes):
+        self.live.discard(key)
+        self.now -= nbytes
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor) and not func.is_view:
+                storage = t.untyped_storage()
+                key = storage.data_ptr()
+                if key not in self.live and storage.nbytes() > 0:
+                    self.live.add(key)
+                    self.now += storage.nbytes()
+                    self.peak = max(self.peak, self.now)
+                    weakref.finalize(storage, self._free, key, storage.nbytes())
+        return out
+
+
 def bytes_kept_by_forward(model, tokens):
     """Bytes alive after the forward (what autograd keeps for backward), with the hidden output freed."""
     with LiveTensors(model) as mode:
@@ -307,6 +334,44 @@ def test_lean_norm_and_rope_match_plain_autograd():
     a, b = rope(x, cos, sin), rope_math(x, cos, sin)
     assert_close(a, b, "rope")
     assert_close(torch.autograd.grad(a, x, dy)[0], torch.autograd.grad(b, x, dy)[0], "rope dx")
+
+
+@pytest.mark.parametrize("chunk", [40, 100, 10**6])
+def test_chunked_norm_and_rope_match_plain_autograd(monkeypatch, chunk):
+    """The eager RMSNorm and RoPE run over CHUNK_ELEMENTS at a time (2-6 rows or 1-2 tokens here); uneven chunks, a
+    non-contiguous input and one chunk for everything all give the plain-autograd values."""
+    monkeypatch.setattr(trainer.fused, "CHUNK_ELEMENTS", chunk)
+    torch.manual_seed(5)
+    x = torch.randn(2, 11, 3, 16, dtype=torch.float64).transpose(1, 2).requires_grad_()  # (2, 3, 11, 16), strided
+    w = (torch.rand(16, dtype=torch.float64) + 0.5).requires_grad_()
+    dy = torch.randn(2, 3, 11, 16, dtype=torch.float64)
+    a, b = rms_norm(x, w, 1e-5), rms_norm_math(x, w, 1e-5)
+    assert_close(a, b, "rms_norm")
+    for g1, g2, name in zip(torch.autograd.grad(a, (x, w), dy), torch.autograd.grad(b, (x, w), dy), ("dx", "dw")):
+        assert_close(g1, g2, f"rms_norm {name}")
+    q = torch.randn(2, 13, 3, 16, dtype=torch.float64, requires_grad=True)
+    cos, sin = rope_cos_sin(torch.randint(0, 5000, (2, 13)), 16, 10000.0, 1.0, torch.float64)
+    dq = torch.randn_like(q)
+    assert_close(rope(q, cos, sin), rope_math(q, cos, sin), "rope")
+    assert_close(torch.autograd.grad(rope(q, cos, sin), q, dq)[0],
+                 torch.autograd.grad(rope_math(q, cos, sin), q, dq)[0], "rope dx")
+
+
+def test_chunked_norm_backward_keeps_fp32_temporaries_small(monkeypatch):
+    """bf16 rows: unchunked, the norm's backward peaked at 11 units of its input's size (dx and five fp32
+    temporaries); in chunks of 64 of 4096 rows, dx (1 unit) and a chunk's temporaries."""
+    x = torch.randn(4096, 64, dtype=torch.bfloat16, requires_grad=True)
+    w = torch.ones(64, dtype=torch.bfloat16, requires_grad=True)
+    dy = torch.randn(4096, 64, dtype=torch.bfloat16)
+    unit = x.numel() * x.element_size()
+    extra = {}
+    for chunk in (10**6, 64 * 64):
+        monkeypatch.setattr(trainer.fused, "CHUNK_ELEMENTS", chunk)
+        y = rms_norm(x, w, 1e-5)
+        with PeakBytes() as mode:
+            torch.autograd.grad(y, (x, w), dy)
+        extra[chunk] = mode.peak / unit
+    assert extra[10**6] > 6 and extra[64 * 64] < 1.5, extra
 
 
 def test_rope_theta_and_scaling_reach_the_model():

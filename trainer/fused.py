@@ -53,24 +53,73 @@ def rms_norm_math(x, weight, eps: float):
     return xf.type_as(x) * weight.type_as(x)
 
 
+# The eager norm and RoPE work through a long sequence in chunks of about this many elements (128 MiB per fp32
+# temporary), so their fp32 temporaries are a chunk's, not the whole sequence's. Unchunked, a bf16 RMSNorm
+# backward peaked at 11 bf16 [N, dim] units (dx and five fp32 temporaries), more than the rest of a checkpointed
+# block's backward; chunked, 1.2. Sequences up to one chunk take the plain path.
+CHUNK_ELEMENTS = 1 << 25
+
+
+def _rows_per_chunk(row_elements: int) -> int:
+    return max(1, CHUNK_ELEMENTS // max(row_elements, 1))
+
+
+def _row_chunks(*ts: torch.Tensor):
+    """Matching row chunks (over every dim but the last) of same-shaped tensors."""
+    flat = [t.reshape(-1, t.shape[-1]) for t in ts]
+    step = _rows_per_chunk(flat[0].shape[1])
+    for start in range(0, flat[0].shape[0], step):
+        yield tuple(f[start:start + step] for f in flat)
+
+
+def _rms_forward(x, w, eps):
+    xf = _at_least_fp32(x)
+    rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)  # (..., 1) fp32
+    return (xf * rstd).type_as(x) * w, rstd
+
+
+def _rms_backward(x, dy, rstd, w):
+    """(dx, dw) of rows x; w the gain in rstd's dtype."""
+    n = _at_least_fp32(x) * rstd  # the normalised rows, recomputed in fp32
+    dyf = _at_least_fp32(dy)
+    dw = (dyf * n.type_as(x).type_as(n)).flatten(0, -2).sum(0)
+    dn = dyf * w
+    del dyf  # an fp32 copy of dy for 16-bit rows: not held through the rest
+    # d/dx of x * rstd(x): rstd * (dn - n * mean(dn * n)) per row
+    return (rstd * (dn - n * (dn * n).mean(-1, keepdim=True))).type_as(x), dw
+
+
 class RMSNormFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, eps):
-        xf = _at_least_fp32(x)
-        rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)  # (..., 1) fp32
-        y = (xf * rstd).type_as(x) * weight.type_as(x)
+        w = weight.type_as(x)
+        if x.numel() <= CHUNK_ELEMENTS:
+            y, rstd = _rms_forward(x, w, eps)
+        else:  # contiguous outputs, filled chunk by chunk
+            y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+            stat_dtype = torch.float32 if x.element_size() < 4 else x.dtype
+            rstd = torch.empty(x.shape[:-1] + (1,), dtype=stat_dtype, device=x.device)
+            for xc, yc, rc in _row_chunks(x, y, rstd):
+                out, stat = _rms_forward(xc, w, eps)
+                yc.copy_(out)
+                rc.copy_(stat)
         ctx.save_for_backward(x, weight, rstd)
         return y
 
     @staticmethod
     def backward(ctx, dy):
         x, weight, rstd = ctx.saved_tensors
-        n = _at_least_fp32(x) * rstd  # the normalised rows, recomputed in fp32
-        dw = (_at_least_fp32(dy) * n.type_as(x).type_as(n)).flatten(0, -2).sum(0)
-        dn = _at_least_fp32(dy) * weight.type_as(x).type_as(n)
-        # d/dx of x * rstd(x): rstd * (dn - n * mean(dn * n)) per row
-        dx = rstd * (dn - n * (dn * n).mean(-1, keepdim=True))
-        return dx.type_as(x), dw.to(weight.dtype), None
+        w = weight.type_as(x).type_as(rstd)
+        if x.numel() <= CHUNK_ELEMENTS:
+            dx, dw = _rms_backward(x, dy, rstd, w)
+        else:
+            dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+            dw = torch.zeros(weight.shape, dtype=rstd.dtype, device=weight.device)
+            for xc, dyc, rc, dxc in _row_chunks(x, dy, rstd, dx):
+                grad, dw_chunk = _rms_backward(xc, dyc, rc, w)
+                dxc.copy_(grad)
+                dw += dw_chunk
+        return dx, dw.to(weight.dtype), None
 
 
 def rms_norm(x, weight, eps: float):
@@ -87,18 +136,33 @@ def rope_math(x, cos, sin):
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).type_as(x)
 
 
+def _rope_chunked(x, cos, sin):
+    """rope_math over chunks of tokens (CHUNK_ELEMENTS each): the fp32 temporaries are a chunk's. x (B, N, H, D);
+    cos/sin (B or 1, N, 1, D/2)."""
+    if x.numel() <= CHUNK_ELEMENTS:
+        return rope_math(x, cos, sin)
+    y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    step = _rows_per_chunk(x.shape[2] * x.shape[3])  # tokens per chunk
+    cos, sin = cos.expand(x.shape[0], -1, -1, -1), sin.expand(x.shape[0], -1, -1, -1)
+    for b in range(x.shape[0]):
+        for start in range(0, x.shape[1], step):
+            rows = slice(start, start + step)
+            y[b, rows] = rope_math(x[b, rows], cos[b, rows], sin[b, rows])
+    return y
+
+
 class RoPEFunction(torch.autograd.Function):
     # A rotation: its backward is the rotation by the opposite angle, so only cos/sin (shared by every
     # layer) are kept.
     @staticmethod
     def forward(ctx, x, cos, sin):
         ctx.save_for_backward(cos, sin)
-        return rope_math(x, cos, sin)
+        return _rope_chunked(x, cos, sin)
 
     @staticmethod
     def backward(ctx, dy):
         cos, sin = ctx.saved_tensors
-        return rope_math(dy, cos, -sin), None, None
+        return _rope_chunked(dy, cos, -sin), None, None
 
 
 def rope(x, cos, sin):
