@@ -2,8 +2,8 @@
 
 One Triton program multiplies a (128 x K) by a (K x 128) tile of e4m3 values and returns the accumulator; the
 exact answer is the fp64 product of the same values (every fp8 product is exact in fp64). The error of each entry,
-divided by the sum of |products| that entered it, is ~2^-bits for an accumulator that keeps `bits` bits. bf16
-operands run as the control (fp32 accumulation: ~2^-23). Writes $OUT/probe_fp8_acc.json.
+divided by the sum of |products| that entered it, shrinks by 2x per mantissa bit the accumulator keeps. bf16
+operands, accumulated in fp32, run as the control. Writes $OUT/probe_fp8_acc.json.
 
     OUT=dir python scripts/probe_fp8_acc.py
 """
