@@ -25,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from attention import flash_attn_func  # noqa: E402
 from parallel import (hybrid_attn_func, hybrid_shard_for_rank, init_distributed, init_mesh,  # noqa: E402
                       ring_attn_func, shard_for_rank, ulysses_attn_func)
+from trainer.model import sliding_window_size  # noqa: E402
 
 REL_TOL = 2e-2  # bf16 inputs, fp32 accumulation: relative Frobenius error well under 1e-2 when correct
 
@@ -52,7 +53,7 @@ def run_case(impl, n, heads, kv_heads, d, causal, packed, rank, world, device, d
                      for s in (shape_q, shape_kv, shape_kv, shape_q))
     pos = packed_positions(n, gen, device) if packed else None
     full = [t.clone().requires_grad_() for t in (q, k, v)]
-    ws = (window - 1, 0) if window else (-1, -1)
+    ws = sliding_window_size(window)
     if packed:  # oracle: varlen over the documents of the full sequence
         from attention import flash_attn_varlen_func
         starts = torch.nonzero(pos[0] == 0).flatten().tolist() + [n]
