@@ -229,7 +229,7 @@ def apply_context_parallel(model: nn.Module, impl: str, group, packed_documents:
     group: the cp group; impl="hybrid" also needs the cp group's split into ulysses_group x ring_group
     (parallel.init_mesh(cp, ulysses_degree=u) builds them).
     """
-    window = getattr(model.layers[0].attention.inner_attention, "window", 0) if len(model.layers) else 0
+    window = model.config.attn_window
     groups = CPGroups(group, ulysses_group, ring_group)
     current = None
     if packed_documents:
