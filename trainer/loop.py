@@ -141,13 +141,21 @@ class Trainer:
 
     # -- setup helpers ------------------------------------------------------------------------------------
 
+    @property
+    def _param_dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    @property
+    def _compute_dtype(self) -> torch.dtype:
+        """What the matmuls run in: the autocast dtype, else the weights'."""
+        return self.autocast_dtype or self._param_dtype
+
     def _check_host_memory(self, available: Optional[int] = None) -> None:
         """Offloaded activations live in pinned host memory, which cannot be paged out: a run that needs more
         than the host has would fail inside its first step, after minutes of forward at 1M+ tokens."""
         m, d = self.model.config, self.cfg.data
-        compute = self.autocast_dtype or next(self.model.parameters()).dtype
-        residual = next(self.model.parameters()).dtype if m.fp32_residual else compute
-        input_bytes, attn_bytes = (torch.finfo(t).bits // 8 for t in (residual, compute))
+        residual = self._param_dtype if m.fp32_residual else self._compute_dtype
+        input_bytes, attn_bytes = (torch.finfo(t).bits // 8 for t in (residual, self._compute_dtype))
         tokens = d.batch_size * d.seq_len // self.cfg.parallel.cp
         need = offloaded_bytes(m.ckpt, m.offload_activations, m.n_layers, tokens, m.dim, m.n_heads, m.head_dim,
                                input_bytes, attn_bytes)
@@ -344,8 +352,7 @@ class Trainer:
                      "afresh)", self.step, cfg.steps, self.out_dir)
             return {"step": self.step}
         log.info("model %s: %.2fM parameters (%s), device %s, compute %s, world %d", self.model.config.name,
-                 self.n_params_total / 1e6, self.cfg.train.param_dtype, self.device,
-                 self.autocast_dtype or next(self.model.parameters()).dtype,
+                 self.n_params_total / 1e6, self.cfg.train.param_dtype, self.device, self._compute_dtype,
                  self.env.world_size)
         sink = MetricsSink(self.out_dir, self.cfg.logger, asdict(self.cfg), self.env.rank, cfg.steps, self.step,
                            self.cfg.run_name)
