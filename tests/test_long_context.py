@@ -204,13 +204,13 @@ def test_offload_prefetches_one_block_ahead(monkeypatch, ckpt, per_block):
 
 
 class LiveTensors(TorchDispatchMode):
-    """Bytes of live CPU storages created inside the mode (not the model's parameters, which op outputs
-    such as weight.t() views share), and the shape of every op output."""
+    """Bytes of live CPU storages allocated inside the mode (views of older storages, such as weight.t() of a
+    parameter, do not count; nor do `model`'s parameters), their peak, and the shape of every op output."""
 
-    def __init__(self, model):
+    def __init__(self, model=None):
         super().__init__()
-        self.live, self.now, self.shapes = {}, 0, set()
-        self.params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        self.live, self.now, self.peak, self.shapes = {}, 0, 0, set()
+        self.params = set() if model is None else {p.untyped_storage().data_ptr() for p in model.parameters()}
 
     def _free(self, key):
         self.now -= self.live.pop(key)
@@ -222,36 +222,11 @@ class LiveTensors(TorchDispatchMode):
                 self.shapes.add(tuple(t.shape))
                 storage = t.untyped_storage()
                 key = storage.data_ptr()
-                if key not in self.live and key not in self.params and storage.nbytes() > 0:
+                if not func.is_view and key not in self.live and key not in self.params and storage.nbytes() > 0:
                     self.live[key] = storage.nbytes()
                     self.now += storage.nbytes()
-                    weakref.finalize(storage, self._free, key)
-        return out
-
-
-class PeakBytes(TorchDispatchMode):
-    """The most bytes that storages allocated inside the mode held at once (views of older storages do not
-    count)."""
-
-    def __init__(self):
-        super().__init__()
-        self.now, self.peak, self.live = 0, 0, set()
-
-    def _free(self, key, nbytes):
-        self.live.discard(key)
-        self.now -= nbytes
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in tree_leaves(out):
-            if isinstance(t, torch.Tensor) and not func.is_view:
-                storage = t.untyped_storage()
-                key = storage.data_ptr()
-                if key not in self.live and storage.nbytes() > 0:
-                    self.live.add(key)
-                    self.now += storage.nbytes()
                     self.peak = max(self.peak, self.now)
-                    weakref.finalize(storage, self._free, key, storage.nbytes())
+                    weakref.finalize(storage, self._free, key)
         return out
 
 
@@ -368,7 +343,7 @@ def test_chunked_norm_backward_keeps_fp32_temporaries_small(monkeypatch):
     for chunk in (10**6, 64 * 64):
         monkeypatch.setattr(trainer.fused, "CHUNK_ELEMENTS", chunk)
         y = rms_norm(x, w, 1e-5)
-        with PeakBytes() as mode:
+        with LiveTensors() as mode:
             torch.autograd.grad(y, (x, w), dy)
         extra[chunk] = mode.peak / unit
     assert extra[10**6] > 6 and extra[64 * 64] < 1.5, extra
