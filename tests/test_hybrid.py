@@ -15,6 +15,7 @@ from dist_utils import full_attention, random_positions, run_world
 from helpers import assert_close
 from parallel import (HybridPlan, ParallelDims, hybrid_attn_func, hybrid_plan, hybrid_shard_for_rank,
                       hybrid_unshard_from_shards, init_mesh, shard_for_rank)
+from trainer.model import sliding_window_size
 
 TOL = {torch.float64: 1e-5, torch.float32: 2e-4}  # the ring merges lse in fp32
 U, CP = 2, 4
@@ -49,7 +50,7 @@ def _check_case(rank, c, mesh):
     dlse = rand(B, H, N).float() if c["lse_loss"] else None
     pos = random_positions(B, N, gen, max_doc=9) if c["packed"] else None
     full = [t.clone().requires_grad_() for t in (q, k, v)]
-    window_size = (c["window"] - 1, 0) if c["window"] else (-1, -1)
+    window_size = sliding_window_size(c["window"])
     out, lse = full_attention(*full, c["causal"], c["scale"], pos, window_size=window_size)
     ((out * dout).sum() + (0 if dlse is None else (lse * dlse).sum())).backward()
 

@@ -12,10 +12,12 @@ import torch
 import torch.distributed as dist
 
 from attention import merge_attn_outputs
+from attention.reference import visible_mask
 from dist_utils import full_attention, random_positions, run_world
 from helpers import assert_close
 from parallel import RingComm, RingPlan, init_mesh, ring_attn_func, ring_plan, shard_for_rank
 from parallel.ring import merge_into, ring_steps, window_rect
+from trainer.model import sliding_window_size
 
 FP64_TOL = 1e-5  # the merged lse is fp32, so fp64 inputs agree to ~1e-7, not 1e-12
 DTYPE_TOL = {torch.float64: FP64_TOL, torch.float32: 2e-4}
@@ -31,7 +33,7 @@ def _case(layout="zigzag", causal=True, heads=(4, 2), B=2, chunk=3, D=8, packed=
 
 
 def _window_size(c):
-    return (c["window"] - 1, 0) if c["window"] else (-1, -1)
+    return sliding_window_size(c["window"])
 
 
 def _cases():
@@ -193,18 +195,6 @@ def test_plan_computes_only_visible_chunks():
     assert _spans(ring_steps(2, 3, 4, "contiguous", causal=False)) == [[(0, 4, 0, 4, False)]] * 3
 
 
-def _kernel_mask(nq, nk, window_size):
-    """What flash_attn_func's window_size selects on an (nq, nk) call: bottom-right aligned, -1 unbounded."""
-    i, j = torch.arange(nq)[:, None], torch.arange(nk)[None, :]
-    left, right = window_size
-    mask = torch.ones(nq, nk, dtype=torch.bool)
-    if left >= 0:
-        mask &= j >= i + nk - nq - left
-    if right >= 0:
-        mask &= j <= i + nk - nq + right
-    return mask
-
-
 def test_window_rect_covers_exactly_the_visible_pairs():
     checked = 0
     for window in (1, 2, 3, 5, 8, 40):
@@ -218,7 +208,8 @@ def test_window_rect_covers_exactly_the_visible_pairs():
                     if rect is not None:
                         i0, i1, j0, j1, (left, right) = rect
                         assert left >= -1 and right >= -1  # the kernels' convention: no other negatives
-                        got[i0:i1, j0:j1] = _kernel_mask(i1 - i0, j1 - j0, (left, right))
+                        nq2, nk2 = i1 - i0, j1 - j0  # the mask flash_attn_func's window selects there
+                        got[i0:i1, j0:j1] = visible_mask(torch.arange(nq2), torch.arange(nk2), nq2, nk2, left, right)
                         assert got[i0:i1].any(1).all() and got[:, j0:j1].any(0).all()  # trimmed tight
                     assert torch.equal(got, want), (window, q0, nq, k0, nk, rect)
                     checked += 1
