@@ -27,6 +27,8 @@ BENCH_LIKE = ["data.cross_doc_attention=true"]
 VARIANTS = {
     "220m": ["experiment=gpu_220m_64k", *BENCH_LIKE],
     "220m_param_bf16": ["experiment=gpu_220m_64k", "train.param_dtype=bf16", *BENCH_LIKE],
+    "220m_param_bf16_plain": ["experiment=gpu_220m_64k", "train.param_dtype=bf16", "optim.compensated=false",
+                              *BENCH_LIKE],
     "220m_fp32_residual": ["experiment=gpu_220m_64k", "model.fp32_residual=true", *BENCH_LIKE],
     "220m_eager": ["experiment=gpu_220m_64k", "model.compile=false", *BENCH_LIKE],
     "220m_sdpa_bf16": ["experiment=gpu_220m_64k", "attention.backend=sdpa", "train.param_dtype=bf16", *BENCH_LIKE],

@@ -33,8 +33,9 @@ class TrainConfig:
     grad_accum: int = 1  # micro-batches per optimizer step
     loss_chunk: int = 4096  # tokens per lm-head/CE chunk (memory: loss_chunk * vocab * 4 bytes)
     dtype: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | bf16 | fp32
-    # fp32: fp32 weights, gradients and AdamW states (16 bytes per parameter). bf16: all three in bf16, 8 bytes,
-    # as Hugging Face's bf16 training keeps them; an update below a weight's bf16 resolution is lost.
+    # fp32: fp32 weights, gradients and AdamW states (16 bytes per parameter). bf16: all three in bf16 plus a bf16
+    # compensation (optim.compensated), 10 bytes; 8 without it, as Hugging Face's bf16 training keeps them, where
+    # an update below a weight's bf16 resolution is lost.
     param_dtype: str = "fp32"
     device: str = "auto"  # auto | cpu | cuda
     peak_tflops: Optional[float] = None  # MFU denominator per device; None: 989 (H100 bf16) on CUDA, 0.2 on CPU
@@ -52,6 +53,9 @@ class OptimConfig:
     eps: float = 1e-8
     grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
     fused: bool = True  # fused AdamW kernel (CUDA and CPU)
+    # train.param_dtype=bf16: AdamW with a bf16 Kahan compensation per weight (trainer/optim.py, 2 more bytes per
+    # parameter), so updates below a weight's bf16 resolution add up instead of being rounded away
+    compensated: bool = True
 
 
 @dataclass

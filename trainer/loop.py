@@ -36,6 +36,7 @@ from trainer.loss import chunked_cross_entropy, global_valid_count
 from trainer.metrics import (MetricsSink, Throughput, causal_pairs, default_peak_tflops, peak_memory_gib,
                              reset_peak_memory, train_flops)
 from trainer.model import GPT
+from trainer.optim import CompensatedAdamW
 from trainer.parallelize import DistEnv, parallelize, shard_batch, validate_parallel
 
 log = logging.getLogger(__name__)
@@ -77,6 +78,8 @@ def build_optimizer(model: nn.Module, cfg, device: torch.device) -> torch.optim.
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    if cfg.compensated and params and params[0].dtype == torch.bfloat16:  # train.param_dtype=bf16
+        return CompensatedAdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
     fused = cfg.fused and device.type in ("cuda", "cpu")
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, fused=fused)
 
@@ -273,8 +276,8 @@ class Trainer:
         return loss, grad_norm
 
     def _optimizer_step(self, found_inf: torch.Tensor) -> None:
-        if self.optimizer.defaults.get("fused"):
-            self.optimizer.found_inf = found_inf  # the fused kernel skips the update and the step count
+        if self.optimizer.defaults.get("fused") or isinstance(self.optimizer, CompensatedAdamW):
+            self.optimizer.found_inf = found_inf  # the update and the step count are skipped on the device
             self.optimizer.step()
         elif not found_inf.item():  # unfused AdamW has no found_inf input: this one reads back
             self.optimizer.step()

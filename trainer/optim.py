@@ -1,0 +1,88 @@
+"""AdamW for bf16 weights that keeps the updates bf16 would round away (Kahan-compensated summation).
+
+    opt = CompensatedAdamW(groups, lr=6e-4, betas=(0.9, 0.95), eps=1e-8)   # params, m, v, compensation: bf16
+    opt.found_inf = flag      # optional 0-d tensor: 1.0 skips this step on the device, no host sync
+    opt.step()
+
+A bf16 weight of magnitude 0.02 has a resolution of 1.2e-4, so an AdamW step of lr = 6e-6 (early warmup) or 6e-5
+(a cosine tail) leaves it exactly where it was. Each weight here carries a bf16 compensation term, what the last
+rounding dropped, added back into the next update: the pair holds about 16 bits of mantissa, enough that the
+weights follow an fp32-master run, for 2 more bytes per parameter (10 in all, against 16 for fp32 masters).
+Deterministic, so a resumed run repeats its losses exactly.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .fused import compiled
+
+
+def adamw_update_(p, grad, exp_avg, exp_avg_sq, comp, step, lr, keep, beta1: float, beta2: float, eps: float,
+                  weight_decay: float) -> None:
+    """One AdamW step of one tensor in fp32 registers, written back to its bf16 storage. step, lr and keep are
+    0-d fp32 device tensors (no recompiles as the schedule moves); keep == 0 leaves every tensor as it was."""
+    go = keep > 0
+    g = torch.where(go, grad.float(), 0.0)  # a skipped step's gradient may be inf / nan
+    m = exp_avg.float()
+    v = exp_avg_sq.float()
+    m = torch.where(go, m + (1 - beta1) * (g - m), m)
+    v = torch.where(go, v + (1 - beta2) * (g * g - v), v)
+    n = step.clamp_min(1.0)
+    m_hat = m / (1 - beta1 ** n)
+    v_hat = v / (1 - beta2 ** n)
+    w = p.float()
+    delta = -lr * (m_hat / (v_hat.sqrt() + eps) + weight_decay * w)
+    exact = delta + comp.float()  # this step's change plus what earlier roundings dropped
+    rounded = (w + exact).to(p.dtype)
+    dropped = torch.where(go, exact - (rounded.float() - w), comp.float())  # before p changes: w may alias p
+    p.copy_(torch.where(go, rounded, p))
+    comp.copy_(dropped)
+    exp_avg.copy_(m)
+    exp_avg_sq.copy_(v)
+
+
+class CompensatedAdamW(torch.optim.Optimizer):
+    """Decoupled-weight-decay Adam (torch.optim.AdamW's arithmetic) whose states live in the weights' dtype plus
+    one compensation tensor per weight. On CUDA each tensor's update is one compiled kernel."""
+
+    def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 1e-2):
+        if not (lr > 0 and 0 <= betas[0] < 1 and 0 <= betas[1] < 1 and eps > 0 and weight_decay >= 0):
+            raise ValueError(f"CompensatedAdamW: bad hyper-parameters lr={lr}, betas={betas}, eps={eps}, "
+                             f"weight_decay={weight_decay}")
+        super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
+        self.found_inf = None
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        keep = None
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            lr = None
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if not state:
+                    state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
+                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    state["compensation"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                if keep is None:  # one device per optimizer (one GPU, or DDP's replica on this rank)
+                    keep = self._keep(p.device)
+                if lr is None:
+                    lr = torch.full((), group["lr"], dtype=torch.float32, device=p.device)  # a fill, not a copy
+                state["step"] += keep
+                update = compiled(adamw_update_) if p.is_cuda else adamw_update_
+                update(p, p.grad, state["exp_avg"], state["exp_avg_sq"], state["compensation"], state["step"], lr,
+                       keep, beta1, beta2, group["eps"], group["weight_decay"])
+        return loss
+
+    def _keep(self, device: torch.device) -> torch.Tensor:
+        if self.found_inf is None:
+            return torch.ones((), dtype=torch.float32, device=device)
+        return 1.0 - self.found_inf.to(device=device, dtype=torch.float32)
