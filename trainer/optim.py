@@ -18,6 +18,15 @@ import torch
 from .fused import compiled
 
 
+def round_to_bf16(x: torch.Tensor) -> torch.Tensor:
+    """fp32 x rounded to the nearest bf16 value (ties to even), still fp32. Integer arithmetic on purpose: inside a
+    compiled kernel Inductor drops the precision loss of x.to(bf16).float() (it keeps the fp32 value); on an H100
+    that made every compensation zero."""
+    bits = x.view(torch.int32)
+    bits = (bits + (0x7FFF + ((bits >> 16) & 1))) & -65536  # -65536: keep the top 16 bits, the bf16 ones
+    return bits.view(torch.float32)
+
+
 def adamw_update_(p, grad, exp_avg, exp_avg_sq, comp, step, lr, keep, beta1: float, beta2: float, eps: float,
                   weight_decay: float) -> None:
     """One AdamW step of one tensor in fp32 registers, written back to its bf16 storage. step, lr and keep are
@@ -34,9 +43,9 @@ def adamw_update_(p, grad, exp_avg, exp_avg_sq, comp, step, lr, keep, beta1: flo
     w = p.float()
     delta = -lr * (m_hat / (v_hat.sqrt() + eps) + weight_decay * w)
     exact = delta + comp.float()  # this step's change plus what earlier roundings dropped
-    rounded = (w + exact).to(p.dtype)
-    dropped = torch.where(go, exact - (rounded.float() - w), comp.float())  # before p changes: w may alias p
-    p.copy_(torch.where(go, rounded, p))
+    rounded = round_to_bf16(w + exact) if p.dtype == torch.bfloat16 else (w + exact).to(p.dtype).float()
+    dropped = torch.where(go, exact - (rounded - w), comp.float())  # before p changes: w may alias p
+    p.copy_(torch.where(go, rounded.to(p.dtype), p))
     comp.copy_(dropped)
     exp_avg.copy_(m)
     exp_avg_sq.copy_(v)
@@ -44,7 +53,9 @@ def adamw_update_(p, grad, exp_avg, exp_avg_sq, comp, step, lr, keep, beta1: flo
 
 class CompensatedAdamW(torch.optim.Optimizer):
     """Decoupled-weight-decay Adam (torch.optim.AdamW's arithmetic) whose states live in the weights' dtype plus
-    one compensation tensor per weight. On CUDA each tensor's update is one compiled kernel."""
+    one compensation tensor per weight. On CUDA each tensor's update is one compiled call (torch.compile); on an
+    H100 that cost nothing at 64K tokens of llama_220m and a third of the speed at 8K (63K against 91K tok/s with
+    plain bf16 AdamW): 111 calls of host time per step."""
 
     def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 1e-2):
         if not (lr > 0 and 0 <= betas[0] < 1 and 0 <= betas[1] < 1 and eps > 0 and weight_decay >= 0):
