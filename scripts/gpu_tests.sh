@@ -10,7 +10,7 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-outputs/gpu_tests}
 PY=${PYTHON:-python3}
 LIMIT=${1:-300}
-FILES="tests/test_triton_gpu.py tests/test_triton_atomic_dq_gpu.py tests/test_fp8_gpu.py tests/test_sdpa_backend.py
+FILES="tests/test_triton_gpu.py tests/test_triton_atomic_dq_gpu.py tests/test_fp8_gpu.py tests/test_sdpa_backend.py tests/test_optim.py
        tests/test_loss.py"
 mkdir -p "$OUT"
 
