@@ -90,6 +90,26 @@ def test_state_dict_round_trip_continues_exactly():
     assert all(torch.equal(x, y) for x, y in zip(a, b))
 
 
+def test_resumes_from_torch_adamw_state():
+    """A run saved with optim.compensated=false (torch's AdamW, bf16 states, a CPU step count) resumes with the
+    compensation starting at zero and the moments and step count carried over."""
+    a, b = _params(torch.bfloat16), _params(torch.bfloat16)
+    plain = torch.optim.AdamW(_groups(a), lr=1e-3, foreach=False)
+    _run(plain, a, 3)
+    with torch.no_grad():
+        for x, y in zip(a, b):
+            y.copy_(x)
+    ours = CompensatedAdamW(_groups(b), lr=1e-3)
+    ours.load_state_dict(copy.deepcopy(plain.state_dict()))
+    before = [x.detach().float() for x in a]
+    _run(plain, a, 1, lr_grads_seed=5)
+    _run(ours, b, 1, lr_grads_seed=5)
+    for x, y, w in zip(a, b, before):  # torch's bf16 arithmetic against our fp32: the same step, to rounding
+        assert ((x.float() - y.float()).norm() / (x.float() - w).norm()).item() < 0.1
+    assert all(ours.state[p]["step"].item() == 4 for p in b)
+    assert all(ours.state[p]["compensation"].abs().max() > 0 for p in b)
+
+
 def test_bad_hyper_parameters():
     with pytest.raises(ValueError, match="lr=0"):
         CompensatedAdamW(_params(torch.bfloat16), lr=0)

@@ -82,7 +82,9 @@ class CompensatedAdamW(torch.optim.Optimizer):
                     state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
                     state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                     state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                if "compensation" not in state:  # also a checkpoint of torch's AdamW (optim.compensated=false)
                     state["compensation"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    state["step"] = state["step"].to(device=p.device, dtype=torch.float32)
                 if keep is None:  # one device per optimizer (one GPU, or DDP's replica on this rank)
                     keep = self._keep(p.device)
                 if lr is None:
