@@ -54,8 +54,8 @@ def adamw_update_(p, grad, exp_avg, exp_avg_sq, comp, step, lr, keep, beta1: flo
 class CompensatedAdamW(torch.optim.Optimizer):
     """Decoupled-weight-decay Adam (torch.optim.AdamW's arithmetic) whose states live in the weights' dtype plus
     one compensation tensor per weight. On CUDA each tensor's update is one compiled call (torch.compile); on an
-    H100 that cost nothing at 64K tokens of llama_220m and a third of the speed at 8K (63K against 91K tok/s with
-    plain bf16 AdamW): 111 calls of host time per step."""
+    H100 that cost nothing at 64K tokens of llama_220m, but at 8K the step ran at 63K tok/s against 91-104K with
+    plain bf16 AdamW: 111 calls per step, whose host time shows at 90 ms steps."""
 
     def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 1e-2):
         if not (lr > 0 and 0 <= betas[0] < 1 and 0 <= betas[1] < 1 and eps > 0 and weight_decay >= 0):
