@@ -50,13 +50,14 @@ def run_variant(name: str, overrides: list[str], steps: int, log_every: int, wor
         proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
         rc, tail = proc.returncode, (proc.stdout + proc.stderr)[-3000:]
     except subprocess.TimeoutExpired as e:
-        rc, tail = "timeout", ((e.stdout or b"").decode(errors="replace") + (e.stderr or b"").decode(errors="replace"))[-3000:]
+        out = (e.stdout or b"").decode(errors="replace") + (e.stderr or b"").decode(errors="replace")
+        rc, tail = "timeout", out[-3000:]
     records = []
     metrics = out_dir / "metrics.jsonl"
     if metrics.exists():
         records = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
     timed = [r for r in records if "tokens_per_s" in r][1:]
-    saved = sorted(p.name for p in (out_dir / "checkpoints").glob("step_*")) if (out_dir / "checkpoints").exists() else []
+    saved = sorted(p.name for p in (out_dir / "checkpoints").glob("step_*"))  # glob of a missing dir: none
     row = {"variant": name, "overrides": overrides, "rc": rc, "wall_s": round(time.time() - t0, 1),
            "records": records, "checkpoints": saved,
            "tok_s": statistics.median(r["tokens_per_s"] for r in timed) if timed else None,
@@ -73,7 +74,8 @@ def write_table(rows: list[dict], out: Path, meta: dict) -> None:
     (out / "trainer_gpu.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     lines = [f"trainer.train on {meta['gpu']}, torch {meta['torch']}, {meta['date']}; {meta['steps']} steps, "
              f"log every {meta['log_every']}; tok/s and MFU: median of the logged intervals after the first.", "",
-             "| variant | overrides | rc | tok/s | MFU | peak GiB | final val loss | checkpoint |", "|---|---|---|---|---|---|---|---|"]
+             "| variant | overrides | rc | tok/s | MFU | peak GiB | final val loss | checkpoint |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         tok = f"{r['tok_s'] / 1e3:.1f}K" if r["tok_s"] else "–"
         mfu = f"{100 * r['mfu']:.0f}%" if r["mfu"] else "–"
@@ -107,7 +109,8 @@ def main() -> None:
             "host": os.uname().nodename}
     rows = []
     for name in args.variants:
-        rows.append(run_variant(name, VARIANTS[name] + args.extra, args.steps, args.log_every, Path(args.work), args.timeout))
+        rows.append(run_variant(name, VARIANTS[name] + args.extra, args.steps, args.log_every, Path(args.work),
+                                args.timeout))
         r = rows[-1]
         print(f"{name}: rc {r['rc']}, {r['wall_s']} s, tok/s {r['tok_s']}, peak {r['peak_gib']} GiB", flush=True)
         write_table(rows, out, meta)

@@ -6,9 +6,10 @@
 
 A bf16 weight of magnitude 0.02 has a resolution of 1.2e-4, so an AdamW step of lr = 6e-6 (early warmup) or 6e-5
 (a cosine tail) leaves it exactly where it was. Each weight here carries a bf16 compensation term, what the last
-rounding dropped, added back into the next update: the pair holds about 16 bits of mantissa, enough that the
-weights follow an fp32-master run, for 2 more bytes per parameter (10 in all, against 16 for fp32 masters).
-Deterministic, so a resumed run repeats its losses exactly.
+rounding dropped, added back into the next update: the pair holds about 16 bits of mantissa, so no update is
+lost, for 2 more bytes per parameter (10 in all, against 16 for fp32 masters). The forward still sees the bf16
+weight, which moves in whole bf16 steps. Deterministic, so a resumed run repeats its losses exactly. Measured
+against fp32 masters and plain bf16 AdamW: README, `train.param_dtype`.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ def round_to_bf16(x: torch.Tensor) -> torch.Tensor:
 
 def adamw_update_(p, grad, exp_avg, exp_avg_sq, comp, step, lr, keep, beta1: float, beta2: float, eps: float,
                   weight_decay: float) -> None:
-    """One AdamW step of one tensor in fp32 registers, written back to its bf16 storage. step, lr and keep are
+    """One AdamW step of one tensor, computed in fp32 and written back to its bf16 storage. step, lr and keep are
     0-d fp32 device tensors (no recompiles as the schedule moves); keep == 0 leaves every tensor as it was."""
     go = keep > 0
     g = torch.where(go, grad.float(), 0.0)  # a skipped step's gradient may be inf / nan
