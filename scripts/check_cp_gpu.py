@@ -5,7 +5,8 @@ attention, and compares out, dq, dk, dv by relative error ||x - ref|| / ||ref||.
 
     torchrun --nproc_per_node=2 scripts/check_cp_gpu.py --seq-lens 16384,65536 --out docs/bench
     torchrun --nproc_per_node=2 scripts/check_cp_gpu.py --cpu --seq-lens 512 --heads 4 --kv-heads 2 --head-dim 32
-(--cpu: gloo + the reference backend in fp32, a smoke run of the same script without GPUs.)
+(--cpu: gloo + the reference backend in fp32, a smoke run of the same script without GPUs; --impls hybrid: that
+implementation only.)
 """
 
 from __future__ import annotations
@@ -95,6 +96,7 @@ def main():
     p.add_argument("--head-dim", type=int, default=128)
     p.add_argument("--out", default="docs/bench")
     p.add_argument("--cpu", action="store_true", help="gloo + reference backend in fp32 (smoke run)")
+    p.add_argument("--impls", default="ring,ulysses,hybrid", help="which of ring, ulysses, hybrid to check")
     p.add_argument("--no-window", dest="window_rows", action="store_false",
                    help="skip the sliding-window rows (causal, window of N/5 + 7 tokens, dense and packed)")
     args = p.parse_args()
@@ -108,7 +110,7 @@ def main():
     mesh = init_mesh(cp=world, ulysses_degree=2) if hybrid else None
     rows = []
     for n in (int(s) for s in args.seq_lens.split(",")):
-        for impl in ("ring", "ulysses", "hybrid") if hybrid else ("ring", "ulysses"):
+        for impl in [i for i in args.impls.split(",") if hybrid or i != "hybrid"]:
             # a window of n/5 + 7 tokens reaches across several chunks of the zigzag layout, never a multiple of them
             win = n // 5 + 7 if args.window_rows else 0
             cases = ((True, False, 0), (False, False, 0), (True, True, 0)) + (((True, False, win), (True, True, win))
