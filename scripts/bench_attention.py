@@ -341,12 +341,14 @@ SWEEP_DKDV = tile_configs([
     (64, 128, 8, 3, False, True), (64, 128, 8, 3, True, True), (64, 64, 4, 2, False, True),
     (64, 64, 4, 3, False, True), (128, 64, 8, 3, False, True), (128, 64, 8, 2, False, True),
     (64, 128, 8, 4, False, True)])
+# 8 warps over 32 queries x 128 keys (session 11): half the S^T / dP^T registers of the shipped 64x128 tile
+SWEEP_DKDV += tile_configs([(32, 128, 8, 2, False, True), (32, 128, 8, 3, False, True), (32, 128, 8, 4, False, True)])
 SWEEP_DKDV_ATOMIC = SWEEP_DKDV
 SWEEP_DQ = tile_configs([
     (128, 64, 8, 2, False), (128, 64, 8, 3, False), (128, 64, 8, 2, True), (128, 64, 8, 3, True),
     (128, 64, 8, 4, False), (64, 64, 4, 2, False), (64, 64, 4, 3, False), (128, 32, 4, 3, False),
     (64, 128, 8, 2, False), (128, 128, 8, 2, False),
-    (128, 64, 8, 3, False, True), (128, 64, 8, 4, False, True)])
+    (128, 64, 8, 3, False, True), (128, 64, 8, 4, False, True), (128, 32, 8, 3, False), (128, 32, 8, 4, False)])
 
 # --order: the shipped lead tiles with dP issued after P (as shipped) and right behind S (EARLY_DP), each
 # listed --rounds times in alternation so a few-percent difference is not drift
@@ -385,8 +387,11 @@ def sweep(n, dims, kinds=("fwd", "dkdv", "dq", "atomic-bwd"), causals=(True, Fal
                 if kind not in kinds:
                     continue
                 shipped = tuned.configs
-                for tma in ((True,) if order_rounds else (False, True)):
+                for tma in ((True,) if order_rounds or _FILTER["tma_only"] else (False, True)):
                     for cfg in cands:
+                        full_name = _cfg_name(cfg) + (" early-dP" if cfg.kwargs.get("EARLY_DP") else "")
+                        if _FILTER["tiles"] and not any(t in full_name for t in _FILTER["tiles"]):
+                            continue
                         if (cfg.kwargs["WARP_SPEC"] and not tma) or (D > 64 and cfg.kwargs["BLOCK_N"] == 128
                                                                     and cfg.kwargs["BLOCK_M"] == 128 and kind != "fwd"):
                             continue
@@ -448,6 +453,7 @@ class _only_kernel:
 
 
 _PART = {"part": 0, "parts": 1, "compile_only": False, "count": 0}
+_FILTER = {"tiles": [], "tma_only": False}  # --tiles / --tma-only: a subset of the sweep
 
 
 def _time_variant(kind, name, D, causal, flops, want, fn):
@@ -494,7 +500,11 @@ def main():
     ap.add_argument("--order", action="store_true",
                     help="sweep: only the shipped backward tiles, dP GEMM late vs early, --rounds times alternating")
     ap.add_argument("--render", metavar="JSON", help="redraw the markdown table of an earlier run's JSON")
+    ap.add_argument("--tiles", nargs="*", default=[], help="sweep: only variants whose name holds one of these "
+                    "(e.g. '32x128 w8' 'early-dP')")
+    ap.add_argument("--tma-only", action="store_true", help="sweep: TMA loads only (no pointer-load rows)")
     args = ap.parse_args()
+    _FILTER.update(tiles=args.tiles, tma_only=args.tma_only)
     if args.render:
         with open(args.render) as f:
             data = json.load(f)
@@ -519,6 +529,7 @@ def main():
             t = time.time()
             # the workers must walk the same candidate list as this process (their share is by position)
             order = ["--order", "--rounds", str(args.rounds)] if args.order else []
+            order += ["--tiles", *args.tiles] * bool(args.tiles) + ["--tma-only"] * args.tma_only
             precompile(args.precompile, args.dims,
                        ["--kinds", *args.kinds, "--causal", *map(str, args.causal), *order])
             print(f"precompiled in {time.time() - t:.0f}s", flush=True)
