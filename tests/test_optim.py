@@ -144,6 +144,12 @@ def test_compiled_update_matches_eager_on_gpu():
         assert comp.abs().mean() > 0.2 * s["c"].float().abs().mean() > 0  # not optimised away
         held, ref = p.float() + comp, t.float() + s["c"].float()
         assert (held - ref).abs().max().item() < 1e-6
+    before = [(p.detach().clone(), opt.state[p]["compensation"].clone()) for p in params]
+    opt.found_inf = torch.ones((), device="cuda")  # the kernel's early exit
+    for p in params:
+        p.grad = torch.full_like(p, float("nan"))
+    opt.step()
+    assert all(torch.equal(p, b) and torch.equal(opt.state[p]["compensation"], c) for p, (b, c) in zip(params, before))
 
 
 def test_round_to_bf16_is_torch_rounding():

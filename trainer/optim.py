@@ -14,9 +14,16 @@ against fp32 masters and plain bf16 AdamW: README, `train.param_dtype`.
 
 from __future__ import annotations
 
+import math
+import os
+
 import torch
+import triton
+import triton.language as tl
 
 from .fused import compiled
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # CPU test processes: the torch path only
 
 
 def round_to_bf16(x: torch.Tensor) -> torch.Tensor:
@@ -50,6 +57,48 @@ def adamw_update_(p, grad, exp_avg, exp_avg_sq, comp, step, lr, keep, beta1: flo
     comp.copy_(dropped)
     exp_avg.copy_(m)
     exp_avg_sq.copy_(v)
+
+
+@triton.jit
+def _adamw_kernel(P, G, M, V, C, Step, Lr, Keep, n_elem, log2_beta1, log2_beta2, beta1, beta2, eps, weight_decay,
+                  BLOCK: tl.constexpr):
+    """adamw_update_ for one contiguous tensor: each element read once and written once, all arithmetic in fp32.
+    The casts are explicit in Triton's IR, so the rounding the compensation measures really happens."""
+    if tl.load(Keep) == 0.0:
+        return  # a skipped step (non-finite loss or gradient norm): nothing changes
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n_elem
+    n = tl.maximum(tl.load(Step), 1.0)
+    lr = tl.load(Lr)
+    g = tl.load(G + offs, mask=mask, other=0.0).to(tl.float32)
+    m = tl.load(M + offs, mask=mask, other=0.0).to(tl.float32)
+    v = tl.load(V + offs, mask=mask, other=0.0).to(tl.float32)
+    w = tl.load(P + offs, mask=mask, other=0.0).to(tl.float32)
+    c = tl.load(C + offs, mask=mask, other=0.0).to(tl.float32)
+    m = m + (1 - beta1) * (g - m)
+    v = v + (1 - beta2) * (g * g - v)
+    m_hat = m / (1 - tl.math.exp2(n * log2_beta1))
+    v_hat = v / (1 - tl.math.exp2(n * log2_beta2))
+    exact = -lr * (m_hat / (tl.sqrt(v_hat) + eps) + weight_decay * w) + c
+    rounded = (w + exact).to(P.dtype.element_ty)
+    tl.store(C + offs, (exact - (rounded.to(tl.float32) - w)).to(C.dtype.element_ty), mask=mask)
+    tl.store(P + offs, rounded, mask=mask)
+    tl.store(M + offs, m.to(M.dtype.element_ty), mask=mask)
+    tl.store(V + offs, v.to(V.dtype.element_ty), mask=mask)
+
+
+def _launch_adamw(p, grad, exp_avg, exp_avg_sq, comp, step, lr, keep, beta1, beta2, eps, weight_decay) -> bool:
+    """The Triton update where it applies (CUDA, contiguous tensors); False: use adamw_update_."""
+    tensors = (p, grad, exp_avg, exp_avg_sq, comp)
+    if INTERPRET or not p.is_cuda or not all(t.is_contiguous() for t in tensors):
+        return False
+    n, block = p.numel(), 1024
+    with torch.cuda.device(p.device):
+        _adamw_kernel[(triton.cdiv(n, block),)](p, grad, exp_avg, exp_avg_sq, comp, step, lr, keep, n,
+                                                 math.log2(beta1) if beta1 > 0 else -math.inf,
+                                                 math.log2(beta2) if beta2 > 0 else -math.inf,
+                                                 beta1, beta2, eps, weight_decay, BLOCK=block, num_warps=4)
+    return True
 
 
 class CompensatedAdamW(torch.optim.Optimizer):
@@ -91,9 +140,10 @@ class CompensatedAdamW(torch.optim.Optimizer):
                 if lr is None:
                     lr = torch.full((), group["lr"], dtype=torch.float32, device=p.device)  # a fill, not a copy
                 state["step"] += keep
-                update = compiled(adamw_update_) if p.is_cuda else adamw_update_
-                update(p, p.grad, state["exp_avg"], state["exp_avg_sq"], state["compensation"], state["step"], lr,
-                       keep, beta1, beta2, group["eps"], group["weight_decay"])
+                args = (p, p.grad, state["exp_avg"], state["exp_avg_sq"], state["compensation"], state["step"], lr,
+                        keep, beta1, beta2, group["eps"], group["weight_decay"])
+                if not _launch_adamw(*args):
+                    (compiled(adamw_update_) if p.is_cuda else adamw_update_)(*args)
         return loss
 
     def _keep(self, device: torch.device) -> torch.Tensor:
