@@ -141,8 +141,8 @@ class _Tables:
 def adamw_multi_(rows: list[tuple], tables: _Tables, lr: float, keep: torch.Tensor, beta1: float, beta2: float,
                  eps: float, weight_decay: float) -> None:
     """adamw_update_ of every (p, grad, exp_avg, exp_avg_sq, compensation, step) row in one Triton launch (the
-    steps already counted). One launch per parameter group instead of one compiled call per tensor: at 8K tokens
-    of llama_220m on an H100 the per-tensor calls' host time had cost a third of the step."""
+    steps already counted). One launch per parameter group instead of one compiled call per tensor: for llama_220m's
+    111 tensors on an H100, 2.8 ms per step against 11.5 ms (scripts/bench_optim.py)."""
     table, tiles = tables.get(rows)
     p0, g0, s0 = rows[0][0], rows[0][1], rows[0][2]
     lr_t = lr if torch.is_tensor(lr) else torch.full((), lr, dtype=torch.float32, device=p0.device)
