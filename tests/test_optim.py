@@ -117,8 +117,8 @@ def test_bad_hyper_parameters():
 
 def _follow_eager(params, opt, device, steps=6):
     """Steps opt and, beside it, the eager adamw_update_ on twins of params; the lr moves every step and every
-    step brings new gradient tensors. Returns the twins and their states."""
-    twins = [p.detach().clone() for p in params]
+    step brings new gradient tensors, at new addresses (all are kept alive). Returns the twins and their states."""
+    twins, kept = [p.detach().clone() for p in params], []
     state = [dict(m=torch.zeros_like(p), v=torch.zeros_like(p), c=torch.zeros_like(p)) for p in twins]
     step = torch.zeros((), device=device)
     gen = torch.Generator(device=device).manual_seed(3)
@@ -130,6 +130,7 @@ def _follow_eager(params, opt, device, steps=6):
         for p, t, s, wd in zip(params, twins, state, [0.1] + [0.0] * (len(params) - 1)):
             grad = (torch.randn(p.shape, generator=gen, device=device) + 0.5).to(p.dtype)
             p.grad = grad
+            kept.append(grad)
             adamw_update_(t, grad, s["m"], s["v"], s["c"], step, torch.full((), lr, device=device),
                           torch.ones((), device=device), 0.9, 0.95, 1e-8, wd)
         opt.step()
@@ -175,6 +176,7 @@ def test_multi_tensor_kernel_matches_eager_in_interpreter(dtype, monkeypatch):
     opt = CompensatedAdamW(_groups(params), lr=1e-5, betas=(0.9, 0.95))
     twins, state = _follow_eager(params, opt, "cpu", steps=3)
     _assert_follows(params, opt, twins, state, 1e-8)
+    assert opt._tables[0].addresses[1] == params[0].grad.data_ptr()  # the table followed the last gradients
     assert opt._tables[0].tiles.tolist() == [[0, 0], [0, 1024], [0, 2048]]
     assert opt._tables[1].tiles.tolist() == [[0, 0], [1, 0], [1, 1024]]
     _assert_skip_changes_nothing(params, opt, "cpu")
