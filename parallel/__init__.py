@@ -19,7 +19,8 @@ from .comm import RingComm
 from .data_parallel import init_zero_engine, wrap_ddp, zero_config
 from .hybrid import HybridPlan, hybrid_attn_func, hybrid_plan
 from .mesh import ParallelDims, ParallelMesh, default_backend, init_distributed, init_mesh
-from .ring import RingPlan, ring_attn_func, ring_plan
+from .ring import ring_attn_func
+from .ring_plan import RingPlan, ring_plan
 from .sharding import (chunk_ids, doc_cu_seqlens, doc_ids_from_positions, hybrid_shard_for_rank,
                        hybrid_unshard_from_shards, shard_doc_ids, shard_for_rank, shard_indices, shard_sequence,
                        unshard_from_shards, unshard_sequence)

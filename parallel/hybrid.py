@@ -29,7 +29,8 @@ import torch.distributed as dist
 
 from attention.validation import check_options, check_qkv
 
-from .ring import RingPlan, causal_window_length, check_local_positions, ring_attn_func, ring_plan
+from .ring import causal_window_length, ring_attn_func
+from .ring_plan import RingPlan, check_local_positions, ring_plan
 from .sharding import group_rank_and_size, unshard_sequence
 from .ulysses import _HeadsToSeq, _replicate_kv, _SeqToHeads
 

@@ -25,7 +25,7 @@ import torch.distributed as dist
 from attention import flash_attn_func, flash_attn_varlen_func
 from attention.validation import check_options, check_qkv
 
-from .ring import check_local_positions
+from .ring_plan import check_local_positions
 from .sharding import (check_layout, doc_ids_from_positions, group_rank_and_size, shard_for_rank,
                        unshard_from_shards, unshard_sequence)
 

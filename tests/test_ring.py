@@ -16,7 +16,8 @@ from attention.reference import visible_mask
 from dist_utils import full_attention, random_positions, run_world
 from helpers import assert_close
 from parallel import RingComm, RingPlan, init_mesh, ring_attn_func, ring_plan, shard_for_rank
-from parallel.ring import merge_into, ring_steps, window_rect
+from parallel.ring import merge_into
+from parallel.ring_plan import ring_steps, window_rect
 from trainer.model import sliding_window_size
 
 FP64_TOL = 1e-5  # the merged lse is fp32, so fp64 inputs agree to ~1e-7, not 1e-12
