@@ -35,7 +35,7 @@ from attention.backends import resolve_backend_name
 from attention.validation import check_options, check_qkv
 
 from .comm import RingComm
-from .ring_plan import _NO_WINDOW, RingPlan, _Block, _dense_plan, ring_plan
+from .ring_plan import NO_WINDOW, Block, RingPlan, dense_plan, ring_plan
 from .sharding import check_layout, group_rank_and_size
 
 # -- one block ----------------------------------------------------------------------------------------------
@@ -45,7 +45,7 @@ def _flat(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(-1, *t.shape[2:])  # (B, n, h, D) -> (B*n, h, D)
 
 
-def _block_forward(q, k, v, blk: _Block, scale: float, backend: str):
+def _block_forward(q, k, v, blk: Block, scale: float, backend: str):
     qb = q[blk.batch, blk.q_rows].contiguous()
     kb, vb = k[blk.batch, blk.k_rows].contiguous(), v[blk.batch, blk.k_rows].contiguous()
     if blk.varlen is None:
@@ -56,7 +56,7 @@ def _block_forward(q, k, v, blk: _Block, scale: float, backend: str):
     return out.view(qb.shape), lse.view(H, B, nq).transpose(0, 1)  # lse (H, B*nq) -> (B, H, nq)
 
 
-def _block_backward(dout, q, k, v, out, lse, dlse, blk: _Block, scale: float, backend: str):
+def _block_backward(dout, q, k, v, out, lse, dlse, blk: Block, scale: float, backend: str):
     b, r, c = blk.batch, blk.q_rows, blk.k_rows
     dob, qb, ob = dout[b, r].contiguous(), q[b, r].contiguous(), out[b, r].contiguous()
     kb, vb = k[b, c].contiguous(), v[b, c].contiguous()
@@ -191,7 +191,7 @@ class RingAttnFunc(torch.autograd.Function):
 def causal_window_length(causal: bool, window_size) -> int:
     """window_size -> the causal sliding window's length in keys (0: none); the ring takes (left, 0) windows."""
     left, right = window_size
-    if (left, right) == _NO_WINDOW or (causal and (left, right) == (-1, 0)):
+    if (left, right) == NO_WINDOW or (causal and (left, right) == (-1, 0)):
         return 0
     if left < 0 or not (right == 0 or (right == -1 and causal)):
         raise ValueError(f"ring / hybrid attention: window_size must be a causal sliding window (left >= 0, 0) or "
@@ -256,7 +256,7 @@ def ring_attn_func(q, k, v, group=None, causal=True, softmax_scale=None, layout=
         local_pos = position_ids.reshape(-1, q.shape[1]).expand(q.shape[0], -1)  # (B, N_local)
         plan = ring_plan(local_pos, group, layout, causal, window)
     elif plan is None:
-        plan = _dense_plan(rank, world_size, q.shape[1], layout, causal, window)
+        plan = dense_plan(rank, world_size, q.shape[1], layout, causal, window)
     _check_plan(plan, q, layout, causal, rank, world_size, window)
     out, lse = RingAttnFunc.apply(q, k, v, group, plan.steps, scale, backend, bool(overlap))
     return (out, lse) if return_lse else out

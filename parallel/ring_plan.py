@@ -20,17 +20,17 @@ import torch
 from .sharding import (check_layout, chunk_ids, doc_cu_seqlens, doc_ids_from_positions, group_rank_and_size,
                        shard_for_rank, unshard_sequence)
 
-_NO_WINDOW = (-1, -1)
+NO_WINDOW = (-1, -1)
 
 
 @dataclass(frozen=True)
-class _Block:
+class Block:
     """One attention call of a ring step: local query rows vs rows of the K/V block held this step."""
     q_rows: slice
     k_rows: slice
     causal: bool
     varlen: Optional[tuple] = None  # (cu_q, cu_k, max_q, max_k) over the block's rows, batch flattened
-    window: tuple = _NO_WINDOW  # window_size of the kernel call, for this block's rectangle
+    window: tuple = NO_WINDOW  # window_size of the kernel call, for this block's rectangle
     batch: slice = field(default_factory=lambda: slice(None))  # batch rows (one, for a packed off-diagonal
     # block under a window)
 
@@ -69,10 +69,10 @@ def _runs(indices):
 def _dense_blocks(rank: int, src: int, world_size: int, n_local: int, layout: str, causal: bool) -> list:
     everything = slice(0, n_local)
     if not causal:
-        return [_Block(everything, everything, False)]
+        return [Block(everything, everything, False)]
     if src == rank:
         # Local chunks are in ascending global order, so plain causal on the local rows is exact.
-        return [_Block(everything, everything, True)]
+        return [Block(everything, everything, True)]
     q_chunks, k_chunks = chunk_ids(rank, world_size, layout), chunk_ids(src, world_size, layout)
     size = n_local // len(q_chunks)
     # Between distinct chunks a pair is fully visible (key chunk earlier) or fully masked: skip the latter,
@@ -82,7 +82,7 @@ def _dense_blocks(rank: int, src: int, world_size: int, n_local: int, layout: st
     for cols, grp in groupby(visible):
         n_rows = len(list(grp))
         for j0, j1 in _runs(cols):
-            blocks.append(_Block(slice(i * size, (i + n_rows) * size), slice(j0 * size, j1 * size), False))
+            blocks.append(Block(slice(i * size, (i + n_rows) * size), slice(j0 * size, j1 * size), False))
         i += n_rows
     return blocks
 
@@ -108,7 +108,7 @@ def _window_blocks(rank: int, src: int, world_size: int, n_local: int, layout: s
                 if rect is None:
                     continue
                 i0, i1, j0, j1, win = rect
-                blk = _Block(slice(a * size + i0, a * size + i1), slice(b * size + j0, b * size + j1), False,
+                blk = Block(slice(a * size + i0, a * size + i1), slice(b * size + j0, b * size + j1), False,
                              window=win)
                 blocks += [blk] if q_doc is None else _with_docs([blk], q_doc, k_doc, device)
                 continue
@@ -124,7 +124,7 @@ def _window_blocks(rank: int, src: int, world_size: int, n_local: int, layout: s
                     continue
                 i0, i1, j0, j1, win = rect
                 q_at, k_at = a * size + q_lo, b * size + k_lo
-                blocks.append(_Block(slice(q_at + i0, q_at + i1), slice(k_at + j0, k_at + j1), False, window=win,
+                blocks.append(Block(slice(q_at + i0, q_at + i1), slice(k_at + j0, k_at + j1), False, window=win,
                                      batch=slice(r, r + 1)))
     return blocks
 
@@ -176,11 +176,12 @@ class RingPlan:
     layout: str
     causal: bool
     batch_size: Optional[int]  # rows the document segments cover; None: dense, any batch size
-    steps: tuple  # steps[s]: tuple of _Block computed while holding the K/V of rank (rank - s) % world_size
+    steps: tuple  # steps[s]: tuple of Block computed while holding the K/V of rank (rank - s) % world_size
     window: int = 0  # causal sliding window (0: none)
 
 
-def _dense_plan(rank: int, world_size: int, n_local: int, layout: str, causal: bool, window: int = 0) -> RingPlan:
+def dense_plan(rank: int, world_size: int, n_local: int, layout: str, causal: bool, window: int = 0) -> RingPlan:
+    """The plan without documents: the same blocks for any batch, no collective."""
     steps = ring_steps(rank, world_size, n_local, layout, causal, window=window)
     return RingPlan(rank, world_size, n_local, layout, causal, None, tuple(map(tuple, steps)), window)
 
