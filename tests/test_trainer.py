@@ -244,8 +244,11 @@ def test_cli_entry_point_writes_run_dir(tmp_path):
     assert bad.returncode != 0 and "stepz" in bad.stderr
 
 
-def test_ddp_two_processes_match_one(tmp_path, free_port):
-    steps = ["train.steps=6", "train.eval_batches=2"]
+@pytest.mark.parametrize("param_dtype,tol", [("fp32", 1e-5), ("bf16", 1e-3)])
+def test_ddp_two_processes_match_one(param_dtype, tol, tmp_path, free_port):
+    """bf16: CompensatedAdamW on every replica; the gradients are averaged in bf16, so the losses agree to bf16
+    rounding (1.0e-4 at most when measured), where replicas that drifted apart would not."""
+    steps = ["train.steps=6", "train.eval_batches=2", f"train.param_dtype={param_dtype}"]
     train(tmp_path / "single", *steps)  # batch 4 in one process
     torchrun = [PY, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port}"]
     args = [*torchrun, "-m", "trainer.train", *FAST, *steps, "data.batch_size=2", "parallel.dp=2",
@@ -256,8 +259,8 @@ def test_ddp_two_processes_match_one(tmp_path, free_port):
     single, ddp = metrics(tmp_path / "single"), metrics(tmp_path / "ddp")
     assert sorted(ddp) == list(range(1, 7))  # one writer: rank 0
     for step in range(1, 7):
-        assert abs(ddp[step]["loss"] - single[step]["loss"]) <= 1e-5, (step, ddp[step], single[step])
-    assert abs(ddp[6]["val_loss"] - single[6]["val_loss"]) <= 1e-5
+        assert abs(ddp[step]["loss"] - single[step]["loss"]) <= tol, (step, ddp[step], single[step])
+    assert abs(ddp[6]["val_loss"] - single[6]["val_loss"]) <= tol
 
 
 def test_offload_beyond_host_memory_fails_before_the_first_step(tmp_path, monkeypatch, caplog):
