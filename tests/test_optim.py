@@ -182,6 +182,23 @@ def test_multi_tensor_kernel_matches_eager_in_interpreter(dtype, monkeypatch):
     _assert_skip_changes_nothing(params, opt, "cpu")
 
 
+@pytest.mark.skipif(not INTERPRET, reason="the Triton interpreter runs the kernel on CPU tensors")
+def test_kernel_refuses_a_strided_weight(monkeypatch):
+    """The kernel walks every tensor as one flat array: a weight that is a strided view (its states, loaded or made
+    by zeros_like, are contiguous) must take the per-tensor update, and then gets the same result."""
+    import trainer.optim as optim
+    monkeypatch.setattr(optim, "KERNEL_IN_INTERPRETER", True)
+    base = (torch.randn(8, 12) * 0.02).to(torch.float16)
+    strided = base[:, ::2].detach().requires_grad_()  # a leaf view with strides (12, 2)
+    state = [torch.zeros(8, 6, dtype=torch.float16) for _ in range(3)]
+    assert not strided.is_contiguous() and all(s.is_contiguous() for s in state)
+    assert not optim.kernel_applies([(strided, torch.ones(8, 6, dtype=torch.float16), *state, torch.ones(()))])
+    opt = CompensatedAdamW([{"params": [strided], "weight_decay": 0.1}], lr=1e-5, betas=(0.9, 0.95))
+    twins, twin_state = _follow_eager([strided], opt, "cpu", steps=3)
+    _assert_follows([strided], opt, twins, twin_state, 1e-8)
+    assert not opt._tables  # the kernel did not run
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("path", ["kernel", "compiled"])

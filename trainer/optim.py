@@ -112,7 +112,7 @@ def kernel_applies(rows: list[tuple]) -> bool:
     return (on_cuda or in_interpreter) and all(
         p.device == p0.device and p.dtype == p0.dtype and g.dtype == g0.dtype and
         m.dtype == v.dtype == c.dtype == s0.dtype and step.dtype == torch.float32 and step.device == p0.device and
-        all(t.is_contiguous() and t.numel() == p.numel() for t in (g, m, v, c))
+        all(t.is_contiguous() and t.numel() == p.numel() for t in (p, g, m, v, c))
         for p, g, m, v, c, step in rows)
 
 
