@@ -138,16 +138,16 @@ class _Tables:
         return self.table, self.tiles
 
 
-def adamw_multi_(rows: list[tuple], tables: _Tables, lr: float, keep: torch.Tensor, beta1: float, beta2: float,
-                 eps: float, weight_decay: float) -> None:
+def adamw_multi_(rows: list[tuple], tables: _Tables, lr: torch.Tensor, keep: torch.Tensor, beta1: float,
+                 beta2: float, eps: float, weight_decay: float) -> None:
     """adamw_update_ of every (p, grad, exp_avg, exp_avg_sq, compensation, step) row in one Triton launch (the
-    steps already counted). One launch per parameter group instead of one compiled call per tensor: for llama_220m's
-    111 tensors on an H100, 2.8 ms per step against 11.5 ms (scripts/bench_optim.py)."""
+    steps already counted; lr and keep 0-d fp32 device tensors, as there). One launch per parameter group instead
+    of one compiled call per tensor: for llama_220m's 111 tensors on an H100, 2.8 ms per step against 11.5 ms
+    (scripts/bench_optim.py)."""
     table, tiles = tables.get(rows)
     p0, g0, s0 = rows[0][0], rows[0][1], rows[0][2]
-    lr_t = lr if torch.is_tensor(lr) else torch.full((), lr, dtype=torch.float32, device=p0.device)
     with torch.cuda.device(p0.device) if p0.is_cuda else contextlib.nullcontext():
-        _adamw_multi_kernel[(tiles.shape[0],)](table, tiles, p0, g0, s0, lr_t, keep,
+        _adamw_multi_kernel[(tiles.shape[0],)](table, tiles, p0, g0, s0, lr, keep,
                                                math.log2(beta1) if beta1 > 0 else -math.inf,
                                                math.log2(beta2) if beta2 > 0 else -math.inf,
                                                beta1, beta2, eps, weight_decay, BLOCK=_BLOCK, num_warps=4)
@@ -196,12 +196,12 @@ class CompensatedAdamW(torch.optim.Optimizer):
             torch._foreach_add_([row[5] for row in rows], keep)  # the step counts, one launch
             beta1, beta2 = group["betas"]
             hyper = (beta1, beta2, group["eps"], group["weight_decay"])
+            lr = torch.full((), group["lr"], dtype=torch.float32, device=rows[0][0].device)  # a fill, not a copy
             if kernel_applies(rows):
                 while len(self._tables) <= i:  # groups added later (add_param_group) get theirs here
                     self._tables.append(_Tables())
-                adamw_multi_(rows, self._tables[i], group["lr"], keep, *hyper)
+                adamw_multi_(rows, self._tables[i], lr, keep, *hyper)
                 continue
-            lr = torch.full((), group["lr"], dtype=torch.float32, device=rows[0][0].device)  # a fill, not a copy
             for row in rows:
                 (compiled(adamw_update_) if row[0].is_cuda else adamw_update_)(*row, lr, keep, *hyper)
         return loss
