@@ -45,8 +45,8 @@ def _reference() -> Backend:
 
 def _triton() -> Backend:
     # Imported lazily: triton is optional on CPU-only machines (the interpreter needs TRITON_INTERPRET=1).
-    from .triton_bwd import triton_attn_backward, triton_attn_varlen_backward
-    from .triton_fwd import check_triton_supported, triton_attn_forward, triton_attn_varlen_forward
+    from .triton.bwd import triton_attn_backward, triton_attn_varlen_backward
+    from .triton.fwd import check_triton_supported, triton_attn_forward, triton_attn_varlen_forward
     return Backend("triton", triton_attn_forward, triton_attn_backward, triton_attn_varlen_forward,
                    triton_attn_varlen_backward, check_triton_supported, nondeterministic_backward=True)
 
@@ -126,7 +126,8 @@ def _prepare(fn, q, k, v, softmax_scale, window_size, backend, varlen=False):
 def attn_forward(q, k, v, causal=False, softmax_scale=None, window_size=(-1, -1), backend="auto", fp8=False):
     if fp8:  # FP8 forward (True or an attention.fp8.Fp8Config): Hopper kernel, or its fp32 emulation on CPU
         from .fp8 import fp8_attn_forward
-        return fp8_attn_forward(q, k, v, causal, softmax_scale, window_size, backend, fp8)
+        return fp8_attn_forward(q, k, v, causal, softmax_scale, window_size, resolve_backend_name(backend, q.device),
+                                fp8)
     impl, scale, window = _prepare("attn_forward", q, k, v, softmax_scale, window_size, backend)
     return impl.forward(q, k, v, causal, scale, window)
 

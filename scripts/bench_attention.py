@@ -33,7 +33,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import attention  # noqa: E402
 from attention import flash_attn_func, flash_attn_varlen_func  # noqa: E402
-from attention.triton_common import tile_configs  # noqa: E402
+from attention.triton.common import tile_configs  # noqa: E402
 
 TOKENS, HEADS = 65536, 16
 DEVICE, DTYPE = "cuda", torch.bfloat16  # the sweep's tensors (a CPU dry run of the script swaps them)
@@ -46,7 +46,7 @@ SDPA = {"sdpa_flash": SDPBackend.FLASH_ATTENTION, "sdpa_cudnn": SDPBackend.CUDNN
 
 def _our_mode(provider):
     """Set the backward our kernels run for `provider`; _our_mode("ours") restores the defaults."""
-    from attention import triton_common
+    from attention.triton import common as triton_common
     attention.set_deterministic(provider not in ("ours-atomic", "ours-atomic-tma"))
     triton_common.FEATURES["tma_reduce"] = provider == "ours-atomic-tma"
 
@@ -211,8 +211,8 @@ def precompile_grid(parts, ns, dims, providers, extras):
 
 
 def _grid_worker(part, parts, ns, dims, providers, extras):
-    from attention import triton_bwd, triton_common, triton_fwd
-    tuned = (triton_fwd._fwd_tuned, triton_bwd._dkdv_tuned, triton_bwd._dq_tuned, triton_bwd._dkdv_atomic_tuned)
+    from attention.triton import bwd as triton_bwd, common as triton_common, fwd as triton_fwd
+    tuned = (triton_fwd.fwd_tuned, triton_bwd.dkdv_tuned, triton_bwd.dq_tuned, triton_bwd.dkdv_atomic_tuned)
     shipped = [t.configs for t in tuned]
     jobs = []
     for case in grid_cases(ns, dims, extras):
@@ -358,7 +358,7 @@ ORDER_DQ = tile_configs([(128, 64, 8, 3, False, False), (128, 64, 8, 3, False, T
 
 def sweep(n, dims, kinds=("fwd", "dkdv", "dq", "atomic-bwd"), causals=(True, False), order_rounds=0):
     """Time each candidate config of each kernel alone (the others fixed), with and without TMA loads."""
-    from attention import triton_bwd, triton_common, triton_fwd
+    from attention.triton import bwd as triton_bwd, common as triton_common, fwd as triton_fwd
     rows = []
     B = 1 if _PART["compile_only"] else max(1, TOKENS // n)
     feats = triton_common.FEATURES
@@ -379,11 +379,11 @@ def sweep(n, dims, kinds=("fwd", "dkdv", "dq", "atomic-bwd"), causals=(True, Fal
             # GEMM work per kernel: forward 2 GEMMs; dK/dV 4 (QK^T, dV, dP, dK); dQ 3 (QK^T, dP, dQ);
             # dK/dV with atomic dQ 5 (the whole backward's count)
             for kind, tuned, cands, fn, work, want in (
-                    ("fwd", triton_fwd._fwd_tuned, SWEEP_FWD, fwd, flops, ref[:1]),
-                    ("dkdv", triton_bwd._dkdv_tuned, ORDER_DKDV * order_rounds or SWEEP_DKDV, dkdv, 2 * flops,
+                    ("fwd", triton_fwd.fwd_tuned, SWEEP_FWD, fwd, flops, ref[:1]),
+                    ("dkdv", triton_bwd.dkdv_tuned, ORDER_DKDV * order_rounds or SWEEP_DKDV, dkdv, 2 * flops,
                      ref[2:4]),
-                    ("dq", triton_bwd._dq_tuned, ORDER_DQ * order_rounds or SWEEP_DQ, dq, 1.5 * flops, ref[1:2]),
-                    ("atomic-bwd", triton_bwd._dkdv_atomic_tuned, SWEEP_DKDV_ATOMIC, atomic, 2.5 * flops, ref[1:4])):
+                    ("dq", triton_bwd.dq_tuned, ORDER_DQ * order_rounds or SWEEP_DQ, dq, 1.5 * flops, ref[1:2]),
+                    ("atomic-bwd", triton_bwd.dkdv_atomic_tuned, SWEEP_DKDV_ATOMIC, atomic, 2.5 * flops, ref[1:4])):
                 if kind not in kinds:
                     continue
                 shipped = tuned.configs
@@ -413,10 +413,10 @@ def sweep(n, dims, kinds=("fwd", "dkdv", "dq", "atomic-bwd"), causals=(True, Fal
 
 def _our_tiles():
     """The tiles our kernels last ran with (the autotuners' picks), for the JSON."""
-    from attention import triton_bwd, triton_common, triton_fwd
+    from attention.triton import bwd as triton_bwd, common as triton_common, fwd as triton_fwd
     tma = "tma" if triton_common.FEATURES["tma"] else "ptr"
-    tuned = dict(fwd=triton_fwd._fwd_tuned, dkdv=triton_bwd._dkdv_tuned, dq=triton_bwd._dq_tuned,
-                 atomic=triton_bwd._dkdv_atomic_tuned)
+    tuned = dict(fwd=triton_fwd.fwd_tuned, dkdv=triton_bwd.dkdv_tuned, dq=triton_bwd.dq_tuned,
+                 atomic=triton_bwd.dkdv_atomic_tuned)
     return {k: f"{tma}{'+ws' if t.best_config.kwargs.get('WARP_SPEC') else ''} {_cfg_name(t.best_config)}"
                f"{' early-dP' if t.best_config.kwargs.get('EARLY_DP') else ''}"
             for k, t in tuned.items() if getattr(t, "best_config", None) is not None}

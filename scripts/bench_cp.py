@@ -41,7 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 from attention import flash_attn_func  # noqa: E402
 from parallel import hybrid_attn_func, init_distributed, init_mesh, ring_attn_func, ulysses_attn_func  # noqa: E402
 from parallel.sharding import check_shardable  # noqa: E402
-from cp_anchors import time_torch_cp  # noqa: E402  (scripts/ is on sys.path when run as a script)
+from scripts.cp_anchors import time_torch_cp  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 

@@ -115,12 +115,12 @@ def _calls(q, k, v, causal):
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     def fp8_kernel():
-        from attention.triton_fp8 import triton_fp8_forward, triton_quantize_qkv
+        from attention.fp8.kernel import triton_fp8_forward, triton_quantize_qkv
         fq = triton_quantize_qkv(q, k, v, Fp8Config())
         return lambda: triton_fp8_forward(fq, causal, D ** -0.5, torch.bfloat16)
 
     def fp8_quant():
-        from attention.triton_fp8 import triton_quantize_qkv
+        from attention.fp8.kernel import triton_quantize_qkv
         return lambda: triton_quantize_qkv(q, k, v, Fp8Config())
 
     def sdpa(backend):
@@ -193,7 +193,7 @@ def speed_table(rows) -> str:
 
 def sweep(args) -> list[dict]:
     """Each fp8 config and TMA on/off at N=8K, bypassing the autotuner."""
-    from attention import triton_fp8
+    from attention.fp8 import kernel as triton_fp8
     rows = []
     n = 8192
     B = TOKENS // n
@@ -201,7 +201,7 @@ def sweep(args) -> list[dict]:
     fq = triton_fp8.triton_quantize_qkv(q, k, v, Fp8Config())
     for causal in (False, True):
         flops = 4.0 * B * HEADS * n * n * D / (2 if causal else 1)
-        for cfg in triton_fp8._FP8_CONFIGS:
+        for cfg in triton_fp8.FP8_CONFIGS:
             for tma in (True, False):
                 row = dict(N=n, causal=causal, tma=tma, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
                            **cfg.kwargs)

@@ -1,6 +1,5 @@
 #!/usr/bin/env bash
-# Every GPU test (pytest -m gpu), one file per process: the CPU test files set TRITON_INTERPRET=1 at import, so a
-# GPU file must not share a process with them. Each file has its own time limit (the autotuners compile every
+# Every GPU test (pytest -m gpu), one file per process so that each file has its own time limit (the autotuners compile every
 # candidate on first use: the atomic file alone takes ~150 s on an H100) and writes its log and JUnit XML to $OUT.
 # PARALLEL=1 runs the files side by side: they are bound by Triton compiles on the CPU, not by the GPU.
 #
@@ -10,8 +9,8 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-outputs/gpu_tests}
 PY=${PYTHON:-python3}
 LIMIT=${1:-300}
-FILES="tests/test_triton_gpu.py tests/test_triton_atomic_dq_gpu.py tests/test_fp8_gpu.py tests/test_sdpa_backend.py tests/test_optim.py
-       tests/test_loss.py"
+FILES="tests/attention/test_triton_gpu.py tests/attention/test_triton_atomic_dq_gpu.py tests/attention/test_fp8_gpu.py
+       tests/attention/test_sdpa_backend.py tests/trainer/test_optim.py tests/trainer/test_loss.py"
 mkdir -p "$OUT"
 
 run_one() {  # file -> its log, XML and exit status under $OUT

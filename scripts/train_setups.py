@@ -4,7 +4,7 @@
     model, loss_fn = build_ringflash(model_shape("llama_220m"), opts, device, torch.bfloat16)
     loss = loss_fn(tokens, labels)                                    # mean CE over the shifted tokens
 
-Imports stay lazy and narrow (trainer.model / trainer.loss, transformers, liger_kernel) so a GPU image
+Imports stay lazy and narrow (trainer.model / trainer.model.loss, transformers, liger_kernel) so a GPU image
 without hydra, datasets, wandb or deepspeed runs the benchmark.
 """
 
@@ -63,7 +63,7 @@ def _number(text: str):
 
 def build_ringflash(shape: dict, opts: dict, device, dtype):
     from attention import set_deterministic
-    from trainer.loss import chunked_cross_entropy
+    from trainer.model.loss import chunked_cross_entropy
     from trainer.model import GPT, ModelConfig
 
     set_deterministic(bool(opts["det"]))

@@ -4,10 +4,19 @@ import socket
 import pytest
 import torch
 
-# Triton reads TRITON_INTERPRET when a kernel module is imported, so on a machine without CUDA every kernel must
-# be interpreted whichever test file imports them first. (GPU test files run in processes of their own.)
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+def gpu_run(config) -> bool:
+    """`pytest -m gpu` on a machine with CUDA: the kernels compile for the GPU. Any other run interprets them."""
+    markexpr = config.getoption("markexpr") or ""
+    return torch.cuda.is_available() and "gpu" in markexpr and "not gpu" not in markexpr
+
+
+def pytest_configure(config):
+    # The one place TRITON_INTERPRET is set. Triton reads it when a kernel is defined, i.e. when a kernel module
+    # is first imported, so it must be decided before any test module is collected; spawned ranks inherit it.
+    if not gpu_run(config):
+        os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 def pytest_collection_modifyitems(config, items):

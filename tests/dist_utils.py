@@ -21,7 +21,6 @@ from attention import flash_attn_func, flash_attn_varlen_func
 
 def _entry(rank, worker, world_size, port, args):
     torch.set_num_threads(1)
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # CPU tensors: the triton backend must interpret (lazy import)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
                             timeout=timedelta(seconds=60))
     try:

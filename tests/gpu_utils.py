@@ -7,7 +7,7 @@ import torch
 
 GPU_MARKS = [pytest.mark.gpu,
              pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1",
-                                reason="TRITON_INTERPRET=1 (set by the CPU tests): run this file in its own process")]
+                                reason="kernels interpreted: GPU tests run with pytest -m gpu")]
 
 
 def rel_err(got, want) -> float:

@@ -1,8 +1,11 @@
 """Shared test helpers: the one assert_close that reports max/mean error, and the naive fp64 oracle."""
 
 import math
+from pathlib import Path
 
 import torch
+
+ROOT = Path(__file__).resolve().parent.parent  # the repository
 
 TOL = {torch.float64: 1e-9, torch.float32: 2e-4, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 

@@ -9,7 +9,7 @@ from trainer.config import check_config, register_configs
 from trainer.loop import Trainer
 from trainer.parallelize import init_distributed
 
-ROOT = Path(__file__).resolve().parent.parent
+from helpers import ROOT
 register_configs()
 
 

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from .checkpoint import resolve_checkpoint
-from .passkey import KEY_DIGITS, make_sample
+from .data.passkey import KEY_DIGITS, make_sample
 
 CHANCE = {"exact": 10.0 ** -KEY_DIGITS, "digit": 0.1}
 
@@ -149,7 +149,7 @@ def load_for_eval(cfg: PasskeyConfig):
 
     from .model import GPT, ModelConfig
     from .parallelize import resolve_device
-    from .tokenizer import build_tokenizer
+    from .data.tokenizer import build_tokenizer
 
     ckpt = resolve_checkpoint(cfg.checkpoint, "checkpoint")
     shared = torch.load(ckpt / "state.pt", map_location="cpu", weights_only=False)

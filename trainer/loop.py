@@ -28,11 +28,11 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from attention import set_deterministic
 from parallel.data_parallel import load_zero_checkpoint, save_zero_checkpoint, zero_grad_norm
-from trainer.activations import host_memory_available, offloaded_bytes
+from trainer.model.activations import host_memory_available, offloaded_bytes
 from trainer.checkpoint import CheckpointManager, load_weights, rng_state, set_rng_state
 from trainer.config import Config
 from trainer.data import build_loader, build_tokenizer
-from trainer.loss import chunked_cross_entropy, global_valid_count
+from trainer.model.loss import chunked_cross_entropy, global_valid_count
 from trainer.metrics import (MetricsSink, Throughput, causal_pairs, default_peak_tflops, peak_memory_gib,
                              reset_peak_memory, train_flops)
 from trainer.model import GPT

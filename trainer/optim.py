@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .fused import compiled
+from .model.fused import compiled
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # CPU test processes: the eager torch update ...
 KERNEL_IN_INTERPRETER = False  # ... unless a test sets this: then the Triton kernel runs on CPU tensors there

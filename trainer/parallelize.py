@@ -32,8 +32,8 @@ from parallel import (hybrid_plan, hybrid_shard_for_rank, init_mesh, ring_attn_f
 from parallel.data_parallel import destroy_process_groups, init_zero_engine, wrap_ddp, zero_config
 from parallel.hybrid import hybrid_to_heads, hybrid_to_sequence
 from parallel.sharding import group_rank_and_size
-from trainer.activations import attention_keep_mode, keep_attention, replay_attention
-from trainer.loss import IGNORE_INDEX
+from trainer.model.activations import attention_keep_mode, keep_attention, replay_attention
+from trainer.model.loss import IGNORE_INDEX
 from trainer.model import sliding_window_size
 
 CP_IMPLS = ("ring", "ulysses", "hybrid")

@@ -1,0 +1,121 @@
+"""Compile our Triton kernels for an H100 (sm_90a) on a machine without a GPU: registers, spills, shared memory.
+
+    PYTHONPATH=$TRITON36:. python tools/compile_sm90.py [--kernel fwd|dkdv|dkdv_atomic|dq] [--causal 0] [--dump DIR]
+
+Put the device's Triton first on PYTHONPATH (pip install --target DIR triton==3.6.0): codegen differs between
+releases. ptxas from the Triton wheel does the register allocation offline, so a kernel change can be judged
+on its register budget before it costs device time. Specialisation follows the JIT's: pointers and ints that
+are multiples of 16 get the divisibility hint, ints equal to 1 become constants.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import tempfile
+
+import triton
+from triton.backends.compiler import GPUTarget
+
+from attention.triton import bwd as triton_bwd, fwd as triton_fwd
+
+TARGET = GPUTarget("cuda", 90, 32)
+
+
+def _signature(fn, args: dict, constexprs: dict):
+    sig, attrs, consts = {}, {}, dict(constexprs)
+    for i, name in enumerate(fn.arg_names):
+        if name in consts:
+            sig[name] = "constexpr"
+            continue
+        value = args[name]
+        if isinstance(value, str):  # a pointer's type, e.g. "*bf16": torch's allocations are 16-byte aligned
+            sig[name], attrs[(i,)] = value, [["tt.divisibility", 16]]
+        elif isinstance(value, float):
+            sig[name] = "fp32"
+        elif value == 1:
+            sig[name], consts[name] = "constexpr", 1
+        else:
+            sig[name] = "i32"
+            if value % 16 == 0:
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    return sig, attrs, consts
+
+
+def compile_kernel(fn, args: dict, constexprs: dict, num_warps: int, num_stages: int):
+    sig, attrs, consts = _signature(fn, args, constexprs)
+    src = triton.compiler.ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs)
+    backend = triton.compiler.make_backend(TARGET)
+    options = backend.parse_options({"num_warps": num_warps, "num_stages": num_stages})
+    return triton.compile(src, target=TARGET, options=options.__dict__)
+
+
+def resource_usage(compiled) -> dict:
+    """REG / STACK (spill) / LOCAL / static SHARED from the cubin, as cuobjdump reads them, and the dynamic shared
+    memory the launch asks for."""
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(compiled.asm["cubin"])
+        f.flush()
+        text = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True, check=True).stdout
+    usage = {k.lower(): int(v) for k, v in re.findall(r"(REG|STACK|SHARED|LOCAL):(\d+)", text)}
+    usage["smem"] = compiled.metadata.shared  # the launch's dynamic shared memory (H100 limit: 232448 bytes)
+    ptx = compiled.asm["ptx"]
+    usage["wgmma"] = len(re.findall(r"wgmma\.mma_async", ptx))
+    usage["wgmma_rs"] = len(re.findall(r"wgmma\.mma_async[^;]*\{[^}]*\}\s*,\s*\{", ptx))  # A from registers
+    return usage
+
+
+def _kernel_args(n: int, heads: int, d: int, atomic: bool) -> dict:
+    """A (B, N, H, D) bf16 layout, lse (B, H, N): the strides the launcher passes."""
+    row, head, bstride = heads * d, d, n * heads * d
+    ptr = "*bf16"
+    args = dict(Q=ptr, K=ptr, V=ptr, DO=ptr, DK=ptr, DV=ptr, DQ="*fp32" if atomic else ptr, Out=ptr,
+                Lse2="*fp32", Delta="*fp32", CuQ=ptr, CuK=ptr, qk_scale=0.127, softmax_scale=0.088,
+                win_left=0, win_right=0, len_class=48, seqlen_q_dense=n, seqlen_k_dense=n, max_seqlen_q=n,
+                n_kv_heads=heads, n_heads=heads, group=1, stride_lb=heads * n, stride_lh=n)
+    for t in ("q", "k", "v", "d", "dk", "dv", "dq"):
+        args.update({f"stride_{t}b": bstride, f"stride_{t}n": row, f"stride_{t}h": head})
+    args.update(stride_ob=bstride, stride_on=row, stride_oh=head, Lse="*fp32")
+    return args
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--kernel", choices=["fwd", "dkdv", "dkdv_atomic", "dq"], default="dkdv")
+    ap.add_argument("--causal", type=int, default=0)
+    ap.add_argument("--n", type=int, default=16384)
+    ap.add_argument("--d", type=int, default=128)
+    ap.add_argument("--tma", type=int, default=None, help="TMA loads; default as shipped (the atomic kernel: off)")
+    ap.add_argument("--dump", default="", help="write the TTGIR and PTX of each variant here")
+    args = ap.parse_args()
+    atomic = args.kernel == "dkdv_atomic"
+    tma = (not atomic) if args.tma is None else bool(args.tma)
+    fn = {"fwd": triton_fwd._fwd_kernel, "dq": triton_bwd._dq_kernel}.get(args.kernel, triton_bwd._dkdv_kernel)
+    configs = {"fwd": triton_fwd.FWD_CONFIGS, "dkdv": triton_bwd.DKDV_CONFIGS,
+               "dkdv_atomic": triton_bwd.DKDV_ATOMIC_CONFIGS, "dq": triton_bwd.DQ_CONFIGS}[args.kernel]
+    base = dict(HEAD_DIM=args.d, BLOCK_D=args.d, IS_VARLEN=False, HAS_LEFT=False, HAS_RIGHT=bool(args.causal),
+                USE_TMA=tma)
+    if args.kernel.startswith("dkdv"):
+        base.update(ATOMIC_DQ=atomic, TMA_REDUCE=atomic and tma)
+    for cfg in configs:
+        if cfg.kwargs["WARP_SPEC"] and not tma:
+            continue
+        consts = {**base, **cfg.kwargs}
+        if args.kernel != "fwd":
+            consts = {"EARLY_DP": False, **consts}  # the kernels' default where a config leaves it out
+        compiled = compile_kernel(fn, _kernel_args(args.n, 16, args.d, atomic), consts, cfg.num_warps, cfg.num_stages)
+        usage = resource_usage(compiled)
+        print(f"{args.kernel} {cfg.kwargs} w{cfg.num_warps} s{cfg.num_stages}: {usage}", flush=True)
+        if args.dump:
+            os.makedirs(args.dump, exist_ok=True)
+            tag = f"{args.kernel}_{cfg.kwargs['BLOCK_M']}x{cfg.kwargs['BLOCK_N']}_w{cfg.num_warps}s{cfg.num_stages}"
+            for ext in ("ttgir", "ptx"):
+                with open(os.path.join(args.dump, f"{tag}.{ext}"), "w") as f:
+                    f.write(compiled.asm[ext])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Evaluations that run on a trained model: passkey retrieval and perplexity by position."""
