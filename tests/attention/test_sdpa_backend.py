@@ -53,7 +53,9 @@ def _check_against_reference(q, k, v, causal, window, scale, dlse, tol=None):
     assert out.shape == q.shape and out.is_contiguous()
     kw = {} if tol is None else dict(atol=tol, rtol=tol)
     assert_close(out, r_out, "out", **kw)
-    assert_close(lse, r_lse, "lse", **({} if tol is None else dict(atol=1e-5, rtol=1e-5)))
+    # lse is fp32 by contract, but from fp16 / bf16 scores the CPU kernel's summation order shows at ~5e-5
+    lse_tol = 1e-5 if q.dtype in (torch.float32, torch.float64) else 2e-4
+    assert_close(lse, r_lse, "lse", **({} if tol is None else dict(atol=lse_tol, rtol=lse_tol)))
     assert torch.equal(torch.isneginf(lse), torch.isneginf(r_lse))
     # backward from the *reference* out/lse: the backend must accept out/lse produced elsewhere (a ring)
     grads = sdpa.sdpa_attn_backward(dout, q, k, v, r_out, r_lse, causal, scale, window, dlse)

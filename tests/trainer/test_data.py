@@ -141,7 +141,8 @@ def _stdlib_digest():
 def test_stdlib_loads_offline_in_a_fresh_process():
     """No network: HF offline flags set before datasets is imported; same digest as this process."""
     code = "from tests.trainer.test_data import _stdlib_digest; print(*_stdlib_digest())"
-    env = dict(os.environ, HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    env = dict(os.environ, HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
+               PYTHONPATH=str(ROOT / "tests"))  # the test module imports the shared helpers
     root = str(ROOT)
     r = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]

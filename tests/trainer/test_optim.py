@@ -175,7 +175,8 @@ def test_multi_tensor_kernel_matches_eager_in_interpreter(dtype, monkeypatch):
     params = [(torch.randn(s, generator=gen) * 0.02).to(dtype).requires_grad_() for s in [(40, 60), (7,), (1025,)]]
     opt = CompensatedAdamW(_groups(params), lr=1e-5, betas=(0.9, 0.95))
     twins, state = _follow_eager(params, opt, "cpu", steps=3)
-    _assert_follows(params, opt, twins, state, 1e-8)
+    # fp16: one flip of the compensation's last bit (fp16's smallest step is 2^-24 = 6e-8) from a fused multiply-add
+    _assert_follows(params, opt, twins, state, 2**-23 if dtype == torch.float16 else 1e-8)
     assert opt._tables[0].addresses[1] == params[0].grad.data_ptr()  # the table followed the last gradients
     assert opt._tables[0].tiles.tolist() == [[0, 0], [0, 1024], [0, 2048]]
     assert opt._tables[1].tiles.tolist() == [[0, 0], [1, 0], [1, 1024]]

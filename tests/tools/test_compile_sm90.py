@@ -24,7 +24,7 @@ H100_SMEM = 232448  # bytes of shared memory one block may use on sm_90
 def _compile(*args) -> list[dict]:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = str(ROOT)
-    done = subprocess.run([sys.executable, str(ROOT / "scripts" / "compile_sm90.py"), *args], cwd=ROOT, env=env,
+    done = subprocess.run([sys.executable, str(ROOT / "tools" / "compile_sm90.py"), *args], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     return [{k: int(v) for k, v in re.findall(r"'(reg|stack|smem|wgmma)': (\d+)", line)}
