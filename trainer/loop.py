@@ -137,6 +137,7 @@ class Trainer:
             self.val_loader = build_loader(cfg.data, self.tokenizer, "validation", env.dp_rank, env.dp_size,
                                            cfg.train.seed)
         self.step = 0
+        self._ppl_docs = None  # eval.ppl_every: the documents, tokenised at the first evaluation
         # Non-finite bookkeeping stays on the device: [skipped total, current streak, longest streak].
         self.bad = torch.zeros(3, device=self.device)
         peak = cfg.train.peak_tflops or default_peak_tflops(self.device)
@@ -330,6 +331,27 @@ class Trainer:
                    f"digit {metrics['passkey_digit']:.3f} (chance 1e-5 / 0.1)")
         return metrics
 
+    def ppl_eval(self, sink: MetricsSink) -> dict:
+        """Perplexity by position (trainer/eval/ppl.py) on ppl_docs validation documents, rank 0 alone, skipped
+        where passkey_eval is; the documents are tokenised once and kept."""
+        if self.env.rank != 0:
+            return {}
+        if self.env.cp_size > 1 or self.cfg.parallel.zero_stage == 3:
+            log.warning("eval.ppl_every: skipped with parallel.cp > 1 or zero_stage=3; run "
+                        "python -m trainer.eval_ppl checkpoint=%s instead", self.out_dir)
+            return {}
+        from trainer.eval.ppl import evaluate_during_training, load_documents
+
+        e = self.cfg.eval
+        if self._ppl_docs is None:
+            self._ppl_docs = load_documents(self.cfg.data, self.tokenizer, e.ppl_seq_len or self.cfg.data.seq_len,
+                                            e.ppl_docs)
+        metrics = evaluate_during_training(self.model, self._ppl_docs, e.ppl_buckets, self.device, self.autocast_dtype,
+                                           self.out_dir, self.step, self.cfg.train.loss_chunk)
+        sink.write(f"step {self.step}: ppl {metrics['ppl']:.3f} over {len(self._ppl_docs)} documents (by position: "
+                   f"{self.out_dir / 'ppl' / f'step_{self.step}.json'})")
+        return metrics
+
     # -- the loop -----------------------------------------------------------------------------------------
 
     def _next_micro_batches(self) -> list[dict]:
@@ -393,6 +415,9 @@ class Trainer:
             if _every(self.step, self.cfg.eval.passkey_every) or (last and self.cfg.eval.passkey_every > 0):
                 with self.throughput.paused():
                     record.update(self.passkey_eval(sink))
+            if _every(self.step, self.cfg.eval.ppl_every) or (last and self.cfg.eval.ppl_every > 0):
+                with self.throughput.paused():
+                    record.update(self.ppl_eval(sink))
             if len(record) > 1:
                 sink.log(record)
                 self.check_health()  # after the log, so the record of the failing step is written
