@@ -32,11 +32,12 @@ HELP = {
                "from seq_len/64",
     "out": "output stem (writes <out>.json and <out>.png); default <run dir>/ppl/step_<N>, or "
            "outputs/ppl/<hf dir name>_<seq_len> for hf",
-    "data.path": "documents from this file (.jsonl/.json/.txt/.parquet/...: all of them) or dataset (its "
-                 "validation split) instead of the run's validation split; also data.text_column, data.name",
+    "data.path": "documents from this file instead of the run's validation split: every row of a .jsonl / .json / "
+                 ".parquet / .csv (data.text_column), or a whole .txt file as one document; a dataset dir or hub "
+                 "name: its validation split",
     "bos": "auto | true | false: prepend the tokenizer's bos (auto: when a Hugging Face tokenizer adds one itself)",
     "model.<key>": "ModelConfig overrides, e.g. model.rope_theta=1e6 or model.rope_scaling.type=yarn "
-                   "model.rope_scaling.factor=4",
+                   "model.rope_scaling.factor=4 (pretraining length: the checkpoint's, else the run's data.seq_len)",
     "device": "auto | cpu | cuda",
     "dtype": "auto (bf16 autocast on CUDA, fp32 on CPU) | bf16 | fp32",
     "attention_backend": "auto | triton | sdpa | reference",
@@ -70,9 +71,10 @@ def usage() -> str:
     return "\n".join(lines + [f"  {k.ljust(width)}{v}" for k, v in HELP.items()])
 
 
-def model_config(base: dict, overrides: dict):
+def model_config(base: dict, overrides: dict, train_len: int = 0):
     """ModelConfig from a saved dict (unknown keys dropped) with key=value overrides merged by OmegaConf, so
-    nested keys (model.rope_scaling.factor=4) and types are checked against the schema."""
+    nested keys (model.rope_scaling.factor=4) and types are checked against the schema. A scaling type that
+    needs the pretraining length and has none takes max_position_embeddings, else `train_len`."""
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
@@ -83,9 +85,13 @@ def model_config(base: dict, overrides: dict):
     base.update(ckpt="none", offload_activations="none", compile=False)  # inference: nothing to keep
     try:
         merged = OmegaConf.merge(OmegaConf.structured(ModelConfig), base, OmegaConf.create(dict(overrides)))
-        return OmegaConf.to_object(merged)
+        cfg = OmegaConf.to_object(merged)
     except OmegaConfBaseException as exc:
         raise ValueError(f"model overrides {dict(overrides)}: {str(exc).splitlines()[0]}") from None
+    rs = cfg.rope_scaling
+    if rs.type in ("dynamic", "llama3", "yarn") and not rs.original_max_position_embeddings:
+        rs.original_max_position_embeddings = cfg.max_position_embeddings or train_len
+    return cfg
 
 
 def _resolve_dtype(cfg: PplConfig, device: torch.device) -> Optional[torch.dtype]:
@@ -105,7 +111,8 @@ def load_checkpoint_model(cfg: PplConfig, device: torch.device):
         raise ValueError(f"checkpoint={str(ckpt)!r} was written under ZeRO (its weights are shards): export it "
                          f"with python -m trainer.export and evaluate hf=DIR")
     saved = shared["config"]
-    model = GPT(model_config(saved["model"], cfg.model), attn_backend=cfg.attention_backend)
+    model_cfg = model_config(saved["model"], cfg.model, train_len=int(saved["data"]["seq_len"]))
+    model = GPT(model_cfg, attn_backend=cfg.attention_backend)
     model.load_state_dict(shared["model"])
     model.to(device).eval()
     data = saved["data"]
@@ -116,23 +123,20 @@ def load_checkpoint_model(cfg: PplConfig, device: torch.device):
 
 
 def load_hf_model(cfg: PplConfig, device: torch.device, autocast: Optional[torch.dtype]):
-    """(model, tokenizer, max_position_embeddings, info) from a Hugging Face directory (trainer/model/hf.py)."""
-    from dataclasses import asdict
-
-    from transformers import AutoConfig
-
+    """(model, tokenizer, info) from a Hugging Face directory (trainer/model/hf.py), cfg.model overrides applied
+    as `model=hf` training applies them: rope_theta / rope_scaling.type replace the checkpoint's when set."""
     from .data.tokenizer import HFTokenizer
     from .model.hf import build_pretrained, config_from_hf
 
     path = Path(cfg.hf)
     if not (path / "config.json").is_file():
         raise ValueError(f"hf={cfg.hf!r}: not a Hugging Face model directory (no config.json)")
-    model_cfg = model_config(asdict(config_from_hf(str(path))), cfg.model)
+    base = model_config({"name": "hf", "rope_theta": 0, "rope_scaling": {"type": ""}}, cfg.model)
+    model_cfg = config_from_hf(str(path), base=base)
     # bf16 weights on the GPU: an 8B model in fp32 would take 32 GB before any activation.
     model = build_pretrained(model_cfg, attn_backend=cfg.attention_backend, device=device,
                              dtype=autocast or torch.float32).eval()
-    max_pos = getattr(AutoConfig.from_pretrained(str(path)), "max_position_embeddings", None)
-    return model, HFTokenizer(str(path)), max_pos, {"hf": str(path)}
+    return model, HFTokenizer(str(path)), {"hf": str(path)}
 
 
 def _adds_bos(tokenizer) -> bool:
@@ -168,11 +172,7 @@ def _data_config(cfg: PplConfig, saved_data: Optional[dict], tokenizer_path: Opt
     return DataConfig(**base), split
 
 
-def run(cfg: PplConfig) -> dict:
-    from .data.corpus import validate_data_config
-    from .eval.ppl import evaluate_ppl, load_documents, resolve_buckets, write_result
-    from .parallelize import resolve_device
-
+def _check(cfg: PplConfig) -> None:
     if (cfg.checkpoint is None) == (cfg.hf is None):
         raise ValueError("give exactly one of checkpoint=<run dir or checkpoints/step_N dir> or hf=<Hugging Face "
                          "model dir> (python -m trainer.eval_ppl --help)")
@@ -183,30 +183,55 @@ def run(cfg: PplConfig) -> dict:
         raise ValueError(f"device must be auto, cpu or cuda, got {cfg.device!r}")
     if cfg.bos not in ("auto", "true", "false"):
         raise ValueError(f"bos must be auto, true or false, got {cfg.bos!r}")
-    device = resolve_device(cfg.device, 0)
-    autocast = _resolve_dtype(cfg, device)
+
+
+def _load(cfg: PplConfig, device, autocast):
+    """(model, tokenizer, seq_len, (DataConfig, split), default output stem, info) for checkpoint= or hf=."""
     if cfg.checkpoint is not None:
         model, tok, saved, info = load_checkpoint_model(cfg, device)
         seq_len = cfg.seq_len or int(saved["data"]["seq_len"])
-        data_cfg, split = _data_config(cfg, saved["data"], None)
-        stem = cfg.out or Path(info["checkpoint"]).parent.parent / "ppl" / f"step_{info['step']}"
-    else:
-        model, tok, max_pos, info = load_hf_model(cfg, device, autocast)
-        seq_len = cfg.seq_len or max_pos
-        if not seq_len:
-            raise ValueError(f"hf={cfg.hf!r}: config.json has no max_position_embeddings; give seq_len=")
-        data_cfg, split = _data_config(cfg, None, cfg.hf)
-        stem = cfg.out or Path("outputs") / "ppl" / f"{Path(cfg.hf).resolve().name}_{seq_len}"
+        stem = Path(info["checkpoint"]).parent.parent / "ppl" / f"step_{info['step']}"
+        return model, tok, seq_len, _data_config(cfg, saved["data"], None), stem, info
+    model, tok, info = load_hf_model(cfg, device, autocast)
+    seq_len = cfg.seq_len or model.config.max_position_embeddings
+    if not seq_len:
+        raise ValueError(f"hf={cfg.hf!r}: config.json has no max_position_embeddings; give seq_len=")
+    stem = Path("outputs") / "ppl" / f"{Path(cfg.hf).resolve().name}_{seq_len}"
+    return model, tok, seq_len, _data_config(cfg, None, cfg.hf), stem, info
+
+
+def _documents(data_cfg, split: str, tok, seq_len: int, count: int, bos: bool):
+    from .data.corpus import validate_data_config
+    from .eval.ppl import load_documents, select_documents
+
     validate_data_config(data_cfg)
+    if split == "train" and data_cfg.path.lower().endswith(".txt"):  # datasets would make each line a document
+        text = Path(data_cfg.path).read_text(encoding="utf-8", errors="replace")
+        return select_documents([text], tok, seq_len, count, bos, f"data.path={data_cfg.path!r}")
+    return load_documents(data_cfg, tok, seq_len, count, bos=bos, split=split)
+
+
+def run(cfg: PplConfig) -> dict:
+    from .eval.ppl import evaluate_ppl, resolve_buckets, write_result
+    from .parallelize import resolve_device
+
+    _check(cfg)
+    device = resolve_device(cfg.device, 0)
+    autocast = _resolve_dtype(cfg, device)
+    model, tok, seq_len, (data_cfg, split), stem, info = _load(cfg, device, autocast)
     buckets = resolve_buckets(cfg.buckets, seq_len)
     bos = cfg.bos == "true" or (cfg.bos == "auto" and _adds_bos(tok))
-    docs = load_documents(data_cfg, tok, seq_len, cfg.docs, bos=bos, split=split)
+    docs = _documents(data_cfg, split, tok, seq_len, cfg.docs, bos)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     result = evaluate_ppl(model, docs, buckets, device, autocast, cfg.loss_chunk, cfg.progress)
+    if device.type == "cuda":
+        result["peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
     result.update(info, model_overrides=dict(cfg.model), bos=bos,
                   data={"source": data_cfg.source, "path": data_cfg.path, "split": split})
     name = f"step {info['step']}" if "step" in info else Path(info["hf"]).name
-    paths = write_result(result, stem, f"perplexity by position, {name}: {result['docs']} documents of "
-                                       f"{seq_len} tokens")
+    paths = write_result(result, cfg.out or stem, f"perplexity by position, {name}: {result['docs']} documents "
+                                                  f"of {seq_len} tokens")
     table = ", ".join(f"{lab} {p:.3f}" for lab, p in zip(result["labels"], result["ppl"]))
     print(f"ppl {name} ({result['docs']} docs x {seq_len}): {table}; all {result['ppl_all']:.3f} "
           f"-> {paths[0]}, {paths[1]}")

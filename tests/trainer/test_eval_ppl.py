@@ -132,12 +132,13 @@ def test_cli_on_a_checkpoint(run2, tmp_path):
 
     # A RoPE override changes the model that is evaluated, and only that.
     state = torch.load(run2 / "checkpoints" / "step_2" / "state.pt", weights_only=False)
-    scaled = GPT(ModelConfig(**{**state["config"]["model"], "rope_scaling": 2.0})).eval()
+    linear2 = {"type": "linear", "factor": 2.0}
+    scaled = GPT(ModelConfig(**{**state["config"]["model"], "rope_scaling": linear2})).eval()
     scaled.load_state_dict(state["model"])
     docs = np.stack([np.asarray(r) for r in _val_docs(run2, 64, 2)])
     want = evaluate_ppl(scaled, docs, [0, 8, 32], CPU, progress=False)
-    got = main([*args, "model.rope_scaling=2.0", f"out={tmp_path / 'scaled'}"])
-    assert got["model_overrides"] == {"rope_scaling": 2.0}
+    got = main([*args, "model.rope_scaling.type=linear", "model.rope_scaling.factor=2", f"out={tmp_path / 'lin'}"])
+    assert got["model_overrides"] == {"rope_scaling": linear2}
     assert got["ppl"] == pytest.approx(want["ppl"], rel=1e-5) and got["ppl"] != pytest.approx(logged["ppl"])
 
     # Documents from a file: every long-enough document of it, in order.
@@ -149,6 +150,12 @@ def test_cli_on_a_checkpoint(run2, tmp_path):
     model.load_state_dict(state["model"])
     want = evaluate_ppl(model, select_documents(lines, TOK, 64, 5), [0, 8, 32], CPU, progress=False)
     assert got["docs"] == 2 and got["ppl"] == pytest.approx(want["ppl"], rel=1e-5)
+    # A .txt file is one document (not one per line).
+    text = "first line\n" + "\n".join(lines)
+    (tmp_path / "long.txt").write_text(text)
+    got = main([*args, f"data.path={tmp_path / 'long.txt'}", f"out={tmp_path / 'txt'}"])
+    want = evaluate_ppl(model, select_documents([text], TOK, 64, 1), [0, 8, 32], CPU, progress=False)
+    assert got["docs"] == 1 and got["ppl"] == pytest.approx(want["ppl"], rel=1e-5)
 
 
 def _val_docs(run_dir, seq_len, count):
@@ -180,3 +187,60 @@ def test_cli_errors(run2, tmp_path, capsys):
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().startswith("eval_ppl: checkpoint=") and len(proc.stderr.strip().splitlines()) == 1
+
+
+def _save_tiny_llama(path, max_pos: int, rope_parameters=None):
+    """A random LlamaForCausalLM with a byte-level BPE tokenizer that puts <s> in front (as Llama's does)."""
+    from tokenizers import Tokenizer as RawTokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    raw = RawTokenizer(models.BPE(unk_token="<unk>"))
+    raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe = trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<s>", "</s>"],
+                              initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    raw.train_from_iterator(["def return import class self lambda yield"] * 20, trainer=bpe)
+    raw.decoder = decoders.ByteLevel()
+    raw.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    tok = PreTrainedTokenizerFast(tokenizer_object=raw, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    tok.save_pretrained(path)
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=max_pos,
+                      initializer_range=0.2, bos_token_id=1, eos_token_id=2, pad_token_id=2,
+                      **({"rope_parameters": rope_parameters} if rope_parameters else {}))
+    model = LlamaForCausalLM(cfg).eval()
+    model.save_pretrained(path)
+    return model, tok
+
+
+def _hf_bucket_nll(model, tok, texts, seq_len, bounds):
+    """Per-bucket mean NLL from the Hugging Face model's own logits, on its tokenizer's own ids (with <s>)."""
+    rows = [ids[:seq_len + 1] for ids in tok(texts)["input_ids"] if len(ids) > seq_len]
+    with torch.no_grad():
+        ids = torch.tensor(rows)
+        logits = model(ids[:, :-1]).logits  # (D, N, vocab)
+        nll = F.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten(), reduction="none").view(len(rows), -1)
+    return len(rows), [float(nll[:, lo:hi].mean()) for lo, hi in zip(bounds, bounds[1:])]
+
+
+def test_cli_on_a_hugging_face_directory(tmp_path):
+    pytest.importorskip("trainer.model.hf")
+    texts = ["import os\n" * 60, "short", "def f(self):\n    return lambda x: x\n" * 20, "class A: yield\n" * 40]
+    data = tmp_path / "docs.jsonl"
+    data.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    model, tok = _save_tiny_llama(tmp_path / "llama", max_pos=64)
+    got = main([f"hf={tmp_path / 'llama'}", f"data.path={data}", "docs=4", "buckets=[0,8,32]", "progress=false",
+                f"out={tmp_path / 'out'}"])
+    docs, want = _hf_bucket_nll(model, tok, texts, 64, [0, 8, 32, 64])
+    assert got["seq_len"] == 64 and got["docs"] == docs == 3 and got["bos"] is True  # max_position_embeddings
+    assert got["nll"] == pytest.approx(want, abs=1e-4)
+    assert (tmp_path / "out.png").is_file()
+
+    # A YaRN override evaluates the scaled RoPE without training: the same as a checkpoint saved with it.
+    yarn = {"rope_type": "yarn", "factor": 2.0, "original_max_position_embeddings": 64, "rope_theta": 10000.0}
+    scaled, _ = _save_tiny_llama(tmp_path / "llama_yarn", max_pos=128, rope_parameters=yarn)
+    got = main([f"hf={tmp_path / 'llama'}", f"data.path={data}", "seq_len=128", "buckets=[0,64]", "progress=false",
+                "model.rope_scaling.type=yarn", "model.rope_scaling.factor=2", f"out={tmp_path / 'yarn'}"])
+    docs, want = _hf_bucket_nll(scaled, tok, texts, 128, [0, 64, 128])
+    assert got["docs"] == docs == 3 and got["nll"] == pytest.approx(want, abs=1e-4)
+    assert got["nll"] != pytest.approx(_hf_bucket_nll(model, tok, texts, 128, [0, 64, 128])[1], abs=1e-3)
