@@ -61,6 +61,17 @@ def test_bucket_nll_equals_full_logits_cross_entropy():
         assert nll == pytest.approx(float(ref[:, a:b].mean()), abs=1e-5)
 
 
+def test_token_losses_skip_ignored_labels():
+    from trainer.model.loss import token_losses
+
+    torch.manual_seed(0)
+    hidden, weight = torch.randn(10, 8), torch.randn(20, 8)
+    labels = torch.randint(0, 20, (10,))
+    labels[[2, 7]] = -100
+    want = F.cross_entropy(hidden @ weight.T, labels, reduction="none")  # 0 where ignored
+    torch.testing.assert_close(token_losses(hidden, weight, labels, chunk_size=3), want)
+
+
 def test_bucket_boundaries():
     assert default_buckets(131072) == [0, 4096, 16384, 65536, 131072]
     assert default_buckets(256) == [0, 4, 16, 64, 256]
