@@ -52,7 +52,8 @@ def write_checkpoint(path, model_type="llama", rope=None, shard_size=None, **ove
 
 def hf_logits(path, tokens, position_ids=None):
     # A fresh model per call: dynamic RoPE keeps state across calls in transformers
-    hf = AutoModelForCausalLM.from_pretrained(path, attn_implementation="eager").eval()
+    hf = AutoModelForCausalLM.from_pretrained(path, attn_implementation="eager").eval() if not hasattr(
+        path, "config") else path
     with torch.no_grad():
         return hf(tokens, position_ids=position_ids, use_cache=False).logits
 
@@ -76,6 +77,8 @@ def packed_inputs(lengths=(20, 44)):
 
 def check_parity(path):
     model = build_pretrained(config_from_hf(path), attn_backend="reference")
+    if model.config.rope_scaling.type != "dynamic":  # one transformers model serves both inputs
+        path = AutoModelForCausalLM.from_pretrained(path, attn_implementation="eager").eval()
     torch.manual_seed(1)
     tokens = torch.randint(0, TINY["vocab_size"], (2, SEQ))
     assert_rel_close(our_logits(model, tokens), hf_logits(path, tokens), "one sequence per row")
@@ -155,7 +158,7 @@ def test_export_round_trip_after_a_training_step(tmp_path):
         torch.testing.assert_close(again.state_dict()[k], v, rtol=0, atol=0)
 
 
-def test_tied_bf16_export_and_from_scratch_model_exports_as_llama(tmp_path):
+def test_tied_bf16_export(tmp_path):
     src = write_checkpoint(tmp_path / "src", "qwen3", head_dim=32, tie_word_embeddings=True)
     model = build_pretrained(config_from_hf(src), attn_backend="reference")
     hf_names = to_hf_state_dict(model.state_dict(), model.config)
@@ -166,13 +169,26 @@ def test_tied_bf16_export_and_from_scratch_model_exports_as_llama(tmp_path):
     assert hf.model.embed_tokens.weight.dtype == torch.bfloat16
     torch.testing.assert_close(hf.model.embed_tokens.weight.float(), model.tok_embeddings.weight.bfloat16().float())
 
+
+
+@pytest.mark.parametrize("rope_type", ["none", *ROPE])
+def test_from_scratch_model_exports_as_llama_per_rope_type(tmp_path, rope_type):
     torch.manual_seed(3)
+    scaling = RopeScalingConfig(rope_type, 4.0, 16)
     scratch = GPT(ModelConfig(vocab_size=128, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=96,
-                              rope_scaling=RopeScalingConfig("yarn", 2.0, 16)), attn_backend="reference")
-    out = save_hf(scratch.state_dict(), scratch.config, tmp_path / "scratch", dtype=torch.float32)
-    assert json.loads((out / "config.json").read_text())["model_type"] == "llama"
+                              rope_scaling=scaling, max_position_embeddings=64), attn_backend="reference")
+    out = save_hf(scratch.state_dict(), scratch.config, tmp_path, dtype=torch.float32)
+    written = json.loads((out / "config.json").read_text())
+    assert written["model_type"] == "llama" and written["architectures"] == ["LlamaForCausalLM"]
+    # dynamic NTK scales against max_position_embeddings itself: the export keeps the pretraining length there
+    assert written["max_position_embeddings"] == (16 if rope_type == "dynamic" else 64)
     tokens = torch.randint(0, 128, (1, 40))
-    assert_rel_close(our_logits(scratch, tokens), hf_logits(out, tokens), "from-scratch export")
+    assert_rel_close(our_logits(scratch, tokens), hf_logits(out, tokens), f"from-scratch export, {rope_type}")
+    back = config_from_hf(out).rope_scaling
+    if rope_type in ("none", "linear"):  # no pretraining length in these types (nor a factor in none)
+        assert (back.type, back.factor) == (rope_type, 1.0 if rope_type == "none" else 4.0)
+    else:
+        assert back == scratch.config.rope_scaling
 
 
 def test_rope_overrides_from_base(tmp_path):
@@ -186,6 +202,15 @@ def test_rope_overrides_from_base(tmp_path):
     yarn = config_from_hf(src, ModelConfig(rope_theta=5e5, rope_scaling=RopeScalingConfig("yarn", 8.0)))
     assert yarn.rope_theta == 5e5 and yarn.rope_scaling.type == "yarn"
     assert yarn.rope_scaling.original_max_position_embeddings == 64  # the checkpoint's context
+    legacy = json.loads((src / "config.json").read_text())  # transformers 4 keys: rope_scaling + rope_theta
+    del legacy["rope_parameters"]
+    legacy.update(rope_theta=5e5, rope_scaling={"type": "linear", "factor": 2.0})
+    (src / "config.json").write_text(json.dumps(legacy))
+    old = config_from_hf(src)
+    assert old.rope_theta == 5e5 and old.rope_scaling.type == "linear" and old.rope_scaling.factor == 2.0
+    plain = write_checkpoint(tmp_path / "plain")
+    with pytest.raises(ValueError, match="name model.rope_scaling.type"):  # a factor alone would be ignored
+        config_from_hf(plain, ModelConfig(rope_theta=0, rope_scaling=RopeScalingConfig("", factor=8.0)))
 
 
 def test_bad_inputs_name_the_file_or_key(tmp_path):
