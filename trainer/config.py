@@ -81,6 +81,10 @@ class EvalConfig:
     passkey_depths: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])  # needle depths
     passkey_samples: int = 8  # prompts per (length, depth)
     passkey_batch_size: int = 8  # prompts per forward
+    ppl_every: int = 0  # perplexity by position (trainer/eval/ppl.py) every N steps and at the end; 0: off
+    ppl_docs: int = 4  # validation documents of >= ppl_seq_len + 1 tokens each (one document per sequence)
+    ppl_seq_len: int = 0  # tokens per document; 0: data.seq_len
+    ppl_buckets: list[int] = field(default_factory=list)  # position boundaries; []: powers of 4 from seq_len/64
 
 
 @dataclass
@@ -143,6 +147,12 @@ def _check_eval(e: EvalConfig) -> None:
                          f"got {e.passkey_every}, {e.passkey_samples}, {e.passkey_batch_size}")
     if e.passkey_every and not (e.passkey_lengths and all(n > 0 for n in e.passkey_lengths)):
         raise ValueError(f"eval.passkey_lengths must be positive token counts, got {list(e.passkey_lengths)}")
+    if e.ppl_every < 0 or e.ppl_docs < 1 or e.ppl_seq_len < 0:
+        raise ValueError(f"need eval.ppl_every >= 0, eval.ppl_docs >= 1 and eval.ppl_seq_len >= 0, got "
+                         f"{e.ppl_every}, {e.ppl_docs}, {e.ppl_seq_len}")
+    b = list(e.ppl_buckets)
+    if any(x < 0 for x in b) or any(y <= x for x, y in zip(b, b[1:])):
+        raise ValueError(f"eval.ppl_buckets must be increasing non-negative positions, got {b}")
     if not all(0.0 <= d <= 1.0 for d in e.passkey_depths):
         raise ValueError(f"eval.passkey_depths must lie in [0, 1], got {list(e.passkey_depths)}")
 

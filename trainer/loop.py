@@ -30,12 +30,13 @@ from attention import set_deterministic
 from parallel.data_parallel import load_zero_checkpoint, save_zero_checkpoint, zero_grad_norm
 from trainer.model.activations import host_memory_available, offloaded_bytes
 from trainer.checkpoint import CheckpointManager, load_weights, rng_state, set_rng_state
-from trainer.config import Config
+from trainer.config import Config, check_config
 from trainer.data import build_loader, build_tokenizer
 from trainer.model.loss import chunked_cross_entropy, global_valid_count
 from trainer.metrics import (MetricsSink, Throughput, causal_pairs, default_peak_tflops, peak_memory_gib,
                              reset_peak_memory, train_flops)
-from trainer.model import GPT
+from trainer.model import GPT, check_context_parallel
+from trainer.model.hf import build_pretrained, config_from_hf
 from trainer.optim import CompensatedAdamW
 from trainer.parallelize import DistEnv, parallelize, shard_batch, validate_parallel
 
@@ -100,11 +101,25 @@ class Trainer:
         self.autocast_dtype = _autocast_dtype(cfg.train.dtype, self.device)
         torch.manual_seed(cfg.train.seed)  # same init on every rank
 
+        if cfg.model.path:  # model=hf: sizes, vocab and RoPE from the checkpoint, its tokenizer by default
+            cfg.model = config_from_hf(cfg.model.path, base=cfg.model)
+            check_config(cfg)
+            if cfg.data.tokenizer == "hf" and not cfg.data.tokenizer_path:
+                cfg.data.tokenizer_path = cfg.model.path
+        check_context_parallel(cfg.model, cfg.parallel.cp)
+        # the context the weights will have been trained for (an export writes it as max_position_embeddings)
+        cfg.model.max_position_embeddings = max(cfg.model.max_position_embeddings, cfg.data.seq_len)
         self.tokenizer = build_tokenizer(cfg.data)
         if cfg.model.vocab_size == 0:
             cfg.model.vocab_size = self.tokenizer.vocab_size
+        if self.tokenizer.vocab_size > cfg.model.vocab_size:
+            raise ValueError(f"data.tokenizer has {self.tokenizer.vocab_size} tokens, more than model.vocab_size "
+                             f"({cfg.model.vocab_size})")
         set_deterministic(cfg.attention.deterministic)  # process-wide: every attention backward follows it
-        self.model = GPT(cfg.model, attn_backend=cfg.attention.backend).to(self.device)
+        if cfg.model.path:  # fp32 on the device, built on meta and filled tensor by tensor (no second copy)
+            self.model = build_pretrained(cfg.model, cfg.attention.backend, device=self.device)
+        else:
+            self.model = GPT(cfg.model, attn_backend=cfg.attention.backend).to(self.device)
         self.ckpt = CheckpointManager(self.out_dir / "checkpoints", cfg.train.keep_ckpts, env.rank,
                                       env.world_size, env.barrier)
         # before the optimizer and ZeRO take copies of the weights; a run that resumes has its own
@@ -137,6 +152,7 @@ class Trainer:
             self.val_loader = build_loader(cfg.data, self.tokenizer, "validation", env.dp_rank, env.dp_size,
                                            cfg.train.seed)
         self.step = 0
+        self._ppl_docs = None  # eval.ppl_every: the documents, tokenised at the first evaluation
         # Non-finite bookkeeping stays on the device: [skipped total, current streak, longest streak].
         self.bad = torch.zeros(3, device=self.device)
         peak = cfg.train.peak_tflops or default_peak_tflops(self.device)
@@ -330,6 +346,27 @@ class Trainer:
                    f"digit {metrics['passkey_digit']:.3f} (chance 1e-5 / 0.1)")
         return metrics
 
+    def ppl_eval(self, sink: MetricsSink) -> dict:
+        """Perplexity by position (trainer/eval/ppl.py) on ppl_docs validation documents, rank 0 alone, skipped
+        where passkey_eval is; the documents are tokenised once and kept."""
+        if self.env.rank != 0:
+            return {}
+        if self.env.cp_size > 1 or self.cfg.parallel.zero_stage == 3:
+            log.warning("eval.ppl_every: skipped with parallel.cp > 1 or zero_stage=3; run "
+                        "python -m trainer.eval_ppl checkpoint=%s instead", self.out_dir)
+            return {}
+        from trainer.eval.ppl import evaluate_during_training, load_documents
+
+        e = self.cfg.eval
+        if self._ppl_docs is None:
+            self._ppl_docs = load_documents(self.cfg.data, self.tokenizer, e.ppl_seq_len or self.cfg.data.seq_len,
+                                            e.ppl_docs)
+        metrics = evaluate_during_training(self.model, self._ppl_docs, e.ppl_buckets, self.device, self.autocast_dtype,
+                                           self.out_dir, self.step, self.cfg.train.loss_chunk)
+        sink.write(f"step {self.step}: ppl {metrics['ppl']:.3f} over {len(self._ppl_docs)} documents (by position: "
+                   f"{self.out_dir / 'ppl' / f'step_{self.step}.json'})")
+        return metrics
+
     # -- the loop -----------------------------------------------------------------------------------------
 
     def _next_micro_batches(self) -> list[dict]:
@@ -393,6 +430,9 @@ class Trainer:
             if _every(self.step, self.cfg.eval.passkey_every) or (last and self.cfg.eval.passkey_every > 0):
                 with self.throughput.paused():
                     record.update(self.passkey_eval(sink))
+            if _every(self.step, self.cfg.eval.ppl_every) or (last and self.cfg.eval.ppl_every > 0):
+                with self.throughput.paused():
+                    record.update(self.ppl_eval(sink))
             if len(record) > 1:
                 sink.log(record)
                 self.check_health()  # after the log, so the record of the failing step is written

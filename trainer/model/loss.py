@@ -119,6 +119,22 @@ def chunked_cross_entropy(hidden, weight, labels, chunk_size: int = DEFAULT_CHUN
     return total
 
 
+@torch.no_grad()
+def token_losses(hidden, weight, labels, chunk_size: int = DEFAULT_CHUNK,
+                 ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+    """Per-token CE(hidden @ weight.T, labels) as an fp32 (T,) tensor, 0 where labels == ignore_index.
+
+    The same chunks as chunked_cross_entropy (one [chunk, vocab] block of logits alive), without gradients:
+    for evaluations that aggregate losses by position (trainer/eval/ppl.py)."""
+    dtype = compute_dtype(hidden)
+    hidden, weight = hidden.to(dtype), weight.to(dtype)
+    out = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+    for start in range(0, hidden.shape[0], chunk_size):
+        h = hidden[start:start + chunk_size]
+        out[start:start + chunk_size] = _losses(h @ weight.T, labels[start:start + chunk_size], ignore_index)[0]
+    return out
+
+
 def global_valid_count(num_valid: int, device, group=None) -> torch.Tensor:
     """Number of valid target tokens summed over `group` (the dp x cp ranks), as an fp32 tensor.
 
