@@ -2,7 +2,8 @@
 
 - a prompt/response row and a messages row give labels -100 exactly off the assistant tokens (against labels
   written out by hand from the tiny template), positions restart per document, cu_seqlens keeps documents
-  apart, num_valid counts the loss-carrying targets; the byte tokenizer takes prompt/response rows
+  apart (a model's hidden states of a packed document equal those of the document alone), num_valid counts
+  the loss-carrying targets; the byte tokenizer takes prompt/response rows
 - with ~90% of the labels masked, cp=2 (ring, 2 gloo ranks), dp=2 (DDP, 2 gloo ranks) and grad_accum=2 give the
   per-step losses of one process over the same global batch, and its step-1 gradients (read in an optimizer
   step pre-hook, unclipped), through the real Trainer.train_step
@@ -24,6 +25,7 @@ from helpers import assert_close
 from trainer.data import DataConfig, build_loader, build_tokenizer
 from trainer.data.sft import sft_store
 from trainer.loop import Trainer
+from trainer.model import GPT, ModelConfig
 from trainer.parallelize import init_distributed
 from trainer_utils import compose_cfg
 
@@ -107,8 +109,11 @@ def test_labels_positions_and_boundaries(tmp_path, tok_dir):
         assert store.tokens[a:b].tolist() == ids and store.loss_mask[a:b].astype(int).tolist() == mask, row
 
     want = {tuple(expected_doc(r)[0]): expected_labels(*expected_doc(r)) for r in ROWS}
-    seen, loader = [], build_loader(cfg, tok, "train")
+    model = GPT(ModelConfig(vocab_size=len(VOCAB), dim=32, n_layers=1, n_heads=2, n_kv_heads=1, ffn_dim=64),
+                attn_backend="reference").double().requires_grad_(False)
+    seen, alone, loader = [], {}, build_loader(cfg, tok, "train")
     for batch in loader.iter_epoch():
+        packed = model(batch["tokens"], batch["position_ids"], batch["cu_seqlens"], batch["max_seqlen"]).flatten(0, 1)
         tokens, labels = batch["tokens"].flatten().tolist(), batch["labels"].flatten().tolist()
         cu = batch["cu_seqlens"].tolist()
         assert set(range(0, len(tokens) + 1, cfg.seq_len)) <= set(cu)        # no segment crosses a row
@@ -117,6 +122,9 @@ def test_labels_positions_and_boundaries(tmp_path, tok_dir):
             assert batch["position_ids"].flatten()[a:b].tolist() == list(range(b - a))
             if tuple(tokens[a:b]) in want:                                   # a document, not padding
                 assert labels[a:b] == want[tuple(tokens[a:b])]
+                if tuple(tokens[a:b]) not in alone:                          # no other document around it
+                    alone[tuple(tokens[a:b])] = model(torch.tensor([tokens[a:b]]))[0]
+                assert_close(packed[a:b], alone[tuple(tokens[a:b])], "packed vs alone", atol=1e-12, rtol=1e-12)
                 seen.append(tuple(tokens[a:b]))
             else:
                 assert set(labels[a:b]) == {-100} and set(tokens[a:b]) == {tok.pad_id}
@@ -156,6 +164,17 @@ def test_messages_need_a_chat_template(tmp_path):
     cfg = sft_cfg(write_jsonl(tmp_path / "chat.jsonl", ROWS), None)
     with pytest.raises(ValueError, match=r"chat.jsonl, line 2: .*data.tokenizer=hf"):
         build_loader(cfg, build_tokenizer(cfg), "train")
+
+
+def test_templates_that_rewrite_earlier_turns_are_refused(tmp_path, tok_dir):
+    """A template whose render of a prefix is not a prefix of the whole (here: it starts with the turn count)."""
+    from trainer.data.sft import encode_rows
+    from trainer.data.tokenizer import HFTokenizer
+
+    tok = HFTokenizer(tok_dir)
+    tok._tok.chat_template = "{{ messages|length }} " + TEMPLATE
+    with pytest.raises(ValueError, match=r"rows.jsonl, line 7: .*prefix by prefix \(messages\[2\]\)"):
+        encode_rows(tok, [(7, ROWS[1])], "rows.jsonl")
 
 
 def test_resume_and_dp_split(tmp_path, tok_dir):

@@ -240,7 +240,8 @@ class PackedLoader:
 
     def iter_epoch(self, max_batches: Optional[int] = None, epoch: int = 0) -> Iterator[dict]:
         """One full pass (e.g. validation) from the start; does not touch the iterator state."""
-        count = self.num_batches if max_batches is None else min(max_batches, self.num_batches)
+        count = self.batches_in_epoch(epoch)
+        count = count if max_batches is None else min(max_batches, count)
         for index in range(count):
             yield self.get_batch(epoch, index)
 

@@ -90,20 +90,29 @@ def _check_row(row, where: str) -> None:
         raise ValueError(f"{where}: 'messages' has no assistant message, so nothing would carry loss")
 
 
+def _render(tokenizer, messages: list[dict], add_generation_prompt: bool, where: str) -> str:
+    try:
+        return tokenizer.render_chat(messages, add_generation_prompt)
+    except Exception as exc:  # noqa: BLE001 - a template error (jinja's raise_exception, ...) is a data problem
+        raise ValueError(f"{where}: the chat template of data.tokenizer_path failed on this conversation: "
+                         f"{exc}") from None
+
+
 def assistant_spans(tokenizer, messages: list[dict], where: str) -> tuple[str, list[tuple[int, int]]]:
     """(rendered conversation, character spans that carry loss): one span per assistant message."""
-    full = tokenizer.render_chat(messages, add_generation_prompt=False)
+    full = _render(tokenizer, messages, False, where)
     spans = []
     for i, m in enumerate(messages):
         if m["role"] != "assistant":
             continue
-        upto = tokenizer.render_chat(messages[:i + 1], add_generation_prompt=False)
+        upto = _render(tokenizer, messages[:i + 1], False, where)
         try:
-            before = tokenizer.render_chat(messages[:i], add_generation_prompt=True)
-        except Exception:  # noqa: BLE001 - a template may refuse an empty conversation (i == 0)
+            before = _render(tokenizer, messages[:i], True, where)
+        except ValueError:
             if i:
                 raise
-            start = upto.find(m["content"]) if m["content"] else -1   # the reply starts where its content does
+            # a template may refuse an empty conversation: the first reply starts where its content does
+            start = upto.find(m["content"]) if m["content"] else -1
             before = upto[:start] if start >= 0 else None
         if before is None or not upto.startswith(before) or not full.startswith(upto):
             raise ValueError(f"{where}: the chat template of data.tokenizer_path does not render conversations "
