@@ -12,6 +12,7 @@ every machine with the same Python. source=hf: a hub name, a local file (.jsonl/
 Without a validation split of its own, a dataset's documents are split by a hash of their text.
 Tokenisation runs once per process (datasets `map(batched=True)`, cached on disk for loaded HF datasets)
 into one flat token array (TokenStore), which packing.py slices for every epoch.
+source=sft: a jsonl file of conversations or prompt/response pairs for supervised fine-tuning (sft.py).
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from .tokenizer import Tokenizer, build_tokenizer, encode_documents, token_dtype
 __all__ = ["DataConfig", "build_loader", "build_tokenizer", "validate_data_config", "load_corpus",
            "stdlib_files", "PackedLoader", "StreamingPackedLoader", "TokenStore"]
 
-SOURCES = ("stdlib", "hf")
+SOURCES = ("stdlib", "hf", "sft")
 TOKENIZERS = ("byte", "hf")
 SPLITS = ("train", "validation")
 _VAL_SPLIT_NAMES = ("validation", "valid", "val")
@@ -44,8 +45,8 @@ _SKIP_DIRS = {"site-packages", "dist-packages", "__pycache__"}
 
 @dataclass
 class DataConfig:
-    source: str = "stdlib"          # "stdlib" (no network) | "hf"
-    path: Optional[str] = None      # source=hf: dataset name or local path
+    source: str = "stdlib"          # "stdlib" (no network) | "hf" | "sft" (jsonl chats, loss on responses)
+    path: Optional[str] = None      # source=hf: dataset name or local path; source=sft: a .jsonl file
     name: Optional[str] = None      # source=hf: dataset config name
     text_column: str = "text"
     streaming: bool = False         # source=hf: stream (IterableDataset) instead of loading
@@ -72,6 +73,8 @@ def validate_data_config(cfg) -> None:
         raise ValueError(f"data.source must be one of {SOURCES}, got {cfg.source!r}")
     if cfg.source == "hf" and not cfg.path:
         raise ValueError("data.source=hf needs data.path (a hub dataset name or a local file/directory)")
+    if cfg.source == "sft":
+        _validate_sft(cfg)
     if cfg.streaming and cfg.source != "hf":
         raise ValueError(f"data.streaming=true needs data.source=hf (got data.source={cfg.source!r})")
     if not isinstance(cfg.seq_len, int) or cfg.seq_len < 2:
@@ -97,6 +100,16 @@ def validate_data_config(cfg) -> None:
     if cfg.passkey_min_len < 0 or cfg.passkey_max_len < 0:
         raise ValueError(f"data.passkey_min_len / passkey_max_len must be >= 0 (0: default), got "
                          f"{cfg.passkey_min_len} / {cfg.passkey_max_len}")
+
+
+def _validate_sft(cfg) -> None:
+    if not cfg.path:
+        raise ValueError("data.source=sft needs data.path (a .jsonl file of messages or prompt/response rows)")
+    if cfg.cross_doc_attention:
+        raise ValueError("data.source=sft keeps documents apart: data.cross_doc_attention must be false")
+    for key in ("passkey_ratio", "token_cache"):
+        if getattr(cfg, key):
+            raise ValueError(f"data.{key}={getattr(cfg, key)!r} is not supported with data.source=sft")
 
 
 def _unit_hash(key: str, salt: str) -> float:
@@ -294,6 +307,10 @@ def build_loader(cfg, tokenizer: Tokenizer, split: str, dp_rank: int = 0, dp_siz
         raise ValueError(f"dp_rank/dp_size must satisfy 0 <= dp_rank < dp_size, got {dp_rank}/{dp_size}")
     if max_batches is not None and max_batches < 1:
         raise ValueError(f"max_batches must be None or >= 1, got {max_batches!r}")
+    if cfg.source == "sft":
+        from .sft import build_sft_loader   # sft.py imports this module
+
+        return build_sft_loader(cfg, tokenizer, split, dp_rank, dp_size, seed, max_batches)
     common = dict(seq_len=cfg.seq_len, batch_size=cfg.batch_size, dp_rank=dp_rank, dp_size=dp_size, seed=seed,
                   infinite=split == "train", cross_doc=cfg.cross_doc_attention, pad_id=tokenizer.pad_id,
                   max_batches=max_batches)

@@ -18,6 +18,10 @@ for, so memory is O(corpus tokens + num_docs), never O(rows * N) or O(N^2).
   segment with positions 0..pad-1, tokens = pad_id and labels -100, so cu_seqlens always ends at B*N.
 - Rows are shuffled by (seed, epoch) and dealt to ranks: rank k gets slots k, k + dp, k + 2dp, ...; every
   rank has the same number of batches per epoch (ceil(rows / (dp * B)), trailing slots are padding rows).
+- A store may carry a per-token loss mask (supervised fine-tuning): a token whose mask is 0 is never a
+  target, so the label pointing at it is -100 too (num_valid counts only loss-carrying targets).
+- whole_docs=True (documents of at most seq_len tokens): rows are cut only at document boundaries, by
+  next-fit over the epoch's document order, and padded; no document is ever split across rows.
 """
 
 from __future__ import annotations
@@ -37,13 +41,18 @@ class TokenStore:
 
     tokens: np.ndarray       # (T,) uint16 / int32
     doc_offsets: np.ndarray  # (D + 1,) int64, starts at 0
+    loss_mask: Optional[np.ndarray] = None  # (T,) bool: token t may be a target; None: every token may
 
     @classmethod
-    def from_arrays(cls, docs: list[np.ndarray]) -> "TokenStore":
+    def from_arrays(cls, docs: list[np.ndarray], masks: Optional[list[np.ndarray]] = None) -> "TokenStore":
         lengths = np.array([len(d) for d in docs], dtype=np.int64)
         offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
         tokens = np.concatenate(docs) if docs else np.zeros(0, dtype=np.uint16)
-        return cls(tokens, offsets)
+        mask = None
+        if masks is not None:
+            assert [len(m) for m in masks] == lengths.tolist(), "one mask entry per token"
+            mask = np.concatenate(masks).astype(bool) if masks else np.zeros(0, dtype=bool)
+        return cls(tokens, offsets, mask)
 
     @classmethod
     def from_arrow(cls, column) -> "TokenStore":
@@ -98,6 +107,8 @@ def stream_row(store: TokenStore, order: np.ndarray, starts: np.ndarray, a: int,
     n = b - a
     labels = np.full(n, IGNORE, dtype=np.int64)
     labels[:len(ext) - 1] = ext[1:]
+    if store.loss_mask is not None:            # a masked token is nobody's target
+        labels[:len(ext) - 1][~store.loss_mask[idx[1:]]] = IGNORE
     if cross_doc:
         return Row(ext[:n], labels, [n])
     doc_last = starts[ks + 1] - 1 - a                         # each doc's eos, relative to a
@@ -137,45 +148,81 @@ def _rng(seed: int, epoch: int, salt: int) -> np.random.Generator:
     return np.random.default_rng([seed % (1 << 63), epoch, salt])
 
 
+def whole_doc_rows(starts: np.ndarray, seq_len: int) -> np.ndarray:
+    """Row bounds (R + 1,) in stream positions: next-fit of the documents (stream offsets `starts`, each at
+    most seq_len long) into rows of at most seq_len tokens, cut only between documents."""
+    bounds, prev_end = [0], 0
+    for doc_end in starts[1:].tolist():
+        if doc_end - bounds[-1] > seq_len:      # this document does not fit: it opens the next row
+            bounds.append(prev_end)
+        prev_end = doc_end
+    bounds.append(int(starts[-1]))
+    return np.asarray(bounds, dtype=np.int64)
+
+
 class PackedLoader:
-    """Batches from an in-memory TokenStore; random access by (epoch, batch), so resume is O(1)."""
+    """Batches from an in-memory TokenStore; random access by (epoch, batch), so resume is O(1).
+
+    whole_docs=True: rows end only at document boundaries (see the module docstring); the row count then
+    depends on the epoch's document order, so num_rows / num_batches describe epoch 0 (all of a validation
+    pass) and each train epoch counts its own, the same on every rank.
+    """
 
     def __init__(self, store: TokenStore, *, seq_len: int, batch_size: int, dp_rank: int, dp_size: int,
                  seed: int, shuffle: bool, infinite: bool, cross_doc: bool, pad_id: int,
-                 max_batches: Optional[int] = None):
+                 max_batches: Optional[int] = None, whole_docs: bool = False):
         assert store.num_tokens > 0 and 0 <= dp_rank < dp_size
+        assert not (whole_docs and cross_doc), "whole_docs keeps documents apart"
+        assert not whole_docs or int(np.diff(store.doc_offsets).max()) <= seq_len, "whole_docs: a doc > seq_len"
         self.store, self.seq_len, self.batch_size = store, seq_len, batch_size
         self.dp_rank, self.dp_size, self.seed = dp_rank, dp_size, seed
         self.shuffle, self.infinite, self.cross_doc, self.pad_id = shuffle, infinite, cross_doc, pad_id
-        self.num_rows = -(-store.num_tokens // seq_len)
-        self.num_batches = -(-self.num_rows // (dp_size * batch_size))   # per rank per epoch, all ranks equal
-        if max_batches is not None and not infinite:
-            self.num_batches = min(self.num_batches, max_batches)
+        self.whole_docs, self.max_batches = whole_docs, max_batches
         self.epoch, self.batch_index = 0, 0
         self._layout_epoch, self._layout = None, None
+        self.num_rows = self._rows(self._epoch_layout(0))
+        self.num_batches = self.batches_in_epoch(0)   # per rank per epoch, all ranks equal
 
     def _epoch_layout(self, epoch: int):
+        """(doc order, their stream offsets, row permutation or None, row bounds or None) of `epoch`."""
         if self._layout_epoch != epoch:
             D = self.store.num_docs
             order = _rng(self.seed, epoch, 0).permutation(D) if self.shuffle else np.arange(D)
             lengths = np.diff(self.store.doc_offsets)[order]
             starts = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
-            rows = _rng(self.seed, epoch, 1).permutation(self.num_rows) if self.shuffle else None
-            self._layout_epoch, self._layout = epoch, (order, starts, rows)
+            bounds = whole_doc_rows(starts, self.seq_len) if self.whole_docs else None
+            num_rows = self._rows((order, starts, None, bounds))
+            rows = _rng(self.seed, epoch, 1).permutation(num_rows) if self.shuffle else None
+            self._layout_epoch, self._layout = epoch, (order, starts, rows, bounds)
         return self._layout
+
+    def _rows(self, layout) -> int:
+        bounds = layout[3]
+        return len(bounds) - 1 if bounds is not None else -(-self.store.num_tokens // self.seq_len)
+
+    def batches_in_epoch(self, epoch: int) -> int:
+        count = -(-self._rows(self._epoch_layout(epoch)) // (self.dp_size * self.batch_size))
+        if self.max_batches is not None and not self.infinite:
+            count = min(count, self.max_batches)
+        return count
 
     def get_batch(self, epoch: int, index: int) -> dict:
         """Batch `index` of `epoch` for this rank (pure function of its arguments and the config)."""
-        order, starts, row_perm = self._epoch_layout(epoch)
+        layout = self._epoch_layout(epoch)
+        order, starts, row_perm, bounds = layout
+        num_rows = self._rows(layout)
         rows = []
         for i in range(self.batch_size):
             slot = (index * self.batch_size + i) * self.dp_size + self.dp_rank
-            if slot >= self.num_rows:
+            if slot >= num_rows:
                 rows.append(EMPTY_ROW)
                 continue
             r = int(row_perm[slot]) if row_perm is not None else slot
-            a = r * self.seq_len
-            b = min(a + self.seq_len, self.store.num_tokens)
+            if bounds is not None:
+                a, b = int(bounds[r]), int(bounds[r + 1])
+            else:
+                a = r * self.seq_len
+                b = min(a + self.seq_len, self.store.num_tokens)
             rows.append(stream_row(self.store, order, starts, a, b, self.cross_doc))
         return collate(rows, self.seq_len, self.pad_id)
 
@@ -183,7 +230,7 @@ class PackedLoader:
         return self
 
     def __next__(self) -> dict:
-        if self.batch_index >= self.num_batches:
+        if self.batch_index >= self.batches_in_epoch(self.epoch):
             if not self.infinite:
                 raise StopIteration
             self.epoch, self.batch_index = self.epoch + 1, 0
@@ -193,7 +240,8 @@ class PackedLoader:
 
     def iter_epoch(self, max_batches: Optional[int] = None, epoch: int = 0) -> Iterator[dict]:
         """One full pass (e.g. validation) from the start; does not touch the iterator state."""
-        count = self.num_batches if max_batches is None else min(max_batches, self.num_batches)
+        count = self.batches_in_epoch(epoch)
+        count = count if max_batches is None else min(max_batches, count)
         for index in range(count):
             yield self.get_batch(epoch, index)
 
@@ -206,7 +254,8 @@ class PackedLoader:
 
     def _identity(self) -> dict:
         return {"seed": self.seed, "seq_len": self.seq_len, "batch_size": self.batch_size,
-                "dp_rank": self.dp_rank, "dp_size": self.dp_size, "num_tokens": self.store.num_tokens}
+                "dp_rank": self.dp_rank, "dp_size": self.dp_size, "num_tokens": self.store.num_tokens,
+                **({"whole_docs": True} if self.whole_docs else {})}
 
 
 def _check_identity(mine: dict, state: dict, kind: str) -> None:

@@ -7,6 +7,9 @@
 Byte tokenizer ids: 0..255 are the UTF-8 bytes, 256 = bos, 257 = eos; vocab_size = 258 (exact: the model
 may pad its embedding table for speed, the tokenizer does not). Padding uses `pad_id` (= eos_id); padded
 positions always carry label -100, so the pad id never enters the loss.
+
+Chat data (trainer/data/sft.py) reads `chat_template` (None for the byte tokenizer and for HF tokenizers
+without one), `render_chat(messages, add_generation_prompt)` and `encode_with_offsets(texts)`.
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ class ByteTokenizer:
     bos_id = 256
     eos_id = 257
     pad_id = 257
+    chat_template = None   # no chat template: conversations need an HF tokenizer
 
     def encode(self, text: str) -> list[int]:
         return list(text.encode("utf-8", errors="replace"))   # lone surrogates (seen in web text) -> '?' 
@@ -71,6 +75,7 @@ class HFTokenizer:
         if eos is None:
             raise ValueError(f"data.tokenizer_path={path!r}: tokenizer has no eos/sep/pad token to end documents")
         self._tok = tok
+        self.path = path
         self.vocab_size = len(tok)
         self.eos_id = eos
         self.bos_id = _first_id(tok, "bos_token_id", "cls_token_id", "eos_token_id")
@@ -86,6 +91,24 @@ class HFTokenizer:
         ids = self._tok(list(texts), add_special_tokens=False)["input_ids"]
         dtype = token_dtype(self.vocab_size)
         return [np.asarray(x, dtype=dtype) for x in ids]
+
+    @property
+    def chat_template(self):
+        return getattr(self._tok, "chat_template", None)
+
+    def render_chat(self, messages: list[dict], add_generation_prompt: bool) -> str:
+        """The conversation as text through the tokenizer's own chat template (special tokens included)."""
+        return self._tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+
+    def encode_with_offsets(self, texts: list[str]) -> list[tuple[np.ndarray, np.ndarray]]:
+        """(ids, character start of each token) per text; special tokens written in the text are parsed as such."""
+        if not getattr(self._tok, "is_fast", False):
+            raise ValueError(f"data.tokenizer_path={self.path!r}: {type(self._tok).__name__} is a slow tokenizer "
+                             f"without character offsets; chat data needs a fast one (a tokenizer.json)")
+        enc = self._tok(list(texts), add_special_tokens=False, return_offsets_mapping=True)
+        dtype = token_dtype(self.vocab_size)
+        return [(np.asarray(ids, dtype=dtype), np.asarray([o[0] for o in offs], dtype=np.int64).reshape(-1))
+                for ids, offs in zip(enc["input_ids"], enc["offset_mapping"])]
 
 
 def _first_id(tok, *names):
