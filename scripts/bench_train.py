@@ -68,7 +68,7 @@ def run_cell(cell: dict) -> dict:
     else:
         model, loss_fn = build_hf(shape, opts, device, dtype, N, liger=name == "hf_liger")
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5, weight_decay=0.0, fused=True)
-    tokens = torch.randint(0, VOCAB, (1, N), device=device)
+    tokens = torch.randint(0, shape["vocab_size"], (1, N), device=device)
     labels = torch.roll(tokens, -1, 1)
     labels[:, -1] = -100
     amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cell["dtype"] == "amp")

@@ -42,7 +42,8 @@ def parse_setup(spec: str) -> tuple[str, dict]:
     return name, opts
 
 def model_shape(name: str) -> dict:
-    """configs/model/<name>.yaml (flat `key: value` lines) with vocab 32000, or the CPU dry-run shape `tiny`."""
+    """configs/model/<name>.yaml (flat `key: value` lines), its vocab_size or 32000 where it has none (0), or the CPU
+    dry-run shape `tiny`."""
     if name == "tiny":
         return dict(TINY, vocab_size=VOCAB)
     cfg = {}
@@ -50,8 +51,8 @@ def model_shape(name: str) -> dict:
         key, _, value = line.split("#")[0].partition(":")
         if value.strip() and key.strip() != "name":
             v = value.strip()
-            cfg[key.strip()] = {"true": True, "false": False}.get(v, _number(v))
-    return {**cfg, "vocab_size": VOCAB}
+            cfg[key.strip()] = {"true": True, "false": False}[v] if v in ("true", "false") else _number(v)
+    return {**cfg, "vocab_size": int(cfg.get("vocab_size") or VOCAB)}
 
 
 def _number(text: str):
@@ -110,7 +111,7 @@ def build_hf(shape: dict, opts: dict, device, dtype, seq_len: int, liger: bool):
                          num_attention_heads=shape["n_heads"], num_key_value_heads=shape["n_kv_heads"],
                          head_dim=shape["head_dim"], max_position_embeddings=max(seq_len, 8192),
                          rope_theta=shape.get("rope_theta", 10000.0), rms_norm_eps=1e-5,
-                         tie_word_embeddings=False, use_cache=False)
+                         tie_word_embeddings=bool(shape.get("tie_embeddings", False)), use_cache=False)
     with torch.device(device):
         try:
             model = AutoModelForCausalLM.from_config(config, attn_implementation=opts["attn"], dtype=dtype)
