@@ -95,6 +95,8 @@ def batch_to_device(batch: dict, device: torch.device) -> dict:
 class Trainer:
     def __init__(self, cfg: Config, env: DistEnv):
         validate_parallel(cfg.parallel, env)
+        if cfg.data.tokenizer == "hf" and not cfg.data.tokenizer_path:  # model=hf: the checkpoint's own tokenizer
+            cfg.data.tokenizer_path = cfg.model.path or None
         self.cfg, self.env, self.device = cfg, env, env.device
         self.out_dir = Path(cfg.train.out_dir)
         self.autocast_dtype = _autocast_dtype(cfg.train.dtype, self.device)
@@ -361,9 +363,13 @@ class Trainer:
                            self.cfg.run_name)
         try:
             with logging_redirect_tqdm():  # log lines print above the progress bar, not through it
-                return self._train(sink)
+                record = self._train(sink)
         finally:
             sink.close()
+        if cfg.export_hf and self.env.rank == 0:  # the final checkpoint is complete: save() ends in a barrier
+            from trainer.export import export_checkpoint
+            export_checkpoint(self.ckpt.latest(), self.out_dir / "hf")
+        return record
 
     def _train(self, sink: MetricsSink) -> dict:
         cfg = self.cfg.train
