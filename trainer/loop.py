@@ -30,12 +30,13 @@ from attention import set_deterministic
 from parallel.data_parallel import load_zero_checkpoint, save_zero_checkpoint, zero_grad_norm
 from trainer.model.activations import host_memory_available, offloaded_bytes
 from trainer.checkpoint import CheckpointManager, load_weights, rng_state, set_rng_state
-from trainer.config import Config
+from trainer.config import Config, check_config
 from trainer.data import build_loader, build_tokenizer
 from trainer.model.loss import chunked_cross_entropy, global_valid_count
 from trainer.metrics import (MetricsSink, Throughput, causal_pairs, default_peak_tflops, peak_memory_gib,
                              reset_peak_memory, train_flops)
-from trainer.model import GPT
+from trainer.model import GPT, check_context_parallel
+from trainer.model.hf import build_pretrained, config_from_hf
 from trainer.optim import CompensatedAdamW
 from trainer.parallelize import DistEnv, parallelize, shard_batch, validate_parallel
 
@@ -102,11 +103,23 @@ class Trainer:
         self.autocast_dtype = _autocast_dtype(cfg.train.dtype, self.device)
         torch.manual_seed(cfg.train.seed)  # same init on every rank
 
+        if cfg.model.path:  # model=hf: sizes, vocab and RoPE from the checkpoint, its tokenizer by default
+            cfg.model = config_from_hf(cfg.model.path, base=cfg.model)
+            check_config(cfg)
+            if cfg.data.tokenizer == "hf" and not cfg.data.tokenizer_path:
+                cfg.data.tokenizer_path = cfg.model.path
+        check_context_parallel(cfg.model, cfg.parallel.cp)
         self.tokenizer = build_tokenizer(cfg.data)
         if cfg.model.vocab_size == 0:
             cfg.model.vocab_size = self.tokenizer.vocab_size
+        if self.tokenizer.vocab_size > cfg.model.vocab_size:
+            raise ValueError(f"data.tokenizer has {self.tokenizer.vocab_size} tokens, more than model.vocab_size "
+                             f"({cfg.model.vocab_size})")
         set_deterministic(cfg.attention.deterministic)  # process-wide: every attention backward follows it
-        self.model = GPT(cfg.model, attn_backend=cfg.attention.backend).to(self.device)
+        if cfg.model.path:  # fp32 on the device, built on meta and filled tensor by tensor (no second copy)
+            self.model = build_pretrained(cfg.model, cfg.attention.backend, device=self.device)
+        else:
+            self.model = GPT(cfg.model, attn_backend=cfg.attention.backend).to(self.device)
         self.ckpt = CheckpointManager(self.out_dir / "checkpoints", cfg.train.keep_ckpts, env.rank,
                                       env.world_size, env.barrier)
         # before the optimizer and ZeRO take copies of the weights; a run that resumes has its own

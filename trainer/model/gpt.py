@@ -1,4 +1,7 @@
-"""Llama-style GPT: RMSNorm, RoPE on explicit position ids, GQA attention, SwiGLU, tied or untied head.
+"""Llama-style GPT: RMSNorm, RoPE on explicit position ids, GQA attention, SwiGLU, tied or untied head; with
+the options Hugging Face Llama / Mistral / Qwen2 / Qwen3 checkpoints need (hf.py loads and exports them): q/k/v
+bias, q/k RMSNorm over the head dim before RoPE, explicit head_dim, RoPE scaling (rope.py), sliding windows on
+all layers or on those from model.window_layers_from on.
 
     model = GPT(ModelConfig(vocab_size=320, dim=256, n_layers=4, n_heads=4, n_kv_heads=2))
     hidden = model(tokens, position_ids, cu_seqlens=cu, max_seqlen=m)   # (B, N, dim); loss lives in loss.py
@@ -13,7 +16,7 @@ neither torch.distributed nor parallel/.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
@@ -25,6 +28,7 @@ from attention import flash_attn_func, flash_attn_varlen_func
 from .activations import (CKPT_MODES, OFFLOAD_MODES, attention_keep_mode, keep_attention, normalize_offload,
                           replay_attention, run_layer)
 from .fused import compiled, compute_dtype, rms_norm, rms_norm_math, rope, rope_math, swiglu, swiglu_math
+from .rope import RopeScalingConfig, as_rope_scaling, rope_cos_sin
 
 
 @dataclass
@@ -39,18 +43,32 @@ class ModelConfig:
     ffn_dim: Optional[int] = None  # None: Llama rule, 8/3 * dim rounded up to multiple_of
     multiple_of: int = 256
     norm_eps: float = 1e-5
-    rope_theta: float = 10000.0
-    rope_scaling: float = 1.0  # position interpolation: positions are divided by this factor
+    rope_theta: float = 10000.0  # model=hf: 0 takes the checkpoint's, any other value overrides it
+    rope_scaling: RopeScalingConfig = field(default_factory=RopeScalingConfig)  # type linear|dynamic|llama3|yarn
     tie_embeddings: bool = False
+    path: str = ""  # model=hf: a local Hugging Face directory (config.json + safetensors)
+    hf_model_type: str = ""  # llama | mistral | qwen2 | qwen3: the family an export writes ("": llama)
+    qkv_bias: bool = False  # biases on the q/k/v projections (Qwen2)
+    qk_norm: bool = False  # RMSNorm over the head dim of q and k before RoPE (Qwen3)
+    max_position_embeddings: int = 0  # the context the weights are meant for (export writes it; 0: unknown)
     ckpt: str = "none"  # activation checkpointing per block: none | full | selective (keeps attention out)
     offload_activations: str = "none"  # what checkpointing keeps, on pinned CPU: none|attention|all (true=all)
     mlp_chunk: int = 0  # tokens per SwiGLU chunk (0: unchunked); no [N, ffn] tensor is kept when > 0
     compile: bool = False  # torch.compile the norms, projections, RoPE, SwiGLU and residuals of each block
     attn_window: int = 0  # sliding-window attention: each token sees itself and the window-1 before it (0: all)
+    window_layers_from: int = 0  # attn_window applies to layers >= this (Qwen2's max_window_layers); 0: all
     # Under bf16 autocast the residual stream (what checkpointing keeps and offloads) runs in bf16, as with bf16
     # weights; true keeps it in the weights' fp32: twice the block-input memory, on the GPU or the host.
     fp32_residual: bool = False
     init_std: float = 0.02
+
+    def __post_init__(self):
+        # A saved config holds a dict here; checkpoints from before the nested form, a linear factor.
+        self.rope_scaling = as_rope_scaling(self.rope_scaling)
+
+    def layer_window(self, layer: int) -> int:
+        """The sliding window of one layer (0: full causal attention)."""
+        return self.attn_window if layer >= self.window_layers_from else 0
 
     def resolved(self) -> "ModelConfig":
         """Fill the derived sizes and validate; the returned config has no None left."""
@@ -83,9 +101,25 @@ class ModelConfig:
             raise ValueError(f"model.attn_window must be >= 0 (0: full causal attention), got {self.attn_window}")
         if self.mlp_chunk < 0:
             raise ValueError(f"model.mlp_chunk must be >= 0 (0: unchunked), got {self.mlp_chunk}")
-        if self.rope_scaling <= 0 or self.rope_theta <= 0:
-            raise ValueError(f"model.rope_theta ({self.rope_theta}) and model.rope_scaling ({self.rope_scaling}) "
-                             f"must be > 0")
+        if self.window_layers_from < 0:
+            raise ValueError(f"model.window_layers_from must be >= 0, got {self.window_layers_from}")
+        if self.rope_theta <= 0:
+            raise ValueError(f"model.rope_theta must be > 0 (0 means 'from the checkpoint' only with model.path), "
+                             f"got {self.rope_theta}")
+        self.rope_scaling.validate()
+
+
+def check_context_parallel(cfg: ModelConfig, cp: int) -> None:
+    """What a context-parallel run cannot reproduce: dynamic RoPE reads the length from the positions a shard
+    holds, and the CP attention takes one window for every layer."""
+    if cp <= 1:
+        return
+    if cfg.rope_scaling.type == "dynamic":
+        raise ValueError("model.rope_scaling.type=dynamic derives RoPE from the sequence length, which a "
+                         f"context-parallel shard does not see: use linear, llama3 or yarn with parallel.cp={cp}")
+    if cfg.attn_window > 0 and 0 < cfg.window_layers_from < cfg.n_layers:
+        raise ValueError(f"model.window_layers_from={cfg.window_layers_from} (a window on some layers only) is not "
+                         f"supported with parallel.cp={cp}")
 
 
 class RMSNorm(nn.Module):
@@ -96,17 +130,6 @@ class RMSNorm(nn.Module):
 
     def forward(self, x):
         return rms_norm(x, self.weight, self.eps)  # fp32 statistics; keeps x and one fp32 per row
-
-
-def rope_cos_sin(position_ids, head_dim: int, theta: float, scaling: float = 1.0, dtype=torch.float32):
-    """cos/sin tables for explicit positions: position_ids (B, N) -> two (B, N, 1, head_dim/2) tensors.
-
-    Angles are formed in fp64: at position 1e6 an fp32 product pos * inv_freq is off by ~0.03 rad.
-    """
-    exponent = torch.arange(0, head_dim, 2, device=position_ids.device, dtype=torch.float64) / head_dim
-    inv_freq = 1.0 / (theta ** exponent)  # (head_dim/2,)
-    angles = (position_ids.double() / scaling)[..., None] * inv_freq  # (B, N, head_dim/2)
-    return angles.cos().to(dtype)[:, :, None, :], angles.sin().to(dtype)[:, :, None, :]  # broadcast over heads
 
 
 def sliding_window_size(window: int) -> tuple[int, int]:
@@ -156,14 +179,17 @@ class InnerAttention(nn.Module):
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig, backend: str = "auto"):
+    def __init__(self, cfg: ModelConfig, backend: str = "auto", layer: int = 0):
         super().__init__()
         self.head_dim = cfg.head_dim
-        self.wq = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=False)
-        self.wk = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
-        self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.wq = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        self.wk = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
         self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
-        self.inner_attention = InnerAttention(backend, window=cfg.attn_window)
+        # Qwen3: RMSNorm over each head's dims, before RoPE
+        self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
+        self.inner_attention = InnerAttention(backend, window=cfg.layer_window(layer))
 
     def forward(self, x, cos, sin, cu_seqlens=None, max_seqlen=None):
         B, N, _ = x.shape
@@ -171,6 +197,8 @@ class Attention(nn.Module):
         q = self.wq(x).view(B, N, -1, self.head_dim)  # (B, N, H, D)
         k = self.wk(x).view(B, N, -1, self.head_dim)  # (B, N, Hkv, D)
         v = self.wv(x).view(B, N, -1, self.head_dim)  # (B, N, Hkv, D)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
         q, k = rope(q, cos, sin), rope(k, cos, sin)
         out = self.inner_attention(q, k, v, cu_seqlens, max_seqlen)  # (B, N, H, D)
         return self.wo(out.reshape(B, N, -1))
@@ -195,12 +223,16 @@ class FeedForward(nn.Module):
 # the attention core stays an opaque eager call between them (its Triton Function and the selective
 # checkpoint hooks are not traced).
 
-def _qkv_stage(x, norm_w, wq, wk, wv, cos, sin, eps: float, head_dim: int):
+def _qkv_stage(x, norm_w, wq, wk, wv, cos, sin, eps: float, head_dim: int, bq=None, bk=None, bv=None, qn=None,
+               kn=None):
+    # bq/bk/bv: q/k/v biases (Qwen2); qn/kn: q/k head-dim RMSNorm gains (Qwen3). None: absent (one graph each).
     B, N, _ = x.shape
     h = rms_norm_math(x, norm_w, eps)
-    q = F.linear(h, wq).view(B, N, -1, head_dim)  # (B, N, H, D)
-    k = F.linear(h, wk).view(B, N, -1, head_dim)  # (B, N, Hkv, D)
-    v = F.linear(h, wv).view(B, N, -1, head_dim)
+    q = F.linear(h, wq, bq).view(B, N, -1, head_dim)  # (B, N, H, D)
+    k = F.linear(h, wk, bk).view(B, N, -1, head_dim)  # (B, N, Hkv, D)
+    v = F.linear(h, wv, bv).view(B, N, -1, head_dim)
+    if qn is not None:
+        q, k = rms_norm_math(q, qn, eps), rms_norm_math(k, kn, eps)
     return rope_math(q, cos, sin), rope_math(k, cos, sin), v
 
 
@@ -214,10 +246,10 @@ def _mlp_stage(y, h, w1, w3, w2):
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig, backend: str = "auto"):
+    def __init__(self, cfg: ModelConfig, backend: str = "auto", layer: int = 0):
         super().__init__()
         self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.attention = Attention(cfg, backend)
+        self.attention = Attention(cfg, backend, layer)
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.feed_forward = FeedForward(cfg.dim, cfg.ffn_dim, cfg.mlp_chunk, cfg.compile)
         self.compile = cfg.compile
@@ -232,8 +264,9 @@ class Block(nn.Module):
 
     def _forward_compiled(self, x, cos, sin, cu_seqlens, max_seqlen):
         a, f, eps = self.attention, self.feed_forward, self.attention_norm.eps
+        qn, kn = (None, None) if a.q_norm is None else (a.q_norm.weight, a.k_norm.weight)
         q, k, v = compiled(_qkv_stage)(x, self.attention_norm.weight, a.wq.weight, a.wk.weight, a.wv.weight,
-                                       cos, sin, eps, a.head_dim)
+                                       cos, sin, eps, a.head_dim, a.wq.bias, a.wk.bias, a.wv.bias, qn, kn)
         out = a.inner_attention(q, k, v, cu_seqlens, max_seqlen)  # (B, N, H, D)
         y, h = compiled(_post_attention_stage)(x, out, a.wo.weight, self.ffn_norm.weight, eps)
         if f.chunk > 0:
@@ -247,7 +280,7 @@ class GPT(nn.Module):
         cfg = cfg.resolved()
         self.config = cfg
         self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
-        self.layers = nn.ModuleList(Block(cfg, attn_backend) for _ in range(cfg.n_layers))
+        self.layers = nn.ModuleList(Block(cfg, attn_backend, i) for i in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.output = None if cfg.tie_embeddings else nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         self.reset_parameters()
@@ -263,7 +296,9 @@ class GPT(nn.Module):
         std = self.config.init_std
         resid_std = std / math.sqrt(2 * self.config.n_layers)
         for name, p in self.named_parameters():
-            if p.dim() == 1:
+            if name.endswith(".bias"):
+                nn.init.zeros_(p)
+            elif p.dim() == 1:
                 nn.init.ones_(p)  # RMSNorm gains
             elif name.endswith(("wo.weight", "w2.weight")):
                 nn.init.normal_(p, mean=0.0, std=resid_std)
@@ -289,7 +324,7 @@ class GPT(nn.Module):
             raise ValueError("GPT.forward: max_seqlen is required with cu_seqlens")
         table_dtype = torch.float64 if self.tok_embeddings.weight.dtype == torch.float64 else torch.float32
         cos, sin = rope_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta,
-                                self.config.rope_scaling, table_dtype)
+                                self.config.rope_scaling, table_dtype)  # YaRN's attention factor included
         x = self.tok_embeddings(tokens)  # (B, N, dim)
         if not self.config.fp32_residual:
             x = x.to(compute_dtype(x))
