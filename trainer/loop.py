@@ -96,8 +96,6 @@ def batch_to_device(batch: dict, device: torch.device) -> dict:
 class Trainer:
     def __init__(self, cfg: Config, env: DistEnv):
         validate_parallel(cfg.parallel, env)
-        if cfg.data.tokenizer == "hf" and not cfg.data.tokenizer_path:  # model=hf: the checkpoint's own tokenizer
-            cfg.data.tokenizer_path = cfg.model.path or None
         self.cfg, self.env, self.device = cfg, env, env.device
         self.out_dir = Path(cfg.train.out_dir)
         self.autocast_dtype = _autocast_dtype(cfg.train.dtype, self.device)

@@ -26,6 +26,7 @@ from trainer.config import check_config
 from trainer.data import DataConfig, build_tokenizer
 from trainer.data.tokenizer import encode_documents
 from trainer.export import export_checkpoint, find_checkpoint, parse_size
+from trainer.export import main as export_main
 from trainer.model.hf import build_pretrained, config_from_hf
 from trainer_utils import compose_cfg, train_one_process
 
@@ -126,9 +127,7 @@ def run(source, tmp_path_factory):
 def test_round_trip_through_trainer_and_transformers(source, run, tmp_path):
     src, _ = source
     out = tmp_path / "exported"
-    proc = subprocess.run([PY, "-m", "trainer.export", str(run), "--out", str(out)], cwd=ROOT, capture_output=True,
-                          text=True, timeout=300, env=ENV)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    export_main([str(run), "--out", str(out)])  # python -m trainer.export RUN --out DIR, in this process
     for name in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
                  "generation_config.json"):
         assert (out / name).is_file(), name
@@ -140,7 +139,8 @@ def test_round_trip_through_trainer_and_transformers(source, run, tmp_path):
     assert sorted(got) == sorted(want)  # same keys as the source: no second lm_head, nothing missing
     for k, w in want.items():
         assert got[k].dtype == torch.bfloat16
-        assert torch.allclose(got[k].float(), w, rtol=BF16_REL, atol=1e-30), k  # 2 steps at lr 1e-9 move nothing
+        # bf16 rounding, plus what 2 AdamW steps at lr 1e-9 moved (~1e-9 per step; it shows on the tiniest weights)
+        assert torch.allclose(got[k].float(), w, rtol=BF16_REL, atol=1e-8), k
     tokens = torch.randint(2048, (2, 48))
     ours = build_pretrained(config_from_hf(out))  # fp32, the exported bf16 values
     assert_rel(hf_logits(out, tokens), our_logits(ours, tokens), 1e-4, "transformers vs ours on the export")
@@ -190,7 +190,7 @@ def test_zero3_cp2_loads_and_exports_as_one_process(source, tmp_path, free_port)
     assert (tmp_path / "z3" / "hf" / "tokenizer.json").is_file()
 
 
-def test_bad_input_names_the_path(tmp_path):
+def test_bad_input_names_the_path(tmp_path, capsys):
     with pytest.raises(ValueError, match=str(tmp_path / "missing")):
         find_checkpoint(tmp_path / "missing")
     (tmp_path / "empty").mkdir()
@@ -199,12 +199,14 @@ def test_bad_input_names_the_path(tmp_path):
     with pytest.raises(ValueError, match="--max-shard-size"):
         parse_size("5 bananas")
     assert parse_size("5GB") == 5 * 10**9 and parse_size("2GiB") == 2 * 2**30 and parse_size("1000") == 1000
-    proc = subprocess.run([PY, "-m", "trainer.export", str(tmp_path / "empty"), "--out", str(tmp_path / "o")],
-                          cwd=ROOT, capture_output=True, text=True, timeout=120, env=ENV)
-    assert proc.returncode == 1 and proc.stderr.strip().count("\n") == 0 and str(tmp_path / "empty") in proc.stderr
-    helped = subprocess.run([PY, "-m", "trainer.export", "--help"], cwd=ROOT, capture_output=True, text=True,
-                            timeout=120, env=ENV)
-    assert helped.returncode == 0 and "--max-shard-size" in helped.stdout and "RUN_OR_STEP_DIR" in helped.stdout
+    with pytest.raises(SystemExit) as exc:  # the CLI: that message alone, exit status 1
+        export_main([str(tmp_path / "empty"), "--out", str(tmp_path / "o")])
+    assert str(tmp_path / "empty") in str(exc.value.code) and "\n" not in str(exc.value.code)
+    with pytest.raises(SystemExit) as exc:
+        export_main(["--help"])
+    assert exc.value.code == 0
+    helped = capsys.readouterr().out
+    assert all(word in helped for word in ("RUN_OR_STEP_DIR", "--out", "--dtype", "--max-shard-size")), helped
 
 
 @pytest.mark.parametrize("experiment", ["extend_hf_1gpu", "extend_llama3_8b_128k"])
