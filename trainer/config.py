@@ -39,6 +39,7 @@ class TrainConfig:
     param_dtype: str = "fp32"
     device: str = "auto"  # auto | cpu | cuda
     peak_tflops: Optional[float] = None  # MFU denominator per device; None: 989 (H100 bf16) on CUDA, 0.2 on CPU
+    export_hf: bool = False  # at the end: the final checkpoint as a Hugging Face dir in <out_dir>/hf (trainer.export)
 
 
 @dataclass

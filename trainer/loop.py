@@ -398,9 +398,13 @@ class Trainer:
                            self.cfg.run_name)
         try:
             with logging_redirect_tqdm():  # log lines print above the progress bar, not through it
-                return self._train(sink)
+                record = self._train(sink)
         finally:
             sink.close()
+        if cfg.export_hf and self.env.rank == 0:  # the final checkpoint is complete: save() ends in a barrier
+            from trainer.export import export_checkpoint
+            export_checkpoint(self.ckpt.latest(), self.out_dir / "hf")
+        return record
 
     def _train(self, sink: MetricsSink) -> dict:
         cfg = self.cfg.train

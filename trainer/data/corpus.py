@@ -53,7 +53,7 @@ class DataConfig:
     seq_len: int = 512              # tokens per packed sequence (full, unsharded length)
     batch_size: int = 4             # sequences per micro-batch per data-parallel rank
     tokenizer: str = "byte"         # "byte" (vocab 258, no download) | "hf"
-    tokenizer_path: Optional[str] = None   # tokenizer=hf: local dir or cached hub name
+    tokenizer_path: Optional[str] = None   # tokenizer=hf: local dir or cached hub name; None: model.path
     cross_doc_attention: bool = False      # True: documents packed without boundaries
     val_fraction: float = 0.05      # fraction of files (stdlib) / documents (hf without a val split) held out
     max_files: Optional[int] = None # cap: stdlib files (hash-sampled) / first hf documents
@@ -84,7 +84,8 @@ def validate_data_config(cfg) -> None:
     if cfg.tokenizer not in TOKENIZERS:
         raise ValueError(f"data.tokenizer must be one of {TOKENIZERS}, got {cfg.tokenizer!r}")
     if cfg.tokenizer == "hf" and not cfg.tokenizer_path:
-        raise ValueError("data.tokenizer=hf needs data.tokenizer_path (a local tokenizer dir or cached hub name)")
+        raise ValueError("data.tokenizer=hf needs data.tokenizer_path (a local tokenizer dir or cached hub name) "
+                         "or model=hf model.path=DIR (its tokenizer)")
     if not 0.0 <= float(cfg.val_fraction) < 1.0:
         raise ValueError(f"data.val_fraction must be in [0, 1), got {cfg.val_fraction!r}")
     if cfg.max_files is not None and cfg.max_files < 1:

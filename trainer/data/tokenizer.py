@@ -2,7 +2,8 @@
 
     tok = build_tokenizer(cfg)                 # cfg.tokenizer "byte" | "hf" (+ cfg.tokenizer_path)
     ids = tok.encode("def f(): pass"); text = tok.decode(ids)
-    docs = encode_documents(tok, ["a", "b"])   # list of np arrays, each ending with tok.eos_id
+    docs = encode_documents(tok, ["a", "b"])   # list of np arrays, each ending with tok.eos_id (bos first if
+                                               # the HF tokenizer adds one)
 
 Byte tokenizer ids: 0..255 are the UTF-8 bytes, 256 = bos, 257 = eos; vocab_size = 258 (exact: the model
 may pad its embedding table for speed, the tokenizer does not). Padding uses `pad_id` (= eos_id); padded
@@ -80,6 +81,10 @@ class HFTokenizer:
         self.eos_id = eos
         self.bos_id = _first_id(tok, "bos_token_id", "cls_token_id", "eos_token_id")
         self.pad_id = eos
+        # Documents start with bos when the tokenizer's own encoding adds one (Llama, Mistral; not Qwen), as the
+        # checkpoint saw them in pretraining.
+        bos = getattr(tok, "bos_token_id", None)
+        self.add_bos = bos is not None and tok("a")["input_ids"][:1] == [bos]
 
     def encode(self, text: str) -> list[int]:
         return list(self._tok(text, add_special_tokens=False)["input_ids"])
@@ -125,7 +130,8 @@ def build_tokenizer(cfg) -> ByteTokenizer | HFTokenizer:
         return ByteTokenizer()
     if cfg.tokenizer == "hf":
         if not cfg.tokenizer_path:
-            raise ValueError("data.tokenizer=hf needs data.tokenizer_path (a local tokenizer dir or cached hub name)")
+            raise ValueError("data.tokenizer=hf needs data.tokenizer_path (a local tokenizer dir or cached hub name) "
+                             "or model=hf model.path=DIR (its tokenizer)")
         return HFTokenizer(cfg.tokenizer_path)
     raise ValueError(f"data.tokenizer must be 'byte' or 'hf', got {cfg.tokenizer!r}")
 
@@ -134,4 +140,5 @@ def encode_documents(tokenizer, texts: list[str]) -> list[np.ndarray]:
     """Token arrays, one per text, each with eos appended (the packer's document boundary marker)."""
     dtype = token_dtype(tokenizer.vocab_size)
     eos = np.array([tokenizer.eos_id], dtype=dtype)
-    return [np.concatenate([ids.astype(dtype, copy=False), eos]) for ids in tokenizer.encode_batch(texts)]
+    bos = np.array([tokenizer.bos_id] if getattr(tokenizer, "add_bos", False) else [], dtype=dtype)
+    return [np.concatenate([bos, ids.astype(dtype, copy=False), eos]) for ids in tokenizer.encode_batch(texts)]
