@@ -1,9 +1,14 @@
 """Backend dispatch: one signature for every attention implementation ("triton", "sdpa", "reference").
 
-The low-level pair is what ring / context parallelism and custom autograd call:
+The low-level pair, for custom autograd (each call checks its inputs):
 
     out, lse = attn_forward(q, k, v, causal, softmax_scale, window_size, backend="auto")
     dq, dk, dv = attn_backward(dout, q, k, v, out, lse, causal, softmax_scale, window_size, dlse=None)
+
+A caller that launches many blocks of one call (the ring) checks once and then launches unchecked:
+
+    impl = check_attn_inputs("ring_attn_func", q, k, v, softmax_scale, window_size, backend)
+    out, lse = launch_forward(impl, q_blk, k_blk, v_blk, causal, scale, window_size)   # per block
 
 q (B, Nq, H, D), k/v (B, Nk, Hkv, D), lse (B, H, Nq) fp32 natural log. The varlen pair takes packed
 (total, H, D) tensors with int32 cu_seqlens and returns lse (H, total_q). `backend="auto"` means the
@@ -113,14 +118,59 @@ def get_backend(backend: str, device: torch.device) -> Backend:
     return _CACHE[name]
 
 
-def _prepare(fn, q, k, v, softmax_scale, window_size, backend, varlen=False):
+def check_attn_inputs(fn, q, k, v, softmax_scale, window_size, backend="auto", varlen=False) -> Backend:
+    """Every check of a public entry point, run once per call: q/k/v, softmax_scale / window_size, and what the
+    backend supports (its forward). Returns the backend; the launch_* functions then run without checking again.
+    """
     check_qkv(q, k, v, fn, varlen=varlen)
     check_options(fn, softmax_scale, window_size)
     impl = get_backend(backend, q.device)
     if impl.check is not None:
         impl.check(fn, q, k)
-    scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
-    return impl, scale, tuple(window_size)
+    return impl
+
+
+def check_backward_supported(fn, impl: Backend, q, k) -> None:
+    """The backend's limits for the backward (Triton's backward takes fewer head dims than its forward)."""
+    if impl.check is not None:
+        impl.check(f"{fn} backward", q, k)
+
+
+def softmax_scale_of(q, softmax_scale) -> float:
+    return q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
+
+
+# -- unchecked launchers: for callers that validated once at their own entry point (interface.py, parallel/) --
+# They take a Backend from check_attn_inputs, a float scale and a (left, right) tuple, and check nothing: a
+# ring step launches many blocks of one validated call.
+
+
+def launch_forward(impl: Backend, q, k, v, causal, scale, window_size):
+    return impl.forward(q, k, v, causal, scale, window_size)
+
+
+def launch_backward(impl: Backend, dout, q, k, v, out, lse, causal, scale, window_size, dlse=None,
+                    deterministic=None):
+    return impl.backward(dout, q, k, v, out, lse, causal, scale, window_size, dlse,
+                         **_determinism_kw("attn_backward", impl, deterministic))
+
+
+def launch_varlen_forward(impl: Backend, q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, window_size):
+    if impl.varlen_forward is not None:
+        return impl.varlen_forward(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, window_size)
+    return _varlen_forward_by_docs(impl, q, k, v, cu_q, cu_k, causal, scale, window_size)
+
+
+def launch_varlen_backward(impl: Backend, dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, causal, scale,
+                           window_size, dlse=None, deterministic=None):
+    det_kw = _determinism_kw("attn_varlen_backward", impl, deterministic)
+    if impl.varlen_backward is not None:
+        return impl.varlen_backward(dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, causal, scale, window_size,
+                                    dlse, **det_kw)
+    return _varlen_backward_by_docs(impl, dout, q, k, v, out, lse, cu_q, cu_k, causal, scale, window_size, dlse)
+
+
+# -- the checked low-level pairs (DESIGN.md): check, then launch -------------------------------------------
 
 
 def attn_forward(q, k, v, causal=False, softmax_scale=None, window_size=(-1, -1), backend="auto", fp8=False):
@@ -128,13 +178,13 @@ def attn_forward(q, k, v, causal=False, softmax_scale=None, window_size=(-1, -1)
         from .fp8 import fp8_attn_forward
         return fp8_attn_forward(q, k, v, causal, softmax_scale, window_size, resolve_backend_name(backend, q.device),
                                 fp8)
-    impl, scale, window = _prepare("attn_forward", q, k, v, softmax_scale, window_size, backend)
-    return impl.forward(q, k, v, causal, scale, window)
+    impl = check_attn_inputs("attn_forward", q, k, v, softmax_scale, window_size, backend)
+    return launch_forward(impl, q, k, v, causal, softmax_scale_of(q, softmax_scale), tuple(window_size))
 
 
 def attn_backward(dout, q, k, v, out, lse, causal=False, softmax_scale=None, window_size=(-1, -1),
                   dlse=None, backend="auto", deterministic=None):
-    impl, scale, window = _prepare("attn_backward", q, k, v, softmax_scale, window_size, backend)
+    impl = check_attn_inputs("attn_backward", q, k, v, softmax_scale, window_size, backend)
     if dout.shape != q.shape or out.shape != q.shape:
         raise ValueError(f"attn_backward: dout {tuple(dout.shape)} and out {tuple(out.shape)} must match "
                          f"q {tuple(q.shape)}")
@@ -142,8 +192,8 @@ def attn_backward(dout, q, k, v, out, lse, causal=False, softmax_scale=None, win
     for name, t in (("lse", lse), ("dlse", dlse)):
         if t is not None and tuple(t.shape) != expected_lse:
             raise ValueError(f"attn_backward: {name} must be (B, H, Nq) = {expected_lse}, got {tuple(t.shape)}")
-    return impl.backward(dout, q, k, v, out, lse, causal, scale, window, dlse,
-                         **_determinism_kw("attn_backward", impl, deterministic))
+    return launch_backward(impl, dout, q, k, v, out, lse, causal, softmax_scale_of(q, softmax_scale),
+                           tuple(window_size), dlse, deterministic)
 
 
 # -- varlen: native where the backend has it, else one dense call per document ------------------------------
@@ -180,23 +230,18 @@ def _varlen_backward_by_docs(impl, dout, q, k, v, out, lse, cu_q, cu_k, causal, 
 def attn_varlen_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal=False,
                         softmax_scale=None, window_size=(-1, -1), backend="auto"):
     fn = "attn_varlen_forward"
-    impl, scale, window = _prepare(fn, q, k, v, softmax_scale, window_size, backend, varlen=True)
+    impl = check_attn_inputs(fn, q, k, v, softmax_scale, window_size, backend, varlen=True)
     check_varlen(fn, q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
-    if impl.varlen_forward is not None:
-        return impl.varlen_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                                   causal, scale, window)
-    return _varlen_forward_by_docs(impl, q, k, v, cu_seqlens_q, cu_seqlens_k, causal, scale, window)
+    return launch_varlen_forward(impl, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal,
+                                 softmax_scale_of(q, softmax_scale), tuple(window_size))
 
 
 def attn_varlen_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                          causal=False, softmax_scale=None, window_size=(-1, -1), dlse=None, backend="auto",
                          deterministic=None):
     fn = "attn_varlen_backward"
-    impl, scale, window = _prepare(fn, q, k, v, softmax_scale, window_size, backend, varlen=True)
+    impl = check_attn_inputs(fn, q, k, v, softmax_scale, window_size, backend, varlen=True)
     check_varlen(fn, q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
-    det_kw = _determinism_kw(fn, impl, deterministic)
-    if impl.varlen_backward is not None:
-        return impl.varlen_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-                                    max_seqlen_k, causal, scale, window, dlse, **det_kw)
-    return _varlen_backward_by_docs(impl, dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, causal, scale,
-                                    window, dlse)
+    return launch_varlen_backward(impl, dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                                  max_seqlen_k, causal, softmax_scale_of(q, softmax_scale), tuple(window_size),
+                                  dlse, deterministic)

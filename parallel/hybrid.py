@@ -27,10 +27,11 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from attention.validation import check_options, check_qkv
+from attention.backends import check_attn_inputs, softmax_scale_of
+from attention.validation import check_options
 
-from .ring import causal_window_length, ring_attn_func
-from .ring_plan import RingPlan, check_local_positions, ring_plan
+from .ring import ring_attn_unchecked
+from .ring_plan import NO_WINDOW, RingPlan, causal_window, check_local_positions, ring_plan
 from .sharding import group_rank_and_size, unshard_sequence
 from .ulysses import _HeadsToSeq, _replicate_kv, _SeqToHeads
 
@@ -61,31 +62,31 @@ def _check_groups(fn: str, ulysses_group, ring_group) -> tuple[int, int]:
 
 
 def hybrid_plan(position_ids: torch.Tensor, ulysses_group=None, ring_group=None, causal: bool = True,
-                window: int = 0) -> HybridPlan:
+                window_size: tuple = NO_WINDOW) -> HybridPlan:
     """The packed-document plan for hybrid_attn_func: build once per batch, reuse in every layer.
 
     position_ids (N_local,) or (B, N_local): this rank's hybrid shard of the packed positions (0 starts a
     document). Collective over both groups (every rank calls it): an all-gather over the Ulysses group gives
     the ring shard's positions, then ring_plan over the ring group (one more all-gather and a host sync).
-    window > 0: a causal sliding window of that many keys (hybrid_attn_func's window_size=(window - 1, 0)).
+    window_size: the one hybrid_attn_func gets, (left, 0) for a causal sliding window.
     """
     u, _ = _check_groups("hybrid_plan", ulysses_group, ring_group)
+    check_options("hybrid_plan", None, window_size)
+    window_size = causal_window(bool(causal), window_size)  # before any collective: fails on every rank
     local_pos = check_local_positions("hybrid_plan", position_ids, _INNER_LAYOUT, u)  # (B, N_local)
     ring_pos = unshard_sequence(local_pos, 1, ulysses_group, _INNER_LAYOUT)  # (B, N_local * u), true order
-    ring = ring_plan(ring_pos, ring_group, _RING_LAYOUT, causal, window)
+    ring = ring_plan(ring_pos, ring_group, _RING_LAYOUT, causal, window_size)
     return HybridPlan(u, local_pos.shape[1], local_pos.shape[0], ring)
 
 
-def _check_hybrid_inputs(q, k, v, u, r, softmax_scale, position_ids, plan, window_size):
-    fn = "hybrid_attn_func"
-    check_qkv(q, k, v, fn)
-    check_options(fn, softmax_scale, window_size)
+def _check_hybrid_inputs(fn, q, k, u, position_ids, plan):
+    """What the hybrid needs beyond attention's own checks; covers the ring's checks of its ring shard too."""
     B, n, H = q.shape[:3]
     if k.shape[1] != n:
         raise ValueError(f"{fn}: q and k must hold the same local tokens; got q {tuple(q.shape)}, k {tuple(k.shape)}")
     if H % u != 0:
         raise ValueError(f"{fn}: q heads ({H}) must be divisible by the Ulysses group size ({u}); q {tuple(q.shape)}")
-    if r > 1 and (n * u) % 2 != 0:
+    if (n * u) % 2 != 0:
         raise ValueError(f"{fn}: the ring shard N_local * u = {n} * {u} must be even (zigzag: two chunks per ring "
                          f"rank); q {tuple(q.shape)}")
     if position_ids is not None and plan is not None:
@@ -129,19 +130,22 @@ def hybrid_attn_func(q, k, v, ulysses_group=None, ring_group=None, causal=True, 
     Returns out (B, N_local, H, D) [and lse (B, H, N_local) fp32], equal to flash_attn_func on the full
     sequence, sharded the same way. position_ids: this rank's shard of packed-document positions (0 starts a
     document); or plan=hybrid_plan(position_ids, ulysses_group, ring_group, causal), built once per batch.
-    overlap: passed to ring_attn_func. window_size=(left, 0): a causal sliding window; the ring runs it over the
-    whole sequence (hybrid_plan then needs window=left + 1).
+    overlap: as in ring_attn_func. window_size=(left, 0): a causal sliding window; the ring runs it over the
+    whole sequence (hybrid_plan then needs the same window_size). Inputs are checked here, once: the ring in
+    the middle runs unchecked.
     """
-    u, r = _check_groups("hybrid_attn_func", ulysses_group, ring_group)
-    _check_hybrid_inputs(q, k, v, u, r, softmax_scale, position_ids, plan, window_size)
-    window = causal_window_length(bool(causal), window_size)  # before any collective: a bad window fails on every rank
+    fn = "hybrid_attn_func"
+    u, _ = _check_groups(fn, ulysses_group, ring_group)
+    impl = check_attn_inputs(fn, q, k, v, softmax_scale, window_size, backend)
+    _check_hybrid_inputs(fn, q, k, u, position_ids, plan)
+    window_size = causal_window(bool(causal), window_size)  # before any collective: a bad window fails everywhere
     if position_ids is not None:
         local_pos = position_ids.reshape(-1, q.shape[1]).expand(q.shape[0], -1)  # (B, N_local)
-        plan = hybrid_plan(local_pos, ulysses_group, ring_group, causal, window)
+        plan = hybrid_plan(local_pos, ulysses_group, ring_group, causal, window_size)
     qh, kh, vh = hybrid_to_heads(q, k, v, ulysses_group)  # (B, N_local*u, H/u, D)
-    out, lse = ring_attn_func(qh, kh, vh, group=ring_group, causal=causal, softmax_scale=softmax_scale,
-                              layout=_RING_LAYOUT, return_lse=True, backend=backend, overlap=overlap,
-                              plan=None if plan is None else plan.ring, window_size=window_size)
+    out, lse = ring_attn_unchecked(fn, qh, kh, vh, ring_group, bool(causal), softmax_scale_of(q, softmax_scale),
+                                   _RING_LAYOUT, None, None if plan is None else plan.ring, impl, overlap,
+                                   window_size)
     out = hybrid_to_sequence(out, ulysses_group)
     if not return_lse:
         return out

@@ -5,10 +5,10 @@
 
 q/k/v are this rank's shards (B, N_local, H|Hkv, D) in `layout` ("zigzag" or "contiguous", see
 sharding.py). Forward: W steps; each starts the transfer of the next K/V (Hkv heads, batched isend/irecv),
-computes the current block with `attention.attn_forward` and merges it by log-sum-exp into a running fp32
+computes the current block with the attention launcher and merges it by log-sum-exp into a running fp32
 (out, lse) (in place; the same math as `attention.merge_attn_outputs`). Backward: a second ring rotates K/V
-together with their fp32 dK/dV accumulators, calling `attention.attn_backward` with the final merged
-out/lse. With causal attention only the visible chunk pairs are computed (zigzag: every step but the
+together with their fp32 dK/dV accumulators, calling the backward launcher with the final merged out/lse.
+ring_attn_func checks its inputs once; the blocks then launch unchecked (attention.backends.launch_*). With causal attention only the visible chunk pairs are computed (zigzag: every step but the
 diagonal one costs exactly half a block; contiguous: later ranks' blocks are skipped, so work is unbalanced).
 Packed documents (`position_ids`, 0 = document start) turn each block into a varlen call whose segments are
 the documents shared by the block's queries and keys; blocks sharing no document are skipped.
@@ -30,12 +30,11 @@ from typing import Optional
 
 import torch
 
-from attention import attn_backward, attn_forward, attn_varlen_backward, attn_varlen_forward
-from attention.backends import resolve_backend_name
-from attention.validation import check_options, check_qkv
+from attention.backends import (Backend, check_attn_inputs, check_backward_supported, launch_backward,
+                                launch_forward, launch_varlen_backward, launch_varlen_forward, softmax_scale_of)
 
 from .comm import RingComm
-from .ring_plan import NO_WINDOW, Block, RingPlan, dense_plan, ring_plan
+from .ring_plan import NO_WINDOW, Block, RingPlan, causal_window, dense_plan, ring_plan
 from .sharding import check_layout, group_rank_and_size
 
 # -- one block ----------------------------------------------------------------------------------------------
@@ -45,32 +44,32 @@ def _flat(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(-1, *t.shape[2:])  # (B, n, h, D) -> (B*n, h, D)
 
 
-def _block_forward(q, k, v, blk: Block, scale: float, backend: str):
+def _block_forward(q, k, v, blk: Block, scale: float, impl: Backend):
     qb = q[blk.batch, blk.q_rows].contiguous()
     kb, vb = k[blk.batch, blk.k_rows].contiguous(), v[blk.batch, blk.k_rows].contiguous()
     if blk.varlen is None:
-        return attn_forward(qb, kb, vb, blk.causal, scale, blk.window, backend)
+        return launch_forward(impl, qb, kb, vb, blk.causal, scale, blk.window_size)
     B, nq, H, _ = qb.shape
-    out, lse = attn_varlen_forward(_flat(qb), _flat(kb), _flat(vb), *blk.varlen, blk.causal, scale, blk.window,
-                                   backend)
+    out, lse = launch_varlen_forward(impl, _flat(qb), _flat(kb), _flat(vb), *blk.varlen, blk.causal, scale,
+                                     blk.window_size)
     return out.view(qb.shape), lse.view(H, B, nq).transpose(0, 1)  # lse (H, B*nq) -> (B, H, nq)
 
 
-def _block_backward(dout, q, k, v, out, lse, dlse, blk: Block, scale: float, backend: str):
+def _block_backward(dout, q, k, v, out, lse, dlse, blk: Block, scale: float, impl: Backend):
     b, r, c = blk.batch, blk.q_rows, blk.k_rows
     dob, qb, ob = dout[b, r].contiguous(), q[b, r].contiguous(), out[b, r].contiguous()
     kb, vb = k[b, c].contiguous(), v[b, c].contiguous()
     lb = lse[b, :, r].contiguous()
     dlb = None if dlse is None else dlse[b, :, r].contiguous()
     if blk.varlen is None:
-        return attn_backward(dob, qb, kb, vb, ob, lb, blk.causal, scale, blk.window, dlse=dlb, backend=backend)
+        return launch_backward(impl, dob, qb, kb, vb, ob, lb, blk.causal, scale, blk.window_size, dlse=dlb)
 
     def heads_first(t):  # (B, H, nq) -> (H, B*nq), the varlen lse layout
         return None if t is None else t.transpose(0, 1).reshape(t.shape[1], -1)
 
-    dq, dk, dv = attn_varlen_backward(_flat(dob), _flat(qb), _flat(kb), _flat(vb), _flat(ob), heads_first(lb),
-                                      *blk.varlen, blk.causal, scale, blk.window, dlse=heads_first(dlb),
-                                      backend=backend)
+    dq, dk, dv = launch_varlen_backward(impl, _flat(dob), _flat(qb), _flat(kb), _flat(vb), _flat(ob),
+                                        heads_first(lb), *blk.varlen, blk.causal, scale, blk.window_size,
+                                        dlse=heads_first(dlb))
     return dq.view(qb.shape), dk.view(kb.shape), dv.view(vb.shape)
 
 
@@ -96,7 +95,7 @@ def _acc_dtype(t: torch.Tensor) -> torch.dtype:
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
-def ring_attn_forward(comm: Optional[RingComm], q, k, v, plan: list, scale: float, backend: str,
+def ring_attn_forward(comm: Optional[RingComm], q, k, v, plan: list, scale: float, impl: Backend,
                       overlap: bool = True):
     """Returns out (B, N_local, H, D) in q.dtype and lse (B, H, N_local) fp32 over the whole sequence."""
     B, n, H, D = q.shape
@@ -110,7 +109,7 @@ def ring_attn_forward(comm: Optional[RingComm], q, k, v, plan: list, scale: floa
             if not overlap:
                 comm.wait()
         for blk in blocks:
-            block_out, block_lse = _block_forward(q, k, v, blk, scale, backend)
+            block_out, block_lse = _block_forward(q, k, v, blk, scale, impl)
             merge_into(out[blk.batch, blk.q_rows], lse[blk.batch, :, blk.q_rows], block_out, block_lse)
         if step < last:
             if overlap:
@@ -120,7 +119,7 @@ def ring_attn_forward(comm: Optional[RingComm], q, k, v, plan: list, scale: floa
 
 
 def ring_attn_backward(kv_comm: Optional[RingComm], d_kv_comm: Optional[RingComm], dout, dlse, q, k, v, out,
-                       lse, plan: list, scale: float, backend: str, overlap: bool = True):
+                       lse, plan: list, scale: float, impl: Backend, overlap: bool = True):
     """dq, dk, dv for the local shards. dK/dV accumulators travel with their K/V block and end at home."""
     acc = _acc_dtype(q)
     dq = torch.zeros(q.shape, dtype=acc, device=q.device)
@@ -135,7 +134,7 @@ def ring_attn_backward(kv_comm: Optional[RingComm], d_kv_comm: Optional[RingComm
         block_dk = torch.zeros(k.shape, dtype=acc, device=k.device)
         block_dv = torch.zeros_like(block_dk)
         for blk in blocks:
-            dq_b, dk_b, dv_b = _block_backward(dout, q, k, v, out, lse, dlse, blk, scale, backend)
+            dq_b, dk_b, dv_b = _block_backward(dout, q, k, v, out, lse, dlse, blk, scale, impl)
             dq[blk.batch, blk.q_rows] += dq_b
             block_dk[blk.batch, blk.k_rows] += dk_b
             block_dv[blk.batch, blk.k_rows] += dv_b
@@ -164,23 +163,26 @@ def ring_attn_backward(kv_comm: Optional[RingComm], d_kv_comm: Optional[RingComm
 
 
 class RingAttnFunc(torch.autograd.Function):
+    """Inputs checked by the caller (ring_attn_unchecked's callers); impl: the Backend they returned."""
+
     @staticmethod
-    def forward(ctx, q, k, v, group, plan, scale, backend, overlap):
+    def forward(ctx, q, k, v, group, plan, scale, impl, overlap):
         comm = RingComm(group) if len(plan) > 1 else None
-        out, lse = ring_attn_forward(comm, q, k, v, plan, scale, backend, overlap)
+        out, lse = ring_attn_forward(comm, q, k, v, plan, scale, impl, overlap)
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.args = (group, plan, scale, backend, overlap)
+        ctx.args = (group, plan, scale, impl, overlap)
         ctx.set_materialize_grads(False)
         return out, lse
 
     @staticmethod
     def backward(ctx, dout, dlse):
         q, k, v, out, lse = ctx.saved_tensors
-        group, plan, scale, backend, overlap = ctx.args
+        group, plan, scale, impl, overlap = ctx.args
         if dout is None:  # only lse was used
             dout = torch.zeros_like(out)
+        check_backward_supported("ring_attn_func", impl, q, k)  # the same on every rank: fails on all of them
         kv_comm, d_kv_comm = (RingComm(group), RingComm(group)) if len(plan) > 1 else (None, None)
-        dq, dk, dv = ring_attn_backward(kv_comm, d_kv_comm, dout, dlse, q, k, v, out, lse, plan, scale, backend,
+        dq, dk, dv = ring_attn_backward(kv_comm, d_kv_comm, dout, dlse, q, k, v, out, lse, plan, scale, impl,
                                         overlap)
         return dq, dk, dv, None, None, None, None, None
 
@@ -188,21 +190,8 @@ class RingAttnFunc(torch.autograd.Function):
 # -- public entry point -------------------------------------------------------------------------------------
 
 
-def causal_window_length(causal: bool, window_size) -> int:
-    """window_size -> the causal sliding window's length in keys (0: none); the ring takes (left, 0) windows."""
-    left, right = window_size
-    if (left, right) == NO_WINDOW or (causal and (left, right) == (-1, 0)):
-        return 0
-    if left < 0 or not (right == 0 or (right == -1 and causal)):
-        raise ValueError(f"ring / hybrid attention: window_size must be a causal sliding window (left >= 0, 0) or "
-                         f"(-1, -1); got {tuple(window_size)} with causal={causal}")
-    return left + 1
-
-
-def _check_ring_inputs(q, k, v, layout, softmax_scale, position_ids, plan, window_size):
-    fn = "ring_attn_func"
-    check_qkv(q, k, v, fn)
-    check_options(fn, softmax_scale, window_size)
+def _check_ring_inputs(fn, q, k, layout, position_ids, plan):
+    """What the ring needs beyond attention's own checks (check_attn_inputs)."""
     check_layout(layout)
     if q.shape[1] != k.shape[1]:
         raise ValueError(f"{fn}: q and k must hold the same local tokens (self-attention); got q {tuple(q.shape)}, "
@@ -219,18 +208,36 @@ def _check_ring_inputs(q, k, v, layout, softmax_scale, position_ids, plan, windo
                              f"got {tuple(position_ids.shape)}")
 
 
-def _check_plan(plan: RingPlan, q, layout: str, causal: bool, rank: int, world_size: int, window: int) -> None:
-    fn = "ring_attn_func"
+def _check_plan(fn, plan: RingPlan, q, layout: str, causal: bool, rank: int, world_size: int,
+                window_size: tuple) -> None:
     if not isinstance(plan, RingPlan):
         raise ValueError(f"{fn}: plan must be a RingPlan (from ring_plan), got {type(plan).__name__}")
     B, n = q.shape[:2]
     seen = (f"plan (rank {plan.rank}/{plan.world_size}, N_local {plan.n_local}, batch {plan.batch_size}, "
-            f"layout {plan.layout!r}, causal {plan.causal}, window {plan.window}); call (rank {rank}/{world_size}, "
-            f"q {tuple(q.shape)}, layout {layout!r}, causal {bool(causal)}, window {window})")
+            f"layout {plan.layout!r}, causal {plan.causal}, window_size {plan.window_size}); call (rank "
+            f"{rank}/{world_size}, q {tuple(q.shape)}, layout {layout!r}, causal {causal}, window_size "
+            f"{window_size})")
     if (plan.rank, plan.world_size, plan.n_local) != (rank, world_size, n) or plan.batch_size not in (None, B):
         raise ValueError(f"{fn}: plan was built for other shards: {seen}")
-    if (plan.layout, plan.causal, plan.window) != (layout, bool(causal), window):
+    if (plan.layout, plan.causal, plan.window_size) != (layout, causal, window_size):
         raise ValueError(f"{fn}: plan was built for another layout or mask: {seen}")
+
+
+def ring_attn_unchecked(fn, q, k, v, group, causal: bool, scale: float, layout: str, position_ids, plan,
+                        impl: Backend, overlap: bool, window_size: tuple):
+    """The ring once its caller has checked q/k/v (check_attn_inputs) and the ring's own inputs
+    (_check_ring_inputs), with window_size from causal_window: builds or checks the plan, runs the ring.
+    Returns (out, lse). ring_attn_func and hybrid_attn_func each check once and call this.
+    """
+    causal = causal or window_size != NO_WINDOW
+    rank, world_size = group_rank_and_size(group)
+    if position_ids is not None:
+        local_pos = position_ids.reshape(-1, q.shape[1]).expand(q.shape[0], -1)  # (B, N_local)
+        plan = ring_plan(local_pos, group, layout, causal, window_size)
+    elif plan is None:
+        plan = dense_plan(rank, world_size, q.shape[1], layout, causal, window_size)
+    _check_plan(fn, plan, q, layout, causal, rank, world_size, window_size)
+    return RingAttnFunc.apply(q, k, v, group, plan.steps, scale, impl, bool(overlap))
 
 
 def ring_attn_func(q, k, v, group=None, causal=True, softmax_scale=None, layout="zigzag", return_lse=False,
@@ -244,19 +251,12 @@ def ring_attn_func(q, k, v, group=None, causal=True, softmax_scale=None, layout=
     calling the ring in every layer passes plan=ring_plan(position_ids, group, layout, causal) instead, built
     once per batch (same result). `overlap=False` waits for each transfer before computing (for benchmarking
     the overlap). window_size=(left, 0): a causal sliding window over global positions (a plan must then be
-    built with ring_plan(..., window=left + 1)).
+    built with the same window_size).
     """
-    _check_ring_inputs(q, k, v, layout, softmax_scale, position_ids, plan, window_size)
-    window = causal_window_length(bool(causal), window_size)
-    causal = bool(causal) or window > 0
-    rank, world_size = group_rank_and_size(group)
-    backend = resolve_backend_name(backend, q.device)
-    scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
-    if position_ids is not None:
-        local_pos = position_ids.reshape(-1, q.shape[1]).expand(q.shape[0], -1)  # (B, N_local)
-        plan = ring_plan(local_pos, group, layout, causal, window)
-    elif plan is None:
-        plan = dense_plan(rank, world_size, q.shape[1], layout, causal, window)
-    _check_plan(plan, q, layout, causal, rank, world_size, window)
-    out, lse = RingAttnFunc.apply(q, k, v, group, plan.steps, scale, backend, bool(overlap))
+    fn = "ring_attn_func"
+    impl = check_attn_inputs(fn, q, k, v, softmax_scale, window_size, backend)
+    _check_ring_inputs(fn, q, k, layout, position_ids, plan)
+    window_size = causal_window(bool(causal), window_size)
+    out, lse = ring_attn_unchecked(fn, q, k, v, group, bool(causal), softmax_scale_of(q, softmax_scale), layout,
+                                   position_ids, plan, impl, overlap, window_size)
     return (out, lse) if return_lse else out

@@ -7,6 +7,9 @@ With causal attention only the visible chunk pairs are listed (zigzag: every ste
 exactly half a block; contiguous: later ranks' blocks are skipped). Packed documents turn a block into varlen
 segments of the documents its queries and keys share; a causal sliding window splits the blocks per chunk pair
 and cuts each to the rows that see one another (window_rect). ring.py runs the plan.
+
+Windows are the attention API's window_size=(left, right) throughout; the ring takes NO_WINDOW or a causal
+sliding window (left, 0), which causal_window checks and normalises.
 """
 
 from __future__ import annotations
@@ -17,10 +20,27 @@ from typing import Optional
 
 import torch
 
+from attention.validation import check_options
+
 from .sharding import (check_layout, chunk_ids, doc_cu_seqlens, doc_ids_from_positions, group_rank_and_size,
                        shard_for_rank, unshard_sequence)
 
 NO_WINDOW = (-1, -1)
+
+
+def causal_window(causal: bool, window_size) -> tuple[int, int]:
+    """window_size as the ring runs it: NO_WINDOW, or (left, 0) (query q sees keys q - left .. q).
+
+    (-1, 0) under causal is no window; (left, -1) under causal is (left, 0). Any other window is a ValueError:
+    the ring cuts its blocks for causal sliding windows only.
+    """
+    left, right = window_size
+    if (left, right) == NO_WINDOW or (causal and (left, right) == (-1, 0)):
+        return NO_WINDOW
+    if left < 0 or not (right == 0 or (right == -1 and causal)):
+        raise ValueError(f"ring / hybrid attention: window_size must be a causal sliding window (left >= 0, 0) or "
+                         f"(-1, -1); got {tuple(window_size)} with causal={causal}")
+    return left, 0
 
 
 @dataclass(frozen=True)
@@ -30,30 +50,31 @@ class Block:
     k_rows: slice
     causal: bool
     varlen: Optional[tuple] = None  # (cu_q, cu_k, max_q, max_k) over the block's rows, batch flattened
-    window: tuple = NO_WINDOW  # window_size of the kernel call, for this block's rectangle
+    window_size: tuple = NO_WINDOW  # of the kernel call, for this block's rectangle
     batch: slice = field(default_factory=lambda: slice(None))  # batch rows (one, for a packed off-diagonal
     # block under a window)
 
 
-def window_rect(q0: int, nq: int, k0: int, nk: int, window: int) -> Optional[tuple]:
-    """A causal sliding window between the global query rows [q0, q0+nq) and key rows [k0, k0+nk).
+def window_rect(q0: int, nq: int, k0: int, nk: int, window_size: tuple) -> Optional[tuple]:
+    """A causal sliding window (left, 0) between the global query rows [q0, q0+nq) and key rows [k0, k0+nk).
 
-    Query q sees key k iff q - window < k <= q. Returns None when no pair is visible, else (i0, i1, j0, j1,
+    Query q sees key k iff q - left <= k <= q. Returns None when no pair is visible, else (i0, i1, j0, j1,
     window_size): the local query rows [i0, i1) and key rows [j0, j1) holding every visible pair, each of them
     seeing or seen by at least one other, and the (left, right) that flash_attn_func takes for that rectangle
     (bottom-right aligned; -1 where a side does not bind). Trimming is what keeps both sides >= 0: the
     kernels' convention has no window that starts right of the diagonal.
     """
-    d = q0 - k0  # local key j is visible to local query i iff i + d - (window - 1) <= j <= i + d
-    i0, i1 = max(0, -d), min(nq, nk - d + window - 1)
+    w_left = window_size[0]
+    d = q0 - k0  # local key j is visible to local query i iff i + d - w_left <= j <= i + d
+    i0, i1 = max(0, -d), min(nq, nk - d + w_left)
     if i0 >= i1:
         return None
-    j0, j1 = max(0, i0 + d - (window - 1)), min(nk, i1 + d)
+    j0, j1 = max(0, i0 + d - w_left), min(nk, i1 + d)
     if j0 >= j1:
         return None
     nq2, nk2, d2 = i1 - i0, j1 - j0, d + i0 - j0
     off = nk2 - nq2  # the kernels align the rectangle bottom-right: query i's diagonal is key i + off
-    right, left = d2 - off, window - 1 - d2 + off
+    right, left = d2 - off, w_left - d2 + off
     right = -1 if d2 >= nk2 - 1 else right  # every key at or left of each query's diagonal: unbounded
     left = -1 if left >= nk2 - 1 else left
     return i0, i1, j0, j1, (left, right)
@@ -87,7 +108,7 @@ def _dense_blocks(rank: int, src: int, world_size: int, n_local: int, layout: st
     return blocks
 
 
-def _window_blocks(rank: int, src: int, world_size: int, n_local: int, layout: str, window: int,
+def _window_blocks(rank: int, src: int, world_size: int, n_local: int, layout: str, window_size: tuple,
                    q_doc: Optional[torch.Tensor] = None, k_doc: Optional[torch.Tensor] = None, device=None) -> list:
     """The blocks of one ring step under a causal sliding window, one per visible (query chunk, key chunk) pair.
 
@@ -104,12 +125,12 @@ def _window_blocks(rank: int, src: int, world_size: int, n_local: int, layout: s
             if kc > qc:
                 continue
             if qc == kc or q_doc is None:
-                rect = window_rect(qc * size, size, kc * size, size, window)
+                rect = window_rect(qc * size, size, kc * size, size, window_size)
                 if rect is None:
                     continue
                 i0, i1, j0, j1, win = rect
                 blk = Block(slice(a * size + i0, a * size + i1), slice(b * size + j0, b * size + j1), False,
-                             window=win)
+                             window_size=win)
                 blocks += [blk] if q_doc is None else _with_docs([blk], q_doc, k_doc, device)
                 continue
             for r in range(q_doc.shape[0]):
@@ -119,12 +140,12 @@ def _window_blocks(rank: int, src: int, world_size: int, n_local: int, layout: s
                 if len(ks) == 0:
                     continue
                 q_lo, k_lo = int(qs[0]), int(ks[0])  # a prefix of the query chunk, a suffix of the key chunk
-                rect = window_rect(qc * size + q_lo, len(qs), kc * size + k_lo, len(ks), window)
+                rect = window_rect(qc * size + q_lo, len(qs), kc * size + k_lo, len(ks), window_size)
                 if rect is None:
                     continue
                 i0, i1, j0, j1, win = rect
                 q_at, k_at = a * size + q_lo, b * size + k_lo
-                blocks.append(Block(slice(q_at + i0, q_at + i1), slice(k_at + j0, k_at + j1), False, window=win,
+                blocks.append(Block(slice(q_at + i0, q_at + i1), slice(k_at + j0, k_at + j1), False, window_size=win,
                                      batch=slice(r, r + 1)))
     return blocks
 
@@ -140,12 +161,14 @@ def _with_docs(blocks: list, q_doc: torch.Tensor, k_doc: torch.Tensor, device) -
 
 
 def ring_steps(rank: int, world_size: int, n_local: int, layout: str = "zigzag", causal: bool = True,
-               doc_ids: Optional[torch.Tensor] = None, device=None, window: int = 0) -> list:
+               doc_ids: Optional[torch.Tensor] = None, device=None, window_size: tuple = NO_WINDOW) -> list:
     """The blocks each ring step computes, indexed by step (step s holds the K/V of rank - s). Pure: no comm.
 
     doc_ids: (B, N) document ids of the full sequence (see sharding.doc_ids_from_positions), or None.
-    window > 0: a causal sliding window (query q sees keys q - window + 1 .. q); causal is then implied.
+    window_size (left, 0): a causal sliding window (query q sees keys q - left .. q); causal is then implied.
     """
+    window_size = causal_window(causal, window_size)
+    causal = causal or window_size != NO_WINDOW
     steps = []
     for step in range(world_size):
         src = (rank - step) % world_size
@@ -153,8 +176,8 @@ def ring_steps(rank: int, world_size: int, n_local: int, layout: str = "zigzag",
         if doc_ids is not None:
             q_doc = shard_for_rank(doc_ids, 1, rank, world_size, layout)
             k_doc = shard_for_rank(doc_ids, 1, src, world_size, layout)
-        if window > 0:
-            blocks = _window_blocks(rank, src, world_size, n_local, layout, window, q_doc, k_doc, device)
+        if window_size != NO_WINDOW:
+            blocks = _window_blocks(rank, src, world_size, n_local, layout, window_size, q_doc, k_doc, device)
         else:
             blocks = _dense_blocks(rank, src, world_size, n_local, layout, causal)
             if doc_ids is not None:
@@ -177,13 +200,14 @@ class RingPlan:
     causal: bool
     batch_size: Optional[int]  # rows the document segments cover; None: dense, any batch size
     steps: tuple  # steps[s]: tuple of Block computed while holding the K/V of rank (rank - s) % world_size
-    window: int = 0  # causal sliding window (0: none)
+    window_size: tuple = NO_WINDOW  # as causal_window returns it
 
 
-def dense_plan(rank: int, world_size: int, n_local: int, layout: str, causal: bool, window: int = 0) -> RingPlan:
-    """The plan without documents: the same blocks for any batch, no collective."""
-    steps = ring_steps(rank, world_size, n_local, layout, causal, window=window)
-    return RingPlan(rank, world_size, n_local, layout, causal, None, tuple(map(tuple, steps)), window)
+def dense_plan(rank: int, world_size: int, n_local: int, layout: str, causal: bool,
+               window_size: tuple = NO_WINDOW) -> RingPlan:
+    """The plan without documents: the same blocks for any batch, no collective. window_size: causal_window's."""
+    steps = ring_steps(rank, world_size, n_local, layout, causal, window_size=window_size)
+    return RingPlan(rank, world_size, n_local, layout, causal, None, tuple(map(tuple, steps)), window_size)
 
 
 def check_local_positions(fn: str, position_ids, layout: str, world_size: int) -> torch.Tensor:
@@ -200,20 +224,22 @@ def check_local_positions(fn: str, position_ids, layout: str, world_size: int) -
 
 
 def ring_plan(position_ids: torch.Tensor, group=None, layout: str = "zigzag", causal: bool = True,
-              window: int = 0) -> RingPlan:
+              window_size: tuple = NO_WINDOW) -> RingPlan:
     """The packed-document plan for ring_attn_func(..., plan=...): build once per batch, reuse in every layer.
 
-    window > 0: a causal sliding window of that many keys (ring_attn_func's window_size=(window - 1, 0)).
+    window_size: the one ring_attn_func gets, (left, 0) for a causal sliding window.
     position_ids (N_local,) or (B, N_local): this rank's shard (in `layout`) of the packed positions (0 starts
     a document); the plan then fits q of batch size B (1 for a 1-D input; expand the ids for more rows).
     Collective over `group`: every rank calls it. Costs one all-gather of the int positions and one host sync.
     """
     check_layout(layout)
+    check_options("ring_plan", None, window_size)
+    window_size = causal_window(bool(causal), window_size)  # before the collective: a bad window fails everywhere
+    causal = bool(causal) or window_size != NO_WINDOW
     rank, world_size = group_rank_and_size(group)
     local_pos = check_local_positions("ring_plan", position_ids, layout, world_size)  # (B, N_local)
     # Document ids need the whole sequence: a shard cannot see where its first document began.
     doc_ids = doc_ids_from_positions(unshard_sequence(local_pos, 1, group, layout).cpu())
     B, n_local = local_pos.shape
-    causal = bool(causal) or window > 0
-    steps = ring_steps(rank, world_size, n_local, layout, causal, doc_ids, position_ids.device, window)
-    return RingPlan(rank, world_size, n_local, layout, causal, B, tuple(map(tuple, steps)), window)
+    steps = ring_steps(rank, world_size, n_local, layout, causal, doc_ids, position_ids.device, window_size)
+    return RingPlan(rank, world_size, n_local, layout, causal, B, tuple(map(tuple, steps)), window_size)

@@ -5,7 +5,8 @@
 
 q/k/v are this rank's sequence shards (B, N_local, H|Hkv, D) in `layout` (as produced by shard_sequence).
 One all-to-all gives every rank the *whole* sequence, in true order, for H/W of the heads; local attention
-runs through `attention.flash_attn_func` (its own autograd); a second all-to-all returns the sequence shards.
+runs through attention's autograd Functions (inputs checked once, at ulysses_attn_func); a second all-to-all
+returns the sequence shards.
 H must be divisible by W; K/V heads are replicated when Hkv is not (e.g. Hkv < W), keeping GQA groups intact.
 Packed documents: the varlen segments of the full sequence need every rank's positions (an all-gather and a
 host sync), so a model builds them once per batch and passes them to every layer:
@@ -22,8 +23,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from attention import flash_attn_func, flash_attn_varlen_func
-from attention.validation import check_options, check_qkv
+from attention.backends import Backend, check_attn_inputs, softmax_scale_of
+from attention.interface import FlashAttnFunc, FlashAttnVarlenFunc
 
 from .ring_plan import check_local_positions
 from .sharding import (check_layout, doc_ids_from_positions, group_rank_and_size, shard_for_rank,
@@ -113,10 +114,8 @@ def ulysses_plan(position_ids: torch.Tensor, group=None, layout: str = "zigzag")
                        int(bounds.diff().max()))
 
 
-def _check_ulysses_inputs(q, k, v, world_size, layout, softmax_scale, position_ids, plan, window_size):
-    fn = "ulysses_attn_func"
-    check_qkv(q, k, v, fn)
-    check_options(fn, softmax_scale, window_size)
+def _check_ulysses_inputs(fn, q, k, world_size, layout, position_ids, plan):
+    """What Ulysses needs beyond attention's own checks (check_attn_inputs)."""
     check_layout(layout)
     if q.shape[1] != k.shape[1]:
         raise ValueError(f"{fn}: q and k must hold the same local tokens; got q {tuple(q.shape)}, k {tuple(k.shape)}")
@@ -139,14 +138,16 @@ def _check_ulysses_inputs(q, k, v, world_size, layout, softmax_scale, position_i
                              f"{world_size}, layout {layout!r}, q {tuple(q.shape)})")
 
 
-def _packed_attention(q, k, v, plan: UlyssesPlan, causal, softmax_scale, window_size, backend):
-    """q (B, N, h, D) full sequence with the plan's segments: one varlen call, documents never mix."""
+def _local_attention(q, k, v, plan, causal: bool, scale: float, window_size: tuple, impl: Backend):
+    """q (B, N, h, D) full sequence for this rank's heads; with a plan, one varlen call over its segments
+    (documents never mix). The inputs were checked at ulysses_attn_func."""
+    if plan is None:
+        return FlashAttnFunc.apply(q, k, v, causal, scale, window_size, impl, False)[0]
     B, N, h, D = q.shape
     cu, max_len = plan.cu_seqlens, plan.max_seqlen
-    out = flash_attn_varlen_func(q.reshape(B * N, h, D), k.reshape(B * N, k.shape[2], D),
-                                 v.reshape(B * N, v.shape[2], D), cu, cu, max_len, max_len, causal=causal,
-                                 softmax_scale=softmax_scale, window_size=window_size,
-                                 backend=backend)  # (B*N, h, D)
+    out, _ = FlashAttnVarlenFunc.apply(q.reshape(B * N, h, D), k.reshape(B * N, k.shape[2], D),
+                                       v.reshape(B * N, v.shape[2], D), cu, cu, max_len, max_len, causal, scale,
+                                       window_size, impl)  # (B*N, h, D)
     return out.view(B, N, h, D)
 
 
@@ -160,8 +161,10 @@ def ulysses_attn_func(q, k, v, group=None, causal=True, softmax_scale=None, layo
     position_ids, group, layout), built once per batch for all layers (same result, no per-call gather).
     window_size: as in flash_attn_func, over the full sequence's (or each document's) positions.
     """
+    fn = "ulysses_attn_func"
     _, world_size = group_rank_and_size(group)
-    _check_ulysses_inputs(q, k, v, world_size, layout, softmax_scale, position_ids, plan, window_size)
+    impl = check_attn_inputs(fn, q, k, v, softmax_scale, window_size, backend)
+    _check_ulysses_inputs(fn, q, k, world_size, layout, position_ids, plan)
     if position_ids is not None:
         local_pos = position_ids.reshape(-1, q.shape[1]).expand(q.shape[0], -1)  # (B, N_local)
         plan = ulysses_plan(local_pos, group, layout)
@@ -170,9 +173,6 @@ def ulysses_attn_func(q, k, v, group=None, causal=True, softmax_scale=None, layo
     else:
         k, v = _replicate_kv(k, q.shape[2], world_size), _replicate_kv(v, q.shape[2], world_size)
         q_full, k_full, v_full = (_SeqToHeads.apply(t, group, layout) for t in (q, k, v))  # (B, N, h, D)
-    if plan is None:
-        out = flash_attn_func(q_full, k_full, v_full, causal=causal, softmax_scale=softmax_scale,
-                              window_size=window_size, backend=backend)
-    else:
-        out = _packed_attention(q_full, k_full, v_full, plan, causal, softmax_scale, window_size, backend)
+    out = _local_attention(q_full, k_full, v_full, plan, bool(causal), softmax_scale_of(q, softmax_scale),
+                           tuple(window_size), impl)
     return out if world_size == 1 else _HeadsToSeq.apply(out, group, layout)

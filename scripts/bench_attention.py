@@ -341,7 +341,7 @@ SWEEP_DKDV = tile_configs([
     (64, 128, 8, 3, False, True), (64, 128, 8, 3, True, True), (64, 64, 4, 2, False, True),
     (64, 64, 4, 3, False, True), (128, 64, 8, 3, False, True), (128, 64, 8, 2, False, True),
     (64, 128, 8, 4, False, True)])
-# 8 warps over 32 queries x 128 keys (session 11): half the S^T / dP^T registers of the shipped 64x128 tile
+# 8 warps over 32 queries x 128 keys: half the S^T / dP^T registers of the shipped 64x128 tile
 SWEEP_DKDV += tile_configs([(32, 128, 8, 2, False, True), (32, 128, 8, 3, False, True), (32, 128, 8, 4, False, True)])
 SWEEP_DKDV_ATOMIC = SWEEP_DKDV
 SWEEP_DQ = tile_configs([

@@ -1,4 +1,4 @@
-"""Ad-hoc probe (session 9): how many mantissa bits does an fp8 tl.dot keep in its fp32 accumulator on this GPU?
+"""Probe: how many mantissa bits does an fp8 tl.dot keep in its fp32 accumulator on this GPU?
 
 One Triton program multiplies a (128 x K) by a (K x 128) tile of e4m3 values and returns the accumulator; the
 exact answer is the fp64 product of the same values (every fp8 product is exact in fp64). The error of each entry,

@@ -1,6 +1,6 @@
 """Process-group setup and the one place where parallelism is applied to the model.
 
-    env = init_distributed("auto", cp=2)              # single process, or the ranks torchrun started
+    env = init_distributed("auto", cfg.parallel)      # single process, or the ranks torchrun started
     par = parallelize(loss_module, cfg, env, optimizer, lr_factor)     # -> Parallelized(module, grad_scale, ...)
     batch = shard_batch(batch, env.cp_group, ulysses_degree=env.ulysses_degree)   # the trainer shards inputs
 
@@ -27,14 +27,14 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from parallel import (hybrid_plan, hybrid_shard_for_rank, init_mesh, ring_attn_func, ring_plan, shard_sequence,
-                      ulysses_attn_func, ulysses_plan)
+from parallel import (ParallelDims, hybrid_plan, hybrid_shard_for_rank, init_mesh, ring_attn_func, ring_plan,
+                      shard_sequence, ulysses_attn_func, ulysses_plan)
 from parallel.data_parallel import destroy_process_groups, init_zero_engine, wrap_ddp, zero_config
 from parallel.hybrid import hybrid_to_heads, hybrid_to_sequence
 from parallel.sharding import group_rank_and_size
+from trainer.config import ParallelConfig
 from trainer.model.activations import attention_keep_mode, keep_attention, replay_attention
 from trainer.model.loss import IGNORE_INDEX
-from trainer.model import sliding_window_size
 
 CP_IMPLS = ("ring", "ulysses", "hybrid")
 CP_LAYOUT = "zigzag"  # 2*cp chunks, rank r holds r and 2cp-1-r: equal causal work on every rank
@@ -85,28 +85,63 @@ def resolve_device(name: str, local_rank: int) -> torch.device:
     raise ValueError(f"train.device must be auto, cpu or cuda, got {name!r}")
 
 
-def init_distributed(device: str = "auto", cp: int = 1, ulysses_degree: int = 1) -> DistEnv:
+def resolve_parallel(cfg, world_size: int) -> ParallelDims:
+    """The one check of parallel.* (cfg: a ParallelConfig) against the world size; resolves parallel.dp=-1.
+
+    Returns the dp x cp (x Ulysses) sizes the process groups are built for. init_distributed calls it before
+    joining any process group, so every rank stops with the same ValueError; validate_parallel calls it again
+    to check that an existing DistEnv runs this config.
+    """
+    cp, dp = cfg.cp, cfg.dp
+    if cfg.cp_impl not in CP_IMPLS:
+        raise ValueError(f"parallel.cp_impl must be one of {CP_IMPLS}, got {cfg.cp_impl!r}")
+    if not isinstance(cp, int) or cp < 1:
+        raise ValueError(f"parallel.cp must be an int >= 1, got {cp!r}")
+    if not isinstance(dp, int) or (dp < 1 and dp != -1):
+        raise ValueError(f"parallel.dp must be -1 (world size // parallel.cp) or an int >= 1, got {dp!r}")
+    if cfg.zero_stage not in (0, 1, 2, 3):
+        raise ValueError(f"parallel.zero_stage must be 0, 1, 2 or 3, got {cfg.zero_stage}")
+    needed = cp if dp == -1 else dp * cp  # ranks the config asks for (dp=-1: a multiple of cp)
+    if world_size == 1 and needed > 1:
+        raise ValueError(f"parallel.dp={dp} parallel.cp={cp} needs {needed} ranks, but this process runs alone "
+                         f"(world size 1): start {needed} ranks with torchrun --nproc_per_node={needed} -m "
+                         f"trainer.train ... (or scripts/launch.sh)")
+    if dp == -1 and world_size % cp != 0:
+        raise ValueError(f"parallel.cp ({cp}) must divide the world size ({world_size}): parallel.dp=-1 is "
+                         f"world size // parallel.cp")
+    dp = world_size // cp if dp == -1 else dp
+    if dp * cp != world_size:
+        raise ValueError(f"parallel.dp ({dp}) * parallel.cp ({cp}) must equal the world size ({world_size})")
+    if cfg.zero_stage != 0 and world_size == 1:
+        raise ValueError(f"parallel.zero_stage={cfg.zero_stage} shards weights / optimizer state over ranks, but "
+                         f"the world size is 1; start several ranks (torchrun --nproc_per_node=N) or use "
+                         f"parallel.zero_stage=0")
+    ulysses = cfg.ulysses_degree if cfg.cp_impl == "hybrid" else 1  # check_config checked 1 < u < cp, u | cp
+    return ParallelDims(dp=dp, cp=cp, world_size=world_size, ulysses=ulysses)
+
+
+def init_distributed(device: str = "auto", parallel: Optional[ParallelConfig] = None) -> DistEnv:
     """Join the process group torchrun describes (RANK / WORLD_SIZE / LOCAL_RANK), or run as one process.
 
-    gloo on CPU, NCCL on CUDA. dp_size = world_size // cp; with cp > 1 the dp x cp mesh (parallel.init_mesh)
-    gives this rank its cp group, and with 1 < ulysses_degree (hybrid CP) its Ulysses and ring groups.
+    gloo on CPU, NCCL on CUDA. parallel (default: ParallelConfig(), data parallel over every rank) is checked
+    by resolve_parallel first; with cp > 1 the dp x cp mesh (parallel.init_mesh) gives this rank its cp group,
+    and with parallel.cp_impl=hybrid its Ulysses and ring groups.
     """
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    dims = resolve_parallel(parallel if parallel is not None else ParallelConfig(), world)
     dev = resolve_device(device, local_rank)
     if world > 1 and not dist.is_initialized():
         backend = "nccl" if dev.type == "cuda" else "gloo"
         kwargs = {"device_id": dev} if dev.type == "cuda" else {}
         dist.init_process_group(backend, timeout=datetime.timedelta(minutes=30), **kwargs)
-    cp = cp if cp >= 1 and world % cp == 0 else 1  # a bad cp is reported by validate_parallel
-    u = ulysses_degree if cp > 1 and ulysses_degree >= 1 and cp % ulysses_degree == 0 else 1  # likewise
     groups = (None, None, None)
-    if cp > 1:
-        mesh = init_mesh(cp=cp, ulysses_degree=u)
+    if dims.cp > 1:
+        mesh = init_mesh(cp=dims.cp, dp=dims.dp, ulysses_degree=dims.ulysses)
         groups = (mesh.cp_group, mesh.cp_ulysses_group, mesh.cp_ring_group)
-    return DistEnv(rank=rank, world_size=world, local_rank=local_rank, device=dev, dp_rank=rank // cp,
-                   dp_size=world // cp, cp_rank=rank % cp, cp_size=cp, cp_group=groups[0], ulysses_degree=u,
-                   cp_ulysses_group=groups[1], cp_ring_group=groups[2])
+    return DistEnv(rank=rank, world_size=world, local_rank=local_rank, device=dev, dp_rank=rank // dims.cp,
+                   dp_size=dims.dp, cp_rank=rank % dims.cp, cp_size=dims.cp, cp_group=groups[0],
+                   ulysses_degree=dims.ulysses, cp_ulysses_group=groups[1], cp_ring_group=groups[2])
 
 
 def destroy_distributed() -> None:
@@ -114,25 +149,14 @@ def destroy_distributed() -> None:
 
 
 def validate_parallel(cfg, env: DistEnv) -> None:
-    """Check the parallel config (cfg.parallel) against the world size, with the numbers in the message."""
-    if cfg.cp_impl not in CP_IMPLS:
-        raise ValueError(f"parallel.cp_impl must be one of {CP_IMPLS}, got {cfg.cp_impl!r}")
-    if cfg.cp < 1:
-        raise ValueError(f"parallel.cp must be >= 1, got {cfg.cp}")
-    if cfg.zero_stage not in (0, 1, 2, 3):
-        raise ValueError(f"parallel.zero_stage must be 0, 1, 2 or 3, got {cfg.zero_stage}")
-    dp = env.world_size // cfg.cp if cfg.dp == -1 else cfg.dp
-    if dp * cfg.cp != env.world_size:
-        raise ValueError(f"parallel.dp ({cfg.dp}) * parallel.cp ({cfg.cp}) must equal the world size "
-                         f"({env.world_size})")
-    if cfg.cp_impl == "hybrid" and cfg.cp > 1 and env.ulysses_degree != cfg.ulysses_degree:
-        raise ValueError(f"parallel.cp_impl=hybrid with parallel.ulysses_degree={cfg.ulysses_degree}, but the "
-                         f"process groups were built for ulysses_degree={env.ulysses_degree}: pass "
-                         f"parallel.ulysses_degree to trainer.parallelize.init_distributed")
-    if cfg.zero_stage != 0 and env.world_size == 1:
-        raise ValueError(f"parallel.zero_stage={cfg.zero_stage} shards weights / optimizer state over ranks, but "
-                         f"the world size is 1; start several ranks (torchrun --nproc_per_node=N) or use "
-                         f"parallel.zero_stage=0")
+    """cfg (cfg.parallel) checked by resolve_parallel against env's world size, and env's process groups
+    built for it (an env from init_distributed without this config runs dp over every rank)."""
+    dims = resolve_parallel(cfg, env.world_size)
+    want, built = (dims.dp, dims.cp, dims.ulysses), (env.dp_size, env.cp_size, env.ulysses_degree)
+    if want != built:
+        raise ValueError(f"parallel.* asks for dp={want[0]} cp={want[1]} ulysses_degree={want[2]}, but the process "
+                         f"groups were built for dp={built[0]} cp={built[1]} ulysses_degree={built[2]}: pass "
+                         f"cfg.parallel to trainer.parallelize.init_distributed")
 
 
 # -- 1. context parallelism ----------------------------------------------------------------------------------
@@ -157,8 +181,8 @@ class CurrentPlan:
     then and is not rebuilt.
     """
 
-    def __init__(self, impl: str, groups: CPGroups, window: int = 0):
-        self.impl, self.groups, self.window = impl, groups, window
+    def __init__(self, impl: str, groups: CPGroups, window_size: tuple = (-1, -1)):
+        self.impl, self.groups, self.window_size = impl, groups, window_size
         self.plan = None  # RingPlan | UlyssesPlan | HybridPlan, or None before the first forward / without ids
 
     def capture(self, module, args, kwargs) -> None:
@@ -167,9 +191,9 @@ class CurrentPlan:
         if pos is None:
             self.plan = None
         elif self.impl == "ring":
-            self.plan = ring_plan(pos, g.cp, CP_LAYOUT, causal=True, window=self.window)
+            self.plan = ring_plan(pos, g.cp, CP_LAYOUT, causal=True, window_size=self.window_size)
         elif self.impl == "hybrid":
-            self.plan = hybrid_plan(pos, g.ulysses, g.ring, causal=True, window=self.window)
+            self.plan = hybrid_plan(pos, g.ulysses, g.ring, causal=True, window_size=self.window_size)
         else:
             self.plan = ulysses_plan(pos, g.cp, CP_LAYOUT)
 
@@ -183,16 +207,16 @@ class ContextParallelAttention(nn.Module):
     shard and must not be passed. Under model.ckpt=selective the ring keeps its (out, lse) and the block
     recomputation replays them (RingAttnFunc saves q, k, v, out, lse like the local attention Function), so
     backward runs no second forward ring; hybrid replays its ring the same way (the recomputation reruns only
-    its all-to-alls); Ulysses is recomputed. window > 0: model.attn_window, a causal sliding window.
+    its all-to-alls); Ulysses is recomputed. window_size: the swapped core's, (left, 0) for a sliding window.
     """
 
     def __init__(self, impl: str, groups: CPGroups, current: Optional[CurrentPlan], backend: str = "auto",
-                 window: int = 0):
+                 window_size: tuple = (-1, -1)):
         super().__init__()
         assert impl in CP_IMPLS, impl
         assert impl != "hybrid" or (groups.ulysses is not None and groups.ring is not None), "hybrid needs groups"
         self.impl, self.groups, self.current, self.backend = impl, groups, current, backend
-        self.window_size = sliding_window_size(window)
+        self.window_size = window_size
 
     @torch.compiler.disable  # process-group calls and a data-dependent plan: always eager
     def forward(self, q, k, v, cu_seqlens=None, max_seqlen=None):
@@ -227,17 +251,22 @@ def apply_context_parallel(model: nn.Module, impl: str, group, packed_documents:
     """Swap every block.attention.inner_attention of `model` (a GPT) for a ContextParallelAttention.
 
     group: the cp group; impl="hybrid" also needs the cp group's split into ulysses_group x ring_group
-    (parallel.init_mesh(cp, ulysses_degree=u) builds them).
+    (parallel.init_mesh(cp, ulysses_degree=u) builds them). Each new core takes the backend and window_size of
+    the core it replaces; the window is one for all layers, since every layer shares one plan.
     """
-    window = model.config.attn_window
+    cores = [block.attention.inner_attention for block in model.layers]
+    windows = {tuple(getattr(core, "window_size", (-1, -1))) for core in cores}
+    if len(windows) > 1:
+        raise ValueError(f"context parallelism runs one attention window in every layer; the model has {windows}")
+    window_size = windows.pop()
     groups = CPGroups(group, ulysses_group, ring_group)
     current = None
     if packed_documents:
-        current = CurrentPlan(impl, groups, window)
+        current = CurrentPlan(impl, groups, window_size)
         model.register_forward_pre_hook(current.capture, with_kwargs=True)
-    for block in model.layers:
-        backend = getattr(block.attention.inner_attention, "backend", "auto")
-        block.attention.inner_attention = ContextParallelAttention(impl, groups, current, backend, window)
+    for block, core in zip(model.layers, cores):
+        backend = getattr(core, "backend", "auto")
+        block.attention.inner_attention = ContextParallelAttention(impl, groups, current, backend, window_size)
 
 
 def shard_batch(batch: dict, group, layout: str = CP_LAYOUT, ulysses_degree: int = 1) -> dict:
@@ -275,8 +304,8 @@ def apply_zero(module: nn.Module, optimizer: torch.optim.Optimizer, lr_factor: C
 def parallelize(module: nn.Module, cfg, env: DistEnv, optimizer: torch.optim.Optimizer,
                 lr_factor: Callable[[int], float], bf16: bool = False) -> Parallelized:
     """Apply the configured parallelism (see the module docstring for the order). cfg: the whole Config;
-    module: the trainer's loss module (`.model` is the GPT). bf16: DeepSpeed's bf16 mode for ZeRO."""
-    validate_parallel(cfg.parallel, env)
+    module: the trainer's loss module (`.model` is the GPT). bf16: DeepSpeed's bf16 mode for ZeRO.
+    env: from init_distributed, checked against cfg.parallel by validate_parallel (the Trainer does at start)."""
     if env.cp_size > 1:
         apply_context_parallel(module.model, cfg.parallel.cp_impl, env.cp_group,
                                packed_documents=not cfg.data.cross_doc_attention, ulysses_group=env.cp_ulysses_group,

@@ -31,7 +31,7 @@ def main(dict_cfg: DictConfig) -> None:
     datasets.disable_progress_bars()  # tokenisation bars would bury the training progress bar
     cfg: Config = OmegaConf.to_object(dict_cfg)
     check_config(cfg)
-    env = init_distributed(cfg.train.device, cfg.parallel.cp, cfg.parallel.ulysses_degree)
+    env = init_distributed(cfg.train.device, cfg.parallel)
     if env.rank > 0:
         logging.getLogger("trainer").setLevel(logging.WARNING)  # rank 0 reports for everyone
     try:

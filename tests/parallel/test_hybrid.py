@@ -15,16 +15,15 @@ from dist_utils import full_attention, random_positions, run_world
 from helpers import assert_close
 from parallel import (HybridPlan, ParallelDims, hybrid_attn_func, hybrid_plan, hybrid_shard_for_rank,
                       hybrid_unshard_from_shards, init_mesh, shard_for_rank)
-from trainer.model import sliding_window_size
 
 TOL = {torch.float64: 1e-5, torch.float32: 2e-4}  # the ring merges lse in fp32
 U, CP = 2, 4
 
 
 def _case(causal=True, heads=(4, 2), B=2, chunk=3, D=8, packed=False, dtype=torch.float64, scale=None, seed=0,
-          via_plan=False, lse_loss=False, window=0):
+          via_plan=False, lse_loss=False, window_size=(-1, -1)):
     return dict(causal=causal, heads=heads, B=B, chunk=chunk, D=D, packed=packed, dtype=dtype, scale=scale,
-                seed=seed, via_plan=via_plan, lse_loss=lse_loss, window=window)
+                seed=seed, via_plan=via_plan, lse_loss=lse_loss, window_size=window_size)
 
 
 CASES = [
@@ -34,8 +33,8 @@ CASES = [
     _case(False, (2, 2), B=1, seed=3, dtype=torch.float32, D=16),
     _case(True, (4, 2), chunk=5, packed=True, seed=4, via_plan=True, lse_loss=True),  # docs cross shards
     _case(False, (4, 1), chunk=4, packed=True, seed=5, scale=0.3),
-    _case(True, (4, 2), chunk=3, seed=6, window=5),  # sliding windows: the ring runs them over the whole sequence
-    _case(True, (4, 1), chunk=5, packed=True, seed=7, via_plan=True, lse_loss=True, window=7),
+    _case(True, (4, 2), chunk=3, seed=6, window_size=(4, 0)),  # sliding windows: the ring runs them over the whole sequence
+    _case(True, (4, 1), chunk=5, packed=True, seed=7, via_plan=True, lse_loss=True, window_size=(6, 0)),
 ]
 
 
@@ -50,7 +49,7 @@ def _check_case(rank, c, mesh):
     dlse = rand(B, H, N).float() if c["lse_loss"] else None
     pos = random_positions(B, N, gen, max_doc=9) if c["packed"] else None
     full = [t.clone().requires_grad_() for t in (q, k, v)]
-    window_size = sliding_window_size(c["window"])
+    window_size = c["window_size"]
     out, lse = full_attention(*full, c["causal"], c["scale"], pos, window_size=window_size)
     ((out * dout).sum() + (0 if dlse is None else (lse * dlse).sum())).backward()
 
@@ -69,7 +68,7 @@ def _check_case(rank, c, mesh):
     out_l, lse_l, local = run(position_ids=None if pos is None else shard(pos))
     if c["via_plan"]:
         plan = hybrid_plan(shard(pos), mesh.cp_ulysses_group, mesh.cp_ring_group, causal=c["causal"],
-                           window=c["window"])
+                           window_size=window_size)
         out_p, _, local_p = run(plan=plan)
         for name, got, want in [("out", out_p, out_l)] + [(f"d{n}", a.grad, b.grad)
                                                           for n, a, b in zip("qkv", local_p, local)]:

@@ -18,23 +18,18 @@ from helpers import assert_close
 from parallel import RingComm, RingPlan, init_mesh, ring_attn_func, ring_plan, shard_for_rank
 from parallel.ring import merge_into
 from parallel.ring_plan import ring_steps, window_rect
-from trainer.model import sliding_window_size
 
 FP64_TOL = 1e-5  # the merged lse is fp32, so fp64 inputs agree to ~1e-7, not 1e-12
 DTYPE_TOL = {torch.float64: FP64_TOL, torch.float32: 2e-4}
 
 
 def _case(layout="zigzag", causal=True, heads=(4, 2), B=2, chunk=3, D=8, packed=False, lse_loss=False,
-          dtype=torch.float64, overlap=True, scale=None, backend="reference", seed=0, via_plan=False, window=0):
+          dtype=torch.float64, overlap=True, scale=None, backend="reference", seed=0, via_plan=False, window_size=(-1, -1)):
     """via_plan (packed only): also run with plan=ring_plan(...) and require results identical to position_ids=.
-    window > 0: a causal sliding window of that many keys (window_size=(window - 1, 0))."""
+    window_size (left, 0): a causal sliding window, query q sees keys q - left .. q."""
     return dict(layout=layout, causal=causal, heads=heads, B=B, chunk=chunk, D=D, packed=packed, lse_loss=lse_loss,
                 dtype=dtype, overlap=overlap, scale=scale, backend=backend, seed=seed, via_plan=via_plan,
-                window=window)
-
-
-def _window_size(c):
-    return sliding_window_size(c["window"])
+                window_size=window_size)
 
 
 def _cases():
@@ -55,12 +50,13 @@ def _cases():
     ]
     # Sliding windows: inside a chunk, across one or two chunk boundaries, wider than the sequence; packed
     # documents (the off-diagonal blocks then go one batch row at a time), lse gradients, a plan.
-    cases += [_case("zigzag", True, (4, 2), chunk=5, window=w, seed=30 + i) for i, w in enumerate((1, 3, 7, 12, 99))]
+    cases += [_case("zigzag", True, (4, 2), chunk=5, window_size=(left, 0), seed=30 + i)
+              for i, left in enumerate((0, 2, 6, 11, 98))]
     cases += [
-        _case("contiguous", True, (2, 1), chunk=4, window=6, lse_loss=True, seed=40),
-        _case("zigzag", True, (4, 2), chunk=5, window=6, packed=True, seed=41),
-        _case("contiguous", True, (4, 2), chunk=5, window=4, packed=True, lse_loss=True, seed=42),
-        _case("zigzag", True, (4, 1), B=3, chunk=6, window=8, packed=True, seed=43, via_plan=True),
+        _case("contiguous", True, (2, 1), chunk=4, window_size=(5, 0), lse_loss=True, seed=40),
+        _case("zigzag", True, (4, 2), chunk=5, window_size=(5, 0), packed=True, seed=41),
+        _case("contiguous", True, (4, 2), chunk=5, window_size=(3, 0), packed=True, lse_loss=True, seed=42),
+        _case("zigzag", True, (4, 1), B=3, chunk=6, window_size=(7, 0), packed=True, seed=43, via_plan=True),
     ]
     return cases
 
@@ -87,7 +83,7 @@ def _check_case(rank, world_size, c, group=None):
     q, k, v, dout, dlse, pos = _full_inputs(c, world_size)
     full = [t.clone().requires_grad_() for t in (q, k, v)]
     out, lse = full_attention(*full, c["causal"], c["scale"], pos,  # oracle: reference backend, input dtype
-                              window_size=_window_size(c))
+                              window_size=c["window_size"])
     _loss(out, lse, dout, dlse).backward()
 
     def shard(t, dim=1):
@@ -97,13 +93,13 @@ def _check_case(rank, world_size, c, group=None):
         local = [shard(t).detach().requires_grad_() for t in (q, k, v)]
         out_l, lse_l = ring_attn_func(*local, group=group, causal=c["causal"], softmax_scale=c["scale"],
                                       layout=c["layout"], return_lse=True, backend=c["backend"], overlap=c["overlap"],
-                                      window_size=_window_size(c), **docs)
+                                      window_size=c["window_size"], **docs)
         _loss(out_l, lse_l, shard(dout), None if dlse is None else shard(dlse, 2)).backward()
         return out_l, lse_l, local
 
     out_l, lse_l, local = run(position_ids=None if pos is None else shard(pos))
     if c["via_plan"]:  # the same blocks in the same order: bitwise the same results
-        plan = ring_plan(shard(pos), group, c["layout"], c["causal"], window=c["window"])
+        plan = ring_plan(shard(pos), group, c["layout"], c["causal"], window_size=c["window_size"])
         assert plan.batch_size == c["B"] and len(plan.steps) == world_size
         out_p, lse_p, local_p = run(plan=plan)
         for name, got, want in [("out", out_p, out_l), ("lse", lse_p, lse_l)] + [
@@ -166,7 +162,7 @@ def test_ring_triton_backend(free_port):
              _case("zigzag", True, (2, 2), B=1, chunk=9, D=32, dtype=torch.float32, backend="triton", packed=True,
                    seed=31),
              _case("zigzag", True, (2, 1), B=2, chunk=9, D=32, dtype=torch.float32, backend="triton", packed=True,
-                   window=7, seed=32)]
+                   window_size=(6, 0), seed=32)]
     run_world(_ring_worker, 2, free_port, cases)
 
 
@@ -198,30 +194,30 @@ def test_plan_computes_only_visible_chunks():
 
 def test_window_rect_covers_exactly_the_visible_pairs():
     checked = 0
-    for window in (1, 2, 3, 5, 8, 40):
+    for w_left in (0, 1, 2, 4, 7, 39):
         for q0 in range(0, 16, 3):
             for k0 in range(0, 16, 2):
                 for nq, nk in ((4, 4), (5, 3), (2, 7), (1, 1)):
                     qpos, kpos = torch.arange(q0, q0 + nq)[:, None], torch.arange(k0, k0 + nk)[None, :]
-                    want = (kpos <= qpos) & (kpos > qpos - window)
+                    want = (kpos <= qpos) & (kpos >= qpos - w_left)
                     got = torch.zeros(nq, nk, dtype=torch.bool)
-                    rect = window_rect(q0, nq, k0, nk, window)
+                    rect = window_rect(q0, nq, k0, nk, (w_left, 0))
                     if rect is not None:
                         i0, i1, j0, j1, (left, right) = rect
                         assert left >= -1 and right >= -1  # the kernels' convention: no other negatives
                         nq2, nk2 = i1 - i0, j1 - j0  # the mask flash_attn_func's window selects there
                         got[i0:i1, j0:j1] = visible_mask(torch.arange(nq2), torch.arange(nk2), nq2, nk2, left, right)
                         assert got[i0:i1].any(1).all() and got[:, j0:j1].any(0).all()  # trimmed tight
-                    assert torch.equal(got, want), (window, q0, nq, k0, nk, rect)
+                    assert torch.equal(got, want), (w_left, q0, nq, k0, nk, rect)
                     checked += 1
     assert checked > 1000
 
 
 def test_window_plan_keeps_only_pairs_the_window_reaches():
-    # W=4 zigzag, 8 tokens per chunk, window 4; rank 1 holds chunks (1, 6). Only each chunk's own diagonal and
+    # W=4 zigzag, 8 tokens per chunk, window_size (3, 0); rank 1 holds chunks (1, 6). Only each chunk's own diagonal and
     # the last 3 keys of the chunk before it are visible; pairs further apart are skipped.
-    steps = ring_steps(1, 4, 16, "zigzag", causal=True, window=4)
-    got = [[(*_spans([[b]])[0][0][:4], b.window) for b in st] for st in steps]
+    steps = ring_steps(1, 4, 16, "zigzag", causal=True, window_size=(3, 0))
+    got = [[(*_spans([[b]])[0][0][:4], b.window_size) for b in st] for st in steps]
     assert got == [
         [(0, 8, 0, 8, (3, 0)), (8, 16, 8, 16, (3, 0))],  # own chunks; chunk 6 vs chunk 1 is out of reach
         [(0, 3, 5, 8, (0, -1))],  # rank 0 = chunks (0, 7): queries 8-10 of chunk 1 see keys 5-7 of chunk 0
@@ -270,8 +266,8 @@ def test_ring_input_errors():
         ring_attn_func(torch.randn(1, 6, 3, 8), q, q)
     with pytest.raises(ValueError, match=r"causal sliding window .* got \(3, 2\)"):
         ring_attn_func(q, q, q, window_size=(3, 2))
-    with pytest.raises(ValueError, match="window 0"):  # a plan without the window the call asks for
-        ring_attn_func(q, q, q, plan=ring_plan(torch.arange(6)), window_size=(3, 0))
+    with pytest.raises(ValueError, match=r"another layout or mask.*window_size \(-1, -1\).*window_size \(3, 0\)"):
+        ring_attn_func(q, q, q, plan=ring_plan(torch.arange(6)), window_size=(3, 0))  # a plan without the window
 
 
 def test_ring_plan_input_errors():

@@ -142,18 +142,15 @@ class InnerAttention(nn.Module):
 
     A module of its own so context parallelism can swap it (ring / Ulysses) without touching the model.
     With cu_seqlens it runs the varlen kernel over the flattened B*N tokens (packed documents).
-    window > 0: sliding-window attention, query i sees keys i-window+1 .. i (the kernels skip the rest).
+    window > 0: sliding-window attention, query i sees keys i-window+1 .. i (the kernels skip the rest); kept
+    as the attention API's window_size (left, right), which context parallelism reads from here too.
     """
 
     def __init__(self, backend: str = "auto", fp8: bool = False, window: int = 0):
         super().__init__()
         self.backend = backend
         self.fp8 = fp8  # FP8 forward (attention/fp8.py) on the dense path; varlen has no fp8 kernel
-        self.window = window
-
-    @property
-    def window_size(self) -> tuple[int, int]:
-        return sliding_window_size(self.window)
+        self.window_size = sliding_window_size(window)
 
     def forward(self, q, k, v, cu_seqlens=None, max_seqlen=None):
         # model.ckpt=selective: inside a checkpointed block the forward keeps (out, lse) and the
