@@ -11,13 +11,16 @@ import pytest
 import torch
 import torch.distributed as dist
 
+import attention.backends
+import parallel.ring
 from attention import merge_attn_outputs
 from attention.reference import visible_mask
 from dist_utils import full_attention, random_positions, run_world
 from helpers import assert_close
-from parallel import RingComm, RingPlan, init_mesh, ring_attn_func, ring_plan, shard_for_rank
+from parallel import (RingComm, RingPlan, hybrid_attn_func, init_mesh, ring_attn_func, ring_plan, shard_for_rank,
+                      ulysses_attn_func)
 from parallel.ring import merge_into
-from parallel.ring_plan import ring_steps, window_rect
+from parallel.ring_plan import causal_window, ring_steps, window_rect
 
 FP64_TOL = 1e-5  # the merged lse is fp32, so fp64 inputs agree to ~1e-7, not 1e-12
 DTYPE_TOL = {torch.float64: FP64_TOL, torch.float32: 2e-4}
@@ -293,3 +296,46 @@ def test_ring_plan_input_errors():
         ring_plan(pos.float())
     with pytest.raises(ValueError, match="layout"):
         ring_plan(pos, layout="striped")
+
+
+def test_causal_window_normalises_the_ring_windows():
+    assert causal_window(True, (-1, -1)) == causal_window(True, (-1, 0)) == causal_window(False, (-1, -1)) == (-1, -1)
+    assert causal_window(True, (5, -1)) == causal_window(False, (5, 0)) == (5, 0)
+    for causal, window_size in ((True, (3, 2)), (False, (5, -1)), (False, (-1, 0)), (True, (-1, 4))):
+        with pytest.raises(ValueError, match="causal sliding window"):
+            causal_window(causal, window_size)
+    # the plan stores the normalised window, so a call with the same window in another spelling fits it
+    plan = ring_plan(torch.arange(6), window_size=(2, -1))
+    assert plan.window_size == (2, 0) and plan.causal
+    q = torch.randn(1, 6, 2, 8, dtype=torch.float64)
+    want = full_attention(q, q, q, True, window_size=(2, 0))[0]
+    assert_close(ring_attn_func(q, q, q, plan=plan, window_size=(2, 0), backend="reference"), want, "out",
+                 atol=FP64_TOL, rtol=FP64_TOL)
+
+
+@pytest.mark.parametrize("entry", ["ring", "ulysses", "hybrid"])
+def test_cp_entry_points_check_inputs_once(entry, monkeypatch):
+    """One check per call, however many blocks the ring launches (forward and backward): a window and packed
+    documents split this single-rank call into several blocks."""
+    checks, launches = [], []
+
+    def counting(calls, fn):
+        return lambda *a, **kw: calls.append(1) or fn(*a, **kw)
+
+    monkeypatch.setattr(attention.backends, "check_qkv", counting(checks, attention.backends.check_qkv))
+    for name in ("launch_forward", "launch_varlen_forward"):
+        monkeypatch.setattr(parallel.ring, name, counting(launches, getattr(parallel.ring, name)))
+    gen = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(2, 12, h, 8, generator=gen, dtype=torch.float64, requires_grad=True) for h in (4, 2, 2))
+    pos = random_positions(2, 12, gen, max_doc=7)
+    fn = {"ring": ring_attn_func, "ulysses": ulysses_attn_func, "hybrid": hybrid_attn_func}[entry]
+    out = fn(q, k, v, causal=True, position_ids=pos, window_size=(3, 0), backend="reference")
+    out.sum().backward()
+    assert len(checks) == 1, f"{entry}: q/k/v checked {len(checks)} times in one call"
+    if entry != "ulysses":  # Ulysses is one local call; the ring splits the window into blocks
+        assert len(launches) > 1
+    ref = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    want = full_attention(*ref, True, position_ids=pos, window_size=(3, 0))[0]
+    want.sum().backward()
+    assert_close(out, want, "out", atol=FP64_TOL, rtol=FP64_TOL)
+    assert_close(q.grad, ref[0].grad, "dq", atol=FP64_TOL, rtol=FP64_TOL)
