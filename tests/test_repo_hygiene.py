@@ -141,7 +141,7 @@ def test_tests_do_not_edit_sys_path():
 
 
 def test_history_patterns_flag_diary_lines_and_pass_code():
-    diary = ["# tuned in " + "Session 4 on an H100", "I " + "measured 1.2x here", "I'" + "ve not traced it",
+    diary = ["# tuned in Sess" + "ion 4 on an H100", "I " + "measured 1.2x here", "I'" + "ve not traced it",
              "as the " + "issue asks", "with my " + "own eyes"]
     for line in diary:
         assert history_lines("f", line), line
