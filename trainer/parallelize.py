@@ -129,6 +129,8 @@ def init_distributed(device: str = "auto", parallel: Optional[ParallelConfig] = 
     """
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    if parallel is not None and not isinstance(parallel, ParallelConfig):
+        raise ValueError(f"init_distributed: parallel must be a ParallelConfig (cfg.parallel), got {parallel!r}")
     dims = resolve_parallel(parallel if parallel is not None else ParallelConfig(), world)
     dev = resolve_device(device, local_rank)
     if world > 1 and not dist.is_initialized():

@@ -41,6 +41,8 @@ def test_init_distributed_checks_before_joining(monkeypatch):
         monkeypatch.delenv(name, raising=False)
     with pytest.raises(ValueError, match="torchrun --nproc_per_node=2"):
         init_distributed("cpu", ParallelConfig(cp=2))
+    with pytest.raises(ValueError, match="parallel must be a ParallelConfig"):
+        init_distributed("cpu", 2)
     env = init_distributed("cpu", ParallelConfig())
     assert (env.world_size, env.dp_size, env.cp_size, env.cp_group) == (1, 1, 1, None)
 

@@ -212,7 +212,7 @@ def run_steps(overrides):
     """Per-step global losses of Trainer.train_step, the step-1 gradients (as the optimizer sees them) and
     the valid-target counts of step 1's micro-batches on this rank."""
     cfg = compose_cfg([*MODEL, *overrides])
-    trainer = Trainer(cfg, init_distributed("cpu", cfg.parallel.cp))
+    trainer = Trainer(cfg, init_distributed("cpu", cfg.parallel))
     grads = []
 
     def keep_first(optimizer, args, kwargs):
