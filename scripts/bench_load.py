@@ -7,10 +7,11 @@ Writes a random-weight checkpoint of the shape (bf16, sharded safetensors + inde
 --dir (kept and reused when its config matches), then loads it in bf16 onto --device twice, each in a fresh
 subprocess so the peaks are separate: `ringflash` = trainer.model.hf.build_pretrained (meta-device build, each
 tensor read once from the memory-mapped files into its final dtype and device) and `transformers` =
-AutoModelForCausalLM.from_pretrained(dtype=bfloat16) moved to the device. Columns: load seconds, peak host RSS
-(getrusage ru_maxrss) and its rise over the process before loading (imports included in the first), peak GPU
-memory (torch.cuda.max_memory_allocated), and a checksum of the loaded weights (both must agree). Table on
-stdout, JSON in --out/load.json.
+AutoModelForCausalLM.from_pretrained(dtype=bfloat16), with device_map=--device when accelerate is installed
+(else loaded on the CPU and moved). Columns: load seconds; peak host RSS of the process (getrusage ru_maxrss,
+imports included) and its rise during the load (the loader's own cost); peak GPU memory
+(torch.cuda.max_memory_allocated); parameters. A checksum of the loaded weights must agree between the two.
+Table on stdout, JSON in --out/load.json.
 
 Shapes: tiny (CPU), 1b = Llama-3.2-1B (tied embeddings, llama3 RoPE scaling), 8b = Llama-3-8B (16 GB in bf16).
 """
@@ -18,6 +19,7 @@ Shapes: tiny (CPU), 1b = Llama-3.2-1B (tied embeddings, llama3 RoPE scaling), 8b
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import resource
@@ -94,6 +96,8 @@ def load_once(loader: str, directory: Path, device: str) -> dict:
     start = time.perf_counter()
     if loader == "ringflash":
         model = build_pretrained(config_from_hf(str(directory)), device=dev, dtype=torch.bfloat16)
+    elif importlib.util.find_spec("accelerate") is not None:  # transformers places weights itself only with it
+        model = AutoModelForCausalLM.from_pretrained(str(directory), dtype=torch.bfloat16, device_map=str(dev))
     else:
         model = AutoModelForCausalLM.from_pretrained(str(directory), dtype=torch.bfloat16).to(dev)
     if dev.type == "cuda":
@@ -115,6 +119,11 @@ def measure(loader: str, directory: Path, device: str) -> dict:
     if proc.returncode != 0:
         raise RuntimeError(f"{loader} load failed:\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _same_weights(a: dict, b: dict) -> bool:
+    """Same parameter count and checksum (a float64 sum, so only the summation order may differ)."""
+    return a["params"] == b["params"] and abs(a["checksum"] - b["checksum"]) <= 1e-6 * max(1.0, abs(b["checksum"]))
 
 
 def table(rows: list[dict]) -> str:
@@ -146,7 +155,7 @@ def main(argv=None) -> dict:
     result = {"shape": args.shape, "device": device_name, "dtype": "bf16", "checkpoint": str(directory),
               "checkpoint_gib": sum(f.stat().st_size for f in directory.glob("*.safetensors")) / 2**30,
               "write_s": written, "rows": rows,
-              "weights_match": abs(rows[0]["checksum"] - rows[1]["checksum"]) <= 1e-6 * max(1.0, abs(rows[1]["checksum"]))}
+              "weights_match": _same_weights(*rows)}
     print(f"{args.shape} checkpoint ({result['checkpoint_gib']:.2f} GiB bf16) loaded onto {device_name}:")
     print(table(rows))
     print(f"weights match: {result['weights_match']}")

@@ -182,7 +182,7 @@ def test_zero3_cp2_loads_and_exports_as_one_process(source, tmp_path, free_port)
     for k in want:
         moved = (want[k] - source_weights[k]).abs().max().item()
         diff = (got[k] - want[k]).abs().max().item()
-        assert moved > 1e-4 and diff <= 1e-5 * max(1.0, want[k].abs().max().item()) + moved * 1e-2, (k, diff, moved)
+        assert moved > 1e-4 and diff <= 1e-2 * moved, (k, diff, moved)  # they agree far below how far they moved
     # train.export_hf wrote the same bf16 directory the CLI writes from that checkpoint
     cli = tensors(export_checkpoint(tmp_path / "z3", tmp_path / "z3_bf16"))
     at_end = tensors(tmp_path / "z3" / "hf")
