@@ -1,7 +1,8 @@
 """Passkey retrieval (needle in a haystack) over context lengths x needle depths -> JSON + heatmap PNG.
 
     python -m trainer.eval_passkey checkpoint=outputs/cpu_passkey lengths=[256,512,1024] depths=[0,0.5,1]
-    python -m trainer.eval_passkey checkpoint=outputs/run/checkpoints/step_300 samples=20 model.rope_scaling=4
+    python -m trainer.eval_passkey checkpoint=outputs/run/checkpoints/step_300 samples=20 \
+        model.rope_scaling.type=linear model.rope_scaling.factor=4
     result = evaluate_passkey(model_predictor(model, device), tok, lengths, depths, samples=10, seed=0)
 
 Score: the model reads the prompt (trainer/passkey.py) and must produce the key's digits. `exact` is the
@@ -160,6 +161,9 @@ def load_for_eval(cfg: PasskeyConfig):
     for key, value in cfg.model.items():
         if key not in known:
             raise ValueError(f"model.{key}: not a ModelConfig field")
+        if key == "rope_scaling" and isinstance(value, dict):  # nested keys update the saved scaling
+            saved_scaling = model_cfg.get(key)
+            value = {**(saved_scaling if isinstance(saved_scaling, dict) else {}), **value}
         model_cfg[key] = value
     device = resolve_device(cfg.device, 0)
     model = GPT(ModelConfig(**model_cfg), attn_backend=cfg.attention_backend)

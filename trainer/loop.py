@@ -107,6 +107,8 @@ class Trainer:
             if cfg.data.tokenizer == "hf" and not cfg.data.tokenizer_path:
                 cfg.data.tokenizer_path = cfg.model.path
         check_context_parallel(cfg.model, cfg.parallel.cp)
+        # the context the weights will have been trained for (an export writes it as max_position_embeddings)
+        cfg.model.max_position_embeddings = max(cfg.model.max_position_embeddings, cfg.data.seq_len)
         self.tokenizer = build_tokenizer(cfg.data)
         if cfg.model.vocab_size == 0:
             cfg.model.vocab_size = self.tokenizer.vocab_size

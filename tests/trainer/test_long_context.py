@@ -19,7 +19,7 @@ import trainer.model.gpt
 from helpers import assert_close
 from trainer.model.fused import rms_norm, rms_norm_math, rope, rope_math, swiglu, swiglu_math
 from trainer.model.loss import chunked_cross_entropy
-from trainer.model import GPT, ModelConfig, rope_cos_sin
+from trainer.model import GPT, ModelConfig, RopeScalingConfig, rope_cos_sin
 
 VOCAB = 300
 
@@ -355,7 +355,8 @@ def test_rope_theta_and_scaling_reach_the_model():
     assert (build(rope_theta=500000.0)(tokens) - base).abs().max() > 1e-6
     # Position interpolation: scaling s over positions s*p equals scaling 1 over positions p.
     pos = torch.arange(40)[None]
-    assert_close(build(rope_scaling=4.0)(tokens, pos * 4), build()(tokens, pos), "rope_scaling=4 at 4p")
+    linear4 = RopeScalingConfig(type="linear", factor=4.0)
+    assert_close(build(rope_scaling=linear4)(tokens, pos * 4), build()(tokens, pos), "rope_scaling linear 4 at 4p")
 
 
 def test_compiled_model_matches_eager():

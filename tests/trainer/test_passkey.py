@@ -169,10 +169,11 @@ def test_trainer_hook_and_command_line(tmp_path):
     assert (out / "passkey" / "step_4.json").is_file() and (out / "passkey" / "step_4.png").is_file()
     stem = tmp_path / "cli" / "pk"
     proc = subprocess.run([sys.executable, "-m", "trainer.eval_passkey", f"checkpoint={out}", "lengths=[128,160]",
-                           "depths=[0.5]", "samples=3", f"out={stem}", "model.rope_scaling=2.0"],
+                           "depths=[0.5]", "samples=3", f"out={stem}", "model.rope_scaling.type=linear",
+                           "model.rope_scaling.factor=2.0"],
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = json.loads(stem.with_suffix(".json").read_text())
     assert result["step"] == 4 and result["lengths"] == [128, 160] and result["model_overrides"] == {
-        "rope_scaling": 2.0}
+        "rope_scaling": {"type": "linear", "factor": 2.0}}
     assert stem.with_suffix(".png").is_file()

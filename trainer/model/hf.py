@@ -123,6 +123,9 @@ def _merge_rope(checkpoint: RopeScalingConfig, base: RopeScalingConfig, hf) -> R
     changed = {f.name: getattr(base, f.name) for f in fields(RopeScalingConfig)
                if f.name != "type" and getattr(base, f.name) != getattr(defaults, f.name)}
     if base.type == "":
+        if checkpoint.type == "none" and changed:
+            raise ValueError(f"model.rope_scaling: {changed} would be ignored, the checkpoint has no RoPE scaling: "
+                             f"name model.rope_scaling.type too")
         return replace(checkpoint, **changed)
     out = replace(base)
     if out.original_max_position_embeddings == 0:
