@@ -7,10 +7,12 @@ Writes a random-weight checkpoint of the shape (bf16, sharded safetensors + inde
 --dir (kept and reused when its config matches), then loads it in bf16 onto --device twice, each in a fresh
 subprocess so the peaks are separate: `ringflash` = trainer.model.hf.build_pretrained (meta-device build, each
 tensor read once from the memory-mapped files into its final dtype and device) and `transformers` =
-AutoModelForCausalLM.from_pretrained(dtype=bfloat16) moved to the device. Columns: load seconds, peak host RSS
-(getrusage ru_maxrss) and its rise over the process before loading (imports included in the first), peak GPU
-memory (torch.cuda.max_memory_allocated), and a checksum of the loaded weights (both must agree). Table on
-stdout, JSON in --out/load.json.
+AutoModelForCausalLM.from_pretrained(dtype=bfloat16), with device_map=--device when accelerate is installed
+(else loaded on the CPU and moved). Columns: load seconds; peak host RSS during the load (VmHWM, restarted
+after the imports) and its rise over the RSS before; the RSS once every weight has been read (the checksum):
+transformers keeps CPU weights whose dtype matches the file as views of the memory-mapped file, which count
+only when read; peak GPU memory (torch.cuda.max_memory_allocated); parameters. A checksum of the loaded weights
+must agree between the two. Table on stdout, JSON in --out/load.json.
 
 Shapes: tiny (CPU), 1b = Llama-3.2-1B (tied embeddings, llama3 RoPE scaling), 8b = Llama-3-8B (16 GB in bf16).
 """
@@ -18,6 +20,7 @@ Shapes: tiny (CPU), 1b = Llama-3.2-1B (tied embeddings, llama3 RoPE scaling), 8b
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import resource
@@ -77,32 +80,54 @@ def write_checkpoint(shape: str, directory: Path, seed: int = 0) -> Path:
     return directory
 
 
-def _rss_gib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB
+def _status_gib(field: str) -> float:
+    """VmRSS (now) or VmHWM (peak) of this process from /proc; elsewhere getrusage's peak for both."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 2**20  # kB
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux units (KiB); macOS gives bytes
+
+
+def _reset_peak_rss() -> None:
+    # ru_maxrss would carry the parent's RSS at fork into this process (Linux keeps the larger of the two across
+    # exec); VmHWM belongs to this process's own address space, and writing 5 to clear_refs restarts it here.
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
 
 
 def load_once(loader: str, directory: Path, device: str) -> dict:
     """Load in this process and measure; run by the child subprocess."""
     dev = torch.device(device)
-    if loader == "ringflash":
-        from trainer.model.hf import build_pretrained, config_from_hf
-    else:
-        from transformers import AutoModelForCausalLM
-    rss_before = _rss_gib()
+    # Imports before the clock and the RSS baseline: the load is measured, not the import of its modules.
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.models.llama import modeling_llama  # noqa: F401
+
+    from trainer.model.hf import build_pretrained, config_from_hf
+
+    AutoConfig.from_pretrained(str(directory))
+    _reset_peak_rss()
+    rss_before = _status_gib("VmRSS")
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
     start = time.perf_counter()
     if loader == "ringflash":
         model = build_pretrained(config_from_hf(str(directory)), device=dev, dtype=torch.bfloat16)
+    elif importlib.util.find_spec("accelerate") is not None:  # transformers places weights itself only with it
+        model = AutoModelForCausalLM.from_pretrained(str(directory), dtype=torch.bfloat16, device_map=str(dev))
     else:
         model = AutoModelForCausalLM.from_pretrained(str(directory), dtype=torch.bfloat16).to(dev)
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
     seconds = time.perf_counter() - start
-    rss_peak = _rss_gib()
+    rss_peak = _status_gib("VmHWM")
     checksum = sum(float(p.detach().double().sum()) for p in model.parameters())  # order-free, ties once
     return {"loader": loader, "load_s": seconds, "peak_rss_gib": rss_peak, "rss_before_gib": rss_before,
-            "rss_rise_gib": rss_peak - rss_before,
+            "rss_rise_gib": rss_peak - rss_before, "rss_after_use_gib": _status_gib("VmRSS"),
             "peak_gpu_gib": torch.cuda.max_memory_allocated(dev) / 2**30 if dev.type == "cuda" else 0.0,
             "params": sum(p.numel() for p in model.parameters()), "checksum": checksum}
 
@@ -117,12 +142,18 @@ def measure(loader: str, directory: Path, device: str) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def _same_weights(a: dict, b: dict) -> bool:
+    """Same parameter count and checksum (a float64 sum, so only the summation order may differ)."""
+    return a["params"] == b["params"] and abs(a["checksum"] - b["checksum"]) <= 1e-6 * max(1.0, abs(b["checksum"]))
+
+
 def table(rows: list[dict]) -> str:
-    head = f"{'loader':<13}{'load s':>8}{'peak RSS GiB':>14}{'RSS rise GiB':>14}{'peak GPU GiB':>14}{'params':>14}"
+    head = (f"{'loader':<13}{'load s':>8}{'peak RSS GiB':>14}{'RSS rise GiB':>14}{'RSS in use GiB':>16}"
+            f"{'peak GPU GiB':>14}{'params':>15}")
     lines = [head, "-" * len(head)]
     for r in rows:
         lines.append(f"{r['loader']:<13}{r['load_s']:>8.2f}{r['peak_rss_gib']:>14.2f}{r['rss_rise_gib']:>14.2f}"
-                     f"{r['peak_gpu_gib']:>14.2f}{r['params']:>14,}")
+                     f"{r['rss_after_use_gib']:>16.2f}{r['peak_gpu_gib']:>14.2f}{r['params']:>15,}")
     return "\n".join(lines)
 
 
@@ -146,7 +177,7 @@ def main(argv=None) -> dict:
     result = {"shape": args.shape, "device": device_name, "dtype": "bf16", "checkpoint": str(directory),
               "checkpoint_gib": sum(f.stat().st_size for f in directory.glob("*.safetensors")) / 2**30,
               "write_s": written, "rows": rows,
-              "weights_match": abs(rows[0]["checksum"] - rows[1]["checksum"]) <= 1e-6 * max(1.0, abs(rows[1]["checksum"]))}
+              "weights_match": _same_weights(*rows)}
     print(f"{args.shape} checkpoint ({result['checkpoint_gib']:.2f} GiB bf16) loaded onto {device_name}:")
     print(table(rows))
     print(f"weights match: {result['weights_match']}")
