@@ -98,7 +98,7 @@ def init_distributed(device: str = "auto", cp: int = 1, ulysses_degree: int = 1)
         backend = "nccl" if dev.type == "cuda" else "gloo"
         kwargs = {"device_id": dev} if dev.type == "cuda" else {}
         dist.init_process_group(backend, timeout=datetime.timedelta(minutes=30), **kwargs)
-    cp = cp if cp >= 1 and world % cp == 0 else 1  # a bad cp is reported by validate_parallel
+    check_world_size(cp, -1, world)
     u = ulysses_degree if cp > 1 and ulysses_degree >= 1 and cp % ulysses_degree == 0 else 1  # likewise
     groups = (None, None, None)
     if cp > 1:
@@ -113,23 +113,40 @@ def destroy_distributed() -> None:
     destroy_process_groups()
 
 
-def validate_parallel(cfg, env: DistEnv) -> None:
-    """Check the parallel config (cfg.parallel) against the world size, with the numbers in the message."""
+def check_world_size(cp: int, dp: int, world: int) -> None:
+    """parallel.cp / parallel.dp against the number of processes: the one check, nothing is reset. The message
+    says how to launch (torchrun --nproc_per_node=N)."""
+    if cp < 1 or (dp < 1 and dp != -1):
+        raise ValueError(f"need parallel.cp >= 1 and parallel.dp >= 1 (or -1: world size / cp), got cp={cp}, dp={dp}")
+    need = cp * (1 if dp == -1 else dp)
+    what = f"parallel.cp={cp}" if dp in (-1, 1) else (f"parallel.dp={dp}" if cp == 1 else
+                                                       f"parallel.dp={dp} x parallel.cp={cp}")
+    if world == 1 and need > 1:
+        raise ValueError(f"{what} needs {need} processes, but the world size is 1 (started without torchrun): "
+                         f"launch with torchrun --nproc_per_node={need} -m trainer.train ...")
+    if dp == -1 and world % cp:
+        raise ValueError(f"parallel.cp={cp} must divide the world size ({world} processes from torchrun): start a "
+                         f"multiple of {cp} processes (--nproc_per_node) or choose another parallel.cp")
+    if dp != -1 and need != world:
+        raise ValueError(f"{what} needs {need} processes, but the world size is {world}: launch with torchrun "
+                         f"--nproc_per_node={need}, or set parallel.dp=-1 (world size / parallel.cp)")
+
+
+def validate_parallel(cfg, env) -> None:
+    """Check the parallel config (cfg.parallel) against the world size: `env` is the DistEnv, or the world size
+    (int) before the process group exists, as trainer/train.py checks it."""
+    world = env if isinstance(env, int) else env.world_size
     if cfg.cp_impl not in CP_IMPLS:
         raise ValueError(f"parallel.cp_impl must be one of {CP_IMPLS}, got {cfg.cp_impl!r}")
-    if cfg.cp < 1:
-        raise ValueError(f"parallel.cp must be >= 1, got {cfg.cp}")
     if cfg.zero_stage not in (0, 1, 2, 3):
         raise ValueError(f"parallel.zero_stage must be 0, 1, 2 or 3, got {cfg.zero_stage}")
-    dp = env.world_size // cfg.cp if cfg.dp == -1 else cfg.dp
-    if dp * cfg.cp != env.world_size:
-        raise ValueError(f"parallel.dp ({cfg.dp}) * parallel.cp ({cfg.cp}) must equal the world size "
-                         f"({env.world_size})")
-    if cfg.cp_impl == "hybrid" and cfg.cp > 1 and env.ulysses_degree != cfg.ulysses_degree:
+    check_world_size(cfg.cp, cfg.dp, world)
+    built = cfg.ulysses_degree if isinstance(env, int) else env.ulysses_degree  # the groups init_distributed made
+    if cfg.cp_impl == "hybrid" and cfg.cp > 1 and built != cfg.ulysses_degree:
         raise ValueError(f"parallel.cp_impl=hybrid with parallel.ulysses_degree={cfg.ulysses_degree}, but the "
-                         f"process groups were built for ulysses_degree={env.ulysses_degree}: pass "
+                         f"process groups were built for ulysses_degree={built}: pass "
                          f"parallel.ulysses_degree to trainer.parallelize.init_distributed")
-    if cfg.zero_stage != 0 and env.world_size == 1:
+    if cfg.zero_stage != 0 and world == 1:
         raise ValueError(f"parallel.zero_stage={cfg.zero_stage} shards weights / optimizer state over ranks, but "
                          f"the world size is 1; start several ranks (torchrun --nproc_per_node=N) or use "
                          f"parallel.zero_stage=0")

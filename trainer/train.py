@@ -3,10 +3,16 @@
     python -m trainer.train                                     # tiny model, CPU, embedded stdlib corpus
     python -m trainer.train model=llama_220m data.seq_len=65536 train.steps=1000
     torchrun --nproc_per_node=8 -m trainer.train parallel.dp=8 ...   # or scripts/launch.sh
+    python -m trainer.train --help                              # config groups, every key and its meaning
 
 The DictConfig is converted once to the typed Config (trainer/config.py); nothing below this file sees
-Hydra. Under torchrun every rank uses the same run directory (train.out_dir) and only rank 0 lets Hydra
-write into it.
+Hydra. The run directory is outputs/<run_name>: the preset's name plus a hash of the run-defining overrides
+(trainer/config.py, RUN_NAME_IGNORED), so the same command resumes its run. Under torchrun every rank uses the
+same run directory (train.out_dir) and only rank 0 lets Hydra write into it.
+
+Exit codes: 0 done; 1 a config / data / checkpoint problem (one line on stderr; HYDRA_FULL_ERROR=1 shows the
+trace) or a stop on non-finite losses; 130 (SIGINT, Ctrl-C) / 143 (SIGTERM) after the checkpoint of the step
+in progress was saved (trainer/stop.py), or, before training started or on a second Ctrl-C, without one.
 """
 
 from __future__ import annotations
@@ -19,25 +25,73 @@ import datasets
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
+from trainer.cli_help import describe_keys
 from trainer.config import Config, check_config, register_configs
-from trainer.loop import Trainer
-from trainer.parallelize import destroy_distributed, init_distributed
+from trainer.loop import Trainer, TrainingStopped
+from trainer.parallelize import destroy_distributed, init_distributed, validate_parallel
 
 register_configs()
+
+HELP = """python -m trainer.train [KEY=VALUE ...]: train a GPT (Hydra command line; presets in configs/)
+
+  python -m trainer.train                                   the default CPU run (experiment=cpu_default)
+  python -m trainer.train experiment=cpu_passkey            another preset
+  python -m trainer.train model=llama_220m data.seq_len=4096 optim.lr=6e-4 train.steps=1000
+  torchrun --nproc_per_node=N -m trainer.train parallel.dp=N ...     several processes (GPUs)
+
+The run directory is outputs/<run_name>: the preset's name, plus a short hash of the overrides that change
+the run (all but train.steps, logging / evaluation / checkpoint intervals, logger.*, eval.*), so the same
+command resumes its run and another command starts its own; run_name=NAME names it. Ctrl-C saves a
+checkpoint at the end of the current step and exits (130); the same command then resumes.
+
+== Config groups (group=option) ==
+$APP_CONFIG_GROUPS
+== Keys (key: value with this command line  # meaning) ==
+$KEYS
+
+--cfg job prints the composed config; --hydra-help lists Hydra's own flags.
+"""
+
+
+def _help_template(*, _root_) -> str:
+    # The value of hydra.help.template (configs/train.yaml): Hydra substitutes $APP_CONFIG_GROUPS; the key list
+    # is built here from the schema's comments and the composed values.
+    keys = "\n".join(describe_keys(Config, _root_)).replace("$", "$$")
+    return HELP.replace("$KEYS", keys)
+
+
+OmegaConf.register_new_resolver("trainer_help", _help_template, replace=True)
 
 
 @hydra.main(version_base="1.3", config_path="../configs", config_name="train")
 def main(dict_cfg: DictConfig) -> None:
-    datasets.disable_progress_bars()  # tokenisation bars would bury the training progress bar
-    cfg: Config = OmegaConf.to_object(dict_cfg)
-    check_config(cfg)
-    env = init_distributed(cfg.train.device, cfg.parallel.cp, cfg.parallel.ulysses_degree)
-    if env.rank > 0:
-        logging.getLogger("trainer").setLevel(logging.WARNING)  # rank 0 reports for everyone
+    rank = int(os.environ.get("RANK", "0"))
+    if rank > 0 or not sys.stderr.isatty():
+        datasets.disable_progress_bars()  # tokenisation bars: rank 0 and a terminal only, no \r spam in logs
     try:
-        Trainer(cfg, env).run()
-    finally:
-        destroy_distributed()
+        cfg: Config = OmegaConf.to_object(dict_cfg)
+        check_config(cfg)
+        validate_parallel(cfg.parallel, int(os.environ.get("WORLD_SIZE", "1")))  # before any process group
+        env = init_distributed(cfg.train.device, cfg.parallel.cp, cfg.parallel.ulysses_degree)
+        if env.rank > 0:
+            logging.getLogger("trainer").setLevel(logging.WARNING)  # rank 0 reports for everyone
+        try:
+            trainer = Trainer(cfg, env)
+            trainer.run()
+        finally:
+            destroy_distributed()
+    except (ValueError, TrainingStopped) as exc:
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        print(f"error: {exc}", file=sys.stderr)  # one line the user can act on, not a trace
+        sys.exit(1)
+    except KeyboardInterrupt:  # before the training loop (no step to save) or a second Ctrl-C
+        out = OmegaConf.select(dict_cfg, "train.out_dir", throw_on_resolution_failure=False)
+        print(f"interrupted: no checkpoint saved for the step in progress; the newest one in {out}/checkpoints "
+              f"(if any) resumes the run", file=sys.stderr)
+        sys.exit(130)
+    if trainer.stopped_by:
+        sys.exit(128 + trainer.stopped_by)
 
 
 def _quiet_hydra_on_other_ranks() -> None:
