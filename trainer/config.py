@@ -220,7 +220,7 @@ def _ignored(key: str) -> bool:
 
 
 def run_name_for(base: str, overrides: list[str]) -> str:
-    """`base`, or `base-<6 hex>` hashing the sorted run-defining overrides (`key=value` strings as typed)."""
+    """`base`, or `base-<8 hex>` hashing the sorted run-defining overrides (`key=value` strings as typed)."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     parsed = OverridesParser.create().parse_overrides(list(overrides))
@@ -228,7 +228,7 @@ def run_name_for(base: str, overrides: list[str]) -> str:
                   if not _ignored(o.get_key_element()))
     if not kept:
         return base
-    return f"{base}-{hashlib.sha1(chr(10).join(kept).encode()).hexdigest()[:6]}"
+    return f"{base}-{hashlib.sha1(chr(10).join(kept).encode()).hexdigest()[:8]}"
 
 
 def _auto_run_name(base: str) -> str:
