@@ -2,7 +2,7 @@
 
     ckpt = CheckpointManager(out_dir / "checkpoints", keep=2, rank=r, world_size=w, barrier=dist.barrier)
     ckpt.save(step, shared={"model": ..., "optim": ...}, per_rank={"data": ..., "rng": ...})
-    found = ckpt.load_latest()     # None, or (path, step, shared, per_rank) of the newest readable checkpoint
+    found = ckpt.load_latest()     # None, or (step, shared, per_rank) of the newest readable checkpoint
 
 Layout of one checkpoint: `state.pt` (what every rank holds the same copy of: model, optimizer, scheduler,
 step, config; written by rank 0), `rank_<r>.pt` (per-rank: data-loader position, RNG states), `meta.json`,
@@ -171,7 +171,11 @@ class CheckpointManager:
         per_rank = _read(path / f"rank_{self.rank}.pt")
         return meta["step"], shared, per_rank
 
-    def load_latest(self, agree: Callable[[bool], bool] = bool) -> Optional[tuple[Path, int, dict, dict]]:
+    def load_latest(self) -> Optional[tuple[int, dict, dict]]:
+        found = self.load_newest_readable()
+        return None if found is None else found[1:]
+
+    def load_newest_readable(self, agree: Callable[[bool], bool] = bool) -> Optional[tuple[Path, int, dict, dict]]:
         """(path, step, shared, per_rank) of the newest checkpoint every rank can read, or None if there is none.
 
         An unreadable one is skipped with a warning. agree(ok) -> whether every rank read its files (an

@@ -2,6 +2,7 @@
 
     lines = describe_keys(PasskeyConfig)                      # ["checkpoint: ???  # a run dir ...", ...]
     lines = describe_keys(Config, values=composed_cfg)         # current values of a composed Hydra config
+    python -m trainer.train --help                             # train_help(): groups and keys, via Hydra
 
 A field's meaning is its trailing comment, or the comment lines right above it; a field holding a dataclass is
 listed key by key under its name (model.dim, train.steps, ...). The help is thus never out of step with the
@@ -72,3 +73,33 @@ def describe_keys(cls, values: Any = None, prefix: str = "") -> list[str]:
         text = f"{key}: {value}"
         lines.append(f"{text:<44}  # {comments[f.name]}" if comments.get(f.name) else text)
     return lines
+
+
+TRAIN_HELP = """python -m trainer.train [KEY=VALUE ...]: train a GPT (Hydra command line; presets in configs/)
+
+  python -m trainer.train                                   the default CPU run (experiment=cpu_default)
+  python -m trainer.train experiment=cpu_passkey            another preset
+  python -m trainer.train model=llama_220m data.seq_len=4096 optim.lr=6e-4 train.steps=1000
+  torchrun --nproc_per_node=N -m trainer.train parallel.dp=N ...     several processes (GPUs)
+
+The run directory is outputs/<run_name>: the preset's name, plus a short hash of the overrides that change
+the run (all but train.steps, logging / evaluation / checkpoint intervals, logger.*, eval.*), so the same
+command resumes its run and another command starts its own; run_name=NAME names it. Ctrl-C saves a
+checkpoint at the end of the current step and exits (130); the same command then resumes.
+
+== Config groups (group=option) ==
+$APP_CONFIG_GROUPS
+== Keys (key: value with this command line  # meaning) ==
+$KEYS
+
+--cfg job prints the composed config; --hydra-help lists Hydra's own flags.
+"""
+
+
+def train_help(*, _root_) -> str:
+    """hydra.help.template of configs/train.yaml (resolver `trainer_help`, registered by trainer.config): Hydra
+    substitutes $APP_CONFIG_GROUPS; the keys come from the schema's comments with the composed values."""
+    from trainer.config import Config
+
+    keys = "\n".join(describe_keys(Config, _root_)).replace("$", "$$")
+    return TRAIN_HELP.replace("$KEYS", keys)

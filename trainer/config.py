@@ -243,3 +243,10 @@ def register_configs() -> None:
     """Make the schema available to configs/train.yaml as `base_config`, with the run-name resolver."""
     ConfigStore.instance().store(name="base_config", node=Config)
     OmegaConf.register_new_resolver("auto_run_name", _auto_run_name, replace=True)
+    OmegaConf.register_new_resolver("trainer_help", _train_help, replace=True)  # hydra.help.template (--help)
+
+
+def _train_help(*, _root_) -> str:
+    from trainer.cli_help import train_help  # imports this module: resolved lazily, on --help only
+
+    return train_help(_root_=_root_)

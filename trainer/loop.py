@@ -196,7 +196,7 @@ class Trainer:
             self._resume_path()  # refuses a dir that already holds checkpoints
             return
         if resume == "auto":  # the newest checkpoint every rank can read (a truncated one is skipped)
-            found = self.ckpt.load_latest(agree=self._on_all_ranks)
+            found = self.ckpt.load_newest_readable(agree=self._on_all_ranks)
             if found is None:
                 return
             path, step, shared, per_rank = found

@@ -25,43 +25,11 @@ import datasets
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from trainer.cli_help import describe_keys
 from trainer.config import Config, check_config, register_configs
 from trainer.loop import Trainer, TrainingStopped
 from trainer.parallelize import destroy_distributed, init_distributed, validate_parallel
 
 register_configs()
-
-HELP = """python -m trainer.train [KEY=VALUE ...]: train a GPT (Hydra command line; presets in configs/)
-
-  python -m trainer.train                                   the default CPU run (experiment=cpu_default)
-  python -m trainer.train experiment=cpu_passkey            another preset
-  python -m trainer.train model=llama_220m data.seq_len=4096 optim.lr=6e-4 train.steps=1000
-  torchrun --nproc_per_node=N -m trainer.train parallel.dp=N ...     several processes (GPUs)
-
-The run directory is outputs/<run_name>: the preset's name, plus a short hash of the overrides that change
-the run (all but train.steps, logging / evaluation / checkpoint intervals, logger.*, eval.*), so the same
-command resumes its run and another command starts its own; run_name=NAME names it. Ctrl-C saves a
-checkpoint at the end of the current step and exits (130); the same command then resumes.
-
-== Config groups (group=option) ==
-$APP_CONFIG_GROUPS
-== Keys (key: value with this command line  # meaning) ==
-$KEYS
-
---cfg job prints the composed config; --hydra-help lists Hydra's own flags.
-"""
-
-
-def _help_template(*, _root_) -> str:
-    # The value of hydra.help.template (configs/train.yaml): Hydra substitutes $APP_CONFIG_GROUPS; the key list
-    # is built here from the schema's comments and the composed values.
-    keys = "\n".join(describe_keys(Config, _root_)).replace("$", "$$")
-    return HELP.replace("$KEYS", keys)
-
-
-OmegaConf.register_new_resolver("trainer_help", _help_template, replace=True)
-
 
 @hydra.main(version_base="1.3", config_path="../configs", config_name="train")
 def main(dict_cfg: DictConfig) -> None:
