@@ -394,7 +394,8 @@ class Trainer:
             log.info("step %d >= train.steps=%d in %s: nothing to train (a new train.out_dir or run_name starts "
                      "afresh)", self.step, cfg.steps, self.out_dir)
             return {"step": self.step}
-        log.info("model %s: %.2fM parameters (%s), device %s, compute %s, world %d", self.model.config.name,
+        log.info("run dir %s (%s step %d); model %s: %.2fM parameters (%s), device %s, compute %s, world %d",
+                 self.out_dir, "resumed at" if self.step else "from", self.step, self.model.config.name,
                  self.n_params_total / 1e6, self.cfg.train.param_dtype, self.device, self._compute_dtype,
                  self.env.world_size)
         sink = MetricsSink(self.out_dir, self.cfg.logger, asdict(self.cfg), self.env.rank, cfg.steps, self.step,
