@@ -8,10 +8,13 @@ configs/train.yaml starts its defaults list with `base_config` (this schema); th
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 from typing import Optional
 
 from hydra.core.config_store import ConfigStore
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import OmegaConf
 
 from trainer.data import DataConfig
 from trainer.model import ModelConfig
@@ -99,7 +102,9 @@ class LoggerConfig:
 
 @dataclass
 class Config:
-    run_name: str = "default"  # names the run directory; stable, so every rank and every resume agree
+    # names the run directory outputs/<run_name>: the preset's name plus a hash of the run-defining overrides (all but
+    # RUN_NAME_IGNORED), so the same command resumes its run and another command starts its own
+    run_name: str = "${auto_run_name:default}"
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -211,6 +216,48 @@ def _check_hybrid(cfg: Config) -> None:
     # seq_len % (2 * cp) check above.
 
 
+# Overrides that leave the trained run the same: they stay out of the default run name, so adding one (more steps,
+# another log interval, a logger, the passkey eval) resumes the run. Every other override (model.*, data.seq_len,
+# data.batch_size, data.source / path, optim.*, parallel.*, attention.*, train.seed, train.dtype, ...) is hashed.
+RUN_NAME_IGNORED = ("run_name", "experiment", "hydra", "logger", "eval", "train.steps", "train.out_dir",
+                    "train.resume", "train.log_every", "train.eval_every", "train.eval_batches", "train.ckpt_every",
+                    "train.keep_ckpts", "train.max_bad_steps", "train.peak_tflops", "data.num_workers",
+                    "data.cache_dir", "data.token_cache")
+
+
+def _ignored(key: str) -> bool:
+    key = key.lstrip("+~")
+    return any(key == p or key.startswith(p + ".") for p in RUN_NAME_IGNORED)
+
+
+def run_name_for(base: str, overrides: list[str]) -> str:
+    """`base`, or `base-<8 hex>` hashing the sorted run-defining overrides (`key=value` strings as typed)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parsed = OverridesParser.create().parse_overrides(list(overrides))
+    kept = sorted(f"{o.get_key_element()}={o.get_value_element_as_str()}" for o in parsed
+                  if not _ignored(o.get_key_element()))
+    if not kept:
+        return base
+    return f"{base}-{hashlib.sha1(chr(10).join(kept).encode()).hexdigest()[:8]}"
+
+
+def _auto_run_name(base: str) -> str:
+    # Resolved by Hydra for the run dir (hydra.run.dir = train.out_dir = outputs/${run_name}), after it has
+    # stored the command line's overrides; a config composed without Hydra's job (tests) keeps the base name.
+    if not HydraConfig.initialized():
+        return base
+    return run_name_for(base, list(HydraConfig.get().overrides.task))
+
+
 def register_configs() -> None:
-    """Make the schema available to configs/train.yaml as `base_config`."""
+    """Make the schema available to configs/train.yaml as `base_config`, with the run-name resolver."""
     ConfigStore.instance().store(name="base_config", node=Config)
+    OmegaConf.register_new_resolver("auto_run_name", _auto_run_name, replace=True)
+    OmegaConf.register_new_resolver("trainer_help", _train_help, replace=True)  # hydra.help.template (--help)
+
+
+def _train_help(*, _root_) -> str:
+    from trainer.cli_help import train_help  # imports this module: resolved lazily, on --help only
+
+    return train_help(_root_=_root_)

@@ -37,16 +37,16 @@ Predictor = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 @dataclass
 class PasskeyConfig:
     checkpoint: str = "???"  # a run dir (newest checkpoint) or a checkpoints/step_<N> dir
-    lengths: list[int] = field(default_factory=lambda: [256, 512, 1024])
-    depths: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])
+    lengths: list[int] = field(default_factory=lambda: [256, 512, 1024])  # context lengths (tokens)
+    depths: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])  # needle depths (0: start)
     samples: int = 10  # prompts per (length, depth), each with its own key
-    seed: int = 1234
+    seed: int = 1234  # the keys and haystacks drawn
     out: Optional[str] = None  # output stem; default <run dir>/passkey/step_<N>
-    device: str = "auto"
+    device: str = "auto"  # auto | cpu | cuda
     dtype: str = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
     batch_size: int = 8  # prompts per forward (lower it at long lengths)
     model: dict = field(default_factory=dict)  # ModelConfig overrides, e.g. rope_scaling / rope_theta
-    attention_backend: str = "auto"
+    attention_backend: str = "auto"  # auto | triton | sdpa | reference
 
 
 def model_predictor(model, device, autocast_dtype: Optional[torch.dtype] = None) -> Predictor:
@@ -68,8 +68,13 @@ def model_predictor(model, device, autocast_dtype: Optional[torch.dtype] = None)
 def evaluate_passkey(predict: Predictor, tokenizer, lengths, depths, samples: int = 10, seed: int = 0,
                      batch_size: int = 8) -> dict:
     """Accuracy grids (depth x length) of `predict` on fresh passkey prompts (deterministic in seed)."""
+    from tqdm import tqdm
+
     exact = np.zeros((len(depths), len(lengths)))
     digit = np.zeros_like(exact)
+    # a bar on a terminal only (disable=None), shown once the evaluation takes more than a second
+    bar = tqdm(total=len(lengths) * len(depths), desc="passkey eval", unit="cell", delay=1, disable=None,
+               leave=False)
     for j, length in enumerate(lengths):
         for i, depth in enumerate(depths):
             rng = np.random.default_rng([seed, j, i])
@@ -84,6 +89,8 @@ def evaluate_passkey(predict: Predictor, tokenizer, lengths, depths, samples: in
                 hits += int(ok.all(dim=1).sum())
                 right += float(ok.float().mean(dim=1).sum())
             exact[i, j], digit[i, j] = hits / samples, right / samples
+            bar.update(1)
+    bar.close()
     return {"lengths": [int(n) for n in lengths], "depths": [float(d) for d in depths], "samples": samples,
             "seed": seed, "exact": exact.tolist(), "digit": digit.tolist(), "mean_exact": float(exact.mean()),
             "mean_digit": float(digit.mean()), "chance": CHANCE}
@@ -189,18 +196,45 @@ def run(cfg: PasskeyConfig) -> dict:
     return result
 
 
-def main(argv=None) -> None:
+USAGE = """python -m trainer.eval_passkey checkpoint=DIR [KEY=VALUE ...]: passkey retrieval of a trainer checkpoint
+over context lengths x needle depths; writes <run dir>/passkey/step_<N>.json and .png (or out=STEM).
+
+  python -m trainer.eval_passkey checkpoint=outputs/cpu_passkey lengths=[256,512,1024] depths=[0,0.5,1]
+
+Keys (key: default  # meaning):
+"""
+
+
+def parse_args(argv) -> PasskeyConfig:
+    """key=value overrides of PasskeyConfig; ValueError naming a key that is unknown or a value that does not fit."""
     from omegaconf import OmegaConf
+    from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
-    from omegaconf.errors import MissingMandatoryValue
-
-    cli = OmegaConf.from_dotlist(list(sys.argv[1:] if argv is None else argv))
     try:
-        cfg: PasskeyConfig = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(PasskeyConfig), cli))
+        cli = OmegaConf.from_dotlist(list(argv))
+        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(PasskeyConfig), cli))
     except MissingMandatoryValue:
-        raise ValueError("checkpoint=<run dir or checkpoints/step_N dir> is required") from None
-    run(cfg)
+        raise ValueError("checkpoint=<run dir or checkpoints/step_N dir> is required (see --help)") from None
+    except OmegaConfBaseException as exc:
+        key = getattr(exc, "full_key", None)
+        what = f"{key}: " if key else ""
+        raise ValueError(f"{what}{str(exc).splitlines()[0]} (python -m trainer.eval_passkey --help lists the "
+                         f"keys)") from None
+
+
+def main(argv=None) -> None:
+    from .cli_help import describe_keys
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if {"-h", "--help"} & set(argv):
+        print(USAGE + "\n".join("  " + line for line in describe_keys(PasskeyConfig)))
+        return
+    run(parse_args(argv))
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except ValueError as exc:  # a bad key, value or checkpoint: one line, not a trace
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)

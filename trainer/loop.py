@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import signal
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from functools import partial
@@ -24,12 +25,14 @@ import torch
 import torch.distributed as dist
 from omegaconf import OmegaConf
 from torch import nn
+from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from attention import set_deterministic
 from parallel.data_parallel import load_zero_checkpoint, save_zero_checkpoint, zero_grad_norm
 from trainer.model.activations import host_memory_available, offloaded_bytes
-from trainer.checkpoint import CheckpointManager, load_weights, rng_state, set_rng_state
+from trainer.checkpoint import (CheckpointManager, check_resume_config, load_weights, rng_state,
+                                set_rng_state)
 from trainer.config import Config, check_config
 from trainer.data import build_loader, build_tokenizer
 from trainer.model.loss import chunked_cross_entropy, global_valid_count
@@ -39,6 +42,7 @@ from trainer.model import GPT, check_context_parallel
 from trainer.model.hf import build_pretrained, config_from_hf
 from trainer.optim import CompensatedAdamW
 from trainer.parallelize import DistEnv, parallelize, shard_batch, validate_parallel
+from trainer.stop import GracefulStop
 
 log = logging.getLogger(__name__)
 
@@ -153,6 +157,7 @@ class Trainer:
                                            cfg.train.seed)
         self.step = 0
         self._ppl_docs = None  # eval.ppl_every: the documents, tokenised at the first evaluation
+        self.stopped_by = 0  # the signal (SIGINT / SIGTERM) that ended run() early, after a checkpoint; 0: none
         # Non-finite bookkeeping stays on the device: [skipped total, current streak, longest streak].
         self.bad = torch.zeros(3, device=self.device)
         peak = cfg.train.peak_tflops or default_peak_tflops(self.device)
@@ -202,26 +207,54 @@ class Trainer:
         return self.ckpt.latest() if resume == "auto" else Path(resume)
 
     def maybe_resume(self) -> None:
-        path = self._resume_path()
-        if path is None:
+        resume = self.cfg.train.resume
+        if resume == "none":
+            self._resume_path()  # refuses a dir that already holds checkpoints
             return
-        step, shared, per_rank = self.ckpt.load(path)
+        if resume == "auto":  # the newest checkpoint every rank can read (a truncated one is skipped)
+            found = self.ckpt.load_newest_readable(agree=self._on_all_ranks)
+            if found is None:
+                return
+            path, step, shared, per_rank = found
+        else:
+            path = Path(resume)
+            step, shared, per_rank = self.ckpt.load(path)
         if (self.engine is None) != ("model" in shared):  # DDP checkpoints hold the model; ZeRO ones, shards
             raise ValueError(f"train.resume: {path} was written with parallel.zero_stage "
                              f"{'0' if 'model' in shared else '> 0'}; resume with the same parallel.zero_stage")
-        if self.engine is None:
-            self.model.load_state_dict(shared["model"])
-            self.optimizer.load_state_dict(shared["optimizer"])
-        else:  # weights and optimizer shards live in DeepSpeed's files
-            load_zero_checkpoint(self.engine, path)
-        self.scheduler.load_state_dict(shared["scheduler"])
+        self._check_resume_config(path, shared.get("config"))
+        try:
+            if self.engine is None:
+                self.model.load_state_dict(shared["model"])
+                self.optimizer.load_state_dict(shared["optimizer"])
+            else:  # weights and optimizer shards live in DeepSpeed's files
+                load_zero_checkpoint(self.engine, path)
+            self.scheduler.load_state_dict(shared["scheduler"])
+            self.train_loader.load_state_dict(per_rank["data"])
+        except (RuntimeError, KeyError, ValueError) as exc:  # a checkpoint of another code version
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise ValueError(f"train.resume: {path} does not fit this run ({first}); start a new run with "
+                             f"run_name=NEW, or take its weights with run_name=NEW train.init_from={path}") from None
         self.bad[0] = shared["skipped_steps"]
-        self.train_loader.load_state_dict(per_rank["data"])
         set_rng_state(per_rank["rng"])
         self.step = step
         log.info("resumed from %s (step %d)", path, step)
 
-    def save_checkpoint(self) -> None:
+    def _on_all_ranks(self, ok: bool) -> bool:
+        if self.env.world_size == 1:
+            return ok
+        flag = torch.tensor([float(ok)], device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        return bool(flag.item())
+
+    def _check_resume_config(self, path: Path, saved: Optional[dict]) -> None:
+        decay = check_resume_config(path, saved, asdict(self.cfg))  # ValueError naming keys of another shape
+        if decay is not None:  # train.steps changed: the checkpoint's schedule goes on, its cosine unchanged
+            o = self.cfg.optim
+            factor = lr_lambda(o.warmup_steps, decay, o.min_lr / o.lr)
+            self.scheduler.lr_lambdas = [factor] * len(self.scheduler.lr_lambdas)
+
+    def save_checkpoint(self) -> Path:
         shared = {"scheduler": self.scheduler.state_dict(), "step": self.step,
                   "skipped_steps": float(self.bad[0]), "config": asdict(self.cfg)}
         write_extra = None
@@ -232,6 +265,7 @@ class Trainer:
         per_rank = {"data": self.train_loader.state_dict(), "rng": rng_state()}
         path = self.ckpt.save(self.step, shared, per_rank, write_extra=write_extra)
         log.info("saved checkpoint %s", path)
+        return path
 
     def _prepare_batch(self, batch: dict) -> dict:
         # The one place inputs are placed. Under context parallelism each rank keeps its zigzag shard of tokens,
@@ -305,10 +339,13 @@ class Trainer:
         _, streak, longest = (int(x) for x in self.bad.tolist())
         limit = self.cfg.train.max_bad_steps
         if limit > 0 and longest >= limit:
+            newest = self.ckpt.latest()  # name a checkpoint only where one was written
+            resume = (f", or resume from {newest} (train.resume={newest}) with a lower optim.lr" if newest else
+                      "; no checkpoint was written yet")
             raise TrainingStopped(
                 f"stopping at step {self.step}: {longest} steps in a row had a non-finite loss or gradient norm "
                 f"(train.max_bad_steps={limit}); they were skipped, the weights are those of the last good "
-                f"step. Lower optim.lr, check the data, or resume from a checkpoint in {self.ckpt.root}.")
+                f"step. Lower optim.lr or check the data{resume}.")
         self.bad[2] = streak  # the longest streak is counted afresh from here
 
     # -- evaluation ---------------------------------------------------------------------------------------
@@ -318,7 +355,10 @@ class Trainer:
         """Mean validation loss over train.eval_batches batches per dp rank (the same batches every time)."""
         self.model.eval()
         totals = torch.zeros(2, device=self.device)  # [loss sum, valid tokens]
-        for batch in self.val_loader.iter_epoch(max_batches=self.cfg.train.eval_batches):
+        n = self.cfg.train.eval_batches  # a bar on rank 0's terminal when the evaluation takes more than 2 s
+        batches = tqdm(self.val_loader.iter_epoch(max_batches=n), desc="validation", total=n, delay=2, leave=False,
+                       disable=None if self.env.rank == 0 else True)
+        for batch in batches:
             b = self._prepare_batch(batch)
             with self._autocast():
                 totals[0] += self.loss_module(b["tokens"], b["labels"], b["position_ids"], b["cu_seqlens"],
@@ -391,22 +431,24 @@ class Trainer:
             log.info("step %d >= train.steps=%d in %s: nothing to train (a new train.out_dir or run_name starts "
                      "afresh)", self.step, cfg.steps, self.out_dir)
             return {"step": self.step}
-        log.info("model %s: %.2fM parameters (%s), device %s, compute %s, world %d", self.model.config.name,
+        log.info("run dir %s (%s step %d); model %s: %.2fM parameters (%s), device %s, compute %s, world %d",
+                 self.out_dir, "resumed at" if self.step else "from", self.step, self.model.config.name,
                  self.n_params_total / 1e6, self.cfg.train.param_dtype, self.device, self._compute_dtype,
                  self.env.world_size)
         sink = MetricsSink(self.out_dir, self.cfg.logger, asdict(self.cfg), self.env.rank, cfg.steps, self.step,
                            self.cfg.run_name)
         try:
-            with logging_redirect_tqdm():  # log lines print above the progress bar, not through it
-                record = self._train(sink)
+            with logging_redirect_tqdm(), GracefulStop(self.env.rank, self.env.world_size) as stop:
+                record = self._train(sink, stop)  # logging_redirect_tqdm: log lines print above the bar
         finally:
             sink.close()
-        if cfg.export_hf and self.env.rank == 0:  # the final checkpoint is complete: save() ends in a barrier
+        # the final checkpoint is complete (save() ends in a barrier); a run stopped by a signal is not final
+        if cfg.export_hf and self.env.rank == 0 and not self.stopped_by:
             from trainer.export import export_checkpoint
             export_checkpoint(self.ckpt.latest(), self.out_dir / "hf")
         return record
 
-    def _train(self, sink: MetricsSink) -> dict:
+    def _train(self, sink: MetricsSink, stop: GracefulStop) -> dict:
         cfg = self.cfg.train
         reset_peak_memory(self.device)
         self.throughput.reset()
@@ -440,11 +482,22 @@ class Trainer:
             if len(record) > 1:
                 sink.log(record)
                 self.check_health()  # after the log, so the record of the failing step is written
-            if _every(self.step, cfg.ckpt_every) or last:
+            saved = _every(self.step, cfg.ckpt_every) or last
+            if saved:
                 with self.throughput.paused():
                     self.check_health()
                     self.save_checkpoint()
+            if not last and stop.requested():
+                self._stop_with_checkpoint(sink, stop.signum, saved)
+                break
         return record
+
+    def _stop_with_checkpoint(self, sink: MetricsSink, signum: int, saved: bool) -> None:
+        self.check_health()
+        path = self.ckpt.root / f"step_{self.step}" if saved else self.save_checkpoint()
+        self.stopped_by = signum
+        sink.write(f"{signal.Signals(signum).name}: stopped at step {self.step} of {self.cfg.train.steps}, "
+                   f"checkpoint saved in {path}; the same command resumes the run")
 
     def _log_record(self, loss_acc: torch.Tensor, grad_norm: torch.Tensor, lr: float) -> dict:
         loss_sum, n = loss_acc.tolist()  # the host sync of this interval

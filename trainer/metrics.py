@@ -106,6 +106,7 @@ class MetricsSink:
         self.enabled = rank == 0
         self.wandb = None
         self.bar = None
+        self.total, self.start, self.t0 = total_steps, start_step, time.perf_counter()  # for the ETA
         if not self.enabled:
             return
         self.path = Path(out_dir) / "metrics.jsonl"
@@ -120,8 +121,9 @@ class MetricsSink:
             raise ValueError(f"logger.name must be 'none' or 'wandb', got {logger_cfg.name!r}")
         from tqdm import tqdm
 
-        self.bar = tqdm(total=total_steps, initial=start_step, desc=run_name, dynamic_ncols=True,
-                        disable=None)  # disable=None: no bar when stderr is not a terminal
+        # disable=None: no bar when stderr is not a terminal (a log file gets the plain lines of log() instead)
+        self.bar = tqdm(total=total_steps, initial=start_step, desc=run_name, dynamic_ncols=True, disable=None,
+                        unit="step")
 
     def step(self) -> None:
         if self.bar is not None:
@@ -142,8 +144,17 @@ class MetricsSink:
             self.bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}",
                                  refresh=False)
         else:  # no terminal (CI, a log file): one plain line per logged step instead of the bar
-            print(f"step {record['step']} | loss {record['loss']:.4f} | lr {record['lr']:.2e} | "
-                  f"{record['tokens_per_s']:.0f} tok/s | {record['tflops']:.3f} TFLOPS", flush=True)
+            print(f"step {record['step']}/{self.total} | loss {record['loss']:.4f} | lr {record['lr']:.2e} | "
+                  f"{record['tokens_per_s']:.0f} tok/s | {record['tflops']:.3f} TFLOPS | "
+                  f"ETA {self.eta(record['step'])}", flush=True)
+
+    def eta(self, step: int) -> str:
+        """Time left at the mean pace of this process's steps so far (evaluations included), as h:mm:ss."""
+        done = step - self.start
+        if done <= 0:
+            return "?"
+        left = (time.perf_counter() - self.t0) / done * max(self.total - step, 0)
+        return f"{int(left // 3600)}:{int(left % 3600 // 60):02d}:{int(left % 60):02d}"
 
     def write(self, message: str) -> None:
         """A line that does not break the progress bar."""

@@ -171,6 +171,8 @@ def _load_hf_splits(cfg):
     path = cfg.path
     try:
         if os.path.isfile(path):
+            if os.path.getsize(path) == 0:
+                raise ValueError(f"data.path={path!r} is empty (0 bytes): it holds no documents")
             ext = os.path.splitext(path)[1].lower()
             if ext not in _FILE_BUILDERS:
                 raise ValueError(f"data.path={path!r}: unknown file type {ext!r}, expected one of "
@@ -188,7 +190,8 @@ def _load_hf_splits(cfg):
             raise
         raise ValueError(f"data.path={path!r} (data.name={cfg.name!r}) could not be loaded: {exc}") from exc
     except Exception as exc:  # noqa: BLE001 - FileNotFoundError, offline ConnectionError, ...
-        raise ValueError(f"data.path={path!r} (data.name={cfg.name!r}) could not be loaded: {exc}") from exc
+        raise ValueError(f"data.path={path!r} (data.name={cfg.name!r}) could not be loaded: "
+                         f"{str(exc).strip() or type(exc).__name__}") from exc
 
 
 def _pick_split(splits, split: str, cfg):
@@ -219,6 +222,8 @@ def load_hf(cfg, split: str):
     """The documents of `split` from data.path as a Dataset (or IterableDataset when streaming)."""
     ds, carve = _pick_split(_load_hf_splits(cfg), split, cfg)
     columns = ds.column_names
+    if columns is not None and not columns:
+        raise ValueError(f"data.path={cfg.path!r} holds no records (no columns)")
     if columns is not None and cfg.text_column not in columns:
         raise ValueError(f"data.text_column={cfg.text_column!r} is not a column of data.path={cfg.path!r} "
                          f"(columns: {columns})")
@@ -260,7 +265,10 @@ def tokenize_to_store(ds, tokenizer: Tokenizer, column: str, num_proc: Optional[
     column_data = tokenized.data.column("input_ids")
     if path is None:
         return TokenStore.from_arrow(column_data)
-    return build_token_cache(path, arrow_chunks(column_data), token_dtype(tokenizer.vocab_size))
+    from tqdm import tqdm  # a bar when writing the cache takes more than 2 s, and only on a terminal
+
+    chunks = tqdm(arrow_chunks(column_data), desc="token cache", unit="chunk", delay=2, disable=None, leave=False)
+    return build_token_cache(path, chunks, token_dtype(tokenizer.vocab_size))
 
 
 def _tokenize_stream(examples, tokenizer: Tokenizer, column: str, chunk: int = 256):
