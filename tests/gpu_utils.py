@@ -5,16 +5,11 @@ import os
 import pytest
 import torch
 
+from helpers import rel_err  # noqa: F401  (re-exported for the GPU test files)
+
 GPU_MARKS = [pytest.mark.gpu,
              pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1",
                                 reason="kernels interpreted: GPU tests run with pytest -m gpu")]
-
-
-def rel_err(got, want) -> float:
-    """||got - want|| / ||want|| in fp32; fails on non-finite values."""
-    got, want = got.float(), want.float()
-    assert torch.isfinite(got).all(), "non-finite values"
-    return ((got - want).norm() / want.norm().clamp_min(1e-12)).item()
 
 
 def cuda_qkv(B, nq, nk, H, hkv, D, dtype):

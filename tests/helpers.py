@@ -47,3 +47,10 @@ def naive_attention(q, k, v, causal=False, softmax_scale=None, window_size=(-1, 
     p = torch.exp(s - torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)[..., None])
     out = torch.einsum("bhij,bjhd->bihd", p, vd)
     return out, lse
+
+
+def rel_err(got, want) -> float:
+    """||got - want|| / ||want|| in fp32 (the GPU tests' bf16 measure); fails on non-finite values."""
+    got, want = got.float(), want.float()
+    assert torch.isfinite(got).all(), "non-finite values"
+    return ((got - want).norm() / want.norm().clamp_min(1e-12)).item()

@@ -13,6 +13,7 @@ import torch
 
 from attention import flash_attn_func, reference_attn_backward, reference_attn_forward
 from attention.fp8 import FP8_DTYPE, Fp8Config, emulate_fp8_attention, fp8_attn_forward, quantize_qkv
+from helpers import rel_err
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1",
@@ -24,12 +25,6 @@ def _hopper():
 
 
 needs_hopper = pytest.mark.skipif(not _hopper(), reason="the fp8 kernel needs sm_90+")
-
-
-def _rel(got, want):
-    got, want = got.float(), want.float()
-    assert torch.isfinite(got).all(), "non-finite values"
-    return ((got - want).norm() / want.norm().clamp_min(1e-12)).item()
 
 
 def _qkv(B, nq, nk, H, hkv, D, dtype=torch.bfloat16, outliers=0.0):
@@ -77,12 +72,12 @@ def test_kernel_matches_emulation_and_reference(B, nq, nk, H, hkv, D, causal, bo
     fin = torch.isfinite(want_lse)
     assert torch.equal(torch.isinf(lse), ~fin)
     assert (out.transpose(1, 2)[~fin] == 0).all()
-    err = _rel(out, want)
+    err = rel_err(out, want)
     print(f"kernel vs emulation: {err:.2e}")
     assert err < bound, err  # bf16 output rounding + P rounding flips
     assert (lse[fin] - want_lse[fin]).abs().max().item() < 1e-3
     ref, ref_lse = reference_attn_forward(q.float(), k.float(), v.float(), causal)
-    assert _rel(out, ref) < 0.08  # e4m3: ~5% relative error on Gaussian inputs (CPU emulation agrees)
+    assert rel_err(out, ref) < 0.08  # e4m3: ~5% relative error on Gaussian inputs (CPU emulation agrees)
     assert (lse[fin] - ref_lse[fin]).abs().max().item() < 0.2
 
 
@@ -95,14 +90,14 @@ def test_coarse_scales_through_the_kernel(granularity):
     out, _ = fp8_attn_forward(q, k, v, True, config=cfg, backend="triton")  # torch quantizer, then the kernel
     block_n = triton_fp8.fp8_tuned.best_config.kwargs["BLOCK_N"]
     want, _ = emulate_fp8_attention(quantize_qkv(q, k, v, cfg), True, block_n=block_n)
-    assert _rel(out, want) < 5e-3
+    assert rel_err(out, want) < 5e-3
 
 
 @needs_hopper
 def test_rotation_cuts_the_error_on_outlier_channels():
     q, k, v = _qkv(1, 4096, 4096, 8, 8, 128, outliers=30.0)
     ref, _ = reference_attn_forward(q.float(), k.float(), v.float(), True)
-    err = {rot: _rel(fp8_attn_forward(q, k, v, True, config=Fp8Config(rotate=rot), backend="triton")[0], ref)
+    err = {rot: rel_err(fp8_attn_forward(q, k, v, True, config=Fp8Config(rotate=rot), backend="triton")[0], ref)
            for rot in (False, True)}
     assert err[True] < 0.6 * err[False], err
 
@@ -134,8 +129,8 @@ def test_flash_attn_func_fp8_backward_is_the_bf16_one():
     exact = reference_attn_backward(dout.float(), qf, kf, vf, ref_out, ref_lse, True)
     for name, g, a, e in zip(("dq", "dk", "dv"), (q.grad, k.grad, v.grad), at_fp8, exact):
         assert g.dtype == torch.bfloat16
-        assert _rel(g, a) < 2e-2, name  # the bf16 Triton backward at the fp8 out/lse
-        assert _rel(g, e) < 0.1, name  # and near the exact gradient
+        assert rel_err(g, a) < 2e-2, name  # the bf16 Triton backward at the fp8 out/lse
+        assert rel_err(g, e) < 0.1, name  # and near the exact gradient
 
 
 @pytest.mark.skipif(_hopper(), reason="checks the error on pre-Hopper GPUs")
