@@ -109,9 +109,11 @@ def resolve_parallel(cfg, world_size: int) -> ParallelDims:
     if dp == -1 and world_size % cp != 0:
         raise ValueError(f"parallel.cp ({cp}) must divide the world size ({world_size}): parallel.dp=-1 is "
                          f"world size // parallel.cp")
+    if dp != -1 and dp * cp != world_size:
+        raise ValueError(f"parallel.dp={dp} x parallel.cp={cp} needs {dp * cp} ranks, but the world size is "
+                         f"{world_size}: launch with torchrun --nproc_per_node={dp * cp}, or set parallel.dp=-1 "
+                         f"(world size // parallel.cp)")
     dp = world_size // cp if dp == -1 else dp
-    if dp * cp != world_size:
-        raise ValueError(f"parallel.dp ({dp}) * parallel.cp ({cp}) must equal the world size ({world_size})")
     if cfg.zero_stage != 0 and world_size == 1:
         raise ValueError(f"parallel.zero_stage={cfg.zero_stage} shards weights / optimizer state over ranks, but "
                          f"the world size is 1; start several ranks (torchrun --nproc_per_node=N) or use "

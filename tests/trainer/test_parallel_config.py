@@ -23,7 +23,7 @@ def test_resolve_parallel_sizes(kw, world, want):
     ({"cp": 2}, 1, r"parallel.dp=-1 parallel.cp=2 needs 2 ranks.*world size 1.*torchrun --nproc_per_node=2"),
     ({"dp": 3}, 1, r"needs 3 ranks.*world size 1"),
     ({"cp": 3}, 4, r"parallel.cp \(3\) must divide the world size \(4\)"),
-    ({"cp": 2, "dp": 3}, 4, r"parallel.dp \(3\) \* parallel.cp \(2\) must equal the world size \(4\)"),
+    ({"cp": 2, "dp": 3}, 4, r"parallel.dp=3 x parallel.cp=2 needs 6 ranks, but the world size is 4"),
     ({"cp": 0}, 2, r"parallel.cp must be an int >= 1, got 0"),
     ({"dp": 0}, 2, r"parallel.dp must be -1 .* or an int >= 1, got 0"),
     ({"cp_impl": "spiral"}, 1, r"parallel.cp_impl must be one of .*'spiral'"),

@@ -23,7 +23,7 @@ from trainer.checkpoint import list_checkpoints
 from trainer.config import run_name_for
 from trainer.data import DataConfig, build_loader, build_tokenizer
 from trainer.loop import Trainer, TrainingStopped
-from trainer.parallelize import init_distributed, validate_parallel
+from trainer.parallelize import init_distributed, resolve_parallel, validate_parallel
 from trainer.stop import GracefulStop
 from trainer_utils import compose_cfg, train_one_process
 
@@ -179,13 +179,13 @@ def test_non_finite_stop_mentions_only_an_existing_checkpoint(tmp_path, monkeypa
 
 def test_context_parallel_without_torchrun_says_how_to_launch():
     cfg = compose_cfg(["parallel.cp=2"])
-    with pytest.raises(ValueError, match=r"parallel.cp=2 needs 2 processes.*torchrun --nproc_per_node=2 -m "
+    with pytest.raises(ValueError, match=r"parallel.cp=2 needs 2 ranks.*torchrun --nproc_per_node=2 -m "
                                          r"trainer.train"):
-        validate_parallel(cfg.parallel, 1)
+        resolve_parallel(cfg.parallel, 1)
     assert cfg.parallel.cp == 2  # nothing is reset
-    with pytest.raises(ValueError, match=r"parallel.dp=3 x parallel.cp=2 needs 6 processes, but the world size "
-                                         r"is 4"):
-        validate_parallel(compose_cfg(["parallel.cp=2", "parallel.dp=3"]).parallel, 4)
+    with pytest.raises(ValueError, match=r"parallel.dp=3 x parallel.cp=2 needs 6 ranks, but the world size "
+                                         r"is 4: launch with torchrun --nproc_per_node=6"):
+        resolve_parallel(compose_cfg(["parallel.cp=2", "parallel.dp=3"]).parallel, 4)
 
 
 @pytest.mark.parametrize("content,match", [("", r"is empty"),
