@@ -9,9 +9,9 @@ tokenizer class that adds a token of its own (Qwen2's pad <|endoftext|>) is met 
 real command line with every default (data.seq_len 2048, warmup, validation); the others run in this process at
 data.seq_len=64 with the other defaults.
 
-Oracles: the source's safetensors keys; its weights rounded to bf16 (2 steps at lr 1e-9 move them ~1e-11); its
-config.json (family, architectures, RoPE, window, tying, head_dim); transformers' logits on the export vs our
-GPT's on the same weights (fp32, 1e-4) and vs the source model's (bf16 rounding of the weights).
+Oracles: the source's safetensors keys; its weights rounded to bf16 (2 warmup steps at lr 1e-9 move them
+~1e-10); its config.json (family, architectures, RoPE, window, tying, head_dim, attention_bias); transformers'
+logits on the export vs our GPT's on the same weights (fp32, 1e-4) and vs the source model's (bf16 rounding).
 """
 
 import json

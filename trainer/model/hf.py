@@ -68,8 +68,7 @@ def _check_supported(hf, where: str) -> None:
     bad = []
     if getattr(hf, "hidden_act", "silu") != "silu":
         bad.append(("hidden_act", hf.hidden_act, "silu"))
-    # Only Llama and Qwen3 read these two; Qwen2's attention always has q/k/v biases (no o_proj bias), Mistral's
-    # none, whatever a config.json says.
+    # only Llama and Qwen3 read these (Qwen2 always has q/k/v biases and Mistral none, whatever config.json says)
     if mt in ("llama", "qwen3") and getattr(hf, "attention_bias", False):
         bad.append(("attention_bias", True, "false (it also puts a bias on o_proj)"))
     if mt == "llama" and getattr(hf, "mlp_bias", False):
