@@ -35,6 +35,7 @@ from trainer.checkpoint import (CheckpointManager, check_resume_config, load_wei
                                 set_rng_state)
 from trainer.config import Config, check_config
 from trainer.data import build_loader, build_tokenizer
+from trainer.data.tokenizer import check_model_vocab
 from trainer.model.loss import chunked_cross_entropy, global_valid_count
 from trainer.metrics import (MetricsSink, Throughput, causal_pairs, default_peak_tflops, peak_memory_gib,
                              reset_peak_memory, train_flops)
@@ -116,9 +117,7 @@ class Trainer:
         self.tokenizer = build_tokenizer(cfg.data)
         if cfg.model.vocab_size == 0:
             cfg.model.vocab_size = self.tokenizer.vocab_size
-        if self.tokenizer.vocab_size > cfg.model.vocab_size:
-            raise ValueError(f"data.tokenizer has {self.tokenizer.vocab_size} tokens, more than model.vocab_size "
-                             f"({cfg.model.vocab_size})")
+        check_model_vocab(self.tokenizer, cfg.model.vocab_size)
         set_deterministic(cfg.attention.deterministic)  # process-wide: every attention backward follows it
         if cfg.model.path:  # fp32 on the device, built on meta and filled tensor by tensor (no second copy)
             self.model = build_pretrained(cfg.model, cfg.attention.backend, device=self.device)

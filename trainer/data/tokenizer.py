@@ -9,15 +9,23 @@ Byte tokenizer ids: 0..255 are the UTF-8 bytes, 256 = bos, 257 = eos; vocab_size
 may pad its embedding table for speed, the tokenizer does not). Padding uses `pad_id` (= eos_id); padded
 positions always carry label -100, so the pad id never enters the loss.
 
+`check_model_vocab(tok, n)` checks that a model with n embeddings takes every id the tokenizer emits; an HF
+tokenizer may carry added tokens past n that no text is expected to spell (Qwen2's tokenizer class adds its
+default pad token <|endoftext|> to a vocabulary without one): those are let through, and a text that spells
+one raises a ValueError when it is encoded.
+
 Chat data (trainer/data/sft.py) reads `chat_template` (None for the byte tokenizer and for HF tokenizers
 without one), `render_chat(messages, add_generation_prompt)` and `encode_with_offsets(texts)`.
 """
 
 from __future__ import annotations
 
-from typing import Protocol
+import logging
+from typing import Optional, Protocol
 
 import numpy as np
+
+log = logging.getLogger(__name__)
 
 
 class Tokenizer(Protocol):
@@ -85,9 +93,31 @@ class HFTokenizer:
         # checkpoint saw them in pretraining.
         bos = getattr(tok, "bos_token_id", None)
         self.add_bos = bos is not None and tok("a")["input_ids"][:1] == [bos]
+        self.id_limit: Optional[int] = None  # set by check_model_vocab: ids from here on have no embedding
+
+    def fit_model_vocab(self, model_vocab: int) -> None:
+        """Let through added tokens at ids >= model_vocab, other than bos / eos, and refuse them in texts from here
+        on; ValueError when the base vocabulary, bos or eos do not fit."""
+        beyond = sorted(i for i in self._tok.added_tokens_decoder if i >= model_vocab)
+        if (self._tok.vocab_size > model_vocab or max(self.bos_id, self.eos_id) >= model_vocab
+                or len(beyond) != self.vocab_size - model_vocab):
+            raise ValueError(f"data.tokenizer has {self.vocab_size} tokens, more than model.vocab_size "
+                             f"({model_vocab})")
+        self.id_limit = model_vocab
+        names = self._tok.convert_ids_to_tokens(beyond)
+        log.warning("data.tokenizer: added token(s) %s (ids %s) lie past model.vocab_size (%d): no text may spell "
+                    "them", names, beyond, model_vocab)
+
+    def _check_ids(self, ids) -> None:
+        if self.id_limit is not None and len(ids) and int(np.max(ids)) >= self.id_limit:
+            bad = int(np.max(ids))
+            raise ValueError(f"data: a text spells the added token {self._tok.convert_ids_to_tokens(bad)!r} (id "
+                             f"{bad}), which has no embedding in the model (model.vocab_size {self.id_limit})")
 
     def encode(self, text: str) -> list[int]:
-        return list(self._tok(text, add_special_tokens=False)["input_ids"])
+        ids = list(self._tok(text, add_special_tokens=False)["input_ids"])
+        self._check_ids(ids)
+        return ids
 
     def decode(self, ids) -> str:
         return self._tok.decode([int(i) for i in ids])
@@ -95,7 +125,10 @@ class HFTokenizer:
     def encode_batch(self, texts: list[str]) -> list[np.ndarray]:
         ids = self._tok(list(texts), add_special_tokens=False)["input_ids"]
         dtype = token_dtype(self.vocab_size)
-        return [np.asarray(x, dtype=dtype) for x in ids]
+        out = [np.asarray(x, dtype=dtype) for x in ids]
+        for x in out:
+            self._check_ids(x)
+        return out
 
     @property
     def chat_template(self):
@@ -112,6 +145,8 @@ class HFTokenizer:
                              f"without character offsets; chat data needs a fast one (a tokenizer.json)")
         enc = self._tok(list(texts), add_special_tokens=False, return_offsets_mapping=True)
         dtype = token_dtype(self.vocab_size)
+        for ids in enc["input_ids"]:
+            self._check_ids(ids)
         return [(np.asarray(ids, dtype=dtype), np.asarray([o[0] for o in offs], dtype=np.int64).reshape(-1))
                 for ids, offs in zip(enc["input_ids"], enc["offset_mapping"])]
 
@@ -134,6 +169,17 @@ def build_tokenizer(cfg) -> ByteTokenizer | HFTokenizer:
                              "or model=hf model.path=DIR (its tokenizer)")
         return HFTokenizer(cfg.tokenizer_path)
     raise ValueError(f"data.tokenizer must be 'byte' or 'hf', got {cfg.tokenizer!r}")
+
+
+def check_model_vocab(tokenizer, model_vocab: int) -> None:
+    """ValueError unless a model with `model_vocab` embeddings takes the ids `tokenizer` emits (see the module
+    docstring for the added tokens of an HF tokenizer past it)."""
+    if tokenizer.vocab_size <= model_vocab:
+        return
+    if not isinstance(tokenizer, HFTokenizer):
+        raise ValueError(f"data.tokenizer has {tokenizer.vocab_size} tokens, more than model.vocab_size "
+                         f"({model_vocab})")
+    tokenizer.fit_model_vocab(model_vocab)
 
 
 def encode_documents(tokenizer, texts: list[str]) -> list[np.ndarray]:

@@ -31,6 +31,9 @@ HF_ROPE_TYPES = {"default": "none", "linear": "linear", "dynamic": "dynamic", "l
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
                    "chat_template.json", "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json",
                    "generation_config.json")
+# config.json keys an export of the same family copies from the source: without a window Qwen's max_window_layers
+# is unread, and Qwen2 / Mistral attention ignores attention_bias (Qwen2 always has q/k/v biases)
+SOURCE_ONLY_KEYS = ("max_window_layers", "attention_bias")
 # Buffers some older exports saved; recomputed here from the config.
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
@@ -65,9 +68,10 @@ def _check_supported(hf, where: str) -> None:
     bad = []
     if getattr(hf, "hidden_act", "silu") != "silu":
         bad.append(("hidden_act", hf.hidden_act, "silu"))
-    if getattr(hf, "attention_bias", False):
+    # only Llama and Qwen3 read these (Qwen2 always has q/k/v biases and Mistral none, whatever config.json says)
+    if mt in ("llama", "qwen3") and getattr(hf, "attention_bias", False):
         bad.append(("attention_bias", True, "false (it also puts a bias on o_proj)"))
-    if getattr(hf, "mlp_bias", False):
+    if mt == "llama" and getattr(hf, "mlp_bias", False):
         bad.append(("mlp_bias", True, "false"))
     params = _rope_params(hf)
     prf = params.get("partial_rotary_factor", getattr(hf, "partial_rotary_factor", None))
@@ -333,8 +337,9 @@ def hf_config(cfg: ModelConfig, source_dir=None, dtype: torch.dtype = torch.bflo
     if mt == "mistral":
         kw["sliding_window"] = cfg.attn_window or None
     elif mt in ("qwen2", "qwen3"):
-        kw.update(use_sliding_window=bool(cfg.attn_window), sliding_window=cfg.attn_window or None,
-                  max_window_layers=cfg.window_layers_from)
+        kw.update(use_sliding_window=bool(cfg.attn_window), sliding_window=cfg.attn_window or None)
+        if cfg.attn_window:  # without a window the source's value (or the class default) stays, unread
+            kw["max_window_layers"] = cfg.window_layers_from
     rope = _hf_rope(cfg)
     if int(transformers.__version__.split(".")[0]) >= 5:
         kw["rope_parameters"] = rope
@@ -345,6 +350,8 @@ def hf_config(cfg: ModelConfig, source_dir=None, dtype: torch.dtype = torch.bflo
     if source_dir is not None and (Path(source_dir) / "config.json").is_file():
         src = json.loads((Path(source_dir) / "config.json").read_text())
         kw.update({k: src[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if k in src})
+        if src.get("model_type") == mt:  # keys the family's modeling ignores here, kept as the source wrote them
+            kw.update({k: src[k] for k in SOURCE_ONLY_KEYS if k in src and k not in kw})
     config = AutoConfig.for_model(mt, **kw)
     config.architectures = [ARCHITECTURES[mt]]
     config.dtype = str(dtype).removeprefix("torch.")  # written as "dtype" (transformers 5) / "torch_dtype"
