@@ -16,6 +16,7 @@
   and an anchor into a Markdown file names one of its headings (GitHub's slugs).
 """
 
+import importlib.util
 import os
 import re
 import shlex
@@ -102,9 +103,9 @@ def invocation(command: str):
         return None
     prog = Path(words[0]).name
     if prog.startswith("python") or prog == "torchrun":
-        rest = [w for w in words[1:]]
+        rest = words[1:]
         i = 0
-        while i < len(rest) and rest[i].startswith("-") and rest[i] != "-m":   # launcher options: -u, --nproc_per_node=8
+        while i < len(rest) and rest[i].startswith("-") and rest[i] != "-m":   # -u, --nproc_per_node=8 ...
             i += 1
         if i + 1 < len(rest) and rest[i] == "-m":
             return rest[i + 1], None, rest[i + 2:]
@@ -152,9 +153,12 @@ def run_checked(what: str, args, shell: bool = False, timeout: int = TIMEOUT_S) 
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
         out, err = proc.communicate(timeout=timeout)
+        timed_out = False
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)   # torchrun's workers too
         out, err = proc.communicate()
+        timed_out = True
+    if timed_out:
         pytest.fail(f"{what} did not finish within {timeout} s; last lines:\n{_tail(out + err)}")
     if proc.returncode != 0:
         pytest.fail(f"{what} exited {proc.returncode}; last lines:\n{_tail(out + err)}")
@@ -203,8 +207,11 @@ def _as_run(block: Block, command: str) -> str:
     return for_this_interpreter(command)
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("block", BASH_BLOCKS, ids=lambda b: f"README.md:{b.line}")
+BASH_PARAMS = [pytest.param(b, id=f"README.md:{b.line}",
+                            marks=pytest.mark.gpu if b.label == "gpu" else pytest.mark.slow) for b in BASH_BLOCKS]
+
+
+@pytest.mark.parametrize("block", BASH_PARAMS)
 def test_bash_block_runs(block, outputs_before):
     if block.label == "setup":
         pytest.skip("a `# setup` block (make train / make test) is what runs this suite")
@@ -236,7 +243,6 @@ def test_command_names_what_exists(line, command):
             assert base.with_suffix(".py").is_file() or (base / "__main__.py").is_file(), \
                 f"{where}: no module {module}"
         else:
-            import importlib.util
             assert importlib.util.find_spec(module) is not None, f"{where}: no module {module}"
     if script:
         assert (ROOT / script).is_file(), f"{where}: no file {script}"
