@@ -41,7 +41,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from scripts.train_setups import (RINGFLASH, VOCAB, build_hf, build_ringflash, model_shape,  # noqa: E402
+from scripts.train_setups import (RINGFLASH, build_hf, build_ringflash, model_shape,  # noqa: E402
                           n_flop_params, parse_setup)
 
 GRID = [32768, 65536, 131072, 262144]

@@ -15,7 +15,6 @@ trainer runs the same evaluation every eval.passkey_every steps (trainer/loop.py
 
 from __future__ import annotations
 
-import json
 import sys
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -27,6 +26,7 @@ import torch
 
 from .checkpoint import resolve_checkpoint
 from .data.passkey import KEY_DIGITS, make_sample
+from .eval import write_json_and_plot
 
 CHANCE = {"exact": 10.0 ** -KEY_DIGITS, "digit": 0.1}
 
@@ -121,12 +121,8 @@ def save_heatmap(result: dict, path, title: str = "") -> None:
 
 
 def write_result(result: dict, stem, title: str = "") -> tuple[Path, Path]:
-    stem = Path(stem)
-    stem.parent.mkdir(parents=True, exist_ok=True)
-    json_path, png_path = stem.with_suffix(".json"), stem.with_suffix(".png")
-    json_path.write_text(json.dumps(result, indent=1))
-    save_heatmap(result, png_path, title)
-    return json_path, png_path
+    """<stem>.json and <stem>.png."""
+    return write_json_and_plot(result, stem, save_heatmap, title)
 
 
 def evaluate_during_training(model, tokenizer, eval_cfg, device, autocast_dtype, out_dir, step: int) -> dict:

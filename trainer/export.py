@@ -25,7 +25,7 @@ from typing import Iterator, Optional
 import torch
 from tqdm import tqdm
 
-from trainer.checkpoint import list_checkpoints
+from trainer.checkpoint import resolve_checkpoint
 from trainer.model import ModelConfig
 
 log = logging.getLogger(__name__)
@@ -37,17 +37,10 @@ _ZERO_TAG = "zero"  # parallel/data_parallel.save_zero_checkpoint's tag
 
 def find_checkpoint(path) -> Path:
     """A checkpoints/step_<N> dir as given, or the newest complete checkpoint of a run dir."""
-    p = Path(path)
-    if not p.is_dir():
-        raise ValueError(f"trainer.export: {str(p)!r} is not a directory (give a run dir or a "
+    if not Path(path).is_dir():
+        raise ValueError(f"trainer.export: {str(path)!r} is not a directory (give a run dir or a "
                          f"checkpoints/step_<N> dir)")
-    if (p / "meta.json").is_file():
-        return p
-    found = list_checkpoints(p / "checkpoints") or list_checkpoints(p)
-    if not found:
-        raise ValueError(f"trainer.export: {str(p)!r} holds no complete checkpoint (no meta.json, nor "
-                         f"checkpoints/step_<N>/meta.json): not a run dir or step dir")
-    return found[-1][1]
+    return resolve_checkpoint(path, "RUN_OR_STEP_DIR")
 
 
 def _load_state(ckpt: Path) -> dict:

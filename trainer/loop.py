@@ -16,7 +16,7 @@ import math
 import os
 import signal
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from functools import partial
 from pathlib import Path
 from typing import Optional

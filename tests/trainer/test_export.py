@@ -194,7 +194,7 @@ def test_bad_input_names_the_path(tmp_path, capsys):
     with pytest.raises(ValueError, match=str(tmp_path / "missing")):
         find_checkpoint(tmp_path / "missing")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(ValueError, match=f"{tmp_path / 'empty'}.*no complete checkpoint"):
+    with pytest.raises(ValueError, match=f"{tmp_path / 'empty'}.*not a complete checkpoint"):
         export_checkpoint(tmp_path / "empty", tmp_path / "out")
     with pytest.raises(ValueError, match="--max-shard-size"):
         parse_size("5 bananas")

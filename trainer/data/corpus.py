@@ -24,7 +24,6 @@ import sysconfig
 from dataclasses import dataclass
 from typing import Optional
 
-import numpy as np
 
 from . import passkey
 from .packing import PackedLoader, StreamingPackedLoader, TokenStore

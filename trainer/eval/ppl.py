@@ -16,7 +16,6 @@ Losses come from the chunked lm head (trainer/model/loss.py): no [seq_len, vocab
 from __future__ import annotations
 
 import itertools
-import json
 import logging
 import math
 from contextlib import nullcontext
@@ -28,6 +27,7 @@ import torch
 from tqdm import tqdm
 
 from trainer.data.corpus import load_corpus
+from trainer.eval import write_json_and_plot
 from trainer.model.loss import DEFAULT_CHUNK, token_losses
 
 log = logging.getLogger(__name__)
@@ -181,12 +181,7 @@ def save_plot(result: dict, path, title: str = "") -> None:
 
 def write_result(result: dict, stem, title: str = "") -> tuple[Path, Path]:
     """<stem>.json and <stem>.png."""
-    stem = Path(stem)
-    stem.parent.mkdir(parents=True, exist_ok=True)
-    json_path, png_path = stem.with_suffix(".json"), stem.with_suffix(".png")
-    json_path.write_text(json.dumps(result, indent=1))
-    save_plot(result, png_path, title)
-    return json_path, png_path
+    return write_json_and_plot(result, stem, save_plot, title)
 
 
 def metrics_of(result: dict) -> dict:
