@@ -3,6 +3,8 @@
     module, grad_scale = wrap_ddp(module, device)                               # zero_stage=0
     config = zero_config(stage=2, micro_batch_size=4, grad_accum=2, dp=4, cp=2, grad_clip=1.0, bf16=True,
                          device=device)
+    with zero3_init(config, device):  # stage 3, optional: modules built in it are partitioned as they are created
+        module = build()
     engine, grad_scale = init_zero_engine(module, torch_adamw, lambda opt: LambdaLR(opt, f), config)
     loss = engine(*inputs); engine.backward(loss * grad_scale, scale_wrt_gas=False); engine.step()
 
@@ -107,6 +109,37 @@ def zero_config(stage: int, micro_batch_size: int, grad_accum: int, dp: int, gra
     return config
 
 
+def _ensure_deepspeed(device: torch.device, caller: str):
+    """deepspeed, imported for `device` and adopting the torch.distributed group already joined."""
+    if not (dist.is_available() and dist.is_initialized()):
+        raise ValueError(f"{caller}: torch.distributed is not initialised; ZeRO shards over ranks, start "
+                         "them with torchrun (or init_process_group) first")
+    if "LOCAL_RANK" not in os.environ:
+        raise ValueError(f"{caller}: DeepSpeed needs LOCAL_RANK in the environment (torchrun sets it)")
+    if torch.device(device).type == "cpu":
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # read once, when deepspeed first picks its accelerator
+    import deepspeed  # only ZeRO runs pay for (and need) the import
+
+    return deepspeed
+
+
+def zero3_init(config: dict, device: torch.device):
+    """Context manager (deepspeed.zero.Init) under which every module built is partitioned as its constructor
+    returns: each rank keeps 1/world of every parameter, so no rank ever holds the whole model. config: the
+    zero_config(stage=3, ...) dict the engine will be initialised with (same partitioning, same process group:
+    the whole world). The parameters' dtype is the config's: bf16 in DeepSpeed's bf16 mode (the engine checks
+    that a partitioned model already has it), else fp32. Read or write a partitioned parameter whole inside
+    deepspeed.zero.GatheredParameters; init_zero_engine accepts the model as it is."""
+    if config is None or config.get("zero_optimization", {}).get("stage") != 3:
+        raise ValueError("zero3_init: config must be a zero_config(stage=3, ...) dict")
+    deepspeed = _ensure_deepspeed(device, "zero3_init")
+    # zero.Init reads the world size from deepspeed.comm (the batch-size check): adopt the torch group first
+    deepspeed.init_distributed(dist_backend=dist.get_backend(), dist_init_required=False)
+    # dtype stays None: deepspeed 0.19.8 then takes it from the config; an explicit dtype next to a config is
+    # ignored on an accelerator without fp16 (the CPU one), which builds in bf16
+    return deepspeed.zero.Init(config_dict_or_path=config, remote_device=None, enabled=True)
+
+
 def init_zero_engine(module: nn.Module, optimizer: torch.optim.Optimizer,
                      lr_scheduler: Optional[Callable] = None, config: Optional[dict] = None, quiet: bool = True):
     """Wrap `module` in a DeepSpeed engine; returns (engine, grad_scale).
@@ -120,15 +153,7 @@ def init_zero_engine(module: nn.Module, optimizer: torch.optim.Optimizer,
     """
     if config is None or "zero_optimization" not in config:
         raise ValueError("init_zero_engine: config must be a DeepSpeed config dict from zero_config(...)")
-    if not (dist.is_available() and dist.is_initialized()):
-        raise ValueError("init_zero_engine: torch.distributed is not initialised; ZeRO shards over ranks, start "
-                         "them with torchrun (or init_process_group) first")
-    if "LOCAL_RANK" not in os.environ:
-        raise ValueError("init_zero_engine: DeepSpeed needs LOCAL_RANK in the environment (torchrun sets it)")
-    device = next(module.parameters()).device
-    if device.type == "cpu":
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # read once, when deepspeed first picks its accelerator
-    import deepspeed  # only ZeRO runs pay for (and need) the import
+    deepspeed = _ensure_deepspeed(next(module.parameters()).device, "init_zero_engine")
 
     if quiet:
         logging.getLogger("DeepSpeed").setLevel(logging.WARNING)

@@ -29,7 +29,7 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from attention import set_deterministic
-from parallel.data_parallel import load_zero_checkpoint, save_zero_checkpoint, zero_grad_norm
+from parallel.data_parallel import load_zero_checkpoint, save_zero_checkpoint, zero3_init, zero_grad_norm
 from trainer.model.activations import host_memory_available, offloaded_bytes
 from trainer.checkpoint import (CheckpointManager, check_resume_config, load_weights, rng_state,
                                 set_rng_state)
@@ -42,7 +42,7 @@ from trainer.metrics import (MetricsSink, Throughput, causal_pairs, default_peak
 from trainer.model import GPT, check_context_parallel
 from trainer.model.hf import build_pretrained, config_from_hf
 from trainer.optim import CompensatedAdamW
-from trainer.parallelize import DistEnv, parallelize, shard_batch, validate_parallel
+from trainer.parallelize import DistEnv, parallelize, run_zero_config, shard_batch, validate_parallel
 from trainer.stop import GracefulStop
 
 log = logging.getLogger(__name__)
@@ -82,8 +82,9 @@ def lr_lambda(warmup: int, total: int, min_ratio: float):
 def build_optimizer(model: nn.Module, cfg, device: torch.device) -> torch.optim.Optimizer:
     # Matrices (and embeddings) decay; norm gains do not.
     params = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    dims = [len(getattr(p, "ds_shape", p.shape)) for p in params]  # a ZeRO-3 partitioned parameter is empty
+    groups = [{"params": [p for p, d in zip(params, dims) if d >= 2], "weight_decay": cfg.weight_decay},
+              {"params": [p for p, d in zip(params, dims) if d < 2], "weight_decay": 0.0}]
     if cfg.compensated and params and params[0].dtype == torch.bfloat16:  # train.param_dtype=bf16
         return CompensatedAdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
     fused = cfg.fused and device.type in ("cuda", "cpu")
@@ -119,8 +120,10 @@ class Trainer:
             cfg.model.vocab_size = self.tokenizer.vocab_size
         check_model_vocab(self.tokenizer, cfg.model.vocab_size)
         set_deterministic(cfg.attention.deterministic)  # process-wide: every attention backward follows it
-        if cfg.model.path:  # fp32 on the device, built on meta and filled tensor by tensor (no second copy)
-            self.model = build_pretrained(cfg.model, cfg.attention.backend, device=self.device)
+        bf16 = self.autocast_dtype == torch.bfloat16
+        zero_init = self._zero3_init(bf16)
+        if cfg.model.path:  # built on meta (ZeRO-3: partitioned as built) and filled tensor by tensor
+            self.model = build_pretrained(cfg.model, cfg.attention.backend, device=self.device, zero_init=zero_init)
         else:
             self.model = GPT(cfg.model, attn_backend=cfg.attention.backend).to(self.device)
         self.ckpt = CheckpointManager(self.out_dir / "checkpoints", cfg.train.keep_ckpts, env.rank,
@@ -129,7 +132,7 @@ class Trainer:
         if cfg.train.init_from and self._resume_path() is None:
             source = load_weights(self.model, cfg.train.init_from)
             log.info("weights from %s (optimizer, schedule and data start afresh)", source)
-        if cfg.train.param_dtype == "bf16":  # after init_from, whose fp32 weights are then rounded once
+        if cfg.train.param_dtype == "bf16" and zero_init is None:  # after init_from: fp32 weights rounded once
             self.model.to(torch.bfloat16)
         for block in self.model.layers:  # check_config allows fp8 only where the dense path runs
             block.attention.inner_attention.fp8 = cfg.attention.fp8_forward
@@ -141,8 +144,7 @@ class Trainer:
         self.optimizer = build_optimizer(self.model, cfg.optim, self.device)
         decay = cfg.optim.decay_steps or cfg.train.steps
         lr_factor = lr_lambda(cfg.optim.warmup_steps, decay, cfg.optim.min_lr / cfg.optim.lr)
-        par = parallelize(self.loss_module, cfg, env, self.optimizer, lr_factor,
-                          bf16=self.autocast_dtype == torch.bfloat16)
+        par = parallelize(self.loss_module, cfg, env, self.optimizer, lr_factor, bf16=bf16)
         self.module, self.grad_scale, self.engine = par.module, par.grad_scale, par.engine
         if self.engine is None:
             self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_factor)
@@ -163,6 +165,17 @@ class Trainer:
         self.throughput = Throughput(peak, env.world_size)
 
     # -- setup helpers ------------------------------------------------------------------------------------
+
+    def _zero3_init(self, bf16: bool):
+        """ZeRO-3 with model.path: the context the GPT is built in, partitioned from the start, so no rank
+        holds the whole model (init_from still loads a whole one first). None otherwise."""
+        cfg = self.cfg
+        # the partitioned model has the engine's dtype (bf16 in its bf16 mode) from the start; other combinations
+        # (init_from, bf16 weights without DeepSpeed's bf16 mode) build the whole model first
+        if (cfg.parallel.zero_stage != 3 or not cfg.model.path or cfg.train.init_from
+                or (cfg.train.param_dtype == "bf16" and not bf16)):
+            return None
+        return zero3_init(run_zero_config(cfg, self.env, bf16), self.device)
 
     @property
     def _param_dtype(self) -> torch.dtype:

@@ -294,11 +294,16 @@ def shard_batch(batch: dict, group, layout: str = CP_LAYOUT, ulysses_degree: int
 # -- 4. data parallelism -------------------------------------------------------------------------------------
 
 
+def run_zero_config(cfg, env: DistEnv, bf16: bool) -> dict:
+    """The DeepSpeed config of this run's ZeRO engine (also the one a ZeRO-3 model is built under)."""
+    return zero_config(cfg.parallel.zero_stage, cfg.data.batch_size, cfg.train.grad_accum, env.dp_size,
+                       cfg.optim.grad_clip, bf16, env.device, cp=env.cp_size)
+
+
 def apply_zero(module: nn.Module, optimizer: torch.optim.Optimizer, lr_factor: Callable[[int], float], cfg,
                env: DistEnv, bf16: bool) -> Parallelized:
     """A DeepSpeed ZeRO engine over all ranks, driving our AdamW and LambdaLR(lr_factor)."""
-    config = zero_config(cfg.parallel.zero_stage, cfg.data.batch_size, cfg.train.grad_accum, env.dp_size,
-                         cfg.optim.grad_clip, bf16, env.device, cp=env.cp_size)
+    config = run_zero_config(cfg, env, bf16)
     # The chunked loss reads the lm head weight outside the head's forward; ZeRO-3 gathers it on that read.
     engine, grad_scale = init_zero_engine(module, optimizer,
                                           lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_factor), config)

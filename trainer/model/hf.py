@@ -239,31 +239,58 @@ def hf_tensors(path, cfg: ModelConfig) -> Iterator[tuple[str, str, Path, torch.T
                 yield theirs_to_ours[name], name, f, st.get_tensor(name)
 
 
+def _shape(p: torch.Tensor) -> tuple:
+    return tuple(getattr(p, "ds_shape", p.shape))  # a ZeRO-3 partitioned parameter is empty outside a gather
+
+
 @torch.no_grad()
 def load_hf_weights(model: GPT, path, *, dtype: Optional[torch.dtype] = None, device=None) -> None:
     """Copy a Hugging Face checkpoint into `model`, one tensor at a time. A model built on the meta device is
-    first materialised on `device` (default cpu) in `dtype` (default its own); a built one is moved there if asked."""
+    first materialised on `device` (default cpu) in `dtype` (default its own); a built one is moved there if asked.
+    A model built under deepspeed.zero.Init (ZeRO-3, dtype and device fixed there) is filled parameter by
+    parameter: gathered, written by rank 0, partitioned again, so one whole parameter exists at a time."""
     params = dict(model.named_parameters())
-    if any(p.is_meta for p in params.values()):
+    partitioned = any(hasattr(p, "ds_id") for p in params.values())
+    if partitioned:
+        import deepspeed  # deepspeed.zero is an attribute of the package, not an importable module
+        import torch.distributed as dist
+
+        writer = dist.get_rank() == 0
+    elif any(p.is_meta for p in params.values()):
         if dtype is not None:
             model.to(dtype)
         model.to_empty(device=device or "cpu")  # GPT keeps no buffers: cos/sin come from the positions each call
         params = dict(model.named_parameters())
     elif dtype is not None or device is not None:
         model.to(device=device, dtype=dtype)
+    # every rank reads and checks each tensor (the mmap is shared), so a bad file stops all ranks alike
     for ours, theirs, f, tensor in hf_tensors(path, model.config):
         p = params[ours]
-        if tuple(tensor.shape) != tuple(p.shape):
+        if tuple(tensor.shape) != _shape(p):
             raise ValueError(f"{f}: shape mismatch for {theirs}: checkpoint {tuple(tensor.shape)}, model "
-                             f"{tuple(p.shape)}")
-        p.copy_(tensor)
+                             f"{_shape(p)}")
+        if not partitioned:
+            p.copy_(tensor)
+            continue
+        with deepspeed.zero.GatheredParameters([p], modifier_rank=0):  # on exit rank 0's values are partitioned to every rank
+            if writer:
+                p.copy_(tensor)
 
 
-def build_pretrained(cfg: ModelConfig, attn_backend: str = "auto", device="cpu", dtype=torch.float32) -> GPT:
+def build_pretrained(cfg: ModelConfig, attn_backend: str = "auto", device="cpu", dtype=torch.float32,
+                     zero_init=None) -> GPT:
     """The GPT of a model=hf config (config_from_hf) with its weights: built on the meta device, then each tensor
-    read once into its place, so no second copy of the model exists at any time."""
+    read once into its place, so no second copy of the model exists at any time. zero_init: a
+    parallel.data_parallel.zero3_init(...) context (ZeRO-3): the model is built inside it instead, partitioned
+    over the ranks as it is created (its random init lands on shards the checkpoint then overwrites), and no
+    rank ever holds more than its shard plus one gathered parameter; dtype and device are the context's."""
     if not cfg.path:
         raise ValueError("build_pretrained: cfg.path (model.path) is empty")
+    if zero_init is not None:
+        with zero_init:
+            model = GPT(cfg, attn_backend=attn_backend)
+        load_hf_weights(model, cfg.path)
+        return model
     with torch.device("meta"):
         model = GPT(cfg, attn_backend=attn_backend)
     load_hf_weights(model, cfg.path, dtype=dtype, device=device)
