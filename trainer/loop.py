@@ -126,6 +126,9 @@ class Trainer:
             self.model = build_pretrained(cfg.model, cfg.attention.backend, device=self.device, zero_init=zero_init)
         else:
             self.model = GPT(cfg.model, attn_backend=cfg.attention.backend).to(self.device)
+        if zero_init is not None:
+            log.info("model built partitioned (ZeRO-3): each of %d ranks holds 1/%d of every parameter",
+                     env.world_size, env.world_size)
         self.ckpt = CheckpointManager(self.out_dir / "checkpoints", cfg.train.keep_ckpts, env.rank,
                                       env.world_size, env.barrier)
         # before the optimizer and ZeRO take copies of the weights; a run that resumes has its own

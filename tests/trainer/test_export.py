@@ -6,7 +6,8 @@ recipes and scripts/bench_load.py, on CPU with tiny random checkpoints written b
   AutoModelForCausalLM.from_pretrained: no missing / unexpected keys, the source's keys, weights within bf16
   rounding of the source, logits equal to our model's on the exported weights (fp32) and, with an fp32 export, to
   the trained model of the checkpoint
-- distributed: cp=2 under ZeRO-3 on 2 gloo ranks loads the model the one-process run loads (same first loss),
+- distributed: cp=2 under ZeRO-3 on 2 gloo ranks builds the model partitioned (deepspeed.zero.Init), loads the
+  weights the one-process run loads (same first loss),
   and its export (gathered from the ZeRO-3 shard files, train.export_hf) equals the one-process export
 - bad input names the path; --help; the recipes compose and pass check_config; bench_load --shape tiny
 """
@@ -170,6 +171,7 @@ def test_zero3_cp2_loads_and_exports_as_one_process(source, tmp_path, free_port)
             "trainer.train", *common, "parallel.cp=2", "parallel.zero_stage=3", f"train.out_dir={tmp_path / 'z3'}"]
     proc = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=300, env=ENV)
     assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "model built partitioned (ZeRO-3)" in proc.stdout + proc.stderr  # never whole on a rank
     step = find_checkpoint(tmp_path / "z3")
     assert (step / "zero").is_dir() and "model" not in torch.load(step / "state.pt", weights_only=False)
     losses = [{r["step"]: r["loss"] for r in map(json.loads, (tmp_path / d / "metrics.jsonl").open())}

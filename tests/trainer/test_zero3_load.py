@@ -111,3 +111,11 @@ def test_zero3_build_is_partitioned_and_loads_the_checkpoint(source, tmp_path, f
     with torch.no_grad():
         single = LMLoss(reference, CHUNK)(tokens, labels)  # the loss sum over both ranks' sequences
     assert abs(sum(float(r["loss"]) for r in ranks) - float(single)) <= 1e-5 * abs(float(single))
+
+
+def test_zero3_init_needs_a_stage_3_config():
+    from parallel.data_parallel import zero3_init, zero_config
+
+    config = zero_config(2, micro_batch_size=1, grad_accum=1, dp=2, grad_clip=0.0, bf16=False, device="cpu")
+    with pytest.raises(ValueError, match=r"zero3_init: config must be a zero_config\(stage=3"):
+        zero3_init(config, torch.device("cpu"))

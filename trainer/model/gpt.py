@@ -306,7 +306,8 @@ class GPT(nn.Module):
         # ds_numel: the whole size of a parameter ZeRO-3 has partitioned (its own tensor is then empty)
         n = sum(getattr(p, "ds_numel", p.numel()) for p in self.parameters())
         if exclude_embedding and self.output is not None:
-            n -= getattr(self.tok_embeddings.weight, "ds_numel", self.tok_embeddings.weight.numel())  # a lookup, not a matmul (a tied one is the head too)
+            emb = self.tok_embeddings.weight
+            n -= getattr(emb, "ds_numel", emb.numel())  # a lookup, not a matmul (a tied one is the head too)
         return n
 
     def forward(self, tokens, position_ids=None, cu_seqlens=None, max_seqlen=None):

@@ -272,7 +272,8 @@ def load_hf_weights(model: GPT, path, *, dtype: Optional[torch.dtype] = None, de
         if not partitioned:
             p.copy_(tensor)
             continue
-        with deepspeed.zero.GatheredParameters([p], modifier_rank=0):  # on exit rank 0's values are partitioned to every rank
+        # on exit, rank 0's values are partitioned out to every rank
+        with deepspeed.zero.GatheredParameters([p], modifier_rank=0):
             if writer:
                 p.copy_(tensor)
 
