@@ -24,9 +24,8 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
-from .checkpoint import resolve_checkpoint
 from .data.passkey import KEY_DIGITS, make_sample
-from .eval import write_json_and_plot
+from .eval import load_checkpoint_model, write_json_and_plot
 
 CHANCE = {"exact": 10.0 ** -KEY_DIGITS, "digit": 0.1}
 
@@ -149,32 +148,11 @@ def evaluate_during_training(model, tokenizer, eval_cfg, device, autocast_dtype,
 
 def load_for_eval(cfg: PasskeyConfig):
     """(model, tokenizer, step, ckpt_dir) from a trainer checkpoint, with cfg.model overrides applied."""
-    from types import SimpleNamespace
-
-    from .model import GPT, ModelConfig
     from .parallelize import resolve_device
-    from .data.tokenizer import build_tokenizer
 
-    ckpt = resolve_checkpoint(cfg.checkpoint, "checkpoint")
-    shared = torch.load(ckpt / "state.pt", map_location="cpu", weights_only=False)
-    saved = shared["config"]
-    known = ModelConfig.__dataclass_fields__
-    model_cfg = {k: v for k, v in saved["model"].items() if k in known}
-    model_cfg.update(ckpt="none", offload_activations="none", compile=False)  # inference: nothing to keep
-    for key, value in cfg.model.items():
-        if key not in known:
-            raise ValueError(f"model.{key}: not a ModelConfig field")
-        if key == "rope_scaling" and isinstance(value, dict):  # nested keys update the saved scaling
-            saved_scaling = model_cfg.get(key)
-            value = {**(saved_scaling if isinstance(saved_scaling, dict) else {}), **value}
-        model_cfg[key] = value
-    device = resolve_device(cfg.device, 0)
-    model = GPT(ModelConfig(**model_cfg), attn_backend=cfg.attention_backend)
-    model.load_state_dict(shared["model"])
-    model.to(device).eval()
-    data = saved["data"]
-    tok = build_tokenizer(SimpleNamespace(tokenizer=data["tokenizer"], tokenizer_path=data.get("tokenizer_path")))
-    return model, tok, int(shared["step"]), ckpt
+    model, tok, _, info = load_checkpoint_model(cfg.checkpoint, cfg.model, cfg.attention_backend,
+                                                resolve_device(cfg.device, 0))
+    return model, tok, info["step"], Path(info["checkpoint"])
 
 
 def run(cfg: PasskeyConfig) -> dict:

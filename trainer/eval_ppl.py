@@ -16,12 +16,11 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Optional
 
 import torch
 
-from .checkpoint import resolve_checkpoint
+from .eval import load_checkpoint_model, model_config
 
 HELP = {
     "checkpoint": "a run dir (its newest checkpoint) or a checkpoints/step_<N> dir (written with zero_stage 0)",
@@ -71,55 +70,10 @@ def usage() -> str:
     return "\n".join(lines + [f"  {k.ljust(width)}{v}" for k, v in HELP.items()])
 
 
-def model_config(base: dict, overrides: dict, train_len: int = 0):
-    """ModelConfig from a saved dict (unknown keys dropped) with key=value overrides merged by OmegaConf, so
-    nested keys (model.rope_scaling.factor=4) and types are checked against the schema. A scaling type that
-    needs the pretraining length and has none takes max_position_embeddings, else `train_len`."""
-    from omegaconf import OmegaConf
-    from omegaconf.errors import OmegaConfBaseException
-
-    from .model import ModelConfig
-
-    known = ModelConfig.__dataclass_fields__
-    base = {k: v for k, v in base.items() if k in known}
-    base.update(ckpt="none", offload_activations="none", compile=False)  # inference: nothing to keep
-    try:
-        merged = OmegaConf.merge(OmegaConf.structured(ModelConfig), base, OmegaConf.create(dict(overrides)))
-        cfg = OmegaConf.to_object(merged)
-    except OmegaConfBaseException as exc:
-        raise ValueError(f"model overrides {dict(overrides)}: {str(exc).splitlines()[0]}") from None
-    rs = cfg.rope_scaling
-    if rs.type in ("dynamic", "llama3", "yarn") and not rs.original_max_position_embeddings:
-        rs.original_max_position_embeddings = cfg.max_position_embeddings or train_len
-    return cfg
-
-
 def _resolve_dtype(cfg: PplConfig, device: torch.device) -> Optional[torch.dtype]:
     if cfg.dtype not in ("auto", "bf16", "fp32"):
         raise ValueError(f"dtype must be auto, bf16 or fp32, got {cfg.dtype!r}")
     return torch.bfloat16 if cfg.dtype == "bf16" or (cfg.dtype == "auto" and device.type == "cuda") else None
-
-
-def load_checkpoint_model(cfg: PplConfig, device: torch.device):
-    """(model, tokenizer, saved run config, info) from a trainer checkpoint with cfg.model overrides."""
-    from .data.tokenizer import build_tokenizer
-    from .model import GPT
-
-    ckpt = resolve_checkpoint(cfg.checkpoint, "checkpoint")
-    shared = torch.load(ckpt / "state.pt", map_location="cpu", weights_only=False)
-    if "model" not in shared:
-        raise ValueError(f"checkpoint={str(ckpt)!r} was written under ZeRO (its weights are shards): export it "
-                         f"with python -m trainer.export and evaluate hf=DIR")
-    saved = shared["config"]
-    model_cfg = model_config(saved["model"], cfg.model, train_len=int(saved["data"]["seq_len"]))
-    model = GPT(model_cfg, attn_backend=cfg.attention_backend)
-    model.load_state_dict(shared["model"])
-    model.to(device).eval()
-    data = saved["data"]
-    tok_path = data.get("tokenizer_path") or saved["model"].get("path")
-    tok = build_tokenizer(SimpleNamespace(tokenizer=data["tokenizer"], tokenizer_path=tok_path))
-    info = {"checkpoint": str(ckpt), "step": int(shared["step"])}
-    return model, tok, saved, info
 
 
 def load_hf_model(cfg: PplConfig, device: torch.device, autocast: Optional[torch.dtype]):
@@ -188,7 +142,7 @@ def _check(cfg: PplConfig) -> None:
 def _load(cfg: PplConfig, device, autocast):
     """(model, tokenizer, seq_len, (DataConfig, split), default output stem, info) for checkpoint= or hf=."""
     if cfg.checkpoint is not None:
-        model, tok, saved, info = load_checkpoint_model(cfg, device)
+        model, tok, saved, info = load_checkpoint_model(cfg.checkpoint, cfg.model, cfg.attention_backend, device)
         seq_len = cfg.seq_len or int(saved["data"]["seq_len"])
         stem = Path(info["checkpoint"]).parent.parent / "ppl" / f"step_{info['step']}"
         return model, tok, seq_len, _data_config(cfg, saved["data"], None), stem, info
