@@ -384,14 +384,20 @@ class Trainer:
         self.model.train()
         return (totals[0] / totals[1].clamp(min=1)).item()
 
-    def passkey_eval(self, sink: MetricsSink) -> dict:
-        """Passkey retrieval (trainer/eval_passkey.py) on rank 0 alone: a ring / Ulysses core or ZeRO-3 shards
-        would need every rank, so those runs skip it (use python -m trainer.eval_passkey on a checkpoint)."""
+    def _evaluates_here(self, key: str, command: str) -> bool:
+        """The periodic evaluations run on rank 0 alone: a ring / Ulysses core or ZeRO-3 shards would need every
+        rank, so those runs skip them and say which command evaluates a checkpoint instead."""
         if self.env.rank != 0:
-            return {}
+            return False
         if self.env.cp_size > 1 or self.cfg.parallel.zero_stage == 3:
-            log.warning("eval.passkey_every: skipped with parallel.cp > 1 or zero_stage=3; run "
-                        "python -m trainer.eval_passkey checkpoint=%s instead", self.out_dir)
+            log.warning("%s: skipped with parallel.cp > 1 or zero_stage=3; run python -m %s checkpoint=%s instead",
+                        key, command, self.out_dir)
+            return False
+        return True
+
+    def passkey_eval(self, sink: MetricsSink) -> dict:
+        """Passkey retrieval (trainer/eval_passkey.py), where _evaluates_here allows it."""
+        if not self._evaluates_here("eval.passkey_every", "trainer.eval_passkey"):
             return {}
         from trainer.eval_passkey import evaluate_during_training
 
@@ -402,13 +408,9 @@ class Trainer:
         return metrics
 
     def ppl_eval(self, sink: MetricsSink) -> dict:
-        """Perplexity by position (trainer/eval/ppl.py) on ppl_docs validation documents, rank 0 alone, skipped
-        where passkey_eval is; the documents are tokenised once and kept."""
-        if self.env.rank != 0:
-            return {}
-        if self.env.cp_size > 1 or self.cfg.parallel.zero_stage == 3:
-            log.warning("eval.ppl_every: skipped with parallel.cp > 1 or zero_stage=3; run "
-                        "python -m trainer.eval_ppl checkpoint=%s instead", self.out_dir)
+        """Perplexity by position (trainer/eval/ppl.py) on ppl_docs validation documents, where _evaluates_here
+        allows it; the documents are tokenised once and kept."""
+        if not self._evaluates_here("eval.ppl_every", "trainer.eval_ppl"):
             return {}
         from trainer.eval.ppl import evaluate_during_training, load_documents
 
