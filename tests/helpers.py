@@ -54,3 +54,22 @@ def rel_err(got, want) -> float:
     got, want = got.float(), want.float()
     assert torch.isfinite(got).all(), "non-finite values"
     return ((got - want).norm() / want.norm().clamp_min(1e-12)).item()
+
+
+def save_tiny_bpe_tokenizer(path, text: str = "def return import class self lambda yield", bos_first: bool = True):
+    """A byte-level BPE tokenizer (vocab 300, <unk> <s> </s>) trained on `text`, saved with save_pretrained as
+    transformers would write it; bos_first: its encoding starts with <s>, as Llama's does. Returns it."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    raw = Tokenizer(models.BPE(unk_token="<unk>"))
+    raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe = trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<s>", "</s>"],
+                              initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    raw.train_from_iterator([text] * 20, trainer=bpe)
+    raw.decoder = decoders.ByteLevel()
+    if bos_first:
+        raw.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    tok = PreTrainedTokenizerFast(tokenizer_object=raw, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    tok.save_pretrained(path)
+    return tok

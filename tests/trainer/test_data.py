@@ -20,7 +20,7 @@ from trainer.data import (DataConfig, build_loader, build_tokenizer, load_stdlib
                           stdlib_files, validate_data_config)
 from trainer.data.packing import PackedLoader, StreamingPackedLoader, TokenStore
 from trainer.data.tokenizer import ByteTokenizer, encode_documents
-from helpers import ROOT
+from helpers import ROOT, save_tiny_bpe_tokenizer
 
 PAD = -1   # sentinel pad id for the id-as-position stores: never a real token there
 
@@ -85,17 +85,7 @@ def test_byte_tokenizer_round_trip():
 
 
 def _save_tiny_hf_tokenizer(path):
-    from tokenizers import Tokenizer as RawTokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    raw = RawTokenizer(models.BPE(unk_token="<unk>"))
-    raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<s>", "</s>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    raw.train_from_iterator(["def return import class self lambda yield"] * 20, trainer=trainer)
-    raw.decoder = decoders.ByteLevel()
-    fast = PreTrainedTokenizerFast(tokenizer_object=raw, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
-    fast.save_pretrained(path)
+    save_tiny_bpe_tokenizer(path, bos_first=False)
 
 
 def test_hf_tokenizer_local_dir_and_errors(tmp_path):

@@ -18,7 +18,7 @@ from trainer.eval.ppl import (bucket_label, default_buckets, evaluate_ppl, resol
 from trainer.eval_ppl import main
 from trainer.model import GPT, ModelConfig
 
-from helpers import ROOT
+from helpers import ROOT, save_tiny_bpe_tokenizer
 
 TOK = ByteTokenizer()
 CPU = torch.device("cpu")
@@ -202,18 +202,9 @@ def test_cli_errors(run2, tmp_path, capsys):
 
 def _save_tiny_llama(path, max_pos: int, rope_parameters=None):
     """A random LlamaForCausalLM with a byte-level BPE tokenizer that puts <s> in front (as Llama's does)."""
-    from tokenizers import Tokenizer as RawTokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import LlamaConfig, LlamaForCausalLM
 
-    raw = RawTokenizer(models.BPE(unk_token="<unk>"))
-    raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe = trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<s>", "</s>"],
-                              initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    raw.train_from_iterator(["def return import class self lambda yield"] * 20, trainer=bpe)
-    raw.decoder = decoders.ByteLevel()
-    raw.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
-    tok = PreTrainedTokenizerFast(tokenizer_object=raw, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
-    tok.save_pretrained(path)
+    tok = save_tiny_bpe_tokenizer(path)
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=max_pos,

@@ -22,7 +22,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from helpers import ROOT
+from helpers import ROOT, save_tiny_bpe_tokenizer
 from trainer.config import check_config
 from trainer.data import DataConfig, build_tokenizer
 from trainer.data.tokenizer import encode_documents
@@ -45,19 +45,7 @@ WORDS = ("def return import class self lambda yield while for in if else try exc
 
 def save_tokenizer(path: Path):
     """A byte-level BPE tokenizer whose encoding starts with <s>, as Llama's does, saved as transformers would."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    raw = Tokenizer(models.BPE(unk_token="<unk>"))
-    raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<s>", "</s>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    raw.train_from_iterator([" ".join(WORDS)] * 20, trainer=trainer)
-    raw.decoder = decoders.ByteLevel()
-    raw.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
-    tok = PreTrainedTokenizerFast(tokenizer_object=raw, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
-    tok.save_pretrained(path)
-    return tok
+    return save_tiny_bpe_tokenizer(path, " ".join(WORDS))
 
 
 @pytest.fixture(scope="module")
