@@ -93,15 +93,6 @@ def load_hf_model(cfg: PplConfig, device: torch.device, autocast: Optional[torch
     return model, HFTokenizer(str(path)), {"hf": str(path)}
 
 
-def _adds_bos(tokenizer) -> bool:
-    """Whether a transformers tokenizer puts bos in front by itself (Llama does; GPT-2 and Qwen do not)."""
-    inner = getattr(tokenizer, "_tok", None)
-    if inner is None or getattr(tokenizer, "bos_id", None) is None:
-        return False
-    ids = inner("a")["input_ids"]
-    return bool(ids) and ids[0] == tokenizer.bos_id
-
-
 def _data_config(cfg: PplConfig, saved_data: Optional[dict], tokenizer_path: Optional[str]):
     """(DataConfig, split): the run's data config (or the stdlib corpus) with cfg.data overrides; a file given
     as data.path is read whole."""
@@ -174,7 +165,7 @@ def run(cfg: PplConfig) -> dict:
     autocast = _resolve_dtype(cfg, device)
     model, tok, seq_len, (data_cfg, split), stem, info = _load(cfg, device, autocast)
     buckets = resolve_buckets(cfg.buckets, seq_len)
-    bos = cfg.bos == "true" or (cfg.bos == "auto" and _adds_bos(tok))
+    bos = cfg.bos == "true" or (cfg.bos == "auto" and getattr(tok, "add_bos", False))  # HFTokenizer.add_bos
     docs = _documents(data_cfg, split, tok, seq_len, cfg.docs, bos)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
