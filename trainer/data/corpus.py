@@ -138,12 +138,19 @@ def select_stdlib_files(files: list[str], split: str, val_fraction: float, max_f
     """
     if max_files is not None:
         files = sorted(files, key=lambda f: _unit_hash(f, "sample"))[:max_files]
-    score = {f: _unit_hash(f, "split") for f in files}
-    val = {f for f in files if score[f] < val_fraction}
-    if not val and val_fraction > 0 and len(files) > 1:
-        val = {min(files, key=score.get)}
-    chosen = [f for f in files if (f in val) == (split == "validation")]
+    val = held_out(files, val_fraction)
+    chosen = [f for i, f in enumerate(files) if (i in val) == (split == "validation")]
     return sorted(chosen)
+
+
+def held_out(keys: list[str], val_fraction: float) -> set[int]:
+    """Indices of the validation items: key hash < val_fraction, and never empty when val_fraction > 0 and there
+    are two items or more (the lowest-hash one is moved there if needed)."""
+    score = [_unit_hash(k, "split") for k in keys]
+    val = {i for i, s in enumerate(score) if s < val_fraction}
+    if not val and val_fraction > 0 and len(keys) > 1:
+        val = {min(range(len(keys)), key=score.__getitem__)}
+    return val
 
 
 def load_stdlib(cfg, split: str, root: Optional[str] = None):

@@ -32,7 +32,7 @@ from typing import Optional
 
 import numpy as np
 
-from .corpus import _unit_hash
+from .corpus import held_out
 from .packing import PackedLoader, TokenStore
 from .tokenizer import token_dtype
 
@@ -60,10 +60,7 @@ def read_rows(path: str, split: str, val_fraction: float, max_rows: Optional[int
             _check_row(row, where)
             rows.append((line_no, row))
             keys.append(line.strip())
-    score = [_unit_hash(k, "split") for k in keys]
-    val = {i for i, s in enumerate(score) if s < val_fraction}
-    if not val and val_fraction > 0 and len(rows) > 1:   # a non-empty validation split, as for stdlib
-        val = {int(np.argmin(score))}
+    val = held_out(keys, val_fraction)  # by a hash of the line, as stdlib files are split by their path
     return [r for i, r in enumerate(rows) if (i in val) == (split == "validation")]
 
 
