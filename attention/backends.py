@@ -1,4 +1,4 @@
-"""Backend dispatch: one signature for every attention implementation ("triton", "sdpa", "reference").
+"""Backend dispatch: one signature for every attention implementation ("gluon", "triton", "sdpa", "reference").
 
 The low-level pair, for custom autograd (each call checks its inputs):
 
@@ -12,7 +12,9 @@ A caller that launches many blocks of one call (the ring) checks once and then l
 
 q (B, Nq, H, D), k/v (B, Nk, Hkv, D), lse (B, H, Nq) fp32 natural log. The varlen pair takes packed
 (total, H, D) tensors with int32 cu_seqlens and returns lse (H, total_q). `backend="auto"` means the
-`ATTN_BACKEND` environment variable if set, else Triton on CUDA and the reference on CPU.
+`ATTN_BACKEND` environment variable if set, else "gluon" on an sm_90 GPU with the triton the Gluon kernels are
+written for (attention/gluon/: Hopper kernels where a case is covered, the Triton ones for the rest), "triton"
+on other GPUs, and the reference on CPU.
 
 Backward determinism: `deterministic=None` (the default of both backward functions) follows the global
 default, `set_deterministic(flag)` / `get_deterministic()`; it starts True unless the environment sets
@@ -23,6 +25,7 @@ run. `torch.use_deterministic_algorithms(True)` always wins.
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 from typing import Callable, Optional
@@ -56,12 +59,20 @@ def _triton() -> Backend:
                    triton_attn_varlen_backward, check_triton_supported, nondeterministic_backward=True)
 
 
+def _gluon() -> Backend:
+    from .gluon.dispatch import gluon_backward, gluon_forward, gluon_varlen_backward, gluon_varlen_forward
+    from .triton.fwd import check_triton_supported
+    return Backend("gluon", gluon_forward, gluon_backward, gluon_varlen_forward, gluon_varlen_backward,
+                   check_triton_supported, nondeterministic_backward=True)
+
+
 def _sdpa() -> Backend:
     from .sdpa import sdpa_attn_backward, sdpa_attn_forward
     return Backend("sdpa", sdpa_attn_forward, sdpa_attn_backward)
 
 
-_LOADERS: dict[str, Callable[[], Backend]] = {"reference": _reference, "triton": _triton, "sdpa": _sdpa}
+_LOADERS: dict[str, Callable[[], Backend]] = {"reference": _reference, "triton": _triton, "gluon": _gluon,
+                                              "sdpa": _sdpa}
 _CACHE: dict[str, Backend] = {}
 
 
@@ -102,14 +113,34 @@ def resolve_backend_name(backend: str, device: torch.device) -> str:
     if backend == "auto":
         backend = os.environ.get("ATTN_BACKEND", "auto") or "auto"
     if backend == "auto":
-        return "triton" if device.type == "cuda" else "reference"
+        if device.type != "cuda":
+            return "reference"
+        from .gluon import hopper_ready
+        ready, why = hopper_ready(device)
+        if not ready:
+            _note_once(f"attention backend auto: triton (the Gluon kernels do not run here: {why})")
+        return "gluon" if ready else "triton"
     if backend not in _LOADERS:
         raise ValueError(f"backend must be one of {available_backends()}, got {backend!r}")
     return backend
 
 
+_NOTED: set = set()
+
+
+def _note_once(message: str) -> None:
+    if message not in _NOTED:
+        _NOTED.add(message)
+        logging.getLogger("ringflash.attention").info(message)
+
+
 def get_backend(backend: str, device: torch.device) -> Backend:
     name = resolve_backend_name(backend, device)
+    if name == "gluon":
+        from .gluon import hopper_ready
+        ready, why = hopper_ready(device)
+        if not ready:
+            raise ValueError(f"attention backend 'gluon' is not available here: {why}; use 'auto' or 'triton'")
     if name not in _CACHE:
         try:
             _CACHE[name] = _LOADERS[name]()

@@ -1,11 +1,13 @@
-"""Attention benchmark: ringflash Triton vs SDPA (flash, cuDNN, efficient) and FlexAttention, one process.
+"""Attention benchmark: ringflash (Gluon / Triton) vs SDPA (flash, cuDNN, efficient) and FlexAttention, one process.
 
     python scripts/bench_attention.py                 # full grid -> docs/bench/attention_<gpu>.{json,md}
     python scripts/bench_attention.py --quick         # D=128, N in {8K, 32K}
     python scripts/bench_attention.py --dims 128 --rounds 3   # each case 3 times, providers interleaved: medians
     python scripts/bench_attention.py --sweep         # our kernel variants (tiles, TMA, warp spec) at N=8K
 
-"ours" is the deterministic backward (the default); "ours-atomic" the same kernels with
+"ours" is `backend="auto"` with the deterministic backward (the default): the Gluon Hopper kernels where they
+cover a case on an sm_90 GPU, the Triton ones elsewhere; "ours-triton" forces the portable Triton kernels;
+"ours-atomic" the same kernels as "ours" with
 attention.set_deterministic(False): dQ accumulated inside the dK/dV kernel by per-element atomics, pointer
 loads; "ours-atomic-tma" (opt-in: --providers) the same with TMA loads and whole dQ tiles added by TMA
 reduce-add (triton_common.FEATURES["tma_reduce"]).
@@ -38,8 +40,8 @@ from attention.triton.common import tile_configs  # noqa: E402
 TOKENS, HEADS = 65536, 16
 DEVICE, DTYPE = "cuda", torch.bfloat16  # the sweep's tensors (a CPU dry run of the script swaps them)
 PRECOMPILE_N = 2048  # precompile workers run our kernels at this length (same specialisation: N % 16 == 0)
-PROVIDERS = ["ours", "ours-atomic", "sdpa_flash", "sdpa_cudnn", "sdpa_efficient", "flex"]
-OURS = ("ours", "ours-atomic", "ours-atomic-tma")  # same forward; the backward differs (module docstring)
+PROVIDERS = ["ours", "ours-triton", "ours-atomic", "sdpa_flash", "sdpa_cudnn", "sdpa_efficient", "flex"]
+OURS = ("ours", "ours-triton", "ours-atomic", "ours-atomic-tma")  # module docstring: what each one runs
 SDPA = {"sdpa_flash": SDPBackend.FLASH_ATTENTION, "sdpa_cudnn": SDPBackend.CUDNN_ATTENTION,
         "sdpa_efficient": SDPBackend.EFFICIENT_ATTENTION}
 
@@ -113,12 +115,13 @@ def make_call(provider, q, k, v, causal, window, doc=None):
     """q/k/v (B, N, H, D) with requires_grad; doc = (cu_seqlens, max_len, doc_ids) for packed documents."""
     n = q.shape[1]
     if provider in OURS:
+        backend = "triton" if provider == "ours-triton" else "auto"
         if doc is not None:
             cu, max_len, _ = doc
             flat = [t.view(-1, *t.shape[2:]) for t in (q, k, v)]  # (B*N, H, D)
             return lambda: flash_attn_varlen_func(*flat, cu, cu, max_len, max_len, causal=causal,
-                                                  window_size=window, backend="triton")
-        return lambda: flash_attn_func(q, k, v, causal=causal, window_size=window, backend="triton")
+                                                  window_size=window, backend=backend)
+        return lambda: flash_attn_func(q, k, v, causal=causal, window_size=window, backend=backend)
     qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, N, D) views
     if provider == "flex":
         fn = _flex()
@@ -417,9 +420,14 @@ def _our_tiles():
     tma = "tma" if triton_common.FEATURES["tma"] else "ptr"
     tuned = dict(fwd=triton_fwd.fwd_tuned, dkdv=triton_bwd.dkdv_tuned, dq=triton_bwd.dq_tuned,
                  atomic=triton_bwd.dkdv_atomic_tuned)
-    return {k: f"{tma}{'+ws' if t.best_config.kwargs.get('WARP_SPEC') else ''} {_cfg_name(t.best_config)}"
-               f"{' early-dP' if t.best_config.kwargs.get('EARLY_DP') else ''}"
-            for k, t in tuned.items() if getattr(t, "best_config", None) is not None}
+    tiles = {k: f"{tma}{'+ws' if t.best_config.kwargs.get('WARP_SPEC') else ''} {_cfg_name(t.best_config)}"
+                f"{' early-dP' if t.best_config.kwargs.get('EARLY_DP') else ''}"
+             for k, t in tuned.items() if getattr(t, "best_config", None) is not None}
+    from attention.gluon import hopper_ready
+    if hopper_ready(torch.device(DEVICE))[0]:  # (BLOCK_M, BLOCK_N, STAGES, warp-specialized) per head dim
+        from attention.gluon import fwd as gluon_fwd
+        tiles["gluon_fwd"] = {d: list(c) for d, c in gluon_fwd.FWD_CONFIG.items()}
+    return tiles
 
 
 def _cfg_name(cfg):

@@ -250,7 +250,7 @@ def fp8_attn_forward(q, k, v, causal=False, softmax_scale=None, window_size=(-1,
     if backend == "reference":
         with torch.no_grad():
             return emulate_fp8_attention(quantize_qkv(q, k, v, config), bool(causal), scale, q.dtype)
-    if backend != "triton":
+    if backend not in ("triton", "gluon"):  # the FP8 forward is one Triton kernel for both
         raise ValueError(f"{fn}: fp8 attention has no {backend!r} backend; use 'triton' (Hopper) or "
                          "'reference' (fp32 emulation)")
     from .kernel import check_triton_fp8_supported, triton_fp8_forward, triton_quantize_qkv

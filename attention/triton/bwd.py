@@ -298,6 +298,29 @@ def _qkv_strides(ts, batch_strides):
     return out
 
 
+def _launch_preprocess(out, dout, lse, dlse, cu_q, seqlen_q, max_q, n_batch, varlen):
+    """Run _preprocess_kernel: (delta, lse2) shaped like lse. out/dout have unit last stride, lse is contiguous;
+    cu_q is any pointer-typed placeholder when not varlen."""
+    delta, lse2 = torch.empty_like(lse), torch.empty_like(lse)
+    n_heads, d = out.shape[-2], out.shape[-1]
+    bstride = (lambda t: 0) if varlen else (lambda t: t.stride(0))  # noqa: E731
+    lse_strides = (0, lse.stride(0)) if varlen else (lse.stride(0), lse.stride(1))
+    dlse_arg = dlse.contiguous() if dlse is not None else lse
+    _preprocess_kernel[(triton.cdiv(max_q, _PRE_BLOCK), n_batch * n_heads)](
+        out, dout, lse, dlse_arg, delta, lse2, cu_q, *_qkv_strides((out, dout), (bstride(out), bstride(dout))),
+        *lse_strides, seqlen_q, n_heads,
+        HEAD_DIM=d, BLOCK_D=block_d(d), IS_VARLEN=varlen, BLOCK_M=_PRE_BLOCK, HAS_DLSE=dlse is not None)
+    return delta, lse2
+
+
+def preprocess(out, dout, lse, dlse):
+    """delta = rowsum(dout * out) - dlse and lse2 = lse * log2(e) (-inf -> 0), both (B, H, Nq) fp32, for dense
+    out/dout (B, Nq, H, D) and lse/dlse (B, H, Nq) (dlse may be None): the first step of every backward."""
+    out, dout, lse = _contig(out), _contig(dout), lse.contiguous()
+    with torch.cuda.device(out.device) if out.is_cuda else nullcontext():
+        return _launch_preprocess(out, dout, lse, dlse, out, out.shape[1], out.shape[1], out.shape[0], False)
+
+
 def _launch_bwd(dout, q, k, v, out, lse, dlse, cu_q, cu_k, seqlen_q, seqlen_k, max_q, max_k, n_batch,
                 causal, softmax_scale, window_size, varlen, deterministic):
     dout, q, k, v, out = (_contig(t) for t in (dout, q, k, v, out))
@@ -305,7 +328,6 @@ def _launch_bwd(dout, q, k, v, out, lse, dlse, cu_q, cu_k, seqlen_q, seqlen_k, m
     dk, dv = torch.empty_like(k), torch.empty_like(v)
     # deterministic: the dQ kernel writes dq; else the dK/dV kernel adds into a zeroed fp32 dq_acc
     dq = torch.empty_like(q) if deterministic else torch.zeros(q.shape, dtype=torch.float32, device=q.device)
-    delta, lse2 = torch.empty_like(lse), torch.empty_like(lse)
     has_left, has_right, left, right = window_flags(causal, window_size)
     n_heads, d = q.shape[-2], q.shape[-1]
     n_kv = k.shape[-2]
@@ -316,12 +338,9 @@ def _launch_bwd(dout, q, k, v, out, lse, dlse, cu_q, cu_k, seqlen_q, seqlen_k, m
     cu_q = cu_q if varlen else q
     cu_k = cu_k if varlen else q
     consts = dict(HEAD_DIM=d, BLOCK_D=block_d(d), IS_VARLEN=varlen, HAS_LEFT=has_left, HAS_RIGHT=has_right)
-    dlse_arg = dlse.contiguous() if dlse is not None else lse
     len_class = length_class(max(max_q, max_k))
     with torch.cuda.device(q.device) if q.is_cuda else nullcontext():
-        _preprocess_kernel[(triton.cdiv(max_q, _PRE_BLOCK), n_batch * n_heads)](
-            out, dout, lse, dlse_arg, delta, lse2, cu_q, *strides(out, dout), *lse_strides, seqlen_q, n_heads,
-            HEAD_DIM=d, BLOCK_D=block_d(d), IS_VARLEN=varlen, BLOCK_M=_PRE_BLOCK, HAS_DLSE=dlse is not None)
+        delta, lse2 = _launch_preprocess(out, dout, lse, dlse, cu_q, seqlen_q, max_q, n_batch, varlen)
         base = strides(q, k, v, dout)
         scales = [softmax_scale * LOG2E, softmax_scale]
         dkdv_args = [q, k, v, dout, dk, dv, dq, lse2, delta, cu_q, cu_k, *base, *strides(dk, dv, dq),

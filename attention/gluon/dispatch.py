@@ -1,0 +1,80 @@
+"""The one place that decides, per call, whether a case runs on the Gluon Hopper kernels or on the Triton ones.
+
+    backend = gluon_backend()            # backends.py registers it as "gluon"; "auto" picks it on sm_90
+    out, lse = backend.forward(q, k, v, causal, scale, window)
+
+Every decision is logged once per (pass, kernel, reason) at INFO on the "ringflash.attention" logger, e.g.
+    attention forward: gluon (dense, D=128)
+    attention forward (varlen): triton (packed documents are not covered by the Gluon kernels)
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from .plan import uncovered_reason
+
+log = logging.getLogger("ringflash.attention")
+_LOGGED: set = set()
+# Passes that `auto` routes to Gluon where a case is covered. The Gluon backward (bwd.py, tested against the fp32
+# reference in tests/attention/test_gluon_bwd_gpu.py) measured no faster than the Triton backward on an H200 at
+# D=128 and slower at D=64 (docs/results.md), so the Triton backward stays the default;
+# GLUON_PASSES.add("backward") opts in.
+GLUON_PASSES = {"forward"}
+
+
+def route(kind: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, varlen: bool = False) -> tuple[str, str]:
+    """("gluon" | "triton", reason) for one pass ("forward" / "backward") of a call."""
+    if varlen:
+        return "triton", "packed documents are not covered by the Gluon kernels"
+    if kind not in GLUON_PASSES:
+        return "triton", f"the Triton {kind} is the default (dispatch.GLUON_PASSES)"
+    why = uncovered_reason(q, k, v)
+    if why is not None:
+        return "triton", why
+    return "gluon", f"dense, D={q.shape[-1]}"
+
+
+def note(kind: str, kernel: str, reason: str, varlen: bool = False) -> None:
+    key = (kind, varlen, kernel, reason)
+    if key not in _LOGGED:
+        _LOGGED.add(key)
+        log.info("attention %s%s: %s (%s)", kind, " (varlen)" if varlen else "", kernel, reason)
+
+
+def _routed(kind, q, k, v, varlen=False) -> str:
+    kernel, reason = route(kind, q, k, v, varlen)
+    note(kind, kernel, reason, varlen)
+    return kernel
+
+
+def gluon_forward(q, k, v, causal, scale, window):
+    if _routed("forward", q, k, v) == "gluon":
+        from .fwd import gluon_attn_forward
+        return gluon_attn_forward(q, k, v, causal, scale, window)
+    from ..triton.fwd import triton_attn_forward
+    return triton_attn_forward(q, k, v, causal, scale, window)
+
+
+def gluon_backward(dout, q, k, v, out, lse, causal, scale, window, dlse, deterministic=True):
+    if _routed("backward", q, k, v) == "gluon":
+        from .bwd import gluon_attn_backward
+        return gluon_attn_backward(dout, q, k, v, out, lse, causal, scale, window, dlse, deterministic)
+    from ..triton.bwd import triton_attn_backward
+    return triton_attn_backward(dout, q, k, v, out, lse, causal, scale, window, dlse, deterministic)
+
+
+def gluon_varlen_forward(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, window):
+    from ..triton.fwd import triton_attn_varlen_forward
+    _routed("forward", q, k, v, varlen=True)
+    return triton_attn_varlen_forward(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, window)
+
+
+def gluon_varlen_backward(dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, causal, scale, window, dlse,
+                          deterministic=True):
+    from ..triton.bwd import triton_attn_varlen_backward
+    _routed("backward", q, k, v, varlen=True)
+    return triton_attn_varlen_backward(dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, causal, scale, window,
+                                       dlse, deterministic)

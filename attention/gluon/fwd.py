@@ -1,0 +1,304 @@
+"""Gluon FlashAttention forward for Hopper (sm_90): TMA loads, async warpgroup MMAs, persistent tiles.
+
+    out, lse = gluon_attn_forward(q, k, v, causal=True, softmax_scale=0.125, window_size=(-1, -1))
+
+Same contract as the Triton forward: q (B, Nq, H, D), k/v (B, Nk, Hkv, D) -> out (B, Nq, H, D), lse (B, H, Nq)
+fp32 natural log; rows that see no key give lse = -inf and out = 0. The case must be covered
+(plan.uncovered_reason is None); dispatch.py decides.
+
+Warp-specialized, FA3's layout: a one-warp producer TMA-loads each work item's Q (in two halves) and streams its
+K/V blocks through a ring of STAGES shared-memory stages; two consumer warpgroups each own half of the query tile
+(BLOCK_M/2 rows) and release a stage (an mbarrier that counts both) once their P.V MMA on it has retired. Each
+consumer overlaps within itself (FA3's intra-warpgroup overlap): while block j's softmax runs, P_{j-1}.V_{j-1}
+is in flight on the tensor cores, and P feeds P.V from registers:
+
+    S_0 = Q K_0^T;  P_0 = softmax(S_0)
+    for j in 1..n-1:
+        issue S_j = Q K_j^T,  issue O += P_{j-1} V_{j-1}      (async)
+        wait S_j;  P_j, alpha_j = online softmax of S_j        (overlaps the P.V MMA)
+        wait O;    release block j-1's stage;  O *= alpha_j
+    O += P_{n-1} V_{n-1};  O /= l;  TMA store
+
+Scores stay in base 2 (scale * log2 e folded into one multiply); masks apply only to the blocks the plan marks
+(window edges, the causal diagonal, the sequence tail). The grid is persistent, one program per SM, walking
+(query tile, batch*head) work items heaviest query tile first, a few heads at a time so that the programs reading
+a head's K/V at the same moment find it in L2 (plan.heads_per_chunk, plan.work_item).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
+                                                              warpgroup_mma_wait)
+from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+from .plan import forward_plan, heads_per_chunk, persistent_grid, window_sides
+
+LOG2E = 1.4426950408889634
+LN2: gl.constexpr = gl.constexpr(0.6931471805599453)
+
+# (BLOCK_M, BLOCK_N, STAGES) per head dim, chosen by timing on an H200 (docs/kernels.md)
+FWD_CONFIG = {64: (128, 128, 3), 128: (128, 64, 4)}
+# the kernel's register cap over its 12 warps (two consumer warpgroups and the producer's), and each consumer's
+# share after the producer gives its registers back (setmaxnreg)
+WS_REGS = (168, 240)
+
+
+@gluon.jit
+def _work_item(w, n_slots, n_bh, chunk):
+    """(slot, bh) of work item w; plan.work_item is the host-side twin (and its docstring the rule)."""
+    c = w // (chunk * n_slots)
+    base = c * chunk
+    g = gl.minimum(chunk, n_bh - base)
+    r = w - base * n_slots
+    return r // g, base + r % g
+
+
+@gluon.jit
+def _online_softmax(s, m_i, l_i, key, lo_full, hi_full, rows, cols, seqlen_k, off, qk_scale, win_left, win_right,
+                    HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr):
+    """One block's step of the online softmax in base 2: returns (p, m_new, l_new, alpha)."""
+    if (key < lo_full) | (key >= hi_full):
+        c = key + cols[None, :]
+        diag = rows[:, None] + off
+        keep = c < seqlen_k
+        if HAS_LEFT:
+            keep = keep & (c >= diag - win_left)
+        if HAS_RIGHT:
+            keep = keep & (c <= diag + win_right)
+        s = gl.where(keep, s * qk_scale, float("-inf"))
+        m_new = gl.maximum(m_i, gl.max(s, 1))
+        m_safe = gl.where(m_new == float("-inf"), 0.0, m_new)  # a row that has seen no key yet
+        p = gl.exp2(s - m_safe[:, None])
+    else:
+        m_new = gl.maximum(m_i, gl.max(s, 1) * qk_scale)
+        m_safe = m_new
+        p = gl.exp2(s * qk_scale - m_safe[:, None])
+    alpha = gl.exp2(m_i - m_safe)
+    l_new = l_i * alpha + gl.sum(p, 1)
+    return p, m_new, l_new, alpha
+
+
+@gluon.jit
+def _ws_consumer(args, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
+                 HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr, WG: gl.constexpr):
+    """Rows [WG * BLOCK_M/2, (WG+1) * BLOCK_M/2) of every query tile: S = QK^T, online softmax, O += PV."""
+    (q_desc, k_desc, v_desc, o_desc, Lse, Plan, q_smem, o_smem, k_smem, v_smem, q_ready, q_empty, k_ready, v_ready,
+     kv_empty, n_work, n_slots, n_bh, chunk, n_heads, group, seqlen_q, seqlen_k, qk_scale, win_left,
+     win_right) = args
+    HALF: gl.constexpr = BLOCK_M // 2
+    dtype: gl.constexpr = q_desc.dtype
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                       instr_shape=[16, BLOCK_N, 16])
+    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                       instr_shape=[16, HEAD_DIM, 16])
+    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+    row_s: gl.constexpr = gl.SliceLayout(1, s_layout)
+    row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
+    cols = gl.arange(0, BLOCK_N, gl.SliceLayout(0, s_layout))
+    off = seqlen_k - seqlen_q
+    used = 0  # K/V blocks consumed so far over all work items (the ring position)
+    it = 0  # work items done
+    for w in range(gl.program_id(0), n_work, gl.num_programs(0)):
+        slot, bh = _work_item(w, n_slots, n_bh, chunk)
+        b = bh // n_heads
+        h = bh % n_heads
+        tile = gl.load(Plan + slot * 5)
+        lo = gl.load(Plan + slot * 5 + 1)
+        lo_full = gl.load(Plan + slot * 5 + 2)
+        hi_full = gl.load(Plan + slot * 5 + 3)
+        hi = gl.load(Plan + slot * 5 + 4)
+        m0 = tile * BLOCK_M + WG * HALF
+        n_blocks = gl.cdiv(hi - lo, BLOCK_N)
+        rows = m0 + gl.arange(0, HALF, row_s)
+        m_i = gl.full([HALF], float("-inf"), gl.float32, row_s)
+        l_i = gl.zeros([HALF], gl.float32, row_s)
+        acc = gl.zeros([HALF, HEAD_DIM], gl.float32, o_layout)
+        s_zero = gl.zeros([HALF, BLOCK_N], gl.float32, s_layout)
+        mbarrier.wait(q_ready.index(WG), it & 1)
+        q = q_smem.index(WG).reshape([HALF, HEAD_DIM])
+        if n_blocks > 0:
+            st = used % STAGES
+            mbarrier.wait(k_ready.index(st), (used // STAGES) & 1)
+            kt = k_smem.index(st).reshape([BLOCK_N, HEAD_DIM]).permute((1, 0))
+            s = warpgroup_mma(q, kt, s_zero, use_acc=False, is_async=True)
+            s = warpgroup_mma_wait(num_outstanding=0, deps=(s, ))
+            p, m_i, l_i, alpha = _online_softmax(s, m_i, l_i, lo, lo_full, hi_full, rows, cols, seqlen_k, off,
+                                                 qk_scale, win_left, win_right, HAS_LEFT, HAS_RIGHT)
+            pv = gl.convert_layout(p.to(dtype), p_layout)
+            for j in range(1, n_blocks):
+                cur = used + j
+                st = cur % STAGES
+                ps = (cur - 1) % STAGES
+                mbarrier.wait(k_ready.index(st), (cur // STAGES) & 1)
+                mbarrier.wait(v_ready.index(ps), ((cur - 1) // STAGES) & 1)
+                kt = k_smem.index(st).reshape([BLOCK_N, HEAD_DIM]).permute((1, 0))
+                s_tok = warpgroup_mma(q, kt, s_zero, use_acc=False, is_async=True)
+                acc_tok = warpgroup_mma(pv, v_smem.index(ps).reshape([BLOCK_N, HEAD_DIM]), acc, is_async=True)
+                s = warpgroup_mma_wait(num_outstanding=1, deps=(s_tok, ))
+                p, m_i, l_i, alpha = _online_softmax(s, m_i, l_i, lo + j * BLOCK_N, lo_full, hi_full, rows, cols,
+                                                     seqlen_k, off, qk_scale, win_left, win_right, HAS_LEFT,
+                                                     HAS_RIGHT)
+                acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc_tok, ))
+                mbarrier.arrive(kv_empty.index(ps), count=1)  # this half is done with block j-1's K and V
+                acc = acc * gl.convert_layout(alpha, row_o)[:, None]
+                pv = gl.convert_layout(p.to(dtype), p_layout)
+            last = used + n_blocks - 1
+            mbarrier.wait(v_ready.index(last % STAGES), (last // STAGES) & 1)
+            acc = warpgroup_mma(pv, v_smem.index(last % STAGES).reshape([BLOCK_N, HEAD_DIM]), acc, is_async=True)
+            acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
+            mbarrier.arrive(kv_empty.index(last % STAGES), count=1)
+            used += n_blocks
+        mbarrier.arrive(q_empty.index(WG), count=1)
+        it += 1
+
+        empty = l_i == 0.0
+        l_safe = gl.where(empty, 1.0, l_i)
+        out = acc / gl.convert_layout(l_safe, row_o)[:, None]
+        lse = gl.where(empty, float("-inf"), (m_i + gl.log2(l_safe)) * LN2)
+        gl.store(Lse + bh * seqlen_q + rows, lse, mask=rows < seqlen_q)
+        tma.store_wait(pendings=0)  # the previous work item's output has left this half's o_smem
+        o_tile = o_smem.index(WG)
+        o_tile.reshape([HALF, HEAD_DIM]).store(out.to(dtype))
+        fence_async_shared()
+        tma.async_copy_shared_to_global(o_desc, [b, m0, h, 0], o_tile)
+    tma.store_wait(pendings=0)
+
+
+@gluon.jit
+def _ws_producer(args, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
+                 HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr, WG: gl.constexpr):
+    """One warp: TMA-loads each work item's two Q halves and its K/V blocks into the ring, ahead of the consumers."""
+    (q_desc, k_desc, v_desc, o_desc, Lse, Plan, q_smem, o_smem, k_smem, v_smem, q_ready, q_empty, k_ready, v_ready,
+     kv_empty, n_work, n_slots, n_bh, chunk, n_heads, group, seqlen_q, seqlen_k, qk_scale, win_left,
+     win_right) = args
+    HALF: gl.constexpr = BLOCK_M // 2
+    issued = 0
+    it = 0
+    for w in range(gl.program_id(0), n_work, gl.num_programs(0)):
+        slot, bh = _work_item(w, n_slots, n_bh, chunk)
+        b = bh // n_heads
+        h = bh % n_heads
+        hkv = h // group
+        tile = gl.load(Plan + slot * 5)
+        lo = gl.load(Plan + slot * 5 + 1)
+        hi = gl.load(Plan + slot * 5 + 4)
+        n_blocks = gl.cdiv(hi - lo, BLOCK_N)
+        for c in gl.static_range(2):
+            mbarrier.wait(q_empty.index(c), (it & 1) ^ 1)  # fresh barriers pass phase 1: the first wait is free
+            mbarrier.expect(q_ready.index(c), q_desc.block_type.nbytes)
+            tma.async_copy_global_to_shared(q_desc, [b, tile * BLOCK_M + c * HALF, h, 0], q_ready.index(c),
+                                            q_smem.index(c))
+        for j in range(n_blocks):
+            st = issued % STAGES
+            mbarrier.wait(kv_empty.index(st), ((issued // STAGES) & 1) ^ 1)
+            key = lo + j * BLOCK_N
+            mbarrier.expect(k_ready.index(st), k_desc.block_type.nbytes)
+            tma.async_copy_global_to_shared(k_desc, [b, key, hkv, 0], k_ready.index(st), k_smem.index(st))
+            mbarrier.expect(v_ready.index(st), v_desc.block_type.nbytes)
+            tma.async_copy_global_to_shared(v_desc, [b, key, hkv, 0], v_ready.index(st), v_smem.index(st))
+            issued += 1
+        it += 1
+
+
+@gluon.jit
+def _fwd_ws_kernel(q_desc, k_desc, v_desc, o_desc, Lse, Plan, n_work, n_slots, n_bh, chunk, n_heads, group,
+                   seqlen_q, seqlen_k, qk_scale, win_left, win_right,
+                   HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
+                   HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr, CONSUMER_REGS: gl.constexpr,
+                   num_warps: gl.constexpr):
+    """Warp-specialized: two consumer warpgroups (the default partition and a worker) each own half of the query
+    tile, and a one-warp producer streams Q and the K/V ring. q_desc / o_desc boxes are BLOCK_M/2 rows."""
+    dtype: gl.constexpr = q_desc.dtype
+    q_smem = gl.allocate_shared_memory(dtype, [2] + q_desc.block_type.shape, q_desc.layout)
+    o_smem = gl.allocate_shared_memory(dtype, [2] + o_desc.block_type.shape, o_desc.layout)
+    k_smem = gl.allocate_shared_memory(dtype, [STAGES] + k_desc.block_type.shape, k_desc.layout)
+    v_smem = gl.allocate_shared_memory(dtype, [STAGES] + v_desc.block_type.shape, v_desc.layout)
+    q_ready = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    q_empty = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    kv_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    for i in gl.static_range(2):
+        mbarrier.init(q_ready.index(i), count=1)
+        mbarrier.init(q_empty.index(i), count=1)
+    for i in gl.static_range(STAGES):
+        mbarrier.init(k_ready.index(i), count=1)
+        mbarrier.init(v_ready.index(i), count=1)
+        mbarrier.init(kv_empty.index(i), count=2)  # both consumer halves release a stage
+    args = (q_desc, k_desc, v_desc, o_desc, Lse, Plan, q_smem, o_smem, k_smem, v_smem, q_ready, q_empty, k_ready,
+         v_ready, kv_empty, n_work, n_slots, n_bh, chunk, n_heads, group, seqlen_q, seqlen_k, qk_scale,
+            win_left, win_right)
+    gl.warp_specialize([
+        (_ws_consumer, (args, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, HAS_LEFT, HAS_RIGHT, 0)),
+        (_ws_consumer, (args, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, HAS_LEFT, HAS_RIGHT, 1)),
+        (_ws_producer, (args, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, HAS_LEFT, HAS_RIGHT, 0)),
+    ], [4, 1], [CONSUMER_REGS, 24])
+
+
+# -- host side ---------------------------------------------------------------------------------------------
+
+_PLANS: dict = {}
+_SMS: dict = {}
+
+
+def block_layout(block_shape, dtype):
+    gl_dtype = gl.bfloat16 if dtype == torch.bfloat16 else gl.float16
+    return gl.NVMMASharedLayout.get_default_for(block_shape, gl_dtype)
+
+
+def descriptor(t: torch.Tensor, block_rows: int) -> TensorDescriptor:
+    """4-D (B, N, H, D) descriptor whose box is one head's block_rows x D tile; rows past N read as zero and
+    are dropped on store."""
+    block = [1, block_rows, 1, t.shape[-1]]
+    return TensorDescriptor(t, list(t.shape), list(t.stride()), block, block_layout(block, t.dtype))
+
+
+def plan_table(seqlen_q, seqlen_k, causal, window_size, block_m, block_n, device) -> torch.Tensor:
+    key = (seqlen_q, seqlen_k, bool(causal), tuple(window_size), block_m, block_n, str(device))
+    table = _PLANS.get(key)
+    if table is None:
+        if len(_PLANS) > 256:
+            _PLANS.clear()
+        table = _PLANS[key] = forward_plan(seqlen_q, seqlen_k, causal, window_size, block_m, block_n).table(device)
+    return table
+
+
+def num_sms(device) -> int:
+    return _props(device)[0]
+
+
+def l2_bytes(device) -> int:
+    return _props(device)[1]
+
+
+def _props(device):
+    if device not in _SMS:
+        props = torch.cuda.get_device_properties(device)
+        _SMS[device] = (props.multi_processor_count, props.L2_cache_size)
+    return _SMS[device]
+
+
+def gluon_attn_forward(q, k, v, causal, softmax_scale, window_size):
+    B, Nq, H, D = q.shape
+    Nk, Hkv = k.shape[1], k.shape[2]
+    block_m, block_n, stages = FWD_CONFIG[D]
+    out = torch.empty((B, Nq, H, D), dtype=q.dtype, device=q.device)
+    lse = torch.empty((B, H, Nq), dtype=torch.float32, device=q.device)
+    left, right = window_sides(causal, window_size)
+    table = plan_table(Nq, Nk, causal, window_size, block_m, block_n, q.device)
+    n_work = table.shape[0] * B * H
+    grid = (persistent_grid(n_work, num_sms(q.device)),)
+    chunk = heads_per_chunk(B * H, Nk, D, q.element_size(), l2_bytes(q.device))
+    args = (lse, table, n_work, table.shape[0], B * H, chunk, H, H // Hkv, Nq, Nk, float(softmax_scale) * LOG2E,
+            max(left, 0), max(right, 0))
+    consts = dict(HEAD_DIM=D, BLOCK_M=block_m, BLOCK_N=block_n, STAGES=stages, HAS_LEFT=left >= 0,
+                  HAS_RIGHT=right >= 0)
+    kv = (descriptor(k, block_n), descriptor(v, block_n))
+    # Q and O move in halves: one per consumer warpgroup
+    _fwd_ws_kernel[grid](descriptor(q, block_m // 2), *kv, descriptor(out, block_m // 2), *args, **consts,
+                         CONSUMER_REGS=WS_REGS[1], num_warps=4, maxnreg=WS_REGS[0])
+    return out, lse

@@ -1,0 +1,118 @@
+"""Host-side planning for the Gluon Hopper kernels: which cases they cover, the key-block ranges of each query
+tile, and the order a persistent grid visits tiles. Pure Python, so the CPU tests check it without a GPU.
+
+    plan = forward_plan(seqlen_q=8192, seqlen_k=8192, causal=True, window_size=(-1, -1), block_m=128, block_n=128)
+    plan.bounds[t]  # (lo, a, b, hi): keys of query tile t; [a, b) needs no mask, [lo, a) and [b, hi) do
+    plan.order      # query tiles, heaviest first (the persistent grid walks tiles in this order)
+
+Visibility is the Triton kernels' rule (attention/triton/common.py): query i of Nq sees key j of Nk iff
+    i + off - left <= j <= i + off + right,   off = Nk - Nq,
+with an unbounded side when left / right is -1, causal meaning right = 0.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+GLUON_HEAD_DIMS = (64, 128)
+GLUON_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def window_sides(causal: bool, window_size) -> tuple[int, int]:
+    """(left, right) with -1 for an unbounded side; causal caps right at 0."""
+    left, right = int(window_size[0]), int(window_size[1])
+    if causal:
+        right = 0 if right < 0 else min(right, 0)
+    return left, right
+
+
+def key_range(m0: int, m1: int, seqlen_q: int, seqlen_k: int, left: int, right: int,
+              block_n: int) -> tuple[int, int, int, int]:
+    """Keys for query rows [m0, m1) (m1 clipped to seqlen_q by the caller): (lo, a, b, hi).
+
+    Key blocks start at lo, lo + block_n, ...; a block inside [a, b) is visible to every row of the tile and
+    in bounds, so it runs without a mask; blocks in [lo, a) and [b, hi) are masked; keys outside [lo, hi) are
+    seen by no row of the tile and never loaded.
+    """
+    off = seqlen_k - seqlen_q
+    lo, hi = 0, seqlen_k
+    full_lo, full_hi = 0, seqlen_k
+    if left >= 0:
+        lo = max(lo, m0 + off - left)
+        full_lo = m1 - 1 + off - left
+    if right >= 0:
+        hi = min(hi, m1 - 1 + off + right + 1)
+        full_hi = min(full_hi, m0 + off + right + 1)
+    hi = max(hi, lo)
+    n_blocks = -(-(hi - lo) // block_n)
+    t_a = min(-(-max(full_lo - lo, 0) // block_n), n_blocks)
+    t_b = max(min(max(full_hi - lo, 0) // block_n, n_blocks), t_a)
+    return lo, lo + t_a * block_n, lo + t_b * block_n, hi
+
+
+@dataclass(frozen=True)
+class ForwardPlan:
+    block_m: int
+    block_n: int
+    bounds: tuple  # per query tile: (lo, a, b, hi)
+    order: tuple  # query tiles, heaviest first; ties keep the later tile first (causal: the longest rows)
+
+    def table(self, device) -> torch.Tensor:
+        """int32 (n_tiles, 5) for the kernel: row p = (tile, lo, a, b, hi) of the p-th tile to visit."""
+        rows = [(t, *self.bounds[t]) for t in self.order]
+        return torch.tensor(rows, dtype=torch.int32).to(device, non_blocking=True)
+
+    def blocks(self, t: int) -> int:
+        lo, _, _, hi = self.bounds[t]
+        return -(-(hi - lo) // self.block_n)
+
+
+def forward_plan(seqlen_q: int, seqlen_k: int, causal: bool, window_size, block_m: int, block_n: int) -> ForwardPlan:
+    left, right = window_sides(causal, window_size)
+    n_tiles = -(-seqlen_q // block_m)
+    bounds = tuple(key_range(t * block_m, min((t + 1) * block_m, seqlen_q), seqlen_q, seqlen_k, left, right,
+                             block_n) for t in range(n_tiles))
+    work = [-(-(hi - lo) // block_n) for lo, _, _, hi in bounds]
+    order = tuple(sorted(range(n_tiles), key=lambda t: (-work[t], -t)))
+    return ForwardPlan(block_m, block_n, bounds, order)
+
+
+def heads_per_chunk(n_bh: int, seqlen_k: int, head_dim: int, elem_bytes: int, l2_bytes: int) -> int:
+    """How many (batch, head) pairs a persistent grid works on at a time: as many as keep their K and V within
+    half the L2 cache, so that the programs reading one head's K/V at the same moment hit L2, not HBM."""
+    per_head = 2 * seqlen_k * head_dim * elem_bytes
+    return max(1, min(n_bh, (l2_bytes // 2) // max(per_head, 1)))
+
+
+def work_item(w: int, n_slots: int, n_bh: int, chunk: int) -> tuple[int, int]:
+    """(slot, bh) of work item w: heads in chunks of `chunk`; within a chunk the slots (query tiles, heaviest
+    first) vary slowest and the chunk's heads fastest. The kernels decode w the same way (_work_item)."""
+    c = w // (chunk * n_slots)
+    base = c * chunk
+    g = min(chunk, n_bh - base)
+    r = w - base * n_slots
+    return r // g, base + r % g
+
+
+def persistent_grid(n_work: int, n_sms: int) -> int:
+    """Programs of a persistent launch: one per SM, never more than there are work items (and at least 1)."""
+    return max(1, min(n_work, n_sms))
+
+
+def uncovered_reason(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str | None:
+    """Why the Gluon forward cannot take this dense case (None: it can). The caller falls back to Triton."""
+    d = q.shape[-1]
+    if q.dtype not in GLUON_DTYPES:
+        return f"dtype {q.dtype} (Gluon kernels take fp16 / bf16)"
+    if d not in GLUON_HEAD_DIMS:
+        return f"head_dim {d} (Gluon kernels take {GLUON_HEAD_DIMS})"
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.stride(-1) != 1:
+            return f"{name} is not contiguous in its last dim"
+        if any((s * t.element_size()) % 16 for s in t.stride()[:-1]):
+            return f"{name} strides {tuple(t.stride())} are not 16-byte aligned (TMA)"
+        if t.data_ptr() % 16:
+            return f"{name} is not 16-byte aligned (TMA)"
+    return None

@@ -1,0 +1,80 @@
+"""Host-side planning for the Gluon backward's dK/dV kernel: the query rows that each key block meets, split into
+masked and unmasked segments, and the order the grid visits key blocks. Pure Python (torch and the standard
+library only, like plan.py), so the CPU tests check it without a GPU or a Gluon-capable triton.
+
+    plan = backward_plan(seqlen_q=8192, seqlen_k=8192, causal=True, window_size=(-1, -1), block_m=64, block_n=128)
+    plan.bounds[t]  # (lo, a, b, hi): query rows of key block t; [a, b) needs no mask, [lo, a) and [b, hi) do
+    plan.order      # key blocks, heaviest first
+
+Visibility is the rule of the forward planner (plan.py) and of attention/triton/common.py: query i of Nq sees
+key j of Nk iff
+    i + off - left <= j <= i + off + right,   off = Nk - Nq,
+with an unbounded side when left / right is -1, causal meaning right = 0. Read from the key side: key j is seen
+by rows j - off - right <= i <= j - off + left. The dQ kernel walks key blocks per query tile, which is
+plan.forward_plan with the dQ kernel's tile sizes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .plan import window_sides
+
+
+def query_range(n0: int, seqlen_q: int, seqlen_k: int, left: int, right: int, block_m: int,
+                block_n: int) -> tuple[int, int, int, int]:
+    """Query rows that see keys [n0, n0 + block_n) (n0 < seqlen_k): (lo, a, b, hi).
+
+    Query blocks start at lo, lo + block_m, ...; a block inside [a, b) lies within [0, seqlen_q), and each of
+    its rows sees every key of the key block, which itself lies within [0, seqlen_k): it runs without a mask.
+    Blocks in [lo, a) and [b, hi) are masked; rows outside [lo, hi) see no key of the block and are never
+    loaded. Mirror of plan.key_range (and of query_segments in attention/triton/common.py).
+    """
+    n1 = min(n0 + block_n, seqlen_k)  # one past the last real key
+    off = seqlen_k - seqlen_q
+    lo, hi = 0, seqlen_q
+    full_lo, full_hi = 0, seqlen_q
+    if right >= 0:
+        lo = max(lo, n0 - off - right)
+        full_lo = n0 + block_n - 1 - off - right  # the padded block end: a tail block is masked anyway
+    if left >= 0:
+        hi = min(hi, n1 - 1 - off + left + 1)
+        full_hi = min(full_hi, n0 - off + left + 1)
+    if n0 + block_n > seqlen_k:
+        full_hi = lo  # a key block that runs past the end is masked everywhere
+    hi = max(hi, lo)
+    n_blocks = -(-(hi - lo) // block_m)
+    t_a = min(-(-max(full_lo - lo, 0) // block_m), n_blocks)
+    t_b = max(min(max(full_hi - lo, 0) // block_m, n_blocks), t_a)
+    return lo, lo + t_a * block_m, lo + t_b * block_m, hi
+
+
+@dataclass(frozen=True)
+class BackwardPlan:
+    block_m: int
+    block_n: int
+    bounds: tuple  # per key block: (lo, a, b, hi) of query rows
+    order: tuple  # key blocks, heaviest first; ties keep the earlier block first
+
+    def table(self, device) -> torch.Tensor:
+        """int32 (n_key_blocks, 5) for the kernel: row p = (key block, lo, a, b, hi) of the p-th block to visit."""
+        rows = [(t, *self.bounds[t]) for t in self.order]
+        return torch.tensor(rows, dtype=torch.int32).to(device, non_blocking=True)
+
+    def blocks(self, t: int) -> int:
+        """Query blocks that key block t meets (per query head)."""
+        lo, _, _, hi = self.bounds[t]
+        return -(-(hi - lo) // self.block_m)
+
+
+def backward_plan(seqlen_q: int, seqlen_k: int, causal: bool, window_size, block_m: int,
+                  block_n: int) -> BackwardPlan:
+    left, right = window_sides(causal, window_size)
+    n_tiles = -(-seqlen_k // block_n)
+    bounds = tuple(query_range(t * block_n, seqlen_q, seqlen_k, left, right, block_m, block_n)
+                   for t in range(n_tiles))
+    work = [-(-(hi - lo) // block_m) for lo, _, _, hi in bounds]
+    order = tuple(sorted(range(n_tiles), key=lambda t: (-work[t], t)))
+    return BackwardPlan(block_m, block_n, bounds, order)

@@ -1,0 +1,103 @@
+"""The Gluon Hopper backward on an sm_90 GPU against the fp32 reference and against the Triton backward.
+
+    pytest -m gpu tests/attention/test_gluon_bwd_gpu.py -q
+
+Skipped where the Gluon kernels cannot run (another GPU or triton version: attention.gluon.hopper_ready).
+Errors are relative norms, tolerances as in tests/attention/test_triton_gpu.py.
+"""
+
+import pytest
+import torch
+from gpu_utils import GPU_MARKS, cuda_qkv, rel_err
+
+from attention import reference_attn_backward, reference_attn_forward
+
+
+def _ready():
+    if not torch.cuda.is_available():
+        return False, "needs CUDA"
+    if torch.cuda.get_device_capability() != (9, 0):
+        return False, f"compute capability {torch.cuda.get_device_capability()} (sm_90 only)"
+    from attention.gluon import hopper_ready
+    return hopper_ready(torch.device("cuda"))
+
+
+pytestmark = [*GPU_MARKS, pytest.mark.skipif(not _ready()[0], reason=f"Gluon kernels unavailable: {_ready()[1]}")]
+
+GRAD_TOL = 2e-2
+
+CASES = [  # B, Nq, Nk, H, Hkv, D, causal, window, dtype
+    (2, 1024, 1024, 8, 8, 128, True, (-1, -1), torch.bfloat16),
+    (2, 1024, 1024, 8, 8, 128, False, (-1, -1), torch.bfloat16),
+    (2, 1024, 1024, 8, 2, 64, True, (-1, -1), torch.bfloat16),
+    (1, 1024, 1024, 8, 1, 64, False, (-1, -1), torch.float16),
+    (1, 1000, 1000, 8, 2, 128, True, (-1, -1), torch.bfloat16),  # ragged: not a multiple of any block
+    (1, 1000, 1000, 8, 8, 64, False, (-1, -1), torch.bfloat16),
+    (2, 200, 333, 8, 1, 128, True, (-1, -1), torch.bfloat16),  # Nq < Nk, MQA, shorter than the pipeline
+    (1, 333, 200, 8, 2, 64, True, (-1, -1), torch.bfloat16),  # Nq > Nk: 133 rows see no key
+    (1, 1024, 1024, 8, 2, 128, True, (64, 0), torch.bfloat16),  # causal sliding window
+    (1, 1000, 1500, 8, 8, 128, False, (100, 50), torch.bfloat16),  # two-sided window, Nq != Nk
+    (1, 1500, 1000, 8, 1, 64, False, (100, 50), torch.float16),  # two-sided window, rows that see nothing
+    (1, 100, 1000, 8, 2, 128, True, (50, -1), torch.bfloat16),  # keys that no query sees: dK = dV = 0
+    (1, 129, 64, 2, 2, 128, True, (-1, -1), torch.bfloat16),  # Nq > Nk inside one tile
+    (1, 4096, 4096, 8, 4, 128, True, (-1, -1), torch.bfloat16),
+]
+
+
+def _grads(dout, q, k, v, out, lse, causal, window, dlse, deterministic):
+    from attention.gluon.bwd import gluon_attn_backward
+    scale = q.shape[-1] ** -0.5
+    return gluon_attn_backward(dout, q, k, v, out, lse, causal, scale, window, dlse, deterministic=deterministic)
+
+
+@pytest.mark.parametrize("deterministic", [True, False], ids=["dq_kernel", "atomic_dq"])
+@pytest.mark.parametrize("with_dlse", [False, True], ids=["no_dlse", "dlse"])
+@pytest.mark.parametrize("B,nq,nk,H,hkv,D,causal,window,dtype", CASES)
+def test_gluon_backward_matches_fp32_reference_and_triton(B, nq, nk, H, hkv, D, causal, window, dtype, with_dlse,
+                                                          deterministic):
+    from attention.triton.bwd import triton_attn_backward
+    from attention.triton.fwd import triton_attn_forward
+    q, k, v = cuda_qkv(B, nq, nk, H, hkv, D, dtype)
+    scale = D ** -0.5
+    out, lse = triton_attn_forward(q, k, v, causal, scale, window)
+    ref_out, ref_lse = reference_attn_forward(q.float(), k.float(), v.float(), causal, scale, window)
+    dout = torch.randn_like(out)
+    dlse = torch.randn_like(lse) if with_dlse else None
+    grads = _grads(dout, q, k, v, out, lse, causal, window, dlse, deterministic)
+    want = reference_attn_backward(dout.float(), q.float(), k.float(), v.float(), ref_out, ref_lse, causal, scale,
+                                   window, dlse=dlse)
+    tri = triton_attn_backward(dout, q, k, v, out, lse, causal, scale, window, dlse, deterministic)
+    for name, g, w, t, src in zip(("dq", "dk", "dv"), grads, want, tri, (q, k, v)):
+        assert g.dtype == dtype and g.shape == src.shape, name
+        assert not torch.isnan(g).any(), f"{name}: NaN"
+        assert rel_err(g, w) < GRAD_TOL, (name, rel_err(g, w))
+        assert rel_err(g, t) < GRAD_TOL, (name, rel_err(g, t))
+    # rows that see no key get zero dq; keys that no query sees get zero dk / dv
+    dead_rows = torch.isinf(ref_lse).transpose(1, 2)  # (B, Nq, H)
+    assert (grads[0][dead_rows] == 0).all()
+    seen = torch.zeros(nk, dtype=torch.bool, device=q.device)
+    for lo, hi in _key_spans(nq, nk, causal, window):
+        seen[lo:hi] = True
+    assert (grads[1][:, ~seen] == 0).all() and (grads[2][:, ~seen] == 0).all()
+
+
+def _key_spans(nq, nk, causal, window):
+    """Half-open key spans each query row sees (the reference's visibility rule)."""
+    from attention.reference import effective_window, key_range
+    left, right = effective_window(causal, window)
+    return [key_range(i, i + 1, nq, nk, left, right) for i in range(nq)]
+
+
+def test_gluon_backward_is_deterministic_and_takes_strided_views():
+    q, k, v = cuda_qkv(1, 2048, 2048, 8, 2, 128, torch.bfloat16)
+    from attention.triton.fwd import triton_attn_forward
+    out, lse = triton_attn_forward(q, k, v, True, 128 ** -0.5, (-1, -1))
+    dout = torch.randn(1, 2048, 8, 129, device="cuda", dtype=torch.bfloat16)[..., :128]  # 258-byte rows: copied
+    first = _grads(dout, q, k, v, out, lse, True, (-1, -1), None, True)
+    second = _grads(dout, q, k, v, out, lse, True, (-1, -1), None, True)
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+    atomic = _grads(dout, q, k, v, out, lse, True, (-1, -1), None, False)
+    for a, b in zip(first, atomic):
+        assert rel_err(b, a) < 1e-2
+    assert torch.equal(first[1], atomic[1]) and torch.equal(first[2], atomic[2])  # dK / dV never use atomics

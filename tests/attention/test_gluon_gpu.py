@@ -1,0 +1,81 @@
+"""Gluon Hopper kernels on an sm_90 GPU against the fp32 reference and against the Triton kernels.
+
+    pytest -m gpu tests/attention/test_gluon_gpu.py -q
+
+Skipped where the Gluon kernels cannot run (another GPU or triton version: attention.gluon.hopper_ready).
+"""
+
+import logging
+
+import pytest
+import torch
+from gpu_utils import GPU_MARKS, cuda_qkv, rel_err
+
+from attention import attn_forward, flash_attn_func, reference_attn_forward
+from attention.backends import resolve_backend_name
+
+
+def _ready():
+    if not torch.cuda.is_available():
+        return False, "needs CUDA"
+    from attention.gluon import hopper_ready
+    return hopper_ready(torch.device("cuda"))
+
+
+pytestmark = [*GPU_MARKS, pytest.mark.skipif(not _ready()[0], reason=f"Gluon kernels unavailable: {_ready()[1]}")]
+
+OUT_TOL = 1e-2
+
+CASES = [  # B, Nq, Nk, H, Hkv, D, causal, window, dtype
+    (2, 4096, 4096, 8, 8, 128, True, (-1, -1), torch.bfloat16),
+    (2, 4096, 4096, 8, 8, 128, False, (-1, -1), torch.bfloat16),
+    (2, 4096, 4096, 8, 2, 64, False, (-1, -1), torch.float16),
+    (2, 4096, 4096, 8, 8, 64, True, (-1, -1), torch.bfloat16),
+    (1, 3000, 4097, 8, 1, 128, True, (-1, -1), torch.bfloat16),  # Nq < Nk, MQA, ragged tails
+    (1, 4097, 3000, 4, 4, 64, True, (-1, -1), torch.float16),  # Nq > Nk: 1097 rows see no key
+    (2, 2048, 2048, 8, 4, 128, True, (256, -1), torch.bfloat16),  # causal sliding window
+    (1, 1000, 1500, 4, 2, 128, False, (100, 50), torch.bfloat16),  # two-sided window, Nq != Nk
+    (1, 777, 777, 4, 4, 64, True, (-1, -1), torch.float16),
+    (3, 200, 333, 8, 1, 128, True, (-1, -1), torch.bfloat16),  # shorter than one key block pipeline
+    (1, 129, 64, 2, 2, 128, True, (-1, -1), torch.bfloat16),  # Nq > Nk inside one tile
+]
+
+
+@pytest.mark.parametrize("B,nq,nk,H,hkv,D,causal,window,dtype", CASES)
+def test_gluon_forward_matches_fp32_reference_and_triton(B, nq, nk, H, hkv, D, causal, window, dtype):
+    q, k, v = cuda_qkv(B, nq, nk, H, hkv, D, dtype)
+    out, lse = attn_forward(q, k, v, causal, None, window, backend="gluon")
+    ref_out, ref_lse = reference_attn_forward(q.float(), k.float(), v.float(), causal, None, window)
+    assert out.dtype == dtype and lse.dtype == torch.float32 and lse.shape == (B, H, nq)
+    assert not torch.isnan(out).any() and not torch.isnan(lse).any()
+    assert rel_err(out, ref_out) < OUT_TOL
+    assert torch.equal(torch.isinf(lse), torch.isinf(ref_lse))
+    fin = torch.isfinite(ref_lse)
+    assert (lse[fin] - ref_lse[fin]).abs().max().item() < 2e-2
+    assert (out.transpose(1, 2)[~fin] == 0).all()
+    tri_out, tri_lse = attn_forward(q, k, v, causal, None, window, backend="triton")
+    assert rel_err(out, tri_out) < OUT_TOL
+    assert (lse[fin] - tri_lse[fin]).abs().max().item() < 2e-2
+
+
+def test_strided_inputs_from_a_packed_qkv_projection():
+    """q/k/v as views of one (B, N, 3, H, D) tensor: TMA reads them in place."""
+    qkv = torch.randn(2, 1024, 3, 4, 128, device="cuda", dtype=torch.bfloat16)
+    q, k, v = qkv.unbind(2)
+    out, lse = attn_forward(q, k, v, True, None, (-1, -1), backend="gluon")
+    ref_out, ref_lse = reference_attn_forward(q.float(), k.float(), v.float(), True)
+    assert rel_err(out, ref_out) < OUT_TOL
+
+
+def test_auto_picks_gluon_on_hopper_and_logs_each_case_once(caplog):
+    assert resolve_backend_name("auto", torch.device("cuda")) == "gluon"
+    q, k, v = cuda_qkv(1, 512, 512, 2, 2, 128, torch.bfloat16)
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    with caplog.at_level(logging.INFO, logger="ringflash.attention"):
+        for _ in range(2):
+            out = flash_attn_func(q, k, v, causal=True)
+            out.float().sum().backward()
+    lines = [r.getMessage() for r in caplog.records]
+    assert sum("attention forward: gluon" in m for m in lines) <= 1
+    want = flash_attn_func(q.detach(), k.detach(), v.detach(), causal=True, backend="triton")
+    assert rel_err(out, want) < OUT_TOL

@@ -1,0 +1,131 @@
+"""The Gluon kernels' planning and dispatch, on the CPU: loop bounds against a brute-force mask, the tile order,
+and which cases go to which kernel. The kernels themselves run in test_gluon_gpu.py."""
+
+import pytest
+import torch
+
+from attention.backends import get_backend, resolve_backend_name
+from attention.gluon import dispatch, hopper_ready, triton_status
+from attention.gluon.plan import (forward_plan, heads_per_chunk, key_range, persistent_grid, uncovered_reason,
+                                  window_sides, work_item)
+
+
+def visible(nq, nk, causal, window):
+    left, right = window_sides(causal, window)
+    i = torch.arange(nq)[:, None] + nk - nq
+    j = torch.arange(nk)[None, :]
+    keep = torch.ones(nq, nk, dtype=torch.bool)
+    if left >= 0:
+        keep &= j >= i - left
+    if right >= 0:
+        keep &= j <= i + right
+    return keep
+
+
+SHAPES = [(256, 256), (300, 700), (700, 300), (1, 1), (129, 64), (1000, 1000)]
+WINDOWS = [(True, (-1, -1)), (False, (-1, -1)), (True, (100, -1)), (False, (37, 50)), (False, (-1, 0)),
+           (True, (0, 0)), (False, (5, -1))]
+
+
+@pytest.mark.parametrize("nq,nk", SHAPES)
+@pytest.mark.parametrize("causal,window", WINDOWS)
+@pytest.mark.parametrize("bm,bn", [(128, 128), (64, 32)])
+def test_forward_plan_visits_every_visible_key_and_masks_only_edge_blocks(nq, nk, causal, window, bm, bn):
+    keep = visible(nq, nk, causal, window)
+    plan = forward_plan(nq, nk, causal, window, bm, bn)
+    assert sorted(plan.order) == list(range(-(-nq // bm)))
+    for t, (lo, a, b, hi) in enumerate(plan.bounds):
+        rows = keep[t * bm:min((t + 1) * bm, nq)]
+        seen = rows.any(0).nonzero().flatten()
+        n_blocks = -(-(hi - lo) // bn)
+        covered = torch.zeros(nk, dtype=torch.bool)
+        for blk in range(n_blocks):
+            s = lo + blk * bn
+            covered[s:min(s + bn, nk)] = True
+            if a <= s < b:  # an unmasked block: in bounds and visible to every row of the tile
+                assert s + bn <= nk and rows[:, s:s + bn].all(), (t, s)
+            else:
+                assert s < a or s >= b
+        assert covered[seen].all(), f"tile {t} misses visible keys"
+        assert lo <= a <= b  # block-aligned thresholds: a and b may sit past hi
+
+
+def test_tile_order_puts_the_longest_causal_rows_first():
+    plan = forward_plan(1024, 1024, True, (-1, -1), 128, 128)
+    assert plan.order == tuple(range(7, -1, -1))
+    work = [plan.blocks(t) for t in plan.order]
+    assert work == sorted(work, reverse=True)
+    table = plan.table("cpu")
+    assert table.dtype == torch.int32 and table.shape == (8, 5)
+    assert table[0].tolist() == [7, *plan.bounds[7]]
+
+
+def test_key_range_of_a_tile_that_sees_nothing_is_empty():
+    lo, a, b, hi = key_range(0, 128, 1000, 100, -1, 0, 128)  # Nq > Nk, causal: the first rows see no key
+    assert hi == lo
+    assert persistent_grid(0, 132) == 1 and persistent_grid(10, 132) == 10 and persistent_grid(10 ** 6, 132) == 132
+
+
+def _qkv(D=128, dtype=torch.bfloat16, H=4, hkv=2):
+    return torch.zeros(1, 64, H, D, dtype=dtype), torch.zeros(1, 64, hkv, D, dtype=dtype), \
+        torch.zeros(1, 64, hkv, D, dtype=dtype)
+
+
+def test_route_covers_dense_fp16_bf16_d64_d128_and_names_the_rest():
+    q, k, v = _qkv()
+    assert dispatch.route("forward", q, k, v) == ("gluon", "dense, D=128")
+    assert dispatch.route("backward", q, k, v)[0] == "triton"  # opt-in: dispatch.GLUON_PASSES
+    assert dispatch.route("forward", *_qkv(64, torch.float16)) == ("gluon", "dense, D=64")
+    assert dispatch.route("forward", q, k, v, varlen=True)[0] == "triton"
+    kernel, why = dispatch.route("forward", *_qkv(96))
+    assert kernel == "triton" and "head_dim 96" in why
+    kernel, why = dispatch.route("forward", *_qkv(128, torch.float32))
+    assert kernel == "triton" and "float32" in why
+    qkv = torch.zeros(1, 64, 3, 4, 128, dtype=torch.bfloat16)
+    assert dispatch.route("forward", *qkv.unbind(2))[0] == "gluon"  # strided views are fine for TMA
+    odd = torch.zeros(1, 64, 4, 129, dtype=torch.bfloat16)[..., :128]  # row stride 129 elements: not 16-byte
+    kernel, why = dispatch.route("forward", odd, k, v)
+    assert kernel == "triton" and "16-byte" in why
+    assert uncovered_reason(q, k, v) is None
+
+
+def test_auto_resolves_to_gluon_only_where_hopper_is_ready(monkeypatch):
+    import attention.gluon as gluon_pkg
+    assert resolve_backend_name("auto", torch.device("cpu")) == "reference"
+    monkeypatch.setattr(gluon_pkg, "_READY", {"cuda:0": (True, "")})
+    assert resolve_backend_name("auto", torch.device("cuda:0")) == "gluon"
+    monkeypatch.setattr(gluon_pkg, "_READY", {"cuda:0": (False, "compute capability (8, 0)")})
+    assert resolve_backend_name("auto", torch.device("cuda:0")) == "triton"
+    with pytest.raises(ValueError, match="backend 'gluon' is not available here: compute capability"):
+        get_backend("gluon", torch.device("cuda:0"))
+    assert hopper_ready(torch.device("cpu")) == (False, "device cpu")
+
+
+def test_triton_status_names_a_version_it_was_not_written_for(monkeypatch):
+    import triton
+    monkeypatch.setattr(triton, "__version__", "3.9.0")
+    assert "written for triton 3.6" in triton_status()
+
+
+@pytest.mark.parametrize("n_slots,n_bh,chunk", [(8, 32, 2), (5, 7, 3), (1, 1, 1), (16, 3, 8), (3, 10, 10)])
+def test_work_items_cover_every_tile_once_in_head_chunks(n_slots, n_bh, chunk):
+    items = [work_item(w, n_slots, n_bh, chunk) for w in range(n_slots * n_bh)]
+    assert sorted(items) == [(s, bh) for s in range(n_slots) for bh in range(n_bh)]
+    for w, (slot, bh) in enumerate(items):  # a chunk's heads are finished before the next chunk starts
+        assert bh // chunk == w // (chunk * n_slots)
+    first = [slot for slot, bh in items[:min(chunk, n_bh)]]
+    assert first == [0] * len(first)  # every head of the first chunk starts with the heaviest slot
+
+
+def test_heads_per_chunk_keeps_a_chunk_of_k_and_v_within_half_the_l2():
+    l2 = 50 * 2 ** 20
+    assert heads_per_chunk(64, 131072, 128, 2, l2) == 1  # one head's K/V (64 MiB) is larger than the L2
+    assert heads_per_chunk(64, 8192, 128, 2, l2) == 6  # 4 MiB per head, 25 MiB budget
+    assert heads_per_chunk(4, 1024, 64, 2, l2) == 4  # never more than there are
+
+
+def test_the_gluon_backward_is_opt_in(monkeypatch):
+    q, k, v = _qkv()
+    monkeypatch.setattr(dispatch, "GLUON_PASSES", {"forward", "backward"})
+    assert dispatch.route("backward", q, k, v) == ("gluon", "dense, D=128")
+    assert dispatch.route("backward", *_qkv(96))[0] == "triton"
