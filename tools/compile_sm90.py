@@ -1,11 +1,14 @@
 """Compile our Triton kernels for an H100 (sm_90a) on a machine without a GPU: registers, spills, shared memory.
 
     PYTHONPATH=$TRITON36:. python tools/compile_sm90.py [--kernel fwd|dkdv|dkdv_atomic|dq] [--causal 0] [--dump DIR]
+    PYTHONPATH=$TRITON36:. python tools/compile_sm90.py --gluon      # the Gluon kernels (attention/gluon/), as shipped
 
 Put the device's Triton first on PYTHONPATH (pip install --target DIR triton==3.6.0): codegen differs between
 releases. ptxas from the Triton wheel does the register allocation offline, so a kernel change can be judged
 on its register budget before it costs device time. Specialisation follows the JIT's: pointers and ints that
-are multiples of 16 get the divisibility hint, ints equal to 1 become constants.
+are multiples of 16 get the divisibility hint, ints equal to 1 become constants. Gluon has no interpreter, so
+`--gluon` is how its kernels are compiled without a GPU; it needs the triton release they are written for
+(attention.gluon.GLUON_TRITON).
 """
 
 from __future__ import annotations
@@ -82,8 +85,76 @@ def _kernel_args(n: int, heads: int, d: int, atomic: bool) -> dict:
     return args
 
 
+def gluon_variants():
+    """(name, kernel, args, constexprs, num_warps, maxnreg) of every shipped Gluon kernel variant: D 64 / 128, causal
+    and a two-sided window, the forward, the dK/dV kernel in both dQ modes and the dQ kernel."""
+    import torch
+
+    from attention.gluon import bwd as gluon_bwd, fwd as gluon_fwd
+    ints = dict(n_work=7, n_slots=7, n_bh=7, chunk=7, n_heads=7, n_kv_heads=7, group=7, seqlen_q=1000, seqlen_k=1000,
+                win_left=7, win_right=7, stride_dqb=7, stride_dqn=7, stride_dqh=7)
+    floats = dict(qk_scale=0.127, inv_qk_scale=7.9, softmax_scale=0.088)
+    f32, i32 = torch.empty(4, dtype=torch.float32), torch.empty(4, dtype=torch.int32)
+    for d in (64, 128):
+        t = torch.empty(2, 256, 4, d, dtype=torch.bfloat16)
+        for left, right in ((-1, 0), (100, 50)):
+            flags = dict(HAS_LEFT=left >= 0, HAS_RIGHT=right >= 0)
+            bm, bn, st = gluon_fwd.FWD_CONFIG[d]
+            half, kv = gluon_fwd.descriptor(t, bm // 2), gluon_fwd.descriptor(t, bn)
+            tensors = dict(q_desc=half, k_desc=kv, v_desc=kv, o_desc=half, Lse=f32, Plan=i32)
+            yield (f"gluon_fwd d{d} win{left},{right}", gluon_fwd._fwd_ws_kernel, {**ints, **floats, **tensors},
+                   dict(HEAD_DIM=d, BLOCK_M=bm, BLOCK_N=bn, STAGES=st, CONSUMER_REGS=gluon_fwd.WS_REGS[1], **flags),
+                   4, gluon_fwd.WS_REGS[0])
+            for atomic in (False, True):
+                bm, bn, st, warps = gluon_bwd.DKDV_CONFIG[d]
+                q, k = gluon_fwd.descriptor(t, bm), gluon_fwd.descriptor(t, bn)
+                tensors = dict(q_desc=q, k_desc=k, v_desc=k, do_desc=q, dk_desc=k, dv_desc=k, DQ=f32, Lse2=f32,
+                               Delta=f32, Plan=i32)
+                yield (f"gluon_dkdv{'_atomic' if atomic else ''} d{d} win{left},{right}", gluon_bwd._dkdv_kernel,
+                       {**ints, **floats, **tensors},
+                       dict(HEAD_DIM=d, BLOCK_M=bm, BLOCK_N=bn, STAGES=st, ATOMIC_DQ=atomic, **flags), warps, None)
+            bm, bn, st, warps = gluon_bwd.DQ_CONFIG[d]
+            q, k = gluon_fwd.descriptor(t, bm), gluon_fwd.descriptor(t, bn)
+            tensors = dict(q_desc=q, k_desc=k, v_desc=k, do_desc=q, dq_desc=q, Lse2=f32, Delta=f32, Plan=i32)
+            yield (f"gluon_dq d{d} win{left},{right}", gluon_bwd._dq_kernel, {**ints, **floats, **tensors},
+                   dict(HEAD_DIM=d, BLOCK_M=bm, BLOCK_N=bn, STAGES=st, **flags), warps, None)
+
+
+def compile_gluon(fn, args: dict, constexprs: dict, num_warps: int, maxnreg):
+    from triton.experimental.gluon._runtime import GluonASTSource
+    from triton.runtime.jit import mangle_type
+    sig = {}
+    for name in fn.arg_names:
+        if name in constexprs or name == "num_warps":
+            sig[name] = "constexpr"
+        elif isinstance(args[name], float):
+            sig[name] = "fp32"
+        elif isinstance(args[name], int):
+            sig[name] = "i32"
+        else:
+            sig[name] = mangle_type(args[name])
+    consts = {**constexprs, "num_warps": num_warps}
+    options = {"num_warps": num_warps, **({"maxnreg": maxnreg} if maxnreg else {})}
+    return triton.compile(GluonASTSource(fn, sig, constexprs=consts), target=TARGET, options=options)
+
+
+def main_gluon(dump: str) -> None:
+    from attention.gluon import triton_status
+    why = triton_status()
+    if why is not None and "TRITON_INTERPRET" not in why:
+        raise SystemExit(f"error: the Gluon kernels cannot be compiled with this triton: {why}")
+    for name, fn, args, consts, warps, maxnreg in gluon_variants():
+        compiled = compile_gluon(fn, args, consts, warps, maxnreg)
+        print(f"{name} w{warps}: {resource_usage(compiled)}", flush=True)
+        if dump:
+            os.makedirs(dump, exist_ok=True)
+            with open(os.path.join(dump, name.replace(" ", "_") + ".ptx"), "w") as f:
+                f.write(compiled.asm["ptx"])
+
+
 def main():
     ap = argparse.ArgumentParser()
+    ap.add_argument("--gluon", action="store_true", help="compile the Gluon kernels (attention/gluon/) instead")
     ap.add_argument("--kernel", choices=["fwd", "dkdv", "dkdv_atomic", "dq"], default="dkdv")
     ap.add_argument("--causal", type=int, default=0)
     ap.add_argument("--n", type=int, default=16384)
@@ -91,6 +162,9 @@ def main():
     ap.add_argument("--tma", type=int, default=None, help="TMA loads; default as shipped (the atomic kernel: off)")
     ap.add_argument("--dump", default="", help="write the TTGIR and PTX of each variant here")
     args = ap.parse_args()
+    if args.gluon:
+        main_gluon(args.dump)
+        return
     atomic = args.kernel == "dkdv_atomic"
     tma = (not atomic) if args.tma is None else bool(args.tma)
     fn = {"fwd": triton_fwd._fwd_kernel, "dq": triton_bwd._dq_kernel}.get(args.kernel, triton_bwd._dkdv_kernel)

@@ -45,7 +45,7 @@ class PasskeyConfig:
     dtype: str = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
     batch_size: int = 8  # prompts per forward (lower it at long lengths)
     model: dict = field(default_factory=dict)  # ModelConfig overrides, e.g. rope_scaling / rope_theta
-    attention_backend: str = "auto"  # auto | triton | sdpa | reference
+    attention_backend: str = "auto"  # auto | gluon | triton | sdpa | reference
 
 
 def model_predictor(model, device, autocast_dtype: Optional[torch.dtype] = None) -> Predictor:

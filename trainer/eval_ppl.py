@@ -39,7 +39,7 @@ HELP = {
                    "model.rope_scaling.factor=4 (pretraining length: the checkpoint's, else the run's data.seq_len)",
     "device": "auto | cpu | cuda",
     "dtype": "auto (bf16 autocast on CUDA, fp32 on CPU) | bf16 | fp32",
-    "attention_backend": "auto | triton | sdpa | reference",
+    "attention_backend": "auto | gluon | triton | sdpa | reference",
     "loss_chunk": "tokens per lm-head chunk (memory: loss_chunk x vocab x 4 bytes)",
     "progress": "true | false: the progress bar over documents",
 }

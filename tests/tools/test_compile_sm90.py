@@ -44,3 +44,18 @@ def test_dq_kernel_does_not_spill():
     rows = _compile("--kernel", "dq")
     assert len(rows) == 3
     assert all(row["stack"] == 0 for row in rows), rows
+
+
+def _gluon_triton() -> bool:
+    from attention.gluon import GLUON_TRITON
+    return ".".join(triton.__version__.split(".")[:2]) == GLUON_TRITON
+
+
+@pytest.mark.skipif(not _gluon_triton(), reason="the Gluon kernels are written for another triton release")
+def test_gluon_kernels_compile_for_hopper_and_the_forward_never_spills():
+    rows = _compile("--gluon")
+    assert len(rows) == 16  # D 64 / 128 x (causal, two-sided window) x (forward, dK/dV, atomic dK/dV, dQ)
+    for row in rows:
+        assert 0 < row["reg"] <= 255 and row["wgmma"] > 0 and row["smem"] <= H100_SMEM, row
+    fwd = rows[0::4]
+    assert all(row["stack"] == 0 for row in fwd), fwd
