@@ -17,3 +17,12 @@ def cuda_qkv(B, nq, nk, H, hkv, D, dtype):
     g = torch.Generator(device="cuda").manual_seed(B * 1000 + nq + nk + D)
     mk = lambda *s: torch.randn(*s, device="cuda", dtype=dtype, generator=g)  # noqa: E731
     return mk(B, nq, H, D), mk(B, nk, hkv, D), mk(B, nk, hkv, D)
+
+
+def gluon_skip():
+    """skipif mark for the Gluon GPU tests: they need an sm_90 GPU and the triton the kernels are written for."""
+    ready, why = (False, "needs CUDA")
+    if torch.cuda.is_available():
+        from attention.gluon import hopper_ready
+        ready, why = hopper_ready(torch.device("cuda"))
+    return pytest.mark.skipif(not ready, reason=f"Gluon kernels unavailable: {why}")

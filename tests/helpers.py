@@ -25,13 +25,9 @@ def assert_close(actual, expected, name="", atol=None, rtol=None):
                            f"mean err {err.mean().item():.3e} (atol {atol:g}, rtol {rtol:g})")
 
 
-def naive_attention(q, k, v, causal=False, softmax_scale=None, window_size=(-1, -1)):
-    """softmax(QK^T)V in fp64 on the full (Nq, Nk) matrix, with autograd; returns (out, lse)."""
-    B, nq, H, D = q.shape
-    nk, hkv = k.shape[1], k.shape[2]
-    scale = 1 / math.sqrt(D) if softmax_scale is None else softmax_scale
-    qd, kd, vd = q.double(), k.double().repeat_interleave(H // hkv, 2), v.double().repeat_interleave(H // hkv, 2)
-    s = torch.einsum("bihd,bjhd->bhij", qd, kd) * scale
+def visible_mask(nq, nk, causal=False, window_size=(-1, -1)):
+    """Bool (Nq, Nk), straight from DESIGN.md: query i sees key j iff i + off - left <= j <= i + off + right with
+    off = Nk - Nq (bottom-right aligned), -1 meaning unbounded, causal meaning right = 0."""
     i = torch.arange(nq)[:, None] + nk - nq
     j = torch.arange(nk)[None, :]
     left, right = window_size
@@ -42,7 +38,17 @@ def naive_attention(q, k, v, causal=False, softmax_scale=None, window_size=(-1, 
         mask &= j >= i - left
     if right >= 0:
         mask &= j <= i + right
-    s = s.masked_fill(~mask.to(s.device), float("-inf"))
+    return mask
+
+
+def naive_attention(q, k, v, causal=False, softmax_scale=None, window_size=(-1, -1)):
+    """softmax(QK^T)V in fp64 on the full (Nq, Nk) matrix, with autograd; returns (out, lse)."""
+    B, nq, H, D = q.shape
+    nk, hkv = k.shape[1], k.shape[2]
+    scale = 1 / math.sqrt(D) if softmax_scale is None else softmax_scale
+    qd, kd, vd = q.double(), k.double().repeat_interleave(H // hkv, 2), v.double().repeat_interleave(H // hkv, 2)
+    s = torch.einsum("bihd,bjhd->bhij", qd, kd) * scale
+    s = s.masked_fill(~visible_mask(nq, nk, causal, window_size).to(s.device), float("-inf"))
     lse = torch.logsumexp(s, -1)
     p = torch.exp(s - torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)[..., None])
     out = torch.einsum("bhij,bjhd->bihd", p, vd)

@@ -62,7 +62,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared
                                                               warpgroup_mma_init, warpgroup_mma_wait)
 
 from ..triton.bwd import preprocess
-from .fwd import descriptor
+from .fwd import descriptor, visible
 from .plan import forward_plan, window_sides
 from .plan_bwd import backward_plan
 
@@ -206,12 +206,8 @@ def _dkdv_kernel(q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, DQ, Lse2, De
         st = warpgroup_mma_wait(num_outstanding=1, deps=(st_tok, ))
         if (m0 < lo_full) | (m0 >= hi_full):  # edge block: window sides, sequence tails (rows or keys)
             qrows = m0 + gl.arange(0, BLOCK_M, qry_l)
-            diag = qrows[None, :] + off
-            keep = (keys[:, None] < seqlen_k) & (qrows < seqlen_q)[None, :]
-            if HAS_LEFT:
-                keep = keep & (keys[:, None] >= diag - win_left)
-            if HAS_RIGHT:
-                keep = keep & (keys[:, None] <= diag + win_right)
+            keep = visible(keys[:, None], qrows[None, :] + off, seqlen_k, win_left, win_right, HAS_LEFT, HAS_RIGHT)
+            keep = keep & (qrows < seqlen_q)[None, :]
             pt = gl.exp2(gl.where(keep, st * qk_scale, float("-inf")))
         else:
             pt = gl.exp2(st * qk_scale)
@@ -353,13 +349,8 @@ def _dq_kernel(q_desc, k_desc, v_desc, do_desc, dq_desc, Lse2, Delta, Plan, n_he
         sc = warpgroup_mma_wait(num_outstanding=1, deps=(s_tok, ))
         key = lo + j * BLOCK_N
         if (key < lo_full) | (key >= hi_full):  # edge block: window sides, key tail
-            c = key + cols[None, :]
-            diag = rows[:, None] + off
-            keep = c < seqlen_k
-            if HAS_LEFT:
-                keep = keep & (c >= diag - win_left)
-            if HAS_RIGHT:
-                keep = keep & (c <= diag + win_right)
+            keep = visible(key + cols[None, :], rows[:, None] + off, seqlen_k, win_left, win_right, HAS_LEFT,
+                           HAS_RIGHT)
             p = gl.exp2(gl.where(keep, sc * qk_scale, float("-inf")) - lse2[:, None])
         else:
             p = gl.exp2(sc * qk_scale - lse2[:, None])

@@ -28,7 +28,6 @@ a head's K/V at the same moment find it in L2 (plan.heads_per_chunk, plan.work_i
 from __future__ import annotations
 
 import torch
-import triton
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
@@ -58,17 +57,23 @@ def _work_item(w, n_slots, n_bh, chunk):
 
 
 @gluon.jit
+def visible(keys, diag, seqlen_k, win_left, win_right, HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr):
+    """Key index `keys` is visible from the query row whose diagonal (row + Nk - Nq) is `diag`: in bounds and inside
+    the window (plan.py's rule). The two broadcast to the tile's shape, either orientation."""
+    keep = keys < seqlen_k
+    if HAS_LEFT:
+        keep = keep & (keys >= diag - win_left)
+    if HAS_RIGHT:
+        keep = keep & (keys <= diag + win_right)
+    return keep
+
+
+@gluon.jit
 def _online_softmax(s, m_i, l_i, key, lo_full, hi_full, rows, cols, seqlen_k, off, qk_scale, win_left, win_right,
                     HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr):
     """One block's step of the online softmax in base 2: returns (p, m_new, l_new, alpha)."""
     if (key < lo_full) | (key >= hi_full):
-        c = key + cols[None, :]
-        diag = rows[:, None] + off
-        keep = c < seqlen_k
-        if HAS_LEFT:
-            keep = keep & (c >= diag - win_left)
-        if HAS_RIGHT:
-            keep = keep & (c <= diag + win_right)
+        keep = visible(key + cols[None, :], rows[:, None] + off, seqlen_k, win_left, win_right, HAS_LEFT, HAS_RIGHT)
         s = gl.where(keep, s * qk_scale, float("-inf"))
         m_new = gl.maximum(m_i, gl.max(s, 1))
         m_safe = gl.where(m_new == float("-inf"), 0.0, m_new)  # a row that has seen no key yet

@@ -8,21 +8,12 @@ Errors are relative norms, tolerances as in tests/attention/test_triton_gpu.py.
 
 import pytest
 import torch
-from gpu_utils import GPU_MARKS, cuda_qkv, rel_err
+from gpu_utils import GPU_MARKS, cuda_qkv, gluon_skip, rel_err
 
 from attention import reference_attn_backward, reference_attn_forward
 
 
-def _ready():
-    if not torch.cuda.is_available():
-        return False, "needs CUDA"
-    if torch.cuda.get_device_capability() != (9, 0):
-        return False, f"compute capability {torch.cuda.get_device_capability()} (sm_90 only)"
-    from attention.gluon import hopper_ready
-    return hopper_ready(torch.device("cuda"))
-
-
-pytestmark = [*GPU_MARKS, pytest.mark.skipif(not _ready()[0], reason=f"Gluon kernels unavailable: {_ready()[1]}")]
+pytestmark = [*GPU_MARKS, gluon_skip()]
 
 GRAD_TOL = 2e-2
 

@@ -9,20 +9,13 @@ import logging
 
 import pytest
 import torch
-from gpu_utils import GPU_MARKS, cuda_qkv, rel_err
+from gpu_utils import GPU_MARKS, cuda_qkv, gluon_skip, rel_err
 
 from attention import attn_forward, flash_attn_func, reference_attn_forward
 from attention.backends import resolve_backend_name
 
 
-def _ready():
-    if not torch.cuda.is_available():
-        return False, "needs CUDA"
-    from attention.gluon import hopper_ready
-    return hopper_ready(torch.device("cuda"))
-
-
-pytestmark = [*GPU_MARKS, pytest.mark.skipif(not _ready()[0], reason=f"Gluon kernels unavailable: {_ready()[1]}")]
+pytestmark = [*GPU_MARKS, gluon_skip()]
 
 OUT_TOL = 1e-2
 

@@ -7,19 +7,8 @@ import torch
 from attention.backends import get_backend, resolve_backend_name
 from attention.gluon import dispatch, hopper_ready, triton_status
 from attention.gluon.plan import (forward_plan, heads_per_chunk, key_range, persistent_grid, uncovered_reason,
-                                  window_sides, work_item)
-
-
-def visible(nq, nk, causal, window):
-    left, right = window_sides(causal, window)
-    i = torch.arange(nq)[:, None] + nk - nq
-    j = torch.arange(nk)[None, :]
-    keep = torch.ones(nq, nk, dtype=torch.bool)
-    if left >= 0:
-        keep &= j >= i - left
-    if right >= 0:
-        keep &= j <= i + right
-    return keep
+                                  work_item)
+from helpers import visible_mask
 
 
 SHAPES = [(256, 256), (300, 700), (700, 300), (1, 1), (129, 64), (1000, 1000)]
@@ -31,7 +20,7 @@ WINDOWS = [(True, (-1, -1)), (False, (-1, -1)), (True, (100, -1)), (False, (37, 
 @pytest.mark.parametrize("causal,window", WINDOWS)
 @pytest.mark.parametrize("bm,bn", [(128, 128), (64, 32)])
 def test_forward_plan_visits_every_visible_key_and_masks_only_edge_blocks(nq, nk, causal, window, bm, bn):
-    keep = visible(nq, nk, causal, window)
+    keep = visible_mask(nq, nk, causal, window)
     plan = forward_plan(nq, nk, causal, window, bm, bn)
     assert sorted(plan.order) == list(range(-(-nq // bm)))
     for t, (lo, a, b, hi) in enumerate(plan.bounds):

@@ -6,18 +6,7 @@ import torch
 
 from attention.gluon.plan import window_sides
 from attention.gluon.plan_bwd import backward_plan, query_range
-
-
-def visible(nq, nk, causal, window):
-    left, right = window_sides(causal, window)
-    i = torch.arange(nq)[:, None] + nk - nq
-    j = torch.arange(nk)[None, :]
-    keep = torch.ones(nq, nk, dtype=torch.bool)
-    if left >= 0:
-        keep &= j >= i - left
-    if right >= 0:
-        keep &= j <= i + right
-    return keep
+from helpers import visible_mask
 
 
 SHAPES = [(256, 256), (300, 700), (700, 300), (1, 1), (129, 64), (64, 129), (1000, 1000), (200, 333), (333, 200)]
@@ -29,7 +18,7 @@ WINDOWS = [(True, (-1, -1)), (False, (-1, -1)), (True, (64, 0)), (False, (100, 5
 @pytest.mark.parametrize("causal,window", WINDOWS)
 @pytest.mark.parametrize("bm,bn", [(64, 128), (128, 128), (32, 64)])
 def test_backward_plan_visits_every_visible_query_and_masks_only_edge_blocks(nq, nk, causal, window, bm, bn):
-    keep = visible(nq, nk, causal, window)
+    keep = visible_mask(nq, nk, causal, window)
     plan = backward_plan(nq, nk, causal, window, bm, bn)
     n_tiles = -(-nk // bn)
     assert len(plan.bounds) == n_tiles and sorted(plan.order) == list(range(n_tiles))
@@ -56,7 +45,7 @@ def test_backward_plan_visits_every_visible_query_and_masks_only_edge_blocks(nq,
 @pytest.mark.parametrize("causal,window", WINDOWS)
 def test_query_range_is_tight_up_to_a_block(nq, nk, causal, window):
     """No query block is visited that sees none of the key block's keys (outside the first and last block)."""
-    keep = visible(nq, nk, causal, window)
+    keep = visible_mask(nq, nk, causal, window)
     left, right = window_sides(causal, window)
     for n0 in range(0, nk, 128):
         lo, _, _, hi = query_range(n0, nq, nk, left, right, 64, 128)

@@ -6,7 +6,7 @@ import torch
 from attention import attn_backward, attn_forward, flash_attn_func
 from attention.reference import reference_attn_backward, reference_attn_forward
 from attn_oracle import oracle, rand_qkv
-from helpers import assert_close
+from helpers import assert_close, visible_mask
 
 # (B, Nq, Nk, H, Hkv, D, causal, window_size)
 CASES = [
@@ -27,17 +27,7 @@ IDS = [f"B{c[0]}-q{c[1]}-k{c[2]}-h{c[3]}/{c[4]}-d{c[5]}-{'causal' if c[6] else '
 
 def _expect_empty_rows(nq, nk, causal, window):
     """Bool (Nq,) rows with no visible key, straight from DESIGN.md's definition."""
-    left, right = window
-    if causal:
-        right = 0
-    i = torch.arange(nq)[:, None] + nk - nq
-    j = torch.arange(nk)[None, :]
-    seen = torch.ones(nq, nk, dtype=torch.bool)
-    if left >= 0:
-        seen &= j >= i - left
-    if right >= 0:
-        seen &= j <= i + right
-    return ~seen.any(1)
+    return ~visible_mask(nq, nk, causal, window).any(1)
 
 
 @pytest.mark.parametrize("case", CASES, ids=IDS)
