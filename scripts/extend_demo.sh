@@ -7,6 +7,7 @@
 #   R=outputs/extend_demo scripts/extend_demo.sh                # GPU: about 5 minutes on one H200
 #   PY=.venv/bin/python R=/tmp/x MODEL=tiny PRE=128 EXT=256 PB=4 PSTEPS=20 ESTEPS=4 DEV=cpu LENS=[128,256] \
 #     SAMPLES=1 DOCS=2 scripts/extend_demo.sh                   # CPU smoke run
+if [[ "${1:-}" == "-h" || "${1:-}" == "--help" ]]; then sed -n '2,/^set /{/^set /d;s/^# \{0,1\}//;p;}' "$0"; exit 0; fi
 set -u
 PY=${PY:-python}; R=${R:-outputs/extend_demo}; O=$R/runs; mkdir -p "$O"
 MODEL=${MODEL:-llama_220m}; PRE=${PRE:-2048}; EXT=${EXT:-32768}; PB=${PB:-16}; PSTEPS=${PSTEPS:-800}

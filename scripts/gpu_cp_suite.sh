@@ -9,6 +9,7 @@
 #    hybrid, and torch's context_parallel as the anchor); 3b. ring and Ulysses on torch's kernels (cuDNN)
 # 4. trainer throughput: llama_220m (vocab 32000), cp=all GPUs, 256K and 512K tokens of whole-sequence attention
 # Each part has its own time limit and writes into $OUT as it goes, so a cut-short run keeps what it did.
+if [[ "${1:-}" == "-h" || "${1:-}" == "--help" ]]; then sed -n '2,/^set /{/^set /d;s/^# \{0,1\}//;p;}' "$0"; exit 0; fi
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-outputs/gpu_cp}

@@ -4,12 +4,14 @@
 # PARALLEL=1 runs the files side by side: they are bound by Triton compiles on the CPU, not by the GPU.
 #
 #   OUT=outputs/gpu_tests [PARALLEL=1] scripts/gpu_tests.sh [LIMIT_S]      # exit status: how many files failed
+if [[ "${1:-}" == "-h" || "${1:-}" == "--help" ]]; then sed -n '2,/^set /{/^set /d;s/^# \{0,1\}//;p;}' "$0"; exit 0; fi
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-outputs/gpu_tests}
 PY=${PYTHON:-python3}
 LIMIT=${1:-300}
 FILES="tests/attention/test_triton_gpu.py tests/attention/test_triton_atomic_dq_gpu.py tests/attention/test_fp8_gpu.py
+       tests/attention/test_gluon_gpu.py tests/attention/test_gluon_bwd_gpu.py
        tests/attention/test_sdpa_backend.py tests/trainer/test_optim.py tests/trainer/test_loss.py"
 mkdir -p "$OUT"
 

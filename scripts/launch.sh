@@ -9,6 +9,7 @@
 # Environment: NNODES (1), NODE_RANK (0), MASTER_ADDR (127.0.0.1), MASTER_PORT (29500),
 # NPROC_PER_NODE (number of visible GPUs, else 1), PYTHON (.venv/bin/python if present, else python3),
 # RDZV_ID (a job id shared by all nodes; default ringflash). Every rank uses the same train.out_dir.
+if [[ "${1:-}" == "-h" || "${1:-}" == "--help" ]]; then sed -n '2,/^set /{/^set /d;s/^# \{0,1\}//;p;}' "$0"; exit 0; fi
 set -euo pipefail
 
 cd "$(dirname "$0")/.."

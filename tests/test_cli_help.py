@@ -1,6 +1,6 @@
 """Every command line answers --help (exit 0, its keys or options listed) without a GPU: each trainer module with a
-`__main__` block (trainer.train, trainer.eval_passkey, and any added later) and each scripts/*.py tool, found by
-glob. The commands run in parallel, one subprocess each."""
+`__main__` block (trainer.train, trainer.eval_passkey, and any added later), each scripts/*.py tool and each
+scripts/*.sh, found by glob. The Python commands run in parallel, one subprocess each."""
 
 import os
 import subprocess
@@ -48,3 +48,15 @@ def test_help_exits_0_and_lists_the_keys(helps, module):
         assert "run_name: cpu_default" in text
     if module == "trainer.eval_passkey":
         assert "checkpoint: ???" in text and "# prompts per (length, depth)" in text
+
+
+@pytest.mark.parametrize("script", sorted(p.name for p in ROOT.glob("scripts/*.sh")))
+def test_shell_scripts_print_their_header_on_help_and_run_nothing(script, tmp_path):
+    path = ROOT / "scripts" / script
+    header = [line[2:] for line in path.read_text().splitlines()[1:4] if line.startswith("# ")]
+    env = {**os.environ, "OUT": str(tmp_path / "out"), "R": str(tmp_path / "r")}
+    proc = subprocess.run(["bash", str(path), "--help"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert header and header[0] in proc.stdout and "#" not in proc.stdout.splitlines()[0]
+    assert not any(tmp_path.iterdir())  # no output directory: nothing ran
