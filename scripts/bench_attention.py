@@ -7,6 +7,7 @@
 
 "ours" is `backend="auto"` with the deterministic backward (the default): the Gluon Hopper kernels where they
 cover a case on an sm_90 GPU, the Triton ones elsewhere; "ours-triton" forces the portable Triton kernels;
+"ours-gluon-bwd" is "ours" with the Gluon backward opted in (attention.gluon.dispatch.GLUON_PASSES);
 "ours-atomic" the same kernels as "ours" with
 attention.set_deterministic(False): dQ accumulated inside the dK/dV kernel by per-element atomics, pointer
 loads; "ours-atomic-tma" (opt-in: --providers) the same with TMA loads and whole dQ tiles added by TMA
@@ -41,7 +42,7 @@ TOKENS, HEADS = 65536, 16
 DEVICE, DTYPE = "cuda", torch.bfloat16  # the sweep's tensors (a CPU dry run of the script swaps them)
 PRECOMPILE_N = 2048  # precompile workers run our kernels at this length (same specialisation: N % 16 == 0)
 PROVIDERS = ["ours", "ours-triton", "ours-atomic", "sdpa_flash", "sdpa_cudnn", "sdpa_efficient", "flex"]
-OURS = ("ours", "ours-triton", "ours-atomic", "ours-atomic-tma")  # module docstring: what each one runs
+OURS = ("ours", "ours-triton", "ours-gluon-bwd", "ours-atomic", "ours-atomic-tma")  # module docstring: what each runs
 SDPA = {"sdpa_flash": SDPBackend.FLASH_ATTENTION, "sdpa_cudnn": SDPBackend.CUDNN_ATTENTION,
         "sdpa_efficient": SDPBackend.EFFICIENT_ATTENTION}
 
@@ -51,6 +52,9 @@ def _our_mode(provider):
     from attention.triton import common as triton_common
     attention.set_deterministic(provider not in ("ours-atomic", "ours-atomic-tma"))
     triton_common.FEATURES["tma_reduce"] = provider == "ours-atomic-tma"
+    from attention.gluon import dispatch
+    dispatch.GLUON_PASSES.clear()
+    dispatch.GLUON_PASSES.update({"forward", "backward"} if provider == "ours-gluon-bwd" else {"forward"})
 
 
 def visible_pairs(n, causal, window):
@@ -424,7 +428,7 @@ def _our_tiles():
                 f"{' early-dP' if t.best_config.kwargs.get('EARLY_DP') else ''}"
              for k, t in tuned.items() if getattr(t, "best_config", None) is not None}
     from attention.gluon import hopper_ready
-    if hopper_ready(torch.device(DEVICE))[0]:  # (BLOCK_M, BLOCK_N, STAGES, warp-specialized) per head dim
+    if hopper_ready(torch.device(DEVICE))[0]:  # (BLOCK_M, BLOCK_N, STAGES) per head dim
         from attention.gluon import fwd as gluon_fwd
         tiles["gluon_fwd"] = {d: list(c) for d, c in gluon_fwd.FWD_CONFIG.items()}
     return tiles

@@ -1,7 +1,7 @@
 """The one place that decides, per call, whether a case runs on the Gluon Hopper kernels or on the Triton ones.
 
-    backend = gluon_backend()            # backends.py registers it as "gluon"; "auto" picks it on sm_90
-    out, lse = backend.forward(q, k, v, causal, scale, window)
+    out, lse = gluon_forward(q, k, v, causal, scale, window)   # backends.py registers these as backend "gluon",
+    kernel, reason = route("forward", q, k, v)                   # which "auto" picks on sm_90 with triton 3.6
 
 Every decision is logged once per (pass, kernel, reason) at INFO on the "ringflash.attention" logger, e.g.
     attention forward: gluon (dense, D=128)
@@ -19,9 +19,8 @@ from .plan import uncovered_reason
 log = logging.getLogger("ringflash.attention")
 _LOGGED: set = set()
 # Passes that `auto` routes to Gluon where a case is covered. The Gluon backward (bwd.py, tested against the fp32
-# reference in tests/attention/test_gluon_bwd_gpu.py) measured no faster than the Triton backward on an H200 at
-# D=128 and slower at D=64 (docs/results.md), so the Triton backward stays the default;
-# GLUON_PASSES.add("backward") opts in.
+# reference in tests/attention/test_gluon_bwd_gpu.py) was no faster than the Triton backward on an H200 at D=128
+# and slower at D=64, so the Triton backward stays the default; GLUON_PASSES.add("backward") opts in.
 GLUON_PASSES = {"forward"}
 
 

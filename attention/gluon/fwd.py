@@ -235,7 +235,7 @@ def _fwd_ws_kernel(q_desc, k_desc, v_desc, o_desc, Lse, Plan, n_work, n_slots, n
         mbarrier.init(v_ready.index(i), count=1)
         mbarrier.init(kv_empty.index(i), count=2)  # both consumer halves release a stage
     args = (q_desc, k_desc, v_desc, o_desc, Lse, Plan, q_smem, o_smem, k_smem, v_smem, q_ready, q_empty, k_ready,
-         v_ready, kv_empty, n_work, n_slots, n_bh, chunk, n_heads, group, seqlen_q, seqlen_k, qk_scale,
+            v_ready, kv_empty, n_work, n_slots, n_bh, chunk, n_heads, group, seqlen_q, seqlen_k, qk_scale,
             win_left, win_right)
     gl.warp_specialize([
         (_ws_consumer, (args, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, HAS_LEFT, HAS_RIGHT, 0)),
@@ -303,7 +303,7 @@ def gluon_attn_forward(q, k, v, causal, softmax_scale, window_size):
     consts = dict(HEAD_DIM=D, BLOCK_M=block_m, BLOCK_N=block_n, STAGES=stages, HAS_LEFT=left >= 0,
                   HAS_RIGHT=right >= 0)
     kv = (descriptor(k, block_n), descriptor(v, block_n))
-    # Q and O move in halves: one per consumer warpgroup
-    _fwd_ws_kernel[grid](descriptor(q, block_m // 2), *kv, descriptor(out, block_m // 2), *args, **consts,
-                         CONSUMER_REGS=WS_REGS[1], num_warps=4, maxnreg=WS_REGS[0])
+    with torch.cuda.device(q.device):  # Q and O move in halves: one per consumer warpgroup
+        _fwd_ws_kernel[grid](descriptor(q, block_m // 2), *kv, descriptor(out, block_m // 2), *args, **consts,
+                             CONSUMER_REGS=WS_REGS[1], num_warps=4, maxnreg=WS_REGS[0])
     return out, lse

@@ -111,8 +111,8 @@ def uncovered_reason(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str |
     for name, t in (("q", q), ("k", k), ("v", v)):
         if t.stride(-1) != 1:
             return f"{name} is not contiguous in its last dim"
-        if any((s * t.element_size()) % 16 for s in t.stride()[:-1]):
-            return f"{name} strides {tuple(t.stride())} are not 16-byte aligned (TMA)"
+        if any(s == 0 or (s * t.element_size()) % 16 for s in t.stride()[:-1]):
+            return f"{name} strides {tuple(t.stride())} are not positive multiples of 16 bytes (TMA)"
         if t.data_ptr() % 16:
             return f"{name} is not 16-byte aligned (TMA)"
     return None

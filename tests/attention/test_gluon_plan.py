@@ -74,8 +74,10 @@ def test_route_covers_dense_fp16_bf16_d64_d128_and_names_the_rest():
     assert dispatch.route("forward", *qkv.unbind(2))[0] == "gluon"  # strided views are fine for TMA
     odd = torch.zeros(1, 64, 4, 129, dtype=torch.bfloat16)[..., :128]  # row stride 129 elements: not 16-byte
     kernel, why = dispatch.route("forward", odd, k, v)
-    assert kernel == "triton" and "16-byte" in why
+    assert kernel == "triton" and "16 bytes" in why
     assert uncovered_reason(q, k, v) is None
+    kernel, why = dispatch.route("forward", q, k[:, :, :1].expand(-1, -1, 2, -1), v)  # a broadcast (0) stride
+    assert kernel == "triton" and "16 bytes" in why
 
 
 def test_auto_resolves_to_gluon_only_where_hopper_is_ready(monkeypatch):
