@@ -62,7 +62,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared
                                                               warpgroup_mma_init, warpgroup_mma_wait)
 
 from ..triton.bwd import preprocess
-from .fwd import descriptor, visible
+from .fwd import descriptor, plan_row, visible
 from .plan import forward_plan, window_sides
 from .plan_bwd import backward_plan
 
@@ -132,12 +132,7 @@ def _dkdv_kernel(q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, DQ, Lse2, De
     bhk = gl.program_id(1)
     b = bhk // n_kv_heads
     hk = bhk % n_kv_heads
-    row = gl.program_id(0) * 5
-    tile = gl.load(Plan + row)
-    lo = gl.load(Plan + row + 1)
-    lo_full = gl.load(Plan + row + 2)
-    hi_full = gl.load(Plan + row + 3)
-    hi = gl.load(Plan + row + 4)
+    tile, lo, lo_full, hi_full, hi = plan_row(Plan, gl.program_id(0))
     n0 = tile * BLOCK_N
     n_blk = gl.cdiv(hi - lo, BLOCK_M)
     total = n_blk * group  # (head, query block) pairs, head-major
@@ -301,12 +296,7 @@ def _dq_kernel(q_desc, k_desc, v_desc, do_desc, dq_desc, Lse2, Delta, Plan, n_he
     b = bh // n_heads
     h = bh % n_heads
     hk = h // group
-    row = gl.program_id(0) * 5
-    tile = gl.load(Plan + row)
-    lo = gl.load(Plan + row + 1)
-    lo_full = gl.load(Plan + row + 2)
-    hi_full = gl.load(Plan + row + 3)
-    hi = gl.load(Plan + row + 4)
+    tile, lo, lo_full, hi_full, hi = plan_row(Plan, gl.program_id(0))
     m0 = tile * BLOCK_M
     n_blocks = gl.cdiv(hi - lo, BLOCK_N)
 

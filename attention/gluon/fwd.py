@@ -47,6 +47,13 @@ WS_REGS = (168, 240)
 
 
 @gluon.jit
+def plan_row(Plan, slot):
+    """Row `slot` of a plan table (plan.ForwardPlan.table / plan_bwd.BackwardPlan.table): (tile, lo, a, b, hi)."""
+    row = Plan + slot * 5
+    return gl.load(row), gl.load(row + 1), gl.load(row + 2), gl.load(row + 3), gl.load(row + 4)
+
+
+@gluon.jit
 def _work_item(w, n_slots, n_bh, chunk):
     """(slot, bh) of work item w; plan.work_item is the host-side twin (and its docstring the rule)."""
     c = w // (chunk * n_slots)
@@ -111,11 +118,7 @@ def _ws_consumer(args, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: g
         slot, bh = _work_item(w, n_slots, n_bh, chunk)
         b = bh // n_heads
         h = bh % n_heads
-        tile = gl.load(Plan + slot * 5)
-        lo = gl.load(Plan + slot * 5 + 1)
-        lo_full = gl.load(Plan + slot * 5 + 2)
-        hi_full = gl.load(Plan + slot * 5 + 3)
-        hi = gl.load(Plan + slot * 5 + 4)
+        tile, lo, lo_full, hi_full, hi = plan_row(Plan, slot)
         m0 = tile * BLOCK_M + WG * HALF
         n_blocks = gl.cdiv(hi - lo, BLOCK_N)
         rows = m0 + gl.arange(0, HALF, row_s)
@@ -188,9 +191,7 @@ def _ws_producer(args, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: g
         b = bh // n_heads
         h = bh % n_heads
         hkv = h // group
-        tile = gl.load(Plan + slot * 5)
-        lo = gl.load(Plan + slot * 5 + 1)
-        hi = gl.load(Plan + slot * 5 + 4)
+        tile, lo, lo_full, hi_full, hi = plan_row(Plan, slot)
         n_blocks = gl.cdiv(hi - lo, BLOCK_N)
         for c in gl.static_range(2):
             mbarrier.wait(q_empty.index(c), (it & 1) ^ 1)  # fresh barriers pass phase 1: the first wait is free
