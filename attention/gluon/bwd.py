@@ -201,8 +201,12 @@ def _dkdv_kernel(q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, DQ, Lse2, De
         st = warpgroup_mma_wait(num_outstanding=1, deps=(st_tok, ))
         if (m0 < lo_full) | (m0 >= hi_full):  # edge block: window sides, sequence tails (rows or keys)
             qrows = m0 + gl.arange(0, BLOCK_M, qry_l)
-            keep = visible(keys[:, None], qrows[None, :] + off, seqlen_k, win_left, win_right, HAS_LEFT, HAS_RIGHT)
-            keep = keep & (qrows < seqlen_q)[None, :]
+            diag = qrows[None, :] + off
+            keep = (keys[:, None] < seqlen_k) & (qrows < seqlen_q)[None, :]  # visible() transposed, rows checked too
+            if HAS_LEFT:
+                keep = keep & (keys[:, None] >= diag - win_left)
+            if HAS_RIGHT:
+                keep = keep & (keys[:, None] <= diag + win_right)
             pt = gl.exp2(gl.where(keep, st * qk_scale, float("-inf")))
         else:
             pt = gl.exp2(st * qk_scale)
