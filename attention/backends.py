@@ -118,7 +118,7 @@ def resolve_backend_name(backend: str, device: torch.device) -> str:
         from .gluon import hopper_ready
         ready, why = hopper_ready(device)
         if not ready:
-            _note_once(f"attention backend auto: triton (the Gluon kernels do not run here: {why})")
+            log_once(f"attention backend auto: triton (the Gluon kernels do not run here: {why})")
         return "gluon" if ready else "triton"
     if backend not in _LOADERS:
         raise ValueError(f"backend must be one of {available_backends()}, got {backend!r}")
@@ -128,7 +128,8 @@ def resolve_backend_name(backend: str, device: torch.device) -> str:
 _NOTED: set = set()
 
 
-def _note_once(message: str) -> None:
+def log_once(message: str) -> None:
+    """INFO on the "ringflash.attention" logger, once per distinct message per process."""
     if message not in _NOTED:
         _NOTED.add(message)
         logging.getLogger("ringflash.attention").info(message)

@@ -63,7 +63,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared
 
 from ..triton.bwd import preprocess
 from .fwd import descriptor, plan_row, visible
-from .plan import forward_plan, window_sides
+from .plan import cached_table, forward_plan, window_sides
 from .plan_bwd import backward_plan
 
 LOG2E = 1.4426950408889634
@@ -367,20 +367,6 @@ def _dq_kernel(q_desc, k_desc, v_desc, do_desc, dq_desc, Lse2, Delta, Plan, n_he
 
 # -- host side ---------------------------------------------------------------------------------------------
 
-_PLANS: dict = {}
-
-
-def _table(kind, seqlen_q, seqlen_k, causal, window_size, block_m, block_n, device) -> torch.Tensor:
-    """Cached int32 plan table: "dkdv" rows (key block, query lo, a, b, hi), "dq" rows (query tile, key lo, a, b, hi)."""
-    key = (kind, seqlen_q, seqlen_k, bool(causal), tuple(window_size), block_m, block_n, str(device))
-    table = _PLANS.get(key)
-    if table is None:
-        if len(_PLANS) > 256:
-            _PLANS.clear()
-        make = backward_plan if kind == "dkdv" else forward_plan
-        table = _PLANS[key] = make(seqlen_q, seqlen_k, causal, window_size, block_m, block_n).table(device)
-    return table
-
 
 def _tma_ready(t: torch.Tensor) -> torch.Tensor:
     """t itself if TMA can read it (unit last stride, 16-byte aligned strides and base), else a contiguous copy."""
@@ -408,7 +394,7 @@ def gluon_attn_backward(dout, q, k, v, out, lse, causal, softmax_scale, window_s
         torch.zeros(q.shape, dtype=torch.float32, device=q.device)
 
     bm, bn, stages, warps = DKDV_CONFIG[D]
-    table = _table("dkdv", Nq, Nk, causal, window_size, bm, bn, q.device)
+    table = cached_table(backward_plan, Nq, Nk, causal, window_size, bm, bn, q.device)
     with torch.cuda.device(q.device):
         _dkdv_kernel[(table.shape[0], B * Hkv)](
             descriptor(q, bm), descriptor(k, bn), descriptor(v, bn), descriptor(dout, bm), descriptor(dk, bn),
@@ -418,7 +404,7 @@ def gluon_attn_backward(dout, q, k, v, out, lse, causal, softmax_scale, window_s
         if not deterministic:  # dq already carries softmax_scale: only the cast is left
             return dq.to(q.dtype), dk, dv
         bm, bn, stages, warps = DQ_CONFIG[D]
-        table = _table("dq", Nq, Nk, causal, window_size, bm, bn, q.device)
+        table = cached_table(forward_plan, Nq, Nk, causal, window_size, bm, bn, q.device)
         _dq_kernel[(table.shape[0], B * H)](
             descriptor(q, bm), descriptor(k, bn), descriptor(v, bn), descriptor(dout, bm), descriptor(dq, bm),
             lse2, delta, table, H, group, Nq, Nk, qk_scale, float(softmax_scale), *sides,

@@ -10,14 +10,11 @@ Every decision is logged once per (pass, kernel, reason) at INFO on the "ringfla
 
 from __future__ import annotations
 
-import logging
-
 import torch
 
+from ..backends import log_once
 from .plan import uncovered_reason
 
-log = logging.getLogger("ringflash.attention")
-_LOGGED: set = set()
 # Passes that `auto` routes to Gluon where a case is covered. The Gluon backward (bwd.py, tested against the fp32
 # reference in tests/attention/test_gluon_bwd_gpu.py) was no faster than the Triton backward on an H200 at D=128
 # and slower at D=64, so the Triton backward stays the default; GLUON_PASSES.add("backward") opts in.
@@ -37,10 +34,7 @@ def route(kind: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, varlen: 
 
 
 def note(kind: str, kernel: str, reason: str, varlen: bool = False) -> None:
-    key = (kind, varlen, kernel, reason)
-    if key not in _LOGGED:
-        _LOGGED.add(key)
-        log.info("attention %s%s: %s (%s)", kind, " (varlen)" if varlen else "", kernel, reason)
+    log_once(f"attention {kind}{' (varlen)' if varlen else ''}: {kernel} ({reason})")
 
 
 def _routed(kind, q, k, v, varlen=False) -> str:

@@ -34,7 +34,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared
                                                               warpgroup_mma_wait)
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-from .plan import forward_plan, heads_per_chunk, persistent_grid, window_sides
+from .plan import cached_table, forward_plan, heads_per_chunk, persistent_grid, window_sides
 
 LOG2E = 1.4426950408889634
 LN2: gl.constexpr = gl.constexpr(0.6931471805599453)
@@ -48,7 +48,7 @@ WS_REGS = (168, 240)
 
 @gluon.jit
 def plan_row(Plan, slot):
-    """Row `slot` of a plan table (plan.ForwardPlan.table / plan_bwd.BackwardPlan.table): (tile, lo, a, b, hi)."""
+    """Row `slot` of a plan table (plan.TilePlan.table): (tile, lo, a, b, hi)."""
     row = Plan + slot * 5
     return gl.load(row), gl.load(row + 1), gl.load(row + 2), gl.load(row + 3), gl.load(row + 4)
 
@@ -247,7 +247,6 @@ def _fwd_ws_kernel(q_desc, k_desc, v_desc, o_desc, Lse, Plan, n_work, n_slots, n
 
 # -- host side ---------------------------------------------------------------------------------------------
 
-_PLANS: dict = {}
 _SMS: dict = {}
 
 
@@ -261,16 +260,6 @@ def descriptor(t: torch.Tensor, block_rows: int) -> TensorDescriptor:
     are dropped on store."""
     block = [1, block_rows, 1, t.shape[-1]]
     return TensorDescriptor(t, list(t.shape), list(t.stride()), block, block_layout(block, t.dtype))
-
-
-def plan_table(seqlen_q, seqlen_k, causal, window_size, block_m, block_n, device) -> torch.Tensor:
-    key = (seqlen_q, seqlen_k, bool(causal), tuple(window_size), block_m, block_n, str(device))
-    table = _PLANS.get(key)
-    if table is None:
-        if len(_PLANS) > 256:
-            _PLANS.clear()
-        table = _PLANS[key] = forward_plan(seqlen_q, seqlen_k, causal, window_size, block_m, block_n).table(device)
-    return table
 
 
 def num_sms(device) -> int:
@@ -295,7 +284,7 @@ def gluon_attn_forward(q, k, v, causal, softmax_scale, window_size):
     out = torch.empty((B, Nq, H, D), dtype=q.dtype, device=q.device)
     lse = torch.empty((B, H, Nq), dtype=torch.float32, device=q.device)
     left, right = window_sides(causal, window_size)
-    table = plan_table(Nq, Nk, causal, window_size, block_m, block_n, q.device)
+    table = cached_table(forward_plan, Nq, Nk, causal, window_size, block_m, block_n, q.device)
     n_work = table.shape[0] * B * H
     grid = (persistent_grid(n_work, num_sms(q.device)),)
     chunk = heads_per_chunk(B * H, Nk, D, q.element_size(), l2_bytes(q.device))

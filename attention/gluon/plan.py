@@ -28,6 +28,10 @@ def window_sides(causal: bool, window_size) -> tuple[int, int]:
     return left, right
 
 
+def n_blocks(lo: int, hi: int, block: int) -> int:
+    return -(-(hi - lo) // block)
+
+
 def key_range(m0: int, m1: int, seqlen_q: int, seqlen_k: int, left: int, right: int,
               block_n: int) -> tuple[int, int, int, int]:
     """Keys for query rows [m0, m1) (m1 clipped to seqlen_q by the caller): (lo, a, b, hi).
@@ -45,19 +49,26 @@ def key_range(m0: int, m1: int, seqlen_q: int, seqlen_k: int, left: int, right: 
     if right >= 0:
         hi = min(hi, m1 - 1 + off + right + 1)
         full_hi = min(full_hi, m0 + off + right + 1)
+    return segments(lo, hi, full_lo, full_hi, block_n)
+
+
+def segments(lo: int, hi: int, full_lo: int, full_hi: int, block: int) -> tuple[int, int, int, int]:
+    """(lo, a, b, hi) for a loop over blocks lo, lo + block, ... up to hi, where [full_lo, full_hi) is what every
+    row (column) of the tile sees in bounds: [a, b) covers the blocks that lie wholly inside it."""
     hi = max(hi, lo)
-    n_blocks = -(-(hi - lo) // block_n)
-    t_a = min(-(-max(full_lo - lo, 0) // block_n), n_blocks)
-    t_b = max(min(max(full_hi - lo, 0) // block_n, n_blocks), t_a)
-    return lo, lo + t_a * block_n, lo + t_b * block_n, hi
+    count = n_blocks(lo, hi, block)
+    t_a = min(-(-max(full_lo - lo, 0) // block), count)
+    t_b = max(min(max(full_hi - lo, 0) // block, count), t_a)
+    return lo, lo + t_a * block, lo + t_b * block, hi
 
 
 @dataclass(frozen=True)
-class ForwardPlan:
-    block_m: int
-    block_n: int
-    bounds: tuple  # per query tile: (lo, a, b, hi)
-    order: tuple  # query tiles, heaviest first; ties keep the later tile first (causal: the longest rows)
+class TilePlan:
+    """Per tile of one side, the range it loops over on the other: the forward's query tiles over key blocks
+    (forward_plan), the backward's key blocks over query blocks (plan_bwd.backward_plan)."""
+    block: int  # the loop's block size: block_n forward, block_m backward
+    bounds: tuple  # per tile: (lo, a, b, hi)
+    order: tuple  # tiles, heaviest first
 
     def table(self, device) -> torch.Tensor:
         """int32 (n_tiles, 5) for the kernel: row p = (tile, lo, a, b, hi) of the p-th tile to visit."""
@@ -66,17 +77,33 @@ class ForwardPlan:
 
     def blocks(self, t: int) -> int:
         lo, _, _, hi = self.bounds[t]
-        return -(-(hi - lo) // self.block_n)
+        return n_blocks(lo, hi, self.block)
 
 
-def forward_plan(seqlen_q: int, seqlen_k: int, causal: bool, window_size, block_m: int, block_n: int) -> ForwardPlan:
+def forward_plan(seqlen_q: int, seqlen_k: int, causal: bool, window_size, block_m: int, block_n: int) -> TilePlan:
+    """Query tiles of block_m rows over key blocks of block_n; ties in work keep the later tile first (causal: the
+    longest rows)."""
     left, right = window_sides(causal, window_size)
     n_tiles = -(-seqlen_q // block_m)
     bounds = tuple(key_range(t * block_m, min((t + 1) * block_m, seqlen_q), seqlen_q, seqlen_k, left, right,
                              block_n) for t in range(n_tiles))
-    work = [-(-(hi - lo) // block_n) for lo, _, _, hi in bounds]
-    order = tuple(sorted(range(n_tiles), key=lambda t: (-work[t], -t)))
-    return ForwardPlan(block_m, block_n, bounds, order)
+    work = [n_blocks(lo, hi, block_n) for lo, _, _, hi in bounds]
+    return TilePlan(block_n, bounds, tuple(sorted(range(n_tiles), key=lambda t: (-work[t], -t))))
+
+
+_TABLES: dict = {}
+
+
+def cached_table(make, seqlen_q: int, seqlen_k: int, causal: bool, window_size, block_m: int, block_n: int,
+                 device) -> torch.Tensor:
+    """make(...).table(device) (make: forward_plan or plan_bwd.backward_plan), built and uploaded once per shape."""
+    key = (make.__name__, seqlen_q, seqlen_k, bool(causal), tuple(window_size), block_m, block_n, str(device))
+    table = _TABLES.get(key)
+    if table is None:
+        if len(_TABLES) > 256:
+            _TABLES.clear()
+        table = _TABLES[key] = make(seqlen_q, seqlen_k, causal, window_size, block_m, block_n).table(device)
+    return table
 
 
 def heads_per_chunk(n_bh: int, seqlen_k: int, head_dim: int, elem_bytes: int, l2_bytes: int) -> int:

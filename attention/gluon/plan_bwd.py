@@ -1,6 +1,6 @@
 """Host-side planning for the Gluon backward's dK/dV kernel: the query rows that each key block meets, split into
-masked and unmasked segments, and the order the grid visits key blocks. Pure Python (torch and the standard
-library only, like plan.py), so the CPU tests check it without a GPU or a Gluon-capable triton.
+masked and unmasked segments, and the order the grid visits key blocks. Pure Python (plan.py and the standard
+library only), so the CPU tests check it without a GPU or a Gluon-capable triton.
 
     plan = backward_plan(seqlen_q=8192, seqlen_k=8192, causal=True, window_size=(-1, -1), block_m=64, block_n=128)
     plan.bounds[t]  # (lo, a, b, hi): query rows of key block t; [a, b) needs no mask, [lo, a) and [b, hi) do
@@ -16,11 +16,7 @@ plan.forward_plan with the dQ kernel's tile sizes.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
-import torch
-
-from .plan import window_sides
+from .plan import TilePlan, n_blocks, segments, window_sides
 
 
 def query_range(n0: int, seqlen_q: int, seqlen_k: int, left: int, right: int, block_m: int,
@@ -44,37 +40,15 @@ def query_range(n0: int, seqlen_q: int, seqlen_k: int, left: int, right: int, bl
         full_hi = min(full_hi, n0 - off + left + 1)
     if n0 + block_n > seqlen_k:
         full_hi = lo  # a key block that runs past the end is masked everywhere
-    hi = max(hi, lo)
-    n_blocks = -(-(hi - lo) // block_m)
-    t_a = min(-(-max(full_lo - lo, 0) // block_m), n_blocks)
-    t_b = max(min(max(full_hi - lo, 0) // block_m, n_blocks), t_a)
-    return lo, lo + t_a * block_m, lo + t_b * block_m, hi
-
-
-@dataclass(frozen=True)
-class BackwardPlan:
-    block_m: int
-    block_n: int
-    bounds: tuple  # per key block: (lo, a, b, hi) of query rows
-    order: tuple  # key blocks, heaviest first; ties keep the earlier block first
-
-    def table(self, device) -> torch.Tensor:
-        """int32 (n_key_blocks, 5) for the kernel: row p = (key block, lo, a, b, hi) of the p-th block to visit."""
-        rows = [(t, *self.bounds[t]) for t in self.order]
-        return torch.tensor(rows, dtype=torch.int32).to(device, non_blocking=True)
-
-    def blocks(self, t: int) -> int:
-        """Query blocks that key block t meets (per query head)."""
-        lo, _, _, hi = self.bounds[t]
-        return -(-(hi - lo) // self.block_m)
+    return segments(lo, hi, full_lo, full_hi, block_m)
 
 
 def backward_plan(seqlen_q: int, seqlen_k: int, causal: bool, window_size, block_m: int,
-                  block_n: int) -> BackwardPlan:
+                  block_n: int) -> TilePlan:
+    """Key blocks of block_n keys over query blocks of block_m rows; ties in work keep the earlier block first."""
     left, right = window_sides(causal, window_size)
     n_tiles = -(-seqlen_k // block_n)
     bounds = tuple(query_range(t * block_n, seqlen_q, seqlen_k, left, right, block_m, block_n)
                    for t in range(n_tiles))
-    work = [-(-(hi - lo) // block_m) for lo, _, _, hi in bounds]
-    order = tuple(sorted(range(n_tiles), key=lambda t: (-work[t], t)))
-    return BackwardPlan(block_m, block_n, bounds, order)
+    work = [n_blocks(lo, hi, block_m) for lo, _, _, hi in bounds]
+    return TilePlan(block_m, bounds, tuple(sorted(range(n_tiles), key=lambda t: (-work[t], t))))
