@@ -223,16 +223,24 @@ def load_weights(model: torch.nn.Module, path) -> Path:
     if "model" not in shared:
         raise ValueError(f"train.init_from: {path} was written under ZeRO (its weights are shards); warm-start from a "
                          f"parallel.zero_stage=0 checkpoint")
-    mine = model.state_dict()
-    theirs = shared["model"]
-    missing, extra = sorted(set(mine) - set(theirs)), sorted(set(theirs) - set(mine))
-    shapes = {k: (tuple(theirs[k].shape), tuple(v.shape)) for k, v in mine.items()
-              if k in theirs and theirs[k].shape != v.shape}
-    if missing or extra or shapes:
-        raise ValueError(f"train.init_from: {path} does not fit this model: missing {missing[:4]}, unexpected "
-                         f"{extra[:4]}, shape (checkpoint, model) {dict(list(shapes.items())[:4])}")
-    model.load_state_dict(theirs)
+    misfit = weights_misfit(model, shared["model"])
+    if misfit:
+        raise ValueError(f"train.init_from: {path} does not fit this model: {misfit}")
+    model.load_state_dict(shared["model"])
     return path
+
+
+def weights_misfit(model: torch.nn.Module, weights: dict) -> Optional[str]:
+    """None if `weights` load into `model`, else what differs: missing and unexpected keys, shapes (checkpoint,
+    model); the first four of each."""
+    mine = model.state_dict()
+    missing, extra = sorted(set(mine) - set(weights)), sorted(set(weights) - set(mine))
+    shapes = {k: (tuple(weights[k].shape), tuple(v.shape)) for k, v in mine.items()
+              if k in weights and weights[k].shape != v.shape}
+    if missing or extra or shapes:
+        return (f"missing {missing[:4]}, unexpected {extra[:4]}, shape (checkpoint, model) "
+                f"{dict(list(shapes.items())[:4])}")
+    return None
 
 
 # What a resumed run must share with its checkpoint: the weights' shapes, the data stream the loader position points

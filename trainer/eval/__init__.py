@@ -46,28 +46,10 @@ def model_config(base: dict, overrides: dict, train_len: int = 0):
     return cfg
 
 
-def check_weights_fit(model, weights: dict, source: str, overrides: dict) -> None:
-    """One ValueError line, naming the overrides and the first tensor that differs, where `weights` cannot load
-    into `model` (a model override that changes a shape: dim, layers, heads, vocab)."""
-    own = model.state_dict()
-    for key, value in weights.items():
-        if key not in own:
-            problem = f"{key} is in the checkpoint but not in the model"
-        elif tuple(own[key].shape) != tuple(value.shape):
-            problem = f"{key} is {tuple(value.shape)} in the checkpoint, {tuple(own[key].shape)} in the model"
-        else:
-            continue
-        raise ValueError(f"{source} does not fit the model built with overrides {overrides}: {problem}")
-    missing = [key for key in own if key not in weights]
-    if missing:
-        raise ValueError(f"{source} does not fit the model built with overrides {overrides}: {missing[0]} is in "
-                         f"the model but not in the checkpoint")
-
-
 def load_checkpoint_model(checkpoint, overrides: dict, attention_backend: str, device: torch.device):
     """(model, tokenizer, saved run config, info) from a trainer checkpoint (a run dir or checkpoints/step_N),
     with key=value ModelConfig `overrides`; info: {"checkpoint": dir, "step": N}."""
-    from trainer.checkpoint import resolve_checkpoint
+    from trainer.checkpoint import resolve_checkpoint, weights_misfit
     from trainer.data.tokenizer import build_tokenizer
     from trainer.model import GPT
 
@@ -79,7 +61,9 @@ def load_checkpoint_model(checkpoint, overrides: dict, attention_backend: str, d
     saved = shared["config"]
     model_cfg = model_config(saved["model"], overrides, train_len=int(saved["data"]["seq_len"]))
     model = GPT(model_cfg, attn_backend=attention_backend)
-    check_weights_fit(model, shared["model"], f"checkpoint={str(ckpt)!r}", overrides)
+    misfit = weights_misfit(model, shared["model"])
+    if misfit:  # a model override that changes a shape (dim, layers, heads, vocab)
+        raise ValueError(f"checkpoint={str(ckpt)!r} does not fit the model built with overrides {overrides}: {misfit}")
     model.load_state_dict(shared["model"])
     model.to(device).eval()
     data = saved["data"]
