@@ -2,6 +2,7 @@
 
     python scripts/bench_attention.py                 # full grid -> docs/bench/attention_<gpu>.{json,md}
     python scripts/bench_attention.py --quick         # D=128, N in {8K, 32K}
+    python scripts/bench_attention.py --extras-only   # only the 64K sliding-window and packed-document rows
     python scripts/bench_attention.py --dims 128 --rounds 3   # each case 3 times, providers interleaved: medians
     python scripts/bench_attention.py --sweep         # our kernel variants (tiles, TMA, warp spec) at N=8K
 
@@ -211,7 +212,7 @@ def precompile_grid(parts, ns, dims, providers, extras):
     timing process: precompiling it in parallel ran the GPU out of memory on its 64K block masks.)"""
     import subprocess
     cmd = [sys.executable, __file__, "--ns", *map(str, ns), "--dims", *map(str, dims), "--providers", *providers]
-    cmd += [] if extras else ["--quick"]
+    cmd += ([] if extras else ["--quick"]) + ([] if ns else ["--extras-only"])
     procs = [subprocess.Popen(cmd + ["--part", str(i), str(parts)]) for i in range(parts)]
     for p in procs:
         p.wait()
@@ -499,6 +500,8 @@ def meta():
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="D=128, N in {8K, 32K}, no extra cases")
+    ap.add_argument("--extras-only", action="store_true",
+                    help="only the extra cases: a 4K sliding window and 37 packed documents, 64K tokens, D=128")
     ap.add_argument("--sweep", action="store_true", help="time our kernel variants instead of the comparison")
     ap.add_argument("--ns", type=int, nargs="*", help="sequence lengths (default 2K..128K)")
     ap.add_argument("--dims", type=int, nargs="*", default=[64, 128])
@@ -529,9 +532,11 @@ def main():
         sweep(args.ns[0], args.dims, args.kinds, [bool(c) for c in args.causal], order_rounds)
         return
     ns = args.ns or ([8192, 32768] if args.quick else [2048 << i for i in range(7)])
+    ns = [] if args.extras_only else ns
     dims = [128] if args.quick else args.dims
+    extras = args.extras_only or not args.quick
     if args.part:
-        _grid_worker(args.part[0], args.part[1], ns, dims, args.providers, not args.quick)
+        _grid_worker(args.part[0], args.part[1], ns, dims, args.providers, extras)
         return
     info = meta()
     gpu_tag = info["gpu"].replace("NVIDIA ", "").split()[0].lower()
@@ -552,15 +557,16 @@ def main():
         return
     if args.precompile:
         t = time.time()
-        precompile_grid(args.precompile, ns, dims, args.providers, not args.quick)
+        precompile_grid(args.precompile, ns, dims, args.providers, extras)
         print(f"precompiled in {time.time() - t:.0f}s", flush=True)
-    stem = os.path.join(args.out, f"attention_{gpu_tag}{'_quick' if args.quick else ''}")
+    suffix = "_extras" if args.extras_only else "_quick" if args.quick else ""
+    stem = os.path.join(args.out, f"attention_{gpu_tag}{suffix}")
 
     def save(rows):
         with open(stem + ".json", "w") as f:
             json.dump({**info, "rows": rows}, f, indent=1)
 
-    rows = main_grid(ns, dims, args.providers, not args.quick, save, args.rounds)
+    rows = main_grid(ns, dims, args.providers, extras, save, args.rounds)
     with open(stem + ".md", "w") as f:
         f.write(markdown(rows, info))
     print(markdown(rows, info))

@@ -21,7 +21,7 @@ VOCAB = 32000
 # det=0: atomic-dQ attention backward (attention.set_deterministic); loss_compile: the loss chunks' softmax
 # gradient through torch.compile (-1: as compile); window: model.attn_window (0: full causal attention)
 RINGFLASH = dict(ckpt="selective", offload="attention", mlp_chunk=8192, compile=1, loss_chunk=2048,
-                 backend="triton", det=1, loss_compile=-1, window=0)
+                 backend="auto", det=1, loss_compile=-1, window=0)
 TINY = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=4, head_dim=16, ffn_dim=128, rope_theta=500000.0)
 
 

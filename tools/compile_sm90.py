@@ -87,12 +87,13 @@ def _kernel_args(n: int, heads: int, d: int, atomic: bool) -> dict:
 
 def gluon_variants():
     """(name, kernel, args, constexprs, num_warps, maxnreg) of every shipped Gluon kernel variant: D 64 / 128, causal
-    and a two-sided window, the forward, the dK/dV kernel in both dQ modes and the dQ kernel."""
+    and a two-sided window, the forward (dense and packed documents), the dK/dV kernel in both dQ modes and the dQ
+    kernel."""
     import torch
 
     from attention.gluon import bwd as gluon_bwd, fwd as gluon_fwd
     ints = dict(n_work=7, n_slots=7, n_bh=7, chunk=7, n_heads=7, n_kv_heads=7, group=7, seqlen_q=1000, seqlen_k=1000,
-                win_left=7, win_right=7, stride_dqb=7, stride_dqn=7, stride_dqh=7)
+                win_left=7, win_right=7, lse_stride=7, stride_dqb=7, stride_dqn=7, stride_dqh=7)
     floats = dict(qk_scale=0.127, inv_qk_scale=7.9, softmax_scale=0.088)
     f32, i32 = torch.empty(4, dtype=torch.float32), torch.empty(4, dtype=torch.int32)
     for d in (64, 128):
@@ -101,10 +102,12 @@ def gluon_variants():
             flags = dict(HAS_LEFT=left >= 0, HAS_RIGHT=right >= 0)
             bm, bn, st = gluon_fwd.FWD_CONFIG[d]
             half, kv = gluon_fwd.descriptor(t, bm // 2), gluon_fwd.descriptor(t, bn)
-            tensors = dict(q_desc=half, k_desc=kv, v_desc=kv, o_desc=half, Lse=f32, Plan=i32)
-            yield (f"gluon_fwd d{d} win{left},{right}", gluon_fwd._fwd_ws_kernel, {**ints, **floats, **tensors},
-                   dict(HEAD_DIM=d, BLOCK_M=bm, BLOCK_N=bn, STAGES=st, CONSUMER_REGS=gluon_fwd.WS_REGS[1], **flags),
-                   4, gluon_fwd.WS_REGS[0])
+            tensors = dict(q_desc=half, k_desc=kv, v_desc=kv, o_desc=half, Out=t, Lse=f32, Plan=i32, CuQ=i32, CuK=i32)
+            for varlen in (False, True):
+                yield (f"gluon_fwd{'_varlen' if varlen else ''} d{d} win{left},{right}", gluon_fwd._fwd_ws_kernel,
+                       {**ints, **floats, **tensors}, dict(HEAD_DIM=d, BLOCK_M=bm, BLOCK_N=bn, STAGES=st,
+                                                            VARLEN=varlen, CONSUMER_REGS=gluon_fwd.WS_REGS[1], **flags),
+                       4, gluon_fwd.WS_REGS[0])
             for atomic in (False, True):
                 bm, bn, st, warps = gluon_bwd.DKDV_CONFIG[d]
                 q, k = gluon_fwd.descriptor(t, bm), gluon_fwd.descriptor(t, bn)

@@ -5,7 +5,7 @@
 
 Every decision is logged once per (pass, kernel, reason) at INFO on the "ringflash.attention" logger, e.g.
     attention forward: gluon (dense, D=128)
-    attention forward (varlen): triton (packed documents are not covered by the Gluon kernels)
+    attention backward (varlen): triton (the Triton backward is the default (dispatch.GLUON_PASSES))
 """
 
 from __future__ import annotations
@@ -19,18 +19,23 @@ from .plan import uncovered_reason
 # reference in tests/attention/test_gluon_bwd_gpu.py) was no faster than the Triton backward on an H200 at D=128
 # and slower at D=64, so the Triton backward stays the default; GLUON_PASSES.add("backward") opts in.
 GLUON_PASSES = {"forward"}
+# Head dims at which the Gluon forward takes packed documents: at D=64 it measured ~6% behind the Triton varlen
+# forward on an H200 (docs/results.md), at D=128 ~5% ahead.
+GLUON_VARLEN_HEAD_DIMS = (128,)
 
 
 def route(kind: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, varlen: bool = False) -> tuple[str, str]:
-    """("gluon" | "triton", reason) for one pass ("forward" / "backward") of a call."""
-    if varlen:
-        return "triton", "packed documents are not covered by the Gluon kernels"
+    """("gluon" | "triton", reason) for one pass ("forward" / "backward") of a call; varlen: packed documents."""
+    if varlen and kind == "backward":
+        return "triton", "the Gluon backward takes no packed documents"
+    if varlen and q.shape[-1] not in GLUON_VARLEN_HEAD_DIMS:
+        return "triton", f"packed documents at D={q.shape[-1]}: the Triton forward measured faster"
     if kind not in GLUON_PASSES:
         return "triton", f"the Triton {kind} is the default (dispatch.GLUON_PASSES)"
     why = uncovered_reason(q, k, v)
     if why is not None:
         return "triton", why
-    return "gluon", f"dense, D={q.shape[-1]}"
+    return "gluon", f"{'packed documents' if varlen else 'dense'}, D={q.shape[-1]}"
 
 
 def note(kind: str, kernel: str, reason: str, varlen: bool = False) -> None:
@@ -60,8 +65,10 @@ def gluon_backward(dout, q, k, v, out, lse, causal, scale, window, dlse, determi
 
 
 def gluon_varlen_forward(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, window):
+    if _routed("forward", q, k, v, varlen=True) == "gluon":
+        from .fwd import gluon_attn_varlen_forward
+        return gluon_attn_varlen_forward(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, window)
     from ..triton.fwd import triton_attn_varlen_forward
-    _routed("forward", q, k, v, varlen=True)
     return triton_attn_varlen_forward(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, window)
 
 

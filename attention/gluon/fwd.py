@@ -34,7 +34,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared
                                                               warpgroup_mma_wait)
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-from .plan import cached_table, forward_plan, heads_per_chunk, persistent_grid, window_sides
+from .plan import cached_table, document_tiles, forward_plan, heads_per_chunk, persistent_grid, window_sides
 
 LOG2E = 1.4426950408889634
 LN2: gl.constexpr = gl.constexpr(0.6931471805599453)
@@ -76,6 +76,85 @@ def visible(keys, diag, seqlen_k, win_left, win_right, HAS_LEFT: gl.constexpr, H
 
 
 @gluon.jit
+def _cdiv(a, b):
+    return (a + b - 1) // b
+
+
+@gluon.jit
+def key_range(m0, m1, seqlen_q, seqlen_k, win_left, win_right, BLOCK_N: gl.constexpr, HAS_LEFT: gl.constexpr,
+              HAS_RIGHT: gl.constexpr):
+    """(lo, a, b, hi) of query rows [m0, m1): plan.key_range and plan.segments, on the GPU (packed documents,
+    whose lengths the host does not read)."""
+    off = seqlen_k - seqlen_q
+    lo = seqlen_k * 0
+    hi = seqlen_k
+    full_lo = lo
+    full_hi = seqlen_k
+    if HAS_LEFT:
+        lo = gl.maximum(lo, m0 + off - win_left)
+        full_lo = m1 - 1 + off - win_left
+    if HAS_RIGHT:
+        hi = gl.minimum(hi, m1 + off + win_right)
+        full_hi = gl.minimum(full_hi, m0 + off + win_right + 1)
+    hi = gl.maximum(hi, lo)
+    count = _cdiv(hi - lo, BLOCK_N)
+    t_a = gl.minimum(_cdiv(gl.maximum(full_lo - lo, 0), BLOCK_N), count)
+    t_b = gl.maximum(gl.minimum(gl.maximum(full_hi - lo, 0) // BLOCK_N, count), t_a)
+    return lo, lo + t_a * BLOCK_N, lo + t_b * BLOCK_N, hi
+
+
+@gluon.jit
+def _item(w, Plan, CuQ, CuK, n_slots, n_bh, chunk, n_heads, seqlen_q, seqlen_k, lse_stride, win_left, win_right,
+          BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr,
+          VARLEN: gl.constexpr):
+    """Work item w: (b, h, tile, lo, a, bb, hi, first, first_k, len_q, len_k, lse_base).
+
+    Dense: b is the batch index, first = first_k = 0, the tile and its bounds come from the plan table
+    (plan.TilePlan.table). Packed documents (one packed sequence, b = 0, n_bh = heads): the plan row is
+    (document d, tile) of plan.document_tiles; d's rows start at first = cu_q[d] and its keys at first_k = cu_k[d],
+    the bounds come from key_range, and a padding row (d = -1) gets lo = hi = -1 (skipped). The lse of row r is at
+    lse_base + r."""
+    slot, bh = _work_item(w, n_slots, n_bh, chunk)
+    if VARLEN:
+        h = bh
+        d = gl.load(Plan + 2 * slot)
+        tile = gl.load(Plan + 2 * slot + 1)
+        dd = gl.maximum(d, 0)
+        first = gl.load(CuQ + dd)
+        len_q = gl.load(CuQ + dd + 1) - first
+        first_k = gl.load(CuK + dd)
+        len_k = gl.load(CuK + dd + 1) - first_k
+        m0 = tile * BLOCK_M
+        lo, a, bb, hi = key_range(m0, gl.minimum(m0 + BLOCK_M, len_q), len_q, len_k, win_left, win_right, BLOCK_N,
+                                  HAS_LEFT, HAS_RIGHT)
+        if d < 0:
+            lo = -1
+            hi = -1
+        b = d * 0
+        lse_base = h * lse_stride + first
+    else:
+        h = bh % n_heads
+        b = bh // n_heads
+        tile, lo, a, bb, hi = plan_row(Plan, slot)
+        first = b * 0
+        first_k = first
+        len_q = seqlen_q
+        len_k = seqlen_k
+        lse_base = bh * seqlen_q
+    return b, h, tile, lo, a, bb, hi, first, first_k, len_q, len_k, lse_base
+
+
+@gluon.jit
+def _tma_store(o_desc, o_smem, out, b, row, h, WG: gl.constexpr):
+    """O rows [row, row + BLOCK_M/2) of (b, h) through this consumer's o_smem half."""
+    tma.store_wait(pendings=0)  # the previous work item's output has left this half's o_smem
+    o_tile = o_smem.index(WG)
+    o_tile.reshape(out.shape).store(out)
+    fence_async_shared()
+    tma.async_copy_shared_to_global(o_desc, [b, row, h, 0], o_tile)
+
+
+@gluon.jit
 def _online_softmax(s, m_i, l_i, key, lo_full, hi_full, rows, cols, seqlen_k, off, qk_scale, win_left, win_right,
                     HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr):
     """One block's step of the online softmax in base 2: returns (p, m_new, l_new, alpha)."""
@@ -96,11 +175,11 @@ def _online_softmax(s, m_i, l_i, key, lo_full, hi_full, rows, cols, seqlen_k, of
 
 @gluon.jit
 def _ws_consumer(args, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
-                 HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr, WG: gl.constexpr):
+                 HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr, VARLEN: gl.constexpr, WG: gl.constexpr):
     """Rows [WG * BLOCK_M/2, (WG+1) * BLOCK_M/2) of every query tile: S = QK^T, online softmax, O += PV."""
-    (q_desc, k_desc, v_desc, o_desc, Lse, Plan, q_smem, o_smem, k_smem, v_smem, q_ready, q_empty, k_ready, v_ready,
-     kv_empty, n_work, n_slots, n_bh, chunk, n_heads, group, seqlen_q, seqlen_k, qk_scale, win_left,
-     win_right) = args
+    (q_desc, k_desc, v_desc, o_desc, Out, Lse, Plan, CuQ, CuK, q_smem, o_smem, k_smem, v_smem, q_ready, q_empty,
+     k_ready, v_ready, kv_empty, n_work, n_slots, n_bh, chunk, n_heads, group, seqlen_q, seqlen_k, lse_stride,
+     qk_scale, win_left, win_right) = args
     HALF: gl.constexpr = BLOCK_M // 2
     dtype: gl.constexpr = q_desc.dtype
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
@@ -111,111 +190,116 @@ def _ws_consumer(args, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: g
     row_s: gl.constexpr = gl.SliceLayout(1, s_layout)
     row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
     cols = gl.arange(0, BLOCK_N, gl.SliceLayout(0, s_layout))
-    off = seqlen_k - seqlen_q
     used = 0  # K/V blocks consumed so far over all work items (the ring position)
     it = 0  # work items done
     for w in range(gl.program_id(0), n_work, gl.num_programs(0)):
-        slot, bh = _work_item(w, n_slots, n_bh, chunk)
-        b = bh // n_heads
-        h = bh % n_heads
-        tile, lo, lo_full, hi_full, hi = plan_row(Plan, slot)
-        m0 = tile * BLOCK_M + WG * HALF
-        n_blocks = gl.cdiv(hi - lo, BLOCK_N)
-        rows = m0 + gl.arange(0, HALF, row_s)
-        m_i = gl.full([HALF], float("-inf"), gl.float32, row_s)
-        l_i = gl.zeros([HALF], gl.float32, row_s)
-        acc = gl.zeros([HALF, HEAD_DIM], gl.float32, o_layout)
-        s_zero = gl.zeros([HALF, BLOCK_N], gl.float32, s_layout)
-        mbarrier.wait(q_ready.index(WG), it & 1)
-        q = q_smem.index(WG).reshape([HALF, HEAD_DIM])
-        if n_blocks > 0:
-            st = used % STAGES
-            mbarrier.wait(k_ready.index(st), (used // STAGES) & 1)
-            kt = k_smem.index(st).reshape([BLOCK_N, HEAD_DIM]).permute((1, 0))
-            s = warpgroup_mma(q, kt, s_zero, use_acc=False, is_async=True)
-            s = warpgroup_mma_wait(num_outstanding=0, deps=(s, ))
-            p, m_i, l_i, alpha = _online_softmax(s, m_i, l_i, lo, lo_full, hi_full, rows, cols, seqlen_k, off,
-                                                 qk_scale, win_left, win_right, HAS_LEFT, HAS_RIGHT)
-            pv = gl.convert_layout(p.to(dtype), p_layout)
-            for j in range(1, n_blocks):
-                cur = used + j
-                st = cur % STAGES
-                ps = (cur - 1) % STAGES
-                mbarrier.wait(k_ready.index(st), (cur // STAGES) & 1)
-                mbarrier.wait(v_ready.index(ps), ((cur - 1) // STAGES) & 1)
+        b, h, tile, lo, lo_full, hi_full, hi, first, first_k, len_q, len_k, lse_base = _item(
+            w, Plan, CuQ, CuK, n_slots, n_bh, chunk, n_heads, seqlen_q, seqlen_k, lse_stride, win_left, win_right,
+            BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT, VARLEN)
+        if hi >= 0:  # a packed document's tile past its end is skipped
+            off = len_k - len_q
+            m0 = tile * BLOCK_M + WG * HALF
+            n_blocks = gl.cdiv(hi - lo, BLOCK_N)
+            rows = m0 + gl.arange(0, HALF, row_s)
+            m_i = gl.full([HALF], float("-inf"), gl.float32, row_s)
+            l_i = gl.zeros([HALF], gl.float32, row_s)
+            acc = gl.zeros([HALF, HEAD_DIM], gl.float32, o_layout)
+            s_zero = gl.zeros([HALF, BLOCK_N], gl.float32, s_layout)
+            mbarrier.wait(q_ready.index(WG), it & 1)
+            q = q_smem.index(WG).reshape([HALF, HEAD_DIM])
+            if n_blocks > 0:
+                st = used % STAGES
+                mbarrier.wait(k_ready.index(st), (used // STAGES) & 1)
                 kt = k_smem.index(st).reshape([BLOCK_N, HEAD_DIM]).permute((1, 0))
-                s_tok = warpgroup_mma(q, kt, s_zero, use_acc=False, is_async=True)
-                acc_tok = warpgroup_mma(pv, v_smem.index(ps).reshape([BLOCK_N, HEAD_DIM]), acc, is_async=True)
-                s = warpgroup_mma_wait(num_outstanding=1, deps=(s_tok, ))
-                p, m_i, l_i, alpha = _online_softmax(s, m_i, l_i, lo + j * BLOCK_N, lo_full, hi_full, rows, cols,
-                                                     seqlen_k, off, qk_scale, win_left, win_right, HAS_LEFT,
-                                                     HAS_RIGHT)
-                acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc_tok, ))
-                mbarrier.arrive(kv_empty.index(ps), count=1)  # this half is done with block j-1's K and V
-                acc = acc * gl.convert_layout(alpha, row_o)[:, None]
+                s = warpgroup_mma(q, kt, s_zero, use_acc=False, is_async=True)
+                s = warpgroup_mma_wait(num_outstanding=0, deps=(s, ))
+                p, m_i, l_i, alpha = _online_softmax(s, m_i, l_i, lo, lo_full, hi_full, rows, cols, len_k, off,
+                                                     qk_scale, win_left, win_right, HAS_LEFT, HAS_RIGHT)
                 pv = gl.convert_layout(p.to(dtype), p_layout)
-            last = used + n_blocks - 1
-            mbarrier.wait(v_ready.index(last % STAGES), (last // STAGES) & 1)
-            acc = warpgroup_mma(pv, v_smem.index(last % STAGES).reshape([BLOCK_N, HEAD_DIM]), acc, is_async=True)
-            acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
-            mbarrier.arrive(kv_empty.index(last % STAGES), count=1)
-            used += n_blocks
-        mbarrier.arrive(q_empty.index(WG), count=1)
-        it += 1
+                for j in range(1, n_blocks):
+                    cur = used + j
+                    st = cur % STAGES
+                    ps = (cur - 1) % STAGES
+                    mbarrier.wait(k_ready.index(st), (cur // STAGES) & 1)
+                    mbarrier.wait(v_ready.index(ps), ((cur - 1) // STAGES) & 1)
+                    kt = k_smem.index(st).reshape([BLOCK_N, HEAD_DIM]).permute((1, 0))
+                    s_tok = warpgroup_mma(q, kt, s_zero, use_acc=False, is_async=True)
+                    acc_tok = warpgroup_mma(pv, v_smem.index(ps).reshape([BLOCK_N, HEAD_DIM]), acc, is_async=True)
+                    s = warpgroup_mma_wait(num_outstanding=1, deps=(s_tok, ))
+                    p, m_i, l_i, alpha = _online_softmax(s, m_i, l_i, lo + j * BLOCK_N, lo_full, hi_full, rows, cols,
+                                                         len_k, off, qk_scale, win_left, win_right, HAS_LEFT,
+                                                         HAS_RIGHT)
+                    acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc_tok, ))
+                    mbarrier.arrive(kv_empty.index(ps), count=1)  # this half is done with block j-1's K and V
+                    acc = acc * gl.convert_layout(alpha, row_o)[:, None]
+                    pv = gl.convert_layout(p.to(dtype), p_layout)
+                last = used + n_blocks - 1
+                mbarrier.wait(v_ready.index(last % STAGES), (last // STAGES) & 1)
+                acc = warpgroup_mma(pv, v_smem.index(last % STAGES).reshape([BLOCK_N, HEAD_DIM]), acc, is_async=True)
+                acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
+                mbarrier.arrive(kv_empty.index(last % STAGES), count=1)
+                used += n_blocks
+            mbarrier.arrive(q_empty.index(WG), count=1)
+            it += 1
 
-        empty = l_i == 0.0
-        l_safe = gl.where(empty, 1.0, l_i)
-        out = acc / gl.convert_layout(l_safe, row_o)[:, None]
-        lse = gl.where(empty, float("-inf"), (m_i + gl.log2(l_safe)) * LN2)
-        gl.store(Lse + bh * seqlen_q + rows, lse, mask=rows < seqlen_q)
-        tma.store_wait(pendings=0)  # the previous work item's output has left this half's o_smem
-        o_tile = o_smem.index(WG)
-        o_tile.reshape([HALF, HEAD_DIM]).store(out.to(dtype))
-        fence_async_shared()
-        tma.async_copy_shared_to_global(o_desc, [b, m0, h, 0], o_tile)
+            empty = l_i == 0.0
+            l_safe = gl.where(empty, 1.0, l_i)
+            out = acc / gl.convert_layout(l_safe, row_o)[:, None]
+            lse = gl.where(empty, float("-inf"), (m_i + gl.log2(l_safe)) * LN2)
+            gl.store(Lse + lse_base + rows, lse, mask=rows < len_q)
+            if VARLEN:
+                if m0 + HALF <= len_q:
+                    _tma_store(o_desc, o_smem, out.to(dtype), b, first + m0, h, WG)
+                else:  # the document's last rows: rows past its end belong to the next document
+                    o_rows = m0 + gl.arange(0, HALF, row_o)
+                    o_cols = gl.arange(0, HEAD_DIM, gl.SliceLayout(0, o_layout))
+                    ptr = Out + (first + o_rows).to(gl.int64)[:, None] * (n_heads * HEAD_DIM) + h * HEAD_DIM
+                    gl.store(ptr + o_cols[None, :], out.to(dtype), mask=(o_rows < len_q)[:, None])
+            else:  # the descriptor drops rows past Nq
+                _tma_store(o_desc, o_smem, out.to(dtype), b, m0, h, WG)
     tma.store_wait(pendings=0)
 
 
 @gluon.jit
 def _ws_producer(args, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
-                 HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr, WG: gl.constexpr):
+                 HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr, VARLEN: gl.constexpr, WG: gl.constexpr):
     """One warp: TMA-loads each work item's two Q halves and its K/V blocks into the ring, ahead of the consumers."""
-    (q_desc, k_desc, v_desc, o_desc, Lse, Plan, q_smem, o_smem, k_smem, v_smem, q_ready, q_empty, k_ready, v_ready,
-     kv_empty, n_work, n_slots, n_bh, chunk, n_heads, group, seqlen_q, seqlen_k, qk_scale, win_left,
-     win_right) = args
+    (q_desc, k_desc, v_desc, o_desc, Out, Lse, Plan, CuQ, CuK, q_smem, o_smem, k_smem, v_smem, q_ready, q_empty,
+     k_ready, v_ready, kv_empty, n_work, n_slots, n_bh, chunk, n_heads, group, seqlen_q, seqlen_k, lse_stride,
+     qk_scale, win_left, win_right) = args
     HALF: gl.constexpr = BLOCK_M // 2
     issued = 0
     it = 0
     for w in range(gl.program_id(0), n_work, gl.num_programs(0)):
-        slot, bh = _work_item(w, n_slots, n_bh, chunk)
-        b = bh // n_heads
-        h = bh % n_heads
-        hkv = h // group
-        tile, lo, lo_full, hi_full, hi = plan_row(Plan, slot)
-        n_blocks = gl.cdiv(hi - lo, BLOCK_N)
-        for c in gl.static_range(2):
-            mbarrier.wait(q_empty.index(c), (it & 1) ^ 1)  # fresh barriers pass phase 1: the first wait is free
-            mbarrier.expect(q_ready.index(c), q_desc.block_type.nbytes)
-            tma.async_copy_global_to_shared(q_desc, [b, tile * BLOCK_M + c * HALF, h, 0], q_ready.index(c),
-                                            q_smem.index(c))
-        for j in range(n_blocks):
-            st = issued % STAGES
-            mbarrier.wait(kv_empty.index(st), ((issued // STAGES) & 1) ^ 1)
-            key = lo + j * BLOCK_N
-            mbarrier.expect(k_ready.index(st), k_desc.block_type.nbytes)
-            tma.async_copy_global_to_shared(k_desc, [b, key, hkv, 0], k_ready.index(st), k_smem.index(st))
-            mbarrier.expect(v_ready.index(st), v_desc.block_type.nbytes)
-            tma.async_copy_global_to_shared(v_desc, [b, key, hkv, 0], v_ready.index(st), v_smem.index(st))
-            issued += 1
-        it += 1
+        b, h, tile, lo, lo_full, hi_full, hi, first, first_k, len_q, len_k, lse_base = _item(
+            w, Plan, CuQ, CuK, n_slots, n_bh, chunk, n_heads, seqlen_q, seqlen_k, lse_stride, win_left, win_right,
+            BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT, VARLEN)
+        if hi >= 0:
+            hkv = h // group
+            n_blocks = gl.cdiv(hi - lo, BLOCK_N)
+            for c in gl.static_range(2):
+                mbarrier.wait(q_empty.index(c), (it & 1) ^ 1)  # fresh barriers pass phase 1: the first wait is free
+                mbarrier.expect(q_ready.index(c), q_desc.block_type.nbytes)
+                tma.async_copy_global_to_shared(q_desc, [b, first + tile * BLOCK_M + c * HALF, h, 0],
+                                                q_ready.index(c), q_smem.index(c))
+            for j in range(n_blocks):
+                st = issued % STAGES
+                mbarrier.wait(kv_empty.index(st), ((issued // STAGES) & 1) ^ 1)
+                key = first_k + lo + j * BLOCK_N
+                mbarrier.expect(k_ready.index(st), k_desc.block_type.nbytes)
+                tma.async_copy_global_to_shared(k_desc, [b, key, hkv, 0], k_ready.index(st), k_smem.index(st))
+                mbarrier.expect(v_ready.index(st), v_desc.block_type.nbytes)
+                tma.async_copy_global_to_shared(v_desc, [b, key, hkv, 0], v_ready.index(st), v_smem.index(st))
+                issued += 1
+            it += 1
 
 
 @gluon.jit
-def _fwd_ws_kernel(q_desc, k_desc, v_desc, o_desc, Lse, Plan, n_work, n_slots, n_bh, chunk, n_heads, group,
-                   seqlen_q, seqlen_k, qk_scale, win_left, win_right,
+def _fwd_ws_kernel(q_desc, k_desc, v_desc, o_desc, Out, Lse, Plan, CuQ, CuK, n_work, n_slots, n_bh, chunk, n_heads,
+                   group, seqlen_q, seqlen_k, lse_stride, qk_scale, win_left, win_right,
                    HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
-                   HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr, CONSUMER_REGS: gl.constexpr,
-                   num_warps: gl.constexpr):
+                   HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr, VARLEN: gl.constexpr,
+                   CONSUMER_REGS: gl.constexpr, num_warps: gl.constexpr):
     """Warp-specialized: two consumer warpgroups (the default partition and a worker) each own half of the query
     tile, and a one-warp producer streams Q and the K/V ring. q_desc / o_desc boxes are BLOCK_M/2 rows."""
     dtype: gl.constexpr = q_desc.dtype
@@ -235,13 +319,13 @@ def _fwd_ws_kernel(q_desc, k_desc, v_desc, o_desc, Lse, Plan, n_work, n_slots, n
         mbarrier.init(k_ready.index(i), count=1)
         mbarrier.init(v_ready.index(i), count=1)
         mbarrier.init(kv_empty.index(i), count=2)  # both consumer halves release a stage
-    args = (q_desc, k_desc, v_desc, o_desc, Lse, Plan, q_smem, o_smem, k_smem, v_smem, q_ready, q_empty, k_ready,
-            v_ready, kv_empty, n_work, n_slots, n_bh, chunk, n_heads, group, seqlen_q, seqlen_k, qk_scale,
-            win_left, win_right)
+    args = (q_desc, k_desc, v_desc, o_desc, Out, Lse, Plan, CuQ, CuK, q_smem, o_smem, k_smem, v_smem, q_ready,
+            q_empty, k_ready, v_ready, kv_empty, n_work, n_slots, n_bh, chunk, n_heads, group, seqlen_q, seqlen_k,
+            lse_stride, qk_scale, win_left, win_right)
     gl.warp_specialize([
-        (_ws_consumer, (args, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, HAS_LEFT, HAS_RIGHT, 0)),
-        (_ws_consumer, (args, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, HAS_LEFT, HAS_RIGHT, 1)),
-        (_ws_producer, (args, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, HAS_LEFT, HAS_RIGHT, 0)),
+        (_ws_consumer, (args, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, HAS_LEFT, HAS_RIGHT, VARLEN, 0)),
+        (_ws_consumer, (args, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, HAS_LEFT, HAS_RIGHT, VARLEN, 1)),
+        (_ws_producer, (args, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, HAS_LEFT, HAS_RIGHT, VARLEN, 0)),
     ], [4, 1], [CONSUMER_REGS, 24])
 
 
@@ -277,23 +361,50 @@ def _props(device):
     return _SMS[device]
 
 
+def _launch(q4, k4, v4, out4, out, lse, table, cu_q, cu_k, n_slots, n_bh, n_heads, group, seqlen_q, seqlen_k,
+            lse_stride, causal, softmax_scale, window_size, varlen):
+    """One persistent launch over n_slots x n_bh work items; q4/k4/v4/out4 are (B, N, H, D) views."""
+    D = q4.shape[-1]
+    block_m, block_n, stages = FWD_CONFIG[D]
+    left, right = window_sides(causal, window_size)
+    n_work = n_slots * n_bh
+    grid = (persistent_grid(n_work, num_sms(q4.device)),)
+    chunk = heads_per_chunk(n_bh, seqlen_k, D, q4.element_size(), l2_bytes(q4.device))
+    args = (out, lse, table, cu_q, cu_k, n_work, n_slots, n_bh, chunk, n_heads, group, seqlen_q, seqlen_k, lse_stride,
+            float(softmax_scale) * LOG2E, max(left, 0), max(right, 0))
+    consts = dict(HEAD_DIM=D, BLOCK_M=block_m, BLOCK_N=block_n, STAGES=stages, HAS_LEFT=left >= 0,
+                  HAS_RIGHT=right >= 0, VARLEN=varlen)
+    kv = (descriptor(k4, block_n), descriptor(v4, block_n))
+    with torch.cuda.device(q4.device):  # Q and O move in halves: one per consumer warpgroup
+        _fwd_ws_kernel[grid](descriptor(q4, block_m // 2), *kv, descriptor(out4, block_m // 2), *args, **consts,
+                             CONSUMER_REGS=WS_REGS[1], num_warps=4, maxnreg=WS_REGS[0])
+
+
 def gluon_attn_forward(q, k, v, causal, softmax_scale, window_size):
     B, Nq, H, D = q.shape
     Nk, Hkv = k.shape[1], k.shape[2]
-    block_m, block_n, stages = FWD_CONFIG[D]
+    block_m, block_n, _ = FWD_CONFIG[D]
     out = torch.empty((B, Nq, H, D), dtype=q.dtype, device=q.device)
     lse = torch.empty((B, H, Nq), dtype=torch.float32, device=q.device)
-    left, right = window_sides(causal, window_size)
     table = cached_table(forward_plan, Nq, Nk, causal, window_size, block_m, block_n, q.device)
-    n_work = table.shape[0] * B * H
-    grid = (persistent_grid(n_work, num_sms(q.device)),)
-    chunk = heads_per_chunk(B * H, Nk, D, q.element_size(), l2_bytes(q.device))
-    args = (lse, table, n_work, table.shape[0], B * H, chunk, H, H // Hkv, Nq, Nk, float(softmax_scale) * LOG2E,
-            max(left, 0), max(right, 0))
-    consts = dict(HEAD_DIM=D, BLOCK_M=block_m, BLOCK_N=block_n, STAGES=stages, HAS_LEFT=left >= 0,
-                  HAS_RIGHT=right >= 0)
-    kv = (descriptor(k, block_n), descriptor(v, block_n))
-    with torch.cuda.device(q.device):  # Q and O move in halves: one per consumer warpgroup
-        _fwd_ws_kernel[grid](descriptor(q, block_m // 2), *kv, descriptor(out, block_m // 2), *args, **consts,
-                             CONSUMER_REGS=WS_REGS[1], num_warps=4, maxnreg=WS_REGS[0])
+    _launch(q, k, v, out, out, lse, table, table, table, table.shape[0], B * H, H, H // Hkv, Nq, Nk, Nq, causal,
+            softmax_scale, window_size, False)
+    return out, lse
+
+
+def gluon_attn_varlen_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, softmax_scale,
+                              window_size):
+    """Packed documents: q (total_q, H, D), k/v (total_k, Hkv, D), cu_seqlens int32 (n_docs + 1) on the GPU ->
+    (out (total_q, H, D), lse (H, total_q)). Document d is rows cu_q[d]:cu_q[d+1] against keys cu_k[d]:cu_k[d+1],
+    bottom-right aligned like the dense call. The host never reads the lengths: plan.document_tiles lists the
+    (document, tile) pairs on the GPU."""
+    total_q, H, D = q.shape
+    total_k, Hkv = k.shape[0], k.shape[1]
+    out = torch.empty((total_q, H, D), dtype=q.dtype, device=q.device)
+    lse = torch.empty((H, total_q), dtype=torch.float32, device=q.device)
+    if total_q == 0:
+        return out, lse
+    table = document_tiles(cu_seqlens_q, total_q, FWD_CONFIG[D][0])
+    _launch(q[None], k[None], v[None], out[None], out, lse, table, cu_seqlens_q, cu_seqlens_k, table.shape[0], H, H,
+            H // Hkv, int(max_seqlen_q), total_k, total_q, causal, softmax_scale, window_size, True)
     return out, lse

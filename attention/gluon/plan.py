@@ -106,6 +106,25 @@ def cached_table(make, seqlen_q: int, seqlen_k: int, causal: bool, window_size, 
     return table
 
 
+def document_tiles(cu_seqlens: torch.Tensor, total: int, block_m: int) -> torch.Tensor:
+    """int32 (rows, 2) of (document, query tile) for packed documents, heaviest (highest) tile first, then padding
+    rows (-1, -1). Built with tensor ops on cu_seqlens' device, so the host never waits for the lengths; rows is
+    total // block_m + n_docs, a bound on the number of tiles."""
+    n_docs = cu_seqlens.numel() - 1
+    lens = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
+    tiles = (lens + block_m - 1) // block_m
+    ends = tiles.cumsum(0)
+    i = torch.arange(total // block_m + n_docs, device=cu_seqlens.device)
+    doc = torch.searchsorted(ends, i, right=True)
+    valid = doc < n_docs
+    doc = doc.clamp(max=max(n_docs - 1, 0))
+    tile = i - (ends[doc] - tiles[doc])
+    key = torch.where(valid, tile, -1)
+    key, order = torch.sort(key, descending=True, stable=True)
+    doc = torch.where(key >= 0, doc[order], -1)
+    return torch.stack((doc, key), 1).to(torch.int32)
+
+
 def heads_per_chunk(n_bh: int, seqlen_k: int, head_dim: int, elem_bytes: int, l2_bytes: int) -> int:
     """How many (batch, head) pairs a persistent grid works on at a time: as many as keep their K and V within
     half the L2 cache, so that the programs reading one head's K/V at the same moment hit L2, not HBM."""

@@ -11,8 +11,9 @@ import pytest
 import torch
 from gpu_utils import GPU_MARKS, cuda_qkv, gluon_skip, rel_err
 
-from attention import attn_forward, flash_attn_func, reference_attn_forward
+from attention import attn_forward, attn_varlen_forward, flash_attn_func, reference_attn_forward
 from attention.backends import resolve_backend_name
+from attention.gluon import dispatch
 
 
 pytestmark = [*GPU_MARKS, gluon_skip()]
@@ -49,6 +50,50 @@ def test_gluon_forward_matches_fp32_reference_and_triton(B, nq, nk, H, hkv, D, c
     tri_out, tri_lse = attn_forward(q, k, v, causal, None, window, backend="triton")
     assert rel_err(out, tri_out) < OUT_TOL
     assert (lse[fin] - tri_lse[fin]).abs().max().item() < 2e-2
+
+
+VARLEN_CASES = [  # query lengths, key lengths (None: the same), H, Hkv, D, causal, window, dtype
+    ([1000, 0, 1, 2049, 517, 4096], None, 8, 2, 128, True, (-1, -1), torch.bfloat16),
+    ([1000, 0, 1, 2049, 517, 4096], None, 8, 8, 64, False, (-1, -1), torch.float16),
+    ([128, 64, 192, 63, 65, 256, 1], None, 4, 1, 128, True, (-1, -1), torch.bfloat16),  # tile-edge lengths
+    ([3000, 700, 1500], None, 8, 4, 128, True, (300, -1), torch.bfloat16),  # sliding window per document
+    ([900, 1200], None, 4, 4, 64, False, (100, 50), torch.bfloat16),
+    ([300, 1000, 5], [700, 1000, 0], 4, 2, 128, True, (-1, -1), torch.bfloat16),  # Nq != Nk per document
+]
+
+
+@pytest.mark.parametrize("lens_q,lens_k,H,hkv,D,causal,window,dtype", VARLEN_CASES)
+def test_gluon_packed_documents_match_fp32_reference_and_triton(lens_q, lens_k, H, hkv, D, causal, window, dtype,
+                                                                monkeypatch):
+    monkeypatch.setattr(dispatch, "GLUON_VARLEN_HEAD_DIMS", (64, 128))  # the kernel at every head dim it takes
+    lens_k = lens_q if lens_k is None else lens_k
+    cu = [torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32, device="cuda")
+          for lens in (lens_q, lens_k)]
+    q, k, v = (t[0] for t in cuda_qkv(1, sum(lens_q), sum(lens_k), H, hkv, D, dtype))
+    args = (*cu, max(lens_q), max(lens_k), causal, None, window)
+    out, lse = attn_varlen_forward(q, k, v, *args, backend="gluon")
+    ref_out, ref_lse = attn_varlen_forward(q.float(), k.float(), v.float(), *args, backend="reference")
+    assert lse.shape == (H, sum(lens_q)) and not torch.isnan(out).any() and not torch.isnan(lse).any()
+    assert rel_err(out, ref_out) < OUT_TOL
+    assert torch.equal(torch.isinf(lse), torch.isinf(ref_lse))
+    fin = torch.isfinite(ref_lse)
+    assert (lse[fin] - ref_lse[fin]).abs().max().item() < 2e-2
+    assert (out.transpose(0, 1)[~fin] == 0).all()
+    tri_out, _ = attn_varlen_forward(q, k, v, *args, backend="triton")
+    assert rel_err(out, tri_out) < OUT_TOL
+
+
+def test_packed_documents_leave_no_row_unwritten():
+    """Every output row is written by its own document's tile (the rows past a document's end go to the next)."""
+    lens = [65, 127, 1, 129, 200]
+    cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32, device="cuda")
+    q, k, v = (t[0] for t in cuda_qkv(1, sum(lens), sum(lens), 2, 2, 128, torch.bfloat16))
+    runs = [attn_varlen_forward(q, k, v, cu, cu, max(lens), max(lens), True, None, (-1, -1), backend="gluon")[0]
+            for _ in range(3)]
+    want = attn_varlen_forward(q.float(), k.float(), v.float(), cu, cu, max(lens), max(lens), True, None, (-1, -1),
+                               backend="reference")[0]
+    for out in runs:
+        assert torch.equal(out, runs[0]) and rel_err(out, want) < OUT_TOL
 
 
 def test_strided_inputs_from_a_packed_qkv_projection():

@@ -6,7 +6,7 @@ import torch
 
 from attention.backends import get_backend, resolve_backend_name
 from attention.gluon import dispatch, hopper_ready, triton_status
-from attention.gluon.plan import (forward_plan, heads_per_chunk, key_range, persistent_grid, uncovered_reason,
+from attention.gluon.plan import (document_tiles, forward_plan, heads_per_chunk, key_range, persistent_grid, uncovered_reason,
                                   work_item)
 from helpers import visible_mask
 
@@ -65,7 +65,17 @@ def test_route_covers_dense_fp16_bf16_d64_d128_and_names_the_rest():
     assert dispatch.route("forward", q, k, v) == ("gluon", "dense, D=128")
     assert dispatch.route("backward", q, k, v)[0] == "triton"  # opt-in: dispatch.GLUON_PASSES
     assert dispatch.route("forward", *_qkv(64, torch.float16)) == ("gluon", "dense, D=64")
-    assert dispatch.route("forward", q, k, v, varlen=True)[0] == "triton"
+    assert dispatch.route("forward", q, k, v, varlen=True) == ("gluon", "packed documents, D=128")
+    assert dispatch.route("backward", q, k, v, varlen=True)[0] == "triton"
+    kernel, why = dispatch.route("forward", *_qkv(64), varlen=True)
+    assert kernel == "triton" and "D=64" in why
+    dispatch.GLUON_PASSES.add("backward")
+    try:
+        assert dispatch.route("backward", q, k, v)[0] == "gluon"
+        kernel, why = dispatch.route("backward", q, k, v, varlen=True)
+        assert kernel == "triton" and "packed documents" in why
+    finally:
+        dispatch.GLUON_PASSES.discard("backward")
     kernel, why = dispatch.route("forward", *_qkv(96))
     assert kernel == "triton" and "head_dim 96" in why
     kernel, why = dispatch.route("forward", *_qkv(128, torch.float32))
@@ -120,3 +130,15 @@ def test_the_gluon_backward_is_opt_in(monkeypatch):
     monkeypatch.setattr(dispatch, "GLUON_PASSES", {"forward", "backward"})
     assert dispatch.route("backward", q, k, v) == ("gluon", "dense, D=128")
     assert dispatch.route("backward", *_qkv(96))[0] == "triton"
+
+
+@pytest.mark.parametrize("lens", [[1000, 0, 1, 2049, 517, 4096], [128, 128, 128], [1], [0, 5, 0], [300] * 40])
+def test_document_tiles_list_every_tile_once_heaviest_first(lens):
+    cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32)
+    table = document_tiles(cu, sum(lens), 128)
+    assert table.dtype == torch.int32 and table.shape == (sum(lens) // 128 + len(lens), 2)
+    rows = [tuple(r) for r in table.tolist()]
+    real = [r for r in rows if r[0] >= 0]
+    assert sorted(real) == [(d, t) for d, n in enumerate(lens) for t in range(-(-n // 128))]
+    assert rows[len(real):] == [(-1, -1)] * (len(rows) - len(real))  # padding only at the end
+    assert [t for _, t in real] == sorted((t for _, t in real), reverse=True)
