@@ -1,10 +1,11 @@
 """Gluon FlashAttention forward for Hopper (sm_90): TMA loads, async warpgroup MMAs, persistent tiles.
 
     out, lse = gluon_attn_forward(q, k, v, causal=True, softmax_scale=0.125, window_size=(-1, -1))
+    out, lse = gluon_attn_varlen_forward(q, k, v, cu_q, cu_k, max_q, max_k, True, 0.125, (-1, -1))  # packed docs
 
 Same contract as the Triton forward: q (B, Nq, H, D), k/v (B, Nk, Hkv, D) -> out (B, Nq, H, D), lse (B, H, Nq)
-fp32 natural log; rows that see no key give lse = -inf and out = 0. The case must be covered
-(plan.uncovered_reason is None); dispatch.py decides.
+fp32 natural log (packed documents: (total, H, D) -> lse (H, total_q)); rows that see no key give lse = -inf and
+out = 0. The case must be covered (plan.uncovered_reason is None); dispatch.py decides.
 
 Warp-specialized, FA3's layout: a one-warp producer TMA-loads each work item's Q (in two halves) and streams its
 K/V blocks through a ring of STAGES shared-memory stages; two consumer warpgroups each own half of the query tile
