@@ -28,13 +28,13 @@ def route(kind: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, varlen: 
     """("gluon" | "triton", reason) for one pass ("forward" / "backward") of a call; varlen: packed documents."""
     if varlen and kind == "backward":
         return "triton", "the Gluon backward takes no packed documents"
-    if varlen and q.shape[-1] not in GLUON_VARLEN_HEAD_DIMS:
-        return "triton", f"packed documents at D={q.shape[-1]}: the Triton forward measured faster"
     if kind not in GLUON_PASSES:
         return "triton", f"the Triton {kind} is the default (dispatch.GLUON_PASSES)"
     why = uncovered_reason(q, k, v)
     if why is not None:
         return "triton", why
+    if varlen and q.shape[-1] not in GLUON_VARLEN_HEAD_DIMS:
+        return "triton", f"packed documents at D={q.shape[-1]}: the Triton forward measured faster"
     return "gluon", f"{'packed documents' if varlen else 'dense'}, D={q.shape[-1]}"
 
 

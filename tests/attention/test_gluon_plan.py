@@ -69,6 +69,8 @@ def test_route_covers_dense_fp16_bf16_d64_d128_and_names_the_rest():
     assert dispatch.route("backward", q, k, v, varlen=True)[0] == "triton"
     kernel, why = dispatch.route("forward", *_qkv(64), varlen=True)
     assert kernel == "triton" and "D=64" in why
+    kernel, why = dispatch.route("forward", *_qkv(96), varlen=True)  # not covered at all: that is the reason given
+    assert kernel == "triton" and "head_dim 96" in why
     dispatch.GLUON_PASSES.add("backward")
     try:
         assert dispatch.route("backward", q, k, v)[0] == "gluon"
