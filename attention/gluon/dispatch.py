@@ -5,7 +5,7 @@
 
 Every decision is logged once per (pass, kernel, reason) at INFO on the "ringflash.attention" logger, e.g.
     attention forward: gluon (dense, D=128)
-    attention backward (varlen): triton (the Triton backward is the default (dispatch.GLUON_PASSES))
+    attention forward (varlen): gluon (packed documents, D=128)
 """
 
 from __future__ import annotations
