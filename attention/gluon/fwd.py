@@ -35,6 +35,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared
                                                               warpgroup_mma_wait)
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
+from ..triton.common import key_segments
 from .plan import cached_table, document_tiles, forward_plan, heads_per_chunk, persistent_grid, window_sides
 
 LOG2E = 1.4426950408889634
@@ -77,34 +78,6 @@ def visible(keys, diag, seqlen_k, win_left, win_right, HAS_LEFT: gl.constexpr, H
 
 
 @gluon.jit
-def _cdiv(a, b):
-    return (a + b - 1) // b
-
-
-@gluon.jit
-def key_range(m0, m1, seqlen_q, seqlen_k, win_left, win_right, BLOCK_N: gl.constexpr, HAS_LEFT: gl.constexpr,
-              HAS_RIGHT: gl.constexpr):
-    """(lo, a, b, hi) of query rows [m0, m1): plan.key_range and plan.segments, on the GPU (packed documents,
-    whose lengths the host does not read)."""
-    off = seqlen_k - seqlen_q
-    lo = seqlen_k * 0
-    hi = seqlen_k
-    full_lo = lo
-    full_hi = seqlen_k
-    if HAS_LEFT:
-        lo = gl.maximum(lo, m0 + off - win_left)
-        full_lo = m1 - 1 + off - win_left
-    if HAS_RIGHT:
-        hi = gl.minimum(hi, m1 + off + win_right)
-        full_hi = gl.minimum(full_hi, m0 + off + win_right + 1)
-    hi = gl.maximum(hi, lo)
-    count = _cdiv(hi - lo, BLOCK_N)
-    t_a = gl.minimum(_cdiv(gl.maximum(full_lo - lo, 0), BLOCK_N), count)
-    t_b = gl.maximum(gl.minimum(gl.maximum(full_hi - lo, 0) // BLOCK_N, count), t_a)
-    return lo, lo + t_a * BLOCK_N, lo + t_b * BLOCK_N, hi
-
-
-@gluon.jit
 def _item(w, Plan, CuQ, CuK, n_slots, n_bh, chunk, n_heads, seqlen_q, seqlen_k, lse_stride, win_left, win_right,
           BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr,
           VARLEN: gl.constexpr):
@@ -113,8 +86,8 @@ def _item(w, Plan, CuQ, CuK, n_slots, n_bh, chunk, n_heads, seqlen_q, seqlen_k, 
     Dense: b is the batch index, first = first_k = 0, the tile and its bounds come from the plan table
     (plan.TilePlan.table). Packed documents (one packed sequence, b = 0, n_bh = heads): the plan row is
     (document d, tile) of plan.document_tiles; d's rows start at first = cu_q[d] and its keys at first_k = cu_k[d],
-    the bounds come from key_range, and a padding row (d = -1) gets lo = hi = -1 (skipped). The lse of row r is at
-    lse_base + r."""
+    the bounds come from the Triton kernels' key_segments, and a padding row (d = -1) gets lo = hi = -1 (skipped).
+    The lse of row r is at lse_base + r."""
     slot, bh = _work_item(w, n_slots, n_bh, chunk)
     if VARLEN:
         h = bh
@@ -126,8 +99,7 @@ def _item(w, Plan, CuQ, CuK, n_slots, n_bh, chunk, n_heads, seqlen_q, seqlen_k, 
         first_k = gl.load(CuK + dd)
         len_k = gl.load(CuK + dd + 1) - first_k
         m0 = tile * BLOCK_M
-        lo, a, bb, hi = key_range(m0, gl.minimum(m0 + BLOCK_M, len_q), len_q, len_k, win_left, win_right, BLOCK_N,
-                                  HAS_LEFT, HAS_RIGHT)
+        lo, a, bb, hi = key_segments(m0, len_q, len_k, win_left, win_right, HAS_LEFT, HAS_RIGHT, BLOCK_M, BLOCK_N)
         if d < 0:
             lo = -1
             hi = -1
