@@ -55,6 +55,11 @@ def naive_attention(q, k, v, causal=False, softmax_scale=None, window_size=(-1, 
     return out, lse
 
 
+def cu_seqlens(lengths, device="cpu") -> torch.Tensor:
+    """int32 (len(lengths) + 1,) offsets of packed documents: [0, l0, l0 + l1, ...]."""
+    return torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device=device)
+
+
 def rel_err(got, want) -> float:
     """||got - want|| / ||want|| in fp32 (the GPU tests' bf16 measure); fails on non-finite values."""
     got, want = got.float(), want.float()

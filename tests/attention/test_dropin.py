@@ -7,7 +7,7 @@ from torch import nn
 
 import attention.dropin as dropin
 from attention import register_hf, register_sdpa, unregister_sdpa
-from helpers import assert_close
+from helpers import assert_close, cu_seqlens
 
 TORCH_SDPA = F.scaled_dot_product_attention
 
@@ -223,7 +223,7 @@ def test_hf_llama_packed_equals_separate_documents(llamas, via):
     ids, pos = _packed(lengths)
     kwargs = dict(position_ids=pos)
     if via == "cu_seq_lens":  # what DataCollatorWithFlattening hands the model
-        cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+        cu = cu_seqlens(lengths)
         kwargs.update(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=max(lengths), max_length_k=max(lengths))
     packed = _logits_and_grads(ours, ids, **kwargs)
     # oracle: each document alone, gradients summed over documents

@@ -10,6 +10,7 @@ import logging
 import pytest
 import torch
 from gpu_utils import GPU_MARKS, cuda_qkv, gluon_skip, rel_err
+from helpers import cu_seqlens
 
 from attention import attn_forward, attn_varlen_forward, flash_attn_func, reference_attn_forward
 from attention.backends import resolve_backend_name
@@ -67,8 +68,7 @@ def test_gluon_packed_documents_match_fp32_reference_and_triton(lens_q, lens_k, 
                                                                 monkeypatch):
     monkeypatch.setattr(dispatch, "GLUON_VARLEN_HEAD_DIMS", (64, 128))  # the kernel at every head dim it takes
     lens_k = lens_q if lens_k is None else lens_k
-    cu = [torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32, device="cuda")
-          for lens in (lens_q, lens_k)]
+    cu = [cu_seqlens(lens, "cuda") for lens in (lens_q, lens_k)]
     q, k, v = (t[0] for t in cuda_qkv(1, sum(lens_q), sum(lens_k), H, hkv, D, dtype))
     args = (*cu, max(lens_q), max(lens_k), causal, None, window)
     out, lse = attn_varlen_forward(q, k, v, *args, backend="gluon")
@@ -86,7 +86,7 @@ def test_gluon_packed_documents_match_fp32_reference_and_triton(lens_q, lens_k, 
 def test_packed_documents_leave_no_row_unwritten():
     """Every output row is written by its own document's tile (the rows past a document's end go to the next)."""
     lens = [65, 127, 1, 129, 200]
-    cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32, device="cuda")
+    cu = cu_seqlens(lens, "cuda")
     q, k, v = (t[0] for t in cuda_qkv(1, sum(lens), sum(lens), 2, 2, 128, torch.bfloat16))
     runs = [attn_varlen_forward(q, k, v, cu, cu, max(lens), max(lens), True, None, (-1, -1), backend="gluon")[0]
             for _ in range(3)]

@@ -6,9 +6,9 @@ import torch
 
 from attention.backends import get_backend, resolve_backend_name
 from attention.gluon import dispatch, hopper_ready, triton_status
-from attention.gluon.plan import (document_tiles, forward_plan, heads_per_chunk, key_range, persistent_grid, uncovered_reason,
-                                  work_item)
-from helpers import visible_mask
+from attention.gluon.plan import (document_tiles, forward_plan, heads_per_chunk, key_range, persistent_grid,
+                                  uncovered_reason, work_item)
+from helpers import cu_seqlens, visible_mask
 
 
 SHAPES = [(256, 256), (300, 700), (700, 300), (1, 1), (129, 64), (1000, 1000)]
@@ -136,7 +136,7 @@ def test_the_gluon_backward_is_opt_in(monkeypatch):
 
 @pytest.mark.parametrize("lens", [[1000, 0, 1, 2049, 517, 4096], [128, 128, 128], [1], [0, 5, 0], [300] * 40])
 def test_document_tiles_list_every_tile_once_heaviest_first(lens):
-    cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32)
+    cu = cu_seqlens(lens)
     table = document_tiles(cu, sum(lens), 128)
     assert table.dtype == torch.int32 and table.shape == (sum(lens) // 128 + len(lens), 2)
     rows = [tuple(r) for r in table.tolist()]

@@ -7,13 +7,9 @@ from attention import (attn_backward, attn_forward, attn_varlen_backward, attn_v
                        flash_attn_varlen_func)
 from attention.backends import resolve_backend_name
 from attn_oracle import oracle
-from helpers import assert_close
+from helpers import assert_close, cu_seqlens
 
 I32 = torch.int32
-
-
-def _cu(lengths):
-    return torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=I32)
 
 
 @pytest.mark.parametrize("causal,window", [(True, (-1, -1)), (False, (-1, -1)), (False, (3, 2))])
@@ -21,7 +17,7 @@ def test_varlen_equals_per_document(causal, window):
     # odd lengths, an empty document (0 queries, 0 keys), Nq != Nk per document both ways, a doc with
     # queries but no keys (out 0, lse -inf)
     lens_q, lens_k = [5, 0, 9, 4, 3], [7, 0, 6, 4, 0]
-    cu_q, cu_k = _cu(lens_q), _cu(lens_k)
+    cu_q, cu_k = cu_seqlens(lens_q), cu_seqlens(lens_k)
     H, hkv, D = 4, 2, 8
     q = torch.randn(sum(lens_q), H, D, requires_grad=True)
     k = torch.randn(sum(lens_k), hkv, D, requires_grad=True)
@@ -51,7 +47,7 @@ def test_varlen_equals_per_document(causal, window):
 
 def test_varlen_low_level_pair_matches_dense_per_document():
     lens = [6, 11]
-    cu = _cu(lens)
+    cu = cu_seqlens(lens)
     q, k, v = torch.randn(17, 2, 8), torch.randn(17, 2, 8), torch.randn(17, 2, 8)
     out, lse = attn_varlen_forward(q, k, v, cu, cu, 11, 11, causal=True, backend="reference")
     dout = torch.randn_like(out)

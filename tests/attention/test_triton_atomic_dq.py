@@ -17,7 +17,7 @@ import attention  # noqa: E402
 from attention import (attn_backward, attn_forward, attn_varlen_backward, attn_varlen_forward,  # noqa: E402
                        flash_attn_func, reference_attn_backward)
 from attention import backends  # noqa: E402
-from helpers import ROOT, assert_close, naive_attention  # noqa: E402
+from helpers import ROOT, assert_close, cu_seqlens, naive_attention  # noqa: E402
 
 triton_common = pytest.importorskip("attention.triton.common")
 pytestmark = pytest.mark.skipif(not triton_common.INTERPRET,
@@ -128,8 +128,8 @@ def test_atomic_dq_varlen(len_q, len_k, hkv, causal, window, dtype, tma, monkeyp
     monkeypatch.setitem(triton_common.FEATURES, "interpret_tma", tma)
     monkeypatch.setitem(triton_common.FEATURES, "tma_reduce", tma)  # the atomic kernel loads by TMA only with it
     H, D = 4, 32
-    cu_q = torch.tensor([0, *torch.tensor(len_q).cumsum(0).tolist()], dtype=torch.int32)
-    cu_k = torch.tensor([0, *torch.tensor(len_k).cumsum(0).tolist()], dtype=torch.int32)
+    cu_q = cu_seqlens(len_q)
+    cu_k = cu_seqlens(len_k)
     q = torch.randn(sum(len_q), H, D, dtype=dtype)
     k, v = (torch.randn(sum(len_k), hkv, D, dtype=dtype) for _ in range(2))
     args = (cu_q, cu_k, max(len_q), max(len_k), causal, None, window)

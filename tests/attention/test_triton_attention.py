@@ -13,7 +13,7 @@ import torch  # noqa: E402
 import attention  # noqa: E402
 from attention import (attn_backward, attn_forward, attn_varlen_backward, attn_varlen_forward,  # noqa: E402
                        flash_attn_func, flash_attn_varlen_func, reference_attn_backward)
-from helpers import assert_close, naive_attention  # noqa: E402
+from helpers import assert_close, cu_seqlens, naive_attention  # noqa: E402
 
 triton_common = pytest.importorskip("attention.triton.common")
 pytestmark = pytest.mark.skipif(not triton_common.INTERPRET,
@@ -136,8 +136,8 @@ VARLEN_CASES = [  # q doc lengths, k doc lengths, Hkv, causal, window
 @pytest.mark.parametrize("len_q,len_k,hkv,causal,window", VARLEN_CASES)
 def test_varlen_matches_per_document_oracle(len_q, len_k, hkv, causal, window, dtype):
     H, D = 2, 32
-    cu_q = torch.tensor([0, *torch.tensor(len_q).cumsum(0).tolist()], dtype=torch.int32)
-    cu_k = torch.tensor([0, *torch.tensor(len_k).cumsum(0).tolist()], dtype=torch.int32)
+    cu_q = cu_seqlens(len_q)
+    cu_k = cu_seqlens(len_k)
     q = torch.randn(sum(len_q), H, D, dtype=dtype, requires_grad=True)
     k = torch.randn(sum(len_k), hkv, D, dtype=dtype, requires_grad=True)
     v = torch.randn(sum(len_k), hkv, D, dtype=dtype, requires_grad=True)

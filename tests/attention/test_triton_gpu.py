@@ -8,6 +8,7 @@ Errors are relative norms ||got - ref|| / ||ref|| (bf16 operands land between 1e
 import pytest
 import torch
 from gpu_utils import GPU_MARKS, cuda_qkv, rel_err
+from helpers import cu_seqlens
 
 from attention import (attn_backward, attn_forward, attn_varlen_backward, attn_varlen_forward, flash_attn_func,
                        reference_attn_backward, reference_attn_forward)
@@ -74,7 +75,7 @@ def test_autograd_path_and_head_dim_256_forward():
 @pytest.mark.parametrize("causal,window", [(True, (-1, -1)), (False, (300, 0))])
 def test_varlen_packed_documents(causal, window):
     lens = [1000, 0, 1, 2049, 517, 4096]
-    cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32, device="cuda")
+    cu = cu_seqlens(lens, "cuda")
     q, k, v = (t[0] for t in cuda_qkv(1, sum(lens), sum(lens), 8, 2, 128, torch.bfloat16))
     args = (cu, cu, max(lens), max(lens), causal, None, window)
     out, lse = attn_varlen_forward(q, k, v, *args, backend="triton")
