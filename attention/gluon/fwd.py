@@ -8,17 +8,20 @@ fp32 natural log (packed documents: (total, H, D) -> lse (H, total_q)); rows tha
 out = 0. The case must be covered (plan.uncovered_reason is None); dispatch.py decides.
 
 Warp-specialized, FA3's layout: a one-warp producer TMA-loads each work item's Q (in two halves) and streams its
-K/V blocks through a ring of STAGES shared-memory stages; two consumer warpgroups each own half of the query tile
-(BLOCK_M/2 rows) and release a stage (an mbarrier that counts both) once their P.V MMA on it has retired. Each
-consumer overlaps within itself (FA3's intra-warpgroup overlap): while block j's softmax runs, P_{j-1}.V_{j-1}
-is in flight on the tensor cores, and P feeds P.V from registers:
+K and V blocks through two rings of STAGES shared-memory stages, K_j ahead of V_{j-1}; two consumer warpgroups
+each own half of the query tile (BLOCK_M/2 rows). K and V stages are released separately: a K stage as soon as
+Q K_j^T has retired, a V stage once P.V has, so a K load runs a whole step ahead even with two stages. Every
+consumer thread arrives on the "empty" mbarriers (cp.async.mbarrier.arrive.noinc): an mbarrier.arrive from one
+thread would cost a warpgroup-wide bar.sync in front of it. Each consumer overlaps within itself (FA3's
+intra-warpgroup overlap): while block j's softmax runs, P_{j-1}.V_{j-1} is in flight on the tensor cores, and P
+feeds P.V from registers:
 
-    S_0 = Q K_0^T;  P_0 = softmax(S_0)
+    S_0 = Q K_0^T;  release K_0;  P_0 = softmax(S_0)
     for j in 1..n-1:
         issue S_j = Q K_j^T,  issue O += P_{j-1} V_{j-1}      (async)
-        wait S_j;  P_j, alpha_j = online softmax of S_j        (overlaps the P.V MMA)
-        wait O;    release block j-1's stage;  O *= alpha_j
-    O += P_{n-1} V_{n-1};  O /= l;  TMA store
+        wait S_j;  release K_j;  P_j, alpha_j = online softmax of S_j   (overlaps the P.V MMA)
+        wait O;    release V_{j-1};  O *= alpha_j
+    O += P_{n-1} V_{n-1};  release V_{n-1};  O /= l;  TMA store
 
 Scores stay in base 2 (scale * log2 e folded into one multiply); masks apply only to the blocks the plan marks
 (window edges, the causal diagonal, the sequence tail). The grid is persistent, one program per SM, walking
@@ -31,6 +34,7 @@ from __future__ import annotations
 import torch
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.ampere import async_copy
 from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
                                                               warpgroup_mma_wait)
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
@@ -42,7 +46,7 @@ LOG2E = 1.4426950408889634
 LN2: gl.constexpr = gl.constexpr(0.6931471805599453)
 
 # (BLOCK_M, BLOCK_N, STAGES) per head dim, chosen by timing on an H200 (docs/kernels.md)
-FWD_CONFIG = {64: (128, 128, 3), 128: (128, 64, 4)}
+FWD_CONFIG = {64: (128, 128, 3), 128: (128, 128, 2)}
 # the kernel's register cap over its 12 warps (two consumer warpgroups and the producer's), and each consumer's
 # share after the producer gives its registers back (setmaxnreg)
 WS_REGS = (168, 240)
@@ -151,8 +155,8 @@ def _ws_consumer(args, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: g
                  HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr, VARLEN: gl.constexpr, WG: gl.constexpr):
     """Rows [WG * BLOCK_M/2, (WG+1) * BLOCK_M/2) of every query tile: S = QK^T, online softmax, O += PV."""
     (q_desc, k_desc, v_desc, o_desc, Out, Lse, Plan, CuQ, CuK, q_smem, o_smem, k_smem, v_smem, q_ready, q_empty,
-     k_ready, v_ready, kv_empty, n_work, n_slots, n_bh, chunk, n_heads, group, seqlen_q, seqlen_k, lse_stride,
-     qk_scale, win_left, win_right) = args
+     k_ready, v_ready, k_empty, v_empty, n_work, n_slots, n_bh, chunk, n_heads, group, seqlen_q, seqlen_k,
+     lse_stride, qk_scale, win_left, win_right) = args
     HALF: gl.constexpr = BLOCK_M // 2
     dtype: gl.constexpr = q_desc.dtype
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
@@ -186,6 +190,7 @@ def _ws_consumer(args, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: g
                 kt = k_smem.index(st).reshape([BLOCK_N, HEAD_DIM]).permute((1, 0))
                 s = warpgroup_mma(q, kt, s_zero, use_acc=False, is_async=True)
                 s = warpgroup_mma_wait(num_outstanding=0, deps=(s, ))
+                async_copy.mbarrier_arrive(k_empty.index(st), increment_count=False)
                 p, m_i, l_i, alpha = _online_softmax(s, m_i, l_i, lo, lo_full, hi_full, rows, cols, len_k, off,
                                                      qk_scale, win_left, win_right, HAS_LEFT, HAS_RIGHT)
                 pv = gl.convert_layout(p.to(dtype), p_layout)
@@ -199,20 +204,21 @@ def _ws_consumer(args, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: g
                     s_tok = warpgroup_mma(q, kt, s_zero, use_acc=False, is_async=True)
                     acc_tok = warpgroup_mma(pv, v_smem.index(ps).reshape([BLOCK_N, HEAD_DIM]), acc, is_async=True)
                     s = warpgroup_mma_wait(num_outstanding=1, deps=(s_tok, ))
+                    async_copy.mbarrier_arrive(k_empty.index(st), increment_count=False)  # done with K_j
                     p, m_i, l_i, alpha = _online_softmax(s, m_i, l_i, lo + j * BLOCK_N, lo_full, hi_full, rows, cols,
                                                          len_k, off, qk_scale, win_left, win_right, HAS_LEFT,
                                                          HAS_RIGHT)
                     acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc_tok, ))
-                    mbarrier.arrive(kv_empty.index(ps), count=1)  # this half is done with block j-1's K and V
+                    async_copy.mbarrier_arrive(v_empty.index(ps), increment_count=False)  # done with V_{j-1}
                     acc = acc * gl.convert_layout(alpha, row_o)[:, None]
                     pv = gl.convert_layout(p.to(dtype), p_layout)
                 last = used + n_blocks - 1
                 mbarrier.wait(v_ready.index(last % STAGES), (last // STAGES) & 1)
                 acc = warpgroup_mma(pv, v_smem.index(last % STAGES).reshape([BLOCK_N, HEAD_DIM]), acc, is_async=True)
                 acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
-                mbarrier.arrive(kv_empty.index(last % STAGES), count=1)
+                async_copy.mbarrier_arrive(v_empty.index(last % STAGES), increment_count=False)
                 used += n_blocks
-            mbarrier.arrive(q_empty.index(WG), count=1)
+            async_copy.mbarrier_arrive(q_empty.index(WG), increment_count=False)
             it += 1
 
             empty = l_i == 0.0
@@ -236,10 +242,11 @@ def _ws_consumer(args, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: g
 @gluon.jit
 def _ws_producer(args, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
                  HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr, VARLEN: gl.constexpr, WG: gl.constexpr):
-    """One warp: TMA-loads each work item's two Q halves and its K/V blocks into the ring, ahead of the consumers."""
+    """One warp: TMA-loads each work item's two Q halves and its K and V blocks into their rings, ahead of the
+    consumers. K_j goes before V_{j-1}: a V stage frees a step later than a K stage."""
     (q_desc, k_desc, v_desc, o_desc, Out, Lse, Plan, CuQ, CuK, q_smem, o_smem, k_smem, v_smem, q_ready, q_empty,
-     k_ready, v_ready, kv_empty, n_work, n_slots, n_bh, chunk, n_heads, group, seqlen_q, seqlen_k, lse_stride,
-     qk_scale, win_left, win_right) = args
+     k_ready, v_ready, k_empty, v_empty, n_work, n_slots, n_bh, chunk, n_heads, group, seqlen_q, seqlen_k,
+     lse_stride, qk_scale, win_left, win_right) = args
     HALF: gl.constexpr = BLOCK_M // 2
     issued = 0
     it = 0
@@ -255,15 +262,20 @@ def _ws_producer(args, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: g
                 mbarrier.expect(q_ready.index(c), q_desc.block_type.nbytes)
                 tma.async_copy_global_to_shared(q_desc, [b, first + tile * BLOCK_M + c * HALF, h, 0],
                                                 q_ready.index(c), q_smem.index(c))
-            for j in range(n_blocks):
-                st = issued % STAGES
-                mbarrier.wait(kv_empty.index(st), ((issued // STAGES) & 1) ^ 1)
-                key = first_k + lo + j * BLOCK_N
-                mbarrier.expect(k_ready.index(st), k_desc.block_type.nbytes)
-                tma.async_copy_global_to_shared(k_desc, [b, key, hkv, 0], k_ready.index(st), k_smem.index(st))
-                mbarrier.expect(v_ready.index(st), v_desc.block_type.nbytes)
-                tma.async_copy_global_to_shared(v_desc, [b, key, hkv, 0], v_ready.index(st), v_smem.index(st))
-                issued += 1
+            for j in range(n_blocks + 1):  # K_j, then V_{j-1} (FA3's order)
+                if j < n_blocks:
+                    st = (issued + j) % STAGES
+                    mbarrier.wait(k_empty.index(st), (((issued + j) // STAGES) & 1) ^ 1)
+                    mbarrier.expect(k_ready.index(st), k_desc.block_type.nbytes)
+                    tma.async_copy_global_to_shared(k_desc, [b, first_k + lo + j * BLOCK_N, hkv, 0],
+                                                    k_ready.index(st), k_smem.index(st))
+                if j > 0:
+                    st = (issued + j - 1) % STAGES
+                    mbarrier.wait(v_empty.index(st), (((issued + j - 1) // STAGES) & 1) ^ 1)
+                    mbarrier.expect(v_ready.index(st), v_desc.block_type.nbytes)
+                    tma.async_copy_global_to_shared(v_desc, [b, first_k + lo + (j - 1) * BLOCK_N, hkv, 0],
+                                                    v_ready.index(st), v_smem.index(st))
+            issued += n_blocks
             it += 1
 
 
@@ -284,17 +296,19 @@ def _fwd_ws_kernel(q_desc, k_desc, v_desc, o_desc, Out, Lse, Plan, CuQ, CuK, n_w
     q_empty = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
     k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    kv_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    k_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    v_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     for i in gl.static_range(2):
         mbarrier.init(q_ready.index(i), count=1)
-        mbarrier.init(q_empty.index(i), count=1)
+        mbarrier.init(q_empty.index(i), count=128)
     for i in gl.static_range(STAGES):
         mbarrier.init(k_ready.index(i), count=1)
         mbarrier.init(v_ready.index(i), count=1)
-        mbarrier.init(kv_empty.index(i), count=2)  # both consumer halves release a stage
+        mbarrier.init(k_empty.index(i), count=256)  # every thread of both consumer warpgroups arrives
+        mbarrier.init(v_empty.index(i), count=256)
     args = (q_desc, k_desc, v_desc, o_desc, Out, Lse, Plan, CuQ, CuK, q_smem, o_smem, k_smem, v_smem, q_ready,
-            q_empty, k_ready, v_ready, kv_empty, n_work, n_slots, n_bh, chunk, n_heads, group, seqlen_q, seqlen_k,
-            lse_stride, qk_scale, win_left, win_right)
+            q_empty, k_ready, v_ready, k_empty, v_empty, n_work, n_slots, n_bh, chunk, n_heads, group, seqlen_q,
+            seqlen_k, lse_stride, qk_scale, win_left, win_right)
     gl.warp_specialize([
         (_ws_consumer, (args, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, HAS_LEFT, HAS_RIGHT, VARLEN, 0)),
         (_ws_consumer, (args, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, HAS_LEFT, HAS_RIGHT, VARLEN, 1)),
