@@ -38,8 +38,7 @@ from attention import flash_attn_func  # noqa: E402
 from attention.backends import check_attn_inputs, softmax_scale_of  # noqa: E402
 from parallel.ring import ring_attn_backward, ring_attn_forward  # noqa: E402
 from parallel.ring_plan import dense_plan  # noqa: E402
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+from scripts.bench_cp import DTYPES  # noqa: E402
 
 
 class HeldShards:
@@ -142,7 +141,6 @@ def bench(world_size, n_local, args, device):
         rows.append(_row(f"ring rank {rank}", world_size, n_local, fwd_ms, bwd_ms, flop))
     for row in rows[1:]:
         row["ring_over_local"] = row["tflops"] / rows[0]["tflops"]
-    del shards
     return rows
 
 
