@@ -56,8 +56,11 @@ block and gets P = 0, so rows that see no key (lse2 = 0 there) get zero gradient
 from __future__ import annotations
 
 import torch
+from triton._C.libtriton import ir
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language._core import builtin
+from triton.experimental.gluon.language.nvidia.ampere import async_copy
 from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
                                                               warpgroup_mma_init, warpgroup_mma_wait)
 
@@ -71,6 +74,19 @@ LOG2E = 1.4426950408889634
 # (BLOCK_M query rows, BLOCK_N key rows, STAGES, num_warps) per head dim
 DKDV_CONFIG = {64: (64, 128, 2, 8), 128: (64, 128, 2, 8)}
 DQ_CONFIG = {64: (128, 64, 3, 8), 128: (128, 64, 2, 8)}
+# the warp-specialized backward with dQ by TMA reduce-add: (BLOCK_M, BLOCK_N, STAGES) per head dim, and the
+# register caps (the kernel's over its 12 warps; each consumer warpgroup's after setmaxnreg)
+WS_BWD_CONFIG = {128: (64, 128, 2)}
+WS_BWD_REGS = (168, 240)
+
+
+@builtin
+def tma_reduce_add(tensor_desc, coord, src, _semantic=None):
+    """Add the shared-memory tile src into the global tile of tensor_desc at coord (cp.reduce.async.bulk.tensor
+    .add, completed like a TMA store: tma.store_wait). triton 3.6's Gluon builder has the op; its hopper.tma
+    module has no wrapper for it."""
+    coord = _semantic._convert_to_ir_values(coord, require_i64=False)
+    _semantic.builder.create_async_tma_reduce(ir.DESCRIPTOR_REDUCE_KIND.ADD, tensor_desc.handle, coord, src.handle)
 
 
 @gluon.jit
@@ -365,6 +381,197 @@ def _dq_kernel(q_desc, k_desc, v_desc, do_desc, dq_desc, Lse2, Delta, Plan, n_he
         mbarrier.invalidate(v_bars.index(i))
 
 
+@gluon.jit
+def _ws_item(Plan, n_kv_heads, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr):
+    """(b, hk, n0, lo, lo_full, hi_full, n_blk) of this program's key block (plan_bwd.backward_plan's row)."""
+    bhk = gl.program_id(1)
+    tile, lo, lo_full, hi_full, hi = plan_row(Plan, gl.program_id(0))
+    return bhk // n_kv_heads, bhk % n_kv_heads, tile * BLOCK_N, lo, lo_full, hi_full, gl.cdiv(hi - lo, BLOCK_M)
+
+
+@gluon.jit
+def _ws_consumer(args, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
+                 HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr, WG: gl.constexpr):
+    """Key rows [WG * BLOCK_N/2, (WG+1) * BLOCK_N/2) of the key block: S^T, dP^T, dV, dK for them, and columns
+    [WG * D/2, (WG+1) * D/2) of every dQ_i (over all BLOCK_N keys, from the dS^T both warpgroups put in shared
+    memory)."""
+    (q_desc, k_desc, v_desc, do_desc, dq_desc, DK, DV, Lse2, Delta, Plan, q_smem, do_smem, k_smem, v_smem, ds_smem,
+     dq_smem, kv_bar, q_ready, do_ready, q_empty, ds_ready, dq_full, dq_empty, n_kv_heads, n_heads, group, seqlen_q,
+     seqlen_k, qk_scale, inv_qk_scale, softmax_scale, win_left, win_right) = args
+    HALF: gl.constexpr = BLOCK_N // 2
+    DHALF: gl.constexpr = HEAD_DIM // 2
+    dtype: gl.constexpr = q_desc.dtype
+    st_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                        instr_shape=[16, BLOCK_M, 16])
+    kv_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                        instr_shape=[16, HEAD_DIM, 16])
+    dq_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                        instr_shape=[16, DHALF, 16])
+    a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=kv_layout, k_width=2)
+    key_l: gl.constexpr = gl.SliceLayout(1, st_layout)
+    qry_l: gl.constexpr = gl.SliceLayout(0, st_layout)
+
+    b, hk, n0, lo, lo_full, hi_full, n_blk = _ws_item(Plan, n_kv_heads, BLOCK_M, BLOCK_N)
+    total = n_blk * group  # (head, query block) pairs, head-major
+    off = seqlen_k - seqlen_q
+    keys = n0 + WG * HALF + gl.arange(0, HALF, key_l)
+    vcols = gl.arange(0, BLOCK_M, gl.BlockedLayout([1], [32], [4], [0]))
+    rz = (keys.to(gl.float32) * 0.0)[:, None]
+    dk = gl.zeros([HALF, HEAD_DIM], gl.float32, kv_layout)
+    dv = gl.zeros([HALF, HEAD_DIM], gl.float32, kv_layout)
+    dq_zero = gl.zeros([BLOCK_M, DHALF], gl.float32, dq_layout)
+    k_all = k_smem.reshape([BLOCK_N, HEAD_DIM])
+    k_wg = k_all.slice(WG * HALF, HALF, dim=0)
+    v_wg = v_smem.reshape([BLOCK_N, HEAD_DIM]).slice(WG * HALF, HALF, dim=0)
+    k_cols = k_all.slice(WG * DHALF, DHALF, dim=1)  # dQ's B operand: every key, this warpgroup's columns
+    if total > 0:
+        mbarrier.wait(kv_bar, 0)
+        lse2_c, delta_c = _load_rows(Lse2, Delta, 0, n_blk, lo, b, hk, group, n_heads, seqlen_q, vcols, BLOCK_M)
+        for t in range(total):
+            g = t // n_blk
+            m0 = lo + (t - g * n_blk) * BLOCK_M
+            s = t % STAGES
+            phase = (t // STAGES) & 1
+            q2 = q_smem.index(s).reshape([BLOCK_M, HEAD_DIM])
+            do2 = do_smem.index(s).reshape([BLOCK_M, HEAD_DIM])
+            # lse2 and delta enter as the accumulators' seeds (see _dkdv_kernel)
+            st_init = rz - gl.convert_layout(lse2_c * inv_qk_scale, qry_l)[None, :]
+            dpt_init = rz - gl.convert_layout(delta_c, qry_l)[None, :]
+            mbarrier.wait(q_ready.index(s), phase)
+            st_tok = warpgroup_mma(k_wg, q2.permute((1, 0)), st_init, is_async=True)
+            mbarrier.wait(do_ready.index(s), phase)
+            dpt_tok = warpgroup_mma(v_wg, do2.permute((1, 0)), dpt_init, is_async=True)
+            if t + 1 < total:
+                lse2_c, delta_c = _load_rows(Lse2, Delta, t + 1, n_blk, lo, b, hk, group, n_heads, seqlen_q, vcols,
+                                             BLOCK_M)
+            st = warpgroup_mma_wait(num_outstanding=1, deps=(st_tok, ))
+            if (m0 < lo_full) | (m0 >= hi_full):  # edge block: window sides, sequence tails (rows or keys)
+                qrows = m0 + gl.arange(0, BLOCK_M, qry_l)
+                diag = qrows[None, :] + off
+                keep = (keys[:, None] < seqlen_k) & (qrows < seqlen_q)[None, :]
+                if HAS_LEFT:
+                    keep = keep & (keys[:, None] >= diag - win_left)
+                if HAS_RIGHT:
+                    keep = keep & (keys[:, None] <= diag + win_right)
+                pt = gl.exp2(gl.where(keep, st * qk_scale, float("-inf")))
+            else:
+                pt = gl.exp2(st * qk_scale)
+            dpt = warpgroup_mma_wait(num_outstanding=0, deps=(dpt_tok, ))
+            dst = (pt * dpt).to(dtype)
+            pt_a = gl.convert_layout(pt.to(dtype), a_layout)
+            ds_a = gl.convert_layout(dst, a_layout)
+            dv_tok = warpgroup_mma(pt_a, do2, dv, is_async=True)
+            dk_tok = warpgroup_mma(ds_a, q2, dk, is_async=True)
+            # dS^T goes to buffer t % 2, this warpgroup's rows; once both warpgroups have written theirs, each
+            # forms its columns of dQ_i = dS K. A buffer is rewritten two blocks later, after both have passed
+            # the next block's ds_ready, by which time both have retired this block's dQ MMA.
+            db = t % 2
+            ds_smem.index(db).slice(WG * HALF, HALF, dim=0).store(dst)
+            fence_async_shared()
+            mbarrier.arrive(ds_ready.index(db), count=1)
+            mbarrier.wait(ds_ready.index(db), (t // 2) & 1)
+            dq_tok = warpgroup_mma(ds_smem.index(db).permute((1, 0)), k_cols, dq_zero, use_acc=False,
+                                   is_async=True)
+            dv, dk, pt_a, ds_a = warpgroup_mma_wait(num_outstanding=1, deps=(dv_tok, dk_tok, pt_a, ds_a))
+            async_copy.mbarrier_arrive(q_empty.index(s), increment_count=False)  # Q_i, dO_i: read by nothing more
+            dq = warpgroup_mma_wait(num_outstanding=0, deps=(dq_tok, ))
+            # the dQ warp adds the tile into global memory by TMA; the buffer is free once that has read it
+            mbarrier.wait(dq_empty.index(WG), (t & 1) ^ 1)  # fresh barriers pass phase 1: the first wait is free
+            dq_smem.index(WG).reshape([BLOCK_M, DHALF]).store(dq * softmax_scale)
+            fence_async_shared()
+            mbarrier.arrive(dq_full.index(WG), count=1)
+
+    # dK, dV rows of this warpgroup straight to global memory (K is still read by the other warpgroup's dQ MMA)
+    rows = n0 + WG * HALF + gl.arange(0, HALF, gl.SliceLayout(1, kv_layout))
+    cols = gl.arange(0, HEAD_DIM, gl.SliceLayout(0, kv_layout))
+    ptr = ((b * seqlen_k + rows).to(gl.int64) * n_kv_heads + hk) * HEAD_DIM
+    ptr = ptr[:, None] + cols[None, :]
+    in_k = (rows < seqlen_k)[:, None]
+    gl.store(DK + ptr, (dk * softmax_scale).to(dtype), mask=in_k)
+    gl.store(DV + ptr, dv.to(dtype), mask=in_k)
+
+
+@gluon.jit
+def _ws_loader(args, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
+    """One warp: K and V of the key block once, then Q_i and dO_i through the STAGES-deep ring."""
+    (q_desc, k_desc, v_desc, do_desc, dq_desc, DK, DV, Lse2, Delta, Plan, q_smem, do_smem, k_smem, v_smem, ds_smem,
+     dq_smem, kv_bar, q_ready, do_ready, q_empty, ds_ready, dq_full, dq_empty, n_kv_heads, n_heads, group, seqlen_q,
+     seqlen_k, qk_scale, inv_qk_scale, softmax_scale, win_left, win_right) = args
+    b, hk, n0, lo, lo_full, hi_full, n_blk = _ws_item(Plan, n_kv_heads, BLOCK_M, BLOCK_N)
+    total = n_blk * group
+    if total > 0:
+        mbarrier.expect(kv_bar, 2 * k_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(k_desc, [b, n0, hk, 0], kv_bar, k_smem)
+        tma.async_copy_global_to_shared(v_desc, [b, n0, hk, 0], kv_bar, v_smem)
+    for t in range(total):
+        mbarrier.wait(q_empty.index(t % STAGES), ((t // STAGES) & 1) ^ 1)
+        _issue_q_do(q_desc, do_desc, q_smem, do_smem, q_ready, do_ready, t, n_blk, lo, b, hk, group, BLOCK_M, STAGES)
+
+
+@gluon.jit
+def _ws_dq_writer(args, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr):
+    """One warp: adds each dQ_i tile (two column halves, one per consumer) into the fp32 dQ by TMA reduce-add;
+    rows past Nq are clipped by the descriptor."""
+    (q_desc, k_desc, v_desc, do_desc, dq_desc, DK, DV, Lse2, Delta, Plan, q_smem, do_smem, k_smem, v_smem, ds_smem,
+     dq_smem, kv_bar, q_ready, do_ready, q_empty, ds_ready, dq_full, dq_empty, n_kv_heads, n_heads, group, seqlen_q,
+     seqlen_k, qk_scale, inv_qk_scale, softmax_scale, win_left, win_right) = args
+    DHALF: gl.constexpr = HEAD_DIM // 2
+    b, hk, n0, lo, lo_full, hi_full, n_blk = _ws_item(Plan, n_kv_heads, BLOCK_M, BLOCK_N)
+    for t in range(n_blk * group):
+        g = t // n_blk
+        m0 = lo + (t - g * n_blk) * BLOCK_M
+        for c in gl.static_range(2):
+            mbarrier.wait(dq_full.index(c), t & 1)
+            tma_reduce_add(dq_desc, [b, m0, hk * group + g, c * DHALF], dq_smem.index(c))
+        tma.store_wait(pendings=1)
+        mbarrier.arrive(dq_empty.index(0), count=1)
+        tma.store_wait(pendings=0)
+        mbarrier.arrive(dq_empty.index(1), count=1)
+
+
+@gluon.jit
+def _bwd_ws_kernel(q_desc, k_desc, v_desc, do_desc, dq_desc, DK, DV, Lse2, Delta, Plan, n_kv_heads, n_heads, group,
+                   seqlen_q, seqlen_k, qk_scale, inv_qk_scale, softmax_scale, win_left, win_right,
+                   HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
+                   HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr, CONSUMER_REGS: gl.constexpr,
+                   num_warps: gl.constexpr):
+    """Warp-specialized dK/dV with dQ in the same pass: two consumer warpgroups (the default partition and a
+    worker), a loader warp and a dQ warp. dq_desc: the fp32 (B, Nq, H, D) accumulator, a BLOCK_M x D/2 box."""
+    dtype: gl.constexpr = q_desc.dtype
+    q_smem = gl.allocate_shared_memory(dtype, [STAGES] + q_desc.block_type.shape, q_desc.layout)
+    do_smem = gl.allocate_shared_memory(dtype, [STAGES] + do_desc.block_type.shape, do_desc.layout)
+    k_smem = gl.allocate_shared_memory(dtype, k_desc.block_type.shape, k_desc.layout)
+    v_smem = gl.allocate_shared_memory(dtype, v_desc.block_type.shape, v_desc.layout)
+    ds_smem = gl.allocate_shared_memory(dtype, [2, BLOCK_N, BLOCK_M],
+                                        gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2))
+    dq_smem = gl.allocate_shared_memory(gl.float32, [2] + dq_desc.block_type.shape, dq_desc.layout)
+    kv_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    q_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    do_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    q_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    ds_ready = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    dq_full = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    dq_empty = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    mbarrier.init(kv_bar, count=1)
+    for i in gl.static_range(STAGES):
+        mbarrier.init(q_ready.index(i), count=1)
+        mbarrier.init(do_ready.index(i), count=1)
+        mbarrier.init(q_empty.index(i), count=256)  # every thread of both consumer warpgroups arrives
+    for i in gl.static_range(2):
+        mbarrier.init(ds_ready.index(i), count=2)  # one arrive per consumer warpgroup
+        mbarrier.init(dq_full.index(i), count=1)
+        mbarrier.init(dq_empty.index(i), count=1)
+    args = (q_desc, k_desc, v_desc, do_desc, dq_desc, DK, DV, Lse2, Delta, Plan, q_smem, do_smem, k_smem, v_smem,
+            ds_smem, dq_smem, kv_bar, q_ready, do_ready, q_empty, ds_ready, dq_full, dq_empty, n_kv_heads, n_heads, group, seqlen_q,
+            seqlen_k, qk_scale, inv_qk_scale, softmax_scale, win_left, win_right)
+    gl.warp_specialize([
+        (_ws_consumer, (args, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, HAS_LEFT, HAS_RIGHT, 0)),
+        (_ws_consumer, (args, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, HAS_LEFT, HAS_RIGHT, 1)),
+        (_ws_loader, (args, BLOCK_M, BLOCK_N, STAGES)),
+        (_ws_dq_writer, (args, HEAD_DIM, BLOCK_M, BLOCK_N)),
+    ], [4, 1, 1], [CONSUMER_REGS, 24, 24])
+
+
 # -- host side ---------------------------------------------------------------------------------------------
 
 
@@ -393,6 +600,16 @@ def gluon_attn_backward(dout, q, k, v, out, lse, causal, softmax_scale, window_s
     dq = torch.empty(q.shape, dtype=q.dtype, device=q.device) if deterministic else \
         torch.zeros(q.shape, dtype=torch.float32, device=q.device)
 
+    if not deterministic and D in WS_BWD_CONFIG:
+        bm, bn, stages = WS_BWD_CONFIG[D]
+        table = cached_table(backward_plan, Nq, Nk, causal, window_size, bm, bn, q.device)
+        with torch.cuda.device(q.device):
+            _bwd_ws_kernel[(table.shape[0], B * Hkv)](
+                descriptor(q, bm), descriptor(k, bn), descriptor(v, bn), descriptor(dout, bm),
+                descriptor(dq, bm, D // 2), dk, dv, lse2, delta, table, Hkv, H, group, Nq, Nk, qk_scale,
+                1.0 / qk_scale, float(softmax_scale), *sides, HEAD_DIM=D, BLOCK_M=bm, BLOCK_N=bn, STAGES=stages,
+                CONSUMER_REGS=WS_BWD_REGS[1], num_warps=4, maxnreg=WS_BWD_REGS[0], **flags)
+        return dq.to(q.dtype), dk, dv
     bm, bn, stages, warps = DKDV_CONFIG[D]
     table = cached_table(backward_plan, Nq, Nk, causal, window_size, bm, bn, q.device)
     with torch.cuda.device(q.device):

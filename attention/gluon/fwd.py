@@ -321,15 +321,17 @@ def _fwd_ws_kernel(q_desc, k_desc, v_desc, o_desc, Out, Lse, Plan, CuQ, CuK, n_w
 _SMS: dict = {}
 
 
+GL_DTYPES = {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16, torch.float32: gl.float32}
+
+
 def block_layout(block_shape, dtype):
-    gl_dtype = gl.bfloat16 if dtype == torch.bfloat16 else gl.float16
-    return gl.NVMMASharedLayout.get_default_for(block_shape, gl_dtype)
+    return gl.NVMMASharedLayout.get_default_for(block_shape, GL_DTYPES[dtype])
 
 
-def descriptor(t: torch.Tensor, block_rows: int) -> TensorDescriptor:
-    """4-D (B, N, H, D) descriptor whose box is one head's block_rows x D tile; rows past N read as zero and
-    are dropped on store."""
-    block = [1, block_rows, 1, t.shape[-1]]
+def descriptor(t: torch.Tensor, block_rows: int, block_cols: int | None = None) -> TensorDescriptor:
+    """4-D (B, N, H, D) descriptor whose box is one head's block_rows x D tile (x block_cols, if given); rows past N
+    read as zero and are dropped on store."""
+    block = [1, block_rows, 1, block_cols or t.shape[-1]]
     return TensorDescriptor(t, list(t.shape), list(t.stride()), block, block_layout(block, t.dtype))
 
 
