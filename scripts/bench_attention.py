@@ -9,10 +9,11 @@
 "ours" is `backend="auto"` with the deterministic backward (the default): the Gluon Hopper kernels where they
 cover a case on an sm_90 GPU, the Triton ones elsewhere; "ours-triton" forces the portable Triton kernels;
 "ours-gluon-bwd" is "ours" with the Gluon backward opted in (attention.gluon.dispatch.GLUON_PASSES);
-"ours-atomic" the same kernels as "ours" with
-attention.set_deterministic(False): dQ accumulated inside the dK/dV kernel by per-element atomics, pointer
-loads; "ours-atomic-tma" (opt-in: --providers) the same with TMA loads and whole dQ tiles added by TMA
-reduce-add (triton_common.FEATURES["tma_reduce"]).
+"ours-atomic" is "ours" with attention.set_deterministic(False): at D=128 on an sm_90 GPU the warp-specialized
+Gluon backward, dQ added by TMA reduce-add from a dedicated warp; elsewhere the Triton backward with dQ
+accumulated inside the dK/dV kernel by per-element atomics, pointer loads; "ours-atomic-tma" (opt-in:
+--providers) that Triton backward with TMA loads and whole dQ tiles added by TMA reduce-add
+(triton_common.FEATURES["tma_reduce"]).
 
 TFLOPS count 4*B*H*Nq*Nk*D per forward (visible pairs only: causal halves it, windows and packed documents
 count what they attend to) and 2.5x that per backward; fwd+bwd uses the sum of the two medians. Timings

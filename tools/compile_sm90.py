@@ -87,8 +87,8 @@ def _kernel_args(n: int, heads: int, d: int, atomic: bool) -> dict:
 
 def gluon_variants():
     """(name, kernel, args, constexprs, num_warps, maxnreg) of every shipped Gluon kernel variant: D 64 / 128, causal
-    and a two-sided window, the forward (dense and packed documents), the dK/dV kernel in both dQ modes and the dQ
-    kernel."""
+    and a two-sided window, the forward (dense and packed documents), the dK/dV kernel in both dQ modes, the dQ
+    kernel, and the warp-specialized backward with dQ by TMA reduce-add (D=128)."""
     import torch
 
     from attention.gluon import bwd as gluon_bwd, fwd as gluon_fwd
@@ -121,6 +121,15 @@ def gluon_variants():
             tensors = dict(q_desc=q, k_desc=k, v_desc=k, do_desc=q, dq_desc=q, Lse2=f32, Delta=f32, Plan=i32)
             yield (f"gluon_dq d{d} win{left},{right}", gluon_bwd._dq_kernel, {**ints, **floats, **tensors},
                    dict(HEAD_DIM=d, BLOCK_M=bm, BLOCK_N=bn, STAGES=st, **flags), warps, None)
+            if d in gluon_bwd.WS_BWD_CONFIG:
+                bm, bn, st = gluon_bwd.WS_BWD_CONFIG[d]
+                q, k = gluon_fwd.descriptor(t, bm), gluon_fwd.descriptor(t, bn)
+                dq = gluon_fwd.descriptor(t.float(), bm, d // 2)
+                tensors = dict(q_desc=q, k_desc=k, v_desc=k, do_desc=q, dq_desc=dq, DK=t, DV=t, Lse2=f32, Delta=f32,
+                               Plan=i32)
+                yield (f"gluon_bwd_ws d{d} win{left},{right}", gluon_bwd._bwd_ws_kernel, {**ints, **floats, **tensors},
+                       dict(HEAD_DIM=d, BLOCK_M=bm, BLOCK_N=bn, STAGES=st, CONSUMER_REGS=gluon_bwd.WS_BWD_REGS[1],
+                            **flags), 4, gluon_bwd.WS_BWD_REGS[0])
 
 
 def compile_gluon(fn, args: dict, constexprs: dict, num_warps: int, maxnreg):

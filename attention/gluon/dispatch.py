@@ -15,35 +15,45 @@ import torch
 from ..backends import log_once
 from .plan import uncovered_reason
 
-# Passes that `auto` routes to Gluon where a case is covered. The Gluon backward (bwd.py, tested against the fp32
-# reference in tests/attention/test_gluon_bwd_gpu.py) was no faster than the Triton backward on an H200 at D=128
-# and slower at D=64, so the Triton backward stays the default; GLUON_PASSES.add("backward") opts in.
+# Passes that `auto` routes to Gluon where a case is covered. The deterministic Gluon backward (bwd.py's dK/dV and
+# dQ kernels, tested against the fp32 reference in tests/attention/test_gluon_bwd_gpu.py) was no faster than the
+# Triton backward on an H200 at D=128 and slower at D=64, so the deterministic backward stays on Triton;
+# GLUON_PASSES.add("backward") opts in.
 GLUON_PASSES = {"forward"}
+# Head dims at which the non-deterministic backward runs on Gluon without opting in: the warp-specialized kernel
+# with dQ added by TMA reduce-add (bwd.WS_BWD_CONFIG), 1.16-1.32x the Triton backward on an H200 at D=128.
+GLUON_ATOMIC_BWD_HEAD_DIMS = (128,)
 # Head dims at which the Gluon forward takes packed documents: at D=64 it measured ~6% behind the Triton varlen
 # forward on an H200 (docs/results.md), at D=128 ~5% ahead.
 GLUON_VARLEN_HEAD_DIMS = (128,)
 
 
-def route(kind: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, varlen: bool = False) -> tuple[str, str]:
-    """("gluon" | "triton", reason) for one pass ("forward" / "backward") of a call; varlen: packed documents."""
+def route(kind: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, varlen: bool = False,
+          deterministic: bool = True) -> tuple[str, str]:
+    """("gluon" | "triton", reason) for one pass ("forward" / "backward") of a call; varlen: packed documents;
+    deterministic: the backward's mode."""
     if varlen and kind == "backward":
         return "triton", "the Gluon backward takes no packed documents"
-    if kind not in GLUON_PASSES:
+    fast_bwd = kind == "backward" and not deterministic and q.shape[-1] in GLUON_ATOMIC_BWD_HEAD_DIMS
+    if kind not in GLUON_PASSES and not fast_bwd:
+        if kind == "backward" and not deterministic:
+            return "triton", f"the non-deterministic Gluon backward covers D={GLUON_ATOMIC_BWD_HEAD_DIMS} only"
         return "triton", f"the Triton {kind} is the default (dispatch.GLUON_PASSES)"
     why = uncovered_reason(q, k, v)
     if why is not None:
         return "triton", why
     if varlen and q.shape[-1] not in GLUON_VARLEN_HEAD_DIMS:
         return "triton", f"packed documents at D={q.shape[-1]}: the Triton forward measured faster"
-    return "gluon", f"{'packed documents' if varlen else 'dense'}, D={q.shape[-1]}"
+    mode = "" if kind == "forward" else (", deterministic" if deterministic else ", dQ by TMA reduce-add")
+    return "gluon", f"{'packed documents' if varlen else 'dense'}, D={q.shape[-1]}{mode}"
 
 
 def note(kind: str, kernel: str, reason: str, varlen: bool = False) -> None:
     log_once(f"attention {kind}{' (varlen)' if varlen else ''}: {kernel} ({reason})")
 
 
-def _routed(kind, q, k, v, varlen=False) -> str:
-    kernel, reason = route(kind, q, k, v, varlen)
+def _routed(kind, q, k, v, varlen=False, deterministic=True) -> str:
+    kernel, reason = route(kind, q, k, v, varlen, deterministic)
     note(kind, kernel, reason, varlen)
     return kernel
 
@@ -57,7 +67,7 @@ def gluon_forward(q, k, v, causal, scale, window):
 
 
 def gluon_backward(dout, q, k, v, out, lse, causal, scale, window, dlse, deterministic=True):
-    if _routed("backward", q, k, v) == "gluon":
+    if _routed("backward", q, k, v, deterministic=deterministic) == "gluon":
         from .bwd import gluon_attn_backward
         return gluon_attn_backward(dout, q, k, v, out, lse, causal, scale, window, dlse, deterministic)
     from ..triton.bwd import triton_attn_backward

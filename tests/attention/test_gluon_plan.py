@@ -127,11 +127,24 @@ def test_heads_per_chunk_keeps_a_chunk_of_k_and_v_within_half_the_l2():
     assert heads_per_chunk(4, 1024, 64, 2, l2) == 4  # never more than there are
 
 
-def test_the_gluon_backward_is_opt_in(monkeypatch):
+def test_the_deterministic_gluon_backward_is_opt_in(monkeypatch):
     q, k, v = _qkv()
+    assert dispatch.route("backward", q, k, v, deterministic=True)[0] == "triton"
     monkeypatch.setattr(dispatch, "GLUON_PASSES", {"forward", "backward"})
-    assert dispatch.route("backward", q, k, v) == ("gluon", "dense, D=128")
+    assert dispatch.route("backward", q, k, v) == ("gluon", "dense, D=128, deterministic")
     assert dispatch.route("backward", *_qkv(96))[0] == "triton"
+
+
+def test_the_non_deterministic_backward_runs_on_gluon_at_d128_only():
+    q, k, v = _qkv()
+    assert dispatch.route("backward", q, k, v, deterministic=False) == ("gluon", "dense, D=128, dQ by TMA reduce-add")
+    kernel, why = dispatch.route("backward", *_qkv(64), deterministic=False)
+    assert kernel == "triton" and "D=(128,)" in why
+    kernel, why = dispatch.route("backward", *_qkv(128, torch.float32), deterministic=False)
+    assert kernel == "triton" and "float32" in why  # still only where the case is covered
+    kernel, why = dispatch.route("backward", q, k, v, varlen=True, deterministic=False)
+    assert kernel == "triton" and "packed documents" in why
+    assert dispatch.route("forward", q, k, v, deterministic=False) == ("gluon", "dense, D=128")
 
 
 @pytest.mark.parametrize("lens", [[1000, 0, 1, 2049, 517, 4096], [128, 128, 128], [1], [0, 5, 0], [300] * 40])
