@@ -20,13 +20,14 @@ from .plan import TilePlan, n_blocks, segments, window_sides
 
 
 def query_range(n0: int, seqlen_q: int, seqlen_k: int, left: int, right: int, block_m: int,
-                block_n: int) -> tuple[int, int, int, int]:
+                block_n: int, aligned: bool = False) -> tuple[int, int, int, int]:
     """Query rows that see keys [n0, n0 + block_n) (n0 < seqlen_k): (lo, a, b, hi).
 
     Query blocks start at lo, lo + block_m, ...; a block inside [a, b) lies within [0, seqlen_q), and each of
     its rows sees every key of the key block, which itself lies within [0, seqlen_k): it runs without a mask.
     Blocks in [lo, a) and [b, hi) are masked; rows outside [lo, hi) see no key of the block and are never
-    loaded. Mirror of plan.key_range (and of query_segments in attention/triton/common.py).
+    loaded. Mirror of plan.key_range (and of query_segments in attention/triton/common.py). aligned: lo rounded
+    down to a multiple of block_m, so that every key block's query blocks are the same rows.
     """
     n1 = min(n0 + block_n, seqlen_k)  # one past the last real key
     off = seqlen_k - seqlen_q
@@ -40,6 +41,8 @@ def query_range(n0: int, seqlen_q: int, seqlen_k: int, left: int, right: int, bl
         full_hi = min(full_hi, n0 - off + left + 1)
     if n0 + block_n > seqlen_k:
         full_hi = lo  # a key block that runs past the end is masked everywhere
+    if aligned:
+        lo -= lo % block_m
     return segments(lo, hi, full_lo, full_hi, block_m)
 
 
@@ -52,3 +55,32 @@ def backward_plan(seqlen_q: int, seqlen_k: int, causal: bool, window_size, block
                    for t in range(n_tiles))
     work = [n_blocks(lo, hi, block_m) for lo, _, _, hi in bounds]
     return TilePlan(block_m, bounds, tuple(sorted(range(n_tiles), key=lambda t: (-work[t], t))))
+
+
+def ordered_backward_plan(seqlen_q: int, seqlen_k: int, causal: bool, window_size, block_m: int,
+                          block_n: int) -> TilePlan:
+    """The deterministic warp-specialized backward's plan. Each key block adds its part of dQ_i into query block i
+    (rows [i * block_m, (i + 1) * block_m), the same rows for every key block: aligned query ranges) in a fixed
+    order, the order the grid launches the key blocks in, so that a key block only ever waits for key blocks
+    launched before it (dq_rank). Where the window's right side is bounded (causal), a later key block starts
+    its query loop later and reaches a query block earlier: last key block first. Otherwise every key block
+    starts at the first query block: first key block first."""
+    left, right = window_sides(causal, window_size)
+    n_tiles = -(-seqlen_k // block_n)
+    bounds = tuple(query_range(t * block_n, seqlen_q, seqlen_k, left, right, block_m, block_n, aligned=True)
+                   for t in range(n_tiles))
+    order = tuple(range(n_tiles - 1, -1, -1)) if right >= 0 else tuple(range(n_tiles))
+    return TilePlan(block_m, bounds, order)
+
+
+def dq_rank(tile: int, m0: int, seqlen_q: int, seqlen_k: int, left: int, right: int, block_m: int,
+            block_n: int) -> int:
+    """How many key blocks add into query block m0 // block_m before key block `tile` does, in
+    ordered_backward_plan's order: the key blocks launched earlier whose query range holds the block. Twin of the
+    kernel's _dq_rank; (left, right) from plan.window_sides."""
+    off = seqlen_k - seqlen_q
+    if right >= 0:  # key blocks tile + 1 .. last, where last is the last key block any row of the block sees
+        last = min(-(-seqlen_k // block_n) - 1, (m0 + block_m - 1 + off + right) // block_n)
+        return last - tile
+    first = max(m0 + off - left, 0) // block_n if left >= 0 else 0  # the first key block a row of it sees
+    return tile - first

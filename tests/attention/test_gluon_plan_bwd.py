@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from attention.gluon.plan import window_sides
-from attention.gluon.plan_bwd import backward_plan, query_range
+from attention.gluon.plan_bwd import backward_plan, dq_rank, ordered_backward_plan, query_range
 from helpers import visible_mask
 
 
@@ -73,3 +73,31 @@ def test_key_blocks_that_no_query_sees_are_empty():
     plan = backward_plan(100, 1000, True, (50, -1), 64, 128)
     assert plan.blocks(0) == 0 and plan.blocks(7) > 0
     assert plan.order[-1] == 0 or plan.blocks(plan.order[-1]) == 0
+
+
+@pytest.mark.parametrize("nq,nk", SHAPES + [(4096, 4096), (1000, 3000), (3000, 1000)])
+@pytest.mark.parametrize("causal,window", WINDOWS)
+def test_ordered_plan_ranks_each_dq_addition_after_the_key_blocks_launched_before_it(nq, nk, causal, window):
+    """The deterministic backward: key block t adds into query block m0 // 64 once dq_rank earlier-launched key
+    blocks have; the rank must count exactly the key blocks launched before t that visit m0, and every visible
+    row must still be visited (against the brute-force mask)."""
+    bm, bn = 64, 128
+    left, right = window_sides(causal, window)
+    keep = visible_mask(nq, nk, causal, window)
+    plan = ordered_backward_plan(nq, nk, causal, window, bm, bn)
+    assert sorted(plan.order) == list(range(-(-nk // bn)))
+    launched: dict[int, int] = {}  # query block start -> key blocks that have visited it
+    for t in plan.order:
+        lo, a, b, hi = plan.bounds[t]
+        assert lo % bm == 0
+        starts = [lo + i * bm for i in range(plan.blocks(t))]
+        seen = keep[:, t * bn:min(t * bn + bn, nk)].any(1).nonzero().flatten()
+        if len(seen):
+            assert starts and starts[0] <= seen.min().item() and seen.max().item() < starts[-1] + bm
+        for m0 in starts:
+            assert dq_rank(t, m0, nq, nk, left, right, bm, bn) == launched.get(m0, 0), (t, m0)
+        for m0 in starts:
+            launched[m0] = launched.get(m0, 0) + 1
+        for s in starts:  # unmasked blocks stay unmasked
+            if a <= s < b:
+                assert s + bm <= nq and t * bn + bn <= nk and keep[s:s + bm, t * bn:t * bn + bn].all()
