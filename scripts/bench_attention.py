@@ -7,13 +7,13 @@
     python scripts/bench_attention.py --sweep         # our kernel variants (tiles, TMA, warp spec) at N=8K
 
 "ours" is `backend="auto"` with the deterministic backward (the default): the Gluon Hopper kernels where they
-cover a case on an sm_90 GPU, the Triton ones elsewhere; "ours-triton" forces the portable Triton kernels;
-"ours-gluon-bwd" is "ours" with the Gluon backward opted in (attention.gluon.dispatch.GLUON_PASSES);
-"ours-atomic" is "ours" with attention.set_deterministic(False): at D=128 on an sm_90 GPU the warp-specialized
-Gluon backward, dQ added by TMA reduce-add from a dedicated warp; elsewhere the Triton backward with dQ
-accumulated inside the dK/dV kernel by per-element atomics, pointer loads; "ours-atomic-tma" (opt-in:
---providers) that Triton backward with TMA loads and whole dQ tiles added by TMA reduce-add
-(triton_common.FEATURES["tma_reduce"]).
+cover a case on an sm_90 GPU (the backward at D=128), the Triton ones elsewhere; "ours-triton" forces the
+portable Triton kernels; "ours-gluon-bwd" is "ours" with the Gluon backward opted in at D=64 too
+(attention.gluon.dispatch.GLUON_BWD_HEAD_DIMS); "ours-atomic" is "ours" with attention.set_deterministic(False):
+at D=128 on an sm_90 GPU the warp-specialized Gluon backward with dQ additions in any order; elsewhere the
+Triton backward with dQ accumulated inside the dK/dV kernel by per-element atomics, pointer loads;
+"ours-atomic-tma" (opt-in: --providers) that Triton backward with TMA loads and whole dQ tiles added by TMA
+reduce-add (triton_common.FEATURES["tma_reduce"]).
 
 TFLOPS count 4*B*H*Nq*Nk*D per forward (visible pairs only: causal halves it, windows and packed documents
 count what they attend to) and 2.5x that per backward; fwd+bwd uses the sum of the two medians. Timings
@@ -55,8 +55,9 @@ def _our_mode(provider):
     attention.set_deterministic(provider not in ("ours-atomic", "ours-atomic-tma"))
     triton_common.FEATURES["tma_reduce"] = provider == "ours-atomic-tma"
     from attention.gluon import dispatch
-    dispatch.GLUON_PASSES.clear()
-    dispatch.GLUON_PASSES.update({"forward", "backward"} if provider == "ours-gluon-bwd" else {"forward"})
+    dispatch.GLUON_PASSES.update({"forward", "backward"})
+    dispatch.GLUON_BWD_HEAD_DIMS.clear()
+    dispatch.GLUON_BWD_HEAD_DIMS.update({64, 128} if provider == "ours-gluon-bwd" else {128})
 
 
 def visible_pairs(n, causal, window):

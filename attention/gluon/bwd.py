@@ -56,6 +56,7 @@ block and gets P = 0, so rows that see no key (lse2 = 0 there) get zero gradient
 from __future__ import annotations
 
 import torch
+import triton
 from triton._C.libtriton import ir
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
@@ -67,7 +68,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared
 from ..triton.bwd import preprocess
 from .fwd import descriptor, plan_row, visible
 from .plan import cached_table, forward_plan, window_sides
-from .plan_bwd import backward_plan
+from .plan_bwd import backward_plan, ordered_backward_plan
 
 LOG2E = 1.4426950408889634
 
@@ -395,9 +396,9 @@ def _ws_consumer(args, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: g
     """Key rows [WG * BLOCK_N/2, (WG+1) * BLOCK_N/2) of the key block: S^T, dP^T, dV, dK for them, and columns
     [WG * D/2, (WG+1) * D/2) of every dQ_i (over all BLOCK_N keys, from the dS^T both warpgroups put in shared
     memory)."""
-    (q_desc, k_desc, v_desc, do_desc, dq_desc, DK, DV, Lse2, Delta, Plan, q_smem, do_smem, k_smem, v_smem, ds_smem,
-     dq_smem, kv_bar, q_ready, do_ready, q_empty, ds_ready, dq_full, dq_empty, n_kv_heads, n_heads, group, seqlen_q,
-     seqlen_k, qk_scale, inv_qk_scale, softmax_scale, win_left, win_right) = args
+    (q_desc, k_desc, v_desc, do_desc, dq_desc, DK, DV, Lse2, Delta, Plan, Sem, q_smem, do_smem, k_smem, v_smem,
+     ds_smem, dq_smem, kv_bar, q_ready, do_ready, q_empty, ds_ready, dq_full, dq_empty, n_kv_heads, n_heads, group,
+     seqlen_q, seqlen_k, qk_scale, inv_qk_scale, softmax_scale, win_left, win_right) = args
     HALF: gl.constexpr = BLOCK_N // 2
     DHALF: gl.constexpr = HEAD_DIM // 2
     dtype: gl.constexpr = q_desc.dtype
@@ -494,9 +495,9 @@ def _ws_consumer(args, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: g
 @gluon.jit
 def _ws_loader(args, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
     """One warp: K and V of the key block once, then Q_i and dO_i through the STAGES-deep ring."""
-    (q_desc, k_desc, v_desc, do_desc, dq_desc, DK, DV, Lse2, Delta, Plan, q_smem, do_smem, k_smem, v_smem, ds_smem,
-     dq_smem, kv_bar, q_ready, do_ready, q_empty, ds_ready, dq_full, dq_empty, n_kv_heads, n_heads, group, seqlen_q,
-     seqlen_k, qk_scale, inv_qk_scale, softmax_scale, win_left, win_right) = args
+    (q_desc, k_desc, v_desc, do_desc, dq_desc, DK, DV, Lse2, Delta, Plan, Sem, q_smem, do_smem, k_smem, v_smem,
+     ds_smem, dq_smem, kv_bar, q_ready, do_ready, q_empty, ds_ready, dq_full, dq_empty, n_kv_heads, n_heads, group,
+     seqlen_q, seqlen_k, qk_scale, inv_qk_scale, softmax_scale, win_left, win_right) = args
     b, hk, n0, lo, lo_full, hi_full, n_blk = _ws_item(Plan, n_kv_heads, BLOCK_M, BLOCK_N)
     total = n_blk * group
     if total > 0:
@@ -509,34 +510,75 @@ def _ws_loader(args, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.co
 
 
 @gluon.jit
-def _ws_dq_writer(args, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr):
+def _dq_rank(tile, m0, seqlen_q, seqlen_k, win_left, win_right, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+             HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr):
+    """How many key blocks add into query block m0 // BLOCK_M before this one: plan_bwd.dq_rank's twin."""
+    off = seqlen_k - seqlen_q
+    if HAS_RIGHT:
+        rank = gl.minimum(gl.cdiv(seqlen_k, BLOCK_N) - 1, (m0 + BLOCK_M - 1 + off + win_right) // BLOCK_N) - tile
+    elif HAS_LEFT:
+        rank = tile - gl.maximum(m0 + off - win_left, 0) // BLOCK_N
+    else:
+        rank = tile
+    return rank
+
+
+@gluon.jit
+def _bulk_wait_written():
+    """Wait until this thread's TMA stores and reductions have written global memory (tma.store_wait only waits
+    until they have read shared memory), and order those writes before the generic proxy's next accesses."""
+    x = gl.full([32], 0, gl.int32, gl.BlockedLayout([1], [32], [1], [0]))
+    gl.inline_asm_elementwise("cp.async.bulk.wait_group 0;\n\tfence.proxy.async.global;\n\tmov.b32 $0, $1;", "=r,r",
+                              [x], dtype=gl.int32, is_pure=False, pack=1)
+
+
+@gluon.jit
+def _ws_dq_writer(args, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+                  HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr, DET: gl.constexpr):
     """One warp: adds each dQ_i tile (two column halves, one per consumer) into the fp32 dQ by TMA reduce-add;
-    rows past Nq are clipped by the descriptor."""
-    (q_desc, k_desc, v_desc, do_desc, dq_desc, DK, DV, Lse2, Delta, Plan, q_smem, do_smem, k_smem, v_smem, ds_smem,
-     dq_smem, kv_bar, q_ready, do_ready, q_empty, ds_ready, dq_full, dq_empty, n_kv_heads, n_heads, group, seqlen_q,
-     seqlen_k, qk_scale, inv_qk_scale, softmax_scale, win_left, win_right) = args
+    rows past Nq are clipped by the descriptor. DET: query block i's additions are ordered by a semaphore per
+    (batch, head, query block): this key block waits until dq_rank earlier ones have added theirs, adds, waits
+    until the addition is written, and counts itself in."""
+    (q_desc, k_desc, v_desc, do_desc, dq_desc, DK, DV, Lse2, Delta, Plan, Sem, q_smem, do_smem, k_smem, v_smem,
+     ds_smem, dq_smem, kv_bar, q_ready, do_ready, q_empty, ds_ready, dq_full, dq_empty, n_kv_heads, n_heads, group,
+     seqlen_q, seqlen_k, qk_scale, inv_qk_scale, softmax_scale, win_left, win_right) = args
     DHALF: gl.constexpr = HEAD_DIM // 2
     b, hk, n0, lo, lo_full, hi_full, n_blk = _ws_item(Plan, n_kv_heads, BLOCK_M, BLOCK_N)
     for t in range(n_blk * group):
         g = t // n_blk
         m0 = lo + (t - g * n_blk) * BLOCK_M
+        h = hk * group + g
+        if DET:
+            lock = Sem + (b * n_heads + h) * gl.cdiv(seqlen_q, BLOCK_M) + m0 // BLOCK_M
+            rank = _dq_rank(n0 // BLOCK_N, m0, seqlen_q, seqlen_k, win_left, win_right, BLOCK_M, BLOCK_N, HAS_LEFT,
+                            HAS_RIGHT)
+            while gl.atomic_add(lock, 0, sem="acquire", scope="gpu") != rank:
+                pass
         for c in gl.static_range(2):
             mbarrier.wait(dq_full.index(c), t & 1)
-            tma_reduce_add(dq_desc, [b, m0, hk * group + g, c * DHALF], dq_smem.index(c))
-        tma.store_wait(pendings=1)
-        mbarrier.arrive(dq_empty.index(0), count=1)
-        tma.store_wait(pendings=0)
-        mbarrier.arrive(dq_empty.index(1), count=1)
+            tma_reduce_add(dq_desc, [b, m0, h, c * DHALF], dq_smem.index(c))
+        if DET:
+            _bulk_wait_written()
+            gl.atomic_add(lock, 1, sem="release", scope="gpu")
+            mbarrier.arrive(dq_empty.index(0), count=1)
+            mbarrier.arrive(dq_empty.index(1), count=1)
+        else:
+            tma.store_wait(pendings=1)
+            mbarrier.arrive(dq_empty.index(0), count=1)
+            tma.store_wait(pendings=0)
+            mbarrier.arrive(dq_empty.index(1), count=1)
 
 
 @gluon.jit
-def _bwd_ws_kernel(q_desc, k_desc, v_desc, do_desc, dq_desc, DK, DV, Lse2, Delta, Plan, n_kv_heads, n_heads, group,
-                   seqlen_q, seqlen_k, qk_scale, inv_qk_scale, softmax_scale, win_left, win_right,
+def _bwd_ws_kernel(q_desc, k_desc, v_desc, do_desc, dq_desc, DK, DV, Lse2, Delta, Plan, Sem, n_kv_heads, n_heads,
+                   group, seqlen_q, seqlen_k, qk_scale, inv_qk_scale, softmax_scale, win_left, win_right,
                    HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
-                   HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr, CONSUMER_REGS: gl.constexpr,
+                   HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr, DET: gl.constexpr, CONSUMER_REGS: gl.constexpr,
                    num_warps: gl.constexpr):
     """Warp-specialized dK/dV with dQ in the same pass: two consumer warpgroups (the default partition and a
-    worker), a loader warp and a dQ warp. dq_desc: the fp32 (B, Nq, H, D) accumulator, a BLOCK_M x D/2 box."""
+    worker), a loader warp and a dQ warp. dq_desc: the fp32 (B, Nq, H, D) accumulator, a BLOCK_M x D/2 box.
+    DET: Plan is plan_bwd.ordered_backward_plan's and Sem a zeroed int32 (B * H * cdiv(Nq, BLOCK_M)) semaphore
+    per query block."""
     dtype: gl.constexpr = q_desc.dtype
     q_smem = gl.allocate_shared_memory(dtype, [STAGES] + q_desc.block_type.shape, q_desc.layout)
     do_smem = gl.allocate_shared_memory(dtype, [STAGES] + do_desc.block_type.shape, do_desc.layout)
@@ -561,14 +603,14 @@ def _bwd_ws_kernel(q_desc, k_desc, v_desc, do_desc, dq_desc, DK, DV, Lse2, Delta
         mbarrier.init(ds_ready.index(i), count=2)  # one arrive per consumer warpgroup
         mbarrier.init(dq_full.index(i), count=1)
         mbarrier.init(dq_empty.index(i), count=1)
-    args = (q_desc, k_desc, v_desc, do_desc, dq_desc, DK, DV, Lse2, Delta, Plan, q_smem, do_smem, k_smem, v_smem,
-            ds_smem, dq_smem, kv_bar, q_ready, do_ready, q_empty, ds_ready, dq_full, dq_empty, n_kv_heads, n_heads, group, seqlen_q,
+    args = (q_desc, k_desc, v_desc, do_desc, dq_desc, DK, DV, Lse2, Delta, Plan, Sem, q_smem, do_smem, k_smem,
+            v_smem, ds_smem, dq_smem, kv_bar, q_ready, do_ready, q_empty, ds_ready, dq_full, dq_empty, n_kv_heads, n_heads, group, seqlen_q,
             seqlen_k, qk_scale, inv_qk_scale, softmax_scale, win_left, win_right)
     gl.warp_specialize([
         (_ws_consumer, (args, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, HAS_LEFT, HAS_RIGHT, 0)),
         (_ws_consumer, (args, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, HAS_LEFT, HAS_RIGHT, 1)),
         (_ws_loader, (args, BLOCK_M, BLOCK_N, STAGES)),
-        (_ws_dq_writer, (args, HEAD_DIM, BLOCK_M, BLOCK_N)),
+        (_ws_dq_writer, (args, HEAD_DIM, BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT, DET)),
     ], [4, 1, 1], [CONSUMER_REGS, 24, 24])
 
 
@@ -600,15 +642,21 @@ def gluon_attn_backward(dout, q, k, v, out, lse, causal, softmax_scale, window_s
     dq = torch.empty(q.shape, dtype=q.dtype, device=q.device) if deterministic else \
         torch.zeros(q.shape, dtype=torch.float32, device=q.device)
 
-    if not deterministic and D in WS_BWD_CONFIG:
+    if D in WS_BWD_CONFIG:
         bm, bn, stages = WS_BWD_CONFIG[D]
-        table = cached_table(backward_plan, Nq, Nk, causal, window_size, bm, bn, q.device)
+        dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+        if deterministic:
+            table = cached_table(ordered_backward_plan, Nq, Nk, causal, window_size, bm, bn, q.device)
+            sem = torch.zeros(B * H * triton.cdiv(Nq, bm), dtype=torch.int32, device=q.device)
+        else:
+            table = cached_table(backward_plan, Nq, Nk, causal, window_size, bm, bn, q.device)
+            sem = table  # unused
         with torch.cuda.device(q.device):
             _bwd_ws_kernel[(table.shape[0], B * Hkv)](
                 descriptor(q, bm), descriptor(k, bn), descriptor(v, bn), descriptor(dout, bm),
-                descriptor(dq, bm, D // 2), dk, dv, lse2, delta, table, Hkv, H, group, Nq, Nk, qk_scale,
+                descriptor(dq, bm, D // 2), dk, dv, lse2, delta, table, sem, Hkv, H, group, Nq, Nk, qk_scale,
                 1.0 / qk_scale, float(softmax_scale), *sides, HEAD_DIM=D, BLOCK_M=bm, BLOCK_N=bn, STAGES=stages,
-                CONSUMER_REGS=WS_BWD_REGS[1], num_warps=4, maxnreg=WS_BWD_REGS[0], **flags)
+                DET=deterministic, CONSUMER_REGS=WS_BWD_REGS[1], num_warps=4, maxnreg=WS_BWD_REGS[0], **flags)
         return dq.to(q.dtype), dk, dv
     bm, bn, stages, warps = DKDV_CONFIG[D]
     table = cached_table(backward_plan, Nq, Nk, causal, window_size, bm, bn, q.device)

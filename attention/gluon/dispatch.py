@@ -15,14 +15,13 @@ import torch
 from ..backends import log_once
 from .plan import uncovered_reason
 
-# Passes that `auto` routes to Gluon where a case is covered. The deterministic Gluon backward (bwd.py's dK/dV and
-# dQ kernels, tested against the fp32 reference in tests/attention/test_gluon_bwd_gpu.py) was no faster than the
-# Triton backward on an H200 at D=128 and slower at D=64, so the deterministic backward stays on Triton;
-# GLUON_PASSES.add("backward") opts in.
-GLUON_PASSES = {"forward"}
-# Head dims at which the non-deterministic backward runs on Gluon without opting in: the warp-specialized kernel
-# with dQ added by TMA reduce-add (bwd.WS_BWD_CONFIG), 1.16-1.32x the Triton backward on an H200 at D=128.
-GLUON_ATOMIC_BWD_HEAD_DIMS = (128,)
+# Passes that `auto` routes to Gluon where a case is covered.
+GLUON_PASSES = {"forward", "backward"}
+# Head dims at which the backward runs on Gluon: the warp-specialized kernel with dQ added by TMA reduce-add
+# (bwd.WS_BWD_CONFIG; ordered by semaphores when deterministic), 1.10-1.32x the Triton backward on an H200 at
+# D=128. At D=64 the Gluon backward is the earlier two-kernel design, slower than the Triton backward there:
+# GLUON_BWD_HEAD_DIMS.add(64) opts in.
+GLUON_BWD_HEAD_DIMS = {128}
 # Head dims at which the Gluon forward takes packed documents: at D=64 it measured ~6% behind the Triton varlen
 # forward on an H200 (docs/results.md), at D=128 ~5% ahead.
 GLUON_VARLEN_HEAD_DIMS = (128,)
@@ -31,21 +30,21 @@ GLUON_VARLEN_HEAD_DIMS = (128,)
 def route(kind: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, varlen: bool = False,
           deterministic: bool = True) -> tuple[str, str]:
     """("gluon" | "triton", reason) for one pass ("forward" / "backward") of a call; varlen: packed documents;
-    deterministic: the backward's mode."""
+    deterministic: the backward's mode (named in the reason)."""
+    D = q.shape[-1]
     if varlen and kind == "backward":
         return "triton", "the Gluon backward takes no packed documents"
-    fast_bwd = kind == "backward" and not deterministic and q.shape[-1] in GLUON_ATOMIC_BWD_HEAD_DIMS
-    if kind not in GLUON_PASSES and not fast_bwd:
-        if kind == "backward" and not deterministic:
-            return "triton", f"the non-deterministic Gluon backward covers D={GLUON_ATOMIC_BWD_HEAD_DIMS} only"
-        return "triton", f"the Triton {kind} is the default (dispatch.GLUON_PASSES)"
+    if kind not in GLUON_PASSES:
+        return "triton", f"the Gluon {kind} is switched off (dispatch.GLUON_PASSES)"
     why = uncovered_reason(q, k, v)
     if why is not None:
         return "triton", why
-    if varlen and q.shape[-1] not in GLUON_VARLEN_HEAD_DIMS:
-        return "triton", f"packed documents at D={q.shape[-1]}: the Triton forward measured faster"
-    mode = "" if kind == "forward" else (", deterministic" if deterministic else ", dQ by TMA reduce-add")
-    return "gluon", f"{'packed documents' if varlen else 'dense'}, D={q.shape[-1]}{mode}"
+    if kind == "backward" and D not in GLUON_BWD_HEAD_DIMS:
+        return "triton", f"D={D}: the Triton backward measured faster (dispatch.GLUON_BWD_HEAD_DIMS)"
+    if varlen and D not in GLUON_VARLEN_HEAD_DIMS:
+        return "triton", f"packed documents at D={D}: the Triton forward measured faster"
+    mode = "" if kind == "forward" else (", deterministic" if deterministic else ", non-deterministic")
+    return "gluon", f"{'packed documents' if varlen else 'dense'}, D={D}{mode}"
 
 
 def note(kind: str, kernel: str, reason: str, varlen: bool = False) -> None:

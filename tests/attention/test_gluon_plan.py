@@ -63,7 +63,8 @@ def _qkv(D=128, dtype=torch.bfloat16, H=4, hkv=2):
 def test_route_covers_dense_fp16_bf16_d64_d128_and_names_the_rest():
     q, k, v = _qkv()
     assert dispatch.route("forward", q, k, v) == ("gluon", "dense, D=128")
-    assert dispatch.route("backward", q, k, v)[0] == "triton"  # opt-in: dispatch.GLUON_PASSES
+    assert dispatch.route("backward", q, k, v) == ("gluon", "dense, D=128, deterministic")
+    assert dispatch.route("backward", q, k, v, deterministic=False) == ("gluon", "dense, D=128, non-deterministic")
     assert dispatch.route("forward", *_qkv(64, torch.float16)) == ("gluon", "dense, D=64")
     assert dispatch.route("forward", q, k, v, varlen=True) == ("gluon", "packed documents, D=128")
     assert dispatch.route("backward", q, k, v, varlen=True)[0] == "triton"
@@ -71,13 +72,8 @@ def test_route_covers_dense_fp16_bf16_d64_d128_and_names_the_rest():
     assert kernel == "triton" and "D=64" in why
     kernel, why = dispatch.route("forward", *_qkv(96), varlen=True)  # not covered at all: that is the reason given
     assert kernel == "triton" and "head_dim 96" in why
-    dispatch.GLUON_PASSES.add("backward")
-    try:
-        assert dispatch.route("backward", q, k, v)[0] == "gluon"
-        kernel, why = dispatch.route("backward", q, k, v, varlen=True)
-        assert kernel == "triton" and "packed documents" in why
-    finally:
-        dispatch.GLUON_PASSES.discard("backward")
+    kernel, why = dispatch.route("backward", q, k, v, varlen=True)
+    assert kernel == "triton" and "packed documents" in why
     kernel, why = dispatch.route("forward", *_qkv(96))
     assert kernel == "triton" and "head_dim 96" in why
     kernel, why = dispatch.route("forward", *_qkv(128, torch.float32))
@@ -127,24 +123,18 @@ def test_heads_per_chunk_keeps_a_chunk_of_k_and_v_within_half_the_l2():
     assert heads_per_chunk(4, 1024, 64, 2, l2) == 4  # never more than there are
 
 
-def test_the_deterministic_gluon_backward_is_opt_in(monkeypatch):
+def test_the_gluon_backward_runs_at_d128_and_is_opt_in_elsewhere(monkeypatch):
     q, k, v = _qkv()
-    assert dispatch.route("backward", q, k, v, deterministic=True)[0] == "triton"
-    monkeypatch.setattr(dispatch, "GLUON_PASSES", {"forward", "backward"})
-    assert dispatch.route("backward", q, k, v) == ("gluon", "dense, D=128, deterministic")
-    assert dispatch.route("backward", *_qkv(96))[0] == "triton"
-
-
-def test_the_non_deterministic_backward_runs_on_gluon_at_d128_only():
-    q, k, v = _qkv()
-    assert dispatch.route("backward", q, k, v, deterministic=False) == ("gluon", "dense, D=128, dQ by TMA reduce-add")
     kernel, why = dispatch.route("backward", *_qkv(64), deterministic=False)
-    assert kernel == "triton" and "D=(128,)" in why
-    kernel, why = dispatch.route("backward", *_qkv(128, torch.float32), deterministic=False)
-    assert kernel == "triton" and "float32" in why  # still only where the case is covered
-    kernel, why = dispatch.route("backward", q, k, v, varlen=True, deterministic=False)
-    assert kernel == "triton" and "packed documents" in why
-    assert dispatch.route("forward", q, k, v, deterministic=False) == ("gluon", "dense, D=128")
+    assert kernel == "triton" and "D=64" in why and "GLUON_BWD_HEAD_DIMS" in why
+    kernel, why = dispatch.route("backward", *_qkv(128, torch.float32))
+    assert kernel == "triton" and "float32" in why  # only where the case is covered
+    monkeypatch.setattr(dispatch, "GLUON_BWD_HEAD_DIMS", {64, 128})
+    assert dispatch.route("backward", *_qkv(64)) == ("gluon", "dense, D=64, deterministic")
+    monkeypatch.setattr(dispatch, "GLUON_PASSES", {"forward"})
+    kernel, why = dispatch.route("backward", q, k, v)
+    assert kernel == "triton" and "GLUON_PASSES" in why
+    assert dispatch.route("forward", q, k, v) == ("gluon", "dense, D=128")
 
 
 @pytest.mark.parametrize("lens", [[1000, 0, 1, 2049, 517, 4096], [128, 128, 128], [1], [0, 5, 0], [300] * 40])
