@@ -18,9 +18,10 @@ on other GPUs, and the reference on CPU.
 
 Backward determinism: `deterministic=None` (the default of both backward functions) follows the global
 default, `set_deterministic(flag)` / `get_deterministic()`; it starts True unless the environment sets
-RINGFLASH_DETERMINISTIC=0. False lets the Triton backward accumulate dq with float atomics: one kernel
-instead of two, yet slower on an H100 with Triton 3.6 (README), and dq varies in its last bits from run to
-run. `torch.use_deterministic_algorithms(True)` always wins.
+RINGFLASH_DETERMINISTIC=0. False lets dq's additions land in any order: the Gluon backward's TMA reduce-adds
+skip their semaphores, the Triton backward adds dq with float atomics in its dK/dV kernel instead of running a dQ
+kernel; dq then varies in its last bits from run to run (docs/attention.md). `torch.use_deterministic_algorithms
+(True)` always wins.
 """
 
 from __future__ import annotations

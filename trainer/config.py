@@ -75,7 +75,7 @@ class ParallelConfig:
 class AttentionConfig:
     backend: str = "auto"  # auto | gluon | triton | sdpa | reference
     fp8_forward: bool = False  # FP8 attention forward (attention/fp8.py); needs data.cross_doc_attention, cp=1
-    deterministic: bool = True  # false: atomic-dQ Triton backward (dq varies in its last bits; slower on H100)
+    deterministic: bool = True  # false: dq's additions in any order (faster; dq varies in its last bits)
 
 
 @dataclass

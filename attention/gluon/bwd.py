@@ -2,11 +2,34 @@
 
     dq, dk, dv = gluon_attn_backward(dout, q, k, v, out, lse, causal=True, softmax_scale=0.125,
                                      window_size=(-1, -1), dlse=None)
-    dq, dk, dv = gluon_attn_backward(..., deterministic=False)   # dQ by float atomics: one kernel fewer
+    dq, dk, dv = gluon_attn_backward(..., deterministic=False)   # dQ's additions in any order
 
 Same contract as the Triton backward (attention/triton/bwd.py): q (B, Nq, H, D), k/v (B, Nk, Hkv, D), out/dout
 like q, lse/dlse (B, H, Nq) fp32 natural log (dlse may be None) -> dq, dk, dv in the input dtype. Rows that see
 no key (lse = -inf) get zero gradients. The case must be covered (plan.uncovered_reason is None).
+
+D=128 (WS_BWD_CONFIG): the Triton preprocess (delta = rowsum(dO * O) - dlse, lse2 = lse * log2 e), then one
+warp-specialized program per (key block of BLOCK_N = 128 rows, batch, kv head), FA3's layout:
+
+    loader warp     K, V once; then Q_i, dO_i of every (head, query block) pair of the GQA group, head-major,
+                    through a STAGES-deep ring (q_ready / do_ready, released by q_empty)
+    consumer WG 0/1 key rows [WG * 64, WG * 64 + 64):
+                        issue S^T = K Q_i^T + (-lse2_i / (scale log2 e)),  issue dP^T = V dO_i^T + (-delta_i)
+                        P^T = exp2(S^T * scale * log2 e)    (masked only in edge blocks)
+                        dS^T = P^T dP^T
+                        issue dV += P^T dO_i,  issue dK += dS^T Q_i      (P^T, dS^T from registers)
+                        dS^T -> ds_smem[i % 2] (its 64 rows); ds_ready: both warpgroups have written theirs
+                        issue dQ_i[:, WG half of D] = dS K              (dS^T permuted from shared memory)
+                        wait dV, dK; release Q_i, dO_i; wait dQ_i; dQ_i * scale -> dq_smem[WG]; dq_full[WG]
+    dQ warp         TMA reduce-add of dq_smem[0], dq_smem[1] into the fp32 (B, Nq, H, D) dQ; dq_empty once read.
+                    deterministic: first wait until the semaphore of (b, h, query block) equals this key block's
+                    rank (_dq_rank, plan_bwd.dq_rank), and after the addition is written, increment it: the
+                    additions into a query block follow plan_bwd.ordered_backward_plan's launch order.
+
+dK is scaled once at the end; dK and dV go straight to global memory. One cast of dQ to the input dtype follows.
+
+D=64: the earlier two-kernel design below (dispatch.GLUON_BWD_HEAD_DIMS leaves `auto` on the Triton backward
+there, which measured faster).
 
 Three launches:
 

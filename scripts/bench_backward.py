@@ -1,0 +1,118 @@
+"""The attention backward alone, both determinism modes, against the Triton backward and cuDNN, on one GPU.
+
+    python scripts/bench_backward.py                    # -> docs/bench/backward_<gpu>.json
+    python scripts/bench_backward.py --out /tmp/b.json
+
+Per case (bf16, D=128, B*N = 65536 tokens for N <= 64K, else B = 1): cuDNN's backward (torch SDPA, the graph
+retained), the Triton backward (deterministic), and the Gluon backward (attention.gluon.bwd, sm_90 only) in its
+deterministic and non-deterministic modes, all from the same out / lse. The providers are timed in 3 interleaved
+rounds of triton.testing.do_bench; each figure is the median round, TFLOPS at 2.5x the forward's FLOPs (causal
+counts half). Each row also holds the relative error of both Gluon modes against the Triton backward (dq, dk,
+dv) and whether two deterministic runs gave the same bits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+# (causal, N, heads, kv heads)
+CASES = [(True, 8192, 16, 16), (True, 32768, 16, 16), (False, 8192, 16, 16), (False, 32768, 16, 16),
+         (True, 131072, 16, 16), (True, 32768, 32, 8)]
+ROUNDS = 3
+HEAD_DIM = 128
+
+
+def backward_flops(batch: int, n: int, heads: int, head_dim: int, causal: bool) -> float:
+    """2.5x the forward's 4 * B * H * N^2 * D; causal halves it (the FlashAttention convention)."""
+    return 2.5 * 4 * batch * heads * n * n * head_dim / (2 if causal else 1)
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12)).item()
+
+
+def bench_case(causal: bool, n: int, heads: int, kv_heads: int) -> dict:
+    import torch.nn.functional as F
+    import triton
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from attention.gluon.bwd import gluon_attn_backward
+    from attention.triton.bwd import triton_attn_backward
+    from attention.triton.fwd import triton_attn_forward
+
+    def ms(fn):
+        fn()
+        torch.cuda.synchronize()
+        return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+
+    D, B = HEAD_DIM, max(1, 65536 // n)
+    q = torch.randn(B, n, heads, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    k = torch.randn(B, n, kv_heads, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    v = torch.randn(B, n, kv_heads, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
+    with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+        o = F.scaled_dot_product_attention(qt, kt, vt, is_causal=causal, enable_gqa=heads != kv_heads)
+    do_ = torch.randn_like(o)
+    qd, kd, vd = q.detach(), k.detach(), v.detach()
+    sc = D ** -0.5
+    out, lse = triton_attn_forward(qd, kd, vd, causal, sc, (-1, -1))
+    dout = torch.randn_like(out)
+    fns = {
+        "cudnn": lambda: torch.autograd.grad(o, (q, k, v), do_, retain_graph=True),
+        "triton": lambda: triton_attn_backward(dout, qd, kd, vd, out, lse, causal, sc, (-1, -1), None, True),
+        "gluon_det": lambda: gluon_attn_backward(dout, qd, kd, vd, out, lse, causal, sc, (-1, -1), None, True),
+        "gluon_nondet": lambda: gluon_attn_backward(dout, qd, kd, vd, out, lse, causal, sc, (-1, -1), None, False),
+    }
+    ref = fns["triton"]()
+    det, again, nondet = fns["gluon_det"](), fns["gluon_det"](), fns["gluon_nondet"]()
+    row = dict(causal=causal, N=n, B=B, H=heads, Hkv=kv_heads, D=D,
+               err_det_vs_triton=[round(rel(a, b), 5) for a, b in zip(det, ref)],
+               err_nondet_vs_triton=[round(rel(a, b), 5) for a, b in zip(nondet, ref)],
+               det_repeats_bitwise=all(torch.equal(a, b) for a, b in zip(det, again)))
+    del ref, det, again, nondet
+    times = {name: [] for name in fns}
+    for _ in range(ROUNDS):
+        for name, fn in fns.items():
+            times[name].append(ms(fn))
+    flops = backward_flops(B, n, heads, D, causal)
+    for name, ts in times.items():
+        row[name] = round(flops / sorted(ts)[len(ts) // 2] * 1e-9, 1)
+    row["det/cudnn"] = round(row["gluon_det"] / row["cudnn"], 3)
+    row["nondet/cudnn"] = round(row["gluon_nondet"] / row["cudnn"], 3)
+    row["det/triton"] = round(row["gluon_det"] / row["triton"], 3)
+    return row
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", default=None, help="JSON path (default docs/bench/backward_<gpu>.json)")
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        raise SystemExit("error: bench_backward.py needs a CUDA GPU (cuDNN and the Gluon kernels)")
+    from attention.gluon import hopper_ready
+    ready, why = hopper_ready(torch.device("cuda"))
+    if not ready:
+        raise SystemExit(f"error: the Gluon kernels cannot run here: {why}")
+    gpu = torch.cuda.get_device_name()
+    rows = []
+    for case in CASES:
+        rows.append(bench_case(*case))
+        print(json.dumps(rows[-1]), flush=True)
+        torch.cuda.empty_cache()
+    out = Path(args.out or f"docs/bench/backward_{gpu.split()[-1].lower()}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    meta = dict(gpu=gpu, date=datetime.now(timezone.utc).isoformat(timespec="seconds"), torch=torch.__version__)
+    out.write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

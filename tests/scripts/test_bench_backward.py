@@ -1,0 +1,18 @@
+"""scripts/bench_backward.py on CPU: its FLOP count and its refusal to run without a GPU (the timing itself needs
+cuDNN and the Gluon kernels)."""
+
+import pytest
+
+from scripts import bench_backward
+
+
+def test_backward_flops_count_two_and_a_half_forwards_and_halve_causal():
+    assert bench_backward.backward_flops(2, 1024, 8, 128, False) == 2.5 * 4 * 2 * 8 * 1024 * 1024 * 128
+    assert bench_backward.backward_flops(2, 1024, 8, 128, True) == bench_backward.backward_flops(2, 1024, 8, 128,
+                                                                                                 False) / 2
+
+
+def test_without_a_gpu_it_says_so_in_one_line(monkeypatch):
+    monkeypatch.setattr(bench_backward.torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit, match="needs a CUDA GPU"):
+        bench_backward.main([])
