@@ -22,6 +22,11 @@ GLUON_PASSES = {"forward", "backward"}
 # D=128. At D=64 the Gluon backward is the earlier two-kernel design, slower than the Triton backward there:
 # GLUON_BWD_HEAD_DIMS.add(64) opts in.
 GLUON_BWD_HEAD_DIMS = {128}
+# The Gluon backward adds dQ into an fp32 buffer the size of q (4 bytes per element, alive during the call); the
+# Triton backward needs none. Where that buffer would take more than this fraction of the GPU's memory (at D=128
+# and 8 heads, past ~1.2M tokens on an 80 GB GPU), `auto` keeps the Triton backward, so that the longest contexts
+# that fit a GPU still do.
+GLUON_BWD_MAX_DQ_FRACTION = 1 / 16
 # Head dims at which the Gluon forward takes packed documents: at D=64 it measured ~6% behind the Triton varlen
 # forward on an H200 (docs/results.md), at D=128 ~5% ahead.
 GLUON_VARLEN_HEAD_DIMS = (128,)
@@ -41,10 +46,28 @@ def route(kind: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, varlen: 
         return "triton", why
     if kind == "backward" and D not in GLUON_BWD_HEAD_DIMS:
         return "triton", f"D={D}: the Triton backward measured faster (dispatch.GLUON_BWD_HEAD_DIMS)"
+    if kind == "backward":
+        memory = device_memory(q.device)
+        if memory is not None and 4 * q.numel() > GLUON_BWD_MAX_DQ_FRACTION * memory:
+            return "triton", (f"the Gluon backward's fp32 dQ buffer ({4 * q.numel() / 2 ** 30:.1f} GiB) would exceed "
+                              f"{GLUON_BWD_MAX_DQ_FRACTION:.3g} of the GPU's memory (dispatch.GLUON_BWD_MAX_DQ_FRACTION)")
     if varlen and D not in GLUON_VARLEN_HEAD_DIMS:
         return "triton", f"packed documents at D={D}: the Triton forward measured faster"
     mode = "" if kind == "forward" else (", deterministic" if deterministic else ", non-deterministic")
     return "gluon", f"{'packed documents' if varlen else 'dense'}, D={D}{mode}"
+
+
+_MEMORY: dict = {}
+
+
+def device_memory(device: torch.device) -> int | None:
+    """Total memory of a CUDA device in bytes (cached), None for other devices."""
+    if device.type != "cuda":
+        return None
+    key = str(device)
+    if key not in _MEMORY:
+        _MEMORY[key] = torch.cuda.get_device_properties(device).total_memory
+    return _MEMORY[key]
 
 
 def note(kind: str, kernel: str, reason: str, varlen: bool = False) -> None:

@@ -137,6 +137,17 @@ def test_the_gluon_backward_runs_at_d128_and_is_opt_in_elsewhere(monkeypatch):
     assert dispatch.route("forward", q, k, v) == ("gluon", "dense, D=128")
 
 
+def test_the_backward_stays_on_triton_where_the_fp32_dq_buffer_would_crowd_the_gpu(monkeypatch):
+    q, k, v = _qkv()  # 1 x 64 x 4 x 128: a 128 KiB fp32 dQ buffer
+    assert dispatch.device_memory(q.device) is None  # CPU tensors: no limit
+    monkeypatch.setattr(dispatch, "device_memory", lambda device: 16 * 4 * q.numel())
+    assert dispatch.route("backward", q, k, v)[0] == "gluon"  # exactly 1/16 of the memory: still fits
+    monkeypatch.setattr(dispatch, "device_memory", lambda device: 16 * 4 * q.numel() - 1)
+    kernel, why = dispatch.route("backward", q, k, v, deterministic=False)
+    assert kernel == "triton" and "fp32 dQ buffer" in why and "GLUON_BWD_MAX_DQ_FRACTION" in why
+    assert dispatch.route("forward", q, k, v)[0] == "gluon"  # the forward needs no such buffer
+
+
 @pytest.mark.parametrize("lens", [[1000, 0, 1, 2049, 517, 4096], [128, 128, 128], [1], [0, 5, 0], [300] * 40])
 def test_document_tiles_list_every_tile_once_heaviest_first(lens):
     cu = cu_seqlens(lens)
