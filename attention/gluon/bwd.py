@@ -138,6 +138,42 @@ def _load_rows(Lse2, Delta, t, n_blk, lo, b, hk, group, n_heads, seqlen_q, vcols
 
 
 @gluon.jit
+def _issue_st_dpt(k, v, q2, do2, q_bars, do_bars, s, phase, lse2_c, delta_c, rz, inv_qk_scale, qry_l: gl.constexpr):
+    """Issue S^T = K Q_i^T and dP^T = V dO_i^T (async, each once its operand has landed), with lse2 and delta
+    entering through the accumulators: S^T starts at -lse2 / qk_scale and dP^T at -delta, so that
+    P^T = exp2(acc * qk_scale) and dS^T = P^T * acc, and no column vector (16 registers per thread each) stays live
+    across the MMAs. (rz, a per-row zero, keeps the two rows of a thread that share a column in distinct
+    registers: with one register feeding two accumulator slots, ptxas serialises S^T and dP^T with an injected
+    warpgroup.wait.)"""
+    st_init = rz - gl.convert_layout(lse2_c * inv_qk_scale, qry_l)[None, :]
+    dpt_init = rz - gl.convert_layout(delta_c, qry_l)[None, :]
+    mbarrier.wait(q_bars.index(s), phase)
+    st_tok = warpgroup_mma(k, q2.permute((1, 0)), st_init, is_async=True)
+    mbarrier.wait(do_bars.index(s), phase)
+    dpt_tok = warpgroup_mma(v, do2.permute((1, 0)), dpt_init, is_async=True)
+    return st_tok, dpt_tok
+
+
+@gluon.jit
+def _probs_t(st, m0, lo_full, hi_full, keys, off, seqlen_q, seqlen_k, qk_scale, win_left, win_right,
+             BLOCK_M: gl.constexpr, qry_l: gl.constexpr, HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr):
+    """P^T = exp2(S^T * qk_scale) of query block m0 against `keys`, masked only in edge blocks (window sides,
+    sequence tails of rows or keys): visible() transposed, rows checked too."""
+    if (m0 < lo_full) | (m0 >= hi_full):
+        qrows = m0 + gl.arange(0, BLOCK_M, qry_l)
+        diag = qrows[None, :] + off
+        keep = (keys[:, None] < seqlen_k) & (qrows < seqlen_q)[None, :]
+        if HAS_LEFT:
+            keep = keep & (keys[:, None] >= diag - win_left)
+        if HAS_RIGHT:
+            keep = keep & (keys[:, None] <= diag + win_right)
+        pt = gl.exp2(gl.where(keep, st * qk_scale, float("-inf")))
+    else:
+        pt = gl.exp2(st * qk_scale)
+    return pt
+
+
+@gluon.jit
 def _dkdv_kernel(q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, DQ, Lse2, Delta, Plan,
                  n_kv_heads, n_heads, group, seqlen_q, seqlen_k, stride_dqb, stride_dqn, stride_dqh,
                  qk_scale, inv_qk_scale, softmax_scale, win_left, win_right,
@@ -224,32 +260,14 @@ def _dkdv_kernel(q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, DQ, Lse2, De
         phase = (t // STAGES) & 1
         q2 = q_smem.index(s).reshape([BLOCK_M, HEAD_DIM])
         do2 = do_smem.index(s).reshape([BLOCK_M, HEAD_DIM])
-        # lse2 and delta enter through the accumulators: S^T starts at -lse2 / qk_scale and dP^T at -delta, so
-        # that P^T = exp2(acc * qk_scale) and dS^T = P^T * acc. No column vector (16 registers per thread each in
-        # this layout) stays live across the MMAs.
-        # (rz, a per-row zero, keeps the two rows of a thread that share a column in distinct registers: with one
-        # register feeding two accumulator slots, ptxas serialises S^T and dP^T with an injected warpgroup.wait)
-        st_init = rz - gl.convert_layout(lse2_c * inv_qk_scale, qry_l)[None, :]
-        dpt_init = rz - gl.convert_layout(delta_c, qry_l)[None, :]
-        mbarrier.wait(q_bars.index(s), phase)
-        st_tok = warpgroup_mma(k2, q2.permute((1, 0)), st_init, is_async=True)
-        mbarrier.wait(do_bars.index(s), phase)
-        dpt_tok = warpgroup_mma(v2, do2.permute((1, 0)), dpt_init, is_async=True)
+        st_tok, dpt_tok = _issue_st_dpt(k2, v2, q2, do2, q_bars, do_bars, s, phase, lse2_c, delta_c, rz,
+                                        inv_qk_scale, qry_l)
         if t + 1 < total:
             lse2_c, delta_c = _load_rows(Lse2, Delta, t + 1, n_blk, lo, b, hk, group, n_heads, seqlen_q, vcols,
                                          BLOCK_M)
         st = warpgroup_mma_wait(num_outstanding=1, deps=(st_tok, ))
-        if (m0 < lo_full) | (m0 >= hi_full):  # edge block: window sides, sequence tails (rows or keys)
-            qrows = m0 + gl.arange(0, BLOCK_M, qry_l)
-            diag = qrows[None, :] + off
-            keep = (keys[:, None] < seqlen_k) & (qrows < seqlen_q)[None, :]  # visible() transposed, rows checked too
-            if HAS_LEFT:
-                keep = keep & (keys[:, None] >= diag - win_left)
-            if HAS_RIGHT:
-                keep = keep & (keys[:, None] <= diag + win_right)
-            pt = gl.exp2(gl.where(keep, st * qk_scale, float("-inf")))
-        else:
-            pt = gl.exp2(st * qk_scale)
+        pt = _probs_t(st, m0, lo_full, hi_full, keys, off, seqlen_q, seqlen_k, qk_scale, win_left, win_right, BLOCK_M,
+                      qry_l, HAS_LEFT, HAS_RIGHT)
         # dS^T before the dV MMA: P^T in fp32, dP^T and the bf16 copies of P^T are never all live at once
         dpt = warpgroup_mma_wait(num_outstanding=0, deps=(dpt_tok, ))
         dst = (pt * dpt).to(dtype)
@@ -458,28 +476,14 @@ def _ws_consumer(args, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: g
             phase = (t // STAGES) & 1
             q2 = q_smem.index(s).reshape([BLOCK_M, HEAD_DIM])
             do2 = do_smem.index(s).reshape([BLOCK_M, HEAD_DIM])
-            # lse2 and delta enter as the accumulators' seeds (see _dkdv_kernel)
-            st_init = rz - gl.convert_layout(lse2_c * inv_qk_scale, qry_l)[None, :]
-            dpt_init = rz - gl.convert_layout(delta_c, qry_l)[None, :]
-            mbarrier.wait(q_ready.index(s), phase)
-            st_tok = warpgroup_mma(k_wg, q2.permute((1, 0)), st_init, is_async=True)
-            mbarrier.wait(do_ready.index(s), phase)
-            dpt_tok = warpgroup_mma(v_wg, do2.permute((1, 0)), dpt_init, is_async=True)
+            st_tok, dpt_tok = _issue_st_dpt(k_wg, v_wg, q2, do2, q_ready, do_ready, s, phase, lse2_c, delta_c, rz,
+                                            inv_qk_scale, qry_l)
             if t + 1 < total:
                 lse2_c, delta_c = _load_rows(Lse2, Delta, t + 1, n_blk, lo, b, hk, group, n_heads, seqlen_q, vcols,
                                              BLOCK_M)
             st = warpgroup_mma_wait(num_outstanding=1, deps=(st_tok, ))
-            if (m0 < lo_full) | (m0 >= hi_full):  # edge block: window sides, sequence tails (rows or keys)
-                qrows = m0 + gl.arange(0, BLOCK_M, qry_l)
-                diag = qrows[None, :] + off
-                keep = (keys[:, None] < seqlen_k) & (qrows < seqlen_q)[None, :]
-                if HAS_LEFT:
-                    keep = keep & (keys[:, None] >= diag - win_left)
-                if HAS_RIGHT:
-                    keep = keep & (keys[:, None] <= diag + win_right)
-                pt = gl.exp2(gl.where(keep, st * qk_scale, float("-inf")))
-            else:
-                pt = gl.exp2(st * qk_scale)
+            pt = _probs_t(st, m0, lo_full, hi_full, keys, off, seqlen_q, seqlen_k, qk_scale, win_left, win_right,
+                          BLOCK_M, qry_l, HAS_LEFT, HAS_RIGHT)
             dpt = warpgroup_mma_wait(num_outstanding=0, deps=(dpt_tok, ))
             dst = (pt * dpt).to(dtype)
             pt_a = gl.convert_layout(pt.to(dtype), a_layout)
