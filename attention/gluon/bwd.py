@@ -425,7 +425,8 @@ def _dq_kernel(q_desc, k_desc, v_desc, do_desc, dq_desc, Lse2, Delta, Plan, n_he
 
 @gluon.jit
 def _ws_item(Plan, n_kv_heads, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr):
-    """(b, hk, n0, lo, lo_full, hi_full, n_blk) of this program's key block (plan_bwd.backward_plan's row)."""
+    """(b, hk, n0, lo, lo_full, hi_full, n_blk) of this program's key block (a row of plan_bwd.backward_plan or
+    ordered_backward_plan)."""
     bhk = gl.program_id(1)
     tile, lo, lo_full, hi_full, hi = plan_row(Plan, gl.program_id(0))
     return bhk // n_kv_heads, bhk % n_kv_heads, tile * BLOCK_N, lo, lo_full, hi_full, gl.cdiv(hi - lo, BLOCK_M)
