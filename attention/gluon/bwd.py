@@ -114,11 +114,18 @@ def tma_reduce_add(tensor_desc, coord, src, _semantic=None):
 
 
 @gluon.jit
+def _pair(t, n_blk, lo, BLOCK_M: gl.constexpr):
+    """(g, m0): head g of the GQA group and first row m0 of the t-th (head, query block) pair of a key block,
+    head-major over its n_blk query blocks from row lo."""
+    g = t // n_blk
+    return g, lo + (t - g * n_blk) * BLOCK_M
+
+
+@gluon.jit
 def _issue_q_do(q_desc, do_desc, q_smem, do_smem, q_bars, do_bars, t, n_blk, lo, b, hk, group,
                 BLOCK_M: gl.constexpr, STAGES: gl.constexpr):
     """TMA-load Q and dO of the t-th (head, query block) pair of this key block into stage t % STAGES."""
-    g = t // n_blk
-    m0 = lo + (t - g * n_blk) * BLOCK_M
+    g, m0 = _pair(t, n_blk, lo, BLOCK_M)
     h = hk * group + g
     s = t % STAGES
     mbarrier.expect(q_bars.index(s), q_desc.block_type.nbytes)
@@ -130,8 +137,8 @@ def _issue_q_do(q_desc, do_desc, q_smem, do_smem, q_bars, do_bars, t, n_blk, lo,
 @gluon.jit
 def _load_rows(Lse2, Delta, t, n_blk, lo, b, hk, group, n_heads, seqlen_q, vcols, BLOCK_M: gl.constexpr):
     """lse2 and delta of the t-th (head, query block) pair, in the compact layout of vcols (rows past Nq: 0)."""
-    g = t // n_blk
-    rows = lo + (t - g * n_blk) * BLOCK_M + vcols
+    g, m0 = _pair(t, n_blk, lo, BLOCK_M)
+    rows = m0 + vcols
     base = (b * n_heads + hk * group + g) * seqlen_q
     in_q = rows < seqlen_q
     return gl.load(Lse2 + base + rows, mask=in_q, other=0.0), gl.load(Delta + base + rows, mask=in_q, other=0.0)
@@ -171,6 +178,21 @@ def _probs_t(st, m0, lo_full, hi_full, keys, off, seqlen_q, seqlen_k, qk_scale, 
     else:
         pt = gl.exp2(st * qk_scale)
     return pt
+
+
+@gluon.jit
+def _issue_dv_dk(pt, dpt_tok, q2, do2, dv, dk, a_layout: gl.constexpr):
+    """dS^T = P^T dP^T once dP^T has retired (before the dV MMA: P^T in fp32, dP^T and the bf16 copies of P^T are
+    never all live at once), then issue dV += P^T dO_i and dK += dS^T Q_i with P^T and dS^T from registers.
+    Returns dS^T in the input dtype, the two register operands (pinned until their MMAs retire) and the tokens."""
+    dtype: gl.constexpr = q2.dtype
+    dpt = warpgroup_mma_wait(num_outstanding=0, deps=(dpt_tok, ))
+    dst = (pt * dpt).to(dtype)
+    pt_a = gl.convert_layout(pt.to(dtype), a_layout)
+    ds_a = gl.convert_layout(dst, a_layout)
+    dv_tok = warpgroup_mma(pt_a, do2, dv, is_async=True)
+    dk_tok = warpgroup_mma(ds_a, q2, dk, is_async=True)
+    return dst, pt_a, ds_a, dv_tok, dk_tok
 
 
 @gluon.jit
@@ -254,8 +276,7 @@ def _dkdv_kernel(q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, DQ, Lse2, De
     # lse2 and delta of the first block; each iteration then prefetches the next block's (one value per thread)
     lse2_c, delta_c = _load_rows(Lse2, Delta, 0, n_blk, lo, b, hk, group, n_heads, seqlen_q, vcols, BLOCK_M)
     for t in range(total):
-        g = t // n_blk
-        m0 = lo + (t - g * n_blk) * BLOCK_M
+        g, m0 = _pair(t, n_blk, lo, BLOCK_M)
         s = t % STAGES
         phase = (t // STAGES) & 1
         q2 = q_smem.index(s).reshape([BLOCK_M, HEAD_DIM])
@@ -268,13 +289,7 @@ def _dkdv_kernel(q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, DQ, Lse2, De
         st = warpgroup_mma_wait(num_outstanding=1, deps=(st_tok, ))
         pt = _probs_t(st, m0, lo_full, hi_full, keys, off, seqlen_q, seqlen_k, qk_scale, win_left, win_right, BLOCK_M,
                       qry_l, HAS_LEFT, HAS_RIGHT)
-        # dS^T before the dV MMA: P^T in fp32, dP^T and the bf16 copies of P^T are never all live at once
-        dpt = warpgroup_mma_wait(num_outstanding=0, deps=(dpt_tok, ))
-        dst = (pt * dpt).to(dtype)
-        pt_a = gl.convert_layout(pt.to(dtype), a_layout)
-        ds_a = gl.convert_layout(dst, a_layout)
-        dv_tok = warpgroup_mma(pt_a, do2, dv, is_async=True)
-        dk_tok = warpgroup_mma(ds_a, q2, dk, is_async=True)
+        dst, pt_a, ds_a, dv_tok, dk_tok = _issue_dv_dk(pt, dpt_tok, q2, do2, dv, dk, a_layout)
         if ATOMIC_DQ:
             # dQ_i = dS K: dS^T also goes to shared memory, read back permuted as the A operand. Both warpgroups
             # write their key rows and each reads all of them: the compiler's barrier analysis orders the store
@@ -471,8 +486,7 @@ def _ws_consumer(args, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: g
         mbarrier.wait(kv_bar, 0)
         lse2_c, delta_c = _load_rows(Lse2, Delta, 0, n_blk, lo, b, hk, group, n_heads, seqlen_q, vcols, BLOCK_M)
         for t in range(total):
-            g = t // n_blk
-            m0 = lo + (t - g * n_blk) * BLOCK_M
+            g, m0 = _pair(t, n_blk, lo, BLOCK_M)
             s = t % STAGES
             phase = (t // STAGES) & 1
             q2 = q_smem.index(s).reshape([BLOCK_M, HEAD_DIM])
@@ -485,12 +499,7 @@ def _ws_consumer(args, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: g
             st = warpgroup_mma_wait(num_outstanding=1, deps=(st_tok, ))
             pt = _probs_t(st, m0, lo_full, hi_full, keys, off, seqlen_q, seqlen_k, qk_scale, win_left, win_right,
                           BLOCK_M, qry_l, HAS_LEFT, HAS_RIGHT)
-            dpt = warpgroup_mma_wait(num_outstanding=0, deps=(dpt_tok, ))
-            dst = (pt * dpt).to(dtype)
-            pt_a = gl.convert_layout(pt.to(dtype), a_layout)
-            ds_a = gl.convert_layout(dst, a_layout)
-            dv_tok = warpgroup_mma(pt_a, do2, dv, is_async=True)
-            dk_tok = warpgroup_mma(ds_a, q2, dk, is_async=True)
+            dst, pt_a, ds_a, dv_tok, dk_tok = _issue_dv_dk(pt, dpt_tok, q2, do2, dv, dk, a_layout)
             # dS^T goes to buffer t % 2, this warpgroup's rows; once both warpgroups have written theirs, each
             # forms its columns of dQ_i = dS K. A buffer is rewritten two blocks later, after both have passed
             # the next block's ds_ready, by which time both have retired this block's dQ MMA.
@@ -573,8 +582,7 @@ def _ws_dq_writer(args, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: 
     DHALF: gl.constexpr = HEAD_DIM // 2
     b, hk, n0, lo, lo_full, hi_full, n_blk = _ws_item(Plan, n_kv_heads, BLOCK_M, BLOCK_N)
     for t in range(n_blk * group):
-        g = t // n_blk
-        m0 = lo + (t - g * n_blk) * BLOCK_M
+        g, m0 = _pair(t, n_blk, lo, BLOCK_M)
         h = hk * group + g
         if DET:
             lock = Sem + (b * n_heads + h) * gl.cdiv(seqlen_q, BLOCK_M) + m0 // BLOCK_M
@@ -632,8 +640,8 @@ def _bwd_ws_kernel(q_desc, k_desc, v_desc, do_desc, dq_desc, DK, DV, Lse2, Delta
         mbarrier.init(dq_full.index(i), count=1)
         mbarrier.init(dq_empty.index(i), count=1)
     args = (q_desc, k_desc, v_desc, do_desc, dq_desc, DK, DV, Lse2, Delta, Plan, Sem, q_smem, do_smem, k_smem,
-            v_smem, ds_smem, dq_smem, kv_bar, q_ready, do_ready, q_empty, ds_ready, dq_full, dq_empty, n_kv_heads, n_heads, group, seqlen_q,
-            seqlen_k, qk_scale, inv_qk_scale, softmax_scale, win_left, win_right)
+            v_smem, ds_smem, dq_smem, kv_bar, q_ready, do_ready, q_empty, ds_ready, dq_full, dq_empty, n_kv_heads,
+            n_heads, group, seqlen_q, seqlen_k, qk_scale, inv_qk_scale, softmax_scale, win_left, win_right)
     gl.warp_specialize([
         (_ws_consumer, (args, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, HAS_LEFT, HAS_RIGHT, 0)),
         (_ws_consumer, (args, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, HAS_LEFT, HAS_RIGHT, 1)),
