@@ -27,7 +27,8 @@ def _compile(*args) -> list[dict]:
     done = subprocess.run([sys.executable, str(ROOT / "tools" / "compile_sm90.py"), *args], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    return [{k: int(v) for k, v in re.findall(r"'(reg|stack|smem|wgmma)': (\d+)", line)}
+    return [{"name": line[:line.index(": {'reg'")],
+             **{k: int(v) for k, v in re.findall(r"'(reg|stack|smem|wgmma)': (\d+)", line)}}
             for line in done.stdout.splitlines() if "'reg'" in line]
 
 
@@ -53,13 +54,7 @@ def _gluon_triton() -> bool:
 
 @pytest.mark.skipif(not _gluon_triton(), reason="the Gluon kernels are written for another triton release")
 def test_gluon_kernels_compile_for_hopper_and_the_forward_never_spills():
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = str(ROOT)
-    done = subprocess.run([sys.executable, str(ROOT / "tools" / "compile_sm90.py"), "--gluon"], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=900)
-    assert done.returncode == 0, done.stderr[-3000:]
-    rows = {re.match(r"(.*) w\d+:", line).group(1): {k: int(v) for k, v in re.findall(r"'(reg|stack|smem|wgmma)': (\d+)", line)}
-            for line in done.stdout.splitlines() if "'reg'" in line}
+    rows = {row["name"].rsplit(" w", 1)[0]: row for row in _compile("--gluon")}  # "gluon_fwd d64 win-1,0 w4"
     # D 64 / 128 x (causal, two-sided window) x (forward, varlen forward, dK/dV, atomic dK/dV, dQ), and the
     # warp-specialized backward at D=128 in both modes
     assert len(rows) == 24 and sum(name.startswith("gluon_bwd_ws") for name in rows) == 4, sorted(rows)
