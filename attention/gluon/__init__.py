@@ -49,3 +49,14 @@ def hopper_ready(device: torch.device) -> tuple[bool, str]:
             why = None if cap == (9, 0) else f"compute capability {cap} (the Gluon kernels are sm_90 only)"
         _READY[key] = (why is None, why or "")
     return _READY[key]
+
+
+_PROPS: dict = {}
+
+
+def device_props(device: torch.device):
+    """torch.cuda.get_device_properties(device), looked up once per device (SM count, L2 size, total memory)."""
+    key = str(device)
+    if key not in _PROPS:
+        _PROPS[key] = torch.cuda.get_device_properties(device)
+    return _PROPS[key]

@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 
 from ..backends import log_once
+from . import device_props
 from .plan import uncovered_reason
 
 # Passes that `auto` routes to Gluon where a case is covered.
@@ -57,17 +58,9 @@ def route(kind: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, varlen: 
     return "gluon", f"{'packed documents' if varlen else 'dense'}, D={D}{mode}"
 
 
-_MEMORY: dict = {}
-
-
 def device_memory(device: torch.device) -> int | None:
-    """Total memory of a CUDA device in bytes (cached), None for other devices."""
-    if device.type != "cuda":
-        return None
-    key = str(device)
-    if key not in _MEMORY:
-        _MEMORY[key] = torch.cuda.get_device_properties(device).total_memory
-    return _MEMORY[key]
+    """Total memory of a CUDA device in bytes, None for other devices."""
+    return device_props(device).total_memory if device.type == "cuda" else None
 
 
 def note(kind: str, kernel: str, reason: str, varlen: bool = False) -> None:

@@ -40,6 +40,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from ..triton.common import key_segments
+from . import device_props
 from .plan import cached_table, document_tiles, forward_plan, heads_per_chunk, persistent_grid, window_sides
 
 LOG2E = 1.4426950408889634
@@ -318,9 +319,6 @@ def _fwd_ws_kernel(q_desc, k_desc, v_desc, o_desc, Out, Lse, Plan, CuQ, CuK, n_w
 
 # -- host side ---------------------------------------------------------------------------------------------
 
-_SMS: dict = {}
-
-
 GL_DTYPES = {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16, torch.float32: gl.float32}
 
 
@@ -336,18 +334,11 @@ def descriptor(t: torch.Tensor, block_rows: int, block_cols: int | None = None) 
 
 
 def num_sms(device) -> int:
-    return _props(device)[0]
+    return device_props(device).multi_processor_count
 
 
 def l2_bytes(device) -> int:
-    return _props(device)[1]
-
-
-def _props(device):
-    if device not in _SMS:
-        props = torch.cuda.get_device_properties(device)
-        _SMS[device] = (props.multi_processor_count, props.L2_cache_size)
-    return _SMS[device]
+    return device_props(device).L2_cache_size
 
 
 def _launch(q4, k4, v4, out4, out, lse, table, cu_q, cu_k, n_slots, n_bh, n_heads, group, seqlen_q, seqlen_k,
