@@ -16,12 +16,13 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+from scripts.bench_attention import meta, visible_pairs  # noqa: E402
 
 # (causal, N, heads, kv heads)
 CASES = [(True, 8192, 16, 16), (True, 32768, 16, 16), (False, 8192, 16, 16), (False, 32768, 16, 16),
@@ -31,8 +32,8 @@ HEAD_DIM = 128
 
 
 def backward_flops(batch: int, n: int, heads: int, head_dim: int, causal: bool) -> float:
-    """2.5x the forward's 4 * B * H * N^2 * D; causal halves it (the FlashAttention convention)."""
-    return 2.5 * 4 * batch * heads * n * n * head_dim / (2 if causal else 1)
+    """2.5x the forward's 4 * B * H * D per visible (query, key) pair, bench_attention's count (causal: N^2 / 2)."""
+    return 2.5 * 4 * batch * heads * visible_pairs(n, causal, (-1, -1)) * head_dim
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -101,16 +102,15 @@ def main(argv=None) -> None:
     ready, why = hopper_ready(torch.device("cuda"))
     if not ready:
         raise SystemExit(f"error: the Gluon kernels cannot run here: {why}")
-    gpu = torch.cuda.get_device_name()
     rows = []
     for case in CASES:
         rows.append(bench_case(*case))
         print(json.dumps(rows[-1]), flush=True)
         torch.cuda.empty_cache()
-    out = Path(args.out or f"docs/bench/backward_{gpu.split()[-1].lower()}.json")
+    info = meta()
+    out = Path(args.out or f"docs/bench/backward_{info['gpu'].split()[-1].lower()}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
-    meta = dict(gpu=gpu, date=datetime.now(timezone.utc).isoformat(timespec="seconds"), torch=torch.__version__)
-    out.write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
+    out.write_text(json.dumps(dict(meta=info, rows=rows), indent=1))
     print(f"wrote {out}")
 
 
