@@ -49,9 +49,11 @@ def route(kind: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, varlen: 
         return "triton", f"D={D}: the Triton backward measured faster (dispatch.GLUON_BWD_HEAD_DIMS)"
     if kind == "backward":
         memory = device_memory(q.device)
-        if memory is not None and 4 * q.numel() > GLUON_BWD_MAX_DQ_FRACTION * memory:
-            return "triton", (f"the Gluon backward's fp32 dQ buffer ({4 * q.numel() / 2 ** 30:.1f} GiB) would exceed "
-                              f"{GLUON_BWD_MAX_DQ_FRACTION:.3g} of the GPU's memory (dispatch.GLUON_BWD_MAX_DQ_FRACTION)")
+        dq_bytes = 4 * q.numel()
+        if memory is not None and dq_bytes > GLUON_BWD_MAX_DQ_FRACTION * memory:
+            return "triton", (f"the Gluon backward's fp32 dQ buffer ({dq_bytes / 2 ** 30:.1f} GiB) would exceed "
+                              f"{GLUON_BWD_MAX_DQ_FRACTION:.3g} of the GPU's memory "
+                              "(dispatch.GLUON_BWD_MAX_DQ_FRACTION)")
     if varlen and D not in GLUON_VARLEN_HEAD_DIMS:
         return "triton", f"packed documents at D={D}: the Triton forward measured faster"
     mode = "" if kind == "forward" else (", deterministic" if deterministic else ", non-deterministic")
