@@ -675,8 +675,6 @@ def gluon_attn_backward(dout, q, k, v, out, lse, causal, softmax_scale, window_s
     qk_scale = float(softmax_scale) * LOG2E
     dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
     dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
-    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device) if deterministic else \
-        torch.zeros(q.shape, dtype=torch.float32, device=q.device)
 
     if D in WS_BWD_CONFIG:
         bm, bn, stages = WS_BWD_CONFIG[D]
@@ -694,6 +692,8 @@ def gluon_attn_backward(dout, q, k, v, out, lse, causal, softmax_scale, window_s
                 1.0 / qk_scale, float(softmax_scale), *sides, HEAD_DIM=D, BLOCK_M=bm, BLOCK_N=bn, STAGES=stages,
                 DET=deterministic, CONSUMER_REGS=WS_BWD_REGS[1], num_warps=4, maxnreg=WS_BWD_REGS[0], **flags)
         return dq.to(q.dtype), dk, dv
+    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device) if deterministic else \
+        torch.zeros(q.shape, dtype=torch.float32, device=q.device)
     bm, bn, stages, warps = DKDV_CONFIG[D]
     table = cached_table(backward_plan, Nq, Nk, causal, window_size, bm, bn, q.device)
     with torch.cuda.device(q.device):
