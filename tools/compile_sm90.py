@@ -92,6 +92,7 @@ def gluon_variants():
     import torch
 
     from attention.gluon import bwd as gluon_bwd, fwd as gluon_fwd
+    from attention.gluon.plan import pairs_tiles
     ints = dict(n_work=7, n_slots=7, n_bh=7, chunk=7, n_heads=7, n_kv_heads=7, group=7, seqlen_q=1000, seqlen_k=1000,
                 win_left=7, win_right=7, lse_stride=7, stride_dqb=7, stride_dqn=7, stride_dqh=7)
     floats = dict(qk_scale=0.127, inv_qk_scale=7.9, softmax_scale=0.088)
@@ -103,10 +104,12 @@ def gluon_variants():
             bm, bn, st = gluon_fwd.FWD_CONFIG[d]
             half, kv = gluon_fwd.descriptor(t, bm // 2), gluon_fwd.descriptor(t, bn)
             tensors = dict(q_desc=half, k_desc=kv, v_desc=kv, o_desc=half, Out=t, Lse=f32, Plan=i32, CuQ=i32, CuK=i32)
-            for varlen in (False, True):
+            for varlen in (False, True):  # dense causal MHA tiles go two by two (plan.pairs_tiles)
+                per_item = 2 if not varlen and pairs_tiles(False, (left, right), 1, d) else 1
                 yield (f"gluon_fwd{'_varlen' if varlen else ''} d{d} win{left},{right}", gluon_fwd._fwd_ws_kernel,
                        {**ints, **floats, **tensors}, dict(HEAD_DIM=d, BLOCK_M=bm, BLOCK_N=bn, STAGES=st,
-                                                            VARLEN=varlen, CONSUMER_REGS=gluon_fwd.WS_REGS[1], **flags),
+                                                            VARLEN=varlen, PER_ITEM=per_item,
+                                                            CONSUMER_REGS=gluon_fwd.WS_REGS[1], **flags),
                        4, gluon_fwd.WS_REGS[0])
             for atomic in (False, True):
                 bm, bn, st, warps = gluon_bwd.DKDV_CONFIG[d]

@@ -26,7 +26,9 @@ feeds P.V from registers:
 Scores stay in base 2 (scale * log2 e folded into one multiply); masks apply only to the blocks the plan marks
 (window edges, the causal diagonal, the sequence tail). The grid is persistent, one program per SM, walking
 (query tile, batch*head) work items heaviest query tile first, a few heads at a time so that the programs reading
-a head's K/V at the same moment find it in L2 (plan.heads_per_chunk, plan.work_item).
+a head's K/V at the same moment find it in L2 (plan.heads_per_chunk, plan.work_item). Causal MHA at D=128 pairs
+the tiles (plan.pairs_tiles, plan.forward_pairs): a work item is the i-th heaviest tile, then the i-th lightest
+with its key blocks last-first, so every item costs the same and the programs stay in step.
 """
 
 from __future__ import annotations
@@ -41,7 +43,8 @@ from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from ..triton.common import key_segments
 from . import device_props
-from .plan import cached_table, document_tiles, forward_plan, heads_per_chunk, persistent_grid, window_sides
+from .plan import (cached_table, document_tiles, forward_pairs, forward_plan, heads_per_chunk, pairs_tiles,
+                   persistent_grid, window_sides)
 
 LOG2E = 1.4426950408889634
 LN2: gl.constexpr = gl.constexpr(0.6931471805599453)
@@ -83,21 +86,25 @@ def visible(keys, diag, seqlen_k, win_left, win_right, HAS_LEFT: gl.constexpr, H
 
 
 @gluon.jit
-def _item(w, Plan, CuQ, CuK, n_slots, n_bh, chunk, n_heads, seqlen_q, seqlen_k, lse_stride, win_left, win_right,
-          BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr,
-          VARLEN: gl.constexpr):
-    """Work item w: (b, h, tile, lo, a, bb, hi, first, first_k, len_q, len_k, lse_base).
+def _item(w, half, Plan, CuQ, CuK, n_slots, n_bh, chunk, n_heads, seqlen_q, seqlen_k, lse_stride, win_left,
+          win_right, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr,
+          VARLEN: gl.constexpr, PER_ITEM: gl.constexpr):
+    """Tile `half` (< PER_ITEM, the plan rows per work item) of work item w, plan row PER_ITEM * slot + half:
+    (b, h, tile, lo, a, bb, hi, first, first_k, len_q, len_k, lse_base, rev); rev = 1: its key blocks are visited
+    last-first (_key).
 
     Dense: b is the batch index, first = first_k = 0, the tile and its bounds come from the plan table
     (plan.TilePlan.table). Packed documents (one packed sequence, b = 0, n_bh = heads): the plan row is
     (document d, tile) of plan.document_tiles; d's rows start at first = cu_q[d] and its keys at first_k = cu_k[d],
     the bounds come from the Triton kernels' key_segments, and a padding row (d = -1) gets lo = hi = -1 (skipped).
-    The lse of row r is at lse_base + r."""
+    The lse of row r is at lse_base + r. Pairs of dense tiles (PER_ITEM = 2, plan.forward_pairs) visit their
+    second tile last-first."""
     slot, bh = _work_item(w, n_slots, n_bh, chunk)
+    row = PER_ITEM * slot + half
     if VARLEN:
         h = bh
-        d = gl.load(Plan + 2 * slot)
-        tile = gl.load(Plan + 2 * slot + 1)
+        d = gl.load(Plan + 2 * row)
+        tile = gl.load(Plan + 2 * row + 1)
         dd = gl.maximum(d, 0)
         first = gl.load(CuQ + dd)
         len_q = gl.load(CuQ + dd + 1) - first
@@ -110,16 +117,24 @@ def _item(w, Plan, CuQ, CuK, n_slots, n_bh, chunk, n_heads, seqlen_q, seqlen_k, 
             hi = -1
         b = d * 0
         lse_base = h * lse_stride + first
+        rev = b
     else:
         h = bh % n_heads
         b = bh // n_heads
-        tile, lo, a, bb, hi = plan_row(Plan, slot)
+        tile, lo, a, bb, hi = plan_row(Plan, row)
+        rev = half
         first = b * 0
         first_k = first
         len_q = seqlen_q
         len_k = seqlen_k
         lse_base = bh * seqlen_q
-    return b, h, tile, lo, a, bb, hi, first, first_k, len_q, len_k, lse_base
+    return b, h, tile, lo, a, bb, hi, first, first_k, len_q, len_k, lse_base, rev
+
+
+@gluon.jit
+def _key(lo, j, n_blocks, rev, BLOCK_N: gl.constexpr):
+    """First key of the j-th of n_blocks key blocks from lo that a tile visits: first-to-last, or last-first (rev)."""
+    return lo + (j + rev * (n_blocks - 1 - 2 * j)) * BLOCK_N
 
 
 @gluon.jit
@@ -153,7 +168,8 @@ def _online_softmax(s, m_i, l_i, key, lo_full, hi_full, rows, cols, seqlen_k, of
 
 @gluon.jit
 def _ws_consumer(args, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
-                 HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr, VARLEN: gl.constexpr, WG: gl.constexpr):
+                 HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr, VARLEN: gl.constexpr, PER_ITEM: gl.constexpr,
+                 WG: gl.constexpr):
     """Rows [WG * BLOCK_M/2, (WG+1) * BLOCK_M/2) of every query tile: S = QK^T, online softmax, O += PV."""
     (q_desc, k_desc, v_desc, o_desc, Out, Lse, Plan, CuQ, CuK, q_smem, o_smem, k_smem, v_smem, q_ready, q_empty,
      k_ready, v_ready, k_empty, v_empty, n_work, n_slots, n_bh, chunk, n_heads, group, seqlen_q, seqlen_k,
@@ -171,78 +187,82 @@ def _ws_consumer(args, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: g
     used = 0  # K/V blocks consumed so far over all work items (the ring position)
     it = 0  # work items done
     for w in range(gl.program_id(0), n_work, gl.num_programs(0)):
-        b, h, tile, lo, lo_full, hi_full, hi, first, first_k, len_q, len_k, lse_base = _item(
-            w, Plan, CuQ, CuK, n_slots, n_bh, chunk, n_heads, seqlen_q, seqlen_k, lse_stride, win_left, win_right,
-            BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT, VARLEN)
-        if hi >= 0:  # a packed document's tile past its end is skipped
-            off = len_k - len_q
-            m0 = tile * BLOCK_M + WG * HALF
-            n_blocks = gl.cdiv(hi - lo, BLOCK_N)
-            rows = m0 + gl.arange(0, HALF, row_s)
-            m_i = gl.full([HALF], float("-inf"), gl.float32, row_s)
-            l_i = gl.zeros([HALF], gl.float32, row_s)
-            acc = gl.zeros([HALF, HEAD_DIM], gl.float32, o_layout)
-            s_zero = gl.zeros([HALF, BLOCK_N], gl.float32, s_layout)
-            mbarrier.wait(q_ready.index(WG), it & 1)
-            q = q_smem.index(WG).reshape([HALF, HEAD_DIM])
-            if n_blocks > 0:
-                st = used % STAGES
-                mbarrier.wait(k_ready.index(st), (used // STAGES) & 1)
-                kt = k_smem.index(st).reshape([BLOCK_N, HEAD_DIM]).permute((1, 0))
-                s = warpgroup_mma(q, kt, s_zero, use_acc=False, is_async=True)
-                s = warpgroup_mma_wait(num_outstanding=0, deps=(s, ))
-                async_copy.mbarrier_arrive(k_empty.index(st), increment_count=False)
-                p, m_i, l_i, alpha = _online_softmax(s, m_i, l_i, lo, lo_full, hi_full, rows, cols, len_k, off,
-                                                     qk_scale, win_left, win_right, HAS_LEFT, HAS_RIGHT)
-                pv = gl.convert_layout(p.to(dtype), p_layout)
-                for j in range(1, n_blocks):
-                    cur = used + j
-                    st = cur % STAGES
-                    ps = (cur - 1) % STAGES
-                    mbarrier.wait(k_ready.index(st), (cur // STAGES) & 1)
-                    mbarrier.wait(v_ready.index(ps), ((cur - 1) // STAGES) & 1)
+        for half in range(PER_ITEM):
+            b, h, tile, lo, lo_full, hi_full, hi, first, first_k, len_q, len_k, lse_base, rev = _item(
+                w, half, Plan, CuQ, CuK, n_slots, n_bh, chunk, n_heads, seqlen_q, seqlen_k, lse_stride, win_left,
+                win_right, BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT, VARLEN, PER_ITEM)
+            if hi >= 0:  # an empty row (an odd pair, a packed document's tile past its end) is skipped
+                off = len_k - len_q
+                m0 = tile * BLOCK_M + WG * HALF
+                n_blocks = gl.cdiv(hi - lo, BLOCK_N)
+                rows = m0 + gl.arange(0, HALF, row_s)
+                m_i = gl.full([HALF], float("-inf"), gl.float32, row_s)
+                l_i = gl.zeros([HALF], gl.float32, row_s)
+                acc = gl.zeros([HALF, HEAD_DIM], gl.float32, o_layout)
+                s_zero = gl.zeros([HALF, BLOCK_N], gl.float32, s_layout)
+                mbarrier.wait(q_ready.index(WG), it & 1)
+                q = q_smem.index(WG).reshape([HALF, HEAD_DIM])
+                if n_blocks > 0:
+                    st = used % STAGES
+                    mbarrier.wait(k_ready.index(st), (used // STAGES) & 1)
                     kt = k_smem.index(st).reshape([BLOCK_N, HEAD_DIM]).permute((1, 0))
-                    s_tok = warpgroup_mma(q, kt, s_zero, use_acc=False, is_async=True)
-                    acc_tok = warpgroup_mma(pv, v_smem.index(ps).reshape([BLOCK_N, HEAD_DIM]), acc, is_async=True)
-                    s = warpgroup_mma_wait(num_outstanding=1, deps=(s_tok, ))
-                    async_copy.mbarrier_arrive(k_empty.index(st), increment_count=False)  # done with K_j
-                    p, m_i, l_i, alpha = _online_softmax(s, m_i, l_i, lo + j * BLOCK_N, lo_full, hi_full, rows, cols,
-                                                         len_k, off, qk_scale, win_left, win_right, HAS_LEFT,
-                                                         HAS_RIGHT)
-                    acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc_tok, ))
-                    async_copy.mbarrier_arrive(v_empty.index(ps), increment_count=False)  # done with V_{j-1}
-                    acc = acc * gl.convert_layout(alpha, row_o)[:, None]
+                    s = warpgroup_mma(q, kt, s_zero, use_acc=False, is_async=True)
+                    s = warpgroup_mma_wait(num_outstanding=0, deps=(s, ))
+                    async_copy.mbarrier_arrive(k_empty.index(st), increment_count=False)
+                    p, m_i, l_i, alpha = _online_softmax(s, m_i, l_i, _key(lo, 0, n_blocks, rev, BLOCK_N), lo_full,
+                                                         hi_full, rows, cols, len_k, off, qk_scale, win_left, win_right,
+                                                         HAS_LEFT, HAS_RIGHT)
                     pv = gl.convert_layout(p.to(dtype), p_layout)
-                last = used + n_blocks - 1
-                mbarrier.wait(v_ready.index(last % STAGES), (last // STAGES) & 1)
-                acc = warpgroup_mma(pv, v_smem.index(last % STAGES).reshape([BLOCK_N, HEAD_DIM]), acc, is_async=True)
-                acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
-                async_copy.mbarrier_arrive(v_empty.index(last % STAGES), increment_count=False)
-                used += n_blocks
-            async_copy.mbarrier_arrive(q_empty.index(WG), increment_count=False)
-            it += 1
+                    for j in range(1, n_blocks):
+                        cur = used + j
+                        st = cur % STAGES
+                        ps = (cur - 1) % STAGES
+                        mbarrier.wait(k_ready.index(st), (cur // STAGES) & 1)
+                        mbarrier.wait(v_ready.index(ps), ((cur - 1) // STAGES) & 1)
+                        kt = k_smem.index(st).reshape([BLOCK_N, HEAD_DIM]).permute((1, 0))
+                        s_tok = warpgroup_mma(q, kt, s_zero, use_acc=False, is_async=True)
+                        acc_tok = warpgroup_mma(pv, v_smem.index(ps).reshape([BLOCK_N, HEAD_DIM]), acc, is_async=True)
+                        s = warpgroup_mma_wait(num_outstanding=1, deps=(s_tok, ))
+                        async_copy.mbarrier_arrive(k_empty.index(st), increment_count=False)  # done with K_j
+                        p, m_i, l_i, alpha = _online_softmax(s, m_i, l_i, _key(lo, j, n_blocks, rev, BLOCK_N), lo_full,
+                                                             hi_full, rows, cols, len_k, off, qk_scale, win_left,
+                                                             win_right, HAS_LEFT, HAS_RIGHT)
+                        acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc_tok, ))
+                        async_copy.mbarrier_arrive(v_empty.index(ps), increment_count=False)  # done with V_{j-1}
+                        acc = acc * gl.convert_layout(alpha, row_o)[:, None]
+                        pv = gl.convert_layout(p.to(dtype), p_layout)
+                    last = used + n_blocks - 1
+                    mbarrier.wait(v_ready.index(last % STAGES), (last // STAGES) & 1)
+                    v_last = v_smem.index(last % STAGES).reshape([BLOCK_N, HEAD_DIM])
+                    acc = warpgroup_mma(pv, v_last, acc, is_async=True)
+                    acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
+                    async_copy.mbarrier_arrive(v_empty.index(last % STAGES), increment_count=False)
+                    used += n_blocks
+                async_copy.mbarrier_arrive(q_empty.index(WG), increment_count=False)
+                it += 1
 
-            empty = l_i == 0.0
-            l_safe = gl.where(empty, 1.0, l_i)
-            out = acc / gl.convert_layout(l_safe, row_o)[:, None]
-            lse = gl.where(empty, float("-inf"), (m_i + gl.log2(l_safe)) * LN2)
-            gl.store(Lse + lse_base + rows, lse, mask=rows < len_q)
-            if VARLEN:
-                if m0 + HALF <= len_q:
-                    _tma_store(o_desc, o_smem, out.to(dtype), b, first + m0, h, WG)
-                else:  # the document's last rows: rows past its end belong to the next document
-                    o_rows = m0 + gl.arange(0, HALF, row_o)
-                    o_cols = gl.arange(0, HEAD_DIM, gl.SliceLayout(0, o_layout))
-                    ptr = Out + (first + o_rows).to(gl.int64)[:, None] * (n_heads * HEAD_DIM) + h * HEAD_DIM
-                    gl.store(ptr + o_cols[None, :], out.to(dtype), mask=(o_rows < len_q)[:, None])
-            else:  # the descriptor drops rows past Nq
-                _tma_store(o_desc, o_smem, out.to(dtype), b, m0, h, WG)
+                empty = l_i == 0.0
+                l_safe = gl.where(empty, 1.0, l_i)
+                out = acc / gl.convert_layout(l_safe, row_o)[:, None]
+                lse = gl.where(empty, float("-inf"), (m_i + gl.log2(l_safe)) * LN2)
+                gl.store(Lse + lse_base + rows, lse, mask=rows < len_q)
+                if VARLEN:
+                    if m0 + HALF <= len_q:
+                        _tma_store(o_desc, o_smem, out.to(dtype), b, first + m0, h, WG)
+                    else:  # the document's last rows: rows past its end belong to the next document
+                        o_rows = m0 + gl.arange(0, HALF, row_o)
+                        o_cols = gl.arange(0, HEAD_DIM, gl.SliceLayout(0, o_layout))
+                        ptr = Out + (first + o_rows).to(gl.int64)[:, None] * (n_heads * HEAD_DIM) + h * HEAD_DIM
+                        gl.store(ptr + o_cols[None, :], out.to(dtype), mask=(o_rows < len_q)[:, None])
+                else:  # the descriptor drops rows past Nq
+                    _tma_store(o_desc, o_smem, out.to(dtype), b, m0, h, WG)
     tma.store_wait(pendings=0)
 
 
 @gluon.jit
 def _ws_producer(args, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
-                 HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr, VARLEN: gl.constexpr, WG: gl.constexpr):
+                 HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr, VARLEN: gl.constexpr, PER_ITEM: gl.constexpr,
+                 WG: gl.constexpr):
     """One warp: TMA-loads each work item's two Q halves and its K and V blocks into their rings, ahead of the
     consumers. K_j goes before V_{j-1}: a V stage frees a step later than a K stage."""
     (q_desc, k_desc, v_desc, o_desc, Out, Lse, Plan, CuQ, CuK, q_smem, o_smem, k_smem, v_smem, q_ready, q_empty,
@@ -252,39 +272,40 @@ def _ws_producer(args, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: g
     issued = 0
     it = 0
     for w in range(gl.program_id(0), n_work, gl.num_programs(0)):
-        b, h, tile, lo, lo_full, hi_full, hi, first, first_k, len_q, len_k, lse_base = _item(
-            w, Plan, CuQ, CuK, n_slots, n_bh, chunk, n_heads, seqlen_q, seqlen_k, lse_stride, win_left, win_right,
-            BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT, VARLEN)
-        if hi >= 0:
-            hkv = h // group
-            n_blocks = gl.cdiv(hi - lo, BLOCK_N)
-            for c in gl.static_range(2):
-                mbarrier.wait(q_empty.index(c), (it & 1) ^ 1)  # fresh barriers pass phase 1: the first wait is free
-                mbarrier.expect(q_ready.index(c), q_desc.block_type.nbytes)
-                tma.async_copy_global_to_shared(q_desc, [b, first + tile * BLOCK_M + c * HALF, h, 0],
-                                                q_ready.index(c), q_smem.index(c))
-            for j in range(n_blocks + 1):  # K_j, then V_{j-1} (FA3's order)
-                if j < n_blocks:
-                    st = (issued + j) % STAGES
-                    mbarrier.wait(k_empty.index(st), (((issued + j) // STAGES) & 1) ^ 1)
-                    mbarrier.expect(k_ready.index(st), k_desc.block_type.nbytes)
-                    tma.async_copy_global_to_shared(k_desc, [b, first_k + lo + j * BLOCK_N, hkv, 0],
-                                                    k_ready.index(st), k_smem.index(st))
-                if j > 0:
-                    st = (issued + j - 1) % STAGES
-                    mbarrier.wait(v_empty.index(st), (((issued + j - 1) // STAGES) & 1) ^ 1)
-                    mbarrier.expect(v_ready.index(st), v_desc.block_type.nbytes)
-                    tma.async_copy_global_to_shared(v_desc, [b, first_k + lo + (j - 1) * BLOCK_N, hkv, 0],
-                                                    v_ready.index(st), v_smem.index(st))
-            issued += n_blocks
-            it += 1
+        for half in range(PER_ITEM):
+            b, h, tile, lo, lo_full, hi_full, hi, first, first_k, len_q, len_k, lse_base, rev = _item(
+                w, half, Plan, CuQ, CuK, n_slots, n_bh, chunk, n_heads, seqlen_q, seqlen_k, lse_stride, win_left,
+                win_right, BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT, VARLEN, PER_ITEM)
+            if hi >= 0:
+                hkv = h // group
+                n_blocks = gl.cdiv(hi - lo, BLOCK_N)
+                for c in gl.static_range(2):
+                    mbarrier.wait(q_empty.index(c), (it & 1) ^ 1)  # fresh barriers pass phase 1: the first wait is free
+                    mbarrier.expect(q_ready.index(c), q_desc.block_type.nbytes)
+                    tma.async_copy_global_to_shared(q_desc, [b, first + tile * BLOCK_M + c * HALF, h, 0],
+                                                    q_ready.index(c), q_smem.index(c))
+                for j in range(n_blocks + 1):  # K_j, then V_{j-1} (FA3's order)
+                    if j < n_blocks:
+                        st = (issued + j) % STAGES
+                        mbarrier.wait(k_empty.index(st), (((issued + j) // STAGES) & 1) ^ 1)
+                        key = first_k + _key(lo, j, n_blocks, rev, BLOCK_N)
+                        mbarrier.expect(k_ready.index(st), k_desc.block_type.nbytes)
+                        tma.async_copy_global_to_shared(k_desc, [b, key, hkv, 0], k_ready.index(st), k_smem.index(st))
+                    if j > 0:
+                        st = (issued + j - 1) % STAGES
+                        mbarrier.wait(v_empty.index(st), (((issued + j - 1) // STAGES) & 1) ^ 1)
+                        key = first_k + _key(lo, j - 1, n_blocks, rev, BLOCK_N)
+                        mbarrier.expect(v_ready.index(st), v_desc.block_type.nbytes)
+                        tma.async_copy_global_to_shared(v_desc, [b, key, hkv, 0], v_ready.index(st), v_smem.index(st))
+                issued += n_blocks
+                it += 1
 
 
 @gluon.jit
 def _fwd_ws_kernel(q_desc, k_desc, v_desc, o_desc, Out, Lse, Plan, CuQ, CuK, n_work, n_slots, n_bh, chunk, n_heads,
                    group, seqlen_q, seqlen_k, lse_stride, qk_scale, win_left, win_right,
                    HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
-                   HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr, VARLEN: gl.constexpr,
+                   HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr, VARLEN: gl.constexpr, PER_ITEM: gl.constexpr,
                    CONSUMER_REGS: gl.constexpr, num_warps: gl.constexpr):
     """Warp-specialized: two consumer warpgroups (the default partition and a worker) each own half of the query
     tile, and a one-warp producer streams Q and the K/V ring. q_desc / o_desc boxes are BLOCK_M/2 rows."""
@@ -311,9 +332,9 @@ def _fwd_ws_kernel(q_desc, k_desc, v_desc, o_desc, Out, Lse, Plan, CuQ, CuK, n_w
             q_empty, k_ready, v_ready, k_empty, v_empty, n_work, n_slots, n_bh, chunk, n_heads, group, seqlen_q,
             seqlen_k, lse_stride, qk_scale, win_left, win_right)
     gl.warp_specialize([
-        (_ws_consumer, (args, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, HAS_LEFT, HAS_RIGHT, VARLEN, 0)),
-        (_ws_consumer, (args, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, HAS_LEFT, HAS_RIGHT, VARLEN, 1)),
-        (_ws_producer, (args, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, HAS_LEFT, HAS_RIGHT, VARLEN, 0)),
+        (_ws_consumer, (args, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, HAS_LEFT, HAS_RIGHT, VARLEN, PER_ITEM, 0)),
+        (_ws_consumer, (args, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, HAS_LEFT, HAS_RIGHT, VARLEN, PER_ITEM, 1)),
+        (_ws_producer, (args, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, HAS_LEFT, HAS_RIGHT, VARLEN, PER_ITEM, 0)),
     ], [4, 1], [CONSUMER_REGS, 24])
 
 
@@ -341,19 +362,21 @@ def l2_bytes(device) -> int:
     return device_props(device).L2_cache_size
 
 
-def _launch(q4, k4, v4, out4, out, lse, table, cu_q, cu_k, n_slots, n_bh, n_heads, group, seqlen_q, seqlen_k,
-            lse_stride, causal, softmax_scale, window_size, varlen):
-    """One persistent launch over n_slots x n_bh work items; q4/k4/v4/out4 are (B, N, H, D) views."""
+def _launch(q4, k4, v4, out4, out, lse, table, cu_q, cu_k, n_bh, n_heads, group, seqlen_q, seqlen_k,
+            lse_stride, causal, softmax_scale, window_size, varlen, per_item=1):
+    """One persistent launch over (table rows / per_item) x n_bh work items, per_item plan rows each;
+    q4/k4/v4/out4 are (B, N, H, D) views."""
     D = q4.shape[-1]
     block_m, block_n, stages = FWD_CONFIG[D]
     left, right = window_sides(causal, window_size)
+    n_slots = table.shape[0] // per_item
     n_work = n_slots * n_bh
     grid = (persistent_grid(n_work, num_sms(q4.device)),)
     chunk = heads_per_chunk(n_bh, seqlen_k, D, q4.element_size(), l2_bytes(q4.device))
     args = (out, lse, table, cu_q, cu_k, n_work, n_slots, n_bh, chunk, n_heads, group, seqlen_q, seqlen_k, lse_stride,
             float(softmax_scale) * LOG2E, max(left, 0), max(right, 0))
     consts = dict(HEAD_DIM=D, BLOCK_M=block_m, BLOCK_N=block_n, STAGES=stages, HAS_LEFT=left >= 0,
-                  HAS_RIGHT=right >= 0, VARLEN=varlen)
+                  HAS_RIGHT=right >= 0, VARLEN=varlen, PER_ITEM=per_item)
     kv = (descriptor(k4, block_n), descriptor(v4, block_n))
     with torch.cuda.device(q4.device):  # Q and O move in halves: one per consumer warpgroup
         _fwd_ws_kernel[grid](descriptor(q4, block_m // 2), *kv, descriptor(out4, block_m // 2), *args, **consts,
@@ -366,9 +389,11 @@ def gluon_attn_forward(q, k, v, causal, softmax_scale, window_size):
     block_m, block_n, _ = FWD_CONFIG[D]
     out = torch.empty((B, Nq, H, D), dtype=q.dtype, device=q.device)
     lse = torch.empty((B, H, Nq), dtype=torch.float32, device=q.device)
-    table = cached_table(forward_plan, Nq, Nk, causal, window_size, block_m, block_n, q.device)
-    _launch(q, k, v, out, out, lse, table, table, table, table.shape[0], B * H, H, H // Hkv, Nq, Nk, Nq, causal,
-            softmax_scale, window_size, False)
+    paired = pairs_tiles(causal, window_size, H // Hkv, D)
+    table = cached_table(forward_pairs if paired else forward_plan, Nq, Nk, causal, window_size, block_m, block_n,
+                         q.device)
+    _launch(q, k, v, out, out, lse, table, table, table, B * H, H, H // Hkv, Nq, Nk, Nq, causal, softmax_scale,
+            window_size, False, 2 if paired else 1)
     return out, lse
 
 
@@ -385,6 +410,5 @@ def gluon_attn_varlen_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
     if total_q == 0:
         return out, lse
     table = document_tiles(cu_seqlens_q, total_q, FWD_CONFIG[D][0])
-    _launch(q[None], k[None], v[None], out[None], out, lse, table, cu_seqlens_q, cu_seqlens_k, table.shape[0], H, H,
-            H // Hkv, int(max_seqlen_q), total_k, total_q, causal, softmax_scale, window_size, True)
+    _launch(q[None], k[None], v[None], out[None], out, lse, table, cu_seqlens_q, cu_seqlens_k, H, H, H // Hkv, int(max_seqlen_q), total_k, total_q, causal, softmax_scale, window_size, True)
     return out, lse

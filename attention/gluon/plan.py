@@ -3,7 +3,8 @@ tile, and the order a persistent grid visits tiles. Pure Python, so the CPU test
 
     plan = forward_plan(seqlen_q=8192, seqlen_k=8192, causal=True, window_size=(-1, -1), block_m=128, block_n=128)
     plan.bounds[t]  # (lo, a, b, hi): keys of query tile t; [a, b) needs no mask, [lo, a) and [b, hi) do
-    plan.order      # query tiles, heaviest first (the persistent grid walks tiles in this order)
+    plan.order      # query tiles, heaviest first
+    forward_pairs(...).order  # causal: the same tiles two by two, heaviest with lightest (the forward's order)
 
 Visibility is the Triton kernels' rule (attention/triton/common.py): query i of Nq sees key j of Nk iff
     i + off - left <= j <= i + off + right,   off = Nk - Nq,
@@ -68,11 +69,12 @@ class TilePlan:
     (forward_plan), the backward's key blocks over query blocks (plan_bwd.backward_plan)."""
     block: int  # the loop's block size: block_n forward, block_m backward
     bounds: tuple  # per tile: (lo, a, b, hi)
-    order: tuple  # tiles, heaviest first
+    order: tuple  # tiles in the order they are visited (None: an empty row)
 
     def table(self, device) -> torch.Tensor:
-        """int32 (n_tiles, 5) for the kernel: row p = (tile, lo, a, b, hi) of the p-th tile to visit."""
-        rows = [(t, *self.bounds[t]) for t in self.order]
+        """int32 (len(order), 5) for the kernel: row p = (tile, lo, a, b, hi) of the p-th tile to visit; an empty
+        row is all -1 (hi < 0: skipped)."""
+        rows = [(t, *self.bounds[t]) if t is not None else (-1,) * 5 for t in self.order]
         return torch.tensor(rows, dtype=torch.int32).to(device, non_blocking=True)
 
     def blocks(self, t: int) -> int:
@@ -91,12 +93,40 @@ def forward_plan(seqlen_q: int, seqlen_k: int, causal: bool, window_size, block_
     return TilePlan(block_n, bounds, tuple(sorted(range(n_tiles), key=lambda t: (-work[t], -t))))
 
 
+def forward_pairs(seqlen_q: int, seqlen_k: int, causal: bool, window_size, block_m: int, block_n: int) -> TilePlan:
+    """forward_plan's tiles two by two, for the persistent forward where a tile's work grows with its index (a
+    causal mask with no left window side; pairs_tiles says where): pair i is the i-th heaviest tile, then the i-th lightest
+    (None when the count is odd). A program visits both tiles of a pair, the second one's key blocks last-first.
+    Causal pairs then cost the same (n + 1 blocks), so the programs stay in step as they do without a mask, and
+    at any moment they all read one of two key blocks of a head (block t of a first tile, block n - t of a
+    second), which L2 serves. Single tiles heaviest first let the programs drift apart over several heads, whose
+    K/V then no longer fit in L2."""
+    plan = forward_plan(seqlen_q, seqlen_k, causal, window_size, block_m, block_n)
+    n = len(plan.order)
+    order = []
+    for i in range((n + 1) // 2):
+        order += [plan.order[i], plan.order[n - 1 - i] if n - 1 - i != i else None]
+    return TilePlan(plan.block, plan.bounds, tuple(order))
+
+
+def pairs_tiles(causal: bool, window_size, group: int, head_dim: int) -> bool:
+    """Whether the persistent forward visits tiles two by two (forward_pairs): where the work per query tile grows
+    along the sequence (a bounded right side, an unbounded left one) and the single-tile order's K/V outgrow the
+    L2. Its head chunks hold half the L2 of K/V with one query head per KV head (group 1); the programs drift over
+    a few chunks, so MHA re-reads K/V from HBM, while GQA chunks share their K/V and stay in L2 (there pairs
+    measured 1-3% slower, as at D=64, where the kernel is bound elsewhere). Elsewhere tiles go one by one,
+    heaviest first."""
+    left, right = window_sides(causal, window_size)
+    return left < 0 and right >= 0 and group == 1 and head_dim >= 128
+
+
 _TABLES: dict = {}
 
 
 def cached_table(make, seqlen_q: int, seqlen_k: int, causal: bool, window_size, block_m: int, block_n: int,
                  device) -> torch.Tensor:
-    """make(...).table(device) (make: forward_plan or plan_bwd.backward_plan), built and uploaded once per shape."""
+    """make(...).table(device) (make: forward_pairs, forward_plan or a plan_bwd plan), built and uploaded once per
+    shape."""
     key = (make.__name__, seqlen_q, seqlen_k, bool(causal), tuple(window_size), block_m, block_n, str(device))
     table = _TABLES.get(key)
     if table is None:
@@ -133,8 +163,9 @@ def heads_per_chunk(n_bh: int, seqlen_k: int, head_dim: int, elem_bytes: int, l2
 
 
 def work_item(w: int, n_slots: int, n_bh: int, chunk: int) -> tuple[int, int]:
-    """(slot, bh) of work item w: heads in chunks of `chunk`; within a chunk the slots (query tiles, heaviest
-    first) vary slowest and the chunk's heads fastest. The kernels decode w the same way (_work_item)."""
+    """(slot, bh) of work item w: heads in chunks of `chunk`; within a chunk the slots (the forward's pairs of
+    query tiles, heaviest first) vary slowest and the chunk's heads fastest. The kernels decode w the same way
+    (_work_item)."""
     c = w // (chunk * n_slots)
     base = c * chunk
     g = min(chunk, n_bh - base)

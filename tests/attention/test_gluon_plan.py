@@ -6,8 +6,8 @@ import torch
 
 from attention.backends import get_backend, resolve_backend_name
 from attention.gluon import dispatch, hopper_ready, triton_status
-from attention.gluon.plan import (document_tiles, forward_plan, heads_per_chunk, key_range, persistent_grid,
-                                  uncovered_reason, work_item)
+from attention.gluon.plan import (document_tiles, forward_pairs, forward_plan, heads_per_chunk, key_range,
+                                  pairs_tiles, persistent_grid, uncovered_reason, work_item)
 from helpers import cu_seqlens, visible_mask
 
 
@@ -104,6 +104,35 @@ def test_triton_status_names_a_version_it_was_not_written_for(monkeypatch):
     import triton
     monkeypatch.setattr(triton, "__version__", "3.9.0")
     assert "written for triton 3.6" in triton_status()
+
+
+@pytest.mark.parametrize("nq,nk,causal,window", [(8192, 8192, True, (-1, -1)), (1000, 1000, True, (-1, -1)),
+                                                 (3000, 3000, False, (-1, -1)), (2000, 3100, True, (300, 0)),
+                                                 (128, 128, True, (-1, -1))])
+def test_forward_pairs_visit_every_tile_once_heaviest_with_lightest(nq, nk, causal, window):
+    plan = forward_plan(nq, nk, causal, window, 128, 128)
+    pairs = forward_pairs(nq, nk, causal, window, 128, 128)
+    assert pairs.bounds == plan.bounds
+    assert len(pairs.order) % 2 == 0 and pairs.order[::2] == plan.order[:len(pairs.order) // 2]
+    assert sorted(t for t in pairs.order if t is not None) == list(range(len(plan.order)))
+    assert [i for i, t in enumerate(pairs.order) if t is None] in ([], [len(pairs.order) - 1])  # odd count: last
+    cost = [sum(pairs.blocks(t) for t in pairs.order[i:i + 2] if t is not None) for i in range(0, len(pairs.order), 2)]
+    if causal and window == (-1, -1) and nq == nk:  # tile t has t + 1 blocks: every full pair costs n + 1
+        n = len(plan.order)
+        assert cost[:n // 2] == [n + 1] * (n // 2)
+    table = pairs.table("cpu")
+    assert table.shape == (len(pairs.order), 5)
+    empty = [i for i, t in enumerate(pairs.order) if t is None]
+    assert all((table[i] == -1).all() for i in empty)
+
+
+def test_tiles_go_two_by_two_only_for_causal_mha_at_d128():
+    assert pairs_tiles(True, (-1, -1), 1, 128)
+    assert pairs_tiles(False, (-1, 0), 1, 128)  # causal spelled as a window
+    assert not pairs_tiles(True, (-1, -1), 4, 128)  # GQA: the K/V of a head chunk stay in L2
+    assert not pairs_tiles(True, (-1, -1), 1, 64)
+    assert not pairs_tiles(False, (-1, -1), 1, 128)  # every tile costs the same
+    assert not pairs_tiles(True, (4095, 0), 1, 128)  # a sliding window: the same
 
 
 @pytest.mark.parametrize("n_slots,n_bh,chunk", [(8, 32, 2), (5, 7, 3), (1, 1, 1), (16, 3, 8), (3, 10, 10)])
