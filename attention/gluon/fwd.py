@@ -410,5 +410,6 @@ def gluon_attn_varlen_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
     if total_q == 0:
         return out, lse
     table = document_tiles(cu_seqlens_q, total_q, FWD_CONFIG[D][0])
-    _launch(q[None], k[None], v[None], out[None], out, lse, table, cu_seqlens_q, cu_seqlens_k, H, H, H // Hkv, int(max_seqlen_q), total_k, total_q, causal, softmax_scale, window_size, True)
+    _launch(q[None], k[None], v[None], out[None], out, lse, table, cu_seqlens_q, cu_seqlens_k, H, H, H // Hkv,
+            int(max_seqlen_q), total_k, total_q, causal, softmax_scale, window_size, True)
     return out, lse

@@ -95,12 +95,12 @@ def forward_plan(seqlen_q: int, seqlen_k: int, causal: bool, window_size, block_
 
 def forward_pairs(seqlen_q: int, seqlen_k: int, causal: bool, window_size, block_m: int, block_n: int) -> TilePlan:
     """forward_plan's tiles two by two, for the persistent forward where a tile's work grows with its index (a
-    causal mask with no left window side; pairs_tiles says where): pair i is the i-th heaviest tile, then the i-th lightest
-    (None when the count is odd). A program visits both tiles of a pair, the second one's key blocks last-first.
-    Causal pairs then cost the same (n + 1 blocks), so the programs stay in step as they do without a mask, and
-    at any moment they all read one of two key blocks of a head (block t of a first tile, block n - t of a
-    second), which L2 serves. Single tiles heaviest first let the programs drift apart over several heads, whose
-    K/V then no longer fit in L2."""
+    causal mask with no left window side; pairs_tiles says where): pair i is the i-th heaviest tile, then the i-th
+    lightest (None when the count is odd). A program visits both tiles of a pair, the second one's key blocks
+    last-first. Causal pairs then cost the same (n + 1 blocks), so the programs stay in step as they do without a
+    mask, and at any moment they all read one of two key blocks of a head (block t of a first tile, block n - t
+    of a second), which L2 serves. Single tiles heaviest first let the programs drift apart over several heads,
+    whose K/V then no longer fit in L2."""
     plan = forward_plan(seqlen_q, seqlen_k, causal, window_size, block_m, block_n)
     n = len(plan.order)
     order = []
