@@ -114,7 +114,7 @@ def pairs_tiles(causal: bool, window_size, group: int, head_dim: int) -> bool:
     along the sequence (a bounded right side, an unbounded left one) and the single-tile order's K/V outgrow the
     L2. Its head chunks hold half the L2 of K/V with one query head per KV head (group 1); the programs drift over
     a few chunks, so MHA re-reads K/V from HBM, while GQA chunks share their K/V and stay in L2 (there pairs
-    measured 1-3% slower, as at D=64, where the kernel is bound elsewhere). Elsewhere tiles go one by one,
+    measured 1-3% slower; at D=64, where the kernel is bound elsewhere, up to 2%). Elsewhere tiles go one by one,
     heaviest first."""
     left, right = window_sides(causal, window_size)
     return left < 0 and right >= 0 and group == 1 and head_dim >= 128
