@@ -133,7 +133,8 @@ def _item(w, half, Plan, CuQ, CuK, n_slots, n_bh, chunk, n_heads, seqlen_q, seql
 
 @gluon.jit
 def _key(lo, j, n_blocks, rev, BLOCK_N: gl.constexpr):
-    """First key of the j-th of n_blocks key blocks from lo that a tile visits: first-to-last, or last-first (rev)."""
+    """First key of the j-th of n_blocks key blocks from lo that a tile visits: first-to-last, or last-first (rev);
+    plan.key_blocks is the twin."""
     return lo + (j + rev * (n_blocks - 1 - 2 * j)) * BLOCK_N
 
 

@@ -109,6 +109,13 @@ def forward_pairs(seqlen_q: int, seqlen_k: int, causal: bool, window_size, block
     return TilePlan(plan.block, plan.bounds, tuple(order))
 
 
+def key_blocks(lo: int, hi: int, block: int, rev: bool) -> list[int]:
+    """First keys of the blocks a tile with key range [lo, hi) visits, in order: first-to-last, or last-first (rev:
+    the second tile of a pair). The forward kernel's _key is the twin."""
+    n = n_blocks(lo, hi, block)
+    return [lo + (j + int(rev) * (n - 1 - 2 * j)) * block for j in range(n)]
+
+
 def pairs_tiles(causal: bool, window_size, group: int, head_dim: int) -> bool:
     """Whether the persistent forward visits tiles two by two (forward_pairs): where the work per query tile grows
     along the sequence (a bounded right side, an unbounded left one) and the single-tile order's K/V outgrow the

@@ -6,8 +6,8 @@ import torch
 
 from attention.backends import get_backend, resolve_backend_name
 from attention.gluon import dispatch, hopper_ready, triton_status
-from attention.gluon.plan import (document_tiles, forward_pairs, forward_plan, heads_per_chunk, key_range,
-                                  pairs_tiles, persistent_grid, uncovered_reason, work_item)
+from attention.gluon.plan import (document_tiles, forward_pairs, forward_plan, heads_per_chunk, key_blocks,
+                                  key_range, pairs_tiles, persistent_grid, uncovered_reason, work_item)
 from helpers import cu_seqlens, visible_mask
 
 
@@ -124,6 +124,21 @@ def test_forward_pairs_visit_every_tile_once_heaviest_with_lightest(nq, nk, caus
     assert table.shape == (len(pairs.order), 5)
     empty = [i for i, t in enumerate(pairs.order) if t is None]
     assert all((table[i] == -1).all() for i in empty)
+
+
+def test_paired_causal_tiles_keep_the_programs_on_two_key_blocks():
+    """Every causal pair costs n + 1 blocks, and at step t of a pair its program reads key block t (first tile) or
+    n - t (second tile, last-first): programs that start pairs together read two blocks of a head, whatever pair."""
+    n = 64
+    pairs = forward_pairs(n * 128, n * 128, True, (-1, -1), 128, 128)
+    for i in range(0, len(pairs.order), 2):
+        steps = []
+        for half, t in enumerate(pairs.order[i:i + 2]):
+            lo, _, _, hi = pairs.bounds[t]
+            steps += key_blocks(lo, hi, 128, rev=half == 1)
+        assert len(steps) == n + 1
+        assert all(key // 128 in (step, n - step) for step, key in enumerate(steps)), steps
+    assert key_blocks(0, 300, 128, rev=False) == [0, 128, 256] and key_blocks(0, 300, 128, rev=True) == [256, 128, 0]
 
 
 def test_tiles_go_two_by_two_only_for_causal_mha_at_d128():
