@@ -90,15 +90,14 @@ def _item(w, half, Plan, CuQ, CuK, n_slots, n_bh, chunk, n_heads, seqlen_q, seql
           win_right, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr,
           VARLEN: gl.constexpr, PER_ITEM: gl.constexpr):
     """Tile `half` (< PER_ITEM, the plan rows per work item) of work item w, plan row PER_ITEM * slot + half:
-    (b, h, tile, lo, a, bb, hi, first, first_k, len_q, len_k, lse_base, rev); rev = 1: its key blocks are visited
-    last-first (_key).
+    (b, h, tile, lo, a, bb, hi, first, first_k, len_q, len_k, lse_base).
 
     Dense: b is the batch index, first = first_k = 0, the tile and its bounds come from the plan table
     (plan.TilePlan.table). Packed documents (one packed sequence, b = 0, n_bh = heads): the plan row is
     (document d, tile) of plan.document_tiles; d's rows start at first = cu_q[d] and its keys at first_k = cu_k[d],
     the bounds come from the Triton kernels' key_segments, and a padding row (d = -1) gets lo = hi = -1 (skipped).
     The lse of row r is at lse_base + r. Pairs of dense tiles (PER_ITEM = 2, plan.forward_pairs) visit their
-    second tile last-first."""
+    second tile last-first: the loops pass half to _key (packed documents run PER_ITEM = 1, half = 0)."""
     slot, bh = _work_item(w, n_slots, n_bh, chunk)
     row = PER_ITEM * slot + half
     if VARLEN:
@@ -117,24 +116,22 @@ def _item(w, half, Plan, CuQ, CuK, n_slots, n_bh, chunk, n_heads, seqlen_q, seql
             hi = -1
         b = d * 0
         lse_base = h * lse_stride + first
-        rev = b
     else:
         h = bh % n_heads
         b = bh // n_heads
         tile, lo, a, bb, hi = plan_row(Plan, row)
-        rev = half
         first = b * 0
         first_k = first
         len_q = seqlen_q
         len_k = seqlen_k
         lse_base = bh * seqlen_q
-    return b, h, tile, lo, a, bb, hi, first, first_k, len_q, len_k, lse_base, rev
+    return b, h, tile, lo, a, bb, hi, first, first_k, len_q, len_k, lse_base
 
 
 @gluon.jit
 def _key(lo, j, n_blocks, rev, BLOCK_N: gl.constexpr):
-    """First key of the j-th of n_blocks key blocks from lo that a tile visits: first-to-last, or last-first (rev);
-    plan.key_blocks is the twin."""
+    """First key of the j-th of n_blocks key blocks from lo that a tile visits: first-to-last, or last-first (rev:
+    the second tile of a pair, half = 1); plan.key_blocks is the twin."""
     return lo + (j + rev * (n_blocks - 1 - 2 * j)) * BLOCK_N
 
 
@@ -189,7 +186,7 @@ def _ws_consumer(args, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: g
     it = 0  # work items done
     for w in range(gl.program_id(0), n_work, gl.num_programs(0)):
         for half in range(PER_ITEM):
-            b, h, tile, lo, lo_full, hi_full, hi, first, first_k, len_q, len_k, lse_base, rev = _item(
+            b, h, tile, lo, lo_full, hi_full, hi, first, first_k, len_q, len_k, lse_base = _item(
                 w, half, Plan, CuQ, CuK, n_slots, n_bh, chunk, n_heads, seqlen_q, seqlen_k, lse_stride, win_left,
                 win_right, BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT, VARLEN, PER_ITEM)
             if hi >= 0:  # an empty row (an odd pair, a packed document's tile past its end) is skipped
@@ -210,7 +207,7 @@ def _ws_consumer(args, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: g
                     s = warpgroup_mma(q, kt, s_zero, use_acc=False, is_async=True)
                     s = warpgroup_mma_wait(num_outstanding=0, deps=(s, ))
                     async_copy.mbarrier_arrive(k_empty.index(st), increment_count=False)
-                    p, m_i, l_i, alpha = _online_softmax(s, m_i, l_i, _key(lo, 0, n_blocks, rev, BLOCK_N), lo_full,
+                    p, m_i, l_i, alpha = _online_softmax(s, m_i, l_i, _key(lo, 0, n_blocks, half, BLOCK_N), lo_full,
                                                          hi_full, rows, cols, len_k, off, qk_scale, win_left, win_right,
                                                          HAS_LEFT, HAS_RIGHT)
                     pv = gl.convert_layout(p.to(dtype), p_layout)
@@ -225,7 +222,7 @@ def _ws_consumer(args, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: g
                         acc_tok = warpgroup_mma(pv, v_smem.index(ps).reshape([BLOCK_N, HEAD_DIM]), acc, is_async=True)
                         s = warpgroup_mma_wait(num_outstanding=1, deps=(s_tok, ))
                         async_copy.mbarrier_arrive(k_empty.index(st), increment_count=False)  # done with K_j
-                        p, m_i, l_i, alpha = _online_softmax(s, m_i, l_i, _key(lo, j, n_blocks, rev, BLOCK_N), lo_full,
+                        p, m_i, l_i, alpha = _online_softmax(s, m_i, l_i, _key(lo, j, n_blocks, half, BLOCK_N), lo_full,
                                                              hi_full, rows, cols, len_k, off, qk_scale, win_left,
                                                              win_right, HAS_LEFT, HAS_RIGHT)
                         acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc_tok, ))
@@ -274,7 +271,7 @@ def _ws_producer(args, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: g
     it = 0
     for w in range(gl.program_id(0), n_work, gl.num_programs(0)):
         for half in range(PER_ITEM):
-            b, h, tile, lo, lo_full, hi_full, hi, first, first_k, len_q, len_k, lse_base, rev = _item(
+            b, h, tile, lo, lo_full, hi_full, hi, first, first_k, len_q, len_k, lse_base = _item(
                 w, half, Plan, CuQ, CuK, n_slots, n_bh, chunk, n_heads, seqlen_q, seqlen_k, lse_stride, win_left,
                 win_right, BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT, VARLEN, PER_ITEM)
             if hi >= 0:
@@ -289,13 +286,13 @@ def _ws_producer(args, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: g
                     if j < n_blocks:
                         st = (issued + j) % STAGES
                         mbarrier.wait(k_empty.index(st), (((issued + j) // STAGES) & 1) ^ 1)
-                        key = first_k + _key(lo, j, n_blocks, rev, BLOCK_N)
+                        key = first_k + _key(lo, j, n_blocks, half, BLOCK_N)
                         mbarrier.expect(k_ready.index(st), k_desc.block_type.nbytes)
                         tma.async_copy_global_to_shared(k_desc, [b, key, hkv, 0], k_ready.index(st), k_smem.index(st))
                     if j > 0:
                         st = (issued + j - 1) % STAGES
                         mbarrier.wait(v_empty.index(st), (((issued + j - 1) // STAGES) & 1) ^ 1)
-                        key = first_k + _key(lo, j - 1, n_blocks, rev, BLOCK_N)
+                        key = first_k + _key(lo, j - 1, n_blocks, half, BLOCK_N)
                         mbarrier.expect(v_ready.index(st), v_desc.block_type.nbytes)
                         tma.async_copy_global_to_shared(v_desc, [b, key, hkv, 0], v_ready.index(st), v_smem.index(st))
                 issued += n_blocks

@@ -170,9 +170,9 @@ def heads_per_chunk(n_bh: int, seqlen_k: int, head_dim: int, elem_bytes: int, l2
 
 
 def work_item(w: int, n_slots: int, n_bh: int, chunk: int) -> tuple[int, int]:
-    """(slot, bh) of work item w: heads in chunks of `chunk`; within a chunk the slots (the forward's pairs of
-    query tiles, heaviest first) vary slowest and the chunk's heads fastest. The kernels decode w the same way
-    (_work_item)."""
+    """(slot, bh) of work item w: heads in chunks of `chunk`; within a chunk the slots (query tiles, or the
+    forward's pairs of them, heaviest first) vary slowest and the chunk's heads fastest. The kernels decode w the
+    same way (_work_item)."""
     c = w // (chunk * n_slots)
     base = c * chunk
     g = min(chunk, n_bh - base)
