@@ -130,10 +130,11 @@ def gluon_variants():
                 dq = gluon_fwd.descriptor(t.float(), bm, d // 2)
                 tensors = dict(q_desc=q, k_desc=k, v_desc=k, do_desc=q, dq_desc=dq, DK=t, DV=t, Lse2=f32, Delta=f32,
                                Plan=i32, Sem=i32)
-                for det in (False, True):
-                    yield (f"gluon_bwd_ws{'_det' if det else ''} d{d} win{left},{right}", gluon_bwd._bwd_ws_kernel,
+                for det, rev in ((False, False), (True, False), (True, True)):
+                    name = "_det" * det + "_rev" * rev
+                    yield (f"gluon_bwd_ws{name} d{d} win{left},{right}", gluon_bwd._bwd_ws_kernel,
                            {**ints, **floats, **tensors},
-                           dict(HEAD_DIM=d, BLOCK_M=bm, BLOCK_N=bn, STAGES=st, DET=det,
+                           dict(HEAD_DIM=d, BLOCK_M=bm, BLOCK_N=bn, STAGES=st, DET=det, REVERSE=rev,
                                 CONSUMER_REGS=gluon_bwd.WS_BWD_REGS[1], **flags), 4, gluon_bwd.WS_BWD_REGS[0])
 
 

@@ -89,9 +89,9 @@ from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared
                                                               warpgroup_mma_init, warpgroup_mma_wait)
 
 from ..triton.bwd import preprocess
-from .fwd import descriptor, plan_row, visible
+from .fwd import descriptor, l2_bytes, plan_row, visible
 from .plan import cached_table, forward_plan, window_sides
-from .plan_bwd import backward_plan, ordered_backward_plan
+from .plan_bwd import backward_plan, descending_walk, ordered_backward_plan
 
 LOG2E = 1.4426950408889634
 
@@ -114,18 +114,25 @@ def tma_reduce_add(tensor_desc, coord, src, _semantic=None):
 
 
 @gluon.jit
-def _pair(t, n_blk, lo, BLOCK_M: gl.constexpr):
-    """(g, m0): head g of the GQA group and first row m0 of the t-th (head, query block) pair of a key block,
-    head-major over its n_blk query blocks from row lo."""
-    g = t // n_blk
-    return g, lo + (t - g * n_blk) * BLOCK_M
+def _pair(t, n_blk, lo, group, BLOCK_M: gl.constexpr, REVERSE: gl.constexpr):
+    """(g, m0): head g of the GQA group and first row m0 of the t-th (head, query block) pair of a key block, over
+    its n_blk query blocks from row lo: head-major, or with REVERSE query-block-major from the last block
+    (plan_bwd.query_blocks)."""
+    if REVERSE:
+        i = t // group
+        g = t - i * group
+        m0 = lo + (n_blk - 1 - i) * BLOCK_M
+    else:
+        g = t // n_blk
+        m0 = lo + (t - g * n_blk) * BLOCK_M
+    return g, m0
 
 
 @gluon.jit
 def _issue_q_do(q_desc, do_desc, q_smem, do_smem, q_bars, do_bars, t, n_blk, lo, b, hk, group,
-                BLOCK_M: gl.constexpr, STAGES: gl.constexpr):
+                BLOCK_M: gl.constexpr, STAGES: gl.constexpr, REVERSE: gl.constexpr):
     """TMA-load Q and dO of the t-th (head, query block) pair of this key block into stage t % STAGES."""
-    g, m0 = _pair(t, n_blk, lo, BLOCK_M)
+    g, m0 = _pair(t, n_blk, lo, group, BLOCK_M, REVERSE)
     h = hk * group + g
     s = t % STAGES
     mbarrier.expect(q_bars.index(s), q_desc.block_type.nbytes)
@@ -135,9 +142,10 @@ def _issue_q_do(q_desc, do_desc, q_smem, do_smem, q_bars, do_bars, t, n_blk, lo,
 
 
 @gluon.jit
-def _load_rows(Lse2, Delta, t, n_blk, lo, b, hk, group, n_heads, seqlen_q, vcols, BLOCK_M: gl.constexpr):
+def _load_rows(Lse2, Delta, t, n_blk, lo, b, hk, group, n_heads, seqlen_q, vcols, BLOCK_M: gl.constexpr,
+               REVERSE: gl.constexpr):
     """lse2 and delta of the t-th (head, query block) pair, in the compact layout of vcols (rows past Nq: 0)."""
-    g, m0 = _pair(t, n_blk, lo, BLOCK_M)
+    g, m0 = _pair(t, n_blk, lo, group, BLOCK_M, REVERSE)
     rows = m0 + vcols
     base = (b * n_heads + hk * group + g) * seqlen_q
     in_q = rows < seqlen_q
@@ -242,7 +250,7 @@ def _dkdv_kernel(q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, DQ, Lse2, De
     for i in gl.static_range(STAGES):
         if i < total:
             _issue_q_do(q_desc, do_desc, q_smem, do_smem, q_bars, do_bars, i, n_blk, lo, b, hk, group, BLOCK_M,
-                        STAGES)
+                        STAGES, False)
 
     if ATOMIC_DQ:
         DQ_SPLIT: gl.constexpr = 64
@@ -274,9 +282,9 @@ def _dkdv_kernel(q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, DQ, Lse2, De
     k2 = k_smem.reshape([BLOCK_N, HEAD_DIM])
     v2 = v_smem.reshape([BLOCK_N, HEAD_DIM])
     # lse2 and delta of the first block; each iteration then prefetches the next block's (one value per thread)
-    lse2_c, delta_c = _load_rows(Lse2, Delta, 0, n_blk, lo, b, hk, group, n_heads, seqlen_q, vcols, BLOCK_M)
+    lse2_c, delta_c = _load_rows(Lse2, Delta, 0, n_blk, lo, b, hk, group, n_heads, seqlen_q, vcols, BLOCK_M, False)
     for t in range(total):
-        g, m0 = _pair(t, n_blk, lo, BLOCK_M)
+        g, m0 = _pair(t, n_blk, lo, group, BLOCK_M, False)
         s = t % STAGES
         phase = (t // STAGES) & 1
         q2 = q_smem.index(s).reshape([BLOCK_M, HEAD_DIM])
@@ -285,7 +293,7 @@ def _dkdv_kernel(q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, DQ, Lse2, De
                                         inv_qk_scale, qry_l)
         if t + 1 < total:
             lse2_c, delta_c = _load_rows(Lse2, Delta, t + 1, n_blk, lo, b, hk, group, n_heads, seqlen_q, vcols,
-                                         BLOCK_M)
+                                         BLOCK_M, False)
         st = warpgroup_mma_wait(num_outstanding=1, deps=(st_tok, ))
         pt = _probs_t(st, m0, lo_full, hi_full, keys, off, seqlen_q, seqlen_k, qk_scale, win_left, win_right, BLOCK_M,
                       qry_l, HAS_LEFT, HAS_RIGHT)
@@ -315,7 +323,7 @@ def _dkdv_kernel(q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, DQ, Lse2, De
             dv, dk, pt_a, ds_a = warpgroup_mma_wait(num_outstanding=0, deps=(dv_tok, dk_tok, pt_a, ds_a))
         if t + STAGES < total:  # every MMA that read stage s is retired: refill it
             _issue_q_do(q_desc, do_desc, q_smem, do_smem, q_bars, do_bars, t + STAGES, n_blk, lo, b, hk, group,
-                        BLOCK_M, STAGES)
+                        BLOCK_M, STAGES, False)
 
     # epilogue: dK, dV leave through the K, V buffers (the barrier analysis orders the stores after the MMAs)
     k2.store((dk * softmax_scale).to(dtype))
@@ -449,7 +457,7 @@ def _ws_item(Plan, n_kv_heads, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr):
 
 @gluon.jit
 def _ws_consumer(args, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
-                 HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr, WG: gl.constexpr):
+                 HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr, REVERSE: gl.constexpr, WG: gl.constexpr):
     """Key rows [WG * BLOCK_N/2, (WG+1) * BLOCK_N/2) of the key block: S^T, dP^T, dV, dK for them, and columns
     [WG * D/2, (WG+1) * D/2) of every dQ_i (over all BLOCK_N keys, from the dS^T both warpgroups put in shared
     memory)."""
@@ -484,9 +492,10 @@ def _ws_consumer(args, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: g
     k_cols = k_all.slice(WG * DHALF, DHALF, dim=1)  # dQ's B operand: every key, this warpgroup's columns
     if total > 0:
         mbarrier.wait(kv_bar, 0)
-        lse2_c, delta_c = _load_rows(Lse2, Delta, 0, n_blk, lo, b, hk, group, n_heads, seqlen_q, vcols, BLOCK_M)
+        lse2_c, delta_c = _load_rows(Lse2, Delta, 0, n_blk, lo, b, hk, group, n_heads, seqlen_q, vcols, BLOCK_M,
+                                     REVERSE)
         for t in range(total):
-            g, m0 = _pair(t, n_blk, lo, BLOCK_M)
+            g, m0 = _pair(t, n_blk, lo, group, BLOCK_M, REVERSE)
             s = t % STAGES
             phase = (t // STAGES) & 1
             q2 = q_smem.index(s).reshape([BLOCK_M, HEAD_DIM])
@@ -495,7 +504,7 @@ def _ws_consumer(args, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: g
                                             inv_qk_scale, qry_l)
             if t + 1 < total:
                 lse2_c, delta_c = _load_rows(Lse2, Delta, t + 1, n_blk, lo, b, hk, group, n_heads, seqlen_q, vcols,
-                                             BLOCK_M)
+                                             BLOCK_M, REVERSE)
             st = warpgroup_mma_wait(num_outstanding=1, deps=(st_tok, ))
             pt = _probs_t(st, m0, lo_full, hi_full, keys, off, seqlen_q, seqlen_k, qk_scale, win_left, win_right,
                           BLOCK_M, qry_l, HAS_LEFT, HAS_RIGHT)
@@ -530,7 +539,7 @@ def _ws_consumer(args, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: g
 
 
 @gluon.jit
-def _ws_loader(args, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
+def _ws_loader(args, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, REVERSE: gl.constexpr):
     """One warp: K and V of the key block once, then Q_i and dO_i through the STAGES-deep ring."""
     (q_desc, k_desc, v_desc, do_desc, dq_desc, DK, DV, Lse2, Delta, Plan, Sem, q_smem, do_smem, k_smem, v_smem,
      ds_smem, dq_smem, kv_bar, q_ready, do_ready, q_empty, ds_ready, dq_full, dq_empty, n_kv_heads, n_heads, group,
@@ -543,15 +552,16 @@ def _ws_loader(args, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.co
         tma.async_copy_global_to_shared(v_desc, [b, n0, hk, 0], kv_bar, v_smem)
     for t in range(total):
         mbarrier.wait(q_empty.index(t % STAGES), ((t // STAGES) & 1) ^ 1)
-        _issue_q_do(q_desc, do_desc, q_smem, do_smem, q_ready, do_ready, t, n_blk, lo, b, hk, group, BLOCK_M, STAGES)
+        _issue_q_do(q_desc, do_desc, q_smem, do_smem, q_ready, do_ready, t, n_blk, lo, b, hk, group, BLOCK_M, STAGES,
+                    REVERSE)
 
 
 @gluon.jit
 def _dq_rank(tile, m0, seqlen_q, seqlen_k, win_left, win_right, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-             HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr):
+             HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr, REVERSE: gl.constexpr):
     """How many key blocks add into query block m0 // BLOCK_M before this one: plan_bwd.dq_rank's twin."""
     off = seqlen_k - seqlen_q
-    if HAS_RIGHT:
+    if HAS_RIGHT and not REVERSE:
         rank = gl.minimum(gl.cdiv(seqlen_k, BLOCK_N) - 1, (m0 + BLOCK_M - 1 + off + win_right) // BLOCK_N) - tile
     elif HAS_LEFT:
         rank = tile - gl.maximum(m0 + off - win_left, 0) // BLOCK_N
@@ -571,7 +581,7 @@ def _bulk_wait_written():
 
 @gluon.jit
 def _ws_dq_writer(args, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-                  HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr, DET: gl.constexpr):
+                  HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr, DET: gl.constexpr, REVERSE: gl.constexpr):
     """One warp: adds each dQ_i tile (two column halves, one per consumer) into the fp32 dQ by TMA reduce-add;
     rows past Nq are clipped by the descriptor. DET: query block i's additions are ordered by a semaphore per
     (batch, head, query block): this key block waits until dq_rank earlier ones have added theirs, adds, waits
@@ -582,12 +592,12 @@ def _ws_dq_writer(args, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: 
     DHALF: gl.constexpr = HEAD_DIM // 2
     b, hk, n0, lo, lo_full, hi_full, n_blk = _ws_item(Plan, n_kv_heads, BLOCK_M, BLOCK_N)
     for t in range(n_blk * group):
-        g, m0 = _pair(t, n_blk, lo, BLOCK_M)
+        g, m0 = _pair(t, n_blk, lo, group, BLOCK_M, REVERSE)
         h = hk * group + g
         if DET:
             lock = Sem + (b * n_heads + h) * gl.cdiv(seqlen_q, BLOCK_M) + m0 // BLOCK_M
             rank = _dq_rank(n0 // BLOCK_N, m0, seqlen_q, seqlen_k, win_left, win_right, BLOCK_M, BLOCK_N, HAS_LEFT,
-                            HAS_RIGHT)
+                            HAS_RIGHT, REVERSE)
             while gl.atomic_add(lock, 0, sem="acquire", scope="gpu") != rank:
                 pass
         for c in gl.static_range(2):
@@ -609,12 +619,13 @@ def _ws_dq_writer(args, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: 
 def _bwd_ws_kernel(q_desc, k_desc, v_desc, do_desc, dq_desc, DK, DV, Lse2, Delta, Plan, Sem, n_kv_heads, n_heads,
                    group, seqlen_q, seqlen_k, qk_scale, inv_qk_scale, softmax_scale, win_left, win_right,
                    HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
-                   HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr, DET: gl.constexpr, CONSUMER_REGS: gl.constexpr,
-                   num_warps: gl.constexpr):
+                   HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr, DET: gl.constexpr, REVERSE: gl.constexpr,
+                   CONSUMER_REGS: gl.constexpr, num_warps: gl.constexpr):
     """Warp-specialized dK/dV with dQ in the same pass: two consumer warpgroups (the default partition and a
     worker), a loader warp and a dQ warp. dq_desc: the fp32 (B, Nq, H, D) accumulator, a BLOCK_M x D/2 box.
     DET: Plan is plan_bwd.ordered_backward_plan's and Sem a zeroed int32 (B * H * cdiv(Nq, BLOCK_M)) semaphore
-    per query block."""
+    per query block. REVERSE: every key block walks its query blocks last to first (plan_bwd.descending_walk,
+    deterministic only)."""
     dtype: gl.constexpr = q_desc.dtype
     q_smem = gl.allocate_shared_memory(dtype, [STAGES] + q_desc.block_type.shape, q_desc.layout)
     do_smem = gl.allocate_shared_memory(dtype, [STAGES] + do_desc.block_type.shape, do_desc.layout)
@@ -643,10 +654,10 @@ def _bwd_ws_kernel(q_desc, k_desc, v_desc, do_desc, dq_desc, DK, DV, Lse2, Delta
             v_smem, ds_smem, dq_smem, kv_bar, q_ready, do_ready, q_empty, ds_ready, dq_full, dq_empty, n_kv_heads,
             n_heads, group, seqlen_q, seqlen_k, qk_scale, inv_qk_scale, softmax_scale, win_left, win_right)
     gl.warp_specialize([
-        (_ws_consumer, (args, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, HAS_LEFT, HAS_RIGHT, 0)),
-        (_ws_consumer, (args, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, HAS_LEFT, HAS_RIGHT, 1)),
-        (_ws_loader, (args, BLOCK_M, BLOCK_N, STAGES)),
-        (_ws_dq_writer, (args, HEAD_DIM, BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT, DET)),
+        (_ws_consumer, (args, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, HAS_LEFT, HAS_RIGHT, REVERSE, 0)),
+        (_ws_consumer, (args, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, HAS_LEFT, HAS_RIGHT, REVERSE, 1)),
+        (_ws_loader, (args, BLOCK_M, BLOCK_N, STAGES, REVERSE)),
+        (_ws_dq_writer, (args, HEAD_DIM, BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT, DET, REVERSE)),
     ], [4, 1, 1], [CONSUMER_REGS, 24, 24])
 
 
@@ -679,8 +690,9 @@ def gluon_attn_backward(dout, q, k, v, out, lse, causal, softmax_scale, window_s
     if D in WS_BWD_CONFIG:
         bm, bn, stages = WS_BWD_CONFIG[D]
         dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+        reverse = deterministic and descending_walk(causal, window_size, Nq, group, D, l2_bytes(q.device))
         if deterministic:
-            table = cached_table(ordered_backward_plan, Nq, Nk, causal, window_size, bm, bn, q.device)
+            table = cached_table(ordered_backward_plan, Nq, Nk, causal, window_size, bm, bn, q.device, reverse)
             sem = torch.zeros(B * H * triton.cdiv(Nq, bm), dtype=torch.int32, device=q.device)
         else:
             table = cached_table(backward_plan, Nq, Nk, causal, window_size, bm, bn, q.device)
@@ -690,7 +702,7 @@ def gluon_attn_backward(dout, q, k, v, out, lse, causal, softmax_scale, window_s
                 descriptor(q, bm), descriptor(k, bn), descriptor(v, bn), descriptor(dout, bm),
                 descriptor(dq, bm, D // 2), dk, dv, lse2, delta, table, sem, Hkv, H, group, Nq, Nk, qk_scale,
                 1.0 / qk_scale, float(softmax_scale), *sides, HEAD_DIM=D, BLOCK_M=bm, BLOCK_N=bn, STAGES=stages,
-                DET=deterministic, CONSUMER_REGS=WS_BWD_REGS[1], num_warps=4, maxnreg=WS_BWD_REGS[0], **flags)
+                DET=deterministic, REVERSE=reverse, CONSUMER_REGS=WS_BWD_REGS[1], num_warps=4, maxnreg=WS_BWD_REGS[0], **flags)
         return dq.to(q.dtype), dk, dv
     dq = torch.empty(q.shape, dtype=q.dtype, device=q.device) if deterministic else \
         torch.zeros(q.shape, dtype=torch.float32, device=q.device)

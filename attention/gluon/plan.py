@@ -131,15 +131,16 @@ _TABLES: dict = {}
 
 
 def cached_table(make, seqlen_q: int, seqlen_k: int, causal: bool, window_size, block_m: int, block_n: int,
-                 device) -> torch.Tensor:
-    """make(...).table(device) (make: forward_pairs, forward_plan or a plan_bwd plan), built and uploaded once per
-    shape."""
-    key = (make.__name__, seqlen_q, seqlen_k, bool(causal), tuple(window_size), block_m, block_n, str(device))
+                 device, *options) -> torch.Tensor:
+    """make(..., *options).table(device) (make: forward_pairs, forward_plan or a plan_bwd plan), built and uploaded
+    once per shape."""
+    key = (make.__name__, seqlen_q, seqlen_k, bool(causal), tuple(window_size), block_m, block_n, str(device),
+           *options)
     table = _TABLES.get(key)
     if table is None:
         if len(_TABLES) > 256:
             _TABLES.clear()
-        table = _TABLES[key] = make(seqlen_q, seqlen_k, causal, window_size, block_m, block_n).table(device)
+        table = _TABLES[key] = make(seqlen_q, seqlen_k, causal, window_size, block_m, block_n, *options).table(device)
     return table
 
 

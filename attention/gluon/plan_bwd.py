@@ -5,6 +5,7 @@ library only), so the CPU tests check it without a GPU or a Gluon-capable triton
     plan = backward_plan(seqlen_q=8192, seqlen_k=8192, causal=True, window_size=(-1, -1), block_m=64, block_n=128)
     plan.bounds[t]  # (lo, a, b, hi): query rows of key block t; [a, b) needs no mask, [lo, a) and [b, hi) do
     plan.order      # key blocks, heaviest first
+    ordered_backward_plan(...)  # the deterministic mode's: key blocks in the order they add into each dQ block
 
 Visibility is the rule of the forward planner (plan.py) and of attention/triton/common.py: query i of Nq sees
 key j of Nk iff
@@ -58,28 +59,57 @@ def backward_plan(seqlen_q: int, seqlen_k: int, causal: bool, window_size, block
 
 
 def ordered_backward_plan(seqlen_q: int, seqlen_k: int, causal: bool, window_size, block_m: int,
-                          block_n: int) -> TilePlan:
+                          block_n: int, descending: bool = False) -> TilePlan:
     """The deterministic warp-specialized backward's plan. Each key block adds its part of dQ_i into query block i
     (rows [i * block_m, (i + 1) * block_m), the same rows for every key block: aligned query ranges) in a fixed
-    order, the order the grid launches the key blocks in, so that a key block only ever waits for key blocks
-    launched before it (dq_rank). Where the window's right side is bounded (causal), a later key block starts
-    its query loop later and reaches a query block earlier: last key block first. Otherwise every key block
-    starts at the first query block: first key block first."""
+    order, the order the grid launches them in, so that a key block only ever waits for key blocks launched
+    before it (dq_rank).
+
+    The key blocks resident together should also reach each query block in that order, a step or more apart, or
+    each waits for the one before it. Without a right side every key block's query range starts at the first row
+    and they walk their query blocks first to last: first key block first. With a right side (causal) the ranges
+    end together and start later for later key blocks:
+    - descending=False: they walk first to last, and a later key block reaches a query block two steps earlier:
+      last key block first. Launched lightest first, the resident key blocks then spread over the whole sequence,
+      which costs L2 hits once a head's Q, dO and dQ rows outgrow the L2.
+    - descending=True (descending_walk): they walk last to first and all start at the last query block: first
+      key block first, heaviest first. The resident key blocks stay on nearby query blocks, but the ones that
+      start together wait for one another once, one addition apart. With GQA they walk block by block over the
+      group's heads (query_blocks): head by head, a shorter key block would reach the next head's last block
+      two steps per key block ahead of the one it follows, and wait there."""
     left, right = window_sides(causal, window_size)
     n_tiles = -(-seqlen_k // block_n)
     bounds = tuple(query_range(t * block_n, seqlen_q, seqlen_k, left, right, block_m, block_n, aligned=True)
                    for t in range(n_tiles))
-    order = tuple(range(n_tiles - 1, -1, -1)) if right >= 0 else tuple(range(n_tiles))
+    order = tuple(range(n_tiles - 1, -1, -1)) if right >= 0 and not descending else tuple(range(n_tiles))
     return TilePlan(block_m, bounds, order)
 
 
+def descending_walk(causal: bool, window_size, seqlen_q: int, group: int, head_dim: int, l2_bytes: int) -> bool:
+    """Whether the deterministic backward walks each key block's query blocks last to first (ordered_backward_plan):
+    with a right side, where the Q, dO (2 bytes an element) and fp32 dQ rows of one KV head's query heads would
+    fill more than half the L2."""
+    return window_sides(causal, window_size)[1] >= 0 and group * seqlen_q * head_dim * 8 > l2_bytes // 2
+
+
+def query_blocks(plan: TilePlan, tile: int, descending: bool, group: int = 1) -> list[tuple[int, int]]:
+    """(head of the GQA group, first row) of key block `tile`'s query blocks in the order the kernel visits them
+    (the twin of the kernel's _pair): head by head, each first to last; descending: block by block from the last,
+    each over the group's heads, so that key blocks in step stay in step from one head to the next."""
+    lo = plan.bounds[tile][0]
+    starts = [lo + i * plan.block for i in range(plan.blocks(tile))]
+    if descending:
+        return [(g, m0) for m0 in starts[::-1] for g in range(group)]
+    return [(g, m0) for g in range(group) for m0 in starts]
+
+
 def dq_rank(tile: int, m0: int, seqlen_q: int, seqlen_k: int, left: int, right: int, block_m: int,
-            block_n: int) -> int:
+            block_n: int, descending: bool = False) -> int:
     """How many key blocks add into query block m0 // block_m before key block `tile` does, in
     ordered_backward_plan's order: the key blocks launched earlier whose query range holds the block. Twin of the
     kernel's _dq_rank; (left, right) from plan.window_sides."""
     off = seqlen_k - seqlen_q
-    if right >= 0:  # key blocks tile + 1 .. last, where last is the last key block any row of the block sees
+    if right >= 0 and not descending:  # key blocks tile + 1 .. last, the last one any row of the block sees
         last = min(-(-seqlen_k // block_n) - 1, (m0 + block_m - 1 + off + right) // block_n)
         return last - tile
     first = max(m0 + off - left, 0) // block_n if left >= 0 else 0  # the first key block a row of it sees

@@ -81,9 +81,14 @@ def _key_spans(nq, nk, causal, window):
 
 @pytest.mark.parametrize("causal,window", [(True, (-1, -1)), (False, (-1, -1)), (True, (300, 0)), (False, (200, 100))])
 @pytest.mark.parametrize("nq,nk", [(3000, 3000), (2000, 3100)])
-def test_deterministic_backward_repeats_bitwise_and_matches_the_other_mode(nq, nk, causal, window):
+@pytest.mark.parametrize("l2", [None, 0], ids=["l2", "descending"])
+def test_deterministic_backward_repeats_bitwise_and_matches_the_other_mode(nq, nk, causal, window, l2, monkeypatch):
     """Many key blocks add into each query block's dq: in the deterministic mode (the warp-specialized kernel
-    orders the additions by a semaphore per query block at D=128) every run gives the same bits."""
+    orders the additions by a semaphore per query block at D=128) every run gives the same bits. l2=0: as if the
+    heads outgrew the L2, so that causal key blocks walk their query blocks last to first
+    (plan_bwd.descending_walk)."""
+    if l2 is not None:
+        monkeypatch.setattr("attention.gluon.bwd.l2_bytes", lambda device: l2)
     q, k, v = cuda_qkv(2, nq, nk, 8, 2, 128, torch.bfloat16)
     from attention.triton.fwd import triton_attn_forward
     out, lse = triton_attn_forward(q, k, v, causal, 128 ** -0.5, window)

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from attention.gluon.plan import window_sides
-from attention.gluon.plan_bwd import backward_plan, dq_rank, ordered_backward_plan, query_range
+from attention.gluon.plan_bwd import (backward_plan, descending_walk, dq_rank, ordered_backward_plan, query_blocks,
+                                      query_range)
 from helpers import visible_mask
 
 
@@ -77,14 +78,17 @@ def test_key_blocks_that_no_query_sees_are_empty():
 
 @pytest.mark.parametrize("nq,nk", SHAPES + [(4096, 4096), (1000, 3000), (3000, 1000)])
 @pytest.mark.parametrize("causal,window", WINDOWS)
-def test_ordered_plan_ranks_each_dq_addition_after_the_key_blocks_launched_before_it(nq, nk, causal, window):
+@pytest.mark.parametrize("descending", [False, True], ids=["ascending", "descending"])
+def test_ordered_plan_ranks_each_dq_addition_after_the_key_blocks_launched_before_it(nq, nk, causal, window,
+                                                                                     descending):
     """The deterministic backward: key block t adds into query block m0 // 64 once dq_rank earlier-launched key
     blocks have; the rank must count exactly the key blocks launched before t that visit m0, and every visible
     row must still be visited (against the brute-force mask)."""
     bm, bn = 64, 128
     left, right = window_sides(causal, window)
     keep = visible_mask(nq, nk, causal, window)
-    plan = ordered_backward_plan(nq, nk, causal, window, bm, bn)
+    descending = descending and right >= 0  # the kernel walks last to first only with a right side
+    plan = ordered_backward_plan(nq, nk, causal, window, bm, bn, descending)
     assert sorted(plan.order) == list(range(-(-nk // bn)))
     launched: dict[int, int] = {}  # query block start -> key blocks that have visited it
     for t in plan.order:
@@ -94,10 +98,102 @@ def test_ordered_plan_ranks_each_dq_addition_after_the_key_blocks_launched_befor
         seen = keep[:, t * bn:min(t * bn + bn, nk)].any(1).nonzero().flatten()
         if len(seen):
             assert starts and starts[0] <= seen.min().item() and seen.max().item() < starts[-1] + bm
+        assert query_blocks(plan, t, descending) == [(0, m0) for m0 in (starts[::-1] if descending else starts)]
+        assert sorted(query_blocks(plan, t, descending, 3)) == [(g, m0) for g in range(3) for m0 in starts]
         for m0 in starts:
-            assert dq_rank(t, m0, nq, nk, left, right, bm, bn) == launched.get(m0, 0), (t, m0)
+            assert dq_rank(t, m0, nq, nk, left, right, bm, bn, descending) == launched.get(m0, 0), (t, m0)
         for m0 in starts:
             launched[m0] = launched.get(m0, 0) + 1
         for s in starts:  # unmasked blocks stay unmasked
             if a <= s < b:
                 assert s + bm <= nq and t * bn + bn <= nk and keep[s:s + bm, t * bn:t * bn + bn].all()
+
+
+def _run_ordered(nq, nk, causal, window, slots, descending, group=1, window_steps=8):
+    """Step-by-step model of the deterministic backward: `slots` resident programs, launched in plan order, each
+    adding one query block per step once dq_rank others have added there (visible the step after). Returns the
+    steps taken, the ideal (blocks / slots), the program-steps spent waiting, and the most distinct query blocks
+    touched in any `window_steps` consecutive steps (the rows of Q, dO and dQ that must stay in the L2)."""
+    bm, bn = 64, 128
+    left, right = window_sides(causal, window)
+    plan = ordered_backward_plan(nq, nk, causal, window, bm, bn, descending)
+    queue = [(t, query_blocks(plan, t, descending, group)) for t in plan.order]
+    work = sum(len(blocks) for _, blocks in queue)
+    added: dict[int, int] = {}
+    resident, recent, steps, waits, widest = [], [], 0, 0, 0
+    while queue or resident:
+        while len(resident) < slots and queue:
+            resident.append([*queue.pop(0), 0])
+        touched = []
+        for prog in resident:
+            t, blocks, i = prog
+            if added.get(blocks[i], 0) == dq_rank(t, blocks[i][1], nq, nk, left, right, bm, bn, descending):
+                touched.append(blocks[i])
+                prog[2] += 1
+            else:
+                waits += 1
+        for key in touched:
+            added[key] = added.get(key, 0) + 1
+        resident = [prog for prog in resident if prog[2] < len(prog[1])]
+        recent = (recent + [set(touched)])[-window_steps:]
+        widest = max(widest, len(set().union(*recent)))
+        steps += 1
+        assert steps < 4 * work, "the ordered additions deadlock"
+    return steps, work / slots, waits, widest
+
+
+@pytest.mark.parametrize("nq,nk", [(16384, 16384), (8000, 16384)])
+def test_ordered_plan_walks_trade_waits_for_locality(nq, nk):
+    """Causal. Walking first to last, the lightest key block is launched first and every later one reaches a
+    query block two steps after the one before it: nobody waits, but the resident key blocks spread over the
+    sequence (and the heaviest run last). Walking last to first they stay on a few dozen nearby query blocks,
+    and the ones launched together wait for one another once."""
+    slots = 32
+    steps, ideal, waits, widest = _run_ordered(nq, nk, True, (-1, -1), slots, descending=False)
+    assert waits == 0 and widest > 3 * slots
+    steps, ideal, waits, widest = _run_ordered(nq, nk, True, (-1, -1), slots, descending=True)
+    assert steps <= 1.1 * ideal and widest <= 2 * slots and 0 < waits <= slots * slots
+
+
+def test_ordered_plan_keeps_gqa_key_blocks_in_step_across_heads():
+    """Walking last to first head by head, each key block would reach the next head's last query block two steps
+    per key block ahead of the one it follows and wait there; block by block over the group's heads it does not."""
+    steps, ideal, waits, widest = _run_ordered(8192, 8192, True, (-1, -1), 32, True, group=4)
+    assert steps <= 1.1 * ideal and waits <= 32 * 32 and widest <= 2 * 32 * 4
+    bm, bn, slots = 64, 128, 32  # the same walk head by head: waits grow with every head
+    plan = ordered_backward_plan(8192, 8192, True, (-1, -1), bm, bn, True)
+    head_by_head = {t: [(g, m0) for g in range(4) for _, m0 in query_blocks(plan, t, True)] for t in plan.order}
+    assert _waits_of(plan, head_by_head, slots) > 3 * 32 * 32
+
+
+def _waits_of(plan, walks, slots):
+    added, queue, resident, waits = {}, [(t, walks[t]) for t in plan.order], [], 0
+    while queue or resident:
+        while len(resident) < slots and queue:
+            resident.append([*queue.pop(0), 0])
+        touched = []
+        for prog in resident:
+            t, blocks, i = prog
+            if added.get(blocks[i], 0) == t:  # causal, last to first: key blocks 0 .. t - 1 add first
+                touched.append(blocks[i])
+                prog[2] += 1
+            else:
+                waits += 1
+        for key in touched:
+            added[key] = added.get(key, 0) + 1
+        resident = [prog for prog in resident if prog[2] < len(prog[1])]
+    return waits
+
+
+@pytest.mark.parametrize("causal,window", [(False, (-1, -1)), (True, (2048, 0))])
+def test_ordered_plan_finishes_close_to_the_ideal(causal, window):
+    for descending in (False, True) if causal else (False,):
+        steps, ideal, _, _ = _run_ordered(16384, 16384, causal, window, 32, descending)
+        assert steps <= 1.1 * ideal + 32
+
+
+def test_descending_walk_only_where_a_head_outgrows_half_the_l2():
+    l2 = 50 * 2 ** 20
+    assert not descending_walk(True, (-1, -1), 8192, 1, 128, l2)
+    assert descending_walk(True, (-1, -1), 131072, 1, 128, l2) and descending_walk(True, (-1, -1), 32768, 4, 128, l2)
+    assert not descending_walk(False, (-1, -1), 131072, 1, 128, l2)  # no right side: every range starts at row 0
