@@ -161,9 +161,18 @@ def worker_main(cell_json: str, out_path: str) -> None:
     Path(out_path).write_text(json.dumps(result))
 
 
-KERNEL_GROUPS = (("attention", ("attn", "flash", "fmha", "cudnn", "sdpa")), ("matmul", ("gemm", "nvjet", "sm90",
-                 "cutlass", "matmul", "aten::mm", "aten::bmm", "addmm")), ("copy", ("memcpy", "copy")), ("cross-entropy", ("cross_entropy",
-                 "log_softmax", "logsumexp")))
+# kernel name substrings per group, first match wins; ringflash's own attention kernels are the Triton and Gluon
+# _fwd_kernel, _fwd_ws_kernel, _bwd_ws_kernel, _dkdv_kernel, _dq_kernel and _preprocess_kernel
+KERNEL_GROUPS = (("attention", ("attn", "flash", "fmha", "cudnn", "sdpa", "fwd_kernel", "ws_kernel", "dkdv_kernel",
+                                "dq_kernel", "preprocess_kernel")),
+                 ("matmul", ("gemm", "nvjet", "sm90", "cutlass", "matmul", "aten::mm", "aten::bmm", "addmm")),
+                 ("copy", ("memcpy", "copy")), ("cross-entropy", ("cross_entropy", "log_softmax", "logsumexp")))
+
+
+def kernel_group(name: str) -> str:
+    """The KERNEL_GROUPS group of a kernel (or profiler event) name, "other" where none matches."""
+    name = name.lower()
+    return next((g for g, keys in KERNEL_GROUPS if any(k in name for k in keys)), "other")
 
 
 def profile_step(step, device) -> dict:
@@ -180,8 +189,7 @@ def profile_step(step, device) -> dict:
     total = sum(time_of(e) for e in kernels) or 1.0
     groups: dict[str, float] = {}
     for e in kernels:
-        name = e.key.lower()
-        group = next((g for g, keys in KERNEL_GROUPS if any(k in name for k in keys)), "other")
+        group = kernel_group(e.key)
         groups[group] = groups.get(group, 0.0) + time_of(e) / total
     top = sorted(kernels, key=time_of, reverse=True)[:15]
     return {"share": {g: round(v, 4) for g, v in sorted(groups.items(), key=lambda kv: -kv[1])},

@@ -20,6 +20,16 @@ def test_trace_summary_reports_peak_and_span(tmp_path):
     assert "peak 30.2 GiB in its first 10 s" in bench.describe({"status": "timeout", **got})
 
 
+@pytest.mark.parametrize("name,group", [
+    ("_bwd_ws_kernel", "attention"), ("_fwd_ws_kernel", "attention"), ("_fwd_kernel", "attention"),
+    ("_dkdv_kernel", "attention"), ("_dq_kernel", "attention"), ("_preprocess_kernel", "attention"),
+    ("cudnn_generated_fort_native_sdpa_sm90_flash_bprop_wgmma_f16_knob_26_64x64x128", "attention"),
+    ("nvjet_sm90_tst_192x192_64x4_1x2_h_bz_coopB_TNN", "matmul"), ("Memcpy DtoH (Device -> Pinned)", "copy"),
+    ("_rms_norm_backward_kernel", "other")])
+def test_profile_groups_our_attention_kernels_with_attention(name, group):
+    assert bench.kernel_group(name) == group
+
+
 def test_windowed_cell_counts_only_window_pairs():
     cells = {w: bench.run_cell(dict(setup=f"ringflash:window={w},compile=0", model="tiny", seq_len=128,
                                     device="cpu", dtype="bf16", warmup=0, steps=1, peak_tflops=1.0, layers=None))
