@@ -11,8 +11,9 @@ no key (lse = -inf) get zero gradients. The case must be covered (plan.uncovered
 D=128 (WS_BWD_CONFIG): the Triton preprocess (delta = rowsum(dO * O) - dlse, lse2 = lse * log2 e), then one
 warp-specialized program per (key block of BLOCK_N = 128 rows, batch, kv head), FA3's layout:
 
-    loader warp     K, V once; then Q_i, dO_i of every (head, query block) pair of the GQA group, head-major,
-                    through a STAGES-deep ring (q_ready / do_ready, released by q_empty)
+    loader warp     K, V once; then Q_i, dO_i of every (head, query block) pair of the GQA group, head-major
+                    (REVERSE: query block by query block from the last, _pair), through a STAGES-deep ring
+                    (q_ready / do_ready, released by q_empty)
     consumer WG 0/1 key rows [WG * 64, WG * 64 + 64):
                         issue S^T = K Q_i^T + (-lse2_i / (scale log2 e)),  issue dP^T = V dO_i^T + (-delta_i)
                         P^T = exp2(S^T * scale * log2 e)    (masked only in edge blocks)
@@ -24,7 +25,10 @@ warp-specialized program per (key block of BLOCK_N = 128 rows, batch, kv head), 
     dQ warp         TMA reduce-add of dq_smem[0], dq_smem[1] into the fp32 (B, Nq, H, D) dQ; dq_empty once read.
                     deterministic: first wait until the semaphore of (b, h, query block) equals this key block's
                     rank (_dq_rank, plan_bwd.dq_rank), and after the addition is written, increment it: the
-                    additions into a query block follow plan_bwd.ordered_backward_plan's launch order.
+                    additions into a query block follow plan_bwd.ordered_backward_plan's launch order. Where a KV
+                    head's rows outgrow half the L2 (plan_bwd.descending_walk), causal key blocks launch heaviest
+                    first and walk their query blocks last to first (REVERSE), so that the resident ones stay on
+                    nearby query blocks.
 
 dK is scaled once at the end; dK and dV go straight to global memory. One cast of dQ to the input dtype follows.
 
