@@ -482,7 +482,7 @@ def _ws_consumer(args, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: g
     qry_l: gl.constexpr = gl.SliceLayout(0, st_layout)
 
     b, hk, n0, lo, lo_full, hi_full, n_blk = _ws_item(Plan, n_kv_heads, BLOCK_M, BLOCK_N)
-    total = n_blk * group  # (head, query block) pairs, head-major
+    total = n_blk * group  # (head, query block) pairs, in _pair's order
     off = seqlen_k - seqlen_q
     keys = n0 + WG * HALF + gl.arange(0, HALF, key_l)
     vcols = gl.arange(0, BLOCK_M, gl.BlockedLayout([1], [32], [4], [0]))
@@ -706,7 +706,8 @@ def gluon_attn_backward(dout, q, k, v, out, lse, causal, softmax_scale, window_s
                 descriptor(q, bm), descriptor(k, bn), descriptor(v, bn), descriptor(dout, bm),
                 descriptor(dq, bm, D // 2), dk, dv, lse2, delta, table, sem, Hkv, H, group, Nq, Nk, qk_scale,
                 1.0 / qk_scale, float(softmax_scale), *sides, HEAD_DIM=D, BLOCK_M=bm, BLOCK_N=bn, STAGES=stages,
-                DET=deterministic, REVERSE=reverse, CONSUMER_REGS=WS_BWD_REGS[1], num_warps=4, maxnreg=WS_BWD_REGS[0], **flags)
+                DET=deterministic, REVERSE=reverse, CONSUMER_REGS=WS_BWD_REGS[1], num_warps=4,
+                maxnreg=WS_BWD_REGS[0], **flags)
         return dq.to(q.dtype), dk, dv
     dq = torch.empty(q.shape, dtype=q.dtype, device=q.device) if deterministic else \
         torch.zeros(q.shape, dtype=torch.float32, device=q.device)

@@ -65,8 +65,8 @@ def ordered_backward_plan(seqlen_q: int, seqlen_k: int, causal: bool, window_siz
     order, the order the grid launches them in, so that a key block only ever waits for key blocks launched
     before it (dq_rank).
 
-    The key blocks resident together should also reach each query block in that order, a step or more apart, or
-    each waits for the one before it. Without a right side every key block's query range starts at the first row
+    The key blocks resident together should also reach each query block in that order, or each waits for the one
+    before it. Without a right side every key block's query range starts at the first row
     and they walk their query blocks first to last: first key block first. With a right side (causal) the ranges
     end together and start later for later key blocks:
     - descending=False: they walk first to last, and a later key block reaches a query block two steps earlier:
@@ -75,8 +75,8 @@ def ordered_backward_plan(seqlen_q: int, seqlen_k: int, causal: bool, window_siz
     - descending=True (descending_walk): they walk last to first and all start at the last query block: first
       key block first, heaviest first. The resident key blocks stay on nearby query blocks, but the ones that
       start together wait for one another once, one addition apart. With GQA they walk block by block over the
-      group's heads (query_blocks): head by head, a shorter key block would reach the next head's last block
-      two steps per key block ahead of the one it follows, and wait there."""
+      group's heads (query_blocks): head by head, each key block, two query blocks per head shorter than the one
+      launched before it, would reach the next head's last block early and wait there, more at every head."""
     left, right = window_sides(causal, window_size)
     n_tiles = -(-seqlen_k // block_n)
     bounds = tuple(query_range(t * block_n, seqlen_q, seqlen_k, left, right, block_m, block_n, aligned=True)

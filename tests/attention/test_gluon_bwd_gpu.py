@@ -41,13 +41,22 @@ def _grads(dout, q, k, v, out, lse, causal, window, dlse, deterministic):
     return gluon_attn_backward(dout, q, k, v, out, lse, causal, scale, window, dlse, deterministic=deterministic)
 
 
-@pytest.mark.parametrize("deterministic", [True, False], ids=["dq_kernel", "atomic_dq"])
+@pytest.mark.parametrize("mode", ["dq_kernel", "atomic_dq", "descending_dq"])
 @pytest.mark.parametrize("with_dlse", [False, True], ids=["no_dlse", "dlse"])
 @pytest.mark.parametrize("B,nq,nk,H,hkv,D,causal,window,dtype", CASES)
 def test_gluon_backward_matches_fp32_reference_and_triton(B, nq, nk, H, hkv, D, causal, window, dtype, with_dlse,
-                                                          deterministic):
+                                                          mode, monkeypatch):
+    """mode: deterministic (dq_kernel), non-deterministic (atomic_dq), or deterministic with the L2 size seen as 0,
+    so that key blocks walk their query blocks last to first where the window has a right side (descending_dq)."""
+    from attention.gluon.bwd import WS_BWD_CONFIG
+    from attention.gluon.plan import window_sides
     from attention.triton.bwd import triton_attn_backward
     from attention.triton.fwd import triton_attn_forward
+    deterministic = mode != "atomic_dq"
+    if mode == "descending_dq":
+        if D not in WS_BWD_CONFIG or window_sides(causal, window)[1] < 0:
+            pytest.skip("the walk is the same both ways here")
+        monkeypatch.setattr("attention.gluon.bwd.l2_bytes", lambda device: 0)
     q, k, v = cuda_qkv(B, nq, nk, H, hkv, D, dtype)
     scale = D ** -0.5
     out, lse = triton_attn_forward(q, k, v, causal, scale, window)
