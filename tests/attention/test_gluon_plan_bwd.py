@@ -109,15 +109,17 @@ def test_ordered_plan_ranks_each_dq_addition_after_the_key_blocks_launched_befor
                 assert s + bm <= nq and t * bn + bn <= nk and keep[s:s + bm, t * bn:t * bn + bn].all()
 
 
-def _run_ordered(nq, nk, causal, window, slots, descending, group=1, window_steps=8):
+def _run_ordered(nq, nk, causal, window, slots, descending, group=1, walks=None, window_steps=8):
     """Step-by-step model of the deterministic backward: `slots` resident programs, launched in plan order, each
-    adding one query block per step once dq_rank others have added there (visible the step after). Returns the
-    steps taken, the ideal (blocks / slots), the program-steps spent waiting, and the most distinct query blocks
-    touched in any `window_steps` consecutive steps (the rows of Q, dO and dQ that must stay in the L2)."""
+    adding one query block per step once dq_rank others have added there (visible the step after). walks: per key
+    block the (head, query block) order to use instead of query_blocks'. Returns the steps taken, the ideal
+    (blocks / slots), the program-steps spent waiting, and the most distinct query blocks touched in any
+    `window_steps` consecutive steps (the rows of Q, dO and dQ that must stay in the L2)."""
     bm, bn = 64, 128
     left, right = window_sides(causal, window)
     plan = ordered_backward_plan(nq, nk, causal, window, bm, bn, descending)
-    queue = [(t, query_blocks(plan, t, descending, group)) for t in plan.order]
+    walks = walks or {t: query_blocks(plan, t, descending, group) for t in plan.order}
+    queue = [(t, walks[t]) for t in plan.order]
     work = sum(len(blocks) for _, blocks in queue)
     added: dict[int, int] = {}
     resident, recent, steps, waits, widest = [], [], 0, 0, 0
@@ -160,29 +162,10 @@ def test_ordered_plan_keeps_gqa_key_blocks_in_step_across_heads():
     per key block ahead of the one it follows and wait there; block by block over the group's heads it does not."""
     steps, ideal, waits, widest = _run_ordered(8192, 8192, True, (-1, -1), 32, True, group=4)
     assert steps <= 1.1 * ideal and waits <= 32 * 32 and widest <= 2 * 32 * 4
-    bm, bn, slots = 64, 128, 32  # the same walk head by head: waits grow with every head
-    plan = ordered_backward_plan(8192, 8192, True, (-1, -1), bm, bn, True)
+    plan = ordered_backward_plan(8192, 8192, True, (-1, -1), 64, 128, True)
     head_by_head = {t: [(g, m0) for g in range(4) for _, m0 in query_blocks(plan, t, True)] for t in plan.order}
-    assert _waits_of(plan, head_by_head, slots) > 3 * 32 * 32
-
-
-def _waits_of(plan, walks, slots):
-    added, queue, resident, waits = {}, [(t, walks[t]) for t in plan.order], [], 0
-    while queue or resident:
-        while len(resident) < slots and queue:
-            resident.append([*queue.pop(0), 0])
-        touched = []
-        for prog in resident:
-            t, blocks, i = prog
-            if added.get(blocks[i], 0) == t:  # causal, last to first: key blocks 0 .. t - 1 add first
-                touched.append(blocks[i])
-                prog[2] += 1
-            else:
-                waits += 1
-        for key in touched:
-            added[key] = added.get(key, 0) + 1
-        resident = [prog for prog in resident if prog[2] < len(prog[1])]
-    return waits
+    _, _, waits, _ = _run_ordered(8192, 8192, True, (-1, -1), 32, True, walks=head_by_head)
+    assert waits > 3 * 32 * 32  # the same walk head by head: the waits grow with every head
 
 
 @pytest.mark.parametrize("causal,window", [(False, (-1, -1)), (True, (2048, 0))])
