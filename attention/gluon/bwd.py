@@ -26,9 +26,9 @@ warp-specialized program per (key block of BLOCK_N = 128 rows, batch, kv head), 
                     deterministic: first wait until the semaphore of (b, h, query block) equals this key block's
                     rank (_dq_rank, plan_bwd.dq_rank), and after the addition is written, increment it: the
                     additions into a query block follow plan_bwd.ordered_backward_plan's launch order. Where a KV
-                    head's rows outgrow half the L2 (plan_bwd.descending_walk), causal key blocks launch heaviest
-                    first and walk their query blocks last to first (REVERSE), so that the resident ones stay on
-                    nearby query blocks.
+                    head's rows outgrow half the L2 (plan_bwd.descending_walk), causal key blocks without a window
+                    launch heaviest first and walk their query blocks last to first (REVERSE), so that the
+                    resident ones stay on nearby query blocks.
 
 dK is scaled once at the end; dK and dV go straight to global memory. One cast of dQ to the input dtype follows.
 

@@ -87,9 +87,11 @@ def ordered_backward_plan(seqlen_q: int, seqlen_k: int, causal: bool, window_siz
 
 def descending_walk(causal: bool, window_size, seqlen_q: int, group: int, head_dim: int, l2_bytes: int) -> bool:
     """Whether the deterministic backward walks each key block's query blocks last to first (ordered_backward_plan):
-    with a right side, where the Q, dO (2 bytes an element) and fp32 dQ rows of one KV head's query heads would
-    fill more than half the L2."""
-    return window_sides(causal, window_size)[1] >= 0 and group * seqlen_q * head_dim * 8 > l2_bytes // 2
+    with a right side and no left one (causal), where the Q, dO (2 bytes an element) and fp32 dQ rows of one KV
+    head's query heads would fill more than half the L2. With a left side (a sliding window) a key block meets a
+    window's worth of query blocks, and the resident key blocks stay within a few windows walking first to last."""
+    left, right = window_sides(causal, window_size)
+    return right >= 0 and left < 0 and group * seqlen_q * head_dim * 8 > l2_bytes // 2
 
 
 def query_blocks(plan: TilePlan, tile: int, descending: bool, group: int = 1) -> list[tuple[int, int]]:

@@ -49,13 +49,13 @@ def test_gluon_backward_matches_fp32_reference_and_triton(B, nq, nk, H, hkv, D, 
     """mode: deterministic (dq_kernel), non-deterministic (atomic_dq), or deterministic with the L2 size seen as 0,
     so that key blocks walk their query blocks last to first where the window has a right side (descending_dq)."""
     from attention.gluon.bwd import WS_BWD_CONFIG
-    from attention.gluon.plan import window_sides
+    from attention.gluon.plan_bwd import descending_walk
     from attention.triton.bwd import triton_attn_backward
     from attention.triton.fwd import triton_attn_forward
     deterministic = mode != "atomic_dq"
     if mode == "descending_dq":
-        if D not in WS_BWD_CONFIG or window_sides(causal, window)[1] < 0:
-            pytest.skip("the walk is the same both ways here")
+        if D not in WS_BWD_CONFIG or not descending_walk(causal, window, nq, H // hkv, D, 0):
+            pytest.skip("the deterministic backward walks first to last here whatever the L2")
         monkeypatch.setattr("attention.gluon.bwd.l2_bytes", lambda device: 0)
     q, k, v = cuda_qkv(B, nq, nk, H, hkv, D, dtype)
     scale = D ** -0.5
@@ -94,7 +94,7 @@ def _key_spans(nq, nk, causal, window):
 def test_deterministic_backward_repeats_bitwise_and_matches_the_other_mode(nq, nk, causal, window, l2, monkeypatch):
     """Many key blocks add into each query block's dq: in the deterministic mode (the warp-specialized kernel
     orders the additions by a semaphore per query block at D=128) every run gives the same bits. l2=0: as if the
-    heads outgrew the L2, so that causal key blocks walk their query blocks last to first
+    heads outgrew the L2, so that causal key blocks without a window walk their query blocks last to first
     (plan_bwd.descending_walk)."""
     if l2 is not None:
         monkeypatch.setattr("attention.gluon.bwd.l2_bytes", lambda device: l2)

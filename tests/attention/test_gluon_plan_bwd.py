@@ -180,3 +180,4 @@ def test_descending_walk_only_where_a_head_outgrows_half_the_l2():
     assert not descending_walk(True, (-1, -1), 8192, 1, 128, l2)
     assert descending_walk(True, (-1, -1), 131072, 1, 128, l2) and descending_walk(True, (-1, -1), 32768, 4, 128, l2)
     assert not descending_walk(False, (-1, -1), 131072, 1, 128, l2)  # no right side: every range starts at row 0
+    assert not descending_walk(True, (4095, -1), 131072, 1, 128, l2)  # a sliding window: ranges a window long
