@@ -19,7 +19,7 @@ from .plan import uncovered_reason
 # Passes that `auto` routes to Gluon where a case is covered.
 GLUON_PASSES = {"forward", "backward"}
 # Head dims at which the backward runs on Gluon: the warp-specialized kernel with dQ added by TMA reduce-add
-# (bwd.WS_BWD_CONFIG; ordered by semaphores when deterministic), 1.03-1.28x the Triton backward on an H200 at
+# (bwd.WS_BWD_CONFIG; ordered by semaphores when deterministic), 1.20-1.27x the Triton backward on an H200 at
 # D=128. At D=64 the Gluon backward is the earlier two-kernel design, slower than the Triton backward there:
 # GLUON_BWD_HEAD_DIMS.add(64) opts in.
 GLUON_BWD_HEAD_DIMS = {128}

@@ -133,8 +133,8 @@ _TABLES: dict = {}
 def cached_table(make, seqlen_q: int, seqlen_k: int, causal: bool, window_size, block_m: int, block_n: int,
                  device, *options) -> torch.Tensor:
     """make(..., *options).table(device) (make: forward_pairs, forward_plan or a plan_bwd plan), built and uploaded
-    once per shape."""
-    key = (make.__name__, seqlen_q, seqlen_k, bool(causal), tuple(window_size), block_m, block_n, str(device),
+    once per shape. Keyed by the function itself: two planners of the same name never share a table."""
+    key = (make, seqlen_q, seqlen_k, bool(causal), tuple(window_size), block_m, block_n, str(device),
            *options)
     table = _TABLES.get(key)
     if table is None:

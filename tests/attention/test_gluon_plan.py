@@ -6,8 +6,8 @@ import torch
 
 from attention.backends import get_backend, resolve_backend_name
 from attention.gluon import dispatch, hopper_ready, triton_status
-from attention.gluon.plan import (document_tiles, forward_pairs, forward_plan, heads_per_chunk, key_blocks,
-                                  key_range, pairs_tiles, persistent_grid, uncovered_reason, work_item)
+from attention.gluon.plan import (cached_table, document_tiles, forward_pairs, forward_plan, heads_per_chunk,
+                                  key_blocks, key_range, pairs_tiles, persistent_grid, uncovered_reason, work_item)
 from helpers import cu_seqlens, visible_mask
 
 
@@ -202,3 +202,20 @@ def test_document_tiles_list_every_tile_once_heaviest_first(lens):
     assert sorted(real) == [(d, t) for d, n in enumerate(lens) for t in range(-(-n // 128))]
     assert rows[len(real):] == [(-1, -1)] * (len(rows) - len(real))  # padding only at the end
     assert [t for _, t in real] == sorted((t for _, t in real), reverse=True)
+
+
+def test_cached_table_is_built_once_per_planner_and_shape():
+    """Two planners never share a table, even under one name (a copy of a planner module, say), and a plan option
+    is part of the key."""
+    args = (1000, 1000, True, (-1, -1), 128, 128, "cpu")
+    first = cached_table(forward_plan, *args)
+    assert cached_table(forward_plan, *args) is first
+    assert torch.equal(first, forward_plan(*args[:-1]).table("cpu"))
+
+    def renamed(*a):
+        return forward_pairs(*a)
+    renamed.__name__ = forward_plan.__name__
+    assert torch.equal(cached_table(renamed, *args), forward_pairs(*args[:-1]).table("cpu"))
+    from attention.gluon.plan_bwd import ordered_backward_plan
+    plans = [cached_table(ordered_backward_plan, *args, d) for d in (False, True)]
+    assert plans[0][0, 0].item() == 7 and plans[1][0, 0].item() == 0  # last key block first / first first
