@@ -47,7 +47,7 @@ def _grads(dout, q, k, v, out, lse, causal, window, dlse, deterministic):
 def test_gluon_backward_matches_fp32_reference_and_triton(B, nq, nk, H, hkv, D, causal, window, dtype, with_dlse,
                                                           mode, monkeypatch):
     """mode: deterministic (dq_kernel), non-deterministic (atomic_dq), or deterministic with the L2 size seen as 0,
-    so that key blocks walk their query blocks last to first where the window has a right side (descending_dq)."""
+    so that causal key blocks without a window walk their query blocks last to first (descending_dq)."""
     from attention.gluon.bwd import WS_BWD_CONFIG
     from attention.gluon.plan_bwd import descending_walk
     from attention.triton.bwd import triton_attn_backward
