@@ -94,7 +94,7 @@ def gluon_variants():
     from attention.gluon import bwd as gluon_bwd, fwd as gluon_fwd
     from attention.gluon.plan import pairs_tiles
     ints = dict(n_work=7, n_slots=7, n_bh=7, chunk=7, n_heads=7, n_kv_heads=7, group=7, seqlen_q=1000, seqlen_k=1000,
-                win_left=7, win_right=7, lse_stride=7, stride_dqb=7, stride_dqn=7, stride_dqh=7)
+                win_left=7, win_right=7, lse_stride=7, sem_stride=7, stride_dqb=7, stride_dqn=7, stride_dqh=7)
     floats = dict(qk_scale=0.127, inv_qk_scale=7.9, softmax_scale=0.088)
     f32, i32 = torch.empty(4, dtype=torch.float32), torch.empty(4, dtype=torch.int32)
     for d in (64, 128):
@@ -129,15 +129,20 @@ def gluon_variants():
                 q, k = gluon_fwd.descriptor(t, bm), gluon_fwd.descriptor(t, bn)
                 dq = gluon_fwd.descriptor(t.float(), bm, d // 2)
                 tensors = dict(q_desc=q, k_desc=k, v_desc=k, do_desc=q, dq_desc=dq, DK=t, DV=t, Lse2=f32, Delta=f32,
-                               Plan=i32, Sem=i32)
-                # (DET, REVERSE); the last-to-first walk runs without a left window side (plan_bwd.descending_walk)
-                walks = ((False, False), (True, False)) + (((True, True),) if left < 0 else ())
-                for det, rev in walks:
-                    name = "_det" * det + "_rev" * rev
-                    yield (f"gluon_bwd_ws{name} d{d} win{left},{right}", gluon_bwd._bwd_ws_kernel,
-                           {**ints, **floats, **tensors},
-                           dict(HEAD_DIM=d, BLOCK_M=bm, BLOCK_N=bn, STAGES=st, DET=det, REVERSE=rev,
-                                CONSUMER_REGS=gluon_bwd.WS_BWD_REGS[1], **flags), 4, gluon_bwd.WS_BWD_REGS[0])
+                               Plan=i32, Sem=i32, CuQ=i32, CuK=i32)
+                # (DET, REVERSE): causal key blocks walk last to first in the non-deterministic mode and for packed
+                # documents, and in the deterministic dense one where a head outgrows the L2; never with a left
+                # window side (plan_bwd.descending_walk)
+                for varlen in (False, True):
+                    walks = ((False, False), (True, False)) if left >= 0 else \
+                        ((False, True), (True, True)) if varlen else ((False, True), (True, False), (True, True))
+                    for det, rev in walks:
+                        name = "_varlen" * varlen + "_det" * det + "_rev" * rev
+                        yield (f"gluon_bwd_ws{name} d{d} win{left},{right}", gluon_bwd._bwd_ws_kernel,
+                               {**ints, **floats, **tensors},
+                               dict(HEAD_DIM=d, BLOCK_M=bm, BLOCK_N=bn, STAGES=st, DET=det, REVERSE=rev,
+                                    VARLEN=varlen, CONSUMER_REGS=gluon_bwd.WS_BWD_REGS[1], **flags), 4,
+                               gluon_bwd.WS_BWD_REGS[0])
 
 
 def compile_gluon(fn, args: dict, constexprs: dict, num_warps: int, maxnreg):

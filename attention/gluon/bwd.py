@@ -3,6 +3,8 @@
     dq, dk, dv = gluon_attn_backward(dout, q, k, v, out, lse, causal=True, softmax_scale=0.125,
                                      window_size=(-1, -1), dlse=None)
     dq, dk, dv = gluon_attn_backward(..., deterministic=False)   # dQ's additions in any order
+    dq, dk, dv = gluon_attn_varlen_backward(dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, True, 0.125,
+                                            (-1, -1), None)      # packed documents (D=128)
 
 Same contract as the Triton backward (attention/triton/bwd.py): q (B, Nq, H, D), k/v (B, Nk, Hkv, D), out/dout
 like q, lse/dlse (B, H, Nq) fp32 natural log (dlse may be None) -> dq, dk, dv in the input dtype. Rows that see
@@ -25,12 +27,18 @@ warp-specialized program per (key block of BLOCK_N = 128 rows, batch, kv head), 
     dQ warp         TMA reduce-add of dq_smem[0], dq_smem[1] into the fp32 (B, Nq, H, D) dQ; dq_empty once read.
                     deterministic: first wait until the semaphore of (b, h, query block) equals this key block's
                     rank (_dq_rank, plan_bwd.dq_rank), and after the addition is written, increment it: the
-                    additions into a query block follow plan_bwd.ordered_backward_plan's launch order. Where a KV
-                    head's rows outgrow half the L2 (plan_bwd.descending_walk), causal key blocks without a window
-                    launch heaviest first and walk their query blocks last to first (REVERSE), so that the
-                    resident ones stay on nearby query blocks.
+                    additions into a query block follow plan_bwd.ordered_backward_plan's launch order.
+    walk            causal key blocks without a window launch heaviest first and walk their query blocks last to
+                    first (REVERSE; plan_bwd.descending_walk), so that the resident ones stay on nearby query
+                    blocks: always without determinism, and with it where a KV head's rows outgrow half the L2.
 
 dK is scaled once at the end; dK and dV go straight to global memory. One cast of dQ to the input dtype follows.
+
+Packed documents (gluon_attn_varlen_backward, VARLEN): one program per (document, key block) of
+plan.document_tiles, built on the GPU, and KV head; each document's query range as in a dense call of its
+lengths, rows offset by its first row. A document's last query block runs into the next document's rows: their
+part of the dQ tile is exact zeros, and its rows of lse2 / delta load as 0. The deterministic mode numbers the
+documents' query blocks apart (plan_bwd.document_query_block); both modes walk causal key blocks last to first.
 
 D=64: the earlier two-kernel design below (dispatch.GLUON_BWD_HEAD_DIMS leaves `auto` on the Triton backward
 there, which measured faster).
@@ -94,8 +102,8 @@ from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared
 
 from ..triton.bwd import preprocess
 from .fwd import descriptor, l2_bytes, plan_row, visible
-from .plan import cached_table, forward_plan, window_sides
-from .plan_bwd import backward_plan, descending_walk, ordered_backward_plan
+from .plan import cached_table, document_tiles, forward_plan, window_sides
+from .plan_bwd import backward_plan, descending_walk, document_key_order, document_semaphores, ordered_backward_plan
 
 LOG2E = 1.4426950408889634
 
@@ -133,26 +141,28 @@ def _pair(t, n_blk, lo, group, BLOCK_M: gl.constexpr, REVERSE: gl.constexpr):
 
 
 @gluon.jit
-def _issue_q_do(q_desc, do_desc, q_smem, do_smem, q_bars, do_bars, t, n_blk, lo, b, hk, group,
+def _issue_q_do(q_desc, do_desc, q_smem, do_smem, q_bars, do_bars, t, n_blk, lo, b, hk, group, first_q,
                 BLOCK_M: gl.constexpr, STAGES: gl.constexpr, REVERSE: gl.constexpr):
-    """TMA-load Q and dO of the t-th (head, query block) pair of this key block into stage t % STAGES."""
+    """TMA-load Q and dO of the t-th (head, query block) pair of this key block into stage t % STAGES (rows from
+    first_q: a packed document's first row)."""
     g, m0 = _pair(t, n_blk, lo, group, BLOCK_M, REVERSE)
     h = hk * group + g
     s = t % STAGES
     mbarrier.expect(q_bars.index(s), q_desc.block_type.nbytes)
-    tma.async_copy_global_to_shared(q_desc, [b, m0, h, 0], q_bars.index(s), q_smem.index(s))
+    tma.async_copy_global_to_shared(q_desc, [b, first_q + m0, h, 0], q_bars.index(s), q_smem.index(s))
     mbarrier.expect(do_bars.index(s), do_desc.block_type.nbytes)
-    tma.async_copy_global_to_shared(do_desc, [b, m0, h, 0], do_bars.index(s), do_smem.index(s))
+    tma.async_copy_global_to_shared(do_desc, [b, first_q + m0, h, 0], do_bars.index(s), do_smem.index(s))
 
 
 @gluon.jit
-def _load_rows(Lse2, Delta, t, n_blk, lo, b, hk, group, n_heads, seqlen_q, vcols, BLOCK_M: gl.constexpr,
-               REVERSE: gl.constexpr):
-    """lse2 and delta of the t-th (head, query block) pair, in the compact layout of vcols (rows past Nq: 0)."""
+def _load_rows(Lse2, Delta, t, n_blk, lo, b, hk, group, n_heads, seqlen_q, first_q, len_q, vcols,
+               BLOCK_M: gl.constexpr, REVERSE: gl.constexpr):
+    """lse2 and delta of the t-th (head, query block) pair, in the compact layout of vcols (rows past the sequence,
+    or the packed document of len_q rows from first_q: 0). seqlen_q: the rows of one (batch, head)."""
     g, m0 = _pair(t, n_blk, lo, group, BLOCK_M, REVERSE)
     rows = m0 + vcols
-    base = (b * n_heads + hk * group + g) * seqlen_q
-    in_q = rows < seqlen_q
+    base = (b * n_heads + hk * group + g) * seqlen_q + first_q
+    in_q = rows < len_q
     return gl.load(Lse2 + base + rows, mask=in_q, other=0.0), gl.load(Delta + base + rows, mask=in_q, other=0.0)
 
 
@@ -253,7 +263,7 @@ def _dkdv_kernel(q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, DQ, Lse2, De
     tma.async_copy_global_to_shared(v_desc, [b, n0, hk, 0], v_bar, v_smem)
     for i in gl.static_range(STAGES):
         if i < total:
-            _issue_q_do(q_desc, do_desc, q_smem, do_smem, q_bars, do_bars, i, n_blk, lo, b, hk, group, BLOCK_M,
+            _issue_q_do(q_desc, do_desc, q_smem, do_smem, q_bars, do_bars, i, n_blk, lo, b, hk, group, 0, BLOCK_M,
                         STAGES, False)
 
     if ATOMIC_DQ:
@@ -286,7 +296,8 @@ def _dkdv_kernel(q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, DQ, Lse2, De
     k2 = k_smem.reshape([BLOCK_N, HEAD_DIM])
     v2 = v_smem.reshape([BLOCK_N, HEAD_DIM])
     # lse2 and delta of the first block; each iteration then prefetches the next block's (one value per thread)
-    lse2_c, delta_c = _load_rows(Lse2, Delta, 0, n_blk, lo, b, hk, group, n_heads, seqlen_q, vcols, BLOCK_M, False)
+    lse2_c, delta_c = _load_rows(Lse2, Delta, 0, n_blk, lo, b, hk, group, n_heads, seqlen_q, 0, seqlen_q, vcols,
+                                 BLOCK_M, False)
     for t in range(total):
         g, m0 = _pair(t, n_blk, lo, group, BLOCK_M, False)
         s = t % STAGES
@@ -296,8 +307,8 @@ def _dkdv_kernel(q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, DQ, Lse2, De
         st_tok, dpt_tok = _issue_st_dpt(k2, v2, q2, do2, q_bars, do_bars, s, phase, lse2_c, delta_c, rz,
                                         inv_qk_scale, qry_l)
         if t + 1 < total:
-            lse2_c, delta_c = _load_rows(Lse2, Delta, t + 1, n_blk, lo, b, hk, group, n_heads, seqlen_q, vcols,
-                                         BLOCK_M, False)
+            lse2_c, delta_c = _load_rows(Lse2, Delta, t + 1, n_blk, lo, b, hk, group, n_heads, seqlen_q, 0,
+                                         seqlen_q, vcols, BLOCK_M, False)
         st = warpgroup_mma_wait(num_outstanding=1, deps=(st_tok, ))
         pt = _probs_t(st, m0, lo_full, hi_full, keys, off, seqlen_q, seqlen_k, qk_scale, win_left, win_right, BLOCK_M,
                       qry_l, HAS_LEFT, HAS_RIGHT)
@@ -326,7 +337,7 @@ def _dkdv_kernel(q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, DQ, Lse2, De
         else:
             dv, dk, pt_a, ds_a = warpgroup_mma_wait(num_outstanding=0, deps=(dv_tok, dk_tok, pt_a, ds_a))
         if t + STAGES < total:  # every MMA that read stage s is retired: refill it
-            _issue_q_do(q_desc, do_desc, q_smem, do_smem, q_bars, do_bars, t + STAGES, n_blk, lo, b, hk, group,
+            _issue_q_do(q_desc, do_desc, q_smem, do_smem, q_bars, do_bars, t + STAGES, n_blk, lo, b, hk, group, 0,
                         BLOCK_M, STAGES, False)
 
     # epilogue: dK, dV leave through the K, V buffers (the barrier analysis orders the stores after the MMAs)
@@ -451,23 +462,83 @@ def _dq_kernel(q_desc, k_desc, v_desc, do_desc, dq_desc, Lse2, Delta, Plan, n_he
 
 
 @gluon.jit
-def _ws_item(Plan, n_kv_heads, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr):
-    """(b, hk, n0, lo, lo_full, hi_full, n_blk) of this program's key block (a row of plan_bwd.backward_plan or
-    ordered_backward_plan)."""
+def _query_segments(n0, seqlen_q, seqlen_k, win_left, win_right, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+                    HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr, ALIGNED: gl.constexpr):
+    """(lo, a, b, hi): the query rows that see keys [n0, n0 + BLOCK_N), [a, b) the blocks that need no mask;
+    plan_bwd.query_range's twin (ALIGNED: its aligned=True)."""
+    n1 = gl.minimum(n0 + BLOCK_N, seqlen_k)
+    off = seqlen_k - seqlen_q
+    lo = n0 * 0
+    hi = seqlen_q + n0 * 0
+    full_lo = lo
+    full_hi = hi
+    if HAS_RIGHT:
+        lo = gl.maximum(lo, n0 - off - win_right)
+        full_lo = n0 + BLOCK_N - 1 - off - win_right
+    if HAS_LEFT:
+        hi = gl.minimum(hi, n1 - 1 - off + win_left + 1)
+        full_hi = gl.minimum(full_hi, n0 - off + win_left + 1)
+    if n0 + BLOCK_N > seqlen_k:
+        full_hi = lo
+    if ALIGNED:
+        lo = lo - lo % BLOCK_M
+    hi = gl.maximum(hi, lo)
+    count = gl.cdiv(hi - lo, BLOCK_M)
+    t_a = gl.minimum(gl.cdiv(gl.maximum(full_lo - lo, 0), BLOCK_M), count)
+    t_b = gl.maximum(gl.minimum(gl.maximum(full_hi - lo, 0) // BLOCK_M, count), t_a)
+    return lo, lo + t_a * BLOCK_M, lo + t_b * BLOCK_M, hi
+
+
+@gluon.jit
+def _ws_item(Plan, CuQ, CuK, n_kv_heads, seqlen_q, seqlen_k, win_left, win_right, BLOCK_M: gl.constexpr,
+             BLOCK_N: gl.constexpr, HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr, VARLEN: gl.constexpr,
+             ALIGNED: gl.constexpr):
+    """(b, hk, n0, lo, lo_full, hi_full, n_blk, first_q, first_k, len_q, len_k, qblk) of this program's key block.
+
+    Dense: a row of plan_bwd.backward_plan or ordered_backward_plan (the table), first_q = first_k = qblk = 0 and
+    len_q, len_k the sequence lengths. Packed documents (b = 0): the row is (document d, key block) of
+    plan_bwd.document_key_blocks, d's query rows start at first_q = cu_q[d] and its keys at first_k = cu_k[d], the
+    query range is _query_segments' (aligned for the deterministic mode) and a padding row (d = -1) is empty. Row
+    m0 of the document is in query block qblk + m0 // BLOCK_M of its (batch, head): qblk = first_q // BLOCK_M + d
+    numbers the documents' blocks apart (plan_bwd.document_query_block)."""
     bhk = gl.program_id(1)
-    tile, lo, lo_full, hi_full, hi = plan_row(Plan, gl.program_id(0))
-    return bhk // n_kv_heads, bhk % n_kv_heads, tile * BLOCK_N, lo, lo_full, hi_full, gl.cdiv(hi - lo, BLOCK_M)
+    if VARLEN:
+        row = gl.program_id(0)
+        d = gl.load(Plan + 2 * row)
+        tile = gl.maximum(gl.load(Plan + 2 * row + 1), 0)
+        dd = gl.maximum(d, 0)
+        first_q = gl.load(CuQ + dd)
+        len_q = gl.load(CuQ + dd + 1) - first_q
+        first_k = gl.load(CuK + dd)
+        len_k = gl.load(CuK + dd + 1) - first_k
+        if d < 0:
+            len_k = len_k * 0
+        lo, lo_full, hi_full, hi = _query_segments(tile * BLOCK_N, len_q, len_k, win_left, win_right, BLOCK_M,
+                                                   BLOCK_N, HAS_LEFT, HAS_RIGHT, ALIGNED)
+        if d < 0:
+            hi = lo
+        qblk = first_q // BLOCK_M + dd
+    else:
+        tile, lo, lo_full, hi_full, hi = plan_row(Plan, gl.program_id(0))
+        first_q = tile * 0
+        first_k = first_q
+        len_q = seqlen_q + first_q
+        len_k = seqlen_k + first_q
+        qblk = first_q
+    return (bhk // n_kv_heads, bhk % n_kv_heads, tile * BLOCK_N, lo, lo_full, hi_full, gl.cdiv(hi - lo, BLOCK_M),
+            first_q, first_k, len_q, len_k, qblk)
 
 
 @gluon.jit
 def _ws_consumer(args, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
-                 HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr, REVERSE: gl.constexpr, WG: gl.constexpr):
+                 HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr, REVERSE: gl.constexpr, VARLEN: gl.constexpr,
+                 ALIGNED: gl.constexpr, WG: gl.constexpr):
     """Key rows [WG * BLOCK_N/2, (WG+1) * BLOCK_N/2) of the key block: S^T, dP^T, dV, dK for them, and columns
     [WG * D/2, (WG+1) * D/2) of every dQ_i (over all BLOCK_N keys, from the dS^T both warpgroups put in shared
     memory)."""
-    (q_desc, k_desc, v_desc, do_desc, dq_desc, DK, DV, Lse2, Delta, Plan, Sem, q_smem, do_smem, k_smem, v_smem,
-     ds_smem, dq_smem, kv_bar, q_ready, do_ready, q_empty, ds_ready, dq_full, dq_empty, n_kv_heads, n_heads, group,
-     seqlen_q, seqlen_k, qk_scale, inv_qk_scale, softmax_scale, win_left, win_right) = args
+    (q_desc, k_desc, v_desc, do_desc, dq_desc, DK, DV, Lse2, Delta, Plan, Sem, CuQ, CuK, q_smem, do_smem, k_smem,
+     v_smem, ds_smem, dq_smem, kv_bar, q_ready, do_ready, q_empty, ds_ready, dq_full, dq_empty, n_kv_heads, n_heads,
+     group, seqlen_q, seqlen_k, sem_stride, qk_scale, inv_qk_scale, softmax_scale, win_left, win_right) = args
     HALF: gl.constexpr = BLOCK_N // 2
     DHALF: gl.constexpr = HEAD_DIM // 2
     dtype: gl.constexpr = q_desc.dtype
@@ -481,9 +552,11 @@ def _ws_consumer(args, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: g
     key_l: gl.constexpr = gl.SliceLayout(1, st_layout)
     qry_l: gl.constexpr = gl.SliceLayout(0, st_layout)
 
-    b, hk, n0, lo, lo_full, hi_full, n_blk = _ws_item(Plan, n_kv_heads, BLOCK_M, BLOCK_N)
+    b, hk, n0, lo, lo_full, hi_full, n_blk, first_q, first_k, len_q, len_k, qblk = _ws_item(
+        Plan, CuQ, CuK, n_kv_heads, seqlen_q, seqlen_k, win_left, win_right, BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT,
+        VARLEN, ALIGNED)
     total = n_blk * group  # (head, query block) pairs, in _pair's order
-    off = seqlen_k - seqlen_q
+    off = len_k - len_q
     keys = n0 + WG * HALF + gl.arange(0, HALF, key_l)
     vcols = gl.arange(0, BLOCK_M, gl.BlockedLayout([1], [32], [4], [0]))
     rz = (keys.to(gl.float32) * 0.0)[:, None]
@@ -496,8 +569,8 @@ def _ws_consumer(args, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: g
     k_cols = k_all.slice(WG * DHALF, DHALF, dim=1)  # dQ's B operand: every key, this warpgroup's columns
     if total > 0:
         mbarrier.wait(kv_bar, 0)
-        lse2_c, delta_c = _load_rows(Lse2, Delta, 0, n_blk, lo, b, hk, group, n_heads, seqlen_q, vcols, BLOCK_M,
-                                     REVERSE)
+        lse2_c, delta_c = _load_rows(Lse2, Delta, 0, n_blk, lo, b, hk, group, n_heads, seqlen_q, first_q, len_q,
+                                     vcols, BLOCK_M, REVERSE)
         for t in range(total):
             g, m0 = _pair(t, n_blk, lo, group, BLOCK_M, REVERSE)
             s = t % STAGES
@@ -507,10 +580,10 @@ def _ws_consumer(args, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: g
             st_tok, dpt_tok = _issue_st_dpt(k_wg, v_wg, q2, do2, q_ready, do_ready, s, phase, lse2_c, delta_c, rz,
                                             inv_qk_scale, qry_l)
             if t + 1 < total:
-                lse2_c, delta_c = _load_rows(Lse2, Delta, t + 1, n_blk, lo, b, hk, group, n_heads, seqlen_q, vcols,
-                                             BLOCK_M, REVERSE)
+                lse2_c, delta_c = _load_rows(Lse2, Delta, t + 1, n_blk, lo, b, hk, group, n_heads, seqlen_q,
+                                             first_q, len_q, vcols, BLOCK_M, REVERSE)
             st = warpgroup_mma_wait(num_outstanding=1, deps=(st_tok, ))
-            pt = _probs_t(st, m0, lo_full, hi_full, keys, off, seqlen_q, seqlen_k, qk_scale, win_left, win_right,
+            pt = _probs_t(st, m0, lo_full, hi_full, keys, off, len_q, len_k, qk_scale, win_left, win_right,
                           BLOCK_M, qry_l, HAS_LEFT, HAS_RIGHT)
             dst, pt_a, ds_a, dv_tok, dk_tok = _issue_dv_dk(pt, dpt_tok, q2, do2, dv, dk, a_layout)
             # dS^T goes to buffer t % 2, this warpgroup's rows; once both warpgroups have written theirs, each
@@ -535,29 +608,32 @@ def _ws_consumer(args, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: g
     # dK, dV rows of this warpgroup straight to global memory (K is still read by the other warpgroup's dQ MMA)
     rows = n0 + WG * HALF + gl.arange(0, HALF, gl.SliceLayout(1, kv_layout))
     cols = gl.arange(0, HEAD_DIM, gl.SliceLayout(0, kv_layout))
-    ptr = ((b * seqlen_k + rows).to(gl.int64) * n_kv_heads + hk) * HEAD_DIM
+    ptr = ((b * seqlen_k + first_k + rows).to(gl.int64) * n_kv_heads + hk) * HEAD_DIM
     ptr = ptr[:, None] + cols[None, :]
-    in_k = (rows < seqlen_k)[:, None]
+    in_k = (rows < len_k)[:, None]
     gl.store(DK + ptr, (dk * softmax_scale).to(dtype), mask=in_k)
     gl.store(DV + ptr, dv.to(dtype), mask=in_k)
 
 
 @gluon.jit
-def _ws_loader(args, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, REVERSE: gl.constexpr):
+def _ws_loader(args, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, HAS_LEFT: gl.constexpr,
+               HAS_RIGHT: gl.constexpr, REVERSE: gl.constexpr, VARLEN: gl.constexpr, ALIGNED: gl.constexpr):
     """One warp: K and V of the key block once, then Q_i and dO_i through the STAGES-deep ring."""
-    (q_desc, k_desc, v_desc, do_desc, dq_desc, DK, DV, Lse2, Delta, Plan, Sem, q_smem, do_smem, k_smem, v_smem,
-     ds_smem, dq_smem, kv_bar, q_ready, do_ready, q_empty, ds_ready, dq_full, dq_empty, n_kv_heads, n_heads, group,
-     seqlen_q, seqlen_k, qk_scale, inv_qk_scale, softmax_scale, win_left, win_right) = args
-    b, hk, n0, lo, lo_full, hi_full, n_blk = _ws_item(Plan, n_kv_heads, BLOCK_M, BLOCK_N)
+    (q_desc, k_desc, v_desc, do_desc, dq_desc, DK, DV, Lse2, Delta, Plan, Sem, CuQ, CuK, q_smem, do_smem, k_smem,
+     v_smem, ds_smem, dq_smem, kv_bar, q_ready, do_ready, q_empty, ds_ready, dq_full, dq_empty, n_kv_heads, n_heads,
+     group, seqlen_q, seqlen_k, sem_stride, qk_scale, inv_qk_scale, softmax_scale, win_left, win_right) = args
+    b, hk, n0, lo, lo_full, hi_full, n_blk, first_q, first_k, len_q, len_k, qblk = _ws_item(
+        Plan, CuQ, CuK, n_kv_heads, seqlen_q, seqlen_k, win_left, win_right, BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT,
+        VARLEN, ALIGNED)
     total = n_blk * group
     if total > 0:
         mbarrier.expect(kv_bar, 2 * k_desc.block_type.nbytes)
-        tma.async_copy_global_to_shared(k_desc, [b, n0, hk, 0], kv_bar, k_smem)
-        tma.async_copy_global_to_shared(v_desc, [b, n0, hk, 0], kv_bar, v_smem)
+        tma.async_copy_global_to_shared(k_desc, [b, first_k + n0, hk, 0], kv_bar, k_smem)
+        tma.async_copy_global_to_shared(v_desc, [b, first_k + n0, hk, 0], kv_bar, v_smem)
     for t in range(total):
         mbarrier.wait(q_empty.index(t % STAGES), ((t // STAGES) & 1) ^ 1)
-        _issue_q_do(q_desc, do_desc, q_smem, do_smem, q_ready, do_ready, t, n_blk, lo, b, hk, group, BLOCK_M, STAGES,
-                    REVERSE)
+        _issue_q_do(q_desc, do_desc, q_smem, do_smem, q_ready, do_ready, t, n_blk, lo, b, hk, group, first_q,
+                    BLOCK_M, STAGES, REVERSE)
 
 
 @gluon.jit
@@ -585,28 +661,32 @@ def _bulk_wait_written():
 
 @gluon.jit
 def _ws_dq_writer(args, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-                  HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr, DET: gl.constexpr, REVERSE: gl.constexpr):
+                  HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr, DET: gl.constexpr, REVERSE: gl.constexpr,
+                  VARLEN: gl.constexpr):
     """One warp: adds each dQ_i tile (two column halves, one per consumer) into the fp32 dQ by TMA reduce-add;
     rows past Nq are clipped by the descriptor. DET: query block i's additions are ordered by a semaphore per
     (batch, head, query block): this key block waits until dq_rank earlier ones have added theirs, adds, waits
-    until the addition is written, and counts itself in."""
-    (q_desc, k_desc, v_desc, do_desc, dq_desc, DK, DV, Lse2, Delta, Plan, Sem, q_smem, do_smem, k_smem, v_smem,
-     ds_smem, dq_smem, kv_bar, q_ready, do_ready, q_empty, ds_ready, dq_full, dq_empty, n_kv_heads, n_heads, group,
-     seqlen_q, seqlen_k, qk_scale, inv_qk_scale, softmax_scale, win_left, win_right) = args
+    until the addition is written, and counts itself in. A packed document's last query block runs into the next
+    document's rows; their part of the tile is exact zeros (P = 0 there), which add in any order to the same bits."""
+    (q_desc, k_desc, v_desc, do_desc, dq_desc, DK, DV, Lse2, Delta, Plan, Sem, CuQ, CuK, q_smem, do_smem, k_smem,
+     v_smem, ds_smem, dq_smem, kv_bar, q_ready, do_ready, q_empty, ds_ready, dq_full, dq_empty, n_kv_heads, n_heads,
+     group, seqlen_q, seqlen_k, sem_stride, qk_scale, inv_qk_scale, softmax_scale, win_left, win_right) = args
     DHALF: gl.constexpr = HEAD_DIM // 2
-    b, hk, n0, lo, lo_full, hi_full, n_blk = _ws_item(Plan, n_kv_heads, BLOCK_M, BLOCK_N)
+    b, hk, n0, lo, lo_full, hi_full, n_blk, first_q, first_k, len_q, len_k, qblk = _ws_item(
+        Plan, CuQ, CuK, n_kv_heads, seqlen_q, seqlen_k, win_left, win_right, BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT,
+        VARLEN, DET)
     for t in range(n_blk * group):
         g, m0 = _pair(t, n_blk, lo, group, BLOCK_M, REVERSE)
         h = hk * group + g
         if DET:
-            lock = Sem + (b * n_heads + h) * gl.cdiv(seqlen_q, BLOCK_M) + m0 // BLOCK_M
-            rank = _dq_rank(n0 // BLOCK_N, m0, seqlen_q, seqlen_k, win_left, win_right, BLOCK_M, BLOCK_N, HAS_LEFT,
+            lock = Sem + (b * n_heads + h) * sem_stride + qblk + m0 // BLOCK_M
+            rank = _dq_rank(n0 // BLOCK_N, m0, len_q, len_k, win_left, win_right, BLOCK_M, BLOCK_N, HAS_LEFT,
                             HAS_RIGHT, REVERSE)
             while gl.atomic_add(lock, 0, sem="acquire", scope="gpu") != rank:
                 pass
         for c in gl.static_range(2):
             mbarrier.wait(dq_full.index(c), t & 1)
-            tma_reduce_add(dq_desc, [b, m0, h, c * DHALF], dq_smem.index(c))
+            tma_reduce_add(dq_desc, [b, first_q + m0, h, c * DHALF], dq_smem.index(c))
         if DET:
             _bulk_wait_written()
             gl.atomic_add(lock, 1, sem="release", scope="gpu")
@@ -620,16 +700,15 @@ def _ws_dq_writer(args, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: 
 
 
 @gluon.jit
-def _bwd_ws_kernel(q_desc, k_desc, v_desc, do_desc, dq_desc, DK, DV, Lse2, Delta, Plan, Sem, n_kv_heads, n_heads,
-                   group, seqlen_q, seqlen_k, qk_scale, inv_qk_scale, softmax_scale, win_left, win_right,
-                   HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
-                   HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr, DET: gl.constexpr, REVERSE: gl.constexpr,
-                   CONSUMER_REGS: gl.constexpr, num_warps: gl.constexpr):
+def _bwd_ws_kernel(q_desc, k_desc, v_desc, do_desc, dq_desc, DK, DV, Lse2, Delta, Plan, Sem, CuQ, CuK, n_kv_heads,
+                   n_heads, group, seqlen_q, seqlen_k, sem_stride, qk_scale, inv_qk_scale, softmax_scale, win_left,
+                   win_right, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+                   STAGES: gl.constexpr, HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr, DET: gl.constexpr,
+                   REVERSE: gl.constexpr, VARLEN: gl.constexpr, CONSUMER_REGS: gl.constexpr, num_warps: gl.constexpr):
     """Warp-specialized dK/dV with dQ in the same pass: two consumer warpgroups (the default partition and a
     worker), a loader warp and a dQ warp. dq_desc: the fp32 (B, Nq, H, D) accumulator, a BLOCK_M x D/2 box.
     DET: Plan is plan_bwd.ordered_backward_plan's and Sem a zeroed int32 (B * H * cdiv(Nq, BLOCK_M)) semaphore
-    per query block. REVERSE: every key block walks its query blocks last to first (plan_bwd.descending_walk,
-    deterministic only)."""
+    per query block. REVERSE: every key block walks its query blocks last to first (plan_bwd.descending_walk)."""
     dtype: gl.constexpr = q_desc.dtype
     q_smem = gl.allocate_shared_memory(dtype, [STAGES] + q_desc.block_type.shape, q_desc.layout)
     do_smem = gl.allocate_shared_memory(dtype, [STAGES] + do_desc.block_type.shape, do_desc.layout)
@@ -654,14 +733,15 @@ def _bwd_ws_kernel(q_desc, k_desc, v_desc, do_desc, dq_desc, DK, DV, Lse2, Delta
         mbarrier.init(ds_ready.index(i), count=2)  # one arrive per consumer warpgroup
         mbarrier.init(dq_full.index(i), count=1)
         mbarrier.init(dq_empty.index(i), count=1)
-    args = (q_desc, k_desc, v_desc, do_desc, dq_desc, DK, DV, Lse2, Delta, Plan, Sem, q_smem, do_smem, k_smem,
-            v_smem, ds_smem, dq_smem, kv_bar, q_ready, do_ready, q_empty, ds_ready, dq_full, dq_empty, n_kv_heads,
-            n_heads, group, seqlen_q, seqlen_k, qk_scale, inv_qk_scale, softmax_scale, win_left, win_right)
+    args = (q_desc, k_desc, v_desc, do_desc, dq_desc, DK, DV, Lse2, Delta, Plan, Sem, CuQ, CuK, q_smem, do_smem,
+            k_smem, v_smem, ds_smem, dq_smem, kv_bar, q_ready, do_ready, q_empty, ds_ready, dq_full, dq_empty,
+            n_kv_heads, n_heads, group, seqlen_q, seqlen_k, sem_stride, qk_scale, inv_qk_scale, softmax_scale,
+            win_left, win_right)
     gl.warp_specialize([
-        (_ws_consumer, (args, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, HAS_LEFT, HAS_RIGHT, REVERSE, 0)),
-        (_ws_consumer, (args, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, HAS_LEFT, HAS_RIGHT, REVERSE, 1)),
-        (_ws_loader, (args, BLOCK_M, BLOCK_N, STAGES, REVERSE)),
-        (_ws_dq_writer, (args, HEAD_DIM, BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT, DET, REVERSE)),
+        (_ws_consumer, (args, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, HAS_LEFT, HAS_RIGHT, REVERSE, VARLEN, DET, 0)),
+        (_ws_consumer, (args, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, HAS_LEFT, HAS_RIGHT, REVERSE, VARLEN, DET, 1)),
+        (_ws_loader, (args, BLOCK_M, BLOCK_N, STAGES, HAS_LEFT, HAS_RIGHT, REVERSE, VARLEN, DET)),
+        (_ws_dq_writer, (args, HEAD_DIM, BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT, DET, REVERSE, VARLEN)),
     ], [4, 1, 1], [CONSUMER_REGS, 24, 24])
 
 
@@ -694,7 +774,7 @@ def gluon_attn_backward(dout, q, k, v, out, lse, causal, softmax_scale, window_s
     if D in WS_BWD_CONFIG:
         bm, bn, stages = WS_BWD_CONFIG[D]
         dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
-        reverse = deterministic and descending_walk(causal, window_size, Nq, group, D, l2_bytes(q.device))
+        reverse = descending_walk(causal, window_size, Nq, group, D, l2_bytes(q.device), deterministic)
         if deterministic:
             table = cached_table(ordered_backward_plan, Nq, Nk, causal, window_size, bm, bn, q.device, reverse)
             sem = torch.zeros(B * H * triton.cdiv(Nq, bm), dtype=torch.int32, device=q.device)
@@ -704,10 +784,10 @@ def gluon_attn_backward(dout, q, k, v, out, lse, causal, softmax_scale, window_s
         with torch.cuda.device(q.device):
             _bwd_ws_kernel[(table.shape[0], B * Hkv)](
                 descriptor(q, bm), descriptor(k, bn), descriptor(v, bn), descriptor(dout, bm),
-                descriptor(dq, bm, D // 2), dk, dv, lse2, delta, table, sem, Hkv, H, group, Nq, Nk, qk_scale,
-                1.0 / qk_scale, float(softmax_scale), *sides, HEAD_DIM=D, BLOCK_M=bm, BLOCK_N=bn, STAGES=stages,
-                DET=deterministic, REVERSE=reverse, CONSUMER_REGS=WS_BWD_REGS[1], num_warps=4,
-                maxnreg=WS_BWD_REGS[0], **flags)
+                descriptor(dq, bm, D // 2), dk, dv, lse2, delta, table, sem, table, table, Hkv, H, group, Nq, Nk,
+                triton.cdiv(Nq, bm), qk_scale, 1.0 / qk_scale, float(softmax_scale), *sides, HEAD_DIM=D, BLOCK_M=bm,
+                BLOCK_N=bn, STAGES=stages, DET=deterministic, REVERSE=reverse, VARLEN=False,
+                CONSUMER_REGS=WS_BWD_REGS[1], num_warps=4, maxnreg=WS_BWD_REGS[0], **flags)
         return dq.to(q.dtype), dk, dv
     dq = torch.empty(q.shape, dtype=q.dtype, device=q.device) if deterministic else \
         torch.zeros(q.shape, dtype=torch.float32, device=q.device)
@@ -728,3 +808,43 @@ def gluon_attn_backward(dout, q, k, v, out, lse, causal, softmax_scale, window_s
             lse2, delta, table, H, group, Nq, Nk, qk_scale, float(softmax_scale), *sides,
             HEAD_DIM=D, BLOCK_M=bm, BLOCK_N=bn, STAGES=stages, num_warps=warps, **flags)
     return dq, dk, dv
+
+
+def gluon_attn_varlen_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                               causal, softmax_scale, window_size, dlse, deterministic=True):
+    """Packed-document gradients at D=128 (WS_BWD_CONFIG): q (total_q, H, D), k/v (total_k, Hkv, D), out/dout like
+    q, lse/dlse (H, total_q) fp32 (dlse may be None), cu_seqlens int32 (n_docs + 1) on the GPU -> dq, dk, dv.
+    The warp-specialized kernel with one program per (document, key block) of plan.document_tiles (built on the
+    GPU: the host never reads the lengths) and KV head; each document's query range as in the dense call. Rows and
+    keys outside every document get zero gradients."""
+    total_q, H, D = q.shape
+    total_k, Hkv = k.shape[0], k.shape[1]
+    n_docs = cu_seqlens_q.numel() - 1
+    dk = torch.zeros(k.shape, dtype=k.dtype, device=k.device)
+    dv = torch.zeros(v.shape, dtype=v.dtype, device=v.device)
+    if total_q == 0 or total_k == 0:
+        return torch.zeros_like(q), dk, dv
+    dout, out = _tma_ready(dout), _tma_ready(out)
+    delta, lse2 = preprocess(out[None], dout[None], lse[None], None if dlse is None else dlse[None])
+    left, right = window_sides(causal, window_size)
+    sides = (max(left, 0), max(right, 0))
+    qk_scale = float(softmax_scale) * LOG2E
+    bm, bn, stages = WS_BWD_CONFIG[D]
+    dq = torch.zeros((1, total_q, H, D), dtype=torch.float32, device=q.device)
+    # both modes walk causal key blocks last to first, as the non-deterministic mode does everywhere: their
+    # documents' key blocks then launch heaviest first (plan_bwd.document_key_order)
+    reverse = descending_walk(causal, window_size, int(max_seqlen_q), H // Hkv, D, l2_bytes(q.device),
+                              deterministic=False)
+    table = document_tiles(cu_seqlens_k, total_k, bn, document_key_order(causal, window_size, deterministic,
+                                                                        reverse))
+    sem_stride = document_semaphores(total_q, n_docs, bm)
+    sem = torch.zeros(H * sem_stride if deterministic else 1, dtype=torch.int32, device=q.device)
+    with torch.cuda.device(q.device):
+        _bwd_ws_kernel[(table.shape[0], Hkv)](
+            descriptor(q[None], bm), descriptor(k[None], bn), descriptor(v[None], bn), descriptor(dout[None], bm),
+            descriptor(dq, bm, D // 2), dk, dv, lse2, delta, table, sem, cu_seqlens_q, cu_seqlens_k, Hkv, H, H // Hkv,
+            total_q, total_k, sem_stride, qk_scale, 1.0 / qk_scale, float(softmax_scale), *sides, HEAD_DIM=D,
+            BLOCK_M=bm, BLOCK_N=bn, STAGES=stages, DET=deterministic, REVERSE=reverse, VARLEN=True,
+            CONSUMER_REGS=WS_BWD_REGS[1], num_warps=4, maxnreg=WS_BWD_REGS[0], HAS_LEFT=left >= 0,
+            HAS_RIGHT=right >= 0)
+    return dq[0].to(q.dtype), dk, dv

@@ -31,15 +31,17 @@ GLUON_BWD_MAX_DQ_FRACTION = 1 / 16
 # Head dims at which the Gluon forward takes packed documents: at D=64 it measured ~6% behind the Triton varlen
 # forward on an H200 (docs/results.md), at D=128 ~5% ahead.
 GLUON_VARLEN_HEAD_DIMS = (128,)
+# The Gluon backward of packed documents runs one program per (document, key block): with 150 documents of at
+# most 700 tokens in 64K it measured 0.91x the Triton backward on an H200, with 37 of at most 2.8K 1.10x
+# (docs/results.md). Below this longest document, `auto` keeps the Triton backward.
+GLUON_VARLEN_BWD_MIN_SEQLEN = 1024
 
 
 def route(kind: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, varlen: bool = False,
-          deterministic: bool = True) -> tuple[str, str]:
-    """("gluon" | "triton", reason) for one pass ("forward" / "backward") of a call; varlen: packed documents;
-    deterministic: the backward's mode (named in the reason)."""
+          deterministic: bool = True, max_seqlen: int | None = None) -> tuple[str, str]:
+    """("gluon" | "triton", reason) for one pass ("forward" / "backward") of a call; varlen: packed documents, the
+    longest of max_seqlen query rows; deterministic: the backward's mode (named in the reason)."""
     D = q.shape[-1]
-    if varlen and kind == "backward":
-        return "triton", "the Gluon backward takes no packed documents"
     if kind not in GLUON_PASSES:
         return "triton", f"the Gluon {kind} is switched off (dispatch.GLUON_PASSES)"
     why = uncovered_reason(q, k, v)
@@ -56,6 +58,9 @@ def route(kind: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, varlen: 
                               "(dispatch.GLUON_BWD_MAX_DQ_FRACTION)")
     if varlen and D not in GLUON_VARLEN_HEAD_DIMS:
         return "triton", f"packed documents at D={D}: the Triton forward measured faster"
+    if varlen and kind == "backward" and max_seqlen is not None and max_seqlen < GLUON_VARLEN_BWD_MIN_SEQLEN:
+        return "triton", (f"packed documents of at most {max_seqlen} rows: the Triton backward measured faster "
+                          f"below {GLUON_VARLEN_BWD_MIN_SEQLEN} (dispatch.GLUON_VARLEN_BWD_MIN_SEQLEN)")
     mode = "" if kind == "forward" else (", deterministic" if deterministic else ", non-deterministic")
     return "gluon", f"{'packed documents' if varlen else 'dense'}, D={D}{mode}"
 
@@ -69,8 +74,8 @@ def note(kind: str, kernel: str, reason: str, varlen: bool = False) -> None:
     log_once(f"attention {kind}{' (varlen)' if varlen else ''}: {kernel} ({reason})")
 
 
-def _routed(kind, q, k, v, varlen=False, deterministic=True) -> str:
-    kernel, reason = route(kind, q, k, v, varlen, deterministic)
+def _routed(kind, q, k, v, varlen=False, deterministic=True, max_seqlen=None) -> str:
+    kernel, reason = route(kind, q, k, v, varlen, deterministic, max_seqlen)
     note(kind, kernel, reason, varlen)
     return kernel
 
@@ -101,7 +106,10 @@ def gluon_varlen_forward(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, windo
 
 def gluon_varlen_backward(dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, causal, scale, window, dlse,
                           deterministic=True):
+    if _routed("backward", q, k, v, varlen=True, deterministic=deterministic, max_seqlen=int(max_q)) == "gluon":
+        from .bwd import gluon_attn_varlen_backward
+        return gluon_attn_varlen_backward(dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, causal, scale, window,
+                                          dlse, deterministic)
     from ..triton.bwd import triton_attn_varlen_backward
-    _routed("backward", q, k, v, varlen=True)
     return triton_attn_varlen_backward(dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, causal, scale, window,
                                        dlse, deterministic)

@@ -144,21 +144,26 @@ def cached_table(make, seqlen_q: int, seqlen_k: int, causal: bool, window_size, 
     return table
 
 
-def document_tiles(cu_seqlens: torch.Tensor, total: int, block_m: int) -> torch.Tensor:
-    """int32 (rows, 2) of (document, query tile) for packed documents, heaviest (highest) tile first, then padding
-    rows (-1, -1). Built with tensor ops on cu_seqlens' device, so the host never waits for the lengths; rows is
-    total // block_m + n_docs, a bound on the number of tiles."""
+def document_tiles(cu_seqlens: torch.Tensor, total: int, block: int, descending: bool = True) -> torch.Tensor:
+    """int32 (rows, 2) of (document, tile) for packed documents, by tile index: highest first (descending: the
+    forward's query tiles, heaviest causal tiles first) or lowest first (the backward's key blocks,
+    plan_bwd.document_key_order), then padding rows (-1, -1). Built with tensor ops on cu_seqlens' device, so the
+    host never waits for the lengths; rows is total // block + n_docs, a bound on the number of tiles. Ties keep
+    document order."""
     n_docs = cu_seqlens.numel() - 1
     lens = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
-    tiles = (lens + block_m - 1) // block_m
+    tiles = (lens + block - 1) // block
     ends = tiles.cumsum(0)
-    i = torch.arange(total // block_m + n_docs, device=cu_seqlens.device)
+    i = torch.arange(total // block + n_docs, device=cu_seqlens.device)
     doc = torch.searchsorted(ends, i, right=True)
     valid = doc < n_docs
     doc = doc.clamp(max=max(n_docs - 1, 0))
     tile = i - (ends[doc] - tiles[doc])
-    key = torch.where(valid, tile, -1)
-    key, order = torch.sort(key, descending=True, stable=True)
+    if descending:
+        key, order = torch.sort(torch.where(valid, tile, -1), descending=True, stable=True)
+    else:
+        key, order = torch.sort(torch.where(valid, tile, i.numel() + 1), stable=True)
+        key = torch.where(key > i.numel(), -1, key)
     doc = torch.where(key >= 0, doc[order], -1)
     return torch.stack((doc, key), 1).to(torch.int32)
 

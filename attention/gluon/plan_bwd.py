@@ -85,13 +85,20 @@ def ordered_backward_plan(seqlen_q: int, seqlen_k: int, causal: bool, window_siz
     return TilePlan(block_m, bounds, order)
 
 
-def descending_walk(causal: bool, window_size, seqlen_q: int, group: int, head_dim: int, l2_bytes: int) -> bool:
-    """Whether the deterministic backward walks each key block's query blocks last to first (ordered_backward_plan):
-    with a right side and no left one (causal), where the Q, dO (2 bytes an element) and fp32 dQ rows of one KV
-    head's query heads would fill more than half the L2. With a left side (a sliding window) a key block meets a
-    window's worth of query blocks, and the resident key blocks stay within a few windows walking first to last."""
+def descending_walk(causal: bool, window_size, seqlen_q: int, group: int, head_dim: int, l2_bytes: int,
+                    deterministic: bool = True) -> bool:
+    """Whether the backward walks each key block's query blocks last to first: with a right side and no left one
+    (causal). The resident key blocks, launched heaviest first, then start together at the last query block and
+    stay on nearby ones. The deterministic mode (ordered_backward_plan) does so only where the Q, dO (2 bytes an
+    element) and fp32 dQ rows of one KV head's query heads would fill more than half the L2: its key blocks that
+    start together wait for one another once, one addition apart, which costs more than the L2 hits gain while the
+    rows fit. The non-deterministic mode never waits. With a left side (a sliding window) a key block meets a
+    window's worth of query blocks, and the resident key blocks stay within a few windows walking first to last.
+    Packed documents walk as the non-deterministic mode in both modes (bwd.gluon_attn_varlen_backward)."""
     left, right = window_sides(causal, window_size)
-    return right >= 0 and left < 0 and group * seqlen_q * head_dim * 8 > l2_bytes // 2
+    if right < 0 or left >= 0:
+        return False
+    return not deterministic or group * seqlen_q * head_dim * 8 > l2_bytes // 2
 
 
 def query_blocks(plan: TilePlan, tile: int, descending: bool, group: int = 1) -> list[tuple[int, int]]:
@@ -116,3 +123,24 @@ def dq_rank(tile: int, m0: int, seqlen_q: int, seqlen_k: int, left: int, right: 
         return last - tile
     first = max(m0 + off - left, 0) // block_n if left >= 0 else 0  # the first key block a row of it sees
     return tile - first
+
+
+def document_key_order(causal: bool, window_size, deterministic: bool, descending: bool) -> bool:
+    """Whether packed documents' key blocks launch highest first (plan.document_tiles' descending order): where the
+    deterministic plan of one document would (ordered_backward_plan: with a right side, walking first to last).
+    Otherwise lowest first, the heaviest causal key blocks first. Across documents the order is free: no two
+    documents add into one query block's semaphore (document_query_block)."""
+    _, right = window_sides(causal, window_size)
+    return deterministic and right >= 0 and not descending
+
+
+def document_query_block(first_q: int, doc: int, m0: int, block_m: int) -> int:
+    """Index of the query block at row m0 of the document that starts at row first_q (its doc-th), among the
+    semaphores of one head: first_q // block_m + doc + m0 // block_m. Distinct for distinct (document, block):
+    document d + 1 starts past the first row of d's last block. Twin of the kernel's qblk + m0 // BLOCK_M."""
+    return first_q // block_m + doc + m0 // block_m
+
+
+def document_semaphores(total_q: int, n_docs: int, block_m: int) -> int:
+    """Semaphores per head for packed documents: more than any document_query_block."""
+    return -(-total_q // block_m) + n_docs

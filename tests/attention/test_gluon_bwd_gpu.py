@@ -46,8 +46,9 @@ def _grads(dout, q, k, v, out, lse, causal, window, dlse, deterministic):
 @pytest.mark.parametrize("B,nq,nk,H,hkv,D,causal,window,dtype", CASES)
 def test_gluon_backward_matches_fp32_reference_and_triton(B, nq, nk, H, hkv, D, causal, window, dtype, with_dlse,
                                                           mode, monkeypatch):
-    """mode: deterministic (dq_kernel), non-deterministic (atomic_dq), or deterministic with the L2 size seen as 0,
-    so that causal key blocks without a window walk their query blocks last to first (descending_dq)."""
+    """mode: deterministic (dq_kernel), non-deterministic (atomic_dq: causal key blocks without a window walk their
+    query blocks last to first), or deterministic with the L2 size seen as 0, so that it walks them that way too
+    (descending_dq)."""
     from attention.gluon.bwd import WS_BWD_CONFIG
     from attention.gluon.plan_bwd import descending_walk
     from attention.triton.bwd import triton_attn_backward
@@ -124,4 +125,49 @@ def test_gluon_backward_is_deterministic_and_takes_strided_views():
     atomic = _grads(dout, q, k, v, out, lse, True, (-1, -1), None, False)
     for a, b in zip(first, atomic):
         assert rel_err(b, a) < 1e-2
-    assert torch.equal(first[1], atomic[1]) and torch.equal(first[2], atomic[2])  # dK / dV never use atomics
+    again = _grads(dout, q, k, v, out, lse, True, (-1, -1), None, False)
+    assert torch.equal(atomic[1], again[1]) and torch.equal(atomic[2], again[2])  # dK / dV never use atomics
+
+
+VARLEN_CASES = [  # query lengths, key lengths (None: the same), H, Hkv, causal, window; D=128, bf16
+    ([1000, 0, 1, 2049, 517, 4096], None, 8, 2, True, (-1, -1)),
+    ([1000, 0, 1, 2049, 517, 4096], None, 8, 8, False, (-1, -1)),
+    ([128, 64, 192, 63, 65, 256, 1], None, 4, 1, True, (-1, -1)),  # tile-edge lengths
+    ([3000, 700, 1500], None, 8, 4, True, (300, -1)),  # sliding window per document
+    ([900, 1200], None, 4, 4, False, (100, 50)),
+    ([300, 1000, 5], [700, 1000, 0], 4, 2, True, (-1, -1)),  # Nq != Nk per document, a document with no key
+]
+
+
+@pytest.mark.parametrize("deterministic", [True, False], ids=["dq_kernel", "atomic_dq"])
+@pytest.mark.parametrize("lens_q,lens_k,H,hkv,causal,window", VARLEN_CASES)
+def test_gluon_packed_document_backward_matches_fp32_reference_and_triton(lens_q, lens_k, H, hkv, causal, window,
+                                                                          deterministic, monkeypatch):
+    """The warp-specialized backward over (document, key block) programs, in both modes (causal key blocks walk
+    last to first in both), short documents included."""
+    from attention import attn_varlen_backward, attn_varlen_forward
+    from attention.gluon import dispatch
+    from helpers import cu_seqlens
+    monkeypatch.setattr(dispatch, "GLUON_VARLEN_BWD_MIN_SEQLEN", 0)
+    lens_k = lens_q if lens_k is None else lens_k
+    cu = [cu_seqlens(lens, "cuda") for lens in (lens_q, lens_k)]
+    q, k, v = (t[0] for t in cuda_qkv(1, sum(lens_q), sum(lens_k), H, hkv, 128, torch.bfloat16))
+    args = (*cu, max(lens_q), max(lens_k), causal, None, window)
+    out, lse = attn_varlen_forward(q, k, v, *args, backend="triton")
+    ref_out, ref_lse = attn_varlen_forward(q.float(), k.float(), v.float(), *args, backend="reference")
+    dout, dlse = torch.randn_like(out), torch.randn_like(lse)
+    grads = attn_varlen_backward(dout, q, k, v, out, lse, *args, dlse=dlse, backend="gluon",
+                                 deterministic=deterministic)
+    want = attn_varlen_backward(dout.float(), q.float(), k.float(), v.float(), ref_out, ref_lse, *args, dlse=dlse,
+                                backend="reference")
+    tri = attn_varlen_backward(dout, q, k, v, out, lse, *args, dlse=dlse, backend="triton")
+    for name, g, w, t, src in zip(("dq", "dk", "dv"), grads, want, tri, (q, k, v)):
+        assert g.dtype == src.dtype and g.shape == src.shape, name
+        assert rel_err(g, w) < GRAD_TOL, (name, rel_err(g, w))
+        assert rel_err(g, t) < GRAD_TOL, (name, rel_err(g, t))
+    dead_rows = torch.isinf(ref_lse).transpose(0, 1)  # (total_q, H): rows that see no key
+    assert (grads[0][dead_rows] == 0).all()
+    if deterministic:
+        again = attn_varlen_backward(dout, q, k, v, out, lse, *args, dlse=dlse, backend="gluon", deterministic=True)
+        for a, b in zip(grads, again):
+            assert torch.equal(a, b)

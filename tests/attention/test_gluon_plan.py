@@ -67,13 +67,18 @@ def test_route_covers_dense_fp16_bf16_d64_d128_and_names_the_rest():
     assert dispatch.route("backward", q, k, v, deterministic=False) == ("gluon", "dense, D=128, non-deterministic")
     assert dispatch.route("forward", *_qkv(64, torch.float16)) == ("gluon", "dense, D=64")
     assert dispatch.route("forward", q, k, v, varlen=True) == ("gluon", "packed documents, D=128")
-    assert dispatch.route("backward", q, k, v, varlen=True)[0] == "triton"
+    assert dispatch.route("backward", q, k, v, varlen=True) == ("gluon", "packed documents, D=128, deterministic")
     kernel, why = dispatch.route("forward", *_qkv(64), varlen=True)
     assert kernel == "triton" and "D=64" in why
     kernel, why = dispatch.route("forward", *_qkv(96), varlen=True)  # not covered at all: that is the reason given
     assert kernel == "triton" and "head_dim 96" in why
-    kernel, why = dispatch.route("backward", q, k, v, varlen=True)
-    assert kernel == "triton" and "packed documents" in why
+    kernel, why = dispatch.route("backward", *_qkv(64), varlen=True)
+    assert kernel == "triton" and "D=64" in why
+    assert dispatch.route("backward", q, k, v, varlen=True, max_seqlen=dispatch.GLUON_VARLEN_BWD_MIN_SEQLEN)[0] == \
+        "gluon"
+    kernel, why = dispatch.route("backward", q, k, v, varlen=True, max_seqlen=700)
+    assert kernel == "triton" and "at most 700 rows" in why and "GLUON_VARLEN_BWD_MIN_SEQLEN" in why
+    assert dispatch.route("forward", q, k, v, varlen=True, max_seqlen=700)[0] == "gluon"
     kernel, why = dispatch.route("forward", *_qkv(96))
     assert kernel == "triton" and "head_dim 96" in why
     kernel, why = dispatch.route("forward", *_qkv(128, torch.float32))
@@ -193,7 +198,7 @@ def test_the_backward_stays_on_triton_where_the_fp32_dq_buffer_would_crowd_the_g
 
 
 @pytest.mark.parametrize("lens", [[1000, 0, 1, 2049, 517, 4096], [128, 128, 128], [1], [0, 5, 0], [300] * 40])
-def test_document_tiles_list_every_tile_once_heaviest_first(lens):
+def test_document_tiles_list_every_tile_once_in_tile_order(lens):
     cu = cu_seqlens(lens)
     table = document_tiles(cu, sum(lens), 128)
     assert table.dtype == torch.int32 and table.shape == (sum(lens) // 128 + len(lens), 2)
@@ -202,6 +207,8 @@ def test_document_tiles_list_every_tile_once_heaviest_first(lens):
     assert sorted(real) == [(d, t) for d, n in enumerate(lens) for t in range(-(-n // 128))]
     assert rows[len(real):] == [(-1, -1)] * (len(rows) - len(real))  # padding only at the end
     assert [t for _, t in real] == sorted((t for _, t in real), reverse=True)
+    up = [tuple(r) for r in document_tiles(cu, sum(lens), 128, descending=False).tolist()]
+    assert up == sorted(real, key=lambda r: r[1]) + rows[len(real):]  # lowest first, documents in order on ties
 
 
 def test_cached_table_is_built_once_per_planner_and_shape():

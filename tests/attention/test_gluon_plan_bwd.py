@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from attention.gluon.plan import window_sides
-from attention.gluon.plan_bwd import (backward_plan, descending_walk, dq_rank, ordered_backward_plan, query_blocks,
+from attention.gluon.plan_bwd import (backward_plan, descending_walk, document_key_order, document_query_block,
+                                     document_semaphores, dq_rank, ordered_backward_plan, query_blocks,
                                       query_range)
 from helpers import visible_mask
 
@@ -181,3 +182,33 @@ def test_descending_walk_only_where_a_head_outgrows_half_the_l2():
     assert descending_walk(True, (-1, -1), 131072, 1, 128, l2) and descending_walk(True, (-1, -1), 32768, 4, 128, l2)
     assert not descending_walk(False, (-1, -1), 131072, 1, 128, l2)  # no right side: every range starts at row 0
     assert not descending_walk(True, (4095, -1), 131072, 1, 128, l2)  # a sliding window: ranges a window long
+
+
+def test_the_non_deterministic_backward_walks_causal_blocks_last_to_first_at_any_length():
+    l2 = 50 * 2 ** 20
+    assert descending_walk(True, (-1, -1), 8192, 1, 128, l2, deterministic=False)
+    assert descending_walk(True, (-1, -1), 100, 1, 128, l2, deterministic=False)
+    assert not descending_walk(False, (-1, -1), 131072, 1, 128, l2, deterministic=False)
+    assert not descending_walk(True, (4095, -1), 131072, 1, 128, l2, deterministic=False)
+
+
+@pytest.mark.parametrize("lens", [[1000, 0, 1, 2049, 517, 4096], [64, 64, 1, 63, 65, 128], [1] * 50, [0, 0, 7]])
+def test_packed_documents_number_their_query_blocks_apart(lens):
+    """The deterministic backward's semaphores for packed documents: one per (document, query block) of each head,
+    none shared, all within document_semaphores."""
+    firsts = [sum(lens[:d]) for d in range(len(lens))]
+    seen = [document_query_block(first, d, m0, 64) for d, (first, n) in enumerate(zip(firsts, lens))
+            for m0 in range(0, n, 64)]
+    assert len(set(seen)) == len(seen) == sum(-(-n // 64) for n in lens)
+    assert min(seen, default=0) >= 0 and max(seen, default=0) < document_semaphores(sum(lens), len(lens), 64)
+
+
+def test_packed_documents_launch_key_blocks_in_each_plans_order():
+    """A document's key blocks launch in the order of its dense plan (ordered_backward_plan) where dq additions are
+    ordered, heaviest (lowest) first everywhere else."""
+    for causal, window, det, desc in [(True, (-1, -1), True, False), (True, (-1, -1), True, True),
+                                      (False, (-1, -1), True, False), (False, (100, 50), True, False),
+                                      (True, (-1, -1), False, True), (False, (-1, -1), False, False)]:
+        plan = ordered_backward_plan(3000, 3000, causal, window, 64, 128, desc)
+        highest_first = list(plan.order) == sorted(plan.order, reverse=True) and len(plan.order) > 1
+        assert document_key_order(causal, window, det, desc) == (det and highest_first)
