@@ -126,9 +126,9 @@ def gluon_variants():
                    dict(HEAD_DIM=d, BLOCK_M=bm, BLOCK_N=bn, STAGES=st, **flags), warps, None)
             if d in gluon_bwd.WS_BWD_CONFIG:
                 bm, bn, st = gluon_bwd.WS_BWD_CONFIG[d]
-                q, k = gluon_fwd.descriptor(t, bm), gluon_fwd.descriptor(t, bn)
+                q, k, v = gluon_fwd.descriptor(t, bm), gluon_bwd._k_descriptor(t, bn), gluon_fwd.descriptor(t, bn)
                 dq = gluon_fwd.descriptor(t.float(), bm, d // 2)
-                tensors = dict(q_desc=q, k_desc=k, v_desc=k, do_desc=q, dq_desc=dq, DK=t, DV=t, Lse2=f32, Delta=f32,
+                tensors = dict(q_desc=q, k_desc=k, v_desc=v, do_desc=q, dq_desc=dq, DK=t, DV=t, Lse2=f32, Delta=f32,
                                Plan=i32, Sem=i32, CuQ=i32, CuK=i32)
                 # (DET, REVERSE): causal key blocks walk last to first in the non-deterministic mode and for packed
                 # documents, and in the deterministic dense one where a head outgrows the L2; never with a left

@@ -99,6 +99,7 @@ from triton.experimental.gluon.language._core import builtin
 from triton.experimental.gluon.language.nvidia.ampere import async_copy
 from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
                                                               warpgroup_mma_init, warpgroup_mma_wait)
+from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from ..triton.bwd import preprocess
 from .fwd import descriptor, l2_bytes, plan_row, visible
@@ -748,6 +749,15 @@ def _bwd_ws_kernel(q_desc, k_desc, v_desc, do_desc, dq_desc, DK, DV, Lse2, Delta
 # -- host side ---------------------------------------------------------------------------------------------
 
 
+def _k_descriptor(k: torch.Tensor, block_n: int) -> TensorDescriptor:
+    """K's descriptor for the warp-specialized kernel: each consumer's dQ MMA reads half of K's columns as its B
+    operand, so the swizzle must not span more than half a row: 128 bytes at D=128, 64 at D=64."""
+    block = [1, block_n, 1, k.shape[-1]]
+    swizzle = min(128, k.shape[-1] // 2 * k.element_size())
+    layout = gl.NVMMASharedLayout(swizzle_byte_width=swizzle, element_bitwidth=8 * k.element_size(), rank=4)
+    return TensorDescriptor(k, list(k.shape), list(k.stride()), block, layout)
+
+
 def _tma_ready(t: torch.Tensor) -> torch.Tensor:
     """t itself if TMA can read it (unit last stride, 16-byte aligned strides and base), else a contiguous copy."""
     ok = t.stride(-1) == 1 and t.data_ptr() % 16 == 0 and all((s * t.element_size()) % 16 == 0
@@ -783,7 +793,7 @@ def gluon_attn_backward(dout, q, k, v, out, lse, causal, softmax_scale, window_s
             sem = table  # unused
         with torch.cuda.device(q.device):
             _bwd_ws_kernel[(table.shape[0], B * Hkv)](
-                descriptor(q, bm), descriptor(k, bn), descriptor(v, bn), descriptor(dout, bm),
+                descriptor(q, bm), _k_descriptor(k, bn), descriptor(v, bn), descriptor(dout, bm),
                 descriptor(dq, bm, D // 2), dk, dv, lse2, delta, table, sem, table, table, Hkv, H, group, Nq, Nk,
                 triton.cdiv(Nq, bm), qk_scale, 1.0 / qk_scale, float(softmax_scale), *sides, HEAD_DIM=D, BLOCK_M=bm,
                 BLOCK_N=bn, STAGES=stages, DET=deterministic, REVERSE=reverse, VARLEN=False,
@@ -841,7 +851,7 @@ def gluon_attn_varlen_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens
     sem = torch.zeros(H * sem_stride if deterministic else 1, dtype=torch.int32, device=q.device)
     with torch.cuda.device(q.device):
         _bwd_ws_kernel[(table.shape[0], Hkv)](
-            descriptor(q[None], bm), descriptor(k[None], bn), descriptor(v[None], bn), descriptor(dout[None], bm),
+            descriptor(q[None], bm), _k_descriptor(k[None], bn), descriptor(v[None], bn), descriptor(dout[None], bm),
             descriptor(dq, bm, D // 2), dk, dv, lse2, delta, table, sem, cu_seqlens_q, cu_seqlens_k, Hkv, H, H // Hkv,
             total_q, total_k, sem_stride, qk_scale, 1.0 / qk_scale, float(softmax_scale), *sides, HEAD_DIM=D,
             BLOCK_M=bm, BLOCK_N=bn, STAGES=stages, DET=deterministic, REVERSE=reverse, VARLEN=True,

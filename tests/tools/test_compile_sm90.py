@@ -56,10 +56,25 @@ def _gluon_triton() -> bool:
 def test_gluon_kernels_compile_for_hopper_and_the_forward_never_spills():
     rows = {row["name"].rsplit(" w", 1)[0]: row for row in _compile("--gluon")}  # "gluon_fwd d64 win-1,0 w4"
     # D 64 / 128 x (causal, two-sided window) x (forward, varlen forward, dK/dV, atomic dK/dV, dQ), and the
-    # warp-specialized backward at D=128: non-deterministic, deterministic, and (causal only) deterministic walking
-    # last to first
+    # warp-specialized backward at D=128, dense and packed documents: causal, the non-deterministic mode walking
+    # last to first and the deterministic one either way (packed documents: last to first); with a two-sided
+    # window both modes walking first to last
     assert len(rows) == 29 and sum(name.startswith("gluon_bwd_ws") for name in rows) == 9, sorted(rows)
     for name, row in rows.items():
         assert 0 < row["reg"] <= 255 and row["wgmma"] > 0 and row["smem"] <= H100_SMEM, (name, row)
     fwd = {name: row for name, row in rows.items() if name.startswith("gluon_fwd")}
     assert len(fwd) == 8 and all(row["stack"] == 0 for row in fwd.values()), fwd
+
+
+@pytest.mark.skipif(not _gluon_triton(), reason="the Gluon kernels are written for another triton release")
+def test_k_layout_of_the_warp_specialized_backward_lets_each_consumer_read_half_the_columns():
+    """Each consumer's dQ MMA reads half of K's columns: K's swizzle spans at most half a row (64 bytes at D=64),
+    and at D=128 it is the default layout."""
+    import torch
+    from attention.gluon.bwd import _k_descriptor
+    from attention.gluon.fwd import descriptor
+    for d in (64, 128):
+        k = torch.empty(2, 256, 4, d, dtype=torch.bfloat16)
+        assert _k_descriptor(k, 128).layout.swizzle_byte_width == d
+    k = torch.empty(2, 256, 4, 128, dtype=torch.float16)
+    assert _k_descriptor(k, 128).layout == descriptor(k, 128).layout
