@@ -102,6 +102,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from ..triton.bwd import preprocess
+from ..triton.common import query_segments
 from .fwd import descriptor, l2_bytes, plan_row, visible
 from .plan import cached_table, document_tiles, forward_plan, window_sides
 from .plan_bwd import backward_plan, descending_walk, document_key_order, document_semaphores, ordered_backward_plan
@@ -463,34 +464,6 @@ def _dq_kernel(q_desc, k_desc, v_desc, do_desc, dq_desc, Lse2, Delta, Plan, n_he
 
 
 @gluon.jit
-def _query_segments(n0, seqlen_q, seqlen_k, win_left, win_right, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-                    HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr, ALIGNED: gl.constexpr):
-    """(lo, a, b, hi): the query rows that see keys [n0, n0 + BLOCK_N), [a, b) the blocks that need no mask;
-    plan_bwd.query_range's twin (ALIGNED: its aligned=True)."""
-    n1 = gl.minimum(n0 + BLOCK_N, seqlen_k)
-    off = seqlen_k - seqlen_q
-    lo = n0 * 0
-    hi = seqlen_q + n0 * 0
-    full_lo = lo
-    full_hi = hi
-    if HAS_RIGHT:
-        lo = gl.maximum(lo, n0 - off - win_right)
-        full_lo = n0 + BLOCK_N - 1 - off - win_right
-    if HAS_LEFT:
-        hi = gl.minimum(hi, n1 - 1 - off + win_left + 1)
-        full_hi = gl.minimum(full_hi, n0 - off + win_left + 1)
-    if n0 + BLOCK_N > seqlen_k:
-        full_hi = lo
-    if ALIGNED:
-        lo = lo - lo % BLOCK_M
-    hi = gl.maximum(hi, lo)
-    count = gl.cdiv(hi - lo, BLOCK_M)
-    t_a = gl.minimum(gl.cdiv(gl.maximum(full_lo - lo, 0), BLOCK_M), count)
-    t_b = gl.maximum(gl.minimum(gl.maximum(full_hi - lo, 0) // BLOCK_M, count), t_a)
-    return lo, lo + t_a * BLOCK_M, lo + t_b * BLOCK_M, hi
-
-
-@gluon.jit
 def _ws_item(Plan, CuQ, CuK, n_kv_heads, seqlen_q, seqlen_k, win_left, win_right, BLOCK_M: gl.constexpr,
              BLOCK_N: gl.constexpr, HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr, VARLEN: gl.constexpr,
              ALIGNED: gl.constexpr):
@@ -498,8 +471,9 @@ def _ws_item(Plan, CuQ, CuK, n_kv_heads, seqlen_q, seqlen_k, win_left, win_right
 
     Dense: a row of plan_bwd.backward_plan or ordered_backward_plan (the table), first_q = first_k = qblk = 0 and
     len_q, len_k the sequence lengths. Packed documents (b = 0): the row is (document d, key block) of
-    plan_bwd.document_key_blocks, d's query rows start at first_q = cu_q[d] and its keys at first_k = cu_k[d], the
-    query range is _query_segments' (aligned for the deterministic mode) and a padding row (d = -1) is empty. Row
+    plan.document_tiles, d's query rows start at first_q = cu_q[d] and its keys at first_k = cu_k[d], the query
+    range is the Triton kernels' query_segments (aligned for the deterministic mode, as plan_bwd.query_range) and a
+    padding row (d = -1) is empty. Row
     m0 of the document is in query block qblk + m0 // BLOCK_M of its (batch, head): qblk = first_q // BLOCK_M + d
     numbers the documents' blocks apart (plan_bwd.document_query_block)."""
     bhk = gl.program_id(1)
@@ -514,8 +488,8 @@ def _ws_item(Plan, CuQ, CuK, n_kv_heads, seqlen_q, seqlen_k, win_left, win_right
         len_k = gl.load(CuK + dd + 1) - first_k
         if d < 0:
             len_k = len_k * 0
-        lo, lo_full, hi_full, hi = _query_segments(tile * BLOCK_N, len_q, len_k, win_left, win_right, BLOCK_M,
-                                                   BLOCK_N, HAS_LEFT, HAS_RIGHT, ALIGNED)
+        lo, lo_full, hi_full, hi = query_segments(tile * BLOCK_N, len_q, len_k, win_left, win_right, HAS_LEFT,
+                                                  HAS_RIGHT, BLOCK_M, BLOCK_N, ALIGNED)
         if d < 0:
             hi = lo
         qblk = first_q // BLOCK_M + dd

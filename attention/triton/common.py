@@ -68,10 +68,12 @@ def key_segments(m0, seqlen_q, seqlen_k, win_left, win_right, HAS_LEFT: tl.const
 
 @triton.jit
 def query_segments(n0, seqlen_q, seqlen_k, win_left, win_right, HAS_LEFT: tl.constexpr,
-                   HAS_RIGHT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                   HAS_RIGHT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                   ALIGNED: tl.constexpr = False):
     """Queries that see keys [n0, n0+BLOCK_N): returns (lo, a, b, hi) for the three loop segments.
 
-    Mirror of key_segments: row i sees key j iff j - off - right <= i <= j - off + left.
+    Mirror of key_segments: row i sees key j iff j - off - right <= i <= j - off + left. ALIGNED: lo rounded down
+    to a multiple of BLOCK_M (plan_bwd.query_range's aligned=True; the Gluon backward's deterministic mode).
     """
     n1 = tl.minimum(n0 + BLOCK_N, seqlen_k)  # one past the last real key
     off = seqlen_k - seqlen_q
@@ -87,6 +89,8 @@ def query_segments(n0, seqlen_q, seqlen_k, win_left, win_right, HAS_LEFT: tl.con
         full_hi = tl.minimum(full_hi, n0 - off + win_left + 1)
     if n0 + BLOCK_N > seqlen_k:
         full_hi = lo  # a key block that runs past the end is masked everywhere
+    if ALIGNED:
+        lo -= lo % BLOCK_M
     hi = tl.maximum(hi, lo)
     n_blocks = tl.cdiv(hi - lo, BLOCK_M)
     t_a = tl.minimum(tl.cdiv(tl.maximum(full_lo - lo, 0), BLOCK_M), n_blocks)
