@@ -2,8 +2,12 @@
 
     python scripts/bench_backward.py                    # -> docs/bench/backward_<gpu>.json
     python scripts/bench_backward.py --out /tmp/b.json
+    python scripts/bench_backward.py --head-dim 64 --ws-tile 64 128 2 --out /tmp/b64.json   # a tile to try
 
-Per case (bf16, D=128, B*N = 65536 tokens for N <= 64K, else B = 1): cuDNN's backward (torch SDPA, the graph
+--ws-tile runs the warp-specialized Gluon backward with (BLOCK_M, BLOCK_N, STAGES) at the head dim given, in
+place of attention.gluon.bwd.WS_BWD_CONFIG's entry (at D=64, where it has none, in place of the two-kernel design).
+
+Per case (bf16, D=128 or --head-dim, B*N = 65536 tokens for N <= 64K, else B = 1): cuDNN's backward (torch SDPA, the graph
 retained), the Triton backward (deterministic), and the Gluon backward (attention.gluon.bwd, sm_90 only) in its
 deterministic and non-deterministic modes, all from the same out / lse. The providers are timed in 3 interleaved
 rounds of triton.testing.do_bench; each figure is the median round, TFLOPS at 2.5x the forward's FLOPs (causal
@@ -28,7 +32,6 @@ from scripts.bench_attention import meta, visible_pairs  # noqa: E402
 CASES = [(True, 8192, 16, 16), (True, 32768, 16, 16), (False, 8192, 16, 16), (False, 32768, 16, 16),
          (True, 131072, 16, 16), (True, 32768, 32, 8)]
 ROUNDS = 3
-HEAD_DIM = 128
 
 
 def backward_flops(batch: int, n: int, heads: int, head_dim: int, causal: bool) -> float:
@@ -40,7 +43,7 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12)).item()
 
 
-def bench_case(causal: bool, n: int, heads: int, kv_heads: int) -> dict:
+def bench_case(causal: bool, n: int, heads: int, kv_heads: int, head_dim: int = 128) -> dict:
     import torch.nn.functional as F
     import triton
     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -54,7 +57,7 @@ def bench_case(causal: bool, n: int, heads: int, kv_heads: int) -> dict:
         torch.cuda.synchronize()
         return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
 
-    D, B = HEAD_DIM, max(1, 65536 // n)
+    D, B = head_dim, max(1, 65536 // n)
     q = torch.randn(B, n, heads, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     k = torch.randn(B, n, kv_heads, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     v = torch.randn(B, n, kv_heads, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
@@ -95,19 +98,28 @@ def bench_case(causal: bool, n: int, heads: int, kv_heads: int) -> dict:
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default=None, help="JSON path (default docs/bench/backward_<gpu>.json)")
+    ap.add_argument("--head-dim", type=int, default=128, choices=(64, 128))
+    ap.add_argument("--ws-tile", type=int, nargs=3, metavar=("BLOCK_M", "BLOCK_N", "STAGES"),
+                    help="the warp-specialized Gluon backward's tile at --head-dim, in place of WS_BWD_CONFIG's")
     args = ap.parse_args(argv)
+    if args.ws_tile is not None and (args.ws_tile[0] not in (64, 128) or args.ws_tile[1] != 128
+                                     or not 1 <= args.ws_tile[2] <= 4):
+        raise SystemExit(f"error: --ws-tile takes BLOCK_M 64 or 128, BLOCK_N 128 and 1-4 STAGES, got {args.ws_tile}")
     if not torch.cuda.is_available():
         raise SystemExit("error: bench_backward.py needs a CUDA GPU (cuDNN and the Gluon kernels)")
     from attention.gluon import hopper_ready
     ready, why = hopper_ready(torch.device("cuda"))
     if not ready:
         raise SystemExit(f"error: the Gluon kernels cannot run here: {why}")
+    if args.ws_tile is not None:
+        from attention.gluon import bwd
+        bwd.WS_BWD_CONFIG[args.head_dim] = tuple(args.ws_tile)
     rows = []
     for case in CASES:
-        rows.append(bench_case(*case))
+        rows.append(bench_case(*case, head_dim=args.head_dim))
         print(json.dumps(rows[-1]), flush=True)
         torch.cuda.empty_cache()
-    info = meta()
+    info = dict(meta(), ws_tile=args.ws_tile)
     out = Path(args.out or f"docs/bench/backward_{info['gpu'].split()[-1].lower()}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(dict(meta=info, rows=rows), indent=1))

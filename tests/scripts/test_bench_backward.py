@@ -16,3 +16,8 @@ def test_without_a_gpu_it_says_so_in_one_line(monkeypatch):
     monkeypatch.setattr(bench_backward.torch.cuda, "is_available", lambda: False)
     with pytest.raises(SystemExit, match="needs a CUDA GPU"):
         bench_backward.main([])
+
+
+def test_a_tile_the_kernel_cannot_take_is_refused_in_one_line():
+    with pytest.raises(SystemExit, match=r"--ws-tile takes BLOCK_M 64 or 128.*got \[32, 128, 2\]"):
+        bench_backward.main(["--ws-tile", "32", "128", "2"])
