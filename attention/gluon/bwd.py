@@ -473,9 +473,8 @@ def _ws_item(Plan, CuQ, CuK, n_kv_heads, seqlen_q, seqlen_k, win_left, win_right
     len_q, len_k the sequence lengths. Packed documents (b = 0): the row is (document d, key block) of
     plan.document_tiles, d's query rows start at first_q = cu_q[d] and its keys at first_k = cu_k[d], the query
     range is the Triton kernels' query_segments (aligned for the deterministic mode, as plan_bwd.query_range) and a
-    padding row (d = -1) is empty. Row
-    m0 of the document is in query block qblk + m0 // BLOCK_M of its (batch, head): qblk = first_q // BLOCK_M + d
-    numbers the documents' blocks apart (plan_bwd.document_query_block)."""
+    padding row (d = -1) is empty. Row m0 of the document is in query block qblk + m0 // BLOCK_M of its (batch,
+    head): qblk = first_q // BLOCK_M + d numbers the documents' blocks apart (plan_bwd.document_query_block)."""
     bhk = gl.program_id(1)
     if VARLEN:
         row = gl.program_id(0)
@@ -732,6 +731,25 @@ def _k_descriptor(k: torch.Tensor, block_n: int) -> TensorDescriptor:
     return TensorDescriptor(k, list(k.shape), list(k.stride()), block, layout)
 
 
+def _launch_ws(q, k, v, dout, dq, dk, dv, lse2, delta, table, sem, cu_q, cu_k, n_bhk, seqlen_q, seqlen_k, sem_stride,
+               causal, softmax_scale, window_size, deterministic, reverse, varlen):
+    """_bwd_ws_kernel over (table rows, n_bhk) programs: q / k / v / dout (B, N, H, D), dq the fp32 accumulator like
+    q, sem_stride the semaphores per (batch, head). Dense: cu_q / cu_k are unused, seqlen_q / seqlen_k the lengths;
+    packed documents (varlen, B = 1): seqlen_q / seqlen_k the totals."""
+    H, D, Hkv = q.shape[2], q.shape[3], k.shape[2]
+    bm, bn, stages = WS_BWD_CONFIG[D]
+    left, right = window_sides(causal, window_size)
+    qk_scale = float(softmax_scale) * LOG2E
+    with torch.cuda.device(q.device):
+        _bwd_ws_kernel[(table.shape[0], n_bhk)](
+            descriptor(q, bm), _k_descriptor(k, bn), descriptor(v, bn), descriptor(dout, bm),
+            descriptor(dq, bm, D // 2), dk, dv, lse2, delta, table, sem, cu_q, cu_k, Hkv, H, H // Hkv, seqlen_q,
+            seqlen_k, sem_stride, qk_scale, 1.0 / qk_scale, float(softmax_scale), max(left, 0), max(right, 0),
+            HEAD_DIM=D, BLOCK_M=bm, BLOCK_N=bn, STAGES=stages, DET=deterministic, REVERSE=reverse, VARLEN=varlen,
+            CONSUMER_REGS=WS_BWD_REGS[1], num_warps=4, maxnreg=WS_BWD_REGS[0], HAS_LEFT=left >= 0,
+            HAS_RIGHT=right >= 0)
+
+
 def _tma_ready(t: torch.Tensor) -> torch.Tensor:
     """t itself if TMA can read it (unit last stride, 16-byte aligned strides and base), else a contiguous copy."""
     ok = t.stride(-1) == 1 and t.data_ptr() % 16 == 0 and all((s * t.element_size()) % 16 == 0
@@ -756,7 +774,7 @@ def gluon_attn_backward(dout, q, k, v, out, lse, causal, softmax_scale, window_s
     dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
 
     if D in WS_BWD_CONFIG:
-        bm, bn, stages = WS_BWD_CONFIG[D]
+        bm, bn, _ = WS_BWD_CONFIG[D]
         dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
         reverse = descending_walk(causal, window_size, Nq, group, D, l2_bytes(q.device), deterministic)
         if deterministic:
@@ -765,13 +783,8 @@ def gluon_attn_backward(dout, q, k, v, out, lse, causal, softmax_scale, window_s
         else:
             table = cached_table(backward_plan, Nq, Nk, causal, window_size, bm, bn, q.device)
             sem = table  # unused
-        with torch.cuda.device(q.device):
-            _bwd_ws_kernel[(table.shape[0], B * Hkv)](
-                descriptor(q, bm), _k_descriptor(k, bn), descriptor(v, bn), descriptor(dout, bm),
-                descriptor(dq, bm, D // 2), dk, dv, lse2, delta, table, sem, table, table, Hkv, H, group, Nq, Nk,
-                triton.cdiv(Nq, bm), qk_scale, 1.0 / qk_scale, float(softmax_scale), *sides, HEAD_DIM=D, BLOCK_M=bm,
-                BLOCK_N=bn, STAGES=stages, DET=deterministic, REVERSE=reverse, VARLEN=False,
-                CONSUMER_REGS=WS_BWD_REGS[1], num_warps=4, maxnreg=WS_BWD_REGS[0], **flags)
+        _launch_ws(q, k, v, dout, dq, dk, dv, lse2, delta, table, sem, table, table, B * Hkv, Nq, Nk,
+                   triton.cdiv(Nq, bm), causal, softmax_scale, window_size, deterministic, reverse, varlen=False)
         return dq.to(q.dtype), dk, dv
     dq = torch.empty(q.shape, dtype=q.dtype, device=q.device) if deterministic else \
         torch.zeros(q.shape, dtype=torch.float32, device=q.device)
@@ -810,10 +823,7 @@ def gluon_attn_varlen_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens
         return torch.zeros_like(q), dk, dv
     dout, out = _tma_ready(dout), _tma_ready(out)
     delta, lse2 = preprocess(out[None], dout[None], lse[None], None if dlse is None else dlse[None])
-    left, right = window_sides(causal, window_size)
-    sides = (max(left, 0), max(right, 0))
-    qk_scale = float(softmax_scale) * LOG2E
-    bm, bn, stages = WS_BWD_CONFIG[D]
+    bm, bn, _ = WS_BWD_CONFIG[D]
     dq = torch.zeros((1, total_q, H, D), dtype=torch.float32, device=q.device)
     # both modes walk causal key blocks last to first, as the non-deterministic mode does everywhere: their
     # documents' key blocks then launch heaviest first (plan_bwd.document_key_order)
@@ -823,12 +833,7 @@ def gluon_attn_varlen_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens
                                                                         reverse))
     sem_stride = document_semaphores(total_q, n_docs, bm)
     sem = torch.zeros(H * sem_stride if deterministic else 1, dtype=torch.int32, device=q.device)
-    with torch.cuda.device(q.device):
-        _bwd_ws_kernel[(table.shape[0], Hkv)](
-            descriptor(q[None], bm), _k_descriptor(k[None], bn), descriptor(v[None], bn), descriptor(dout[None], bm),
-            descriptor(dq, bm, D // 2), dk, dv, lse2, delta, table, sem, cu_seqlens_q, cu_seqlens_k, Hkv, H, H // Hkv,
-            total_q, total_k, sem_stride, qk_scale, 1.0 / qk_scale, float(softmax_scale), *sides, HEAD_DIM=D,
-            BLOCK_M=bm, BLOCK_N=bn, STAGES=stages, DET=deterministic, REVERSE=reverse, VARLEN=True,
-            CONSUMER_REGS=WS_BWD_REGS[1], num_warps=4, maxnreg=WS_BWD_REGS[0], HAS_LEFT=left >= 0,
-            HAS_RIGHT=right >= 0)
+    _launch_ws(q[None], k[None], v[None], dout[None], dq, dk, dv, lse2, delta, table, sem, cu_seqlens_q, cu_seqlens_k,
+               Hkv, total_q, total_k, sem_stride, causal, softmax_scale, window_size, deterministic, reverse,
+               varlen=True)
     return dq[0].to(q.dtype), dk, dv
