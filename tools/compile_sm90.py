@@ -93,7 +93,7 @@ def gluon_variants():
 
     from attention.gluon import bwd as gluon_bwd, fwd as gluon_fwd
     from attention.gluon.plan import pairs_tiles
-    ints = dict(n_work=7, n_slots=7, n_bh=7, chunk=7, n_heads=7, n_kv_heads=7, group=7, seqlen_q=1000, seqlen_k=1000,
+    ints = dict(n_work=7, n_slots=7, n_bh=7, chunk=7, n_heads=7, n_kv_heads=7, group=7, kv_group=7, seqlen_q=1000, seqlen_k=1000,
                 win_left=7, win_right=7, lse_stride=7, sem_stride=7, stride_dqb=7, stride_dqn=7, stride_dqh=7)
     floats = dict(qk_scale=0.127, inv_qk_scale=7.9, softmax_scale=0.088)
     f32, i32 = torch.empty(4, dtype=torch.float32), torch.empty(4, dtype=torch.int32)
@@ -136,13 +136,16 @@ def gluon_variants():
                 for varlen in (False, True):
                     walks = ((False, False), (True, False)) if left >= 0 else \
                         ((False, True), (True, True)) if varlen else ((False, True), (True, False), (True, True))
+                    # dense GQA groups split over programs write fp32 dK / dV partials (plan_bwd.split_group)
                     for det, rev in walks:
-                        name = "_varlen" * varlen + "_det" * det + "_rev" * rev
-                        yield (f"gluon_bwd_ws{name} d{d} win{left},{right}", gluon_bwd._bwd_ws_kernel,
-                               {**ints, **floats, **tensors},
-                               dict(HEAD_DIM=d, BLOCK_M=bm, BLOCK_N=bn, STAGES=st, DET=det, REVERSE=rev,
-                                    VARLEN=varlen, CONSUMER_REGS=gluon_bwd.WS_BWD_REGS[1], **flags), 4,
-                               gluon_bwd.WS_BWD_REGS[0])
+                        for split in (False, True) if not varlen else (False,):
+                            name = "_varlen" * varlen + "_det" * det + "_rev" * rev + "_split" * split
+                            parts = dict(DK=f32, DV=f32) if split else {}
+                            yield (f"gluon_bwd_ws{name} d{d} win{left},{right}", gluon_bwd._bwd_ws_kernel,
+                                   {**ints, **floats, **tensors, **parts},
+                                   dict(HEAD_DIM=d, BLOCK_M=bm, BLOCK_N=bn, STAGES=st, DET=det, REVERSE=rev,
+                                        VARLEN=varlen, CONSUMER_REGS=gluon_bwd.WS_BWD_REGS[1], **flags), 4,
+                                   gluon_bwd.WS_BWD_REGS[0])
 
 
 def compile_gluon(fn, args: dict, constexprs: dict, num_warps: int, maxnreg):

@@ -105,7 +105,8 @@ from ..triton.bwd import preprocess
 from ..triton.common import query_segments
 from .fwd import descriptor, l2_bytes, plan_row, visible
 from .plan import cached_table, document_tiles, forward_plan, window_sides
-from .plan_bwd import backward_plan, descending_walk, document_key_order, document_semaphores, ordered_backward_plan
+from .plan_bwd import (backward_plan, descending_walk, document_key_order, document_semaphores, ordered_backward_plan,
+                       split_group)
 
 LOG2E = 1.4426950408889634
 
@@ -114,7 +115,7 @@ DKDV_CONFIG = {64: (64, 128, 2, 8), 128: (64, 128, 2, 8)}
 DQ_CONFIG = {64: (128, 64, 3, 8), 128: (128, 64, 2, 8)}
 # the warp-specialized backward with dQ by TMA reduce-add: (BLOCK_M, BLOCK_N, STAGES) per head dim, and the
 # register caps (the kernel's over its 12 warps; each consumer warpgroup's after setmaxnreg)
-WS_BWD_CONFIG = {128: (64, 128, 2)}
+WS_BWD_CONFIG = {64: (128, 128, 2), 128: (64, 128, 2)}
 WS_BWD_REGS = (168, 240)
 
 
@@ -512,7 +513,8 @@ def _ws_consumer(args, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: g
     memory)."""
     (q_desc, k_desc, v_desc, do_desc, dq_desc, DK, DV, Lse2, Delta, Plan, Sem, CuQ, CuK, q_smem, do_smem, k_smem,
      v_smem, ds_smem, dq_smem, kv_bar, q_ready, do_ready, q_empty, ds_ready, dq_full, dq_empty, n_kv_heads, n_heads,
-     group, seqlen_q, seqlen_k, sem_stride, qk_scale, inv_qk_scale, softmax_scale, win_left, win_right) = args
+     group, kv_group, seqlen_q, seqlen_k, sem_stride, qk_scale, inv_qk_scale, softmax_scale, win_left,
+     win_right) = args
     HALF: gl.constexpr = BLOCK_N // 2
     DHALF: gl.constexpr = HEAD_DIM // 2
     dtype: gl.constexpr = q_desc.dtype
@@ -585,8 +587,8 @@ def _ws_consumer(args, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: g
     ptr = ((b * seqlen_k + first_k + rows).to(gl.int64) * n_kv_heads + hk) * HEAD_DIM
     ptr = ptr[:, None] + cols[None, :]
     in_k = (rows < len_k)[:, None]
-    gl.store(DK + ptr, (dk * softmax_scale).to(dtype), mask=in_k)
-    gl.store(DV + ptr, dv.to(dtype), mask=in_k)
+    gl.store(DK + ptr, (dk * softmax_scale).to(DK.dtype.element_ty), mask=in_k)
+    gl.store(DV + ptr, dv.to(DV.dtype.element_ty), mask=in_k)
 
 
 @gluon.jit
@@ -595,15 +597,17 @@ def _ws_loader(args, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.co
     """One warp: K and V of the key block once, then Q_i and dO_i through the STAGES-deep ring."""
     (q_desc, k_desc, v_desc, do_desc, dq_desc, DK, DV, Lse2, Delta, Plan, Sem, CuQ, CuK, q_smem, do_smem, k_smem,
      v_smem, ds_smem, dq_smem, kv_bar, q_ready, do_ready, q_empty, ds_ready, dq_full, dq_empty, n_kv_heads, n_heads,
-     group, seqlen_q, seqlen_k, sem_stride, qk_scale, inv_qk_scale, softmax_scale, win_left, win_right) = args
+     group, kv_group, seqlen_q, seqlen_k, sem_stride, qk_scale, inv_qk_scale, softmax_scale, win_left,
+     win_right) = args
     b, hk, n0, lo, lo_full, hi_full, n_blk, first_q, first_k, len_q, len_k, qblk = _ws_item(
         Plan, CuQ, CuK, n_kv_heads, seqlen_q, seqlen_k, win_left, win_right, BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT,
         VARLEN, ALIGNED)
     total = n_blk * group
     if total > 0:
         mbarrier.expect(kv_bar, 2 * k_desc.block_type.nbytes)
-        tma.async_copy_global_to_shared(k_desc, [b, first_k + n0, hk, 0], kv_bar, k_smem)
-        tma.async_copy_global_to_shared(v_desc, [b, first_k + n0, hk, 0], kv_bar, v_smem)
+        hkv = hk // kv_group  # hk is a query head where the GQA group is split over programs
+        tma.async_copy_global_to_shared(k_desc, [b, first_k + n0, hkv, 0], kv_bar, k_smem)
+        tma.async_copy_global_to_shared(v_desc, [b, first_k + n0, hkv, 0], kv_bar, v_smem)
     for t in range(total):
         mbarrier.wait(q_empty.index(t % STAGES), ((t // STAGES) & 1) ^ 1)
         _issue_q_do(q_desc, do_desc, q_smem, do_smem, q_ready, do_ready, t, n_blk, lo, b, hk, group, first_q,
@@ -644,7 +648,8 @@ def _ws_dq_writer(args, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: 
     document's rows; their part of the tile is exact zeros (P = 0 there), which add in any order to the same bits."""
     (q_desc, k_desc, v_desc, do_desc, dq_desc, DK, DV, Lse2, Delta, Plan, Sem, CuQ, CuK, q_smem, do_smem, k_smem,
      v_smem, ds_smem, dq_smem, kv_bar, q_ready, do_ready, q_empty, ds_ready, dq_full, dq_empty, n_kv_heads, n_heads,
-     group, seqlen_q, seqlen_k, sem_stride, qk_scale, inv_qk_scale, softmax_scale, win_left, win_right) = args
+     group, kv_group, seqlen_q, seqlen_k, sem_stride, qk_scale, inv_qk_scale, softmax_scale, win_left,
+     win_right) = args
     DHALF: gl.constexpr = HEAD_DIM // 2
     b, hk, n0, lo, lo_full, hi_full, n_blk, first_q, first_k, len_q, len_k, qblk = _ws_item(
         Plan, CuQ, CuK, n_kv_heads, seqlen_q, seqlen_k, win_left, win_right, BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT,
@@ -675,14 +680,17 @@ def _ws_dq_writer(args, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: 
 
 @gluon.jit
 def _bwd_ws_kernel(q_desc, k_desc, v_desc, do_desc, dq_desc, DK, DV, Lse2, Delta, Plan, Sem, CuQ, CuK, n_kv_heads,
-                   n_heads, group, seqlen_q, seqlen_k, sem_stride, qk_scale, inv_qk_scale, softmax_scale, win_left,
-                   win_right, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+                   n_heads, group, kv_group, seqlen_q, seqlen_k, sem_stride, qk_scale, inv_qk_scale, softmax_scale,
+                   win_left, win_right, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
                    STAGES: gl.constexpr, HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr, DET: gl.constexpr,
                    REVERSE: gl.constexpr, VARLEN: gl.constexpr, CONSUMER_REGS: gl.constexpr, num_warps: gl.constexpr):
     """Warp-specialized dK/dV with dQ in the same pass: two consumer warpgroups (the default partition and a
     worker), a loader warp and a dQ warp. dq_desc: the fp32 (B, Nq, H, D) accumulator, a BLOCK_M x D/2 box.
     DET: Plan is plan_bwd.ordered_backward_plan's and Sem a zeroed int32 (B * H * cdiv(Nq, BLOCK_M)) semaphore
-    per query block. REVERSE: every key block walks its query blocks last to first (plan_bwd.descending_walk)."""
+    per query block. REVERSE: every key block walks its query blocks last to first (plan_bwd.descending_walk).
+    The GQA group: either each program walks its KV head's `group` query heads (kv_group = 1, DK / DV like K / V),
+    or the group is split over programs (plan_bwd.split_group: group = 1, kv_group the GQA group, n_kv_heads the
+    query heads, DK / DV fp32 (B, Nk, H, D) partials that the host sums over each group)."""
     dtype: gl.constexpr = q_desc.dtype
     q_smem = gl.allocate_shared_memory(dtype, [STAGES] + q_desc.block_type.shape, q_desc.layout)
     do_smem = gl.allocate_shared_memory(dtype, [STAGES] + do_desc.block_type.shape, do_desc.layout)
@@ -709,8 +717,8 @@ def _bwd_ws_kernel(q_desc, k_desc, v_desc, do_desc, dq_desc, DK, DV, Lse2, Delta
         mbarrier.init(dq_empty.index(i), count=1)
     args = (q_desc, k_desc, v_desc, do_desc, dq_desc, DK, DV, Lse2, Delta, Plan, Sem, CuQ, CuK, q_smem, do_smem,
             k_smem, v_smem, ds_smem, dq_smem, kv_bar, q_ready, do_ready, q_empty, ds_ready, dq_full, dq_empty,
-            n_kv_heads, n_heads, group, seqlen_q, seqlen_k, sem_stride, qk_scale, inv_qk_scale, softmax_scale,
-            win_left, win_right)
+            n_kv_heads, n_heads, group, kv_group, seqlen_q, seqlen_k, sem_stride, qk_scale, inv_qk_scale,
+            softmax_scale, win_left, win_right)
     gl.warp_specialize([
         (_ws_consumer, (args, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, HAS_LEFT, HAS_RIGHT, REVERSE, VARLEN, DET, 0)),
         (_ws_consumer, (args, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, HAS_LEFT, HAS_RIGHT, REVERSE, VARLEN, DET, 1)),
@@ -731,23 +739,33 @@ def _k_descriptor(k: torch.Tensor, block_n: int) -> TensorDescriptor:
     return TensorDescriptor(k, list(k.shape), list(k.stride()), block, layout)
 
 
-def _launch_ws(q, k, v, dout, dq, dk, dv, lse2, delta, table, sem, cu_q, cu_k, n_bhk, seqlen_q, seqlen_k, sem_stride,
-               causal, softmax_scale, window_size, deterministic, reverse, varlen):
-    """_bwd_ws_kernel over (table rows, n_bhk) programs: q / k / v / dout (B, N, H, D), dq the fp32 accumulator like
-    q, sem_stride the semaphores per (batch, head). Dense: cu_q / cu_k are unused, seqlen_q / seqlen_k the lengths;
-    packed documents (varlen, B = 1): seqlen_q / seqlen_k the totals."""
+def _launch_ws(q, k, v, dout, dq, dk, dv, lse2, delta, table, sem, cu_q, cu_k, batch, seqlen_q, seqlen_k, sem_stride,
+               causal, softmax_scale, window_size, deterministic, reverse, varlen, split=False):
+    """_bwd_ws_kernel over (table rows, batch * KV heads) programs, or with split (plan_bwd.split_group) over (table
+    rows, batch * query heads), dk / dv then the fp32 (B, Nk, H, D) partials: q / k / v / dout (B, N, H, D), dq the
+    fp32 accumulator like q, sem_stride the semaphores per (batch, head). Dense: cu_q / cu_k are unused,
+    seqlen_q / seqlen_k the lengths; packed documents (varlen, B = 1): seqlen_q / seqlen_k the totals."""
     H, D, Hkv = q.shape[2], q.shape[3], k.shape[2]
     bm, bn, stages = WS_BWD_CONFIG[D]
     left, right = window_sides(causal, window_size)
     qk_scale = float(softmax_scale) * LOG2E
+    heads, group, kv_group = (H, 1, H // Hkv) if split else (Hkv, H // Hkv, 1)
     with torch.cuda.device(q.device):
-        _bwd_ws_kernel[(table.shape[0], n_bhk)](
+        _bwd_ws_kernel[(table.shape[0], batch * heads)](
             descriptor(q, bm), _k_descriptor(k, bn), descriptor(v, bn), descriptor(dout, bm),
-            descriptor(dq, bm, D // 2), dk, dv, lse2, delta, table, sem, cu_q, cu_k, Hkv, H, H // Hkv, seqlen_q,
-            seqlen_k, sem_stride, qk_scale, 1.0 / qk_scale, float(softmax_scale), max(left, 0), max(right, 0),
-            HEAD_DIM=D, BLOCK_M=bm, BLOCK_N=bn, STAGES=stages, DET=deterministic, REVERSE=reverse, VARLEN=varlen,
-            CONSUMER_REGS=WS_BWD_REGS[1], num_warps=4, maxnreg=WS_BWD_REGS[0], HAS_LEFT=left >= 0,
+            descriptor(dq, bm, D // 2), dk, dv, lse2, delta, table, sem, cu_q, cu_k, heads, H, group, kv_group,
+            seqlen_q, seqlen_k, sem_stride, qk_scale, 1.0 / qk_scale, float(softmax_scale), max(left, 0),
+            max(right, 0), HEAD_DIM=D, BLOCK_M=bm, BLOCK_N=bn, STAGES=stages, DET=deterministic, REVERSE=reverse,
+            VARLEN=varlen, CONSUMER_REGS=WS_BWD_REGS[1], num_warps=4, maxnreg=WS_BWD_REGS[0], HAS_LEFT=left >= 0,
             HAS_RIGHT=right >= 0)
+
+
+def _fits(nbytes: int, device: torch.device) -> bool:
+    """Whether a temporary of nbytes stays within dispatch.GLUON_BWD_MAX_DQ_FRACTION of the GPU's memory, the
+    bound that `auto` puts on the fp32 dQ buffer."""
+    from .dispatch import GLUON_BWD_MAX_DQ_FRACTION, device_memory
+    memory = device_memory(device)
+    return memory is None or nbytes <= GLUON_BWD_MAX_DQ_FRACTION * memory
 
 
 def _tma_ready(t: torch.Tensor) -> torch.Tensor:
@@ -776,15 +794,23 @@ def gluon_attn_backward(dout, q, k, v, out, lse, causal, softmax_scale, window_s
     if D in WS_BWD_CONFIG:
         bm, bn, _ = WS_BWD_CONFIG[D]
         dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
-        reverse = descending_walk(causal, window_size, Nq, group, D, l2_bytes(q.device), deterministic)
+        l2 = l2_bytes(q.device)
+        split = split_group(group, Nq, D, l2) and _fits(8 * B * Nk * H * D, q.device)
+        reverse = descending_walk(causal, window_size, Nq, 1 if split else group, D, l2, deterministic)
         if deterministic:
             table = cached_table(ordered_backward_plan, Nq, Nk, causal, window_size, bm, bn, q.device, reverse)
             sem = torch.zeros(B * H * triton.cdiv(Nq, bm), dtype=torch.int32, device=q.device)
         else:
             table = cached_table(backward_plan, Nq, Nk, causal, window_size, bm, bn, q.device)
             sem = table  # unused
-        _launch_ws(q, k, v, dout, dq, dk, dv, lse2, delta, table, sem, table, table, B * Hkv, Nq, Nk,
-                   triton.cdiv(Nq, bm), causal, softmax_scale, window_size, deterministic, reverse, varlen=False)
+        if split:  # each query head's dK / dV in fp32, summed over the group below in a fixed order
+            dk = torch.empty((B, Nk, H, D), dtype=torch.float32, device=q.device)
+            dv = torch.empty_like(dk)
+        _launch_ws(q, k, v, dout, dq, dk, dv, lse2, delta, table, sem, table, table, B, Nq, Nk, triton.cdiv(Nq, bm),
+                   causal, softmax_scale, window_size, deterministic, reverse, varlen=False, split=split)
+        if split:
+            dk = dk.view(B, Nk, Hkv, group, D).sum(3).to(k.dtype)
+            dv = dv.view(B, Nk, Hkv, group, D).sum(3).to(v.dtype)
         return dq.to(q.dtype), dk, dv
     dq = torch.empty(q.shape, dtype=q.dtype, device=q.device) if deterministic else \
         torch.zeros(q.shape, dtype=torch.float32, device=q.device)
@@ -834,6 +860,6 @@ def gluon_attn_varlen_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens
     sem_stride = document_semaphores(total_q, n_docs, bm)
     sem = torch.zeros(H * sem_stride if deterministic else 1, dtype=torch.int32, device=q.device)
     _launch_ws(q[None], k[None], v[None], dout[None], dq, dk, dv, lse2, delta, table, sem, cu_seqlens_q, cu_seqlens_k,
-               Hkv, total_q, total_k, sem_stride, causal, softmax_scale, window_size, deterministic, reverse,
+               1, total_q, total_k, sem_stride, causal, softmax_scale, window_size, deterministic, reverse,
                varlen=True)
     return dq[0].to(q.dtype), dk, dv

@@ -19,10 +19,9 @@ from .plan import uncovered_reason
 # Passes that `auto` routes to Gluon where a case is covered.
 GLUON_PASSES = {"forward", "backward"}
 # Head dims at which the backward runs on Gluon: the warp-specialized kernel with dQ added by TMA reduce-add
-# (bwd.WS_BWD_CONFIG; ordered by semaphores when deterministic), 1.20-1.27x the Triton backward on an H200 at
-# D=128. At D=64 the Gluon backward is the earlier two-kernel design, slower than the Triton backward there:
-# GLUON_BWD_HEAD_DIMS.add(64) opts in.
-GLUON_BWD_HEAD_DIMS = {128}
+# (bwd.WS_BWD_CONFIG; ordered by semaphores when deterministic), on an H200 1.20-1.27x the Triton backward at
+# D=128 and 1.02-1.21x at D=64 (docs/results.md). Removing a head dim keeps `auto` on the Triton backward there.
+GLUON_BWD_HEAD_DIMS = {64, 128}
 # The Gluon backward adds dQ into an fp32 buffer the size of q (4 bytes per element, alive during the call); the
 # Triton backward needs none. Where that buffer would take more than this fraction of the GPU's memory (at D=128
 # and 8 heads, past ~1.2M tokens on an 80 GB GPU), `auto` keeps the Triton backward, so that the longest contexts
@@ -48,7 +47,7 @@ def route(kind: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, varlen: 
     if why is not None:
         return "triton", why
     if kind == "backward" and D not in GLUON_BWD_HEAD_DIMS:
-        return "triton", f"D={D}: the Triton backward measured faster (dispatch.GLUON_BWD_HEAD_DIMS)"
+        return "triton", f"D={D}: the Gluon backward is switched off there (dispatch.GLUON_BWD_HEAD_DIMS)"
     if kind == "backward":
         memory = device_memory(q.device)
         dq_bytes = 4 * q.numel()

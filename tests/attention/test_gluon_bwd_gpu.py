@@ -41,23 +41,28 @@ def _grads(dout, q, k, v, out, lse, causal, window, dlse, deterministic):
     return gluon_attn_backward(dout, q, k, v, out, lse, causal, scale, window, dlse, deterministic=deterministic)
 
 
-@pytest.mark.parametrize("mode", ["dq_kernel", "atomic_dq", "descending_dq"])
+@pytest.mark.parametrize("mode", ["dq_kernel", "atomic_dq", "descending_dq", "split_atomic_dq"])
 @pytest.mark.parametrize("with_dlse", [False, True], ids=["no_dlse", "dlse"])
 @pytest.mark.parametrize("B,nq,nk,H,hkv,D,causal,window,dtype", CASES)
 def test_gluon_backward_matches_fp32_reference_and_triton(B, nq, nk, H, hkv, D, causal, window, dtype, with_dlse,
                                                           mode, monkeypatch):
     """mode: deterministic (dq_kernel), non-deterministic (atomic_dq: causal key blocks without a window walk their
-    query blocks last to first), or deterministic with the L2 size seen as 0, so that it walks them that way too
-    (descending_dq)."""
+    query blocks last to first), deterministic with the L2 size seen as 0, so that it walks them that way too and
+    splits GQA groups over programs (descending_dq), or non-deterministic with GQA groups split (split_atomic_dq:
+    plan_bwd.split_group)."""
     from attention.gluon.bwd import WS_BWD_CONFIG
     from attention.gluon.plan_bwd import descending_walk
     from attention.triton.bwd import triton_attn_backward
     from attention.triton.fwd import triton_attn_forward
-    deterministic = mode != "atomic_dq"
+    deterministic = mode in ("dq_kernel", "descending_dq")
     if mode == "descending_dq":
         if D not in WS_BWD_CONFIG or not descending_walk(causal, window, nq, H // hkv, D, 0):
             pytest.skip("the deterministic backward walks first to last here whatever the L2")
         monkeypatch.setattr("attention.gluon.bwd.l2_bytes", lambda device: 0)
+    if mode == "split_atomic_dq":
+        if D not in WS_BWD_CONFIG or H == hkv:
+            pytest.skip("no GQA group to split")
+        monkeypatch.setattr("attention.gluon.bwd.split_group", lambda *args: True)
     q, k, v = cuda_qkv(B, nq, nk, H, hkv, D, dtype)
     scale = D ** -0.5
     out, lse = triton_attn_forward(q, k, v, causal, scale, window)
@@ -92,16 +97,19 @@ def _key_spans(nq, nk, causal, window):
 @pytest.mark.parametrize("causal,window", [(True, (-1, -1)), (False, (-1, -1)), (True, (300, 0)), (False, (200, 100))])
 @pytest.mark.parametrize("nq,nk", [(3000, 3000), (2000, 3100)])
 @pytest.mark.parametrize("l2", [None, 0], ids=["l2", "descending"])
-def test_deterministic_backward_repeats_bitwise_and_matches_the_other_mode(nq, nk, causal, window, l2, monkeypatch):
+@pytest.mark.parametrize("D", [128, 64])
+def test_deterministic_backward_repeats_bitwise_and_matches_the_other_mode(nq, nk, causal, window, l2, D,
+                                                                           monkeypatch):
     """Many key blocks add into each query block's dq: in the deterministic mode (the warp-specialized kernel
-    orders the additions by a semaphore per query block at D=128) every run gives the same bits. l2=0: as if the
-    heads outgrew the L2, so that causal key blocks without a window walk their query blocks last to first
-    (plan_bwd.descending_walk)."""
+    orders the additions by a semaphore per query block) every run gives the same bits. l2=0: as if the heads
+    outgrew the L2, so that causal key blocks without a window walk their query blocks last to first
+    (plan_bwd.descending_walk) and the GQA group is split over programs, whose fp32 dK / dV the host sums in a
+    fixed order (plan_bwd.split_group)."""
     if l2 is not None:
         monkeypatch.setattr("attention.gluon.bwd.l2_bytes", lambda device: l2)
-    q, k, v = cuda_qkv(2, nq, nk, 8, 2, 128, torch.bfloat16)
+    q, k, v = cuda_qkv(2, nq, nk, 8, 2, D, torch.bfloat16)
     from attention.triton.fwd import triton_attn_forward
-    out, lse = triton_attn_forward(q, k, v, causal, 128 ** -0.5, window)
+    out, lse = triton_attn_forward(q, k, v, causal, D ** -0.5, window)
     dout = torch.randn_like(out)
     dlse = torch.randn_like(lse)
     runs = [_grads(dout, q, k, v, out, lse, causal, window, dlse, True) for _ in range(4)]

@@ -172,14 +172,15 @@ def test_heads_per_chunk_keeps_a_chunk_of_k_and_v_within_half_the_l2():
     assert heads_per_chunk(4, 1024, 64, 2, l2) == 4  # never more than there are
 
 
-def test_the_gluon_backward_runs_at_d128_and_is_opt_in_elsewhere(monkeypatch):
+def test_the_gluon_backward_runs_at_d64_and_d128_where_the_case_is_covered(monkeypatch):
     q, k, v = _qkv()
-    kernel, why = dispatch.route("backward", *_qkv(64), deterministic=False)
-    assert kernel == "triton" and "D=64" in why and "GLUON_BWD_HEAD_DIMS" in why
+    assert dispatch.route("backward", *_qkv(64), deterministic=False) == ("gluon", "dense, D=64, non-deterministic")
+    assert dispatch.route("backward", q, k, v) == ("gluon", "dense, D=128, deterministic")
     kernel, why = dispatch.route("backward", *_qkv(128, torch.float32))
     assert kernel == "triton" and "float32" in why  # only where the case is covered
-    monkeypatch.setattr(dispatch, "GLUON_BWD_HEAD_DIMS", {64, 128})
-    assert dispatch.route("backward", *_qkv(64)) == ("gluon", "dense, D=64, deterministic")
+    monkeypatch.setattr(dispatch, "GLUON_BWD_HEAD_DIMS", {128})
+    kernel, why = dispatch.route("backward", *_qkv(64))
+    assert kernel == "triton" and "D=64" in why and "GLUON_BWD_HEAD_DIMS" in why
     monkeypatch.setattr(dispatch, "GLUON_PASSES", {"forward"})
     kernel, why = dispatch.route("backward", q, k, v)
     assert kernel == "triton" and "GLUON_PASSES" in why

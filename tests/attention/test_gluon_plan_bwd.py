@@ -6,8 +6,8 @@ import torch
 
 from attention.gluon.plan import window_sides
 from attention.gluon.plan_bwd import (backward_plan, descending_walk, document_key_order, document_query_block,
-                                     document_semaphores, dq_rank, ordered_backward_plan, query_blocks,
-                                      query_range)
+                                      document_semaphores, dq_rank, ordered_backward_plan, query_blocks,
+                                      query_range, split_group)
 from helpers import visible_mask
 
 
@@ -212,3 +212,11 @@ def test_packed_documents_launch_key_blocks_in_each_plans_order():
         plan = ordered_backward_plan(3000, 3000, causal, window, 64, 128, desc)
         highest_first = list(plan.order) == sorted(plan.order, reverse=True) and len(plan.order) > 1
         assert document_key_order(causal, window, det, desc) == (det and highest_first)
+
+
+def test_gqa_groups_split_over_programs_only_where_their_rows_outgrow_twice_the_l2():
+    l2 = 60 * 2 ** 20
+    assert split_group(4, 32768, 128, l2) and split_group(8, 131072, 64, l2)  # 128 MiB / 512 MiB of rows
+    assert not split_group(4, 8192, 128, l2) and not split_group(4, 32768, 64, l2)  # 32 / 64 MiB
+    assert not split_group(1, 1 << 20, 128, l2)  # no group: nothing to split
+    assert split_group(4, 8192, 128, 0)  # the GPU tests' "L2 of 0" splits every group
