@@ -7,10 +7,9 @@
     python scripts/bench_attention.py --sweep         # our kernel variants (tiles, TMA, warp spec) at N=8K
 
 "ours" is `backend="auto"` with the deterministic backward (the default): the Gluon Hopper kernels where they
-cover a case on an sm_90 GPU (the backward at D=128), the Triton ones elsewhere; "ours-triton" forces the
-portable Triton kernels; "ours-gluon-bwd" is "ours" with the Gluon backward opted in at D=64 too
-(attention.gluon.dispatch.GLUON_BWD_HEAD_DIMS); "ours-atomic" is "ours" with attention.set_deterministic(False):
-at D=128 on an sm_90 GPU the warp-specialized Gluon backward with dQ additions in any order; elsewhere the
+cover a case on an sm_90 GPU, the Triton ones elsewhere; "ours-triton" forces the portable Triton kernels;
+"ours-atomic" is "ours" with attention.set_deterministic(False):
+on an sm_90 GPU the warp-specialized Gluon backward with dQ additions in any order; elsewhere the
 Triton backward with dQ accumulated inside the dK/dV kernel by per-element atomics, pointer loads;
 "ours-atomic-tma" (opt-in: --providers) that Triton backward with TMA loads and whole dQ tiles added by TMA
 reduce-add (triton_common.FEATURES["tma_reduce"]).
@@ -44,7 +43,7 @@ TOKENS, HEADS = 65536, 16
 DEVICE, DTYPE = "cuda", torch.bfloat16  # the sweep's tensors (a CPU dry run of the script swaps them)
 PRECOMPILE_N = 2048  # precompile workers run our kernels at this length (same specialisation: N % 16 == 0)
 PROVIDERS = ["ours", "ours-triton", "ours-atomic", "sdpa_flash", "sdpa_cudnn", "sdpa_efficient", "flex"]
-OURS = ("ours", "ours-triton", "ours-gluon-bwd", "ours-atomic", "ours-atomic-tma")  # module docstring: what each runs
+OURS = ("ours", "ours-triton", "ours-atomic", "ours-atomic-tma")  # module docstring: what each runs
 SDPA = {"sdpa_flash": SDPBackend.FLASH_ATTENTION, "sdpa_cudnn": SDPBackend.CUDNN_ATTENTION,
         "sdpa_efficient": SDPBackend.EFFICIENT_ATTENTION}
 
@@ -56,8 +55,7 @@ def _our_mode(provider):
     triton_common.FEATURES["tma_reduce"] = provider == "ours-atomic-tma"
     from attention.gluon import dispatch
     dispatch.GLUON_PASSES.update({"forward", "backward"})
-    dispatch.GLUON_BWD_HEAD_DIMS.clear()
-    dispatch.GLUON_BWD_HEAD_DIMS.update({64, 128} if provider == "ours-gluon-bwd" else {128})
+    dispatch.GLUON_BWD_HEAD_DIMS.update({64, 128})
 
 
 def visible_pairs(n, causal, window):

@@ -3,9 +3,11 @@
     python scripts/bench_backward.py                    # -> docs/bench/backward_<gpu>.json
     python scripts/bench_backward.py --out /tmp/b.json
     python scripts/bench_backward.py --head-dim 64 --ws-tile 64 128 2 --out /tmp/b64.json   # a tile to try
+    python scripts/bench_backward.py --gqa-split --out /tmp/split.json   # GQA groups split over programs or not
 
 --ws-tile runs the warp-specialized Gluon backward with (BLOCK_M, BLOCK_N, STAGES) at the head dim given, in
-place of attention.gluon.bwd.WS_BWD_CONFIG's entry (at D=64, where it has none, in place of the two-kernel design).
+place of attention.gluon.bwd.WS_BWD_CONFIG's entry. --gqa-split runs SPLIT_CASES (causal GQA, D=128 and 64) with
+plan_bwd.split_group forced on and off in both modes, and records where the shipped rule splits.
 
 Per case (bf16, D=128 or --head-dim, B*N = 65536 tokens for N <= 64K, else B = 1): cuDNN's backward (torch SDPA, the graph
 retained), the Triton backward (deterministic), and the Gluon backward (attention.gluon.bwd, sm_90 only) in its
@@ -31,6 +33,9 @@ from scripts.bench_attention import meta, visible_pairs  # noqa: E402
 # (causal, N, heads, kv heads)
 CASES = [(True, 8192, 16, 16), (True, 32768, 16, 16), (False, 8192, 16, 16), (False, 32768, 16, 16),
          (True, 131072, 16, 16), (True, 32768, 32, 8)]
+# --gqa-split: (D, N, heads, kv heads)
+SPLIT_CASES = [(128, 8192, 32, 8), (128, 16384, 32, 8), (128, 32768, 32, 8), (128, 131072, 8, 2), (128, 32768, 32, 4),
+               (128, 131072, 8, 1), (64, 8192, 32, 8), (64, 32768, 32, 8), (64, 131072, 8, 2)]
 ROUNDS = 3
 
 
@@ -43,20 +48,20 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12)).item()
 
 
-def bench_case(causal: bool, n: int, heads: int, kv_heads: int, head_dim: int = 128) -> dict:
-    import torch.nn.functional as F
+def _timed(fn) -> float:
     import triton
+    fn()
+    torch.cuda.synchronize()
+    return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+
+
+def _inputs(causal: bool, n: int, heads: int, kv_heads: int, head_dim: int):
+    """B*N = 65536 tokens (B = 1 past 64K): (B, q, k, v, out, lse, dout) from the Triton forward, and cuDNN's
+    backward (torch SDPA, the graph retained) on copies of q, k, v."""
+    import torch.nn.functional as F
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    from attention.gluon.bwd import gluon_attn_backward
-    from attention.triton.bwd import triton_attn_backward
     from attention.triton.fwd import triton_attn_forward
-
-    def ms(fn):
-        fn()
-        torch.cuda.synchronize()
-        return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
-
     D, B = head_dim, max(1, 65536 // n)
     q = torch.randn(B, n, heads, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     k = torch.randn(B, n, kv_heads, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
@@ -66,11 +71,31 @@ def bench_case(causal: bool, n: int, heads: int, kv_heads: int, head_dim: int = 
         o = F.scaled_dot_product_attention(qt, kt, vt, is_causal=causal, enable_gqa=heads != kv_heads)
     do_ = torch.randn_like(o)
     qd, kd, vd = q.detach(), k.detach(), v.detach()
+    out, lse = triton_attn_forward(qd, kd, vd, causal, D ** -0.5, (-1, -1))
+    cudnn = lambda: torch.autograd.grad(o, (q, k, v), do_, retain_graph=True)  # noqa: E731
+    return B, qd, kd, vd, out, lse, torch.randn_like(out), cudnn
+
+
+def _finish(row: dict, fns: dict, flops: float) -> dict:
+    """Time fns in ROUNDS interleaved rounds; row[name] = TFLOPS of the median round."""
+    times = {name: [] for name in fns}
+    for _ in range(ROUNDS):
+        for name, fn in fns.items():
+            times[name].append(_timed(fn))
+    for name, ts in times.items():
+        row[name] = round(flops / sorted(ts)[len(ts) // 2] * 1e-9, 1)
+    return row
+
+
+def bench_case(causal: bool, n: int, heads: int, kv_heads: int, head_dim: int = 128) -> dict:
+    from attention.gluon.bwd import gluon_attn_backward
+    from attention.triton.bwd import triton_attn_backward
+
+    D = head_dim
+    B, qd, kd, vd, out, lse, dout, cudnn = _inputs(causal, n, heads, kv_heads, D)
     sc = D ** -0.5
-    out, lse = triton_attn_forward(qd, kd, vd, causal, sc, (-1, -1))
-    dout = torch.randn_like(out)
     fns = {
-        "cudnn": lambda: torch.autograd.grad(o, (q, k, v), do_, retain_graph=True),
+        "cudnn": cudnn,
         "triton": lambda: triton_attn_backward(dout, qd, kd, vd, out, lse, causal, sc, (-1, -1), None, True),
         "gluon_det": lambda: gluon_attn_backward(dout, qd, kd, vd, out, lse, causal, sc, (-1, -1), None, True),
         "gluon_nondet": lambda: gluon_attn_backward(dout, qd, kd, vd, out, lse, causal, sc, (-1, -1), None, False),
@@ -82,17 +107,46 @@ def bench_case(causal: bool, n: int, heads: int, kv_heads: int, head_dim: int = 
                err_nondet_vs_triton=[round(rel(a, b), 5) for a, b in zip(nondet, ref)],
                det_repeats_bitwise=all(torch.equal(a, b) for a, b in zip(det, again)))
     del ref, det, again, nondet
-    times = {name: [] for name in fns}
-    for _ in range(ROUNDS):
-        for name, fn in fns.items():
-            times[name].append(ms(fn))
-    flops = backward_flops(B, n, heads, D, causal)
-    for name, ts in times.items():
-        row[name] = round(flops / sorted(ts)[len(ts) // 2] * 1e-9, 1)
+    _finish(row, fns, backward_flops(B, n, heads, D, causal))
     row["det/cudnn"] = round(row["gluon_det"] / row["cudnn"], 3)
     row["nondet/cudnn"] = round(row["gluon_nondet"] / row["cudnn"], 3)
     row["det/triton"] = round(row["gluon_det"] / row["triton"], 3)
     return row
+
+
+def bench_split_case(head_dim: int, n: int, heads: int, kv_heads: int) -> dict:
+    """Causal GQA: the Gluon backward in both modes with the group split over programs and not
+    (plan_bwd.split_group forced either way), against cuDNN and the Triton backward; errors of the split runs
+    against the unsplit deterministic one, and whether two split deterministic runs gave the same bits."""
+    from attention.gluon import bwd
+    from attention.triton.bwd import triton_attn_backward
+
+    D, sc, rule = head_dim, head_dim ** -0.5, bwd.split_group
+    B, qd, kd, vd, out, lse, dout, cudnn = _inputs(True, n, heads, kv_heads, D)
+
+    def gluon(deterministic: bool, split: bool):
+        def run():
+            bwd.split_group = lambda *args: split
+            try:
+                return bwd.gluon_attn_backward(dout, qd, kd, vd, out, lse, True, sc, (-1, -1), None, deterministic)
+            finally:
+                bwd.split_group = rule
+        return run
+
+    fns = {"cudnn": cudnn,
+           "triton": lambda: triton_attn_backward(dout, qd, kd, vd, out, lse, True, sc, (-1, -1), None, True),
+           "det": gluon(True, False), "det_split": gluon(True, True),
+           "nondet": gluon(False, False), "nondet_split": gluon(False, True)}
+    ref = fns["det"]()
+    row = dict(causal=True, N=n, B=B, H=heads, Hkv=kv_heads, D=D,
+               rule_splits={mode: rule(heads // kv_heads, n, D, bwd.l2_bytes(qd.device), mode == "det")
+                            for mode in ("det", "nondet")},
+               err_vs_det={name: [round(rel(a, b), 5) for a, b in zip(fns[name](), ref)]
+                           for name in ("det_split", "nondet_split")},
+               det_split_repeats_bitwise=all(torch.equal(a, b) for a, b in zip(fns["det_split"](),
+                                                                                fns["det_split"]())))
+    del ref
+    return _finish(row, fns, backward_flops(B, n, heads, D, True))
 
 
 def main(argv=None) -> None:
@@ -101,6 +155,8 @@ def main(argv=None) -> None:
     ap.add_argument("--head-dim", type=int, default=128, choices=(64, 128))
     ap.add_argument("--ws-tile", type=int, nargs=3, metavar=("BLOCK_M", "BLOCK_N", "STAGES"),
                     help="the warp-specialized Gluon backward's tile at --head-dim, in place of WS_BWD_CONFIG's")
+    ap.add_argument("--gqa-split", action="store_true",
+                    help="GQA groups split over programs against not (SPLIT_CASES; --head-dim is ignored)")
     args = ap.parse_args(argv)
     if args.ws_tile is not None and (args.ws_tile[0] not in (64, 128) or args.ws_tile[1] != 128
                                      or not 1 <= args.ws_tile[2] <= 4):
@@ -115,12 +171,13 @@ def main(argv=None) -> None:
         from attention.gluon import bwd
         bwd.WS_BWD_CONFIG[args.head_dim] = tuple(args.ws_tile)
     rows = []
-    for case in CASES:
-        rows.append(bench_case(*case, head_dim=args.head_dim))
+    for case in SPLIT_CASES if args.gqa_split else CASES:
+        rows.append(bench_split_case(*case) if args.gqa_split else bench_case(*case, head_dim=args.head_dim))
         print(json.dumps(rows[-1]), flush=True)
         torch.cuda.empty_cache()
     info = dict(meta(), ws_tile=args.ws_tile)
-    out = Path(args.out or f"docs/bench/backward_{info['gpu'].split()[-1].lower()}.json")
+    name = "backward_gqa_split" if args.gqa_split else "backward"
+    out = Path(args.out or f"docs/bench/{name}_{info['gpu'].split()[-1].lower()}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(dict(meta=info, rows=rows), indent=1))
     print(f"wrote {out}")

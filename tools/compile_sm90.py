@@ -87,8 +87,8 @@ def _kernel_args(n: int, heads: int, d: int, atomic: bool) -> dict:
 
 def gluon_variants():
     """(name, kernel, args, constexprs, num_warps, maxnreg) of every shipped Gluon kernel variant: D 64 / 128, causal
-    and a two-sided window, the forward (dense and packed documents), the dK/dV kernel in both dQ modes, the dQ
-    kernel, and the warp-specialized backward with dQ by TMA reduce-add (D=128)."""
+    and a two-sided window, the forward (dense and packed documents) and the warp-specialized backward with dQ by
+    TMA reduce-add (dense, GQA groups split or not, and packed documents)."""
     import torch
 
     from attention.gluon import bwd as gluon_bwd, fwd as gluon_fwd
@@ -111,41 +111,27 @@ def gluon_variants():
                                                             VARLEN=varlen, PER_ITEM=per_item,
                                                             CONSUMER_REGS=gluon_fwd.WS_REGS[1], **flags),
                        4, gluon_fwd.WS_REGS[0])
-            for atomic in (False, True):
-                bm, bn, st, warps = gluon_bwd.DKDV_CONFIG[d]
-                q, k = gluon_fwd.descriptor(t, bm), gluon_fwd.descriptor(t, bn)
-                tensors = dict(q_desc=q, k_desc=k, v_desc=k, do_desc=q, dk_desc=k, dv_desc=k, DQ=f32, Lse2=f32,
-                               Delta=f32, Plan=i32)
-                yield (f"gluon_dkdv{'_atomic' if atomic else ''} d{d} win{left},{right}", gluon_bwd._dkdv_kernel,
-                       {**ints, **floats, **tensors},
-                       dict(HEAD_DIM=d, BLOCK_M=bm, BLOCK_N=bn, STAGES=st, ATOMIC_DQ=atomic, **flags), warps, None)
-            bm, bn, st, warps = gluon_bwd.DQ_CONFIG[d]
-            q, k = gluon_fwd.descriptor(t, bm), gluon_fwd.descriptor(t, bn)
-            tensors = dict(q_desc=q, k_desc=k, v_desc=k, do_desc=q, dq_desc=q, Lse2=f32, Delta=f32, Plan=i32)
-            yield (f"gluon_dq d{d} win{left},{right}", gluon_bwd._dq_kernel, {**ints, **floats, **tensors},
-                   dict(HEAD_DIM=d, BLOCK_M=bm, BLOCK_N=bn, STAGES=st, **flags), warps, None)
-            if d in gluon_bwd.WS_BWD_CONFIG:
-                bm, bn, st = gluon_bwd.WS_BWD_CONFIG[d]
-                q, k, v = gluon_fwd.descriptor(t, bm), gluon_bwd._k_descriptor(t, bn), gluon_fwd.descriptor(t, bn)
-                dq = gluon_fwd.descriptor(t.float(), bm, d // 2)
-                tensors = dict(q_desc=q, k_desc=k, v_desc=v, do_desc=q, dq_desc=dq, DK=t, DV=t, Lse2=f32, Delta=f32,
-                               Plan=i32, Sem=i32, CuQ=i32, CuK=i32)
-                # (DET, REVERSE): causal key blocks walk last to first in the non-deterministic mode and for packed
-                # documents, and in the deterministic dense one where a head outgrows the L2; never with a left
-                # window side (plan_bwd.descending_walk)
-                for varlen in (False, True):
-                    walks = ((False, False), (True, False)) if left >= 0 else \
-                        ((False, True), (True, True)) if varlen else ((False, True), (True, False), (True, True))
-                    # dense GQA groups split over programs write fp32 dK / dV partials (plan_bwd.split_group)
-                    for det, rev in walks:
-                        for split in (False, True) if not varlen else (False,):
-                            name = "_varlen" * varlen + "_det" * det + "_rev" * rev + "_split" * split
-                            parts = dict(DK=f32, DV=f32) if split else {}
-                            yield (f"gluon_bwd_ws{name} d{d} win{left},{right}", gluon_bwd._bwd_ws_kernel,
-                                   {**ints, **floats, **tensors, **parts},
-                                   dict(HEAD_DIM=d, BLOCK_M=bm, BLOCK_N=bn, STAGES=st, DET=det, REVERSE=rev,
-                                        VARLEN=varlen, CONSUMER_REGS=gluon_bwd.WS_BWD_REGS[1], **flags), 4,
-                                   gluon_bwd.WS_BWD_REGS[0])
+            bm, bn, st = gluon_bwd.WS_BWD_CONFIG[d]
+            q, k, v = gluon_fwd.descriptor(t, bm), gluon_bwd._k_descriptor(t, bn), gluon_fwd.descriptor(t, bn)
+            dq = gluon_fwd.descriptor(t.float(), bm, d // 2)
+            tensors = dict(q_desc=q, k_desc=k, v_desc=v, do_desc=q, dq_desc=dq, DK=t, DV=t, Lse2=f32, Delta=f32,
+                           Plan=i32, Sem=i32, CuQ=i32, CuK=i32)
+            # (DET, REVERSE): causal key blocks walk last to first in the non-deterministic mode and for packed
+            # documents, and in the deterministic dense one where a head outgrows the L2; never with a left
+            # window side (plan_bwd.descending_walk)
+            for varlen in (False, True):
+                walks = ((False, False), (True, False)) if left >= 0 else \
+                    ((False, True), (True, True)) if varlen else ((False, True), (True, False), (True, True))
+                # dense GQA groups split over programs write fp32 dK / dV partials (plan_bwd.split_group)
+                for det, rev in walks:
+                    for split in (False, True) if not varlen else (False,):
+                        name = "_varlen" * varlen + "_det" * det + "_rev" * rev + "_split" * split
+                        parts = dict(DK=f32, DV=f32) if split else {}
+                        yield (f"gluon_bwd_ws{name} d{d} win{left},{right}", gluon_bwd._bwd_ws_kernel,
+                               {**ints, **floats, **tensors, **parts},
+                               dict(HEAD_DIM=d, BLOCK_M=bm, BLOCK_N=bn, STAGES=st, DET=det, REVERSE=rev,
+                                    VARLEN=varlen, CONSUMER_REGS=gluon_bwd.WS_BWD_REGS[1], **flags), 4,
+                               gluon_bwd.WS_BWD_REGS[0])
 
 
 def compile_gluon(fn, args: dict, constexprs: dict, num_warps: int, maxnreg):

@@ -4,14 +4,14 @@
                                      window_size=(-1, -1), dlse=None)
     dq, dk, dv = gluon_attn_backward(..., deterministic=False)   # dQ's additions in any order
     dq, dk, dv = gluon_attn_varlen_backward(dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, True, 0.125,
-                                            (-1, -1), None)      # packed documents (D=128)
+                                            (-1, -1), None)      # packed documents
 
 Same contract as the Triton backward (attention/triton/bwd.py): q (B, Nq, H, D), k/v (B, Nk, Hkv, D), out/dout
 like q, lse/dlse (B, H, Nq) fp32 natural log (dlse may be None) -> dq, dk, dv in the input dtype. Rows that see
 no key (lse = -inf) get zero gradients. The case must be covered (plan.uncovered_reason is None).
 
-D=128 (WS_BWD_CONFIG): the Triton preprocess (delta = rowsum(dO * O) - dlse, lse2 = lse * log2 e), then one
-warp-specialized program per (key block of BLOCK_N = 128 rows, batch, kv head), FA3's layout:
+D=64 and 128 (WS_BWD_CONFIG): the Triton preprocess (delta = rowsum(dO * O) - dlse, lse2 = lse * log2 e), then
+one warp-specialized program per (key block of BLOCK_N = 128 rows, batch, kv head), FA3's layout:
 
     loader warp     K, V once; then Q_i, dO_i of every (head, query block) pair of the GQA group, head-major
                     (REVERSE: query block by query block from the last, _pair), through a STAGES-deep ring
@@ -32,6 +32,9 @@ warp-specialized program per (key block of BLOCK_N = 128 rows, batch, kv head), 
                     first (REVERSE; plan_bwd.descending_walk), so that the resident ones stay on nearby query
                     blocks: always without determinism, and with it where a KV head's rows outgrow half the L2.
 
+    GQA split       where a group's rows outgrow the L2 (plan_bwd.split_group), one program per (key block, batch,
+                    query head) instead, writing that head's dK / dV in fp32; the host sums them over the group.
+
 dK is scaled once at the end; dK and dV go straight to global memory. One cast of dQ to the input dtype follows.
 
 Packed documents (gluon_attn_varlen_backward, VARLEN): one program per (document, key block) of
@@ -40,50 +43,8 @@ lengths, rows offset by its first row. A document's last query block runs into t
 part of the dQ tile is exact zeros, and its rows of lse2 / delta load as 0. The deterministic mode numbers the
 documents' query blocks apart (plan_bwd.document_query_block); both modes walk causal key blocks last to first.
 
-D=64: the earlier two-kernel design below (dispatch.GLUON_BWD_HEAD_DIMS leaves `auto` on the Triton backward
-there, which measured faster).
 
-Three launches:
-
-1. preprocess (the Triton kernel, triton.bwd.preprocess): delta = rowsum(dO * O) - dlse and lse2 = lse * log2 e
-   with -inf replaced by 0, both (B, H, Nq) fp32.
-
-2. dK/dV: one program per (key block of BLOCK_N rows, batch, kv head), 8 warps (two warpgroups, 64 key rows
-   each). K and V sit in shared memory for the whole program; the query blocks that meet the key block
-   (plan_bwd.backward_plan) stream through a two-stage TMA ring (Q_i and dO_i, one mbarrier each per stage),
-   head by head over the GQA group in a fixed order, so dK/dV need no atomics. Per query block i, in the
-   transposed (keys x queries) frame, FA3's order:
-
-       issue S^T = K Q_i^T + (-lse2_i / (scale log2 e)),  issue dP^T = V dO_i^T + (-delta_i)
-                                                          (async; lse2_i, delta_i enter as accumulator seeds, so
-                                                           no 16-register column vector stays live; the next
-                                                           block's pair is prefetched meanwhile)
-       wait S^T;  P^T = exp2(S^T * scale * log2 e)        (masked only in edge blocks; overlaps dP^T)
-       wait dP^T; dS^T = P^T dP^T
-       issue dV += P^T dO_i,  issue dK += dS^T Q_i        (P^T, dS^T from registers)
-       [atomic dQ: dS^T -> shared memory; after dV, dK retire, dQ_i = dS K in two column halves
-        (dS^T permuted as the A operand), staged through shared memory, float atomics in 4-wide vectors]
-       wait dV, dK;  refill the stage with block i + 2
-
-   dK is scaled by softmax_scale once, at the end; dK and dV leave through the K and V buffers by TMA store.
-
-3. dQ (deterministic=True): one program per (query block of 128 rows, batch, head), 8 warps. Q, dO, lse2 and
-   delta stay resident; the key blocks that the query block sees (plan.forward_plan) stream K and V through a
-   TMA ring. Per key block j:
-
-       issue S = Q K_j^T,  issue dP = dO V_j^T
-       wait dQ of block j-1;  refill its stage
-       wait S;  P = exp2(S * scale * log2 e - lse2)   (overlaps dP)
-       wait dP; dS = P (dP - delta)
-       issue dQ += dS K_j                             (dS from registers; retired under block j+1's S and dP)
-
-   dq = dQ * softmax_scale, stored by TMA through the Q buffer.
-   deterministic=False skips this kernel: the dK/dV program adds dS K * softmax_scale into a zeroed fp32 buffer
-   with relaxed float atomics (summation order, and the last bits of dq, vary from run to run); one cast follows.
-
-Ring reuse: a stage is refilled only after the MMAs reading it have been waited for; the compiler's shared-memory
-barrier analysis puts a CTA barrier in front of every TMA issue that overwrites a buffer wgmmas have read, so
-the other warpgroup's MMAs on the stage are retired too. Rows past Nq or Nk read as zero through TMA and are
+Ring reuse: a stage is refilled only once both consumer warpgroups have released it (q_empty). Rows past Nq or Nk read as zero through TMA and are
 dropped on store; every (query, key) pair outside the window, or past either sequence end, lies in a masked
 block and gets P = 0, so rows that see no key (lse2 = 0 there) get zero gradients, never NaN.
 """
@@ -98,21 +59,18 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language._core import builtin
 from triton.experimental.gluon.language.nvidia.ampere import async_copy
 from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
-                                                              warpgroup_mma_init, warpgroup_mma_wait)
+                                                              warpgroup_mma_wait)
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from ..triton.bwd import preprocess
 from ..triton.common import query_segments
-from .fwd import descriptor, l2_bytes, plan_row, visible
-from .plan import cached_table, document_tiles, forward_plan, window_sides
+from .fwd import descriptor, l2_bytes, plan_row
+from .plan import cached_table, document_tiles, window_sides
 from .plan_bwd import (backward_plan, descending_walk, document_key_order, document_semaphores, ordered_backward_plan,
                        split_group)
 
 LOG2E = 1.4426950408889634
 
-# (BLOCK_M query rows, BLOCK_N key rows, STAGES, num_warps) per head dim
-DKDV_CONFIG = {64: (64, 128, 2, 8), 128: (64, 128, 2, 8)}
-DQ_CONFIG = {64: (128, 64, 3, 8), 128: (128, 64, 2, 8)}
 # the warp-specialized backward with dQ by TMA reduce-add: (BLOCK_M, BLOCK_N, STAGES) per head dim, and the
 # register caps (the kernel's over its 12 warps; each consumer warpgroup's after setmaxnreg)
 WS_BWD_CONFIG = {64: (128, 128, 2), 128: (64, 128, 2)}
@@ -221,250 +179,6 @@ def _issue_dv_dk(pt, dpt_tok, q2, do2, dv, dk, a_layout: gl.constexpr):
 
 
 @gluon.jit
-def _dkdv_kernel(q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, DQ, Lse2, Delta, Plan,
-                 n_kv_heads, n_heads, group, seqlen_q, seqlen_k, stride_dqb, stride_dqn, stride_dqh,
-                 qk_scale, inv_qk_scale, softmax_scale, win_left, win_right,
-                 HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
-                 HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr, ATOMIC_DQ: gl.constexpr,
-                 num_warps: gl.constexpr):
-    """DQ: the fp32 (B, Nq, H, D) dQ accumulator (ATOMIC_DQ), else unused."""
-    dtype: gl.constexpr = q_desc.dtype
-    # S^T, dP^T: (BLOCK_N keys, BLOCK_M queries); dK, dV: (BLOCK_N, D); both split over warps by key rows
-    st_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
-                                                        instr_shape=[16, BLOCK_M, 16])
-    kv_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
-                                                        instr_shape=[16, HEAD_DIM, 16])
-    a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=kv_layout, k_width=2)
-    key_l: gl.constexpr = gl.SliceLayout(1, st_layout)
-    qry_l: gl.constexpr = gl.SliceLayout(0, st_layout)
-
-    q_smem = gl.allocate_shared_memory(dtype, [STAGES] + q_desc.block_type.shape, q_desc.layout)
-    do_smem = gl.allocate_shared_memory(dtype, [STAGES] + do_desc.block_type.shape, do_desc.layout)
-    k_smem = gl.allocate_shared_memory(dtype, k_desc.block_type.shape, k_desc.layout)
-    v_smem = gl.allocate_shared_memory(dtype, v_desc.block_type.shape, v_desc.layout)
-    k_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-    v_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-    q_bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    do_bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    mbarrier.init(k_bar, count=1)
-    mbarrier.init(v_bar, count=1)
-    for i in gl.static_range(STAGES):
-        mbarrier.init(q_bars.index(i), count=1)
-        mbarrier.init(do_bars.index(i), count=1)
-
-    bhk = gl.program_id(1)
-    b = bhk // n_kv_heads
-    hk = bhk % n_kv_heads
-    tile, lo, lo_full, hi_full, hi = plan_row(Plan, gl.program_id(0))
-    n0 = tile * BLOCK_N
-    n_blk = gl.cdiv(hi - lo, BLOCK_M)
-    total = n_blk * group  # (head, query block) pairs, head-major
-
-    mbarrier.expect(k_bar, k_desc.block_type.nbytes)
-    tma.async_copy_global_to_shared(k_desc, [b, n0, hk, 0], k_bar, k_smem)
-    mbarrier.expect(v_bar, v_desc.block_type.nbytes)
-    tma.async_copy_global_to_shared(v_desc, [b, n0, hk, 0], v_bar, v_smem)
-    for i in gl.static_range(STAGES):
-        if i < total:
-            _issue_q_do(q_desc, do_desc, q_smem, do_smem, q_bars, do_bars, i, n_blk, lo, b, hk, group, 0, BLOCK_M,
-                        STAGES, False)
-
-    if ATOMIC_DQ:
-        DQ_SPLIT: gl.constexpr = 64
-        dq_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, num_warps // 4],
-                                                            instr_shape=[16, DQ_SPLIT // (num_warps // 4), 16])
-        ds_layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
-        ds_smem = gl.allocate_shared_memory(dtype, [BLOCK_N, BLOCK_M], ds_layout)
-        # dQ_i leaves the MMA registers through shared memory and is added in column chunks of DQ_CHUNK, in a
-        # blocked layout where each thread owns one row (BLOCK_M = 8 * num_warps) and vectors of 4 contiguous
-        # fp32: one address per thread plus immediates, 8 registers of data at a time
-        DQ_CHUNK: gl.constexpr = 32
-        dq_smem = gl.allocate_shared_memory(gl.float32, [BLOCK_M, HEAD_DIM],
-                                            gl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1, order=[1, 0]))
-        add_layout: gl.constexpr = gl.BlockedLayout(size_per_thread=[1, 4], threads_per_warp=[8, 4],
-                                                    warps_per_cta=[num_warps, 1], order=[1, 0])
-        dq_zero = gl.zeros([BLOCK_M, DQ_SPLIT], gl.float32, dq_layout)
-        dq_rows = gl.arange(0, BLOCK_M, gl.SliceLayout(1, add_layout))
-        dq_cols = gl.arange(0, DQ_CHUNK, gl.SliceLayout(0, add_layout))
-
-    off = seqlen_k - seqlen_q
-    keys = n0 + gl.arange(0, BLOCK_N, key_l)
-    vcols = gl.arange(0, BLOCK_M, gl.BlockedLayout([1], [32], [num_warps], [0]))
-    rz = (keys.to(gl.float32) * 0.0)[:, None]
-    dk = gl.zeros([BLOCK_N, HEAD_DIM], gl.float32, kv_layout)
-    dv = gl.zeros([BLOCK_N, HEAD_DIM], gl.float32, kv_layout)
-    # waited for even when no query block meets this key block: the epilogue reuses both buffers
-    mbarrier.wait(k_bar, 0)
-    mbarrier.wait(v_bar, 0)
-    k2 = k_smem.reshape([BLOCK_N, HEAD_DIM])
-    v2 = v_smem.reshape([BLOCK_N, HEAD_DIM])
-    # lse2 and delta of the first block; each iteration then prefetches the next block's (one value per thread)
-    lse2_c, delta_c = _load_rows(Lse2, Delta, 0, n_blk, lo, b, hk, group, n_heads, seqlen_q, 0, seqlen_q, vcols,
-                                 BLOCK_M, False)
-    for t in range(total):
-        g, m0 = _pair(t, n_blk, lo, group, BLOCK_M, False)
-        s = t % STAGES
-        phase = (t // STAGES) & 1
-        q2 = q_smem.index(s).reshape([BLOCK_M, HEAD_DIM])
-        do2 = do_smem.index(s).reshape([BLOCK_M, HEAD_DIM])
-        st_tok, dpt_tok = _issue_st_dpt(k2, v2, q2, do2, q_bars, do_bars, s, phase, lse2_c, delta_c, rz,
-                                        inv_qk_scale, qry_l)
-        if t + 1 < total:
-            lse2_c, delta_c = _load_rows(Lse2, Delta, t + 1, n_blk, lo, b, hk, group, n_heads, seqlen_q, 0,
-                                         seqlen_q, vcols, BLOCK_M, False)
-        st = warpgroup_mma_wait(num_outstanding=1, deps=(st_tok, ))
-        pt = _probs_t(st, m0, lo_full, hi_full, keys, off, seqlen_q, seqlen_k, qk_scale, win_left, win_right, BLOCK_M,
-                      qry_l, HAS_LEFT, HAS_RIGHT)
-        dst, pt_a, ds_a, dv_tok, dk_tok = _issue_dv_dk(pt, dpt_tok, q2, do2, dv, dk, a_layout)
-        if ATOMIC_DQ:
-            # dQ_i = dS K: dS^T also goes to shared memory, read back permuted as the A operand. Both warpgroups
-            # write their key rows and each reads all of them: the compiler's barrier analysis orders the store
-            # before the MMA, and the next block's store after it (each warpgroup waits for its own below).
-            ds_smem.store(dst)
-            fence_async_shared()
-            # dV and dK retire first (P^T's and dS^T's registers are free again), then dQ_i runs in column halves
-            # of DQ_SPLIT: the accumulator fits beside dK and dV without spilling
-            dv, dk, pt_a, ds_a = warpgroup_mma_wait(num_outstanding=0, deps=(dv_tok, dk_tok, pt_a, ds_a))
-            for c in gl.static_range(HEAD_DIM // DQ_SPLIT):
-                dq_tok = warpgroup_mma(ds_smem.permute((1, 0)), k2.slice(c * DQ_SPLIT, DQ_SPLIT, dim=1), dq_zero,
-                                       use_acc=False, is_async=True)
-                dq = warpgroup_mma_wait(num_outstanding=0, deps=(dq_tok, ))
-                dq_smem.slice(c * DQ_SPLIT, DQ_SPLIT, dim=1).store(dq * softmax_scale)
-            r = m0 + dq_rows
-            row_ptr = DQ + b.to(gl.int64) * stride_dqb + (hk * group + g) * stride_dqh + r.to(gl.int64) * stride_dqn
-            in_q = (r < seqlen_q)[:, None]
-            for c in gl.static_range(HEAD_DIM // DQ_CHUNK):
-                # masked pairs have dS = 0 and add nothing; rows past Nq are skipped
-                part = dq_smem.slice(c * DQ_CHUNK, DQ_CHUNK, dim=1).load(add_layout)
-                gl.atomic_add(row_ptr[:, None] + (c * DQ_CHUNK + dq_cols)[None, :], part, mask=in_q, sem="relaxed")
-        else:
-            dv, dk, pt_a, ds_a = warpgroup_mma_wait(num_outstanding=0, deps=(dv_tok, dk_tok, pt_a, ds_a))
-        if t + STAGES < total:  # every MMA that read stage s is retired: refill it
-            _issue_q_do(q_desc, do_desc, q_smem, do_smem, q_bars, do_bars, t + STAGES, n_blk, lo, b, hk, group, 0,
-                        BLOCK_M, STAGES, False)
-
-    # epilogue: dK, dV leave through the K, V buffers (the barrier analysis orders the stores after the MMAs)
-    k2.store((dk * softmax_scale).to(dtype))
-    v2.store(dv.to(dtype))
-    fence_async_shared()
-    tma.async_copy_shared_to_global(dk_desc, [b, n0, hk, 0], k_smem)
-    tma.async_copy_shared_to_global(dv_desc, [b, n0, hk, 0], v_smem)
-    tma.store_wait(pendings=0)
-    mbarrier.invalidate(k_bar)
-    mbarrier.invalidate(v_bar)
-    for i in gl.static_range(STAGES):
-        mbarrier.invalidate(q_bars.index(i))
-        mbarrier.invalidate(do_bars.index(i))
-
-
-@gluon.jit
-def _issue_kv(k_desc, v_desc, k_smem, v_smem, k_bars, v_bars, j, key, b, hk, STAGES: gl.constexpr):
-    """TMA-load key block [key, key + BLOCK_N) of kv head hk into stage j % STAGES."""
-    s = j % STAGES
-    mbarrier.expect(k_bars.index(s), k_desc.block_type.nbytes)
-    tma.async_copy_global_to_shared(k_desc, [b, key, hk, 0], k_bars.index(s), k_smem.index(s))
-    mbarrier.expect(v_bars.index(s), v_desc.block_type.nbytes)
-    tma.async_copy_global_to_shared(v_desc, [b, key, hk, 0], v_bars.index(s), v_smem.index(s))
-
-
-@gluon.jit
-def _dq_kernel(q_desc, k_desc, v_desc, do_desc, dq_desc, Lse2, Delta, Plan, n_heads, group, seqlen_q, seqlen_k,
-               qk_scale, softmax_scale, win_left, win_right,
-               HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
-               HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr, num_warps: gl.constexpr):
-    dtype: gl.constexpr = q_desc.dtype
-    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
-                                                       instr_shape=[16, BLOCK_N, 16])
-    q_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
-                                                       instr_shape=[16, HEAD_DIM, 16])
-    a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=q_layout, k_width=2)
-    row_l: gl.constexpr = gl.SliceLayout(1, s_layout)
-    col_l: gl.constexpr = gl.SliceLayout(0, s_layout)
-
-    q_smem = gl.allocate_shared_memory(dtype, q_desc.block_type.shape, q_desc.layout)
-    do_smem = gl.allocate_shared_memory(dtype, do_desc.block_type.shape, do_desc.layout)
-    k_smem = gl.allocate_shared_memory(dtype, [STAGES] + k_desc.block_type.shape, k_desc.layout)
-    v_smem = gl.allocate_shared_memory(dtype, [STAGES] + v_desc.block_type.shape, v_desc.layout)
-    q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-    do_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-    k_bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    v_bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    mbarrier.init(q_bar, count=1)
-    mbarrier.init(do_bar, count=1)
-    for i in gl.static_range(STAGES):
-        mbarrier.init(k_bars.index(i), count=1)
-        mbarrier.init(v_bars.index(i), count=1)
-
-    bh = gl.program_id(1)
-    b = bh // n_heads
-    h = bh % n_heads
-    hk = h // group
-    tile, lo, lo_full, hi_full, hi = plan_row(Plan, gl.program_id(0))
-    m0 = tile * BLOCK_M
-    n_blocks = gl.cdiv(hi - lo, BLOCK_N)
-
-    mbarrier.expect(q_bar, q_desc.block_type.nbytes)
-    tma.async_copy_global_to_shared(q_desc, [b, m0, h, 0], q_bar, q_smem)
-    mbarrier.expect(do_bar, do_desc.block_type.nbytes)
-    tma.async_copy_global_to_shared(do_desc, [b, m0, h, 0], do_bar, do_smem)
-    for i in gl.static_range(STAGES):
-        if i < n_blocks:
-            _issue_kv(k_desc, v_desc, k_smem, v_smem, k_bars, v_bars, i, lo + i * BLOCK_N, b, hk, STAGES)
-
-    off = seqlen_k - seqlen_q
-    rows = m0 + gl.arange(0, BLOCK_M, row_l)
-    cols = gl.arange(0, BLOCK_N, col_l)
-    in_q = rows < seqlen_q
-    lrow = (b * n_heads + h) * seqlen_q
-    lse2 = gl.load(Lse2 + lrow + rows, mask=in_q, other=0.0)
-    delta = gl.load(Delta + lrow + rows, mask=in_q, other=0.0)
-    s_zero = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout)
-    dq_tok = warpgroup_mma_init(gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, q_layout))
-    ds_a = gl.zeros([BLOCK_M, BLOCK_N], dtype, a_layout)  # carried: pinned until the dQ MMA reading it retires
-    mbarrier.wait(q_bar, 0)
-    mbarrier.wait(do_bar, 0)
-    q2 = q_smem.reshape([BLOCK_M, HEAD_DIM])
-    do2 = do_smem.reshape([BLOCK_M, HEAD_DIM])
-    for j in range(n_blocks):
-        s = j % STAGES
-        phase = (j // STAGES) & 1
-        k2 = k_smem.index(s).reshape([BLOCK_N, HEAD_DIM])
-        v2 = v_smem.index(s).reshape([BLOCK_N, HEAD_DIM])
-        mbarrier.wait(k_bars.index(s), phase)
-        s_tok = warpgroup_mma(q2, k2.permute((1, 0)), s_zero, use_acc=False, is_async=True)
-        mbarrier.wait(v_bars.index(s), phase)
-        dp_tok = warpgroup_mma(do2, v2.permute((1, 0)), s_zero, use_acc=False, is_async=True)
-        # block j-1's dQ MMA (issued before S and dP) is retired once at most two groups are pending
-        dq, ds_a = warpgroup_mma_wait(num_outstanding=2, deps=(dq_tok, ds_a))
-        if (j >= 1) & (j - 1 + STAGES < n_blocks):  # nothing reads block j-1's stage any more: refill it
-            _issue_kv(k_desc, v_desc, k_smem, v_smem, k_bars, v_bars, j - 1 + STAGES, lo + (j - 1 + STAGES) * BLOCK_N,
-                      b, hk, STAGES)
-        sc = warpgroup_mma_wait(num_outstanding=1, deps=(s_tok, ))
-        key = lo + j * BLOCK_N
-        if (key < lo_full) | (key >= hi_full):  # edge block: window sides, key tail
-            keep = visible(key + cols[None, :], rows[:, None] + off, seqlen_k, win_left, win_right, HAS_LEFT,
-                           HAS_RIGHT)
-            p = gl.exp2(gl.where(keep, sc * qk_scale, float("-inf")) - lse2[:, None])
-        else:
-            p = gl.exp2(sc * qk_scale - lse2[:, None])
-        dp = warpgroup_mma_wait(num_outstanding=0, deps=(dp_tok, ))
-        ds_a = gl.convert_layout((p * (dp - delta[:, None])).to(dtype), a_layout)
-        dq_tok = warpgroup_mma(ds_a, k2, dq, is_async=True)
-    dq = warpgroup_mma_wait(num_outstanding=0, deps=(dq_tok, ))
-
-    # rows past Nq hold junk (their Q rows read as zero) and are dropped by the TMA store
-    q2.store((dq * softmax_scale).to(dtype))
-    fence_async_shared()
-    tma.async_copy_shared_to_global(dq_desc, [b, m0, h, 0], q_smem)
-    tma.store_wait(pendings=0)
-    mbarrier.invalidate(q_bar)
-    mbarrier.invalidate(do_bar)
-    for i in gl.static_range(STAGES):
-        mbarrier.invalidate(k_bars.index(i))
-        mbarrier.invalidate(v_bars.index(i))
-
-
-@gluon.jit
 def _ws_item(Plan, CuQ, CuK, n_kv_heads, seqlen_q, seqlen_k, win_left, win_right, BLOCK_M: gl.constexpr,
              BLOCK_N: gl.constexpr, HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr, VARLEN: gl.constexpr,
              ALIGNED: gl.constexpr):
@@ -517,7 +231,6 @@ def _ws_consumer(args, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: g
      win_right) = args
     HALF: gl.constexpr = BLOCK_N // 2
     DHALF: gl.constexpr = HEAD_DIM // 2
-    dtype: gl.constexpr = q_desc.dtype
     st_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                         instr_shape=[16, BLOCK_M, 16])
     kv_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
@@ -778,64 +491,40 @@ def _tma_ready(t: torch.Tensor) -> torch.Tensor:
 def gluon_attn_backward(dout, q, k, v, out, lse, causal, softmax_scale, window_size, dlse, deterministic=True):
     """Gradients of attention for q (B, Nq, H, D), k/v (B, Nk, Hkv, D); lse/dlse (B, H, Nq) fp32.
 
-    deterministic=False: atomic dQ accumulation (one kernel fewer, run-to-run variation in dq's last bits)."""
+    deterministic=False: dQ's additions in any order (no semaphores; run-to-run variation in dq's last bits)."""
     B, Nq, H, D = q.shape
     Nk, Hkv = k.shape[1], k.shape[2]
     group = H // Hkv
     dout, out = _tma_ready(dout), _tma_ready(out)
     delta, lse2 = preprocess(out, dout, lse, dlse)
-    left, right = window_sides(causal, window_size)
-    flags = dict(HAS_LEFT=left >= 0, HAS_RIGHT=right >= 0)
-    sides = (max(left, 0), max(right, 0))
-    qk_scale = float(softmax_scale) * LOG2E
-    dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
-    dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
-
-    if D in WS_BWD_CONFIG:
-        bm, bn, _ = WS_BWD_CONFIG[D]
-        dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
-        l2 = l2_bytes(q.device)
-        split = split_group(group, Nq, D, l2) and _fits(8 * B * Nk * H * D, q.device)
-        reverse = descending_walk(causal, window_size, Nq, 1 if split else group, D, l2, deterministic)
-        if deterministic:
-            table = cached_table(ordered_backward_plan, Nq, Nk, causal, window_size, bm, bn, q.device, reverse)
-            sem = torch.zeros(B * H * triton.cdiv(Nq, bm), dtype=torch.int32, device=q.device)
-        else:
-            table = cached_table(backward_plan, Nq, Nk, causal, window_size, bm, bn, q.device)
-            sem = table  # unused
-        if split:  # each query head's dK / dV in fp32, summed over the group below in a fixed order
-            dk = torch.empty((B, Nk, H, D), dtype=torch.float32, device=q.device)
-            dv = torch.empty_like(dk)
-        _launch_ws(q, k, v, dout, dq, dk, dv, lse2, delta, table, sem, table, table, B, Nq, Nk, triton.cdiv(Nq, bm),
-                   causal, softmax_scale, window_size, deterministic, reverse, varlen=False, split=split)
-        if split:
-            dk = dk.view(B, Nk, Hkv, group, D).sum(3).to(k.dtype)
-            dv = dv.view(B, Nk, Hkv, group, D).sum(3).to(v.dtype)
-        return dq.to(q.dtype), dk, dv
-    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device) if deterministic else \
-        torch.zeros(q.shape, dtype=torch.float32, device=q.device)
-    bm, bn, stages, warps = DKDV_CONFIG[D]
-    table = cached_table(backward_plan, Nq, Nk, causal, window_size, bm, bn, q.device)
-    with torch.cuda.device(q.device):
-        _dkdv_kernel[(table.shape[0], B * Hkv)](
-            descriptor(q, bm), descriptor(k, bn), descriptor(v, bn), descriptor(dout, bm), descriptor(dk, bn),
-            descriptor(dv, bn), dq, lse2, delta, table, Hkv, H, group, Nq, Nk, *dq.stride()[:3],
-            qk_scale, 1.0 / qk_scale, float(softmax_scale), *sides, HEAD_DIM=D, BLOCK_M=bm, BLOCK_N=bn, STAGES=stages,
-            ATOMIC_DQ=not deterministic, num_warps=warps, **flags)
-        if not deterministic:  # dq already carries softmax_scale: only the cast is left
-            return dq.to(q.dtype), dk, dv
-        bm, bn, stages, warps = DQ_CONFIG[D]
-        table = cached_table(forward_plan, Nq, Nk, causal, window_size, bm, bn, q.device)
-        _dq_kernel[(table.shape[0], B * H)](
-            descriptor(q, bm), descriptor(k, bn), descriptor(v, bn), descriptor(dout, bm), descriptor(dq, bm),
-            lse2, delta, table, H, group, Nq, Nk, qk_scale, float(softmax_scale), *sides,
-            HEAD_DIM=D, BLOCK_M=bm, BLOCK_N=bn, STAGES=stages, num_warps=warps, **flags)
-    return dq, dk, dv
+    bm, bn, _ = WS_BWD_CONFIG[D]
+    dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+    l2 = l2_bytes(q.device)
+    split = split_group(group, Nq, D, l2, deterministic) and _fits(8 * B * Nk * H * D, q.device)
+    reverse = descending_walk(causal, window_size, Nq, 1 if split else group, D, l2, deterministic)
+    if deterministic:
+        table = cached_table(ordered_backward_plan, Nq, Nk, causal, window_size, bm, bn, q.device, reverse)
+        sem = torch.zeros(B * H * triton.cdiv(Nq, bm), dtype=torch.int32, device=q.device)
+    else:
+        table = cached_table(backward_plan, Nq, Nk, causal, window_size, bm, bn, q.device)
+        sem = table  # unused
+    if split:  # each query head's dK / dV in fp32, summed over the group below in a fixed order
+        dk = torch.empty((B, Nk, H, D), dtype=torch.float32, device=q.device)
+        dv = torch.empty_like(dk)
+    else:
+        dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
+        dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
+    _launch_ws(q, k, v, dout, dq, dk, dv, lse2, delta, table, sem, table, table, B, Nq, Nk, triton.cdiv(Nq, bm),
+               causal, softmax_scale, window_size, deterministic, reverse, varlen=False, split=split)
+    if split:
+        dk = dk.view(B, Nk, Hkv, group, D).sum(3).to(k.dtype)
+        dv = dv.view(B, Nk, Hkv, group, D).sum(3).to(v.dtype)
+    return dq.to(q.dtype), dk, dv
 
 
 def gluon_attn_varlen_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                                causal, softmax_scale, window_size, dlse, deterministic=True):
-    """Packed-document gradients at D=128 (WS_BWD_CONFIG): q (total_q, H, D), k/v (total_k, Hkv, D), out/dout like
+    """Packed-document gradients (WS_BWD_CONFIG): q (total_q, H, D), k/v (total_k, Hkv, D), out/dout like
     q, lse/dlse (H, total_q) fp32 (dlse may be None), cu_seqlens int32 (n_docs + 1) on the GPU -> dq, dk, dv.
     The warp-specialized kernel with one program per (document, key block) of plan.document_tiles (built on the
     GPU: the host never reads the lengths) and KV head; each document's query range as in the dense call. Rows and

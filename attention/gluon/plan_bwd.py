@@ -101,16 +101,18 @@ def descending_walk(causal: bool, window_size, seqlen_q: int, group: int, head_d
     return not deterministic or group * seqlen_q * head_dim * 8 > l2_bytes // 2
 
 
-def split_group(group: int, seqlen_q: int, head_dim: int, l2_bytes: int) -> bool:
+def split_group(group: int, seqlen_q: int, head_dim: int, l2_bytes: int, deterministic: bool = True) -> bool:
     """Whether the warp-specialized backward splits a GQA group over programs, one per (key block, query head),
     instead of one per (key block, KV head) walking the group's heads: where the Q, dO (2 bytes an element) and
-    fp32 dQ rows of the group's query heads would fill more than twice the L2. The resident key blocks sit at
-    different query blocks, and each of those holds the rows of every head of the group: at GQA 4, 128K rows and
-    D=128 on an H200, the L2 hit rate was 87.5% against 98.9% for the same query heads without GQA. Split, a
-    program holds one head's rows, as without GQA, and writes that head's dK / dV in fp32, which the host sums
-    over the group in a fixed order: 8 bytes per key, query head and column to write and read again, which cost
-    more than the L2 hits gained at GQA 4 and 8K rows (docs/results.md)."""
-    return group > 1 and group * seqlen_q * head_dim * 8 > 2 * l2_bytes
+    fp32 dQ rows of the group's query heads would fill more than the L2 (twice the L2 in the deterministic mode).
+    The resident key blocks sit at different query blocks, and each of those holds the rows of every head of the
+    group: at GQA 4, 128K rows and D=128 on an H200, the L2 hit rate was 87.5% against 98.9% for the same query
+    heads without GQA. Split, a program holds one head's rows, as without GQA, and writes that head's dK / dV in
+    fp32, which the host sums over the group in a fixed order: 8 bytes per key, query head and column written and
+    read again. Measured on an H200 (docs/results.md): the non-deterministic mode gained from 16K rows at D=128
+    and from 8K at D=64, and lost 2% at 8K, D=128; the deterministic mode gained from 32K rows at D=128, lost at
+    8K, and at D=64 lost 3% at 32K and broke even at 128K."""
+    return group > 1 and group * seqlen_q * head_dim * 8 > (2 if deterministic else 1) * l2_bytes
 
 
 def query_blocks(plan: TilePlan, tile: int, descending: bool, group: int = 1) -> list[tuple[int, int]]:

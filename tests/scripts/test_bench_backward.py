@@ -16,6 +16,14 @@ def test_without_a_gpu_it_says_so_in_one_line(monkeypatch):
     monkeypatch.setattr(bench_backward.torch.cuda, "is_available", lambda: False)
     with pytest.raises(SystemExit, match="needs a CUDA GPU"):
         bench_backward.main([])
+    with pytest.raises(SystemExit, match="needs a CUDA GPU"):
+        bench_backward.main(["--gqa-split"])
+
+
+def test_the_gqa_split_cases_have_groups_and_fit_the_token_budget():
+    for d, n, heads, kv_heads in bench_backward.SPLIT_CASES:
+        assert d in (64, 128) and heads % kv_heads == 0 and heads >= kv_heads
+        assert max(1, 65536 // n) * n * heads <= 65536 * 32  # as large as the 32-head cases at most
 
 
 def test_a_tile_the_kernel_cannot_take_is_refused_in_one_line():

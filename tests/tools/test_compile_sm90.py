@@ -55,11 +55,12 @@ def _gluon_triton() -> bool:
 @pytest.mark.skipif(not _gluon_triton(), reason="the Gluon kernels are written for another triton release")
 def test_gluon_kernels_compile_for_hopper_and_the_forward_never_spills():
     rows = {row["name"].rsplit(" w", 1)[0]: row for row in _compile("--gluon")}  # "gluon_fwd d64 win-1,0 w4"
-    # D 64 / 128 x (causal, two-sided window) x (forward, varlen forward, dK/dV, atomic dK/dV, dQ), and the
-    # warp-specialized backward at D=128, dense and packed documents: causal, the non-deterministic mode walking
-    # last to first and the deterministic one either way (packed documents: last to first); with a two-sided
-    # window both modes walking first to last
-    assert len(rows) == 29 and sum(name.startswith("gluon_bwd_ws") for name in rows) == 9, sorted(rows)
+    # D 64 / 128 x (causal, two-sided window) x (forward, varlen forward), and the warp-specialized backward:
+    # causal, the non-deterministic mode walking last to first and the deterministic one either way (packed
+    # documents: last to first); with a two-sided window both modes walking first to last; dense ones also with
+    # the GQA group split over programs (fp32 dK / dV)
+    assert len(rows) == 36 and sum(name.startswith("gluon_bwd_ws") for name in rows) == 28, sorted(rows)
+    assert sum(name.endswith(("_split d64 win-1,0", "_split d128 win-1,0")) for name in rows) == 6
     for name, row in rows.items():
         assert 0 < row["reg"] <= 255 and row["wgmma"] > 0 and row["smem"] <= H100_SMEM, (name, row)
     fwd = {name: row for name, row in rows.items() if name.startswith("gluon_fwd")}
