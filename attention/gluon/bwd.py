@@ -44,9 +44,10 @@ part of the dQ tile is exact zeros, and its rows of lse2 / delta load as 0. The 
 documents' query blocks apart (plan_bwd.document_query_block); both modes walk causal key blocks last to first.
 
 
-Ring reuse: a stage is refilled only once both consumer warpgroups have released it (q_empty). Rows past Nq or Nk read as zero through TMA and are
-dropped on store; every (query, key) pair outside the window, or past either sequence end, lies in a masked
-block and gets P = 0, so rows that see no key (lse2 = 0 there) get zero gradients, never NaN.
+Ring reuse: a stage is refilled only once both consumer warpgroups have released it (q_empty). Rows past Nq or
+Nk read as zero through TMA and are dropped on store; every (query, key) pair outside the window, or past either
+sequence end, lies in a masked block and gets P = 0, so rows that see no key (lse2 = 0 there) get zero gradients,
+never NaN.
 """
 
 from __future__ import annotations
