@@ -9,12 +9,12 @@
 place of attention.gluon.bwd.WS_BWD_CONFIG's entry. --gqa-split runs SPLIT_CASES (causal GQA, D=128 and 64) with
 plan_bwd.split_group forced on and off in both modes, and records where the shipped rule splits.
 
-Per case (bf16, D=128 or --head-dim, B*N = 65536 tokens for N <= 64K, else B = 1): cuDNN's backward (torch SDPA, the graph
-retained), the Triton backward (deterministic), and the Gluon backward (attention.gluon.bwd, sm_90 only) in its
-deterministic and non-deterministic modes, all from the same out / lse. The providers are timed in 3 interleaved
-rounds of triton.testing.do_bench; each figure is the median round, TFLOPS at 2.5x the forward's FLOPs (causal
-counts half). Each row also holds the relative error of both Gluon modes against the Triton backward (dq, dk,
-dv) and whether two deterministic runs gave the same bits.
+Per case (bf16, D=128 or --head-dim, B*N = 65536 tokens for N <= 64K, else B = 1): cuDNN's backward (torch
+SDPA, the graph retained), the Triton backward (deterministic), and the Gluon backward (attention.gluon.bwd,
+sm_90 only) in its deterministic and non-deterministic modes, all from the same out / lse. The providers are timed
+in 3 interleaved rounds of triton.testing.do_bench; each figure is the median round, TFLOPS at 2.5x the forward's
+FLOPs (causal counts half). Each row also holds the relative error of both Gluon modes against the Triton
+backward (dq, dk, dv) and whether two deterministic runs gave the same bits.
 """
 
 from __future__ import annotations
