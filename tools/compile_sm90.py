@@ -94,8 +94,7 @@ def gluon_variants():
     from attention.gluon import bwd as gluon_bwd, fwd as gluon_fwd
     from attention.gluon.plan import pairs_tiles
     ints = dict(n_work=7, n_slots=7, n_bh=7, chunk=7, n_heads=7, n_kv_heads=7, group=7, kv_group=7, seqlen_q=1000,
-                seqlen_k=1000, win_left=7, win_right=7, lse_stride=7, sem_stride=7, stride_dqb=7, stride_dqn=7,
-                stride_dqh=7)
+                seqlen_k=1000, win_left=7, win_right=7, lse_stride=7, sem_stride=7)
     floats = dict(qk_scale=0.127, inv_qk_scale=7.9, softmax_scale=0.088)
     f32, i32 = torch.empty(4, dtype=torch.float32), torch.empty(4, dtype=torch.int32)
     for d in (64, 128):

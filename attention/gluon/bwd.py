@@ -65,6 +65,7 @@ from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from ..triton.bwd import preprocess
 from ..triton.common import query_segments
+from .dispatch import fits_in_memory
 from .fwd import descriptor, l2_bytes, plan_row
 from .plan import cached_table, document_tiles, window_sides
 from .plan_bwd import (backward_plan, descending_walk, document_key_order, document_semaphores, ordered_backward_plan,
@@ -474,14 +475,6 @@ def _launch_ws(q, k, v, dout, dq, dk, dv, lse2, delta, table, sem, cu_q, cu_k, b
             HAS_RIGHT=right >= 0)
 
 
-def _fits(nbytes: int, device: torch.device) -> bool:
-    """Whether a temporary of nbytes stays within dispatch.GLUON_BWD_MAX_DQ_FRACTION of the GPU's memory, the
-    bound that `auto` puts on the fp32 dQ buffer."""
-    from .dispatch import GLUON_BWD_MAX_DQ_FRACTION, device_memory
-    memory = device_memory(device)
-    return memory is None or nbytes <= GLUON_BWD_MAX_DQ_FRACTION * memory
-
-
 def _tma_ready(t: torch.Tensor) -> torch.Tensor:
     """t itself if TMA can read it (unit last stride, 16-byte aligned strides and base), else a contiguous copy."""
     ok = t.stride(-1) == 1 and t.data_ptr() % 16 == 0 and all((s * t.element_size()) % 16 == 0
@@ -501,7 +494,7 @@ def gluon_attn_backward(dout, q, k, v, out, lse, causal, softmax_scale, window_s
     bm, bn, _ = WS_BWD_CONFIG[D]
     dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
     l2 = l2_bytes(q.device)
-    split = split_group(group, Nq, D, l2, deterministic) and _fits(8 * B * Nk * H * D, q.device)
+    split = split_group(group, Nq, D, l2, deterministic) and fits_in_memory(8 * B * Nk * H * D, q.device)
     reverse = descending_walk(causal, window_size, Nq, 1 if split else group, D, l2, deterministic)
     if deterministic:
         table = cached_table(ordered_backward_plan, Nq, Nk, causal, window_size, bm, bn, q.device, reverse)

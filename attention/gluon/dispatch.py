@@ -49,9 +49,8 @@ def route(kind: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, varlen: 
     if kind == "backward" and D not in GLUON_BWD_HEAD_DIMS:
         return "triton", f"D={D}: the Gluon backward is switched off there (dispatch.GLUON_BWD_HEAD_DIMS)"
     if kind == "backward":
-        memory = device_memory(q.device)
         dq_bytes = 4 * q.numel()
-        if memory is not None and dq_bytes > GLUON_BWD_MAX_DQ_FRACTION * memory:
+        if not fits_in_memory(dq_bytes, q.device):
             return "triton", (f"the Gluon backward's fp32 dQ buffer ({dq_bytes / 2 ** 30:.1f} GiB) would exceed "
                               f"{GLUON_BWD_MAX_DQ_FRACTION:.3g} of the GPU's memory "
                               "(dispatch.GLUON_BWD_MAX_DQ_FRACTION)")
@@ -67,6 +66,13 @@ def route(kind: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, varlen: 
 def device_memory(device: torch.device) -> int | None:
     """Total memory of a CUDA device in bytes, None for other devices."""
     return device_props(device).total_memory if device.type == "cuda" else None
+
+
+def fits_in_memory(nbytes: int, device: torch.device) -> bool:
+    """Whether a temporary of nbytes stays within GLUON_BWD_MAX_DQ_FRACTION of the device's memory (always off
+    CUDA): the bound on the Gluon backward's fp32 dQ buffer, and on its fp32 dK / dV partials (bwd)."""
+    memory = device_memory(device)
+    return memory is None or nbytes <= GLUON_BWD_MAX_DQ_FRACTION * memory
 
 
 def note(kind: str, kernel: str, reason: str, varlen: bool = False) -> None:

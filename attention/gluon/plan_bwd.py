@@ -85,6 +85,12 @@ def ordered_backward_plan(seqlen_q: int, seqlen_k: int, causal: bool, window_siz
     return TilePlan(block_m, bounds, order)
 
 
+def group_rows_bytes(group: int, seqlen_q: int, head_dim: int) -> int:
+    """Bytes of the rows one KV head's query heads stream through the backward: Q and dO (2 bytes an element) and
+    the fp32 dQ, 8 bytes per row, head and column. descending_walk and split_group weigh it against the L2."""
+    return group * seqlen_q * head_dim * 8
+
+
 def descending_walk(causal: bool, window_size, seqlen_q: int, group: int, head_dim: int, l2_bytes: int,
                     deterministic: bool = True) -> bool:
     """Whether the backward walks each key block's query blocks last to first: with a right side and no left one
@@ -98,7 +104,7 @@ def descending_walk(causal: bool, window_size, seqlen_q: int, group: int, head_d
     left, right = window_sides(causal, window_size)
     if right < 0 or left >= 0:
         return False
-    return not deterministic or group * seqlen_q * head_dim * 8 > l2_bytes // 2
+    return not deterministic or group_rows_bytes(group, seqlen_q, head_dim) > l2_bytes // 2
 
 
 def split_group(group: int, seqlen_q: int, head_dim: int, l2_bytes: int, deterministic: bool = True) -> bool:
@@ -112,7 +118,7 @@ def split_group(group: int, seqlen_q: int, head_dim: int, l2_bytes: int, determi
     read again. Measured on an H200 (docs/results.md): the non-deterministic mode gained from 16K rows at D=128
     and from 8K at D=64, and lost 2% at 8K, D=128; the deterministic mode gained from 32K rows at D=128, lost at
     8K, and at D=64 lost 3% at 32K and broke even at 128K."""
-    return group > 1 and group * seqlen_q * head_dim * 8 > (2 if deterministic else 1) * l2_bytes
+    return group > 1 and group_rows_bytes(group, seqlen_q, head_dim) > (2 if deterministic else 1) * l2_bytes
 
 
 def query_blocks(plan: TilePlan, tile: int, descending: bool, group: int = 1) -> list[tuple[int, int]]:
