@@ -14,7 +14,8 @@ SDPA, the graph retained), the Triton backward (deterministic), and the Gluon ba
 sm_90 only) in its deterministic and non-deterministic modes, all from the same out / lse. The providers are timed
 in 3 interleaved rounds of triton.testing.do_bench; each figure is the median round, TFLOPS at 2.5x the forward's
 FLOPs (causal counts half). Each row also holds the relative error of both Gluon modes against the Triton
-backward (dq, dk, dv) and whether two deterministic runs gave the same bits.
+backward (dq, dk, dv) and whether two deterministic runs gave the same bits. Rows are written to the JSON as they
+finish.
 """
 
 from __future__ import annotations
@@ -170,16 +171,16 @@ def main(argv=None) -> None:
     if args.ws_tile is not None:
         from attention.gluon import bwd
         bwd.WS_BWD_CONFIG[args.head_dim] = tuple(args.ws_tile)
-    rows = []
-    for case in SPLIT_CASES if args.gqa_split else CASES:
-        rows.append(bench_split_case(*case) if args.gqa_split else bench_case(*case, head_dim=args.head_dim))
-        print(json.dumps(rows[-1]), flush=True)
-        torch.cuda.empty_cache()
     info = dict(meta(), ws_tile=args.ws_tile)
     name = "backward_gqa_split" if args.gqa_split else "backward"
     out = Path(args.out or f"docs/bench/{name}_{info['gpu'].split()[-1].lower()}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(dict(meta=info, rows=rows), indent=1))
+    rows = []
+    for case in SPLIT_CASES if args.gqa_split else CASES:
+        rows.append(bench_split_case(*case) if args.gqa_split else bench_case(*case, head_dim=args.head_dim))
+        print(json.dumps(rows[-1]), flush=True)
+        out.write_text(json.dumps(dict(meta=info, rows=rows), indent=1))  # after every row: a cut run keeps them
+        torch.cuda.empty_cache()
     print(f"wrote {out}")
 
 

@@ -102,15 +102,16 @@ def gluon_variants():
         for left, right in ((-1, 0), (100, 50)):
             flags = dict(HAS_LEFT=left >= 0, HAS_RIGHT=right >= 0)
             bm, bn, st = gluon_fwd.FWD_CONFIG[d]
-            half, kv = gluon_fwd.descriptor(t, bm // 2), gluon_fwd.descriptor(t, bn)
+            n_wg = gluon_fwd.consumers(bm)
+            half, kv = gluon_fwd.descriptor(t, bm // n_wg), gluon_fwd.descriptor(t, bn)
             tensors = dict(q_desc=half, k_desc=kv, v_desc=kv, o_desc=half, Out=t, Lse=f32, Plan=i32, CuQ=i32, CuK=i32)
             for varlen in (False, True):  # dense causal MHA tiles go two by two (plan.pairs_tiles)
                 per_item = 2 if not varlen and pairs_tiles(False, (left, right), 1, d) else 1
                 yield (f"gluon_fwd{'_varlen' if varlen else ''} d{d} win{left},{right}", gluon_fwd._fwd_ws_kernel,
                        {**ints, **floats, **tensors}, dict(HEAD_DIM=d, BLOCK_M=bm, BLOCK_N=bn, STAGES=st,
-                                                            VARLEN=varlen, PER_ITEM=per_item,
-                                                            CONSUMER_REGS=gluon_fwd.WS_REGS[1], **flags),
-                       4, gluon_fwd.WS_REGS[0])
+                                                            VARLEN=varlen, PER_ITEM=per_item, CONSUMERS=n_wg,
+                                                            CONSUMER_REGS=gluon_fwd.WS_REGS[n_wg][1], **flags),
+                       4, gluon_fwd.WS_REGS[n_wg][0])
             bm, bn, st = gluon_bwd.WS_BWD_CONFIG[d]
             q, k, v = gluon_fwd.descriptor(t, bm), gluon_bwd._k_descriptor(t, bn), gluon_fwd.descriptor(t, bn)
             dq = gluon_fwd.descriptor(t.float(), bm, d // 2)

@@ -49,11 +49,20 @@ from .plan import (cached_table, document_tiles, forward_pairs, forward_plan, he
 LOG2E = 1.4426950408889634
 LN2: gl.constexpr = gl.constexpr(0.6931471805599453)
 
-# (BLOCK_M, BLOCK_N, STAGES) per head dim, chosen by timing on an H200 (docs/kernels.md)
-FWD_CONFIG = {64: (128, 128, 3), 128: (128, 128, 2)}
-# the kernel's register cap over its 12 warps (two consumer warpgroups and the producer's), and each consumer's
-# share after the producer gives its registers back (setmaxnreg)
-WS_REGS = (168, 240)
+# (BLOCK_M, BLOCK_N, STAGES) per head dim, chosen by timing on an H200 (docs/kernels.md). Each consumer warpgroup
+# owns 64 rows of the query tile: BLOCK_M = 128 runs two, 192 three.
+FWD_CONFIG = {64: (192, 128, 2), 128: (128, 128, 2)}
+CONSUMER_ROWS = 64
+# per number of consumer warpgroups: the kernel's register cap over all its warps (the consumers' and the
+# producer's warpgroup) and each consumer's share after the producer gives its registers back (setmaxnreg)
+WS_REGS = {2: (168, 240), 3: (128, 160)}
+
+
+def consumers(block_m: int) -> int:
+    """Consumer warpgroups of a BLOCK_M-row query tile (CONSUMER_ROWS rows each)."""
+    if block_m % CONSUMER_ROWS or block_m // CONSUMER_ROWS not in WS_REGS:
+        raise ValueError(f"FWD_CONFIG: BLOCK_M must be one of {[CONSUMER_ROWS * c for c in WS_REGS]}, got {block_m}")
+    return block_m // CONSUMER_ROWS
 
 
 @gluon.jit
@@ -167,12 +176,12 @@ def _online_softmax(s, m_i, l_i, key, lo_full, hi_full, rows, cols, seqlen_k, of
 @gluon.jit
 def _ws_consumer(args, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
                  HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr, VARLEN: gl.constexpr, PER_ITEM: gl.constexpr,
-                 WG: gl.constexpr):
-    """Rows [WG * BLOCK_M/2, (WG+1) * BLOCK_M/2) of every query tile: S = QK^T, online softmax, O += PV."""
+                 CONSUMERS: gl.constexpr, WG: gl.constexpr):
+    """Rows [WG * R, (WG+1) * R) of every query tile, R = BLOCK_M / CONSUMERS: S = QK^T, online softmax, O += PV."""
     (q_desc, k_desc, v_desc, o_desc, Out, Lse, Plan, CuQ, CuK, q_smem, o_smem, k_smem, v_smem, q_ready, q_empty,
      k_ready, v_ready, k_empty, v_empty, n_work, n_slots, n_bh, chunk, n_heads, group, seqlen_q, seqlen_k,
      lse_stride, qk_scale, win_left, win_right) = args
-    HALF: gl.constexpr = BLOCK_M // 2
+    ROWS: gl.constexpr = BLOCK_M // CONSUMERS
     dtype: gl.constexpr = q_desc.dtype
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                        instr_shape=[16, BLOCK_N, 16])
@@ -191,15 +200,15 @@ def _ws_consumer(args, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: g
                 win_right, BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT, VARLEN, PER_ITEM)
             if hi >= 0:  # an empty row (an odd pair, a packed document's tile past its end) is skipped
                 off = len_k - len_q
-                m0 = tile * BLOCK_M + WG * HALF
+                m0 = tile * BLOCK_M + WG * ROWS
                 n_blocks = gl.cdiv(hi - lo, BLOCK_N)
-                rows = m0 + gl.arange(0, HALF, row_s)
-                m_i = gl.full([HALF], float("-inf"), gl.float32, row_s)
-                l_i = gl.zeros([HALF], gl.float32, row_s)
-                acc = gl.zeros([HALF, HEAD_DIM], gl.float32, o_layout)
-                s_zero = gl.zeros([HALF, BLOCK_N], gl.float32, s_layout)
+                rows = m0 + gl.arange(0, ROWS, row_s)
+                m_i = gl.full([ROWS], float("-inf"), gl.float32, row_s)
+                l_i = gl.zeros([ROWS], gl.float32, row_s)
+                acc = gl.zeros([ROWS, HEAD_DIM], gl.float32, o_layout)
+                s_zero = gl.zeros([ROWS, BLOCK_N], gl.float32, s_layout)
                 mbarrier.wait(q_ready.index(WG), it & 1)
-                q = q_smem.index(WG).reshape([HALF, HEAD_DIM])
+                q = q_smem.index(WG).reshape([ROWS, HEAD_DIM])
                 if n_blocks > 0:
                     st = used % STAGES
                     mbarrier.wait(k_ready.index(st), (used // STAGES) & 1)
@@ -245,10 +254,10 @@ def _ws_consumer(args, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: g
                 lse = gl.where(empty, float("-inf"), (m_i + gl.log2(l_safe)) * LN2)
                 gl.store(Lse + lse_base + rows, lse, mask=rows < len_q)
                 if VARLEN:
-                    if m0 + HALF <= len_q:
+                    if m0 + ROWS <= len_q:
                         _tma_store(o_desc, o_smem, out.to(dtype), b, first + m0, h, WG)
                     else:  # the document's last rows: rows past its end belong to the next document
-                        o_rows = m0 + gl.arange(0, HALF, row_o)
+                        o_rows = m0 + gl.arange(0, ROWS, row_o)
                         o_cols = gl.arange(0, HEAD_DIM, gl.SliceLayout(0, o_layout))
                         ptr = Out + (first + o_rows).to(gl.int64)[:, None] * (n_heads * HEAD_DIM) + h * HEAD_DIM
                         gl.store(ptr + o_cols[None, :], out.to(dtype), mask=(o_rows < len_q)[:, None])
@@ -260,13 +269,13 @@ def _ws_consumer(args, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: g
 @gluon.jit
 def _ws_producer(args, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
                  HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr, VARLEN: gl.constexpr, PER_ITEM: gl.constexpr,
-                 WG: gl.constexpr):
-    """One warp: TMA-loads each work item's two Q halves and its K and V blocks into their rings, ahead of the
-    consumers. K_j goes before V_{j-1}: a V stage frees a step later than a K stage."""
+                 CONSUMERS: gl.constexpr):
+    """One warp: TMA-loads each work item's Q, one part per consumer, and its K and V blocks into their rings, ahead
+    of the consumers. K_j goes before V_{j-1}: a V stage frees a step later than a K stage."""
     (q_desc, k_desc, v_desc, o_desc, Out, Lse, Plan, CuQ, CuK, q_smem, o_smem, k_smem, v_smem, q_ready, q_empty,
      k_ready, v_ready, k_empty, v_empty, n_work, n_slots, n_bh, chunk, n_heads, group, seqlen_q, seqlen_k,
      lse_stride, qk_scale, win_left, win_right) = args
-    HALF: gl.constexpr = BLOCK_M // 2
+    ROWS: gl.constexpr = BLOCK_M // CONSUMERS
     issued = 0
     it = 0
     for w in range(gl.program_id(0), n_work, gl.num_programs(0)):
@@ -277,10 +286,10 @@ def _ws_producer(args, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: g
             if hi >= 0:
                 hkv = h // group
                 n_blocks = gl.cdiv(hi - lo, BLOCK_N)
-                for c in gl.static_range(2):
+                for c in gl.static_range(CONSUMERS):
                     mbarrier.wait(q_empty.index(c), (it & 1) ^ 1)  # fresh barriers pass phase 1: the first wait is free
                     mbarrier.expect(q_ready.index(c), q_desc.block_type.nbytes)
-                    tma.async_copy_global_to_shared(q_desc, [b, first + tile * BLOCK_M + c * HALF, h, 0],
+                    tma.async_copy_global_to_shared(q_desc, [b, first + tile * BLOCK_M + c * ROWS, h, 0],
                                                     q_ready.index(c), q_smem.index(c))
                 for j in range(n_blocks + 1):  # K_j, then V_{j-1} (FA3's order)
                     if j < n_blocks:
@@ -304,36 +313,45 @@ def _fwd_ws_kernel(q_desc, k_desc, v_desc, o_desc, Out, Lse, Plan, CuQ, CuK, n_w
                    group, seqlen_q, seqlen_k, lse_stride, qk_scale, win_left, win_right,
                    HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
                    HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr, VARLEN: gl.constexpr, PER_ITEM: gl.constexpr,
-                   CONSUMER_REGS: gl.constexpr, num_warps: gl.constexpr):
-    """Warp-specialized: two consumer warpgroups (the default partition and a worker) each own half of the query
-    tile, and a one-warp producer streams Q and the K/V ring. q_desc / o_desc boxes are BLOCK_M/2 rows."""
+                   CONSUMERS: gl.constexpr, CONSUMER_REGS: gl.constexpr, num_warps: gl.constexpr):
+    """Warp-specialized: CONSUMERS (2 or 3) consumer warpgroups (the default partition and workers) each own
+    BLOCK_M / CONSUMERS rows of the query tile, and a one-warp producer streams Q and the K/V ring. q_desc / o_desc
+    boxes are BLOCK_M / CONSUMERS rows."""
     dtype: gl.constexpr = q_desc.dtype
-    q_smem = gl.allocate_shared_memory(dtype, [2] + q_desc.block_type.shape, q_desc.layout)
-    o_smem = gl.allocate_shared_memory(dtype, [2] + o_desc.block_type.shape, o_desc.layout)
+    q_smem = gl.allocate_shared_memory(dtype, [CONSUMERS] + q_desc.block_type.shape, q_desc.layout)
+    o_smem = gl.allocate_shared_memory(dtype, [CONSUMERS] + o_desc.block_type.shape, o_desc.layout)
     k_smem = gl.allocate_shared_memory(dtype, [STAGES] + k_desc.block_type.shape, k_desc.layout)
     v_smem = gl.allocate_shared_memory(dtype, [STAGES] + v_desc.block_type.shape, v_desc.layout)
-    q_ready = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
-    q_empty = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    q_ready = gl.allocate_shared_memory(gl.int64, [CONSUMERS, 1], mbarrier.MBarrierLayout())
+    q_empty = gl.allocate_shared_memory(gl.int64, [CONSUMERS, 1], mbarrier.MBarrierLayout())
     k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     k_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     v_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    for i in gl.static_range(2):
+    for i in gl.static_range(CONSUMERS):
         mbarrier.init(q_ready.index(i), count=1)
         mbarrier.init(q_empty.index(i), count=128)
     for i in gl.static_range(STAGES):
         mbarrier.init(k_ready.index(i), count=1)
         mbarrier.init(v_ready.index(i), count=1)
-        mbarrier.init(k_empty.index(i), count=256)  # every thread of both consumer warpgroups arrives
-        mbarrier.init(v_empty.index(i), count=256)
+        mbarrier.init(k_empty.index(i), count=128 * CONSUMERS)  # every thread of every consumer arrives
+        mbarrier.init(v_empty.index(i), count=128 * CONSUMERS)
     args = (q_desc, k_desc, v_desc, o_desc, Out, Lse, Plan, CuQ, CuK, q_smem, o_smem, k_smem, v_smem, q_ready,
             q_empty, k_ready, v_ready, k_empty, v_empty, n_work, n_slots, n_bh, chunk, n_heads, group, seqlen_q,
             seqlen_k, lse_stride, qk_scale, win_left, win_right)
-    gl.warp_specialize([
-        (_ws_consumer, (args, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, HAS_LEFT, HAS_RIGHT, VARLEN, PER_ITEM, 0)),
-        (_ws_consumer, (args, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, HAS_LEFT, HAS_RIGHT, VARLEN, PER_ITEM, 1)),
-        (_ws_producer, (args, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, HAS_LEFT, HAS_RIGHT, VARLEN, PER_ITEM, 0)),
-    ], [4, 1], [CONSUMER_REGS, 24])
+    if CONSUMERS == 3:
+        gl.warp_specialize([
+            (_ws_consumer, (args, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, HAS_LEFT, HAS_RIGHT, VARLEN, PER_ITEM, 3, 0)),
+            (_ws_consumer, (args, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, HAS_LEFT, HAS_RIGHT, VARLEN, PER_ITEM, 3, 1)),
+            (_ws_consumer, (args, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, HAS_LEFT, HAS_RIGHT, VARLEN, PER_ITEM, 3, 2)),
+            (_ws_producer, (args, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, HAS_LEFT, HAS_RIGHT, VARLEN, PER_ITEM, 3)),
+        ], [4, 4, 1], [CONSUMER_REGS, CONSUMER_REGS, 24])
+    else:
+        gl.warp_specialize([
+            (_ws_consumer, (args, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, HAS_LEFT, HAS_RIGHT, VARLEN, PER_ITEM, 2, 0)),
+            (_ws_consumer, (args, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, HAS_LEFT, HAS_RIGHT, VARLEN, PER_ITEM, 2, 1)),
+            (_ws_producer, (args, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, HAS_LEFT, HAS_RIGHT, VARLEN, PER_ITEM, 2)),
+        ], [4, 1], [CONSUMER_REGS, 24])
 
 
 # -- host side ---------------------------------------------------------------------------------------------
@@ -366,6 +384,7 @@ def _launch(q4, k4, v4, out4, out, lse, table, cu_q, cu_k, n_bh, n_heads, group,
     q4/k4/v4/out4 are (B, N, H, D) views."""
     D = q4.shape[-1]
     block_m, block_n, stages = FWD_CONFIG[D]
+    n_wg = consumers(block_m)
     left, right = window_sides(causal, window_size)
     n_slots = table.shape[0] // per_item
     n_work = n_slots * n_bh
@@ -374,11 +393,11 @@ def _launch(q4, k4, v4, out4, out, lse, table, cu_q, cu_k, n_bh, n_heads, group,
     args = (out, lse, table, cu_q, cu_k, n_work, n_slots, n_bh, chunk, n_heads, group, seqlen_q, seqlen_k, lse_stride,
             float(softmax_scale) * LOG2E, max(left, 0), max(right, 0))
     consts = dict(HEAD_DIM=D, BLOCK_M=block_m, BLOCK_N=block_n, STAGES=stages, HAS_LEFT=left >= 0,
-                  HAS_RIGHT=right >= 0, VARLEN=varlen, PER_ITEM=per_item)
+                  HAS_RIGHT=right >= 0, VARLEN=varlen, PER_ITEM=per_item, CONSUMERS=n_wg)
     kv = (descriptor(k4, block_n), descriptor(v4, block_n))
-    with torch.cuda.device(q4.device):  # Q and O move in halves: one per consumer warpgroup
-        _fwd_ws_kernel[grid](descriptor(q4, block_m // 2), *kv, descriptor(out4, block_m // 2), *args, **consts,
-                             CONSUMER_REGS=WS_REGS[1], num_warps=4, maxnreg=WS_REGS[0])
+    with torch.cuda.device(q4.device):  # Q and O move in parts: one per consumer warpgroup
+        _fwd_ws_kernel[grid](descriptor(q4, block_m // n_wg), *kv, descriptor(out4, block_m // n_wg), *args, **consts,
+                             CONSUMER_REGS=WS_REGS[n_wg][1], num_warps=4, maxnreg=WS_REGS[n_wg][0])
 
 
 def gluon_attn_forward(q, k, v, causal, softmax_scale, window_size):

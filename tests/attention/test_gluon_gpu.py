@@ -14,7 +14,7 @@ from helpers import cu_seqlens
 
 from attention import attn_forward, attn_varlen_forward, flash_attn_func, reference_attn_forward
 from attention.backends import resolve_backend_name
-from attention.gluon import dispatch
+from attention.gluon import dispatch, fwd
 
 
 pytestmark = [*GPU_MARKS, gluon_skip()]
@@ -36,8 +36,26 @@ CASES = [  # B, Nq, Nk, H, Hkv, D, causal, window, dtype
 ]
 
 
+# forward tiles other than the shipped ones (fwd.FWD_CONFIG), each run on the cases of its head dim: two consumer
+# warpgroups (BLOCK_M 128) and three (192), 64- and 128-key blocks
+OTHER_TILES = [(64, (128, 128, 3)), (64, (192, 128, 2)), (64, (192, 64, 4)), (128, (128, 128, 2)), (128, (192, 64, 2))]
+
+
 @pytest.mark.parametrize("B,nq,nk,H,hkv,D,causal,window,dtype", CASES)
 def test_gluon_forward_matches_fp32_reference_and_triton(B, nq, nk, H, hkv, D, causal, window, dtype):
+    _check_forward(B, nq, nk, H, hkv, D, causal, window, dtype)
+
+
+@pytest.mark.parametrize("D,tile", [(d, t) for d, t in OTHER_TILES])
+@pytest.mark.parametrize("case", range(len(CASES)))
+def test_gluon_forward_at_other_tiles(D, tile, case, monkeypatch):
+    if CASES[case][5] != D or fwd.FWD_CONFIG[D] == tile:
+        pytest.skip("another head dim, or the shipped tile (tested above)")
+    monkeypatch.setitem(fwd.FWD_CONFIG, D, tile)
+    _check_forward(*CASES[case])
+
+
+def _check_forward(B, nq, nk, H, hkv, D, causal, window, dtype):
     q, k, v = cuda_qkv(B, nq, nk, H, hkv, D, dtype)
     out, lse = attn_forward(q, k, v, causal, None, window, backend="gluon")
     ref_out, ref_lse = reference_attn_forward(q.float(), k.float(), v.float(), causal, None, window)
@@ -66,6 +84,19 @@ VARLEN_CASES = [  # query lengths, key lengths (None: the same), H, Hkv, D, caus
 @pytest.mark.parametrize("lens_q,lens_k,H,hkv,D,causal,window,dtype", VARLEN_CASES)
 def test_gluon_packed_documents_match_fp32_reference_and_triton(lens_q, lens_k, H, hkv, D, causal, window, dtype,
                                                                 monkeypatch):
+    _check_packed(lens_q, lens_k, H, hkv, D, causal, window, dtype, monkeypatch)
+
+
+@pytest.mark.parametrize("D,tile", [(d, t) for d, t in OTHER_TILES])
+@pytest.mark.parametrize("case", range(len(VARLEN_CASES)))
+def test_gluon_packed_documents_at_other_tiles(D, tile, case, monkeypatch):
+    if VARLEN_CASES[case][4] != D or fwd.FWD_CONFIG[D] == tile:
+        pytest.skip("another head dim, or the shipped tile (tested above)")
+    monkeypatch.setitem(fwd.FWD_CONFIG, D, tile)
+    _check_packed(*VARLEN_CASES[case], monkeypatch)
+
+
+def _check_packed(lens_q, lens_k, H, hkv, D, causal, window, dtype, monkeypatch):
     monkeypatch.setattr(dispatch, "GLUON_VARLEN_HEAD_DIMS", (64, 128))  # the kernel at every head dim it takes
     lens_k = lens_q if lens_k is None else lens_k
     cu = [cu_seqlens(lens, "cuda") for lens in (lens_q, lens_k)]

@@ -1,0 +1,161 @@
+"""The attention forward alone: the Gluon forward at one or more tiles against the Triton forward and cuDNN, one GPU.
+
+    python scripts/bench_forward.py --head-dim 64                          # -> docs/bench/forward_d64_<gpu>.json
+    python scripts/bench_forward.py --head-dim 64 --tiles 128,128,3 192,128,2 --out /tmp/f64.json   # tiles to try
+
+--tiles runs the Gluon forward (attention.gluon.fwd) at each (BLOCK_M, BLOCK_N, STAGES) given, in place of
+FWD_CONFIG's entry for the head dim; BLOCK_M is 64 rows per consumer warpgroup (128: two, 192: three). Without it
+the shipped tile runs.
+
+Per case (bf16, B*N = 65536 tokens for N <= 64K, else B = 1): cuDNN's forward (torch SDPA), the Triton forward and
+the Gluon forward at each tile, timed in 3 interleaved rounds of triton.testing.do_bench; each figure is the median
+round in TFLOPS (4 * B * H * D per visible (query, key) pair: causal counts half). The last case packs 37 causal
+documents of uneven lengths into 64K tokens (bench_attention's), for the varlen forwards; cuDNN has none. Each row
+also holds every Gluon tile's relative error of out, and the largest lse difference, against the Triton forward.
+Rows are written to the JSON as they finish.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+from scripts.bench_attention import meta, visible_pairs  # noqa: E402
+from scripts.bench_backward import ROUNDS, rel  # noqa: E402
+
+# (causal, N, heads, kv heads, packed documents)
+CASES = [(True, 8192, 16, 16, 0), (True, 32768, 16, 16, 0), (False, 8192, 16, 16, 0), (False, 32768, 16, 16, 0),
+         (True, 131072, 16, 16, 0), (True, 32768, 32, 8, 0), (True, 65536, 16, 16, 37)]
+
+
+def _timed(fn) -> float:
+    import triton
+    fn()
+    torch.cuda.synchronize()
+    return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+
+
+def tile_name(tile) -> str:
+    return "gluon_" + "x".join(map(str, tile))
+
+
+def bench_case(causal: bool, n: int, heads: int, kv_heads: int, n_docs: int, head_dim: int, tiles: list) -> dict:
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from attention.gluon import fwd
+    from attention.triton.fwd import triton_attn_forward, triton_attn_varlen_forward
+    from scripts.bench_attention import _packed_docs
+
+    D, B, sc = head_dim, max(1, 65536 // n), head_dim ** -0.5
+    if n_docs:
+        return _bench_docs(causal, n, heads, kv_heads, n_docs, D, tiles, fwd, triton_attn_varlen_forward, _packed_docs)
+    q = torch.randn(B, n, heads, D, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(B, n, kv_heads, D, device="cuda", dtype=torch.bfloat16)
+    v = torch.randn(B, n, kv_heads, D, device="cuda", dtype=torch.bfloat16)
+    qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
+
+    def cudnn():
+        with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+            return F.scaled_dot_product_attention(qt, kt, vt, is_causal=causal, enable_gqa=heads != kv_heads)
+
+    fns = {"cudnn": cudnn, "triton": lambda: triton_attn_forward(q, k, v, causal, sc, (-1, -1))}
+    fns.update({tile_name(t): _at_tile(fwd, D, t, lambda: fwd.gluon_attn_forward(q, k, v, causal, sc, (-1, -1)))
+                for t in tiles})
+    row = _finish(dict(causal=causal, N=n, B=B, H=heads, Hkv=kv_heads, D=D), fns, tiles,
+                  4 * B * heads * visible_pairs(n, causal, (-1, -1)) * D)
+    for t in tiles:
+        row[f"{tile_name(t)}/cudnn"] = round(row[tile_name(t)] / row["cudnn"], 3)
+    return row
+
+
+def _bench_docs(causal, n, heads, kv_heads, n_docs, D, tiles, fwd, triton_varlen, packed_docs) -> dict:
+    """n tokens in n_docs packed documents: the Triton and Gluon varlen forwards."""
+    q = torch.randn(n, heads, D, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(n, kv_heads, D, device="cuda", dtype=torch.bfloat16)
+    v = torch.randn(n, kv_heads, D, device="cuda", dtype=torch.bfloat16)
+    (cu, longest, _), pairs = packed_docs(n, n_docs, causal)
+    args = (q, k, v, cu, cu, longest, longest, causal, D ** -0.5, (-1, -1))
+    fns = {"triton": lambda: triton_varlen(*args)}
+    fns.update({tile_name(t): _at_tile(fwd, D, t, lambda: fwd.gluon_attn_varlen_forward(*args)) for t in tiles})
+    row = _finish(dict(causal=causal, N=n, B=1, H=heads, Hkv=kv_heads, D=D, docs=n_docs, longest=longest), fns,
+                  tiles, 4 * heads * pairs * D)
+    for t in tiles:
+        row[f"{tile_name(t)}/triton"] = round(row[tile_name(t)] / row["triton"], 3)
+    return row
+
+
+def _at_tile(fwd, D: int, tile: tuple, call):
+    """call() with fwd.FWD_CONFIG[D] set to tile for its duration."""
+    def run():
+        shipped = fwd.FWD_CONFIG[D]
+        fwd.FWD_CONFIG[D] = tile
+        try:
+            return call()
+        finally:
+            fwd.FWD_CONFIG[D] = shipped
+    return run
+
+
+def _finish(row: dict, fns: dict, tiles: list, flops: float) -> dict:
+    """Errors of each tile against fns["triton"], then TFLOPS of the median of ROUNDS interleaved rounds."""
+    ref_out, ref_lse = fns["triton"]()
+    row["err_vs_triton"] = {}
+    for t in tiles:
+        out, lse = fns[tile_name(t)]()
+        row["err_vs_triton"][tile_name(t)] = [round(rel(out, ref_out), 5), round((lse - ref_lse).abs().max().item(), 5)]
+    del ref_out, ref_lse
+    times = {name: [] for name in fns}
+    for _ in range(ROUNDS):
+        for name, fn in fns.items():
+            times[name].append(_timed(fn))
+    for name, ts in times.items():
+        row[name] = round(flops / sorted(ts)[len(ts) // 2] * 1e-9, 1)
+    return row
+
+
+def parse_tile(text: str) -> tuple:
+    try:
+        tile = tuple(int(x) for x in text.split(","))
+    except ValueError:
+        tile = ()
+    if len(tile) != 3 or tile[0] not in (128, 192) or tile[1] not in (64, 128) or not 1 <= tile[2] <= 4:
+        raise argparse.ArgumentTypeError(f"BLOCK_M,BLOCK_N,STAGES with BLOCK_M 128 or 192, BLOCK_N 64 or "
+                                         f"128 and 1-4 stages, got {text!r}")
+    return tile
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", default=None, help="JSON path (default docs/bench/forward_d<D>_<gpu>.json)")
+    ap.add_argument("--head-dim", type=int, default=128, choices=(64, 128))
+    ap.add_argument("--tiles", type=parse_tile, nargs="+", metavar="BM,BN,STAGES",
+                    help="Gluon forward tiles to time (default: the shipped FWD_CONFIG entry)")
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        raise SystemExit("error: bench_forward.py needs a CUDA GPU (cuDNN and the Gluon kernels)")
+    from attention.gluon import fwd, hopper_ready
+    ready, why = hopper_ready(torch.device("cuda"))
+    if not ready:
+        raise SystemExit(f"error: the Gluon kernels cannot run here: {why}")
+    tiles = args.tiles or [fwd.FWD_CONFIG[args.head_dim]]
+    info = dict(meta(), head_dim=args.head_dim, tiles=tiles, shipped=fwd.FWD_CONFIG[args.head_dim])
+    out = Path(args.out or f"docs/bench/forward_d{args.head_dim}_{info['gpu'].split()[-1].lower()}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for case in CASES:
+        rows.append(bench_case(*case, head_dim=args.head_dim, tiles=tiles))
+        print(json.dumps(rows[-1]), flush=True)
+        out.write_text(json.dumps(dict(meta=info, rows=rows), indent=1))
+        torch.cuda.empty_cache()
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
