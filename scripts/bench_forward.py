@@ -4,8 +4,9 @@
     python scripts/bench_forward.py --head-dim 64 --tiles 128,128,3 192,128,2 --out /tmp/f64.json   # tiles to try
 
 --tiles runs the Gluon forward (attention.gluon.fwd) at each (BLOCK_M, BLOCK_N, STAGES) given, in place of
-FWD_CONFIG's entry for the head dim; BLOCK_M is 64 rows per consumer warpgroup (128: two, 192: three). Without it
-the shipped tile runs.
+FWD_CONFIG's entry for the head dim (FWD_VARLEN_CONFIG's for packed documents); BLOCK_M is 64 rows per consumer
+warpgroup (128: two, 192: three). Without it the shipped tiles run (dense and packed documents, both in every
+case).
 
 Per case (bf16, B*N = 65536 tokens for N <= 64K, else B = 1): cuDNN's forward (torch SDPA), the Triton forward and
 the Gluon forward at each tile, timed in 3 interleaved rounds of triton.testing.do_bench; each figure is the median
@@ -66,7 +67,8 @@ def bench_case(causal: bool, n: int, heads: int, kv_heads: int, n_docs: int, hea
             return F.scaled_dot_product_attention(qt, kt, vt, is_causal=causal, enable_gqa=heads != kv_heads)
 
     fns = {"cudnn": cudnn, "triton": lambda: triton_attn_forward(q, k, v, causal, sc, (-1, -1))}
-    fns.update({tile_name(t): _at_tile(fwd, D, t, lambda: fwd.gluon_attn_forward(q, k, v, causal, sc, (-1, -1)))
+    fns.update({tile_name(t): _at_tile(fwd.FWD_CONFIG, D, t, lambda: fwd.gluon_attn_forward(q, k, v, causal, sc,
+                                                                                         (-1, -1)))
                 for t in tiles})
     row = _finish(dict(causal=causal, N=n, B=B, H=heads, Hkv=kv_heads, D=D), fns, tiles,
                   4 * B * heads * visible_pairs(n, causal, (-1, -1)) * D)
@@ -83,7 +85,8 @@ def _bench_docs(causal, n, heads, kv_heads, n_docs, D, tiles, fwd, triton_varlen
     (cu, longest, _), pairs = packed_docs(n, n_docs, causal)
     args = (q, k, v, cu, cu, longest, longest, causal, D ** -0.5, (-1, -1))
     fns = {"triton": lambda: triton_varlen(*args)}
-    fns.update({tile_name(t): _at_tile(fwd, D, t, lambda: fwd.gluon_attn_varlen_forward(*args)) for t in tiles})
+    fns.update({tile_name(t): _at_tile(fwd.FWD_VARLEN_CONFIG, D, t, lambda: fwd.gluon_attn_varlen_forward(*args))
+                for t in tiles})
     row = _finish(dict(causal=causal, N=n, B=1, H=heads, Hkv=kv_heads, D=D, docs=n_docs, longest=longest), fns,
                   tiles, 4 * heads * pairs * D)
     for t in tiles:
@@ -91,15 +94,15 @@ def _bench_docs(causal, n, heads, kv_heads, n_docs, D, tiles, fwd, triton_varlen
     return row
 
 
-def _at_tile(fwd, D: int, tile: tuple, call):
-    """call() with fwd.FWD_CONFIG[D] set to tile for its duration."""
+def _at_tile(config: dict, D: int, tile: tuple, call):
+    """call() with config[D] (fwd.FWD_CONFIG or FWD_VARLEN_CONFIG) set to tile for its duration."""
     def run():
-        shipped = fwd.FWD_CONFIG[D]
-        fwd.FWD_CONFIG[D] = tile
+        shipped = config[D]
+        config[D] = tile
         try:
             return call()
         finally:
-            fwd.FWD_CONFIG[D] = shipped
+            config[D] = shipped
     return run
 
 
@@ -144,8 +147,9 @@ def main(argv=None) -> None:
     ready, why = hopper_ready(torch.device("cuda"))
     if not ready:
         raise SystemExit(f"error: the Gluon kernels cannot run here: {why}")
-    tiles = args.tiles or [fwd.FWD_CONFIG[args.head_dim]]
-    info = dict(meta(), head_dim=args.head_dim, tiles=tiles, shipped=fwd.FWD_CONFIG[args.head_dim])
+    shipped = {"dense": fwd.FWD_CONFIG[args.head_dim], "packed documents": fwd.FWD_VARLEN_CONFIG[args.head_dim]}
+    tiles = args.tiles or sorted(set(shipped.values()))
+    info = dict(meta(), head_dim=args.head_dim, tiles=tiles, shipped=shipped)
     out = Path(args.out or f"docs/bench/forward_d{args.head_dim}_{info['gpu'].split()[-1].lower()}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     rows = []

@@ -101,11 +101,12 @@ def gluon_variants():
         t = torch.empty(2, 256, 4, d, dtype=torch.bfloat16)
         for left, right in ((-1, 0), (100, 50)):
             flags = dict(HAS_LEFT=left >= 0, HAS_RIGHT=right >= 0)
-            bm, bn, st = gluon_fwd.FWD_CONFIG[d]
-            n_wg = gluon_fwd.consumers(bm)
-            half, kv = gluon_fwd.descriptor(t, bm // n_wg), gluon_fwd.descriptor(t, bn)
-            tensors = dict(q_desc=half, k_desc=kv, v_desc=kv, o_desc=half, Out=t, Lse=f32, Plan=i32, CuQ=i32, CuK=i32)
             for varlen in (False, True):  # dense causal MHA tiles go two by two (plan.pairs_tiles)
+                bm, bn, st = (gluon_fwd.FWD_VARLEN_CONFIG if varlen else gluon_fwd.FWD_CONFIG)[d]
+                n_wg = gluon_fwd.consumers(bm)
+                part, kv = gluon_fwd.descriptor(t, bm // n_wg), gluon_fwd.descriptor(t, bn)
+                tensors = dict(q_desc=part, k_desc=kv, v_desc=kv, o_desc=part, Out=t, Lse=f32, Plan=i32, CuQ=i32,
+                               CuK=i32)
                 per_item = 2 if not varlen and pairs_tiles(False, (left, right), 1, d) else 1
                 yield (f"gluon_fwd{'_varlen' if varlen else ''} d{d} win{left},{right}", gluon_fwd._fwd_ws_kernel,
                        {**ints, **floats, **tensors}, dict(HEAD_DIM=d, BLOCK_M=bm, BLOCK_N=bn, STAGES=st,
@@ -114,7 +115,8 @@ def gluon_variants():
                        4, gluon_fwd.WS_REGS[n_wg][0])
             bm, bn, st = gluon_bwd.WS_BWD_CONFIG[d]
             q, k, v = gluon_fwd.descriptor(t, bm), gluon_bwd._k_descriptor(t, bn), gluon_fwd.descriptor(t, bn)
-            dq = gluon_fwd.descriptor(t.float(), bm, d // 2)
+            rows = gluon_bwd.dq_rows(bm)
+            dq = gluon_fwd.descriptor(t.float(), *((bm // 2, d) if rows else (bm, d // 2)))
             tensors = dict(q_desc=q, k_desc=k, v_desc=v, do_desc=q, dq_desc=dq, DK=t, DV=t, Lse2=f32, Delta=f32,
                            Plan=i32, Sem=i32, CuQ=i32, CuK=i32)
             # (DET, REVERSE): causal key blocks walk last to first in the non-deterministic mode and for packed
@@ -130,7 +132,7 @@ def gluon_variants():
                         parts = dict(DK=f32, DV=f32) if split else {}
                         yield (f"gluon_bwd_ws{name} d{d} win{left},{right}", gluon_bwd._bwd_ws_kernel,
                                {**ints, **floats, **tensors, **parts},
-                               dict(HEAD_DIM=d, BLOCK_M=bm, BLOCK_N=bn, STAGES=st, DET=det, REVERSE=rev,
+                               dict(HEAD_DIM=d, BLOCK_M=bm, BLOCK_N=bn, STAGES=st, DET=det, REVERSE=rev, DQ_ROWS=rows,
                                     VARLEN=varlen, CONSUMER_REGS=gluon_bwd.WS_BWD_REGS[1], **flags), 4,
                                gluon_bwd.WS_BWD_REGS[0])
 

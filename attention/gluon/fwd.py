@@ -49,9 +49,11 @@ from .plan import (cached_table, document_tiles, forward_pairs, forward_plan, he
 LOG2E = 1.4426950408889634
 LN2: gl.constexpr = gl.constexpr(0.6931471805599453)
 
-# (BLOCK_M, BLOCK_N, STAGES) per head dim, chosen by timing on an H200 (docs/kernels.md). Each consumer warpgroup
-# owns 64 rows of the query tile: BLOCK_M = 128 runs two, 192 three.
+# (BLOCK_M, BLOCK_N, STAGES) per head dim, chosen by timing on an H200 (docs/kernels.md, docs/results.md). Each
+# consumer warpgroup owns 64 rows of the query tile: BLOCK_M = 128 runs two, 192 three. Packed documents keep
+# 128-row tiles at D=64: three consumers measured 0.80x two there (37 documents in 64K tokens).
 FWD_CONFIG = {64: (192, 128, 2), 128: (128, 128, 2)}
+FWD_VARLEN_CONFIG = {64: (128, 128, 3), 128: (128, 128, 2)}
 CONSUMER_ROWS = 64
 # per number of consumer warpgroups: the kernel's register cap over all its warps (the consumers' and the
 # producer's warpgroup) and each consumer's share after the producer gives its registers back (setmaxnreg)
@@ -383,7 +385,7 @@ def _launch(q4, k4, v4, out4, out, lse, table, cu_q, cu_k, n_bh, n_heads, group,
     """One persistent launch over (table rows / per_item) x n_bh work items, per_item plan rows each;
     q4/k4/v4/out4 are (B, N, H, D) views."""
     D = q4.shape[-1]
-    block_m, block_n, stages = FWD_CONFIG[D]
+    block_m, block_n, stages = (FWD_VARLEN_CONFIG if varlen else FWD_CONFIG)[D]
     n_wg = consumers(block_m)
     left, right = window_sides(causal, window_size)
     n_slots = table.shape[0] // per_item
@@ -426,7 +428,7 @@ def gluon_attn_varlen_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
     lse = torch.empty((H, total_q), dtype=torch.float32, device=q.device)
     if total_q == 0:
         return out, lse
-    table = document_tiles(cu_seqlens_q, total_q, FWD_CONFIG[D][0])
+    table = document_tiles(cu_seqlens_q, total_q, FWD_VARLEN_CONFIG[D][0])
     _launch(q[None], k[None], v[None], out[None], out, lse, table, cu_seqlens_q, cu_seqlens_k, H, H, H // Hkv,
             int(max_seqlen_q), total_k, total_q, causal, softmax_scale, window_size, True)
     return out, lse

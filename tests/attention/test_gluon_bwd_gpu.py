@@ -137,19 +137,21 @@ def test_gluon_backward_is_deterministic_and_takes_strided_views():
     assert torch.equal(atomic[1], again[1]) and torch.equal(atomic[2], again[2])  # dK / dV never use atomics
 
 
-VARLEN_CASES = [  # query lengths, key lengths (None: the same), H, Hkv, causal, window; D=128, bf16
-    ([1000, 0, 1, 2049, 517, 4096], None, 8, 2, True, (-1, -1)),
-    ([1000, 0, 1, 2049, 517, 4096], None, 8, 8, False, (-1, -1)),
-    ([128, 64, 192, 63, 65, 256, 1], None, 4, 1, True, (-1, -1)),  # tile-edge lengths
-    ([3000, 700, 1500], None, 8, 4, True, (300, -1)),  # sliding window per document
-    ([900, 1200], None, 4, 4, False, (100, 50)),
-    ([300, 1000, 5], [700, 1000, 0], 4, 2, True, (-1, -1)),  # Nq != Nk per document, a document with no key
+VARLEN_CASES = [  # query lengths, key lengths (None: the same), H, Hkv, D, causal, window; bf16
+    ([1000, 0, 1, 2049, 517, 4096], None, 8, 2, 128, True, (-1, -1)),
+    ([1000, 0, 1, 2049, 517, 4096], None, 8, 8, 128, False, (-1, -1)),
+    ([128, 64, 192, 63, 65, 256, 1], None, 4, 1, 128, True, (-1, -1)),  # tile-edge lengths
+    ([3000, 700, 1500], None, 8, 4, 128, True, (300, -1)),  # sliding window per document
+    ([900, 1200], None, 4, 4, 128, False, (100, 50)),
+    ([300, 1000, 5], [700, 1000, 0], 4, 2, 128, True, (-1, -1)),  # Nq != Nk per document, a document with no key
+    ([1000, 0, 1, 2049, 517, 4096], None, 8, 2, 64, True, (-1, -1)),
+    ([128, 64, 192, 63, 65, 256, 1], None, 4, 4, 64, False, (100, 50)),
 ]
 
 
 @pytest.mark.parametrize("deterministic", [True, False], ids=["dq_kernel", "atomic_dq"])
-@pytest.mark.parametrize("lens_q,lens_k,H,hkv,causal,window", VARLEN_CASES)
-def test_gluon_packed_document_backward_matches_fp32_reference_and_triton(lens_q, lens_k, H, hkv, causal, window,
+@pytest.mark.parametrize("lens_q,lens_k,H,hkv,D,causal,window", VARLEN_CASES)
+def test_gluon_packed_document_backward_matches_fp32_reference_and_triton(lens_q, lens_k, H, hkv, D, causal, window,
                                                                           deterministic, monkeypatch):
     """The warp-specialized backward over (document, key block) programs, in both modes (causal key blocks walk
     last to first in both), short documents included."""
@@ -157,9 +159,10 @@ def test_gluon_packed_document_backward_matches_fp32_reference_and_triton(lens_q
     from attention.gluon import dispatch
     from helpers import cu_seqlens
     monkeypatch.setattr(dispatch, "GLUON_VARLEN_BWD_MIN_SEQLEN", 0)
+    monkeypatch.setattr(dispatch, "GLUON_VARLEN_HEAD_DIMS", (64, 128))  # the kernel at every head dim it takes
     lens_k = lens_q if lens_k is None else lens_k
     cu = [cu_seqlens(lens, "cuda") for lens in (lens_q, lens_k)]
-    q, k, v = (t[0] for t in cuda_qkv(1, sum(lens_q), sum(lens_k), H, hkv, 128, torch.bfloat16))
+    q, k, v = (t[0] for t in cuda_qkv(1, sum(lens_q), sum(lens_k), H, hkv, D, torch.bfloat16))
     args = (*cu, max(lens_q), max(lens_k), causal, None, window)
     out, lse = attn_varlen_forward(q, k, v, *args, backend="triton")
     ref_out, ref_lse = attn_varlen_forward(q.float(), k.float(), v.float(), *args, backend="reference")

@@ -36,8 +36,8 @@ CASES = [  # B, Nq, Nk, H, Hkv, D, causal, window, dtype
 ]
 
 
-# forward tiles other than the shipped ones (fwd.FWD_CONFIG), each run on the cases of its head dim: two consumer
-# warpgroups (BLOCK_M 128) and three (192), 64- and 128-key blocks
+# forward tiles other than the shipped ones (fwd.FWD_CONFIG, FWD_VARLEN_CONFIG), each run on the cases of its head
+# dim: two consumer warpgroups (BLOCK_M 128) and three (192), 64- and 128-key blocks
 OTHER_TILES = [(64, (128, 128, 3)), (64, (192, 128, 2)), (64, (192, 64, 4)), (128, (128, 128, 2)), (128, (192, 64, 2))]
 
 
@@ -90,9 +90,9 @@ def test_gluon_packed_documents_match_fp32_reference_and_triton(lens_q, lens_k, 
 @pytest.mark.parametrize("D,tile", [(d, t) for d, t in OTHER_TILES])
 @pytest.mark.parametrize("case", range(len(VARLEN_CASES)))
 def test_gluon_packed_documents_at_other_tiles(D, tile, case, monkeypatch):
-    if VARLEN_CASES[case][4] != D or fwd.FWD_CONFIG[D] == tile:
+    if VARLEN_CASES[case][4] != D or fwd.FWD_VARLEN_CONFIG[D] == tile:
         pytest.skip("another head dim, or the shipped tile (tested above)")
-    monkeypatch.setitem(fwd.FWD_CONFIG, D, tile)
+    monkeypatch.setitem(fwd.FWD_VARLEN_CONFIG, D, tile)
     _check_packed(*VARLEN_CASES[case], monkeypatch)
 
 
