@@ -1,5 +1,7 @@
-"""scripts/bench_backward.py on CPU: its FLOP count and its refusal to run without a GPU (the timing itself needs
-cuDNN and the Gluon kernels)."""
+"""scripts/bench_backward.py on CPU: its FLOP count, its refusal to run without a GPU, and that rows reach the JSON as
+they finish (the timing itself needs cuDNN and the Gluon kernels)."""
+
+import json
 
 import pytest
 
@@ -29,3 +31,23 @@ def test_the_gqa_split_cases_have_groups_and_fit_the_token_budget():
 def test_a_tile_the_kernel_cannot_take_is_refused_in_one_line():
     with pytest.raises(SystemExit, match=r"--ws-tile takes BLOCK_M 64 or 128.*got \[32, 128, 2\]"):
         bench_backward.main(["--ws-tile", "32", "128", "2"])
+
+
+def test_rows_reach_the_json_as_they_finish(monkeypatch, tmp_path):
+    """A run cut short (here: the second case fails) keeps the rows before it."""
+    import attention.gluon
+    monkeypatch.setattr(bench_backward.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(attention.gluon, "hopper_ready", lambda device: (True, ""))
+    monkeypatch.setattr(bench_backward, "meta", lambda: {"gpu": "NVIDIA H200"})
+    calls = []
+
+    def case(*args, **kwargs):
+        calls.append(args)
+        if len(calls) > 1:
+            raise RuntimeError("cut")
+        return {"N": args[1]}
+    monkeypatch.setattr(bench_backward, "bench_case", case)
+    out = tmp_path / "b.json"
+    with pytest.raises(RuntimeError, match="cut"):
+        bench_backward.main(["--out", str(out)])
+    assert json.loads(out.read_text())["rows"] == [{"N": bench_backward.CASES[0][1]}]
