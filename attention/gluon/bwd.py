@@ -79,8 +79,8 @@ LOG2E = 1.4426950408889634
 WS_BWD_CONFIG = {64: (128, 128, 2), 128: (64, 128, 2)}
 WS_BWD_REGS = (168, 240)
 # How the two consumers share dQ_i = dS K: with 128-row query blocks (D=64) each takes 64 rows and every column
-# (m64 n64 MMAs), else every row and half the columns (at D=64 that would be n32 MMAs, which read as many
-# shared-memory bytes per FLOP as n64 ones do per two).
+# (m64 n64 MMAs), else every row and half the columns (at D=64 those would be n32 MMAs, which read the same A tile
+# from shared memory as n64 ones for half the math).
 DQ_BY_ROWS = True
 
 
@@ -308,8 +308,7 @@ def _ws_consumer(args, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: g
                 ds_dq = ds_smem.index(db).slice(WG * DQ_M, DQ_M, dim=1).permute((1, 0))
             else:
                 ds_dq = ds_smem.index(db).permute((1, 0))
-            dq_tok = warpgroup_mma(ds_dq, k_dq, dq_zero, use_acc=False,
-                                   is_async=True)
+            dq_tok = warpgroup_mma(ds_dq, k_dq, dq_zero, use_acc=False, is_async=True)
             dv, dk, pt_a, ds_a = warpgroup_mma_wait(num_outstanding=1, deps=(dv_tok, dk_tok, pt_a, ds_a))
             async_copy.mbarrier_arrive(q_empty.index(s), increment_count=False)  # Q_i, dO_i: read by nothing more
             dq = warpgroup_mma_wait(num_outstanding=0, deps=(dq_tok, ))

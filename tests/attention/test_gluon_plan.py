@@ -227,3 +227,22 @@ def test_cached_table_is_built_once_per_planner_and_shape():
     from attention.gluon.plan_bwd import ordered_backward_plan
     plans = [cached_table(ordered_backward_plan, *args, d) for d in (False, True)]
     assert plans[0][0, 0].item() == 7 and plans[1][0, 0].item() == 0  # last key block first / first first
+
+
+def test_each_forward_tile_names_two_or_three_consumer_warpgroups_and_others_are_refused():
+    fwd = pytest.importorskip("attention.gluon.fwd")
+    assert fwd.consumers(128) == 2 and fwd.consumers(192) == 3
+    for config in (fwd.FWD_CONFIG, fwd.FWD_VARLEN_CONFIG):
+        for d, (bm, bn, stages) in config.items():
+            assert fwd.consumers(bm) * fwd.CONSUMER_ROWS == bm and bn in (64, 128) and stages >= 2, (d, bm)
+    for bad in (64, 100, 256):
+        with pytest.raises(ValueError, match=f"BLOCK_M must be one of \\[128, 192\\], got {bad}"):
+            fwd.consumers(bad)
+
+
+def test_the_backward_splits_dq_by_rows_only_where_each_consumer_gets_64_rows(monkeypatch):
+    bwd = pytest.importorskip("attention.gluon.bwd")
+    assert bwd.dq_rows(128) and not bwd.dq_rows(64)
+    assert bwd.dq_rows(bwd.WS_BWD_CONFIG[64][0]) and not bwd.dq_rows(bwd.WS_BWD_CONFIG[128][0])
+    monkeypatch.setattr(bwd, "DQ_BY_ROWS", False)
+    assert not bwd.dq_rows(128)
