@@ -77,7 +77,7 @@ def _inputs(causal: bool, n: int, heads: int, kv_heads: int, head_dim: int):
     return B, qd, kd, vd, out, lse, torch.randn_like(out), cudnn
 
 
-def _finish(row: dict, fns: dict, flops: float) -> dict:
+def time_rounds(row: dict, fns: dict, flops: float) -> dict:
     """Time fns in ROUNDS interleaved rounds; row[name] = TFLOPS of the median round."""
     times = {name: [] for name in fns}
     for _ in range(ROUNDS):
@@ -108,7 +108,7 @@ def bench_case(causal: bool, n: int, heads: int, kv_heads: int, head_dim: int = 
                err_nondet_vs_triton=[round(rel(a, b), 5) for a, b in zip(nondet, ref)],
                det_repeats_bitwise=all(torch.equal(a, b) for a, b in zip(det, again)))
     del ref, det, again, nondet
-    _finish(row, fns, backward_flops(B, n, heads, D, causal))
+    time_rounds(row, fns, backward_flops(B, n, heads, D, causal))
     row["det/cudnn"] = round(row["gluon_det"] / row["cudnn"], 3)
     row["nondet/cudnn"] = round(row["gluon_nondet"] / row["cudnn"], 3)
     row["det/triton"] = round(row["gluon_det"] / row["triton"], 3)
@@ -147,7 +147,7 @@ def bench_split_case(head_dim: int, n: int, heads: int, kv_heads: int) -> dict:
                det_split_repeats_bitwise=all(torch.equal(a, b) for a, b in zip(fns["det_split"](),
                                                                                 fns["det_split"]())))
     del ref
-    return _finish(row, fns, backward_flops(B, n, heads, D, True))
+    return time_rounds(row, fns, backward_flops(B, n, heads, D, True))
 
 
 def main(argv=None) -> None:

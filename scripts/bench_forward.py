@@ -28,18 +28,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from scripts.bench_attention import meta, visible_pairs  # noqa: E402
-from scripts.bench_backward import ROUNDS, rel  # noqa: E402
+from scripts.bench_backward import rel, time_rounds  # noqa: E402
 
 # (causal, N, heads, kv heads, packed documents)
 CASES = [(True, 8192, 16, 16, 0), (True, 32768, 16, 16, 0), (False, 8192, 16, 16, 0), (False, 32768, 16, 16, 0),
          (True, 131072, 16, 16, 0), (True, 32768, 32, 8, 0), (True, 65536, 16, 16, 37)]
-
-
-def _timed(fn) -> float:
-    import triton
-    fn()
-    torch.cuda.synchronize()
-    return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
 
 
 def tile_name(tile) -> str:
@@ -107,20 +100,14 @@ def _at_tile(config: dict, D: int, tile: tuple, call):
 
 
 def _finish(row: dict, fns: dict, tiles: list, flops: float) -> dict:
-    """Errors of each tile against fns["triton"], then TFLOPS of the median of ROUNDS interleaved rounds."""
+    """Errors of each tile against fns["triton"], then TFLOPS of the median of interleaved rounds (time_rounds)."""
     ref_out, ref_lse = fns["triton"]()
     row["err_vs_triton"] = {}
     for t in tiles:
         out, lse = fns[tile_name(t)]()
         row["err_vs_triton"][tile_name(t)] = [round(rel(out, ref_out), 5), round((lse - ref_lse).abs().max().item(), 5)]
     del ref_out, ref_lse
-    times = {name: [] for name in fns}
-    for _ in range(ROUNDS):
-        for name, fn in fns.items():
-            times[name].append(_timed(fn))
-    for name, ts in times.items():
-        row[name] = round(flops / sorted(ts)[len(ts) // 2] * 1e-9, 1)
-    return row
+    return time_rounds(row, fns, flops)
 
 
 def parse_tile(text: str) -> tuple:

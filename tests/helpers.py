@@ -84,3 +84,25 @@ def save_tiny_bpe_tokenizer(path, text: str = "def return import class self lamb
     tok = PreTrainedTokenizerFast(tokenizer_object=raw, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
     tok.save_pretrained(path)
     return tok
+
+
+def run_bench_cut_after_first_case(monkeypatch, bench, argv) -> None:
+    """bench.main(argv) for a GPU benchmark script (bench_forward, bench_backward) on CPU: a GPU and the Gluon kernels
+    pretended, meta() stubbed, and bench.bench_case replaced by one that returns {"N": its second argument} once and
+    then fails, as a run cut short after its first row. The caller checks what reached the JSON."""
+    import pytest
+
+    import attention.gluon
+    monkeypatch.setattr(bench.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(attention.gluon, "hopper_ready", lambda device: (True, ""))
+    monkeypatch.setattr(bench, "meta", lambda: {"gpu": "NVIDIA H200"})
+    calls = []
+
+    def case(*args, **kwargs):
+        calls.append(args)
+        if len(calls) > 1:
+            raise RuntimeError("cut")
+        return {"N": args[1]}
+    monkeypatch.setattr(bench, "bench_case", case)
+    with pytest.raises(RuntimeError, match="cut"):
+        bench.main(argv)

@@ -39,6 +39,15 @@ CASES = [  # B, Nq, Nk, H, Hkv, D, causal, window, dtype
 # forward tiles other than the shipped ones (fwd.FWD_CONFIG, FWD_VARLEN_CONFIG), each run on the cases of its head
 # dim: two consumer warpgroups (BLOCK_M 128) and three (192), 64- and 128-key blocks
 OTHER_TILES = [(64, (128, 128, 3)), (64, (192, 128, 2)), (64, (192, 64, 4)), (128, (128, 128, 2)), (128, (192, 64, 2))]
+TILE_IDS = [f"d{d}-{'x'.join(map(str, t))}" for d, t in OTHER_TILES]
+
+
+def _use_other_tile(config: dict, case_dim: int, D: int, tile: tuple, monkeypatch) -> None:
+    """Run the case at `tile` (config: fwd.FWD_CONFIG or FWD_VARLEN_CONFIG); skip a case of another head dim, or a
+    tile the shipped config already runs."""
+    if case_dim != D or config[D] == tile:
+        pytest.skip("another head dim, or the shipped tile (tested above)")
+    monkeypatch.setitem(config, D, tile)
 
 
 @pytest.mark.parametrize("B,nq,nk,H,hkv,D,causal,window,dtype", CASES)
@@ -46,12 +55,10 @@ def test_gluon_forward_matches_fp32_reference_and_triton(B, nq, nk, H, hkv, D, c
     _check_forward(B, nq, nk, H, hkv, D, causal, window, dtype)
 
 
-@pytest.mark.parametrize("D,tile", [(d, t) for d, t in OTHER_TILES])
+@pytest.mark.parametrize("D,tile", OTHER_TILES, ids=TILE_IDS)
 @pytest.mark.parametrize("case", range(len(CASES)))
 def test_gluon_forward_at_other_tiles(D, tile, case, monkeypatch):
-    if CASES[case][5] != D or fwd.FWD_CONFIG[D] == tile:
-        pytest.skip("another head dim, or the shipped tile (tested above)")
-    monkeypatch.setitem(fwd.FWD_CONFIG, D, tile)
+    _use_other_tile(fwd.FWD_CONFIG, CASES[case][5], D, tile, monkeypatch)
     _check_forward(*CASES[case])
 
 
@@ -87,12 +94,10 @@ def test_gluon_packed_documents_match_fp32_reference_and_triton(lens_q, lens_k, 
     _check_packed(lens_q, lens_k, H, hkv, D, causal, window, dtype, monkeypatch)
 
 
-@pytest.mark.parametrize("D,tile", [(d, t) for d, t in OTHER_TILES])
+@pytest.mark.parametrize("D,tile", OTHER_TILES, ids=TILE_IDS)
 @pytest.mark.parametrize("case", range(len(VARLEN_CASES)))
 def test_gluon_packed_documents_at_other_tiles(D, tile, case, monkeypatch):
-    if VARLEN_CASES[case][4] != D or fwd.FWD_VARLEN_CONFIG[D] == tile:
-        pytest.skip("another head dim, or the shipped tile (tested above)")
-    monkeypatch.setitem(fwd.FWD_VARLEN_CONFIG, D, tile)
+    _use_other_tile(fwd.FWD_VARLEN_CONFIG, VARLEN_CASES[case][4], D, tile, monkeypatch)
     _check_packed(*VARLEN_CASES[case], monkeypatch)
 
 

@@ -1,8 +1,5 @@
 """scripts/bench_attention.py --rounds: cells are the median over interleaved rounds (CPU, no timing)."""
 
-import os
-import sys
-
 import pytest
 
 bench = pytest.importorskip("scripts.bench_attention")

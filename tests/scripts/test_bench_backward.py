@@ -4,6 +4,7 @@ they finish (the timing itself needs cuDNN and the Gluon kernels)."""
 import json
 
 import pytest
+from helpers import run_bench_cut_after_first_case
 
 from scripts import bench_backward
 
@@ -35,19 +36,6 @@ def test_a_tile_the_kernel_cannot_take_is_refused_in_one_line():
 
 def test_rows_reach_the_json_as_they_finish(monkeypatch, tmp_path):
     """A run cut short (here: the second case fails) keeps the rows before it."""
-    import attention.gluon
-    monkeypatch.setattr(bench_backward.torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(attention.gluon, "hopper_ready", lambda device: (True, ""))
-    monkeypatch.setattr(bench_backward, "meta", lambda: {"gpu": "NVIDIA H200"})
-    calls = []
-
-    def case(*args, **kwargs):
-        calls.append(args)
-        if len(calls) > 1:
-            raise RuntimeError("cut")
-        return {"N": args[1]}
-    monkeypatch.setattr(bench_backward, "bench_case", case)
     out = tmp_path / "b.json"
-    with pytest.raises(RuntimeError, match="cut"):
-        bench_backward.main(["--out", str(out)])
+    run_bench_cut_after_first_case(monkeypatch, bench_backward, ["--out", str(out)])
     assert json.loads(out.read_text())["rows"] == [{"N": bench_backward.CASES[0][1]}]

@@ -4,6 +4,7 @@ and that rows reach the JSON as they finish (the timing itself needs cuDNN and t
 import json
 
 import pytest
+from helpers import run_bench_cut_after_first_case
 
 from scripts import bench_forward
 
@@ -42,22 +43,9 @@ def test_the_tile_is_swapped_in_for_the_call_and_restored_after_it_even_on_error
 
 def test_rows_reach_the_json_as_they_finish(monkeypatch, tmp_path):
     """A run cut short (here: the second case fails) keeps the rows before it."""
-    import attention.gluon
-    monkeypatch.setattr(bench_forward.torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(attention.gluon, "hopper_ready", lambda device: (True, ""))
-    monkeypatch.setattr(bench_forward, "meta", lambda: {"gpu": "NVIDIA H200"})
-    calls = []
-
-    def case(*args, **kwargs):
-        calls.append(args)
-        if len(calls) > 1:
-            raise RuntimeError("cut")
-        return {"N": args[1]}
-    monkeypatch.setattr(bench_forward, "bench_case", case)
+    from attention.gluon import fwd
     out = tmp_path / "f.json"
-    with pytest.raises(RuntimeError, match="cut"):
-        bench_forward.main(["--head-dim", "64", "--out", str(out)])
+    run_bench_cut_after_first_case(monkeypatch, bench_forward, ["--head-dim", "64", "--out", str(out)])
     data = json.loads(out.read_text())
     assert data["rows"] == [{"N": bench_forward.CASES[0][1]}]
-    from attention.gluon import fwd
     assert data["meta"]["head_dim"] == 64 and data["meta"]["shipped"]["dense"] == list(fwd.FWD_CONFIG[64])

@@ -3,7 +3,6 @@ has the trainer's betas and weight decay (0.9, 0.95; 0.1 on matrices), lr 3e-4."
 
 import json
 import sys
-from pathlib import Path
 
 import torch
 

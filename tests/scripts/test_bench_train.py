@@ -1,8 +1,6 @@
 """scripts/bench_train.py helpers on CPU: the memory trace of a cut-off cell, and windowed FLOPs (no timing)."""
 
 import json
-import os
-import sys
 
 import pytest
 

@@ -4,7 +4,6 @@ implementations, and each row's error against one-process attention is at fp32 r
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 from helpers import ROOT
 

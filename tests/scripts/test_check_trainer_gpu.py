@@ -5,7 +5,6 @@ import json
 import statistics
 import subprocess
 import sys
-from pathlib import Path
 
 from helpers import ROOT
 TINY = ["model.dim=64", "model.n_layers=2", "model.n_heads=2", "model.n_kv_heads=2", "model.head_dim=32",
