@@ -7,9 +7,10 @@ Same contract as the Triton forward: q (B, Nq, H, D), k/v (B, Nk, Hkv, D) -> out
 fp32 natural log (packed documents: (total, H, D) -> lse (H, total_q)); rows that see no key give lse = -inf and
 out = 0. The case must be covered (plan.uncovered_reason is None); dispatch.py decides.
 
-Warp-specialized, FA3's layout: a one-warp producer TMA-loads each work item's Q (in two halves) and streams its
-K and V blocks through two rings of STAGES shared-memory stages, K_j ahead of V_{j-1}; two consumer warpgroups
-each own half of the query tile (BLOCK_M/2 rows). K and V stages are released separately: a K stage as soon as
+Warp-specialized, FA3's layout: a one-warp producer TMA-loads each work item's Q (one 64-row part per consumer)
+and streams its K and V blocks through two rings of STAGES shared-memory stages, K_j ahead of V_{j-1}; each
+consumer warpgroup owns 64 rows of the query tile (two over 128 rows at D=128, three over 192 at D=64:
+FWD_CONFIG). K and V stages are released separately: a K stage as soon as
 Q K_j^T has retired, a V stage once P.V has, so a K load runs a whole step ahead even with two stages. Every
 consumer thread arrives on the "empty" mbarriers (cp.async.mbarrier.arrive.noinc): an mbarrier.arrive from one
 thread would cost a warpgroup-wide bar.sync in front of it. Each consumer overlaps within itself (FA3's
