@@ -38,6 +38,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import attention  # noqa: E402
 from attention import flash_attn_func, flash_attn_varlen_func  # noqa: E402
 from attention.triton.common import tile_configs  # noqa: E402
+from scripts.provenance import source_commit  # noqa: E402
 
 TOKENS, HEADS = 65536, 16
 DEVICE, DTYPE = "cuda", torch.bfloat16  # the sweep's tensors (a CPU dry run of the script swaps them)
@@ -494,7 +495,7 @@ def _time_variant(kind, name, D, causal, flops, want, fn):
 
 def meta():
     return dict(gpu=torch.cuda.get_device_name(), date=datetime.datetime.now().isoformat(timespec="seconds"),
-                torch=torch.__version__, triton=triton.__version__)
+                torch=torch.__version__, triton=triton.__version__, commit=source_commit())
 
 
 def main():

@@ -41,6 +41,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from scripts.provenance import source_commit  # noqa: E402
 from scripts.train_setups import (RINGFLASH, build_hf, build_ringflash, model_shape,  # noqa: E402
                           n_flop_params, parse_setup)
 
@@ -422,8 +423,8 @@ def metadata(args) -> dict:
             return "absent"
 
     gpu = torch.cuda.get_device_name() if args.device == "cuda" and torch.cuda.is_available() else "cpu"
-    return {"date": datetime.date.today().isoformat(), "gpu": gpu, "torch": torch.__version__,
-            "triton": version("triton"), "transformers": version("transformers"), "liger": version("liger_kernel"),
+    return {"date": datetime.date.today().isoformat(), "commit": source_commit(), "gpu": gpu,
+            "torch": torch.__version__, "triton": version("triton"), "transformers": version("transformers"), "liger": version("liger_kernel"),
             "dtype": args.dtype, "peak_tflops": args.peak_tflops, "setups": args.setups,
             "ringflash_defaults": RINGFLASH, "warmup": args.warmup, "steps": args.steps,
             "expandable_segments": args.expandable_segments, "layers": args.layers}

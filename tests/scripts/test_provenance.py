@@ -1,0 +1,27 @@
+"""scripts/provenance.py: benchmark JSON names the commit its code came from, from git or from RINGFLASH_COMMIT."""
+
+import shutil
+import subprocess
+
+import pytest
+from helpers import ROOT
+
+from scripts import provenance
+
+
+def test_a_checkout_names_its_head_and_marks_edited_tracked_files():
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                          text=True) if shutil.which("git") else None
+    if head is None or head.returncode != 0:
+        pytest.skip("not a git checkout, or no git")
+    sha = head.stdout.strip()
+    assert provenance.source_commit() in (sha, sha + "+changes")
+
+
+def test_a_tree_without_git_takes_the_environment_or_none(monkeypatch, tmp_path):
+    monkeypatch.setattr(provenance, "ROOT", tmp_path)  # no .git in a temp dir, nor above it
+    monkeypatch.setenv("GIT_CEILING_DIRECTORIES", str(tmp_path.parent))
+    monkeypatch.setenv("RINGFLASH_COMMIT", "abc1234")
+    assert provenance.source_commit() == "abc1234"
+    monkeypatch.delenv("RINGFLASH_COMMIT")
+    assert provenance.source_commit() is None
