@@ -40,16 +40,15 @@ def tile_name(tile) -> str:
 
 
 def bench_case(causal: bool, n: int, heads: int, kv_heads: int, n_docs: int, head_dim: int, tiles: list) -> dict:
+    if n_docs:
+        return _bench_docs(causal, n, heads, kv_heads, n_docs, head_dim, tiles)
     import torch.nn.functional as F
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     from attention.gluon import fwd
-    from attention.triton.fwd import triton_attn_forward, triton_attn_varlen_forward
-    from scripts.bench_attention import _packed_docs
+    from attention.triton.fwd import triton_attn_forward
 
     D, B, sc = head_dim, max(1, 65536 // n), head_dim ** -0.5
-    if n_docs:
-        return _bench_docs(causal, n, heads, kv_heads, n_docs, D, tiles, fwd, triton_attn_varlen_forward, _packed_docs)
     q = torch.randn(B, n, heads, D, device="cuda", dtype=torch.bfloat16)
     k = torch.randn(B, n, kv_heads, D, device="cuda", dtype=torch.bfloat16)
     v = torch.randn(B, n, kv_heads, D, device="cuda", dtype=torch.bfloat16)
@@ -63,28 +62,26 @@ def bench_case(causal: bool, n: int, heads: int, kv_heads: int, n_docs: int, hea
     fns.update({tile_name(t): _at_tile(fwd.FWD_CONFIG, D, t, lambda: fwd.gluon_attn_forward(q, k, v, causal, sc,
                                                                                          (-1, -1)))
                 for t in tiles})
-    row = _finish(dict(causal=causal, N=n, B=B, H=heads, Hkv=kv_heads, D=D), fns, tiles,
-                  4 * B * heads * visible_pairs(n, causal, (-1, -1)) * D)
-    for t in tiles:
-        row[f"{tile_name(t)}/cudnn"] = round(row[tile_name(t)] / row["cudnn"], 3)
-    return row
+    return _finish(dict(causal=causal, N=n, B=B, H=heads, Hkv=kv_heads, D=D), fns, tiles,
+                   4 * B * heads * visible_pairs(n, causal, (-1, -1)) * D, against="cudnn")
 
 
-def _bench_docs(causal, n, heads, kv_heads, n_docs, D, tiles, fwd, triton_varlen, packed_docs) -> dict:
-    """n tokens in n_docs packed documents: the Triton and Gluon varlen forwards."""
+def _bench_docs(causal: bool, n: int, heads: int, kv_heads: int, n_docs: int, D: int, tiles: list) -> dict:
+    """n tokens in n_docs packed documents (bench_attention's lengths): the Triton and Gluon varlen forwards."""
+    from attention.gluon import fwd
+    from attention.triton.fwd import triton_attn_varlen_forward
+    from scripts.bench_attention import _packed_docs
+
     q = torch.randn(n, heads, D, device="cuda", dtype=torch.bfloat16)
     k = torch.randn(n, kv_heads, D, device="cuda", dtype=torch.bfloat16)
     v = torch.randn(n, kv_heads, D, device="cuda", dtype=torch.bfloat16)
-    (cu, longest, _), pairs = packed_docs(n, n_docs, causal)
+    (cu, longest, _), pairs = _packed_docs(n, n_docs, causal)
     args = (q, k, v, cu, cu, longest, longest, causal, D ** -0.5, (-1, -1))
-    fns = {"triton": lambda: triton_varlen(*args)}
+    fns = {"triton": lambda: triton_attn_varlen_forward(*args)}
     fns.update({tile_name(t): _at_tile(fwd.FWD_VARLEN_CONFIG, D, t, lambda: fwd.gluon_attn_varlen_forward(*args))
                 for t in tiles})
-    row = _finish(dict(causal=causal, N=n, B=1, H=heads, Hkv=kv_heads, D=D, docs=n_docs, longest=longest), fns,
-                  tiles, 4 * heads * pairs * D)
-    for t in tiles:
-        row[f"{tile_name(t)}/triton"] = round(row[tile_name(t)] / row["triton"], 3)
-    return row
+    return _finish(dict(causal=causal, N=n, B=1, H=heads, Hkv=kv_heads, D=D, docs=n_docs, longest=longest), fns,
+                   tiles, 4 * heads * pairs * D, against="triton")
 
 
 def _at_tile(config: dict, D: int, tile: tuple, call):
@@ -99,15 +96,19 @@ def _at_tile(config: dict, D: int, tile: tuple, call):
     return run
 
 
-def _finish(row: dict, fns: dict, tiles: list, flops: float) -> dict:
-    """Errors of each tile against fns["triton"], then TFLOPS of the median of interleaved rounds (time_rounds)."""
+def _finish(row: dict, fns: dict, tiles: list, flops: float, against: str) -> dict:
+    """Errors of each tile against fns["triton"], then TFLOPS of the median of interleaved rounds (time_rounds) and
+    each tile's ratio to fns[against]."""
     ref_out, ref_lse = fns["triton"]()
     row["err_vs_triton"] = {}
     for t in tiles:
         out, lse = fns[tile_name(t)]()
         row["err_vs_triton"][tile_name(t)] = [round(rel(out, ref_out), 5), round((lse - ref_lse).abs().max().item(), 5)]
     del ref_out, ref_lse
-    return time_rounds(row, fns, flops)
+    time_rounds(row, fns, flops)
+    for t in tiles:
+        row[f"{tile_name(t)}/{against}"] = round(row[tile_name(t)] / row[against], 3)
+    return row
 
 
 def parse_tile(text: str) -> tuple:

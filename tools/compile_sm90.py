@@ -115,8 +115,7 @@ def gluon_variants():
                        4, gluon_fwd.WS_REGS[n_wg][0])
             bm, bn, st = gluon_bwd.WS_BWD_CONFIG[d]
             q, k, v = gluon_fwd.descriptor(t, bm), gluon_bwd._k_descriptor(t, bn), gluon_fwd.descriptor(t, bn)
-            rows = gluon_bwd.dq_rows(bm)
-            dq = gluon_fwd.descriptor(t.float(), *((bm // 2, d) if rows else (bm, d // 2)))
+            dq = gluon_fwd.descriptor(t.float(), *gluon_bwd.dq_box(bm, d))
             tensors = dict(q_desc=q, k_desc=k, v_desc=v, do_desc=q, dq_desc=dq, DK=t, DV=t, Lse2=f32, Delta=f32,
                            Plan=i32, Sem=i32, CuQ=i32, CuK=i32)
             # (DET, REVERSE): causal key blocks walk last to first in the non-deterministic mode and for packed
@@ -132,7 +131,7 @@ def gluon_variants():
                         parts = dict(DK=f32, DV=f32) if split else {}
                         yield (f"gluon_bwd_ws{name} d{d} win{left},{right}", gluon_bwd._bwd_ws_kernel,
                                {**ints, **floats, **tensors, **parts},
-                               dict(HEAD_DIM=d, BLOCK_M=bm, BLOCK_N=bn, STAGES=st, DET=det, REVERSE=rev, DQ_ROWS=rows,
+                               dict(HEAD_DIM=d, BLOCK_M=bm, BLOCK_N=bn, STAGES=st, DET=det, REVERSE=rev,
                                     VARLEN=varlen, CONSUMER_REGS=gluon_bwd.WS_BWD_REGS[1], **flags), 4,
                                gluon_bwd.WS_BWD_REGS[0])
 

@@ -23,7 +23,7 @@ one warp-specialized program per (key block of BLOCK_N = 128 rows, batch, kv hea
                         issue dV += P^T dO_i,  issue dK += dS^T Q_i      (P^T, dS^T from registers)
                         dS^T -> ds_smem[i % 2] (its 64 rows); ds_ready: both warpgroups have written theirs
                         issue half of dQ_i = dS K: rows [WG * BM/2, ...) at BLOCK_M = 128 (D=64), else columns
-                        [WG * D/2, ...) (dS^T permuted from shared memory; dq_rows)
+                        [WG * D/2, ...) (dS^T permuted from shared memory; dq_box)
                         wait dV, dK; release Q_i, dO_i; wait dQ_i; dQ_i * scale -> dq_smem[WG]; dq_full[WG]
     dQ warp         TMA reduce-add of dq_smem[0], dq_smem[1] into the fp32 (B, Nq, H, D) dQ; dq_empty once read.
                     deterministic: first wait until the semaphore of (b, h, query block) equals this key block's
@@ -87,6 +87,11 @@ DQ_BY_ROWS = True
 def dq_rows(block_m: int) -> bool:
     """Whether the consumers split dQ_i by rows (64 each) rather than by columns."""
     return DQ_BY_ROWS and block_m == 128
+
+
+def dq_box(block_m: int, head_dim: int) -> tuple[int, int]:
+    """(rows, columns) of one consumer's half of dQ_i: the fp32 dQ descriptor's box and dq_smem's tile."""
+    return (block_m // 2, head_dim) if dq_rows(block_m) else (block_m, head_dim // 2)
 
 
 @builtin
@@ -233,26 +238,23 @@ def _ws_item(Plan, CuQ, CuK, n_kv_heads, seqlen_q, seqlen_k, win_left, win_right
 @gluon.jit
 def _ws_consumer(args, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
                  HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr, REVERSE: gl.constexpr, VARLEN: gl.constexpr,
-                 ALIGNED: gl.constexpr, DQ_ROWS: gl.constexpr, WG: gl.constexpr):
+                 ALIGNED: gl.constexpr, WG: gl.constexpr):
     """Key rows [WG * BLOCK_N/2, (WG+1) * BLOCK_N/2) of the key block: S^T, dP^T, dV, dK for them, and one half of
     every dQ_i (over all BLOCK_N keys, from the dS^T both warpgroups put in shared memory): rows
-    [WG * BLOCK_M/2, (WG+1) * BLOCK_M/2) with DQ_ROWS, else columns [WG * D/2, (WG+1) * D/2)."""
+    [WG * BLOCK_M/2, (WG+1) * BLOCK_M/2) where dq_desc's box is BLOCK_M/2 rows (dq_box), else columns
+    [WG * D/2, (WG+1) * D/2)."""
     (q_desc, k_desc, v_desc, do_desc, dq_desc, DK, DV, Lse2, Delta, Plan, Sem, CuQ, CuK, q_smem, do_smem, k_smem,
      v_smem, ds_smem, dq_smem, kv_bar, q_ready, do_ready, q_empty, ds_ready, dq_full, dq_empty, n_kv_heads, n_heads,
      group, kv_group, seqlen_q, seqlen_k, sem_stride, qk_scale, inv_qk_scale, softmax_scale, win_left,
      win_right) = args
     HALF: gl.constexpr = BLOCK_N // 2
-    DHALF: gl.constexpr = HEAD_DIM // 2
     st_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                         instr_shape=[16, BLOCK_M, 16])
     kv_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                         instr_shape=[16, HEAD_DIM, 16])
-    if DQ_ROWS:
-        DQ_M: gl.constexpr = BLOCK_M // 2
-        DQ_N: gl.constexpr = HEAD_DIM
-    else:
-        DQ_M: gl.constexpr = BLOCK_M
-        DQ_N: gl.constexpr = DHALF
+    DQ_M: gl.constexpr = dq_desc.block_type.shape[1]  # one consumer's half of dQ_i (dq_box)
+    DQ_N: gl.constexpr = dq_desc.block_type.shape[3]
+    DQ_ROWS: gl.constexpr = DQ_M < BLOCK_M
     dq_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                         instr_shape=[16, DQ_N, 16])
     a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=kv_layout, k_width=2)
@@ -273,10 +275,10 @@ def _ws_consumer(args, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: g
     k_all = k_smem.reshape([BLOCK_N, HEAD_DIM])
     k_wg = k_all.slice(WG * HALF, HALF, dim=0)
     v_wg = v_smem.reshape([BLOCK_N, HEAD_DIM]).slice(WG * HALF, HALF, dim=0)
-    if DQ_ROWS:  # dQ's B operand: every key, every column (DQ_ROWS) or this warpgroup's columns
+    if DQ_ROWS:  # dQ's B operand: every key, every column (row halves) or this warpgroup's columns
         k_dq = k_all
     else:
-        k_dq = k_all.slice(WG * DHALF, DHALF, dim=1)
+        k_dq = k_all.slice(WG * DQ_N, DQ_N, dim=1)
     if total > 0:
         mbarrier.wait(kv_bar, 0)
         lse2_c, delta_c = _load_rows(Lse2, Delta, 0, n_blk, lo, b, hk, group, n_heads, seqlen_q, first_q, len_q,
@@ -377,8 +379,8 @@ def _bulk_wait_written():
 @gluon.jit
 def _ws_dq_writer(args, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
                   HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr, DET: gl.constexpr, REVERSE: gl.constexpr,
-                  VARLEN: gl.constexpr, DQ_ROWS: gl.constexpr):
-    """One warp: adds each dQ_i tile (two halves, one per consumer: row halves with DQ_ROWS, else column halves)
+                  VARLEN: gl.constexpr):
+    """One warp: adds each dQ_i tile (two halves, one per consumer: row or column halves, as dq_desc's box says)
     into the fp32 dQ by TMA reduce-add;
     rows past Nq are clipped by the descriptor. DET: query block i's additions are ordered by a semaphore per
     (batch, head, query block): this key block waits until dq_rank earlier ones have added theirs, adds, waits
@@ -388,7 +390,8 @@ def _ws_dq_writer(args, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: 
      v_smem, ds_smem, dq_smem, kv_bar, q_ready, do_ready, q_empty, ds_ready, dq_full, dq_empty, n_kv_heads, n_heads,
      group, kv_group, seqlen_q, seqlen_k, sem_stride, qk_scale, inv_qk_scale, softmax_scale, win_left,
      win_right) = args
-    DHALF: gl.constexpr = HEAD_DIM // 2
+    DQ_M: gl.constexpr = dq_desc.block_type.shape[1]  # one consumer's half of dQ_i (dq_box)
+    DQ_N: gl.constexpr = dq_desc.block_type.shape[3]
     b, hk, n0, lo, lo_full, hi_full, n_blk, first_q, first_k, len_q, len_k, qblk = _ws_item(
         Plan, CuQ, CuK, n_kv_heads, seqlen_q, seqlen_k, win_left, win_right, BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT,
         VARLEN, DET)
@@ -403,10 +406,10 @@ def _ws_dq_writer(args, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: 
                 pass
         for c in gl.static_range(2):
             mbarrier.wait(dq_full.index(c), t & 1)
-            if DQ_ROWS:
-                tma_reduce_add(dq_desc, [b, first_q + m0 + c * (BLOCK_M // 2), h, 0], dq_smem.index(c))
-            else:
-                tma_reduce_add(dq_desc, [b, first_q + m0, h, c * DHALF], dq_smem.index(c))
+            if DQ_M < BLOCK_M:  # row halves
+                tma_reduce_add(dq_desc, [b, first_q + m0 + c * DQ_M, h, 0], dq_smem.index(c))
+            else:  # column halves
+                tma_reduce_add(dq_desc, [b, first_q + m0, h, c * DQ_N], dq_smem.index(c))
         if DET:
             _bulk_wait_written()
             gl.atomic_add(lock, 1, sem="release", scope="gpu")
@@ -424,11 +427,10 @@ def _bwd_ws_kernel(q_desc, k_desc, v_desc, do_desc, dq_desc, DK, DV, Lse2, Delta
                    n_heads, group, kv_group, seqlen_q, seqlen_k, sem_stride, qk_scale, inv_qk_scale, softmax_scale,
                    win_left, win_right, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
                    STAGES: gl.constexpr, HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr, DET: gl.constexpr,
-                   REVERSE: gl.constexpr, VARLEN: gl.constexpr, DQ_ROWS: gl.constexpr, CONSUMER_REGS: gl.constexpr,
-                   num_warps: gl.constexpr):
+                   REVERSE: gl.constexpr, VARLEN: gl.constexpr, CONSUMER_REGS: gl.constexpr, num_warps: gl.constexpr):
     """Warp-specialized dK/dV with dQ in the same pass: two consumer warpgroups (the default partition and a
-    worker), a loader warp and a dQ warp. dq_desc: the fp32 (B, Nq, H, D) accumulator, a BLOCK_M/2 x D box with
-    DQ_ROWS (each consumer adds half of dQ_i's rows), else BLOCK_M x D/2 (half of its columns).
+    worker), a loader warp and a dQ warp. dq_desc: the fp32 (B, Nq, H, D) accumulator, its box one consumer's half
+    of dQ_i (dq_box): BLOCK_M/2 x D (half of the rows) or BLOCK_M x D/2 (half of the columns).
     DET: Plan is plan_bwd.ordered_backward_plan's and Sem a zeroed int32 (B * H * cdiv(Nq, BLOCK_M)) semaphore
     per query block. REVERSE: every key block walks its query blocks last to first (plan_bwd.descending_walk).
     The GQA group: either each program walks its KV head's `group` query heads (kv_group = 1, DK / DV like K / V),
@@ -463,12 +465,10 @@ def _bwd_ws_kernel(q_desc, k_desc, v_desc, do_desc, dq_desc, DK, DV, Lse2, Delta
             n_kv_heads, n_heads, group, kv_group, seqlen_q, seqlen_k, sem_stride, qk_scale, inv_qk_scale,
             softmax_scale, win_left, win_right)
     gl.warp_specialize([
-        (_ws_consumer, (args, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, HAS_LEFT, HAS_RIGHT, REVERSE, VARLEN, DET, DQ_ROWS,
-                        0)),
-        (_ws_consumer, (args, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, HAS_LEFT, HAS_RIGHT, REVERSE, VARLEN, DET, DQ_ROWS,
-                        1)),
+        (_ws_consumer, (args, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, HAS_LEFT, HAS_RIGHT, REVERSE, VARLEN, DET, 0)),
+        (_ws_consumer, (args, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, HAS_LEFT, HAS_RIGHT, REVERSE, VARLEN, DET, 1)),
         (_ws_loader, (args, BLOCK_M, BLOCK_N, STAGES, HAS_LEFT, HAS_RIGHT, REVERSE, VARLEN, DET)),
-        (_ws_dq_writer, (args, HEAD_DIM, BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT, DET, REVERSE, VARLEN, DQ_ROWS)),
+        (_ws_dq_writer, (args, HEAD_DIM, BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT, DET, REVERSE, VARLEN)),
     ], [4, 1, 1], [CONSUMER_REGS, 24, 24])
 
 
@@ -492,18 +492,16 @@ def _launch_ws(q, k, v, dout, dq, dk, dv, lse2, delta, table, sem, cu_q, cu_k, b
     seqlen_q / seqlen_k the lengths; packed documents (varlen, B = 1): seqlen_q / seqlen_k the totals."""
     H, D, Hkv = q.shape[2], q.shape[3], k.shape[2]
     bm, bn, stages = WS_BWD_CONFIG[D]
-    rows = dq_rows(bm)
     left, right = window_sides(causal, window_size)
     qk_scale = float(softmax_scale) * LOG2E
     heads, group, kv_group = (H, 1, H // Hkv) if split else (Hkv, H // Hkv, 1)
-    dq_box = (bm // 2, D) if rows else (bm, D // 2)
     with torch.cuda.device(q.device):
         _bwd_ws_kernel[(table.shape[0], batch * heads)](
-            descriptor(q, bm), _k_descriptor(k, bn), descriptor(v, bn), descriptor(dout, bm), descriptor(dq, *dq_box),
-            dk, dv, lse2, delta, table, sem, cu_q, cu_k, heads, H, group, kv_group, seqlen_q, seqlen_k, sem_stride,
-            qk_scale, 1.0 / qk_scale, float(softmax_scale), max(left, 0), max(right, 0), HEAD_DIM=D, BLOCK_M=bm,
-            BLOCK_N=bn, STAGES=stages, DET=deterministic, REVERSE=reverse, VARLEN=varlen, DQ_ROWS=rows,
-            CONSUMER_REGS=WS_BWD_REGS[1], num_warps=4, maxnreg=WS_BWD_REGS[0], HAS_LEFT=left >= 0,
+            descriptor(q, bm), _k_descriptor(k, bn), descriptor(v, bn), descriptor(dout, bm),
+            descriptor(dq, *dq_box(bm, D)), dk, dv, lse2, delta, table, sem, cu_q, cu_k, heads, H, group, kv_group,
+            seqlen_q, seqlen_k, sem_stride, qk_scale, 1.0 / qk_scale, float(softmax_scale), max(left, 0),
+            max(right, 0), HEAD_DIM=D, BLOCK_M=bm, BLOCK_N=bn, STAGES=stages, DET=deterministic, REVERSE=reverse,
+            VARLEN=varlen, CONSUMER_REGS=WS_BWD_REGS[1], num_warps=4, maxnreg=WS_BWD_REGS[0], HAS_LEFT=left >= 0,
             HAS_RIGHT=right >= 0)
 
 

@@ -244,5 +244,6 @@ def test_the_backward_splits_dq_by_rows_only_where_each_consumer_gets_64_rows(mo
     bwd = pytest.importorskip("attention.gluon.bwd")
     assert bwd.dq_rows(128) and not bwd.dq_rows(64)
     assert bwd.dq_rows(bwd.WS_BWD_CONFIG[64][0]) and not bwd.dq_rows(bwd.WS_BWD_CONFIG[128][0])
+    assert bwd.dq_box(128, 64) == (64, 64) and bwd.dq_box(64, 128) == (64, 64)  # the dQ descriptor's box
     monkeypatch.setattr(bwd, "DQ_BY_ROWS", False)
-    assert not bwd.dq_rows(128)
+    assert not bwd.dq_rows(128) and bwd.dq_box(128, 64) == (128, 32)
