@@ -107,25 +107,42 @@ def tma_reduce_add(tensor_desc, coord, src, _semantic=None):
 def _pair(t, n_blk, lo, group, BLOCK_M: gl.constexpr, REVERSE: gl.constexpr):
     """(g, m0): head g of the GQA group and first row m0 of the t-th (head, query block) pair of a key block, over
     its n_blk query blocks from row lo: head-major, or with REVERSE query-block-major from the last block
-    (plan_bwd.query_blocks)."""
-    if REVERSE:
+    (plan_bwd.query_blocks). Without a group (group == 1, a constant where the launch passes 1) no division."""
+    if group == 1:
+        g = t * 0
+        i = t
+    elif REVERSE:
         i = t // group
         g = t - i * group
-        m0 = lo + (n_blk - 1 - i) * BLOCK_M
     else:
         g = t // n_blk
-        m0 = lo + (t - g * n_blk) * BLOCK_M
+        i = t - g * n_blk
+    if REVERSE:
+        m0 = lo + (n_blk - 1 - i) * BLOCK_M
+    else:
+        m0 = lo + i * BLOCK_M
     return g, m0
 
 
 @gluon.jit
-def _issue_q_do(q_desc, do_desc, q_smem, do_smem, q_bars, do_bars, t, n_blk, lo, b, hk, group, first_q,
-                BLOCK_M: gl.constexpr, STAGES: gl.constexpr, REVERSE: gl.constexpr):
-    """TMA-load Q and dO of the t-th (head, query block) pair of this key block into stage t % STAGES (rows from
-    first_q: a packed document's first row)."""
+def _issue_q_do(q_desc, do_desc, Lse2, Delta, q_smem, do_smem, lse_smem, dlt_smem, q_bars, do_bars, t, n_blk, lo, b,
+                hk, group, n_heads, seqlen_q, first_q, len_q, BLOCK_M: gl.constexpr, STAGES: gl.constexpr,
+                REVERSE: gl.constexpr):
+    """Load Q with its rows of lse2, and dO with its rows of delta, of the t-th (head, query block) pair of this key
+    block into stage t % STAGES: Q and dO by TMA (rows from first_q: a packed document's first row), lse2 and delta
+    by cp.async (any row alignment; rows past the sequence or the packed document of len_q rows: 0). Each cp.async
+    arrive adds itself to the stage's barrier before the TMA expect, so the stage completes only with all of it.
+    seqlen_q: the rows of one (batch, head)."""
     g, m0 = _pair(t, n_blk, lo, group, BLOCK_M, REVERSE)
     h = hk * group + g
     s = t % STAGES
+    rows = m0 + gl.arange(0, BLOCK_M, gl.BlockedLayout([BLOCK_M // 32], [32], [1], [0]))
+    base = (b * n_heads + h) * seqlen_q + first_q
+    in_q = rows < len_q
+    async_copy.async_copy_global_to_shared(lse_smem.index(s), Lse2 + base + rows, mask=in_q)
+    async_copy.mbarrier_arrive(q_bars.index(s))
+    async_copy.async_copy_global_to_shared(dlt_smem.index(s), Delta + base + rows, mask=in_q)
+    async_copy.mbarrier_arrive(do_bars.index(s))
     mbarrier.expect(q_bars.index(s), q_desc.block_type.nbytes)
     tma.async_copy_global_to_shared(q_desc, [b, first_q + m0, h, 0], q_bars.index(s), q_smem.index(s))
     mbarrier.expect(do_bars.index(s), do_desc.block_type.nbytes)
@@ -133,30 +150,18 @@ def _issue_q_do(q_desc, do_desc, q_smem, do_smem, q_bars, do_bars, t, n_blk, lo,
 
 
 @gluon.jit
-def _load_rows(Lse2, Delta, t, n_blk, lo, b, hk, group, n_heads, seqlen_q, first_q, len_q, vcols,
-               BLOCK_M: gl.constexpr, REVERSE: gl.constexpr):
-    """lse2 and delta of the t-th (head, query block) pair, in the compact layout of vcols (rows past the sequence,
-    or the packed document of len_q rows from first_q: 0). seqlen_q: the rows of one (batch, head)."""
-    g, m0 = _pair(t, n_blk, lo, group, BLOCK_M, REVERSE)
-    rows = m0 + vcols
-    base = (b * n_heads + hk * group + g) * seqlen_q + first_q
-    in_q = rows < len_q
-    return gl.load(Lse2 + base + rows, mask=in_q, other=0.0), gl.load(Delta + base + rows, mask=in_q, other=0.0)
-
-
-@gluon.jit
-def _issue_st_dpt(k, v, q2, do2, q_bars, do_bars, s, phase, lse2_c, delta_c, rz, inv_qk_scale, qry_l: gl.constexpr):
-    """Issue S^T = K Q_i^T and dP^T = V dO_i^T (async, each once its operand has landed), with lse2 and delta
-    entering through the accumulators: S^T starts at -lse2 / qk_scale and dP^T at -delta, so that
-    P^T = exp2(acc * qk_scale) and dS^T = P^T * acc, and no column vector (16 registers per thread each) stays live
-    across the MMAs. (rz, a per-row zero, keeps the two rows of a thread that share a column in distinct
-    registers: with one register feeding two accumulator slots, ptxas serialises S^T and dP^T with an injected
-    warpgroup.wait.)"""
-    st_init = rz - gl.convert_layout(lse2_c * inv_qk_scale, qry_l)[None, :]
-    dpt_init = rz - gl.convert_layout(delta_c, qry_l)[None, :]
+def _issue_st_dpt(k, v, q2, do2, lse_s, dlt_s, q_bars, do_bars, s, phase, rz, inv_qk_scale, qry_l: gl.constexpr):
+    """Issue S^T = K Q_i^T and dP^T = V dO_i^T (async, each once its operand has landed), with lse2 and delta (from
+    the stage's lse_s / dlt_s) entering through the accumulators: S^T starts at -lse2 / qk_scale and dP^T at
+    -delta, so that P^T = exp2(acc * qk_scale) and dS^T = P^T * acc, and no column vector (16 registers per thread
+    each) stays live across the MMAs. (rz, a per-row zero, keeps the two rows of a thread that share a column in
+    distinct registers: with one register feeding two accumulator slots, ptxas serialises S^T and dP^T with an
+    injected warpgroup.wait.)"""
     mbarrier.wait(q_bars.index(s), phase)
+    st_init = rz - (lse_s.load(qry_l) * inv_qk_scale)[None, :]
     st_tok = warpgroup_mma(k, q2.permute((1, 0)), st_init, is_async=True)
     mbarrier.wait(do_bars.index(s), phase)
+    dpt_init = rz - dlt_s.load(qry_l)[None, :]
     dpt_tok = warpgroup_mma(v, do2.permute((1, 0)), dpt_init, is_async=True)
     return st_tok, dpt_tok
 
@@ -243,10 +248,10 @@ def _ws_consumer(args, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: g
     every dQ_i (over all BLOCK_N keys, from the dS^T both warpgroups put in shared memory): rows
     [WG * BLOCK_M/2, (WG+1) * BLOCK_M/2) where dq_desc's box is BLOCK_M/2 rows (dq_box), else columns
     [WG * D/2, (WG+1) * D/2)."""
-    (q_desc, k_desc, v_desc, do_desc, dq_desc, DK, DV, Lse2, Delta, Plan, Sem, CuQ, CuK, q_smem, do_smem, k_smem,
-     v_smem, ds_smem, dq_smem, kv_bar, q_ready, do_ready, q_empty, ds_ready, dq_full, dq_empty, n_kv_heads, n_heads,
-     group, kv_group, seqlen_q, seqlen_k, sem_stride, qk_scale, inv_qk_scale, softmax_scale, win_left,
-     win_right) = args
+    (q_desc, k_desc, v_desc, do_desc, dq_desc, DK, DV, Lse2, Delta, Plan, Sem, CuQ, CuK, q_smem, do_smem,
+     lse_smem, dlt_smem, k_smem, v_smem, ds_smem, dq_smem, kv_bar, q_ready, do_ready, q_empty, ds_ready, dq_full,
+     dq_empty, n_kv_heads, n_heads, group, kv_group, seqlen_q, seqlen_k, sem_stride, qk_scale, inv_qk_scale,
+     softmax_scale, win_left, win_right) = args
     HALF: gl.constexpr = BLOCK_N // 2
     st_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                         instr_shape=[16, BLOCK_M, 16])
@@ -267,7 +272,6 @@ def _ws_consumer(args, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: g
     total = n_blk * group  # (head, query block) pairs, in _pair's order
     off = len_k - len_q
     keys = n0 + WG * HALF + gl.arange(0, HALF, key_l)
-    vcols = gl.arange(0, BLOCK_M, gl.BlockedLayout([1], [32], [4], [0]))
     rz = (keys.to(gl.float32) * 0.0)[:, None]
     dk = gl.zeros([HALF, HEAD_DIM], gl.float32, kv_layout)
     dv = gl.zeros([HALF, HEAD_DIM], gl.float32, kv_layout)
@@ -281,19 +285,14 @@ def _ws_consumer(args, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: g
         k_dq = k_all.slice(WG * DQ_N, DQ_N, dim=1)
     if total > 0:
         mbarrier.wait(kv_bar, 0)
-        lse2_c, delta_c = _load_rows(Lse2, Delta, 0, n_blk, lo, b, hk, group, n_heads, seqlen_q, first_q, len_q,
-                                     vcols, BLOCK_M, REVERSE)
         for t in range(total):
             g, m0 = _pair(t, n_blk, lo, group, BLOCK_M, REVERSE)
             s = t % STAGES
             phase = (t // STAGES) & 1
             q2 = q_smem.index(s).reshape([BLOCK_M, HEAD_DIM])
             do2 = do_smem.index(s).reshape([BLOCK_M, HEAD_DIM])
-            st_tok, dpt_tok = _issue_st_dpt(k_wg, v_wg, q2, do2, q_ready, do_ready, s, phase, lse2_c, delta_c, rz,
-                                            inv_qk_scale, qry_l)
-            if t + 1 < total:
-                lse2_c, delta_c = _load_rows(Lse2, Delta, t + 1, n_blk, lo, b, hk, group, n_heads, seqlen_q,
-                                             first_q, len_q, vcols, BLOCK_M, REVERSE)
+            st_tok, dpt_tok = _issue_st_dpt(k_wg, v_wg, q2, do2, lse_smem.index(s), dlt_smem.index(s), q_ready,
+                                            do_ready, s, phase, rz, inv_qk_scale, qry_l)
             st = warpgroup_mma_wait(num_outstanding=1, deps=(st_tok, ))
             pt = _probs_t(st, m0, lo_full, hi_full, keys, off, len_q, len_k, qk_scale, win_left, win_right,
                           BLOCK_M, qry_l, HAS_LEFT, HAS_RIGHT)
@@ -334,10 +333,10 @@ def _ws_consumer(args, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: g
 def _ws_loader(args, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, HAS_LEFT: gl.constexpr,
                HAS_RIGHT: gl.constexpr, REVERSE: gl.constexpr, VARLEN: gl.constexpr, ALIGNED: gl.constexpr):
     """One warp: K and V of the key block once, then Q_i and dO_i through the STAGES-deep ring."""
-    (q_desc, k_desc, v_desc, do_desc, dq_desc, DK, DV, Lse2, Delta, Plan, Sem, CuQ, CuK, q_smem, do_smem, k_smem,
-     v_smem, ds_smem, dq_smem, kv_bar, q_ready, do_ready, q_empty, ds_ready, dq_full, dq_empty, n_kv_heads, n_heads,
-     group, kv_group, seqlen_q, seqlen_k, sem_stride, qk_scale, inv_qk_scale, softmax_scale, win_left,
-     win_right) = args
+    (q_desc, k_desc, v_desc, do_desc, dq_desc, DK, DV, Lse2, Delta, Plan, Sem, CuQ, CuK, q_smem, do_smem,
+     lse_smem, dlt_smem, k_smem, v_smem, ds_smem, dq_smem, kv_bar, q_ready, do_ready, q_empty, ds_ready, dq_full,
+     dq_empty, n_kv_heads, n_heads, group, kv_group, seqlen_q, seqlen_k, sem_stride, qk_scale, inv_qk_scale,
+     softmax_scale, win_left, win_right) = args
     b, hk, n0, lo, lo_full, hi_full, n_blk, first_q, first_k, len_q, len_k, qblk = _ws_item(
         Plan, CuQ, CuK, n_kv_heads, seqlen_q, seqlen_k, win_left, win_right, BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT,
         VARLEN, ALIGNED)
@@ -349,8 +348,8 @@ def _ws_loader(args, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.co
         tma.async_copy_global_to_shared(v_desc, [b, first_k + n0, hkv, 0], kv_bar, v_smem)
     for t in range(total):
         mbarrier.wait(q_empty.index(t % STAGES), ((t // STAGES) & 1) ^ 1)
-        _issue_q_do(q_desc, do_desc, q_smem, do_smem, q_ready, do_ready, t, n_blk, lo, b, hk, group, first_q,
-                    BLOCK_M, STAGES, REVERSE)
+        _issue_q_do(q_desc, do_desc, Lse2, Delta, q_smem, do_smem, lse_smem, dlt_smem, q_ready, do_ready, t, n_blk,
+                    lo, b, hk, group, n_heads, seqlen_q, first_q, len_q, BLOCK_M, STAGES, REVERSE)
 
 
 @gluon.jit
@@ -386,10 +385,10 @@ def _ws_dq_writer(args, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: 
     (batch, head, query block): this key block waits until dq_rank earlier ones have added theirs, adds, waits
     until the addition is written, and counts itself in. A packed document's last query block runs into the next
     document's rows; their part of the tile is exact zeros (P = 0 there), which add in any order to the same bits."""
-    (q_desc, k_desc, v_desc, do_desc, dq_desc, DK, DV, Lse2, Delta, Plan, Sem, CuQ, CuK, q_smem, do_smem, k_smem,
-     v_smem, ds_smem, dq_smem, kv_bar, q_ready, do_ready, q_empty, ds_ready, dq_full, dq_empty, n_kv_heads, n_heads,
-     group, kv_group, seqlen_q, seqlen_k, sem_stride, qk_scale, inv_qk_scale, softmax_scale, win_left,
-     win_right) = args
+    (q_desc, k_desc, v_desc, do_desc, dq_desc, DK, DV, Lse2, Delta, Plan, Sem, CuQ, CuK, q_smem, do_smem,
+     lse_smem, dlt_smem, k_smem, v_smem, ds_smem, dq_smem, kv_bar, q_ready, do_ready, q_empty, ds_ready, dq_full,
+     dq_empty, n_kv_heads, n_heads, group, kv_group, seqlen_q, seqlen_k, sem_stride, qk_scale, inv_qk_scale,
+     softmax_scale, win_left, win_right) = args
     DQ_M: gl.constexpr = dq_desc.block_type.shape[1]  # one consumer's half of dQ_i (dq_box)
     DQ_N: gl.constexpr = dq_desc.block_type.shape[3]
     b, hk, n0, lo, lo_full, hi_full, n_blk, first_q, first_k, len_q, len_k, qblk = _ws_item(
@@ -423,9 +422,9 @@ def _ws_dq_writer(args, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: 
 
 
 @gluon.jit
-def _bwd_ws_kernel(q_desc, k_desc, v_desc, do_desc, dq_desc, DK, DV, Lse2, Delta, Plan, Sem, CuQ, CuK, n_kv_heads,
-                   n_heads, group, kv_group, seqlen_q, seqlen_k, sem_stride, qk_scale, inv_qk_scale, softmax_scale,
-                   win_left, win_right, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+def _bwd_ws_kernel(q_desc, k_desc, v_desc, do_desc, dq_desc, DK, DV, Lse2, Delta, Plan, Sem, CuQ, CuK,
+                   n_kv_heads, n_heads, group, kv_group, seqlen_q, seqlen_k, sem_stride, qk_scale, inv_qk_scale,
+                   softmax_scale, win_left, win_right, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
                    STAGES: gl.constexpr, HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr, DET: gl.constexpr,
                    REVERSE: gl.constexpr, VARLEN: gl.constexpr, CONSUMER_REGS: gl.constexpr, num_warps: gl.constexpr):
     """Warp-specialized dK/dV with dQ in the same pass: two consumer warpgroups (the default partition and a
@@ -439,6 +438,9 @@ def _bwd_ws_kernel(q_desc, k_desc, v_desc, do_desc, dq_desc, DK, DV, Lse2, Delta
     dtype: gl.constexpr = q_desc.dtype
     q_smem = gl.allocate_shared_memory(dtype, [STAGES] + q_desc.block_type.shape, q_desc.layout)
     do_smem = gl.allocate_shared_memory(dtype, [STAGES] + do_desc.block_type.shape, do_desc.layout)
+    rows_layout: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, order=[0])
+    lse_smem = gl.allocate_shared_memory(gl.float32, [STAGES, BLOCK_M], rows_layout)
+    dlt_smem = gl.allocate_shared_memory(gl.float32, [STAGES, BLOCK_M], rows_layout)
     k_smem = gl.allocate_shared_memory(dtype, k_desc.block_type.shape, k_desc.layout)
     v_smem = gl.allocate_shared_memory(dtype, v_desc.block_type.shape, v_desc.layout)
     ds_smem = gl.allocate_shared_memory(dtype, [2, BLOCK_N, BLOCK_M],
@@ -461,9 +463,9 @@ def _bwd_ws_kernel(q_desc, k_desc, v_desc, do_desc, dq_desc, DK, DV, Lse2, Delta
         mbarrier.init(dq_full.index(i), count=1)
         mbarrier.init(dq_empty.index(i), count=1)
     args = (q_desc, k_desc, v_desc, do_desc, dq_desc, DK, DV, Lse2, Delta, Plan, Sem, CuQ, CuK, q_smem, do_smem,
-            k_smem, v_smem, ds_smem, dq_smem, kv_bar, q_ready, do_ready, q_empty, ds_ready, dq_full, dq_empty,
-            n_kv_heads, n_heads, group, kv_group, seqlen_q, seqlen_k, sem_stride, qk_scale, inv_qk_scale,
-            softmax_scale, win_left, win_right)
+            lse_smem, dlt_smem, k_smem, v_smem, ds_smem, dq_smem, kv_bar, q_ready, do_ready, q_empty, ds_ready,
+            dq_full, dq_empty, n_kv_heads, n_heads, group, kv_group, seqlen_q, seqlen_k, sem_stride, qk_scale,
+            inv_qk_scale, softmax_scale, win_left, win_right)
     gl.warp_specialize([
         (_ws_consumer, (args, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, HAS_LEFT, HAS_RIGHT, REVERSE, VARLEN, DET, 0)),
         (_ws_consumer, (args, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, HAS_LEFT, HAS_RIGHT, REVERSE, VARLEN, DET, 1)),
@@ -498,9 +500,9 @@ def _launch_ws(q, k, v, dout, dq, dk, dv, lse2, delta, table, sem, cu_q, cu_k, b
     with torch.cuda.device(q.device):
         _bwd_ws_kernel[(table.shape[0], batch * heads)](
             descriptor(q, bm), _k_descriptor(k, bn), descriptor(v, bn), descriptor(dout, bm),
-            descriptor(dq, *dq_box(bm, D)), dk, dv, lse2, delta, table, sem, cu_q, cu_k, heads, H, group, kv_group,
-            seqlen_q, seqlen_k, sem_stride, qk_scale, 1.0 / qk_scale, float(softmax_scale), max(left, 0),
-            max(right, 0), HEAD_DIM=D, BLOCK_M=bm, BLOCK_N=bn, STAGES=stages, DET=deterministic, REVERSE=reverse,
+            descriptor(dq, *dq_box(bm, D)), dk, dv, lse2, delta, table, sem,
+            cu_q, cu_k, heads, H, group, kv_group, seqlen_q, seqlen_k, sem_stride, qk_scale, 1.0 / qk_scale,
+            float(softmax_scale), max(left, 0), max(right, 0), HEAD_DIM=D, BLOCK_M=bm, BLOCK_N=bn, STAGES=stages, DET=deterministic, REVERSE=reverse,
             VARLEN=varlen, CONSUMER_REGS=WS_BWD_REGS[1], num_warps=4, maxnreg=WS_BWD_REGS[0], HAS_LEFT=left >= 0,
             HAS_RIGHT=right >= 0)
 
