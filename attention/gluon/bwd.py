@@ -13,9 +13,9 @@ no key (lse = -inf) get zero gradients. The case must be covered (plan.uncovered
 D=64 and 128 (WS_BWD_CONFIG): the Triton preprocess (delta = rowsum(dO * O) - dlse, lse2 = lse * log2 e), then
 one warp-specialized program per (key block of BLOCK_N = 128 rows, batch, kv head), FA3's layout:
 
-    loader warp     K, V once; then Q_i, dO_i of every (head, query block) pair of the GQA group, head-major
-                    (REVERSE: query block by query block from the last, _pair), through a STAGES-deep ring
-                    (q_ready / do_ready, released by q_empty)
+    loader warp     K, V once; then Q_i, dO_i (TMA) with their rows of lse2, delta (cp.async) of every (head,
+                    query block) pair of the GQA group, head-major (REVERSE: query block by query block from the
+                    last, _pair), through a STAGES-deep ring (q_ready / do_ready, released by q_empty)
     consumer WG 0/1 key rows [WG * 64, WG * 64 + 64):
                         issue S^T = K Q_i^T + (-lse2_i / (scale log2 e)),  issue dP^T = V dO_i^T + (-delta_i)
                         P^T = exp2(S^T * scale * log2 e)    (masked only in edge blocks)
