@@ -4,10 +4,15 @@
     python scripts/bench_backward.py --out /tmp/b.json
     python scripts/bench_backward.py --head-dim 64 --ws-tile 64 128 2 --out /tmp/b64.json   # a tile to try
     python scripts/bench_backward.py --gqa-split --out /tmp/split.json   # GQA groups split over programs or not
+    git worktree add /tmp/base da46f0f && python scripts/bench_backward.py --against /tmp/base   # this tree's
+                                                                  # Gluon backward against another checkout's
 
 --ws-tile runs the warp-specialized Gluon backward with (BLOCK_M, BLOCK_N, STAGES) at the head dim given, in
 place of attention.gluon.bwd.WS_BWD_CONFIG's entry. --gqa-split runs SPLIT_CASES (causal GQA, D=128 and 64) with
-plan_bwd.split_group forced on and off in both modes, and records where the shipped rule splits.
+plan_bwd.split_group forced on and off in both modes, and records where the shipped rule splits. --against DIR
+imports the attention package of the checkout at DIR under another name and times its Gluon backward beside this
+tree's, both modes, on the same tensors in the same process, in place of the Triton backward: the A/B of a kernel
+change (errors against DIR's deterministic run; meta.against names DIR's commit).
 
 Per case (bf16, D=128 or --head-dim, B*N = 65536 tokens for N <= 64K, else B = 1): cuDNN's backward (torch
 SDPA, the graph retained), the Triton backward (deterministic), and the Gluon backward (attention.gluon.bwd,
@@ -30,6 +35,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from scripts.bench_attention import meta, visible_pairs  # noqa: E402
+from scripts.provenance import source_commit  # noqa: E402
 
 # (causal, N, heads, kv heads)
 CASES = [(True, 8192, 16, 16), (True, 32768, 16, 16), (False, 8192, 16, 16), (False, 32768, 16, 16),
@@ -88,13 +94,32 @@ def time_rounds(row: dict, fns: dict, flops: float) -> dict:
     return row
 
 
-def bench_case(causal: bool, n: int, heads: int, kv_heads: int, head_dim: int = 128) -> dict:
+def load_checkout(path: Path, name: str = "attention_against"):
+    """The attention package of the checkout at path, imported as `name` (its modules import one another
+    relatively, so they resolve inside it): (the package, its gluon.bwd module)."""
+    import importlib
+    import importlib.util
+    init = Path(path) / "attention" / "__init__.py"
+    if not init.is_file():
+        raise SystemExit(f"error: --against takes a checkout with an attention/ package, got {path}")
+    spec = importlib.util.spec_from_file_location(name, init, submodule_search_locations=[str(init.parent)])
+    package = importlib.util.module_from_spec(spec)
+    sys.modules[name] = package
+    spec.loader.exec_module(package)
+    return package, importlib.import_module(f"{name}.gluon.bwd")
+
+
+def bench_case(causal: bool, n: int, heads: int, kv_heads: int, head_dim: int = 128, against=None) -> dict:
+    """One case; against: another checkout's gluon.bwd module (load_checkout), timed in place of Triton."""
     from attention.gluon.bwd import gluon_attn_backward
     from attention.triton.bwd import triton_attn_backward
 
     D = head_dim
     B, qd, kd, vd, out, lse, dout, cudnn = _inputs(causal, n, heads, kv_heads, D)
     sc = D ** -0.5
+    if against is not None:
+        return _against_case(against.gluon_attn_backward, gluon_attn_backward, causal, n, heads, kv_heads, B, qd, kd,
+                             vd, out, lse, dout, cudnn)
     fns = {
         "cudnn": cudnn,
         "triton": lambda: triton_attn_backward(dout, qd, kd, vd, out, lse, causal, sc, (-1, -1), None, True),
@@ -112,6 +137,26 @@ def bench_case(causal: bool, n: int, heads: int, kv_heads: int, head_dim: int = 
     row["det/cudnn"] = round(row["gluon_det"] / row["cudnn"], 3)
     row["nondet/cudnn"] = round(row["gluon_nondet"] / row["cudnn"], 3)
     row["det/triton"] = round(row["gluon_det"] / row["triton"], 3)
+    return row
+
+
+def _against_case(theirs, ours, causal, n, heads, kv_heads, B, q, k, v, out, lse, dout, cudnn) -> dict:
+    """cuDNN, the other checkout's Gluon backward and this tree's, both modes, on the same tensors."""
+    D = q.shape[-1]
+    run = lambda fn, det: lambda: fn(dout, q, k, v, out, lse, causal, D ** -0.5, (-1, -1), None, det)  # noqa: E731
+    fns = {"cudnn": cudnn, "against_det": run(theirs, True), "det": run(ours, True),
+           "against_nondet": run(theirs, False), "nondet": run(ours, False)}
+    ref = fns["against_det"]()
+    det, again, nondet = fns["det"](), fns["det"](), fns["nondet"]()
+    row = dict(causal=causal, N=n, B=B, H=heads, Hkv=kv_heads, D=D,
+               err_det_vs_against=[round(rel(a, b), 6) for a, b in zip(det, ref)],
+               err_nondet_vs_against=[round(rel(a, b), 6) for a, b in zip(nondet, ref)],
+               det_repeats_bitwise=all(torch.equal(a, b) for a, b in zip(det, again)))
+    del ref, det, again, nondet
+    time_rounds(row, fns, backward_flops(B, n, heads, D, causal))
+    for mode in ("det", "nondet"):
+        row[f"{mode}/against"] = round(row[mode] / row[f"against_{mode}"], 3)
+        row[f"{mode}/cudnn"] = round(row[mode] / row["cudnn"], 3)
     return row
 
 
@@ -158,7 +203,12 @@ def main(argv=None) -> None:
                     help="the warp-specialized Gluon backward's tile at --head-dim, in place of WS_BWD_CONFIG's")
     ap.add_argument("--gqa-split", action="store_true",
                     help="GQA groups split over programs against not (SPLIT_CASES; --head-dim is ignored)")
+    ap.add_argument("--against", type=Path, metavar="DIR",
+                    help="another checkout (e.g. a git worktree): its Gluon backward beside this tree's")
     args = ap.parse_args(argv)
+    if args.against is not None and args.gqa_split:
+        raise SystemExit("error: --against times the dense CASES; it does not combine with --gqa-split")
+    against = None if args.against is None else load_checkout(args.against)[1]
     if args.ws_tile is not None and (args.ws_tile[0] not in (64, 128) or args.ws_tile[1] != 128
                                      or not 1 <= args.ws_tile[2] <= 4):
         raise SystemExit(f"error: --ws-tile takes BLOCK_M 64 or 128, BLOCK_N 128 and 1-4 STAGES, got {args.ws_tile}")
@@ -172,12 +222,15 @@ def main(argv=None) -> None:
         from attention.gluon import bwd
         bwd.WS_BWD_CONFIG[args.head_dim] = tuple(args.ws_tile)
     info = dict(meta(), ws_tile=args.ws_tile)
-    name = "backward_gqa_split" if args.gqa_split else "backward"
+    if against is not None:
+        info["against"] = dict(path=str(args.against), commit=source_commit(args.against))
+    name = "backward_gqa_split" if args.gqa_split else "backward_against" if against else "backward"
     out = Path(args.out or f"docs/bench/{name}_{info['gpu'].split()[-1].lower()}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     rows = []
     for case in SPLIT_CASES if args.gqa_split else CASES:
-        rows.append(bench_split_case(*case) if args.gqa_split else bench_case(*case, head_dim=args.head_dim))
+        rows.append(bench_split_case(*case) if args.gqa_split else
+                    bench_case(*case, head_dim=args.head_dim, against=against))
         print(json.dumps(rows[-1]), flush=True)
         out.write_text(json.dumps(dict(meta=info, rows=rows), indent=1))  # after every row: a cut run keeps them
         torch.cuda.empty_cache()

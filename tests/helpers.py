@@ -86,10 +86,11 @@ def save_tiny_bpe_tokenizer(path, text: str = "def return import class self lamb
     return tok
 
 
-def run_bench_cut_after_first_case(monkeypatch, bench, argv) -> None:
+def run_bench_cut_after_first_case(monkeypatch, bench, argv) -> list:
     """bench.main(argv) for a GPU benchmark script (bench_forward, bench_backward) on CPU: a GPU and the Gluon kernels
     pretended, meta() stubbed, and bench.bench_case replaced by one that returns {"N": its second argument} once and
-    then fails, as a run cut short after its first row. The caller checks what reached the JSON."""
+    then fails, as a run cut short after its first row. The caller checks what reached the JSON; returned: the
+    (args, kwargs) of each bench_case call."""
     import pytest
 
     import attention.gluon
@@ -99,10 +100,11 @@ def run_bench_cut_after_first_case(monkeypatch, bench, argv) -> None:
     calls = []
 
     def case(*args, **kwargs):
-        calls.append(args)
+        calls.append((args, kwargs))
         if len(calls) > 1:
             raise RuntimeError("cut")
         return {"N": args[1]}
     monkeypatch.setattr(bench, "bench_case", case)
     with pytest.raises(RuntimeError, match="cut"):
         bench.main(argv)
+    return calls

@@ -1,10 +1,12 @@
-"""scripts/bench_backward.py on CPU: its FLOP count, its refusal to run without a GPU, and that rows reach the JSON as
-they finish (the timing itself needs cuDNN and the Gluon kernels)."""
+"""scripts/bench_backward.py on CPU: its FLOP count, its refusal to run without a GPU, that rows reach the JSON as
+they finish, and how --against imports another checkout (the timing itself needs cuDNN and the Gluon kernels)."""
 
 import json
+import shutil
+import sys
 
 import pytest
-from helpers import run_bench_cut_after_first_case
+from helpers import ROOT, run_bench_cut_after_first_case
 
 from scripts import bench_backward
 
@@ -39,3 +41,39 @@ def test_rows_reach_the_json_as_they_finish(monkeypatch, tmp_path):
     out = tmp_path / "b.json"
     run_bench_cut_after_first_case(monkeypatch, bench_backward, ["--out", str(out)])
     assert json.loads(out.read_text())["rows"] == [{"N": bench_backward.CASES[0][1]}]
+
+
+def _checkout_copy(tmp_path):
+    """A directory holding a copy of this tree's attention package, as another checkout would."""
+    shutil.copytree(ROOT / "attention", tmp_path / "attention", ignore=shutil.ignore_patterns("__pycache__"))
+    return tmp_path
+
+
+def test_against_imports_the_other_checkout_apart_from_this_one(tmp_path, monkeypatch):
+    from attention.gluon import bwd
+    monkeypatch.setattr(sys, "modules", dict(sys.modules))  # the imported copy leaves with the test
+    package, other = bench_backward.load_checkout(_checkout_copy(tmp_path), name="attention_copy")
+    assert package.__name__ == "attention_copy" and other.__name__ == "attention_copy.gluon.bwd"
+    assert other is not bwd and other.__file__.startswith(str(tmp_path))
+    assert other.WS_BWD_CONFIG == bwd.WS_BWD_CONFIG
+    assert other.preprocess.__module__ == "attention_copy.triton.bwd"  # its relative imports stay inside it
+
+
+def test_against_refuses_a_directory_without_the_package_and_the_gqa_split(tmp_path):
+    with pytest.raises(SystemExit, match=f"--against takes a checkout with an attention/ package, got {tmp_path}"):
+        bench_backward.main(["--against", str(tmp_path)])
+    with pytest.raises(SystemExit, match="does not combine with --gqa-split"):
+        bench_backward.main(["--against", str(tmp_path), "--gqa-split"])
+
+
+def test_against_passes_the_other_kernel_to_each_case_and_names_it_in_the_meta(monkeypatch, tmp_path):
+    monkeypatch.setattr(sys, "modules", dict(sys.modules))
+    monkeypatch.setenv("GIT_CEILING_DIRECTORIES", str(tmp_path))  # the copy is no git checkout
+    checkout = _checkout_copy(tmp_path / "base")
+    out = tmp_path / "b.json"
+    calls = run_bench_cut_after_first_case(monkeypatch, bench_backward, ["--out", str(out), "--against", str(checkout)])
+    data = json.loads(out.read_text())
+    assert data["meta"]["against"] == {"path": str(checkout), "commit": None}
+    assert data["rows"] == [{"N": bench_backward.CASES[0][1]}]
+    assert [kwargs["against"].__name__ for _, kwargs in calls] == ["attention_against.gluon.bwd"] * 2
+    assert calls[0][1]["against"].__file__.startswith(str(checkout))

@@ -25,3 +25,20 @@ def test_a_tree_without_git_takes_the_environment_or_none(monkeypatch, tmp_path)
     assert provenance.source_commit() == "abc1234"
     monkeypatch.delenv("RINGFLASH_COMMIT")
     assert provenance.source_commit() is None
+
+
+def test_another_checkout_names_its_own_head_and_never_the_environment(monkeypatch, tmp_path):
+    monkeypatch.setenv("GIT_CEILING_DIRECTORIES", str(tmp_path.parent))
+    monkeypatch.setenv("RINGFLASH_COMMIT", "abc1234")
+    assert provenance.source_commit(tmp_path) is None  # not a checkout: the variable speaks for this tree only
+    if shutil.which("git") is None:
+        pytest.skip("no git")
+    git = lambda *args: subprocess.run(["git", *args], cwd=tmp_path, capture_output=True, text=True,  # noqa: E731
+                                       check=True).stdout.strip()
+    git("init", "-q")
+    (tmp_path / "f.txt").write_text("a")
+    git("add", "f.txt")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", "f")
+    assert provenance.source_commit(tmp_path) == git("rev-parse", "--short", "HEAD")
+    (tmp_path / "f.txt").write_text("b")
+    assert provenance.source_commit(tmp_path).endswith("+changes")
