@@ -115,49 +115,38 @@ def bench_case(causal: bool, n: int, heads: int, kv_heads: int, head_dim: int = 
     from attention.triton.bwd import triton_attn_backward
 
     D = head_dim
-    B, qd, kd, vd, out, lse, dout, cudnn = _inputs(causal, n, heads, kv_heads, D)
-    sc = D ** -0.5
-    if against is not None:
-        return _against_case(against.gluon_attn_backward, gluon_attn_backward, causal, n, heads, kv_heads, B, qd, kd,
-                             vd, out, lse, dout, cudnn)
-    fns = {
-        "cudnn": cudnn,
-        "triton": lambda: triton_attn_backward(dout, qd, kd, vd, out, lse, causal, sc, (-1, -1), None, True),
-        "gluon_det": lambda: gluon_attn_backward(dout, qd, kd, vd, out, lse, causal, sc, (-1, -1), None, True),
-        "gluon_nondet": lambda: gluon_attn_backward(dout, qd, kd, vd, out, lse, causal, sc, (-1, -1), None, False),
-    }
-    ref = fns["triton"]()
-    det, again, nondet = fns["gluon_det"](), fns["gluon_det"](), fns["gluon_nondet"]()
-    row = dict(causal=causal, N=n, B=B, H=heads, Hkv=kv_heads, D=D,
-               err_det_vs_triton=[round(rel(a, b), 5) for a, b in zip(det, ref)],
-               err_nondet_vs_triton=[round(rel(a, b), 5) for a, b in zip(nondet, ref)],
-               det_repeats_bitwise=all(torch.equal(a, b) for a, b in zip(det, again)))
-    del ref, det, again, nondet
-    time_rounds(row, fns, backward_flops(B, n, heads, D, causal))
+    B, q, k, v, out, lse, dout, cudnn = _inputs(causal, n, heads, kv_heads, D)
+    run = lambda fn, det: lambda: fn(dout, q, k, v, out, lse, causal, D ** -0.5, (-1, -1), None, det)  # noqa: E731
+    head = dict(causal=causal, N=n, B=B, H=heads, Hkv=kv_heads, D=D)
+    flops = backward_flops(B, n, heads, D, causal)
+    if against is not None:  # cuDNN, the other checkout's Gluon backward and this tree's, both modes
+        fns = {"cudnn": cudnn, "against_det": run(against.gluon_attn_backward, True),
+               "det": run(gluon_attn_backward, True), "against_nondet": run(against.gluon_attn_backward, False),
+               "nondet": run(gluon_attn_backward, False)}
+        row = _modes_row(head, fns, "against_det", "det", "nondet", "against", flops)
+        for mode in ("det", "nondet"):
+            row[f"{mode}/against"] = round(row[mode] / row[f"against_{mode}"], 3)
+            row[f"{mode}/cudnn"] = round(row[mode] / row["cudnn"], 3)
+        return row
+    fns = {"cudnn": cudnn, "triton": run(triton_attn_backward, True), "gluon_det": run(gluon_attn_backward, True),
+           "gluon_nondet": run(gluon_attn_backward, False)}
+    row = _modes_row(head, fns, "triton", "gluon_det", "gluon_nondet", "triton", flops)
     row["det/cudnn"] = round(row["gluon_det"] / row["cudnn"], 3)
     row["nondet/cudnn"] = round(row["gluon_nondet"] / row["cudnn"], 3)
     row["det/triton"] = round(row["gluon_det"] / row["triton"], 3)
     return row
 
 
-def _against_case(theirs, ours, causal, n, heads, kv_heads, B, q, k, v, out, lse, dout, cudnn) -> dict:
-    """cuDNN, the other checkout's Gluon backward and this tree's, both modes, on the same tensors."""
-    D = q.shape[-1]
-    run = lambda fn, det: lambda: fn(dout, q, k, v, out, lse, causal, D ** -0.5, (-1, -1), None, det)  # noqa: E731
-    fns = {"cudnn": cudnn, "against_det": run(theirs, True), "det": run(ours, True),
-           "against_nondet": run(theirs, False), "nondet": run(ours, False)}
-    ref = fns["against_det"]()
-    det, again, nondet = fns["det"](), fns["det"](), fns["nondet"]()
-    row = dict(causal=causal, N=n, B=B, H=heads, Hkv=kv_heads, D=D,
-               err_det_vs_against=[round(rel(a, b), 6) for a, b in zip(det, ref)],
-               err_nondet_vs_against=[round(rel(a, b), 6) for a, b in zip(nondet, ref)],
-               det_repeats_bitwise=all(torch.equal(a, b) for a, b in zip(det, again)))
-    del ref, det, again, nondet
-    time_rounds(row, fns, backward_flops(B, n, heads, D, causal))
-    for mode in ("det", "nondet"):
-        row[f"{mode}/against"] = round(row[mode] / row[f"against_{mode}"], 3)
-        row[f"{mode}/cudnn"] = round(row[mode] / row["cudnn"], 3)
-    return row
+def _modes_row(head: dict, fns: dict, ref: str, det: str, nondet: str, label: str, flops: float) -> dict:
+    """head plus the relative errors (dq, dk, dv) of the fns[det] and fns[nondet] runs against fns[ref]'s
+    (err_det_vs_<label>, err_nondet_vs_<label>), whether two fns[det] runs give the same bits, and the timings."""
+    want = fns[ref]()
+    got, again, loose = fns[det](), fns[det](), fns[nondet]()
+    row = dict(head, **{f"err_det_vs_{label}": [round(rel(a, b), 6) for a, b in zip(got, want)],
+                        f"err_nondet_vs_{label}": [round(rel(a, b), 6) for a, b in zip(loose, want)]},
+               det_repeats_bitwise=all(torch.equal(a, b) for a, b in zip(got, again)))
+    del want, got, again, loose
+    return time_rounds(row, fns, flops)
 
 
 def bench_split_case(head_dim: int, n: int, heads: int, kv_heads: int) -> dict:

@@ -77,3 +77,20 @@ def test_against_passes_the_other_kernel_to_each_case_and_names_it_in_the_meta(m
     assert data["rows"] == [{"N": bench_backward.CASES[0][1]}]
     assert [kwargs["against"].__name__ for _, kwargs in calls] == ["attention_against.gluon.bwd"] * 2
     assert calls[0][1]["against"].__file__.startswith(str(checkout))
+
+
+def test_a_row_holds_both_modes_errors_against_the_reference_and_the_repeat_check(monkeypatch):
+    import itertools
+
+    import torch
+    monkeypatch.setattr(bench_backward, "_timed", lambda fn: 2.0)  # ms per call
+    ref = [torch.ones(4), torch.ones(4), torch.ones(4)]
+    drift = itertools.count()
+    fns = {"ref": lambda: ref, "det": lambda: [t * 1.5 for t in ref],
+           "nondet": lambda: [t + next(drift) for t in ref]}  # a different answer on every call
+    row = bench_backward._modes_row({"N": 8}, fns, "ref", "det", "nondet", "base", flops=4e12)
+    assert row["N"] == 8 and row["err_det_vs_base"] == [0.5, 0.5, 0.5]
+    assert row["err_nondet_vs_base"] == [0.0, 1.0, 2.0] and row["det_repeats_bitwise"] is True
+    assert row["ref"] == row["det"] == row["nondet"] == 2000.0  # TFLOPS: 4e12 FLOPs in 2 ms
+    fns["det"] = fns["nondet"]
+    assert bench_backward._modes_row({}, fns, "ref", "det", "nondet", "base", flops=1.0)["det_repeats_bitwise"] is False
