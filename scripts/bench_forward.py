@@ -63,7 +63,7 @@ def bench_case(causal: bool, n: int, heads: int, kv_heads: int, n_docs: int, hea
                                                                                          (-1, -1)))
                 for t in tiles})
     return _finish(dict(causal=causal, N=n, B=B, H=heads, Hkv=kv_heads, D=D), fns, tiles,
-                   4 * B * heads * visible_pairs(n, causal, (-1, -1)) * D, against="cudnn")
+                   4 * B * heads * visible_pairs(n, causal, (-1, -1)) * D, ratio_to="cudnn")
 
 
 def _bench_docs(causal: bool, n: int, heads: int, kv_heads: int, n_docs: int, D: int, tiles: list) -> dict:
@@ -81,7 +81,7 @@ def _bench_docs(causal: bool, n: int, heads: int, kv_heads: int, n_docs: int, D:
     fns.update({tile_name(t): _at_tile(fwd.FWD_VARLEN_CONFIG, D, t, lambda: fwd.gluon_attn_varlen_forward(*args))
                 for t in tiles})
     return _finish(dict(causal=causal, N=n, B=1, H=heads, Hkv=kv_heads, D=D, docs=n_docs, longest=longest), fns,
-                   tiles, 4 * heads * pairs * D, against="triton")
+                   tiles, 4 * heads * pairs * D, ratio_to="triton")
 
 
 def _at_tile(config: dict, D: int, tile: tuple, call):
@@ -96,9 +96,9 @@ def _at_tile(config: dict, D: int, tile: tuple, call):
     return run
 
 
-def _finish(row: dict, fns: dict, tiles: list, flops: float, against: str) -> dict:
+def _finish(row: dict, fns: dict, tiles: list, flops: float, ratio_to: str) -> dict:
     """Errors of each tile against fns["triton"], then TFLOPS of the median of interleaved rounds (time_rounds) and
-    each tile's ratio to fns[against]."""
+    each tile's ratio to fns[ratio_to]."""
     ref_out, ref_lse = fns["triton"]()
     row["err_vs_triton"] = {}
     for t in tiles:
@@ -107,7 +107,7 @@ def _finish(row: dict, fns: dict, tiles: list, flops: float, against: str) -> di
     del ref_out, ref_lse
     time_rounds(row, fns, flops)
     for t in tiles:
-        row[f"{tile_name(t)}/{against}"] = round(row[tile_name(t)] / row[against], 3)
+        row[f"{tile_name(t)}/{ratio_to}"] = round(row[tile_name(t)] / row[ratio_to], 3)
     return row
 
 

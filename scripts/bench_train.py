@@ -424,7 +424,8 @@ def metadata(args) -> dict:
 
     gpu = torch.cuda.get_device_name() if args.device == "cuda" and torch.cuda.is_available() else "cpu"
     return {"date": datetime.date.today().isoformat(), "commit": source_commit(), "gpu": gpu,
-            "torch": torch.__version__, "triton": version("triton"), "transformers": version("transformers"), "liger": version("liger_kernel"),
+            "torch": torch.__version__, "triton": version("triton"), "transformers": version("transformers"),
+            "liger": version("liger_kernel"),
             "dtype": args.dtype, "peak_tflops": args.peak_tflops, "setups": args.setups,
             "ringflash_defaults": RINGFLASH, "warmup": args.warmup, "steps": args.steps,
             "expandable_segments": args.expandable_segments, "layers": args.layers}
