@@ -115,7 +115,7 @@ def gluon_variants():
                        4, gluon_fwd.WS_REGS[n_wg][0])
             bm, bn, st = gluon_bwd.WS_BWD_CONFIG[d]
             q, k, v = gluon_fwd.descriptor(t, bm), gluon_bwd._k_descriptor(t, bn), gluon_fwd.descriptor(t, bn)
-            dq = gluon_fwd.descriptor(t.float(), *gluon_bwd.dq_box(bm, d))
+            dq = gluon_bwd.dq_descriptor(torch.empty(2, 4, 4, bm * d), bm, d)
             tensors = dict(q_desc=q, k_desc=k, v_desc=v, do_desc=q, dq_desc=dq, DK=t, DV=t, Lse2=f32, Delta=f32,
                            Plan=i32, Sem=i32, CuQ=i32, CuK=i32)
             # (DET, REVERSE): causal key blocks walk last to first in the non-deterministic mode and for packed
@@ -132,7 +132,8 @@ def gluon_variants():
                         yield (f"gluon_bwd_ws{name} d{d} win{left},{right}", gluon_bwd._bwd_ws_kernel,
                                {**ints, **floats, **tensors, **parts},
                                dict(HEAD_DIM=d, BLOCK_M=bm, BLOCK_N=bn, STAGES=st, DET=det, REVERSE=rev,
-                                    VARLEN=varlen, CONSUMER_REGS=gluon_bwd.WS_BWD_REGS[1], **flags), 4,
+                                    VARLEN=varlen, DQ_SMEM=gluon_bwd.dq_layouts(bm, d)[0],
+                                    CONSUMER_REGS=gluon_bwd.WS_BWD_REGS[1], **flags), 4,
                                gluon_bwd.WS_BWD_REGS[0])
 
 

@@ -69,8 +69,8 @@ from ..triton.common import query_segments
 from .dispatch import fits_in_memory
 from .fwd import descriptor, l2_bytes, plan_row
 from .plan import cached_table, document_tiles, window_sides
-from .plan_bwd import (backward_plan, descending_walk, document_key_order, document_semaphores, ordered_backward_plan,
-                       split_group)
+from .plan_bwd import (backward_plan, descending_walk, document_key_order, document_rows, document_semaphores,
+                       dq_from_tiles, dq_tile_bases, ordered_backward_plan, split_group)
 
 LOG2E = 1.4426950408889634
 
@@ -92,6 +92,24 @@ def dq_rows(block_m: int) -> bool:
 def dq_box(block_m: int, head_dim: int) -> tuple[int, int]:
     """(rows, columns) of one consumer's half of dQ_i: the fp32 dQ descriptor's box and dq_smem's tile."""
     return (block_m // 2, head_dim) if dq_rows(block_m) else (block_m, head_dim // 2)
+
+
+def dq_layouts(block_m: int, head_dim: int):
+    """(dq_smem's layout, the bases of one query block's dQ tile in the accumulator): each consumer's half in the
+    order of its accumulator fragments (plan_bwd.dq_tile_bases), the second half after the first (dq_smem holds
+    them as rows [0, rows) and [rows, 2 * rows))."""
+    rows, cols = dq_box(block_m, head_dim)
+    half = dq_tile_bases(rows, cols)
+    smem = gl.SharedLinearLayout(offset_bases=half + [[rows, 0]], alignment=128)
+    return smem, half + [[rows, 0] if dq_rows(block_m) else [0, cols]]
+
+
+def dq_descriptor(tiles: torch.Tensor, block_m: int, head_dim: int) -> TensorDescriptor:
+    """The fp32 dQ accumulator (..., n_tiles, block_m * head_dim) as rows of one half's width, one half a box."""
+    rows, cols = dq_box(block_m, head_dim)
+    flat = tiles.view(-1, cols)
+    layout = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32, rank=2)
+    return TensorDescriptor(flat, list(flat.shape), list(flat.stride()), [rows, cols], layout)
 
 
 @builtin
@@ -202,15 +220,14 @@ def _issue_dv_dk(pt, dpt_tok, q2, do2, dv, dk, a_layout: gl.constexpr):
 
 @gluon.jit
 def _ws_item(Plan, CuQ, CuK, n_kv_heads, seqlen_q, seqlen_k, win_left, win_right, BLOCK_M: gl.constexpr,
-             BLOCK_N: gl.constexpr, HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr, VARLEN: gl.constexpr,
-             ALIGNED: gl.constexpr):
+             BLOCK_N: gl.constexpr, HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr, VARLEN: gl.constexpr):
     """(b, hk, n0, lo, lo_full, hi_full, n_blk, first_q, first_k, len_q, len_k, qblk) of this program's key block.
 
     Dense: a row of plan_bwd.backward_plan or ordered_backward_plan (the table), first_q = first_k = qblk = 0 and
     len_q, len_k the sequence lengths. Packed documents (b = 0): the row is (document d, key block) of
     plan.document_tiles, d's query rows start at first_q = cu_q[d] and its keys at first_k = cu_k[d], the query
-    range is the Triton kernels' query_segments (aligned for the deterministic mode, as plan_bwd.query_range) and a
-    padding row (d = -1) is empty. Row m0 of the document is in query block qblk + m0 // BLOCK_M of its (batch,
+    range is the Triton kernels' query_segments (aligned, as plan_bwd.query_range) and a padding row (d = -1) is
+    empty. Row m0 of the document is in query block qblk + m0 // BLOCK_M of its (batch,
     head): qblk = first_q // BLOCK_M + d numbers the documents' blocks apart (plan_bwd.document_query_block)."""
     bhk = gl.program_id(1)
     if VARLEN:
@@ -225,7 +242,7 @@ def _ws_item(Plan, CuQ, CuK, n_kv_heads, seqlen_q, seqlen_k, win_left, win_right
         if d < 0:
             len_k = len_k * 0
         lo, lo_full, hi_full, hi = query_segments(tile * BLOCK_N, len_q, len_k, win_left, win_right, HAS_LEFT,
-                                                  HAS_RIGHT, BLOCK_M, BLOCK_N, ALIGNED)
+                                                  HAS_RIGHT, BLOCK_M, BLOCK_N, True)
         if d < 0:
             hi = lo
         qblk = first_q // BLOCK_M + dd
@@ -243,7 +260,7 @@ def _ws_item(Plan, CuQ, CuK, n_kv_heads, seqlen_q, seqlen_k, win_left, win_right
 @gluon.jit
 def _ws_consumer(args, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
                  HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr, REVERSE: gl.constexpr, VARLEN: gl.constexpr,
-                 ALIGNED: gl.constexpr, WG: gl.constexpr):
+                 WG: gl.constexpr):
     """Key rows [WG * BLOCK_N/2, (WG+1) * BLOCK_N/2) of the key block: S^T, dP^T, dV, dK for them, and one half of
     every dQ_i (over all BLOCK_N keys, from the dS^T both warpgroups put in shared memory): rows
     [WG * BLOCK_M/2, (WG+1) * BLOCK_M/2) where dq_desc's box is BLOCK_M/2 rows (dq_box), else columns
@@ -257,8 +274,8 @@ def _ws_consumer(args, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: g
                                                         instr_shape=[16, BLOCK_M, 16])
     kv_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                         instr_shape=[16, HEAD_DIM, 16])
-    DQ_M: gl.constexpr = dq_desc.block_type.shape[1]  # one consumer's half of dQ_i (dq_box)
-    DQ_N: gl.constexpr = dq_desc.block_type.shape[3]
+    DQ_M: gl.constexpr = dq_desc.block_type.shape[0]  # one consumer's half of dQ_i (dq_box)
+    DQ_N: gl.constexpr = dq_desc.block_type.shape[1]
     DQ_ROWS: gl.constexpr = DQ_M < BLOCK_M
     dq_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                         instr_shape=[16, DQ_N, 16])
@@ -268,7 +285,7 @@ def _ws_consumer(args, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: g
 
     b, hk, n0, lo, lo_full, hi_full, n_blk, first_q, first_k, len_q, len_k, qblk = _ws_item(
         Plan, CuQ, CuK, n_kv_heads, seqlen_q, seqlen_k, win_left, win_right, BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT,
-        VARLEN, ALIGNED)
+        VARLEN)
     total = n_blk * group  # (head, query block) pairs, in _pair's order
     off = len_k - len_q
     keys = n0 + WG * HALF + gl.arange(0, HALF, key_l)
@@ -315,7 +332,7 @@ def _ws_consumer(args, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: g
             dq = warpgroup_mma_wait(num_outstanding=0, deps=(dq_tok, ))
             # the dQ warp adds the tile into global memory by TMA; the buffer is free once that has read it
             mbarrier.wait(dq_empty.index(WG), (t & 1) ^ 1)  # fresh barriers pass phase 1: the first wait is free
-            dq_smem.index(WG).reshape([DQ_M, DQ_N]).store(dq * softmax_scale)
+            dq_smem.slice(WG * DQ_M, DQ_M).store(dq * softmax_scale)
             fence_async_shared()
             mbarrier.arrive(dq_full.index(WG), count=1)
 
@@ -331,7 +348,7 @@ def _ws_consumer(args, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: g
 
 @gluon.jit
 def _ws_loader(args, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, HAS_LEFT: gl.constexpr,
-               HAS_RIGHT: gl.constexpr, REVERSE: gl.constexpr, VARLEN: gl.constexpr, ALIGNED: gl.constexpr):
+               HAS_RIGHT: gl.constexpr, REVERSE: gl.constexpr, VARLEN: gl.constexpr):
     """One warp: K and V of the key block once, then Q_i and dO_i with their rows of lse2 / delta through the
     STAGES-deep ring."""
     (q_desc, k_desc, v_desc, do_desc, dq_desc, DK, DV, Lse2, Delta, Plan, Sem, CuQ, CuK, q_smem, do_smem,
@@ -340,7 +357,7 @@ def _ws_loader(args, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.co
      softmax_scale, win_left, win_right) = args
     b, hk, n0, lo, lo_full, hi_full, n_blk, first_q, first_k, len_q, len_k, qblk = _ws_item(
         Plan, CuQ, CuK, n_kv_heads, seqlen_q, seqlen_k, win_left, win_right, BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT,
-        VARLEN, ALIGNED)
+        VARLEN)
     total = n_blk * group
     if total > 0:
         mbarrier.expect(kv_bar, 2 * k_desc.block_type.nbytes)
@@ -381,35 +398,36 @@ def _ws_dq_writer(args, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: 
                   HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr, DET: gl.constexpr, REVERSE: gl.constexpr,
                   VARLEN: gl.constexpr):
     """One warp: adds each dQ_i tile (two halves, one per consumer: row or column halves, as dq_desc's box says)
-    into the fp32 dQ by TMA reduce-add;
-    rows past Nq are clipped by the descriptor. DET: query block i's additions are ordered by a semaphore per
-    (batch, head, query block): this key block waits until dq_rank earlier ones have added theirs, adds, waits
-    until the addition is written, and counts itself in. A packed document's last query block runs into the next
-    document's rows; their part of the tile is exact zeros (P = 0 there), which add in any order to the same bits."""
+    into the fp32 dQ accumulator by TMA reduce-add: tile (batch, head, query block) of sem_stride per head, each
+    half DQ_M * DQ_N contiguous floats in dq_smem's order (plan_bwd.dq_tile_bases), which the host puts back
+    in row order. A packed document's query blocks are tiles of their own (qblk). DET: query block i's additions
+    are ordered by a semaphore per (batch, head, query block): this key block waits until dq_rank earlier ones
+    have added theirs, adds, waits until the addition is written, and counts itself in."""
     (q_desc, k_desc, v_desc, do_desc, dq_desc, DK, DV, Lse2, Delta, Plan, Sem, CuQ, CuK, q_smem, do_smem,
      lse_smem, dlt_smem, k_smem, v_smem, ds_smem, dq_smem, kv_bar, q_ready, do_ready, q_empty, ds_ready, dq_full,
      dq_empty, n_kv_heads, n_heads, group, kv_group, seqlen_q, seqlen_k, sem_stride, qk_scale, inv_qk_scale,
      softmax_scale, win_left, win_right) = args
-    DQ_M: gl.constexpr = dq_desc.block_type.shape[1]  # one consumer's half of dQ_i (dq_box)
-    DQ_N: gl.constexpr = dq_desc.block_type.shape[3]
+    DQ_M: gl.constexpr = dq_desc.block_type.shape[0]  # one consumer's half of dQ_i (dq_box)
+    DQ_N: gl.constexpr = dq_desc.block_type.shape[1]
+    # the halves as the TMA reads them: rows of DQ_N floats, dq_smem's fragment order unchanged
+    flat = dq_smem._reinterpret(gl.float32, [2 * DQ_M, DQ_N],
+                                gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32, rank=2))
     b, hk, n0, lo, lo_full, hi_full, n_blk, first_q, first_k, len_q, len_k, qblk = _ws_item(
         Plan, CuQ, CuK, n_kv_heads, seqlen_q, seqlen_k, win_left, win_right, BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT,
-        VARLEN, DET)
+        VARLEN)
     for t in range(n_blk * group):
         g, m0 = _pair(t, n_blk, lo, group, BLOCK_M, REVERSE)
         h = hk * group + g
+        tile = (b * n_heads + h) * sem_stride + qblk + m0 // BLOCK_M
         if DET:
-            lock = Sem + (b * n_heads + h) * sem_stride + qblk + m0 // BLOCK_M
+            lock = Sem + tile
             rank = _dq_rank(n0 // BLOCK_N, m0, len_q, len_k, win_left, win_right, BLOCK_M, BLOCK_N, HAS_LEFT,
                             HAS_RIGHT, REVERSE)
             while gl.atomic_add(lock, 0, sem="acquire", scope="gpu") != rank:
                 pass
         for c in gl.static_range(2):
             mbarrier.wait(dq_full.index(c), t & 1)
-            if DQ_M < BLOCK_M:  # row halves
-                tma_reduce_add(dq_desc, [b, first_q + m0 + c * DQ_M, h, 0], dq_smem.index(c))
-            else:  # column halves
-                tma_reduce_add(dq_desc, [b, first_q + m0, h, c * DQ_N], dq_smem.index(c))
+            tma_reduce_add(dq_desc, [(2 * tile + c) * DQ_M, 0], flat.slice(c * DQ_M, DQ_M))
         if DET:
             _bulk_wait_written()
             gl.atomic_add(lock, 1, sem="release", scope="gpu")
@@ -427,10 +445,12 @@ def _bwd_ws_kernel(q_desc, k_desc, v_desc, do_desc, dq_desc, DK, DV, Lse2, Delta
                    n_heads, group, kv_group, seqlen_q, seqlen_k, sem_stride, qk_scale, inv_qk_scale, softmax_scale,
                    win_left, win_right, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
                    STAGES: gl.constexpr, HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr, DET: gl.constexpr,
-                   REVERSE: gl.constexpr, VARLEN: gl.constexpr, CONSUMER_REGS: gl.constexpr, num_warps: gl.constexpr):
+                   REVERSE: gl.constexpr, VARLEN: gl.constexpr, DQ_SMEM: gl.constexpr, CONSUMER_REGS: gl.constexpr,
+                   num_warps: gl.constexpr):
     """Warp-specialized dK/dV with dQ in the same pass: two consumer warpgroups (the default partition and a
-    worker), a loader warp and a dQ warp. dq_desc: the fp32 (B, Nq, H, D) accumulator, its box one consumer's half
-    of dQ_i (dq_box): BLOCK_M/2 x D (half of the rows) or BLOCK_M x D/2 (half of the columns).
+    worker), a loader warp and a dQ warp. dq_desc: the fp32 accumulator of dQ tiles as (rows, DQ_N), its box one
+    consumer's half of dQ_i (dq_box: BLOCK_M/2 x D, half of the rows, or BLOCK_M x D/2, half of the columns);
+    DQ_SMEM: the two halves' shared-memory layout (dq_layouts).
     DET: Plan is plan_bwd.ordered_backward_plan's and Sem a zeroed int32 (B * H * cdiv(Nq, BLOCK_M)) semaphore
     per query block. REVERSE: every key block walks its query blocks last to first (plan_bwd.descending_walk).
     The GQA group: either each program walks its KV head's `group` query heads (kv_group = 1, DK / DV like K / V),
@@ -446,7 +466,8 @@ def _bwd_ws_kernel(q_desc, k_desc, v_desc, do_desc, dq_desc, DK, DV, Lse2, Delta
     v_smem = gl.allocate_shared_memory(dtype, v_desc.block_type.shape, v_desc.layout)
     ds_smem = gl.allocate_shared_memory(dtype, [2, BLOCK_N, BLOCK_M],
                                         gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2))
-    dq_smem = gl.allocate_shared_memory(gl.float32, [2] + dq_desc.block_type.shape, dq_desc.layout)
+    dq_smem = gl.allocate_shared_memory(gl.float32, [2 * dq_desc.block_type.shape[0], dq_desc.block_type.shape[1]],
+                                        DQ_SMEM)
     kv_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
     q_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     do_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
@@ -468,9 +489,9 @@ def _bwd_ws_kernel(q_desc, k_desc, v_desc, do_desc, dq_desc, DK, DV, Lse2, Delta
             dq_full, dq_empty, n_kv_heads, n_heads, group, kv_group, seqlen_q, seqlen_k, sem_stride, qk_scale,
             inv_qk_scale, softmax_scale, win_left, win_right)
     gl.warp_specialize([
-        (_ws_consumer, (args, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, HAS_LEFT, HAS_RIGHT, REVERSE, VARLEN, DET, 0)),
-        (_ws_consumer, (args, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, HAS_LEFT, HAS_RIGHT, REVERSE, VARLEN, DET, 1)),
-        (_ws_loader, (args, BLOCK_M, BLOCK_N, STAGES, HAS_LEFT, HAS_RIGHT, REVERSE, VARLEN, DET)),
+        (_ws_consumer, (args, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, HAS_LEFT, HAS_RIGHT, REVERSE, VARLEN, 0)),
+        (_ws_consumer, (args, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, HAS_LEFT, HAS_RIGHT, REVERSE, VARLEN, 1)),
+        (_ws_loader, (args, BLOCK_M, BLOCK_N, STAGES, HAS_LEFT, HAS_RIGHT, REVERSE, VARLEN)),
         (_ws_dq_writer, (args, HEAD_DIM, BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT, DET, REVERSE, VARLEN)),
     ], [4, 1, 1], [CONSUMER_REGS, 24, 24])
 
@@ -491,7 +512,8 @@ def _launch_ws(q, k, v, dout, dq, dk, dv, lse2, delta, table, sem, cu_q, cu_k, b
                causal, softmax_scale, window_size, deterministic, reverse, varlen, split=False):
     """_bwd_ws_kernel over (table rows, batch * KV heads) programs, or with split (plan_bwd.split_group) over (table
     rows, batch * query heads), dk / dv then the fp32 (B, Nk, H, D) partials: q / k / v / dout (B, N, H, D), dq the
-    fp32 accumulator like q, sem_stride the semaphores per (batch, head). Dense: cu_q / cu_k are unused,
+    zeroed fp32 accumulator of dQ tiles (B, H, sem_stride, BLOCK_M * D), sem_stride the semaphores and tiles per
+    (batch, head). Dense: cu_q / cu_k are unused,
     seqlen_q / seqlen_k the lengths; packed documents (varlen, B = 1): seqlen_q / seqlen_k the totals."""
     H, D, Hkv = q.shape[2], q.shape[3], k.shape[2]
     bm, bn, stages = WS_BWD_CONFIG[D]
@@ -501,10 +523,10 @@ def _launch_ws(q, k, v, dout, dq, dk, dv, lse2, delta, table, sem, cu_q, cu_k, b
     with torch.cuda.device(q.device):
         _bwd_ws_kernel[(table.shape[0], batch * heads)](
             descriptor(q, bm), _k_descriptor(k, bn), descriptor(v, bn), descriptor(dout, bm),
-            descriptor(dq, *dq_box(bm, D)), dk, dv, lse2, delta, table, sem, cu_q, cu_k, heads, H, group, kv_group,
+            dq_descriptor(dq, bm, D), dk, dv, lse2, delta, table, sem, cu_q, cu_k, heads, H, group, kv_group,
             seqlen_q, seqlen_k, sem_stride, qk_scale, 1.0 / qk_scale, float(softmax_scale), max(left, 0),
             max(right, 0), HEAD_DIM=D, BLOCK_M=bm, BLOCK_N=bn, STAGES=stages, DET=deterministic, REVERSE=reverse,
-            VARLEN=varlen, CONSUMER_REGS=WS_BWD_REGS[1], num_warps=4, maxnreg=WS_BWD_REGS[0], HAS_LEFT=left >= 0,
+            VARLEN=varlen, DQ_SMEM=dq_layouts(bm, D)[0], CONSUMER_REGS=WS_BWD_REGS[1], num_warps=4, maxnreg=WS_BWD_REGS[0], HAS_LEFT=left >= 0,
             HAS_RIGHT=right >= 0)
 
 
@@ -525,13 +547,14 @@ def gluon_attn_backward(dout, q, k, v, out, lse, causal, softmax_scale, window_s
     dout, out = _tma_ready(dout), _tma_ready(out)
     delta, lse2 = preprocess(out, dout, lse, dlse)
     bm, bn, _ = WS_BWD_CONFIG[D]
-    dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+    n_qb = triton.cdiv(Nq, bm)
+    dq = torch.zeros((B, H, n_qb, bm * D), dtype=torch.float32, device=q.device)
     l2 = l2_bytes(q.device)
     split = split_group(group, Nq, D, l2, deterministic) and fits_in_memory(8 * B * Nk * H * D, q.device)
     reverse = descending_walk(causal, window_size, Nq, 1 if split else group, D, l2, deterministic)
     if deterministic:
         table = cached_table(ordered_backward_plan, Nq, Nk, causal, window_size, bm, bn, q.device, reverse)
-        sem = torch.zeros(B * H * triton.cdiv(Nq, bm), dtype=torch.int32, device=q.device)
+        sem = torch.zeros(B * H * n_qb, dtype=torch.int32, device=q.device)
     else:
         table = cached_table(backward_plan, Nq, Nk, causal, window_size, bm, bn, q.device)
         sem = table  # unused
@@ -541,12 +564,14 @@ def gluon_attn_backward(dout, q, k, v, out, lse, causal, softmax_scale, window_s
     else:
         dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
         dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
-    _launch_ws(q, k, v, dout, dq, dk, dv, lse2, delta, table, sem, table, table, B, Nq, Nk, triton.cdiv(Nq, bm),
-               causal, softmax_scale, window_size, deterministic, reverse, varlen=False, split=split)
+    _launch_ws(q, k, v, dout, dq, dk, dv, lse2, delta, table, sem, table, table, B, Nq, Nk, n_qb, causal,
+               softmax_scale, window_size, deterministic, reverse, varlen=False, split=split)
     if split:
         dk = dk.view(B, Nk, Hkv, group, D).sum(3).to(k.dtype)
         dv = dv.view(B, Nk, Hkv, group, D).sum(3).to(v.dtype)
-    return dq.to(q.dtype), dk, dv
+    dq_rows = dq_from_tiles(dq, dq_layouts(bm, D)[1], torch.empty((B, n_qb * bm, H, D), dtype=q.dtype,
+                                                                  device=q.device))
+    return (dq_rows if n_qb * bm == Nq else dq_rows[:, :Nq].contiguous()), dk, dv
 
 
 def gluon_attn_varlen_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
@@ -566,7 +591,6 @@ def gluon_attn_varlen_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens
     dout, out = _tma_ready(dout), _tma_ready(out)
     delta, lse2 = preprocess(out[None], dout[None], lse[None], None if dlse is None else dlse[None])
     bm, bn, _ = WS_BWD_CONFIG[D]
-    dq = torch.zeros((1, total_q, H, D), dtype=torch.float32, device=q.device)
     # both modes walk causal key blocks last to first, as the non-deterministic mode does everywhere: their
     # documents' key blocks then launch heaviest first (plan_bwd.document_key_order)
     reverse = descending_walk(causal, window_size, int(max_seqlen_q), H // Hkv, D, l2_bytes(q.device),
@@ -575,7 +599,10 @@ def gluon_attn_varlen_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens
                                                                         reverse))
     sem_stride = document_semaphores(total_q, n_docs, bm)
     sem = torch.zeros(H * sem_stride if deterministic else 1, dtype=torch.int32, device=q.device)
+    dq = torch.zeros((1, H, sem_stride, bm * D), dtype=torch.float32, device=q.device)
     _launch_ws(q[None], k[None], v[None], dout[None], dq, dk, dv, lse2, delta, table, sem, cu_seqlens_q, cu_seqlens_k,
                1, total_q, total_k, sem_stride, causal, softmax_scale, window_size, deterministic, reverse,
                varlen=True)
-    return dq[0].to(q.dtype), dk, dv
+    blocks = dq_from_tiles(dq, dq_layouts(bm, D)[1], torch.empty((1, sem_stride * bm, H, D), dtype=q.dtype,
+                                                                 device=q.device))[0]
+    return blocks.index_select(0, document_rows(cu_seqlens_q, total_q, bm)), dk, dv

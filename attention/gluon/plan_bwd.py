@@ -1,6 +1,6 @@
 """Host-side planning for the Gluon backward's dK/dV kernel: the query rows that each key block meets, split into
-masked and unmasked segments, and the order the grid visits key blocks. Pure Python (plan.py and the standard
-library only), so the CPU tests check it without a GPU or a Gluon-capable triton.
+masked and unmasked segments, the order the grid visits key blocks, and the layout of the dQ tiles. Pure Python
+(plan.py, torch and the standard library only), so the CPU tests check it without a GPU or a Gluon-capable triton.
 
     plan = backward_plan(seqlen_q=8192, seqlen_k=8192, causal=True, window_size=(-1, -1), block_m=64, block_n=128)
     plan.bounds[t]  # (lo, a, b, hi): query rows of key block t; [a, b) needs no mask, [lo, a) and [b, hi) do
@@ -16,6 +16,8 @@ plan.forward_plan with the dQ kernel's tile sizes.
 """
 
 from __future__ import annotations
+
+import torch
 
 from .plan import TilePlan, n_blocks, segments, window_sides
 
@@ -49,10 +51,11 @@ def query_range(n0: int, seqlen_q: int, seqlen_k: int, left: int, right: int, bl
 
 def backward_plan(seqlen_q: int, seqlen_k: int, causal: bool, window_size, block_m: int,
                   block_n: int) -> TilePlan:
-    """Key blocks of block_n keys over query blocks of block_m rows; ties in work keep the earlier block first."""
+    """Key blocks of block_n keys over query blocks of block_m rows; ties in work keep the earlier block first.
+    Query ranges are aligned: every key block adds into the same dQ tiles (dq_tile_bases)."""
     left, right = window_sides(causal, window_size)
     n_tiles = -(-seqlen_k // block_n)
-    bounds = tuple(query_range(t * block_n, seqlen_q, seqlen_k, left, right, block_m, block_n)
+    bounds = tuple(query_range(t * block_n, seqlen_q, seqlen_k, left, right, block_m, block_n, aligned=True)
                    for t in range(n_tiles))
     work = [n_blocks(lo, hi, block_m) for lo, _, _, hi in bounds]
     return TilePlan(block_m, bounds, tuple(sorted(range(n_tiles), key=lambda t: (-work[t], t))))
@@ -162,5 +165,54 @@ def document_query_block(first_q: int, doc: int, m0: int, block_m: int) -> int:
 
 
 def document_semaphores(total_q: int, n_docs: int, block_m: int) -> int:
-    """Semaphores per head for packed documents: more than any document_query_block."""
+    """Semaphores (and dQ tiles) per head for packed documents: more than any document_query_block."""
     return -(-total_q // block_m) + n_docs
+
+
+def document_rows(cu_seqlens: torch.Tensor, total: int, block_m: int) -> torch.Tensor:
+    """int64 (total,): each packed row's row among one head's dQ tiles of block_m rows (document_semaphores of
+    them): row m of document d is row m % block_m of tile document_query_block(first_q, d, m). Rows outside every
+    document map to the first row of the last tile, which no document reaches, so it stays zero: d's tiles end
+    before first_q // block_m + d + ceil(len / block_m) <= ceil((first_q + len) / block_m) + d. Tensor ops on
+    cu_seqlens' device: the host never waits for the lengths."""
+    n_docs = cu_seqlens.numel() - 1
+    rows = torch.arange(total, device=cu_seqlens.device, dtype=cu_seqlens.dtype)
+    doc = torch.searchsorted(cu_seqlens, rows, right=True) - 1  # the last document that starts at or before
+    inside = (doc >= 0) & (doc < n_docs)
+    d = doc.clamp(0, max(n_docs - 1, 0)).long()
+    first = cu_seqlens.long()[d]
+    at = (first // block_m + d) * block_m + rows.long() - first
+    return torch.where(inside, at, (document_semaphores(total, n_docs, block_m) - 1) * block_m)
+
+
+def dq_tile_bases(rows: int, cols: int) -> list[list[int]]:
+    """Where one consumer warpgroup's rows x cols fp32 part of dQ_i lies in shared memory, and in the dQ
+    accumulator, which the tile is added into as it is: element offset 2**k holds (row, col) = bases[k], offsets
+    combining by XOR (a SharedLinearLayout's offset_bases). The order of a Hopper MMA accumulator's fragments
+    (4 warps of 16 rows; a thread holds columns 2c, 2c + 1 of rows r and r + 8 in each 8-column group): each
+    thread's two columns of two rows first, then its lane, its warp, and its further 8-column groups and 64-row
+    repeats. A warp's store of four registers then covers 512 contiguous bytes, with no bank conflict; with a
+    TMA swizzle, rows r and r ^ 1 of a half-warp's 8-byte stores meet in the same banks."""
+    if rows % 64 or cols % 8 or rows & (rows - 1) or cols & (cols - 1):
+        raise ValueError(f"dq_tile_bases: rows must be a power of two >= 64 and cols one >= 8, got {rows} x {cols}")
+    bases = [[0, 1], [8, 0], [0, 2], [0, 4], [1, 0], [2, 0], [4, 0], [16, 0], [32, 0]]
+    bases += [[0, 1 << k] for k in range(3, cols.bit_length() - 1)]
+    bases += [[1 << k, 0] for k in range(6, rows.bit_length() - 1)]
+    return bases
+
+
+def dq_from_tiles(tiles: torch.Tensor, bases: list[list[int]], out: torch.Tensor) -> torch.Tensor:
+    """Copy the dQ accumulator's tiles (B, H, n_tiles, 2 ** len(bases)) fp32, each one query block laid out by
+    bases (dq_tile_bases and the split of the block between the consumers), into out (B, n_tiles * block_m, H, D),
+    converting to out's dtype in the same pass."""
+    B, H, n_tiles, _ = tiles.shape
+    n = len(bases)
+    src = tiles.view(B, H, n_tiles, *[2] * n)  # offset bit k is dimension 3 + n - 1 - k
+    row_bits = sorted((k for k in range(n) if bases[k][0]), key=lambda k: -bases[k][0])
+    col_bits = sorted((k for k in range(n) if bases[k][1]), key=lambda k: -bases[k][1])
+    if len(row_bits) + len(col_bits) != n:
+        raise ValueError(f"dq_from_tiles: every basis must move one coordinate, got {bases}")
+    dims = [3 + n - 1 - k for k in row_bits] + [1] + [3 + n - 1 - k for k in col_bits]
+    dst = out.view(B, n_tiles, *[2] * len(row_bits), H, *[2] * len(col_bits))
+    dst.copy_(src.permute(0, 2, *dims))
+    return out

@@ -6,8 +6,8 @@ import torch
 
 from attention.gluon.plan import window_sides
 from attention.gluon.plan_bwd import (backward_plan, descending_walk, document_key_order, document_query_block,
-                                      document_semaphores, dq_rank, ordered_backward_plan, query_blocks,
-                                      query_range, split_group)
+                                      document_rows, document_semaphores, dq_from_tiles, dq_rank, dq_tile_bases,
+                                      ordered_backward_plan, query_blocks, query_range, split_group)
 from helpers import visible_mask
 
 
@@ -222,3 +222,68 @@ def test_gqa_groups_split_over_programs_only_where_their_rows_outgrow_the_l2():
     assert not split_group(4, 8192, 128, l2, deterministic=False)  # 32 MiB: within the L2
     assert not split_group(1, 1 << 20, 128, l2, deterministic=False)  # no group: nothing to split
     assert split_group(4, 8192, 128, 0)  # the GPU tests' "L2 of 0" splits every group
+
+
+def _offsets(bases):
+    """offset -> (row, col) of a layout given by its bases (XOR of the bases of the offset's set bits)."""
+    out = []
+    for o in range(1 << len(bases)):
+        r = c = 0
+        for k, (br, bc) in enumerate(bases):
+            if o >> k & 1:
+                r, c = r ^ br, c ^ bc
+        out.append((r, c))
+    return out
+
+
+@pytest.mark.parametrize("rows,cols", [(64, 64), (128, 32), (64, 128), (256, 8)])
+def test_dq_tiles_put_each_threads_fragment_registers_side_by_side(rows, cols):
+    """Every element of a consumer's rows x cols dQ part once; thread (warp w, lane l) of a Hopper MMA accumulator
+    holds columns 8j + 2(l % 4) + {0, 1} of rows 16w + l // 4 + {0, 8} (+ 64 per repeat): those four registers
+    are 16 contiguous bytes, and the 32 lanes' are 512 contiguous bytes, so a warp's vector store meets no bank
+    twice in a wavefront."""
+    where = {rc: o for o, rc in enumerate(_offsets(dq_tile_bases(rows, cols)))}
+    assert len(where) == rows * cols and all(r < rows and c < cols for r, c in where)
+    for w in range(4):
+        for rep in range(rows // 64):
+            for j in range(cols // 8):
+                first = None
+                for lane in range(32):
+                    r, c = 64 * rep + 16 * w + lane // 4, 8 * j + 2 * (lane % 4)
+                    regs = [where[(r + 8 * i, c + e)] for i in (0, 1) for e in (0, 1)]
+                    first = regs[0] if first is None else first
+                    assert regs == [first + 4 * lane + k for k in range(4)], (w, rep, j, lane)
+                assert first % 128 == 0
+    with pytest.raises(ValueError, match="dq_tile_bases: rows must be a power of two >= 64 and cols one >= 8, got 32 x 64"):
+        dq_tile_bases(32, 64)
+
+
+@pytest.mark.parametrize("bm,d,split_rows", [(64, 128, False), (128, 64, True), (128, 64, False)])
+def test_dq_from_tiles_puts_every_element_back_in_row_order(bm, d, split_rows):
+    """The accumulator's tiles, laid out by the bases (one consumer's half, then the other's by rows or columns),
+    come back as (B, n_tiles * bm, H, D) in the output's dtype: against an element-by-element placement."""
+    half = (bm // 2, d) if split_rows else (bm, d // 2)
+    bases = dq_tile_bases(*half) + [[half[0], 0] if split_rows else [0, half[1]]]
+    B, H, n_tiles = 2, 3, 3
+    dq = torch.randn(B, n_tiles * bm, H, d)
+    tiles = torch.empty(B, H, n_tiles, bm * d)
+    for o, (r, c) in enumerate(_offsets(bases)):
+        for t in range(n_tiles):
+            tiles[:, :, t, o] = dq[:, t * bm + r, :, c]
+    out = dq_from_tiles(tiles, bases, torch.empty(B, n_tiles * bm, H, d, dtype=torch.float64))
+    assert out.dtype == torch.float64 and torch.equal(out, dq.double())
+
+
+def test_document_rows_find_each_rows_tile_and_a_zero_tile_outside_every_document():
+    bm = 64
+    for lens, pad in [([1000, 0, 1, 2049, 517, 4096], 3), ([64, 64, 1, 63, 65, 128], 0), ([1] * 50, 70), ([], 5),
+                      ([0, 0, 7], 1)]:
+        cu = torch.tensor([0] + [sum(lens[:d + 1]) for d in range(len(lens))], dtype=torch.int32)
+        total = sum(lens) + pad
+        rows = document_rows(cu, total, bm).tolist()
+        n_tiles = document_semaphores(total, len(lens), bm)
+        want = [document_query_block(cu[d].item(), d, m, bm) * bm + m % bm for d, n in enumerate(lens)
+                for m in range(n)]
+        assert rows[:sum(lens)] == want
+        assert rows[sum(lens):] == [(n_tiles - 1) * bm] * pad  # outside: the last tile, which no document reaches
+        assert all(r < (n_tiles - 1) * bm for r in want)
