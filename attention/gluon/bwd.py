@@ -24,8 +24,10 @@ one warp-specialized program per (key block of BLOCK_N = 128 rows, batch, kv hea
                         dS^T -> ds_smem[i % 2] (its 64 rows); ds_ready: both warpgroups have written theirs
                         issue half of dQ_i = dS K: rows [WG * BM/2, ...) at BLOCK_M = 128 (D=64), else columns
                         [WG * D/2, ...) (dS^T permuted from shared memory; dq_box)
-                        wait dV, dK; release Q_i, dO_i; wait dQ_i; dQ_i * scale -> dq_smem[WG]; dq_full[WG]
-    dQ warp         TMA reduce-add of dq_smem[0], dq_smem[1] into the fp32 (B, Nq, H, D) dQ; dq_empty once read.
+                        wait dV, dK; release Q_i, dO_i; wait dQ_i; dQ_i * scale -> dq_smem half WG, in the order
+                        of the accumulator's fragments (dq_layouts: no bank conflict); dq_full[WG]
+    dQ warp         TMA reduce-add of the two halves, as they lie, into the fp32 accumulator of dQ tiles (B, H,
+                    query blocks, BLOCK_M * D); dq_empty once read.
                     deterministic: first wait until the semaphore of (b, h, query block) equals this key block's
                     rank (_dq_rank, plan_bwd.dq_rank), and after the addition is written, increment it: the
                     additions into a query block follow plan_bwd.ordered_backward_plan's launch order.
@@ -36,13 +38,15 @@ one warp-specialized program per (key block of BLOCK_N = 128 rows, batch, kv hea
     GQA split       where a group's rows outgrow the L2 (plan_bwd.split_group), one program per (key block, batch,
                     query head) instead, writing that head's dK / dV in fp32; the host sums them over the group.
 
-dK is scaled once at the end; dK and dV go straight to global memory. One cast of dQ to the input dtype follows.
+dK is scaled once at the end; dK and dV go straight to global memory. plan_bwd.dq_from_tiles puts dQ back in row
+order in the pass that casts it to the input dtype.
 
 Packed documents (gluon_attn_varlen_backward, VARLEN): one program per (document, key block) of
 plan.document_tiles, built on the GPU, and KV head; each document's query range as in a dense call of its
 lengths, rows offset by its first row. A document's last query block runs into the next document's rows: their
-part of the dQ tile is exact zeros, and its rows of lse2 / delta load as 0. The deterministic mode numbers the
-documents' query blocks apart (plan_bwd.document_query_block); both modes walk causal key blocks last to first.
+part of the document's dQ tile stays zero, and its rows of lse2 / delta load as 0. The documents' query blocks
+are numbered apart (plan_bwd.document_query_block): their semaphores and dQ tiles (plan_bwd.document_rows maps the
+rows back); both modes walk causal key blocks last to first.
 
 
 Ring reuse: a stage is refilled only once both consumer warpgroups have released it (q_empty). Rows past Nq or
@@ -526,8 +530,8 @@ def _launch_ws(q, k, v, dout, dq, dk, dv, lse2, delta, table, sem, cu_q, cu_k, b
             dq_descriptor(dq, bm, D), dk, dv, lse2, delta, table, sem, cu_q, cu_k, heads, H, group, kv_group,
             seqlen_q, seqlen_k, sem_stride, qk_scale, 1.0 / qk_scale, float(softmax_scale), max(left, 0),
             max(right, 0), HEAD_DIM=D, BLOCK_M=bm, BLOCK_N=bn, STAGES=stages, DET=deterministic, REVERSE=reverse,
-            VARLEN=varlen, DQ_SMEM=dq_layouts(bm, D)[0], CONSUMER_REGS=WS_BWD_REGS[1], num_warps=4, maxnreg=WS_BWD_REGS[0], HAS_LEFT=left >= 0,
-            HAS_RIGHT=right >= 0)
+            VARLEN=varlen, DQ_SMEM=dq_layouts(bm, D)[0], CONSUMER_REGS=WS_BWD_REGS[1], num_warps=4,
+            maxnreg=WS_BWD_REGS[0], HAS_LEFT=left >= 0, HAS_RIGHT=right >= 0)
 
 
 def _tma_ready(t: torch.Tensor) -> torch.Tensor:

@@ -254,7 +254,7 @@ def test_dq_tiles_put_each_threads_fragment_registers_side_by_side(rows, cols):
                     first = regs[0] if first is None else first
                     assert regs == [first + 4 * lane + k for k in range(4)], (w, rep, j, lane)
                 assert first % 128 == 0
-    with pytest.raises(ValueError, match="dq_tile_bases: rows must be a power of two >= 64 and cols one >= 8, got 32 x 64"):
+    with pytest.raises(ValueError, match="rows must be a power of two >= 64 and cols one >= 8, got 32 x 64"):
         dq_tile_bases(32, 64)
 
 
