@@ -231,8 +231,8 @@ def _ws_item(Plan, CuQ, CuK, n_kv_heads, seqlen_q, seqlen_k, win_left, win_right
     len_q, len_k the sequence lengths. Packed documents (b = 0): the row is (document d, key block) of
     plan.document_tiles, d's query rows start at first_q = cu_q[d] and its keys at first_k = cu_k[d], the query
     range is the Triton kernels' query_segments (aligned, as plan_bwd.query_range) and a padding row (d = -1) is
-    empty. Row m0 of the document is in query block qblk + m0 // BLOCK_M of its (batch,
-    head): qblk = first_q // BLOCK_M + d numbers the documents' blocks apart (plan_bwd.document_query_block)."""
+    empty. Row m0 of the document is in query block qblk + m0 // BLOCK_M of its (batch, head): qblk = first_q //
+    BLOCK_M + d numbers the documents' blocks apart (plan_bwd.document_query_block)."""
     bhk = gl.program_id(1)
     if VARLEN:
         row = gl.program_id(0)
@@ -517,8 +517,8 @@ def _launch_ws(q, k, v, dout, dq, dk, dv, lse2, delta, table, sem, cu_q, cu_k, b
     """_bwd_ws_kernel over (table rows, batch * KV heads) programs, or with split (plan_bwd.split_group) over (table
     rows, batch * query heads), dk / dv then the fp32 (B, Nk, H, D) partials: q / k / v / dout (B, N, H, D), dq the
     zeroed fp32 accumulator of dQ tiles (B, H, sem_stride, BLOCK_M * D), sem_stride the semaphores and tiles per
-    (batch, head). Dense: cu_q / cu_k are unused,
-    seqlen_q / seqlen_k the lengths; packed documents (varlen, B = 1): seqlen_q / seqlen_k the totals."""
+    (batch, head). Dense: cu_q / cu_k are unused, seqlen_q / seqlen_k the lengths; packed documents (varlen,
+    B = 1): seqlen_q / seqlen_k the totals."""
     H, D, Hkv = q.shape[2], q.shape[3], k.shape[2]
     bm, bn, stages = WS_BWD_CONFIG[D]
     left, right = window_sides(causal, window_size)
