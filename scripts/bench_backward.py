@@ -6,21 +6,25 @@
     python scripts/bench_backward.py --gqa-split --out /tmp/split.json   # GQA groups split over programs or not
     git worktree add /tmp/base da46f0f && python scripts/bench_backward.py --against /tmp/base   # this tree's
                                                                   # Gluon backward against another checkout's
+    python scripts/bench_backward.py --against DIR --against-commit 85df715 --cases 0 0 0 --rounds 5   # one case,
+                                                                  # three times; DIR a copy without .git
 
 --ws-tile runs the warp-specialized Gluon backward with (BLOCK_M, BLOCK_N, STAGES) at the head dim given, in
 place of attention.gluon.bwd.WS_BWD_CONFIG's entry. --gqa-split runs SPLIT_CASES (causal GQA, D=128 and 64) with
 plan_bwd.split_group forced on and off in both modes, and records where the shipped rule splits. --against DIR
 imports the attention package of the checkout at DIR under another name and times its Gluon backward beside this
 tree's, both modes, on the same tensors in the same process, in place of the Triton backward: the A/B of a kernel
-change (errors against DIR's deterministic run; meta.against names DIR's commit).
+change (errors against DIR's deterministic run; meta.against names DIR's commit, or --against-commit's where DIR is
+no git checkout). --cases runs only those positions of CASES (SPLIT_CASES with --gqa-split), in the order given,
+repeats included; --rounds sets the interleaved rounds (3).
 
 Per case (bf16, D=128 or --head-dim, B*N = 65536 tokens for N <= 64K, else B = 1): cuDNN's backward (torch
 SDPA, the graph retained), the Triton backward (deterministic), and the Gluon backward (attention.gluon.bwd,
 sm_90 only) in its deterministic and non-deterministic modes, all from the same out / lse. The providers are timed
-in 3 interleaved rounds of triton.testing.do_bench; each figure is the median round, TFLOPS at 2.5x the forward's
-FLOPs (causal counts half). Each row also holds the relative error of both Gluon modes against the Triton
-backward (dq, dk, dv) and whether two deterministic runs gave the same bits. Rows are written to the JSON as they
-finish.
+in 3 (--rounds) interleaved rounds of triton.testing.do_bench; each figure is the median round, TFLOPS at 2.5x the
+forward's FLOPs (causal counts half). Each row also holds the relative error of both Gluon modes against the
+Triton backward (dq, dk, dv) and whether two deterministic runs gave the same bits. Rows are written to the JSON as
+they finish.
 """
 
 from __future__ import annotations
@@ -83,10 +87,10 @@ def _inputs(causal: bool, n: int, heads: int, kv_heads: int, head_dim: int):
     return B, qd, kd, vd, out, lse, torch.randn_like(out), cudnn
 
 
-def time_rounds(row: dict, fns: dict, flops: float) -> dict:
-    """Time fns in ROUNDS interleaved rounds; row[name] = TFLOPS of the median round."""
+def time_rounds(row: dict, fns: dict, flops: float, rounds: int = ROUNDS) -> dict:
+    """Time fns in `rounds` interleaved rounds; row[name] = TFLOPS of the median round."""
     times = {name: [] for name in fns}
-    for _ in range(ROUNDS):
+    for _ in range(rounds):
         for name, fn in fns.items():
             times[name].append(_timed(fn))
     for name, ts in times.items():
@@ -109,7 +113,8 @@ def load_checkout(path: Path, name: str = "attention_against"):
     return package, importlib.import_module(f"{name}.gluon.bwd")
 
 
-def bench_case(causal: bool, n: int, heads: int, kv_heads: int, head_dim: int = 128, against=None) -> dict:
+def bench_case(causal: bool, n: int, heads: int, kv_heads: int, head_dim: int = 128, against=None,
+               rounds: int = ROUNDS) -> dict:
     """One case; against: another checkout's gluon.bwd module (load_checkout), timed in place of Triton."""
     from attention.gluon.bwd import gluon_attn_backward
     from attention.triton.bwd import triton_attn_backward
@@ -123,21 +128,22 @@ def bench_case(causal: bool, n: int, heads: int, kv_heads: int, head_dim: int = 
         fns = {"cudnn": cudnn, "against_det": run(against.gluon_attn_backward, True),
                "det": run(gluon_attn_backward, True), "against_nondet": run(against.gluon_attn_backward, False),
                "nondet": run(gluon_attn_backward, False)}
-        row = _modes_row(head, fns, "against_det", "det", "nondet", "against", flops)
+        row = _modes_row(head, fns, "against_det", "det", "nondet", "against", flops, rounds)
         for mode in ("det", "nondet"):
             row[f"{mode}/against"] = round(row[mode] / row[f"against_{mode}"], 3)
             row[f"{mode}/cudnn"] = round(row[mode] / row["cudnn"], 3)
         return row
     fns = {"cudnn": cudnn, "triton": run(triton_attn_backward, True), "gluon_det": run(gluon_attn_backward, True),
            "gluon_nondet": run(gluon_attn_backward, False)}
-    row = _modes_row(head, fns, "triton", "gluon_det", "gluon_nondet", "triton", flops)
+    row = _modes_row(head, fns, "triton", "gluon_det", "gluon_nondet", "triton", flops, rounds)
     row["det/cudnn"] = round(row["gluon_det"] / row["cudnn"], 3)
     row["nondet/cudnn"] = round(row["gluon_nondet"] / row["cudnn"], 3)
     row["det/triton"] = round(row["gluon_det"] / row["triton"], 3)
     return row
 
 
-def _modes_row(head: dict, fns: dict, ref: str, det: str, nondet: str, label: str, flops: float) -> dict:
+def _modes_row(head: dict, fns: dict, ref: str, det: str, nondet: str, label: str, flops: float,
+               rounds: int = ROUNDS) -> dict:
     """head plus the relative errors (dq, dk, dv) of the fns[det] and fns[nondet] runs against fns[ref]'s
     (err_det_vs_<label>, err_nondet_vs_<label>), whether two fns[det] runs give the same bits, and the timings."""
     want = fns[ref]()
@@ -146,10 +152,10 @@ def _modes_row(head: dict, fns: dict, ref: str, det: str, nondet: str, label: st
                         f"err_nondet_vs_{label}": [round(rel(a, b), 6) for a, b in zip(loose, want)]},
                det_repeats_bitwise=all(torch.equal(a, b) for a, b in zip(got, again)))
     del want, got, again, loose
-    return time_rounds(row, fns, flops)
+    return time_rounds(row, fns, flops, rounds)
 
 
-def bench_split_case(head_dim: int, n: int, heads: int, kv_heads: int) -> dict:
+def bench_split_case(head_dim: int, n: int, heads: int, kv_heads: int, rounds: int = ROUNDS) -> dict:
     """Causal GQA: the Gluon backward in both modes with the group split over programs and not
     (plan_bwd.split_group forced either way), against cuDNN and the Triton backward; errors of the split runs
     against the unsplit deterministic one, and whether two split deterministic runs gave the same bits."""
@@ -181,7 +187,7 @@ def bench_split_case(head_dim: int, n: int, heads: int, kv_heads: int) -> dict:
                det_split_repeats_bitwise=all(torch.equal(a, b) for a, b in zip(fns["det_split"](),
                                                                                 fns["det_split"]())))
     del ref
-    return time_rounds(row, fns, backward_flops(B, n, heads, D, True))
+    return time_rounds(row, fns, backward_flops(B, n, heads, D, True), rounds)
 
 
 def main(argv=None) -> None:
@@ -194,9 +200,22 @@ def main(argv=None) -> None:
                     help="GQA groups split over programs against not (SPLIT_CASES; --head-dim is ignored)")
     ap.add_argument("--against", type=Path, metavar="DIR",
                     help="another checkout (e.g. a git worktree): its Gluon backward beside this tree's")
+    ap.add_argument("--against-commit", metavar="SHA", help="DIR's commit, where DIR is no git checkout")
+    ap.add_argument("--cases", type=int, nargs="+", metavar="I",
+                    help="only these positions of CASES (SPLIT_CASES with --gqa-split), repeats included")
+    ap.add_argument("--rounds", type=int, default=ROUNDS, help=f"interleaved timing rounds ({ROUNDS})")
     args = ap.parse_args(argv)
     if args.against is not None and args.gqa_split:
         raise SystemExit("error: --against times the dense CASES; it does not combine with --gqa-split")
+    if args.against_commit is not None and args.against is None:
+        raise SystemExit("error: --against-commit names the commit of --against DIR; give --against too")
+    cases = SPLIT_CASES if args.gqa_split else CASES
+    bad = [i for i in args.cases or () if not 0 <= i < len(cases)]
+    if bad:
+        raise SystemExit(f"error: --cases takes positions 0-{len(cases) - 1} of "
+                         f"{'SPLIT_CASES' if args.gqa_split else 'CASES'}, got {bad}")
+    if args.rounds < 1:
+        raise SystemExit(f"error: --rounds takes a count of at least 1, got {args.rounds}")
     against = None if args.against is None else load_checkout(args.against)[1]
     if args.ws_tile is not None and (args.ws_tile[0] not in (64, 128) or args.ws_tile[1] != 128
                                      or not 1 <= args.ws_tile[2] <= 4):
@@ -210,16 +229,16 @@ def main(argv=None) -> None:
     if args.ws_tile is not None:
         from attention.gluon import bwd
         bwd.WS_BWD_CONFIG[args.head_dim] = tuple(args.ws_tile)
-    info = dict(meta(), ws_tile=args.ws_tile)
+    info = dict(meta(), ws_tile=args.ws_tile, rounds=args.rounds)
     if against is not None:
-        info["against"] = dict(path=str(args.against), commit=source_commit(args.against))
+        info["against"] = dict(path=str(args.against), commit=source_commit(args.against) or args.against_commit)
     name = "backward_gqa_split" if args.gqa_split else "backward_against" if against else "backward"
     out = Path(args.out or f"docs/bench/{name}_{info['gpu'].split()[-1].lower()}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     rows = []
-    for case in SPLIT_CASES if args.gqa_split else CASES:
-        rows.append(bench_split_case(*case) if args.gqa_split else
-                    bench_case(*case, head_dim=args.head_dim, against=against))
+    for case in [cases[i] for i in args.cases] if args.cases else cases:
+        rows.append(bench_split_case(*case, rounds=args.rounds) if args.gqa_split else
+                    bench_case(*case, head_dim=args.head_dim, against=against, rounds=args.rounds))
         print(json.dumps(rows[-1]), flush=True)
         out.write_text(json.dumps(dict(meta=info, rows=rows), indent=1))  # after every row: a cut run keeps them
         torch.cuda.empty_cache()

@@ -79,6 +79,32 @@ def test_against_passes_the_other_kernel_to_each_case_and_names_it_in_the_meta(m
     assert calls[0][1]["against"].__file__.startswith(str(checkout))
 
 
+def test_cases_picks_positions_in_order_with_repeats_and_refuses_others_in_one_line(monkeypatch, tmp_path):
+    out = tmp_path / "b.json"
+    calls = run_bench_cut_after_first_case(monkeypatch, bench_backward,
+                                           ["--out", str(out), "--cases", "2", "2", "0", "--rounds", "5"])
+    assert [args for args, _ in calls] == [bench_backward.CASES[2]] * 2  # the second call is the cut
+    assert calls[0][1]["rounds"] == 5
+    assert json.loads(out.read_text())["meta"]["rounds"] == 5
+    last = len(bench_backward.CASES) - 1
+    with pytest.raises(SystemExit, match=rf"--cases takes positions 0-{last} of CASES, got \[{last + 1}, -1\]"):
+        bench_backward.main(["--cases", "1", str(last + 1), "-1"])
+    with pytest.raises(SystemExit, match="--rounds takes a count of at least 1, got 0"):
+        bench_backward.main(["--rounds", "0"])
+    with pytest.raises(SystemExit, match="--against-commit names the commit of --against DIR"):
+        bench_backward.main(["--against-commit", "abc1234"])
+
+
+def test_against_commit_names_a_copy_without_git(monkeypatch, tmp_path):
+    monkeypatch.setattr(sys, "modules", dict(sys.modules))
+    monkeypatch.setenv("GIT_CEILING_DIRECTORIES", str(tmp_path))
+    checkout = _checkout_copy(tmp_path / "base")
+    out = tmp_path / "b.json"
+    run_bench_cut_after_first_case(monkeypatch, bench_backward,
+                                   ["--out", str(out), "--against", str(checkout), "--against-commit", "85df715"])
+    assert json.loads(out.read_text())["meta"]["against"] == {"path": str(checkout), "commit": "85df715"}
+
+
 def test_a_row_holds_both_modes_errors_against_the_reference_and_the_repeat_check(monkeypatch):
     import itertools
 
