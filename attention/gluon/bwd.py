@@ -534,6 +534,14 @@ def _launch_ws(q, k, v, dout, dq, dk, dv, lse2, delta, table, sem, cu_q, cu_k, b
             maxnreg=WS_BWD_REGS[0], HAS_LEFT=left >= 0, HAS_RIGHT=right >= 0)
 
 
+def _dq_in_rows(tiles: torch.Tensor, block_m: int, head_dim: int, dtype: torch.dtype) -> torch.Tensor:
+    """The dQ accumulator's tiles (B, H, n_tiles, block_m * head_dim) back in row order, (B, n_tiles * block_m, H,
+    head_dim) in dtype, in one pass (plan_bwd.dq_from_tiles)."""
+    B, H, n_tiles, _ = tiles.shape
+    out = torch.empty((B, n_tiles * block_m, H, head_dim), dtype=dtype, device=tiles.device)
+    return dq_from_tiles(tiles, dq_layouts(block_m, head_dim)[1], out)
+
+
 def _tma_ready(t: torch.Tensor) -> torch.Tensor:
     """t itself if TMA can read it (unit last stride, 16-byte aligned strides and base), else a contiguous copy."""
     ok = t.stride(-1) == 1 and t.data_ptr() % 16 == 0 and all((s * t.element_size()) % 16 == 0
@@ -573,9 +581,8 @@ def gluon_attn_backward(dout, q, k, v, out, lse, causal, softmax_scale, window_s
     if split:
         dk = dk.view(B, Nk, Hkv, group, D).sum(3).to(k.dtype)
         dv = dv.view(B, Nk, Hkv, group, D).sum(3).to(v.dtype)
-    dq_rows = dq_from_tiles(dq, dq_layouts(bm, D)[1], torch.empty((B, n_qb * bm, H, D), dtype=q.dtype,
-                                                                  device=q.device))
-    return (dq_rows if n_qb * bm == Nq else dq_rows[:, :Nq].contiguous()), dk, dv
+    dq = _dq_in_rows(dq, bm, D, q.dtype)
+    return (dq if n_qb * bm == Nq else dq[:, :Nq].contiguous()), dk, dv
 
 
 def gluon_attn_varlen_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
@@ -607,6 +614,4 @@ def gluon_attn_varlen_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens
     _launch_ws(q[None], k[None], v[None], dout[None], dq, dk, dv, lse2, delta, table, sem, cu_seqlens_q, cu_seqlens_k,
                1, total_q, total_k, sem_stride, causal, softmax_scale, window_size, deterministic, reverse,
                varlen=True)
-    blocks = dq_from_tiles(dq, dq_layouts(bm, D)[1], torch.empty((1, sem_stride * bm, H, D), dtype=q.dtype,
-                                                                 device=q.device))[0]
-    return blocks.index_select(0, document_rows(cu_seqlens_q, total_q, bm)), dk, dv
+    return _dq_in_rows(dq, bm, D, q.dtype)[0].index_select(0, document_rows(cu_seqlens_q, total_q, bm)), dk, dv
