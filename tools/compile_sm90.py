@@ -86,9 +86,9 @@ def _kernel_args(n: int, heads: int, d: int, atomic: bool) -> dict:
 
 
 def gluon_variants():
-    """(name, kernel, args, constexprs, num_warps, maxnreg) of every shipped Gluon kernel variant: D 64 / 128, causal
-    and a two-sided window, the forward (dense and packed documents) and the warp-specialized backward with dQ by
-    TMA reduce-add (dense, GQA groups split or not, and packed documents)."""
+    """(name, kernel, args, constexprs, num_warps, maxnreg) of every shipped Gluon kernel variant: D 64 / 128,
+    causal, a two-sided window and no mask, the forward (dense and packed documents) and the warp-specialized
+    backward with dQ by TMA reduce-add (dense, GQA groups split or not, and packed documents)."""
     import torch
 
     from attention.gluon import bwd as gluon_bwd, fwd as gluon_fwd
@@ -99,7 +99,7 @@ def gluon_variants():
     f32, i32 = torch.empty(4, dtype=torch.float32), torch.empty(4, dtype=torch.int32)
     for d in (64, 128):
         t = torch.empty(2, 256, 4, d, dtype=torch.bfloat16)
-        for left, right in ((-1, 0), (100, 50)):
+        for left, right in ((-1, 0), (100, 50), (-1, -1)):
             flags = dict(HAS_LEFT=left >= 0, HAS_RIGHT=right >= 0)
             for varlen in (False, True):  # dense causal MHA tiles go two by two (plan.pairs_tiles)
                 bm, bn, st = (gluon_fwd.FWD_VARLEN_CONFIG if varlen else gluon_fwd.FWD_CONFIG)[d]
@@ -120,9 +120,9 @@ def gluon_variants():
                            Plan=i32, Sem=i32, CuQ=i32, CuK=i32)
             # (DET, REVERSE): causal key blocks walk last to first in the non-deterministic mode and for packed
             # documents, and in the deterministic dense one where a head outgrows the L2; never with a left
-            # window side (plan_bwd.descending_walk)
+            # window side or without a right one (plan_bwd.descending_walk)
             for varlen in (False, True):
-                walks = ((False, False), (True, False)) if left >= 0 else \
+                walks = ((False, False), (True, False)) if left >= 0 or right < 0 else \
                     ((False, True), (True, True)) if varlen else ((False, True), (True, False), (True, True))
                 # dense GQA groups split over programs write fp32 dK / dV partials (plan_bwd.split_group)
                 for det, rev in walks:
