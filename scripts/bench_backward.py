@@ -98,9 +98,10 @@ def time_rounds(row: dict, fns: dict, flops: float, rounds: int = ROUNDS) -> dic
     return row
 
 
-def load_checkout(path: Path, name: str = "attention_against"):
+def load_checkout(path: Path, name: str = "attention_against", module: str = "gluon.bwd"):
     """The attention package of the checkout at path, imported as `name` (its modules import one another
-    relatively, so they resolve inside it): (the package, its gluon.bwd module)."""
+    relatively, so they resolve inside it): (the package, its `module`: gluon.bwd, or gluon.fwd for
+    bench_forward)."""
     import importlib
     import importlib.util
     init = Path(path) / "attention" / "__init__.py"
@@ -110,7 +111,7 @@ def load_checkout(path: Path, name: str = "attention_against"):
     package = importlib.util.module_from_spec(spec)
     sys.modules[name] = package
     spec.loader.exec_module(package)
-    return package, importlib.import_module(f"{name}.gluon.bwd")
+    return package, importlib.import_module(f"{name}.{module}")
 
 
 def bench_case(causal: bool, n: int, heads: int, kv_heads: int, head_dim: int = 128, against=None,

@@ -49,3 +49,48 @@ def test_rows_reach_the_json_as_they_finish(monkeypatch, tmp_path):
     data = json.loads(out.read_text())
     assert data["rows"] == [{"N": bench_forward.CASES[0][1]}]
     assert data["meta"]["head_dim"] == 64 and data["meta"]["shipped"]["dense"] == list(fwd.FWD_CONFIG[64])
+
+
+def test_against_passes_the_other_checkouts_forward_to_each_case_with_the_cases_and_rounds(monkeypatch, tmp_path):
+    import shutil
+    import sys
+
+    from helpers import ROOT
+    monkeypatch.setattr(sys, "modules", dict(sys.modules))  # the imported copy leaves with the test
+    monkeypatch.setenv("GIT_CEILING_DIRECTORIES", str(tmp_path))  # the copy is no git checkout
+    checkout = tmp_path / "base"
+    shutil.copytree(ROOT / "attention", checkout / "attention", ignore=shutil.ignore_patterns("__pycache__"))
+    out = tmp_path / "f.json"
+    calls = run_bench_cut_after_first_case(monkeypatch, bench_forward,
+                                           ["--out", str(out), "--against", str(checkout), "--against-commit",
+                                            "37e53ee", "--cases", "2", "2", "0", "--rounds", "5"])
+    assert [args for args, _ in calls] == [bench_forward.CASES[2]] * 2  # the second call is the cut
+    other = calls[0][1]["against"]
+    assert other.__name__ == "attention_against.gluon.fwd" and other.__file__.startswith(str(checkout))
+    assert calls[0][1]["rounds"] == 5
+    meta = json.loads(out.read_text())["meta"]
+    assert meta["against"] == {"path": str(checkout), "commit": "37e53ee"} and meta["rounds"] == 5
+
+
+def test_bad_cases_rounds_and_a_lone_against_commit_are_refused_in_one_line():
+    last = len(bench_forward.CASES) - 1
+    with pytest.raises(SystemExit, match=rf"--cases takes positions 0-{last} of CASES, got \[{last + 1}\]"):
+        bench_forward.main(["--cases", "0", str(last + 1)])
+    with pytest.raises(SystemExit, match="--rounds takes a count of at least 1, got 0"):
+        bench_forward.main(["--rounds", "0"])
+    with pytest.raises(SystemExit, match="--against-commit names the commit of --against DIR"):
+        bench_forward.main(["--against-commit", "abc1234"])
+    with pytest.raises(SystemExit, match="--against takes a checkout with an attention/ package"):
+        bench_forward.main(["--against", "/nonexistent"])
+
+
+def test_the_other_checkouts_forward_is_timed_and_compared_beside_each_tile(monkeypatch):
+    import torch
+    monkeypatch.setattr(bench_forward, "time_rounds", lambda row, fns, flops, rounds: row.update(
+        {name: {"cudnn": 400.0, "triton": 380.0, "against": 420.0}.get(name, 441.0) for name in fns}))
+    ref = (torch.ones(4, 8), torch.zeros(4))
+    fns = {"cudnn": lambda: None, "triton": lambda: ref, "gluon_192x128x2": lambda: (ref[0] * 1.5, ref[1] + 0.25),
+           "against": lambda: ref}
+    row = bench_forward._finish({}, fns, [(192, 128, 2)], 1.0, ratio_to="cudnn")
+    assert row["err_vs_triton"] == {"gluon_192x128x2": [0.5, 0.25], "against": [0.0, 0.0]}
+    assert row["gluon_192x128x2/cudnn"] == 1.103 and row["gluon_192x128x2/against"] == 1.05
