@@ -114,6 +114,29 @@ def load_checkout(path: Path, name: str = "attention_against", module: str = "gl
     return package, importlib.import_module(f"{name}.{module}")
 
 
+def add_ab_options(ap: argparse.ArgumentParser, kernel: str, cases_name: str = "CASES") -> None:
+    """--against, --against-commit, --cases and --rounds, as bench_backward and bench_forward take them."""
+    ap.add_argument("--against", type=Path, metavar="DIR",
+                    help=f"another checkout (e.g. a git worktree): its Gluon {kernel} beside this tree's")
+    ap.add_argument("--against-commit", metavar="SHA", help="DIR's commit, where DIR is no git checkout")
+    ap.add_argument("--cases", type=int, nargs="+", metavar="I",
+                    help=f"only these positions of {cases_name}, repeats included")
+    ap.add_argument("--rounds", type=int, default=ROUNDS, help=f"interleaved timing rounds ({ROUNDS})")
+
+
+def check_ab_options(args, cases: list, cases_name: str, module: str):
+    """One line of error for a lone --against-commit, --cases outside `cases` or --rounds below 1; then the other
+    checkout's `module` (load_checkout), or None without --against."""
+    if args.against_commit is not None and args.against is None:
+        raise SystemExit("error: --against-commit names the commit of --against DIR; give --against too")
+    bad = [i for i in args.cases or () if not 0 <= i < len(cases)]
+    if bad:
+        raise SystemExit(f"error: --cases takes positions 0-{len(cases) - 1} of {cases_name}, got {bad}")
+    if args.rounds < 1:
+        raise SystemExit(f"error: --rounds takes a count of at least 1, got {args.rounds}")
+    return None if args.against is None else load_checkout(args.against, module=module)[1]
+
+
 def bench_case(causal: bool, n: int, heads: int, kv_heads: int, head_dim: int = 128, against=None,
                rounds: int = ROUNDS) -> dict:
     """One case; against: another checkout's gluon.bwd module (load_checkout), timed in place of Triton."""
@@ -199,25 +222,12 @@ def main(argv=None) -> None:
                     help="the warp-specialized Gluon backward's tile at --head-dim, in place of WS_BWD_CONFIG's")
     ap.add_argument("--gqa-split", action="store_true",
                     help="GQA groups split over programs against not (SPLIT_CASES; --head-dim is ignored)")
-    ap.add_argument("--against", type=Path, metavar="DIR",
-                    help="another checkout (e.g. a git worktree): its Gluon backward beside this tree's")
-    ap.add_argument("--against-commit", metavar="SHA", help="DIR's commit, where DIR is no git checkout")
-    ap.add_argument("--cases", type=int, nargs="+", metavar="I",
-                    help="only these positions of CASES (SPLIT_CASES with --gqa-split), repeats included")
-    ap.add_argument("--rounds", type=int, default=ROUNDS, help=f"interleaved timing rounds ({ROUNDS})")
+    add_ab_options(ap, "backward", "CASES (SPLIT_CASES with --gqa-split)")
     args = ap.parse_args(argv)
     if args.against is not None and args.gqa_split:
         raise SystemExit("error: --against times the dense CASES; it does not combine with --gqa-split")
-    if args.against_commit is not None and args.against is None:
-        raise SystemExit("error: --against-commit names the commit of --against DIR; give --against too")
     cases = SPLIT_CASES if args.gqa_split else CASES
-    bad = [i for i in args.cases or () if not 0 <= i < len(cases)]
-    if bad:
-        raise SystemExit(f"error: --cases takes positions 0-{len(cases) - 1} of "
-                         f"{'SPLIT_CASES' if args.gqa_split else 'CASES'}, got {bad}")
-    if args.rounds < 1:
-        raise SystemExit(f"error: --rounds takes a count of at least 1, got {args.rounds}")
-    against = None if args.against is None else load_checkout(args.against)[1]
+    against = check_ab_options(args, cases, "SPLIT_CASES" if args.gqa_split else "CASES", "gluon.bwd")
     if args.ws_tile is not None and (args.ws_tile[0] not in (64, 128) or args.ws_tile[1] != 128
                                      or not 1 <= args.ws_tile[2] <= 4):
         raise SystemExit(f"error: --ws-tile takes BLOCK_M 64 or 128, BLOCK_N 128 and 1-4 STAGES, got {args.ws_tile}")

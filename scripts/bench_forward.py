@@ -32,7 +32,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from scripts.bench_attention import meta, visible_pairs  # noqa: E402
-from scripts.bench_backward import ROUNDS, load_checkout, rel, time_rounds  # noqa: E402
+from scripts.bench_backward import ROUNDS, add_ab_options, check_ab_options, rel, time_rounds  # noqa: E402
 from scripts.provenance import source_commit  # noqa: E402
 
 # (causal, N, heads, kv heads, packed documents)
@@ -143,21 +143,9 @@ def main(argv=None) -> None:
     ap.add_argument("--head-dim", type=int, default=128, choices=(64, 128))
     ap.add_argument("--tiles", type=parse_tile, nargs="+", metavar="BM,BN,STAGES",
                     help="Gluon forward tiles to time (default: the shipped FWD_CONFIG entry)")
-    ap.add_argument("--against", type=Path, metavar="DIR",
-                    help="another checkout (e.g. a git worktree): its Gluon forward beside this tree's")
-    ap.add_argument("--against-commit", metavar="SHA", help="DIR's commit, where DIR is no git checkout")
-    ap.add_argument("--cases", type=int, nargs="+", metavar="I",
-                    help="only these positions of CASES, repeats included")
-    ap.add_argument("--rounds", type=int, default=ROUNDS, help=f"interleaved timing rounds ({ROUNDS})")
+    add_ab_options(ap, "forward")
     args = ap.parse_args(argv)
-    if args.against_commit is not None and args.against is None:
-        raise SystemExit("error: --against-commit names the commit of --against DIR; give --against too")
-    bad = [i for i in args.cases or () if not 0 <= i < len(CASES)]
-    if bad:
-        raise SystemExit(f"error: --cases takes positions 0-{len(CASES) - 1} of CASES, got {bad}")
-    if args.rounds < 1:
-        raise SystemExit(f"error: --rounds takes a count of at least 1, got {args.rounds}")
-    against = None if args.against is None else load_checkout(args.against, module="gluon.fwd")[1]
+    against = check_ab_options(args, CASES, "CASES", "gluon.fwd")
     if not torch.cuda.is_available():
         raise SystemExit("error: bench_forward.py needs a CUDA GPU (cuDNN and the Gluon kernels)")
     from attention.gluon import fwd, hopper_ready
