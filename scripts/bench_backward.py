@@ -137,6 +137,11 @@ def check_ab_options(args, cases: list, cases_name: str, module: str):
     return None if args.against is None else load_checkout(args.against, module=module)[1]
 
 
+def against_meta(args) -> dict:
+    """meta.against of an A/B run: DIR and its commit (from its git, else --against-commit)."""
+    return dict(path=str(args.against), commit=source_commit(args.against) or args.against_commit)
+
+
 def bench_case(causal: bool, n: int, heads: int, kv_heads: int, head_dim: int = 128, against=None,
                rounds: int = ROUNDS) -> dict:
     """One case; against: another checkout's gluon.bwd module (load_checkout), timed in place of Triton."""
@@ -242,7 +247,7 @@ def main(argv=None) -> None:
         bwd.WS_BWD_CONFIG[args.head_dim] = tuple(args.ws_tile)
     info = dict(meta(), ws_tile=args.ws_tile, rounds=args.rounds)
     if against is not None:
-        info["against"] = dict(path=str(args.against), commit=source_commit(args.against) or args.against_commit)
+        info["against"] = against_meta(args)
     name = "backward_gqa_split" if args.gqa_split else "backward_against" if against else "backward"
     out = Path(args.out or f"docs/bench/{name}_{info['gpu'].split()[-1].lower()}.json")
     out.parent.mkdir(parents=True, exist_ok=True)

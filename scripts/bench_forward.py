@@ -32,8 +32,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from scripts.bench_attention import meta, visible_pairs  # noqa: E402
-from scripts.bench_backward import ROUNDS, add_ab_options, check_ab_options, rel, time_rounds  # noqa: E402
-from scripts.provenance import source_commit  # noqa: E402
+from scripts.bench_backward import (ROUNDS, add_ab_options, against_meta, check_ab_options, rel,  # noqa: E402
+                                    time_rounds)
 
 # (causal, N, heads, kv heads, packed documents)
 CASES = [(True, 8192, 16, 16, 0), (True, 32768, 16, 16, 0), (False, 8192, 16, 16, 0), (False, 32768, 16, 16, 0),
@@ -156,7 +156,7 @@ def main(argv=None) -> None:
     tiles = args.tiles or sorted(set(shipped.values()))
     info = dict(meta(), head_dim=args.head_dim, tiles=tiles, shipped=shipped, rounds=args.rounds)
     if against is not None:
-        info["against"] = dict(path=str(args.against), commit=source_commit(args.against) or args.against_commit)
+        info["against"] = against_meta(args)
     out = Path(args.out or f"docs/bench/forward_d{args.head_dim}_{info['gpu'].split()[-1].lower()}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     rows = []
