@@ -55,15 +55,33 @@ def compile_kernel(fn, args: dict, constexprs: dict, num_warps: int, num_stages:
     return triton.compile(src, target=TARGET, options=options.__dict__)
 
 
+def loop_spills(sass: str) -> int:
+    """Local-memory loads and stores (spills) inside the innermost loops that issue tensor-core MMAs, the most of
+    any one such loop: what a spill costs every key block, where spills outside the loops cost once per tile."""
+    ins = [(int(a, 16), op) for a, op in re.findall(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);", sass)]
+    loops = []
+    for addr, op in ins:
+        target = re.search(r"\bBRA\b.*0x([0-9a-f]+)", op)
+        if target and int(target.group(1), 16) < addr:  # a backward branch closes a loop
+            lo = int(target.group(1), 16)
+            if any("HGMMA" in o for a, o in ins if lo <= a <= addr):
+                loops.append((lo, addr))
+    inner = [(lo, hi) for lo, hi in loops if not any((lo, hi) != (a, b) and lo <= a and b <= hi for a, b in loops)]
+    return max((sum(1 for a, o in ins if lo <= a <= hi and re.match(r"(LDL|STL)\b", o)) for lo, hi in inner),
+               default=0)
+
+
 def resource_usage(compiled) -> dict:
-    """REG / STACK (spill) / LOCAL / static SHARED from the cubin, as cuobjdump reads them, and the dynamic shared
-    memory the launch asks for."""
+    """REG / STACK (spill) / LOCAL / static SHARED from the cubin, as cuobjdump reads them, the dynamic shared
+    memory the launch asks for, and the spills inside its MMA loops (loop_spills)."""
     tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(compiled.asm["cubin"])
         f.flush()
         text = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True, check=True).stdout
+        sass = subprocess.run([tool, "-sass", f.name], capture_output=True, text=True, check=True).stdout
     usage = {k.lower(): int(v) for k, v in re.findall(r"(REG|STACK|SHARED|LOCAL):(\d+)", text)}
+    usage["loop_spill"] = loop_spills(sass)
     usage["smem"] = compiled.metadata.shared  # the launch's dynamic shared memory (H100 limit: 232448 bytes)
     ptx = compiled.asm["ptx"]
     usage["wgmma"] = len(re.findall(r"wgmma\.mma_async", ptx))
