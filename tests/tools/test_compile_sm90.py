@@ -84,3 +84,28 @@ def test_k_layout_of_the_warp_specialized_backward_lets_each_consumer_read_half_
         assert _k_descriptor(k, 128).layout.swizzle_byte_width == d
     k = torch.empty(2, 256, 4, 128, dtype=torch.float16)
     assert _k_descriptor(k, 128).layout == descriptor(k, 128).layout
+
+
+def test_loop_spills_counts_only_the_innermost_mma_loops():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("compile_sm90", ROOT / "tools" / "compile_sm90.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    loop_spills = tool.loop_spills
+    sass = "\n".join(f"        /*{addr:04x}*/                   {op} ;" for addr, op in [
+        (0x0010, "STL [R1], R4"),  # before any loop: once per launch
+        (0x0020, "HGMMA.64x128x16.F32.BF16 R24, gdesc[UR4], RZ"),  # the tile loop's own MMA (first block)
+        (0x0030, "LDL R6, [R1]"),  # per tile
+        (0x0040, "HGMMA.64x128x16.F32.BF16 R24, gdesc[UR8], RZ"),  # the key-block loop: 0x40..0x80
+        (0x0050, "LDL R7, [R1+0x4]"),
+        (0x0060, "STL [R1+0x8], R7"),
+        (0x0070, "FADD R2, R2, R3"),
+        (0x0080, "@P0 BRA 0x40"),
+        (0x0090, "LDL R8, [R1+0x8]"),  # per tile again
+        (0x00a0, "@!P1 BRA 0x20"),  # closes the tile loop
+        (0x00b0, "LDL R9, [R1]"),  # a loop without MMAs: not counted
+        (0x00c0, "@P2 BRA 0xb0"),
+        (0x00d0, "EXIT"),
+    ])
+    assert loop_spills(sass) == 2
+    assert loop_spills("") == 0
