@@ -111,10 +111,12 @@ def gluon_variants():
 
     from attention.gluon import bwd as gluon_bwd, fwd as gluon_fwd
     from attention.gluon.plan import pairs_tiles
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
     ints = dict(n_work=7, n_slots=7, n_bh=7, chunk=7, n_heads=7, n_kv_heads=7, group=7, kv_group=7, seqlen_q=1000,
                 seqlen_k=1000, win_left=7, win_right=7, lse_stride=7, sem_stride=7)
     floats = dict(qk_scale=0.127, inv_qk_scale=7.9, softmax_scale=0.088)
     f32, i32 = torch.empty(4, dtype=torch.float32), torch.empty(4, dtype=torch.int32)
+    scales = dict(QScale=f32, KScale=f32, VScale=f32, n_qblocks=7, n_kblocks=7)
     for d in (64, 128):
         t = torch.empty(2, 256, 4, d, dtype=torch.bfloat16)
         for left, right in ((-1, 0), (100, 50), (-1, -1)):
@@ -124,13 +126,30 @@ def gluon_variants():
                 n_wg = gluon_fwd.consumers(bm)
                 part, kv = gluon_fwd.descriptor(t, bm // n_wg), gluon_fwd.descriptor(t, bn)
                 tensors = dict(q_desc=part, k_desc=kv, v_desc=kv, o_desc=part, Out=t, Lse=f32, Plan=i32, CuQ=i32,
-                               CuK=i32)
+                               CuK=i32, **scales)
                 per_item = 2 if not varlen and pairs_tiles(False, (left, right), 1, d) else 1
                 yield (f"gluon_fwd{'_varlen' if varlen else ''} d{d} win{left},{right}", gluon_fwd._fwd_ws_kernel,
                        {**ints, **floats, **tensors}, dict(HEAD_DIM=d, BLOCK_M=bm, BLOCK_N=bn, STAGES=st,
                                                             VARLEN=varlen, PER_ITEM=per_item, CONSUMERS=n_wg,
-                                                            CONSUMER_REGS=gluon_fwd.WS_REGS[n_wg][1], **flags),
+                                                            CONSUMER_REGS=gluon_fwd.WS_REGS[n_wg][1], FP8=False,
+                                                            QBLOCK_M=1, QBLOCK_N=1, **flags),
                        4, gluon_fwd.WS_REGS[n_wg][0])
+            if left < 0:  # FP8 (dense causal / non-causal): e4m3 Q, K and V transposed, bf16 out
+                bm, bn, st = gluon_fwd.fwd_config(d, fp8=True)
+                n_wg = gluon_fwd.consumers(bm)
+                t8 = torch.empty(2, 256, 4, d, dtype=torch.float8_e4m3fn)
+                vt = torch.empty(2, 4, d, 256, dtype=torch.float8_e4m3fn)
+                block = [1, 1, d, bn]
+                v_desc = TensorDescriptor(vt, list(vt.shape), list(vt.stride()), block,
+                                          gluon_fwd.block_layout(block, vt.dtype))
+                tensors = dict(q_desc=gluon_fwd.descriptor(t8, bm // n_wg), k_desc=gluon_fwd.descriptor(t8, bn),
+                               v_desc=v_desc, o_desc=gluon_fwd.descriptor(t, bm // n_wg), Out=t, Lse=f32, Plan=i32,
+                               CuQ=i32, CuK=i32, **scales)
+                yield (f"gluon_fwd_fp8 d{d} win{left},{right}", gluon_fwd._fwd_ws_kernel,
+                       {**ints, **floats, **tensors},  # FP8 tiles go one by one (fwd._dense_forward)
+                       dict(HEAD_DIM=d, BLOCK_M=bm, BLOCK_N=bn, STAGES=st, VARLEN=False, PER_ITEM=1,
+                            CONSUMERS=n_wg, CONSUMER_REGS=gluon_fwd.WS_REGS[n_wg][1], FP8=True, QBLOCK_M=128,
+                            QBLOCK_N=128, **flags), 4, gluon_fwd.WS_REGS[n_wg][0])
             bm, bn, st = gluon_bwd.WS_BWD_CONFIG[d]
             q, k, v = gluon_fwd.descriptor(t, bm), gluon_bwd._k_descriptor(t, bn), gluon_fwd.descriptor(t, bn)
             dq = gluon_bwd.dq_descriptor(torch.empty(2, 4, 4, bm * d), bm, d)

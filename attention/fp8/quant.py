@@ -239,23 +239,28 @@ def fp8_attn_forward(q, k, v, causal=False, softmax_scale=None, window_size=(-1,
                      config: Fp8Config | None = None):
     """Forward-only FP8 attention: q (B, Nq, H, D), k/v (B, Nk, Hkv, D) -> (out in q.dtype, lse (B, H, Nq)).
 
-    backend "triton" (the "auto" choice on CUDA) runs the Hopper kernel; "reference" (auto on CPU) runs the
-    fp32 emulation. Nothing is recorded for autograd: use flash_attn_func(..., fp8=True).
+    backend "gluon" (the "auto" choice on sm_90) runs the Gluon Hopper kernel where it covers the case
+    (attention.gluon.dispatch.route_fp8), the Triton one elsewhere; "triton" (auto on other GPUs) the Triton kernel;
+    "reference" (auto on CPU) the fp32 emulation. Nothing is recorded for autograd: use flash_attn_func(..., fp8=True).
     """
     fn = "fp8_attn_forward"
     config = _check(fn, q, k, v, softmax_scale, window_size, config)
-    if backend == "auto":  # attn_forward passes a resolved name; direct callers get the device's default
-        backend = "triton" if q.device.type == "cuda" else "reference"
+    if backend != "reference":  # "auto" as attn_forward resolves it; "gluon" where the Gluon kernels cannot run raises
+        from ..backends import get_backend
+        backend = get_backend(backend, q.device).name
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
     if backend == "reference":
         with torch.no_grad():
             return emulate_fp8_attention(quantize_qkv(q, k, v, config), bool(causal), scale, q.dtype)
-    if backend not in ("triton", "gluon"):  # the FP8 forward is one Triton kernel for both
-        raise ValueError(f"{fn}: fp8 attention has no {backend!r} backend; use 'triton' (Hopper) or "
+    if backend not in ("triton", "gluon"):
+        raise ValueError(f"{fn}: fp8 attention has no {backend!r} backend; use 'gluon' or 'triton' (Hopper) or "
                          "'reference' (fp32 emulation)")
     from .kernel import check_triton_fp8_supported, triton_fp8_forward, triton_quantize_qkv
     check_triton_fp8_supported(fn, q, config)  # before quantizing: a clear ValueError, no Triton trace
     with torch.no_grad():
         # per-block scales fuse into one pass per tensor; per-head / per-tensor need a global amax first
         fq = triton_quantize_qkv(q, k, v, config) if config.granularity == "block" else quantize_qkv(q, k, v, config)
+        if backend == "gluon":
+            from ..gluon.dispatch import gluon_fp8_forward
+            return gluon_fp8_forward(fq, bool(causal), scale, q.dtype)
         return triton_fp8_forward(fq, bool(causal), scale, q.dtype)

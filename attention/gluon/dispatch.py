@@ -14,10 +14,10 @@ import torch
 
 from ..backends import log_once
 from . import device_props
-from .plan import uncovered_reason
+from .plan import fp8_uncovered_reason, uncovered_reason
 
-# Passes that `auto` routes to Gluon where a case is covered.
-GLUON_PASSES = {"forward", "backward"}
+# Passes that `auto` routes to Gluon where a case is covered ("fp8": the FP8 forward, flash_attn_func(fp8=...)).
+GLUON_PASSES = {"forward", "backward", "fp8"}
 # Head dims at which the backward runs on Gluon: the warp-specialized kernel with dQ added by TMA reduce-add
 # (bwd.WS_BWD_CONFIG; ordered by semaphores when deterministic), on an H200 1.20-1.27x the Triton backward at
 # D=128 and 1.02-1.21x at D=64 (docs/results.md). Removing a head dim keeps `auto` on the Triton backward there.
@@ -118,3 +118,24 @@ def gluon_varlen_backward(dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, cau
     from ..triton.bwd import triton_attn_varlen_backward
     return triton_attn_varlen_backward(dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, causal, scale, window,
                                        dlse, deterministic)
+
+
+def route_fp8(fq, out_dtype: torch.dtype) -> tuple[str, str]:
+    """("gluon" | "triton", reason) for the FP8 forward of quantized inputs fq (attention.fp8.Fp8Qkv)."""
+    if "fp8" not in GLUON_PASSES:
+        return "triton", "the Gluon FP8 forward is switched off (dispatch.GLUON_PASSES)"
+    why = fp8_uncovered_reason(fq, out_dtype)
+    if why is not None:
+        return "triton", why
+    return "gluon", f"dense, D={fq.q.shape[-1]}"
+
+
+def gluon_fp8_forward(fq, causal, scale, out_dtype):
+    """The FP8 forward of quantized inputs on the Gluon kernel where it covers them, else the Triton FP8 kernel."""
+    kernel, reason = route_fp8(fq, out_dtype)
+    log_once(f"attention forward (fp8): {kernel} ({reason})")
+    if kernel == "gluon":
+        from .fwd import gluon_fp8_forward as forward
+        return forward(fq, causal, scale, out_dtype)
+    from ..fp8.kernel import triton_fp8_forward
+    return triton_fp8_forward(fq, causal, scale, out_dtype)

@@ -19,6 +19,7 @@ import torch
 
 GLUON_HEAD_DIMS = (64, 128)
 GLUON_DTYPES = (torch.float16, torch.bfloat16)
+FP8_BLOCK_N = 128  # keys per block of the Gluon FP8 forward (fwd.FWD_FP8_CONFIG): one K and one V scale each
 
 
 def window_sides(causal: bool, window_size) -> tuple[int, int]:
@@ -205,4 +206,26 @@ def uncovered_reason(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str |
             return f"{name} strides {tuple(t.stride())} are not positive multiples of 16 bytes (TMA)"
         if t.data_ptr() % 16:
             return f"{name} is not 16-byte aligned (TMA)"
+    return None
+
+
+def fp8_uncovered_reason(fq, out_dtype: torch.dtype) -> str | None:
+    """Why the Gluon FP8 forward cannot take these quantized inputs (an attention.fp8.Fp8Qkv) into out_dtype (None:
+    it can); the caller runs the Triton FP8 kernel instead. Its consumers own 64 query rows each and a key block
+    takes one K and one V scale, so Fp8Config.block_m must be a multiple of 64 and block_n of FP8_BLOCK_N."""
+    d = fq.q.shape[-1]
+    if d not in GLUON_HEAD_DIMS:
+        return f"head_dim {d} (the Gluon FP8 forward takes {GLUON_HEAD_DIMS})"
+    if out_dtype not in GLUON_DTYPES:
+        return f"output dtype {out_dtype} (the Gluon FP8 forward writes fp16 / bf16)"
+    if fq.block_m % 64:
+        return f"Fp8Config.block_m={fq.block_m} is not a multiple of the 64 query rows of a consumer warpgroup"
+    if fq.block_n % FP8_BLOCK_N:
+        return f"Fp8Config.block_n={fq.block_n} is not a multiple of the Gluon FP8 forward's {FP8_BLOCK_N}-key blocks"
+    if fq.q.shape[1] == 0 or fq.seqlen_k == 0:
+        return f"an empty sequence (Nq={fq.q.shape[1]}, Nk={fq.seqlen_k})"
+    for name in ("q", "k", "v_t"):
+        t = getattr(fq, name)
+        if t.stride(-1) != 1 or any(s == 0 or s % 16 for s in t.stride()[:-1]) or t.data_ptr() % 16:
+            return f"fp8 {name} strides {tuple(t.stride())} are not 16-byte multiples (TMA)"
     return None

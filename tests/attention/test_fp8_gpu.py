@@ -133,6 +133,61 @@ def test_flash_attn_func_fp8_backward_is_the_bf16_one():
         assert rel_err(g, e) < 0.1, name  # and near the exact gradient
 
 
+def _gluon_ready():
+    from attention.gluon import hopper_ready
+    return torch.cuda.is_available() and hopper_ready(torch.device("cuda"))[0]
+
+
+needs_gluon = pytest.mark.skipif(not _gluon_ready(), reason="the Gluon kernels need sm_90 and triton 3.6")
+
+
+@needs_gluon
+@pytest.mark.parametrize("B,nq,nk,H,hkv,D,causal,bound", CASES + [
+    (1, 128, 8192, 4, 4, 128, False, _DENSE_D128),  # one query tile, many key blocks
+    (3, 4096, 4096, 6, 6, 128, True, 5e-3),  # B*H not a multiple of the head chunk; causal MHA
+])
+def test_gluon_fp8_forward_matches_emulation_and_the_triton_kernel(B, nq, nk, H, hkv, D, causal, bound):
+    from attention.fp8 import kernel as triton_fp8
+    from attention.gluon.dispatch import route_fp8
+    from attention.gluon.fwd import FWD_FP8_CONFIG, gluon_fp8_forward
+    q, k, v = _qkv(B, nq, nk, H, hkv, D)
+    fq = triton_fp8.triton_quantize_qkv(q, k, v, Fp8Config())
+    assert route_fp8(fq, torch.bfloat16)[0] == "gluon"
+    out, lse = gluon_fp8_forward(fq, causal, D ** -0.5, torch.bfloat16)
+    assert out.dtype == torch.bfloat16 and lse.dtype == torch.float32
+    # each tile walks its key blocks first to last, as the emulation: P is rounded at the same running max
+    want, want_lse = emulate_fp8_attention(fq, causal, D ** -0.5, torch.float32, block_n=FWD_FP8_CONFIG[D][1])
+    fin = torch.isfinite(want_lse)
+    assert torch.equal(torch.isinf(lse), ~fin) and not torch.isnan(lse).any()
+    assert (out.transpose(1, 2)[~fin] == 0).all()
+    err = rel_err(out, want)
+    print(f"gluon fp8 vs emulation: {err:.2e}")
+    assert err < bound, err
+    assert (lse[fin] - want_lse[fin]).abs().max().item() < 1e-3
+    tri, tri_lse = triton_fp8.triton_fp8_forward(fq, causal, D ** -0.5, torch.bfloat16)
+    assert rel_err(out, tri) < 2 * bound  # both within their bound of the emulation
+    assert (lse[fin] - tri_lse[fin]).abs().max().item() < 1e-3
+
+
+@needs_gluon
+def test_fp8_auto_runs_the_gluon_forward_on_hopper(caplog, monkeypatch):
+    from attention import backends
+    from attention.fp8 import kernel as triton_fp8
+    from attention.gluon.fwd import gluon_fp8_forward
+    monkeypatch.setattr(backends, "_NOTED", set())  # log_once forgets what this process logged before
+    q, k, v = _qkv(1, 2048, 2048, 8, 2, 128)
+    with caplog.at_level("INFO", logger="ringflash.attention"):
+        out = flash_attn_func(q, k, v, causal=True, fp8=True)
+    want, _ = gluon_fp8_forward(triton_fp8.triton_quantize_qkv(q, k, v, Fp8Config()), True, 128 ** -0.5,
+                                torch.bfloat16)
+    assert torch.equal(out, want)  # same quantization, same kernel
+    logged = " ".join(r.getMessage() for r in caplog.records)
+    assert "attention forward (fp8): gluon (dense, D=128)" in logged, logged
+    coarse = flash_attn_func(q, k, v, causal=True, fp8=Fp8Config(block_n=64))  # 64-key scales: the Triton kernel
+    tri = fp8_attn_forward(q, k, v, True, config=Fp8Config(block_n=64), backend="triton")[0]
+    assert torch.equal(coarse, tri)
+
+
 @pytest.mark.skipif(_hopper(), reason="checks the error on pre-Hopper GPUs")
 def test_pre_hopper_gpu_raises_value_error():
     q = torch.randn(1, 128, 2, 64, device="cuda", dtype=torch.bfloat16)

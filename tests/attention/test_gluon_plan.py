@@ -232,7 +232,7 @@ def test_cached_table_is_built_once_per_planner_and_shape():
 def test_each_forward_tile_names_two_or_three_consumer_warpgroups_and_others_are_refused():
     fwd = pytest.importorskip("attention.gluon.fwd")
     assert fwd.consumers(128) == 2 and fwd.consumers(192) == 3
-    for config in (fwd.FWD_CONFIG, fwd.FWD_VARLEN_CONFIG):
+    for config in (fwd.FWD_CONFIG, fwd.FWD_VARLEN_CONFIG, fwd.FWD_FP8_CONFIG):
         for d, (bm, bn, stages) in config.items():
             assert fwd.consumers(bm) * fwd.CONSUMER_ROWS == bm and bn in (64, 128) and stages >= 2, (d, bm)
     for bad in (64, 100, 256):
@@ -247,3 +247,39 @@ def test_the_backward_splits_dq_by_rows_only_where_each_consumer_gets_64_rows(mo
     assert bwd.dq_box(128, 64) == (64, 64) and bwd.dq_box(64, 128) == (64, 64)  # the dQ descriptor's box
     monkeypatch.setattr(bwd, "DQ_BY_ROWS", False)
     assert not bwd.dq_rows(128) and bwd.dq_box(128, 64) == (128, 32)
+
+
+def _fp8(nq=200, nk=300, d=128, **config):
+    from attention.fp8 import Fp8Config, quantize_qkv
+    g = torch.Generator().manual_seed(0)
+    q, k, v = torch.randn(1, nq, 4, d, generator=g), torch.randn(1, nk, 2, d, generator=g), torch.randn(1, nk, 2, d)
+    return quantize_qkv(q, k, v, Fp8Config(**config))
+
+
+def test_the_fp8_forward_goes_to_gluon_where_its_blocks_fit_the_quantization_blocks(monkeypatch):
+    assert dispatch.route_fp8(_fp8(), torch.bfloat16) == ("gluon", "dense, D=128")
+    assert dispatch.route_fp8(_fp8(d=64, block_m=256, block_n=256), torch.float16) == ("gluon", "dense, D=64")
+    for fq, dtype, words in [
+        (_fp8(block_n=64), torch.bfloat16, "Fp8Config.block_n=64 is not a multiple of the Gluon FP8 forward's 128"),
+        (_fp8(d=32, block_n=128), torch.bfloat16, "head_dim 32"),
+        (_fp8(), torch.float32, "output dtype torch.float32"),
+        (_fp8(nq=0), torch.bfloat16, "an empty sequence (Nq=0, Nk=300)"),
+    ]:
+        kernel, why = dispatch.route_fp8(fq, dtype)
+        assert kernel == "triton" and words in why, why
+    fq = _fp8()
+    fq.k = torch.empty(1, 300, 1, 129, dtype=fq.k.dtype)[..., :128]  # rows 129 bytes apart: TMA refuses them
+    kernel, why = dispatch.route_fp8(fq, torch.bfloat16)
+    assert kernel == "triton" and why.startswith("fp8 k strides (38700, 129, 129, 1)"), why
+    monkeypatch.setattr(dispatch, "GLUON_PASSES", {"forward", "backward"})
+    kernel, why = dispatch.route_fp8(_fp8(), torch.bfloat16)
+    assert kernel == "triton" and "GLUON_PASSES" in why
+
+
+def test_fp8_auto_resolves_like_the_other_passes_and_gluon_is_refused_off_hopper():
+    from attention.fp8 import emulate_fp8_attention, fp8_attn_forward, quantize_qkv
+    q, k, v = torch.randn(1, 64, 2, 64), torch.randn(1, 64, 2, 64), torch.randn(1, 64, 2, 64)
+    out, _ = fp8_attn_forward(q, k, v, True)  # auto on CPU: the emulation
+    assert torch.equal(out, emulate_fp8_attention(quantize_qkv(q, k, v), True, 64 ** -0.5, q.dtype)[0])
+    with pytest.raises(ValueError, match="attention backend 'gluon' is not available here: device cpu"):
+        fp8_attn_forward(q, k, v, True, backend="gluon")

@@ -58,13 +58,15 @@ def test_gluon_kernels_compile_for_hopper_and_the_forward_spills_little():
     # D 64 / 128 x (causal, two-sided window, no mask) x (forward, varlen forward), and the warp-specialized
     # backward: causal, the non-deterministic mode walking last to first and the deterministic one either way
     # (packed documents: last to first); with a two-sided window or none, both modes walking first to last; dense
-    # ones also with the GQA group split over programs (fp32 dK / dV)
-    assert len(rows) == 52 and sum(name.startswith("gluon_bwd_ws") for name in rows) == 40, sorted(rows)
+    # ones also with the GQA group split over programs (fp32 dK / dV); the FP8 forward, causal and no mask
+    assert len(rows) == 56 and sum(name.startswith("gluon_bwd_ws") for name in rows) == 40, sorted(rows)
     assert sum(name.endswith(("_split d64 win-1,0", "_split d128 win-1,0")) for name in rows) == 6
     for name, row in rows.items():
         assert 0 < row["reg"] <= 255 and row["wgmma"] > 0 and row["smem"] <= H100_SMEM, (name, row)
     fwd = {name: row for name, row in rows.items() if name.startswith("gluon_fwd")}
-    assert len(fwd) == 12, fwd
+    assert len(fwd) == 16, fwd
+    fp8 = [row for name, row in fwd.items() if name.startswith("gluon_fwd_fp8")]
+    assert len(fp8) == 4 and all(row["stack"] == 0 for row in fp8), fp8  # two consumers, each with a second tile
     # two consumer warpgroups (D=128, 240 registers each) spill at most two words, loaded once per tile (the
     # unmasked packed-document forward: 8 bytes with triton 3.6); three (D=64, 160 each) spill a few
     # loop-invariant values, 32-72 bytes
