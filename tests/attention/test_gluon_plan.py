@@ -283,3 +283,65 @@ def test_fp8_auto_resolves_like_the_other_passes_and_gluon_is_refused_off_hopper
     assert torch.equal(out, emulate_fp8_attention(quantize_qkv(q, k, v), True, 64 ** -0.5, q.dtype)[0])
     with pytest.raises(ValueError, match="attention backend 'gluon' is not available here: device cpu"):
         fp8_attn_forward(q, k, v, True, backend="gluon")
+
+
+class _Recorded:
+    """Stands in for a Gluon kernel: kernel[grid](*args, **kwargs) records the call instead of compiling it."""
+
+    def __init__(self, kernel):
+        self.kernel, self.calls = kernel, []
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self.calls.append((grid, args, kwargs))
+
+    def bound(self, i=0):
+        """The i-th call's arguments by the kernel's own parameter names (launch options dropped)."""
+        import inspect
+        grid, args, kwargs = self.calls[i]
+        kwargs = {k: v for k, v in kwargs.items() if k != "maxnreg"}
+        return grid, inspect.signature(self.kernel.fn).bind(*args, **kwargs).arguments
+
+
+@pytest.fixture
+def recorded_forward(monkeypatch):
+    """attention.gluon.fwd with its kernel recorded and an H200's SM count / L2, so the host side runs on CPU."""
+    import contextlib
+    fwd = pytest.importorskip("attention.gluon.fwd")
+    rec = _Recorded(fwd._fwd_ws_kernel)
+    monkeypatch.setattr(fwd, "_fwd_ws_kernel", rec)
+    monkeypatch.setattr(fwd, "num_sms", lambda device: 132)
+    monkeypatch.setattr(fwd, "l2_bytes", lambda device: 50 * 2 ** 20)
+    monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())
+    return fwd, rec
+
+
+@pytest.mark.parametrize("d", [64, 128])
+def test_the_fp8_launch_binds_e4m3_descriptors_and_each_scale_to_its_parameter(recorded_forward, d):
+    fwd, rec = recorded_forward
+    fq = _fp8(nq=300, nk=500, d=d)
+    out, lse = fwd.gluon_fp8_forward(fq, True, 0.1, torch.bfloat16)
+    assert out.shape == (1, 300, 4, d) and out.dtype == torch.bfloat16 and lse.shape == (1, 4, 300)
+    grid, a = rec.bound()
+    block_m, block_n, stages = fwd.FWD_FP8_CONFIG[d]
+    assert a["FP8"] is True and (a["QBLOCK_M"], a["QBLOCK_N"]) == (fq.block_m, fq.block_n) and a["PER_ITEM"] == 1
+    assert (a["BLOCK_M"], a["BLOCK_N"], a["STAGES"], a["CONSUMERS"]) == (block_m, block_n, stages, 2)
+    assert a["QScale"] is fq.q_scale and a["KScale"] is fq.k_scale and a["VScale"] is fq.v_scale
+    assert (a["n_qblocks"], a["n_kblocks"]) == (3, 4)  # ceil(300 / 128), ceil(500 / 128)
+    assert a["q_desc"].base is fq.q and a["q_desc"].block_shape == [1, 64, 1, d]  # one part per consumer
+    assert a["k_desc"].base is fq.k and a["k_desc"].block_shape == [1, block_n, 1, d]
+    assert a["v_desc"].base is fq.v_t and a["v_desc"].shape == [1, 2, d, 512]  # keys padded to whole blocks
+    assert a["v_desc"].block_shape == [1, 1, d, block_n]
+    assert a["o_desc"].base.dtype == torch.bfloat16 and a["o_desc"].block_shape == [1, 64, 1, d]
+    assert (a["n_heads"], a["group"], a["seqlen_q"], a["seqlen_k"]) == (4, 2, 300, 500)
+    assert a["qk_scale"] == pytest.approx(0.1 * 1.4426950408889634) and a["HAS_RIGHT"] and not a["HAS_LEFT"]
+    assert a["n_work"] == 3 * 4 and grid == (12,)  # three query tiles per (batch, head), one program each
+
+
+def test_the_bf16_launch_leaves_the_fp8_parameters_unread(recorded_forward):
+    fwd, rec = recorded_forward
+    q, k, v = torch.randn(1, 300, 4, 128, dtype=torch.bfloat16), *torch.randn(2, 1, 500, 2, 128,
+                                                                              dtype=torch.bfloat16)
+    fwd.gluon_attn_forward(q, k, v, True, 0.1, (-1, -1))
+    _, a = rec.bound()
+    assert a["FP8"] is False and a["q_desc"].base is q and a["v_desc"].base is v and a["PER_ITEM"] == 1  # GQA
+    assert a["v_desc"].block_shape == [1, 128, 1, 128] and (a["QBLOCK_M"], a["QBLOCK_N"]) == (1, 1)
