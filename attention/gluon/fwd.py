@@ -50,12 +50,16 @@ from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from ..triton.common import key_segments
 from . import device_props
-from .plan import (FP8_BLOCK_N, cached_table, document_tiles, forward_pairs, forward_plan, heads_per_chunk,
-                   pairs_tiles, persistent_grid, window_sides)
+from .plan import (EXP2_CUBIC, FP8_BLOCK_N, cached_table, document_tiles, forward_pairs, forward_plan,
+                   heads_per_chunk, pairs_tiles, persistent_grid, window_sides)
 
 LOG2E = 1.4426950408889634
 LN2: gl.constexpr = gl.constexpr(0.6931471805599453)
 LOG2_P_SCALE: gl.constexpr = gl.constexpr(8.807354922057604)  # log2(448): FP8's P in [0, 1] -> [0, 448]
+EXP2_C0: gl.constexpr = gl.constexpr(EXP2_CUBIC[0])  # 2^f ~ C0 + C1 f + C2 f^2 + C3 f^3 on [-0.5, 0.5]
+EXP2_C1: gl.constexpr = gl.constexpr(EXP2_CUBIC[1])
+EXP2_C2: gl.constexpr = gl.constexpr(EXP2_CUBIC[2])
+EXP2_C3: gl.constexpr = gl.constexpr(EXP2_CUBIC[3])
 
 # (BLOCK_M, BLOCK_N, STAGES) per head dim, chosen by timing on an H200 (docs/kernels.md, docs/results.md). Each
 # consumer warpgroup owns 64 rows of the query tile: BLOCK_M = 128 runs two, 192 three. Packed documents keep
@@ -65,6 +69,9 @@ FWD_VARLEN_CONFIG = {64: (128, 128, 3), 128: (128, 128, 2)}
 # FP8 (gluon_fp8_forward): e4m3 tiles take half the bytes of bf16 ones; each consumer keeps a second fp32 tile of
 # HEAD_DIM columns (each block's P.V before it joins O), hence two consumers at both head dims.
 FWD_FP8_CONFIG = {64: (128, FP8_BLOCK_N, 3), 128: (128, FP8_BLOCK_N, 3)}
+# Head dims at which the unmasked blocks take half their exponentials on the FMA pipe (_exp2_split), bf16 and FP8:
+# where MUFU, 16 results per cycle per SM, needs as many cycles per block as the tensor cores.
+EXP2_SPLIT_HEAD_DIMS = {"bf16": (64,), "fp8": (64, 128)}
 CONSUMER_ROWS = 64
 # per number of consumer warpgroups: the kernel's register cap over all its warps (the consumers' and the
 # producer's warpgroup) and each consumer's share after the producer gives its registers back (setmaxnreg)
@@ -168,10 +175,34 @@ def _tma_store(o_desc, o_smem, out, b, row, h, WG: gl.constexpr):
 
 
 @gluon.jit
+def _exp2_fma(x):
+    """2^x for finite x <= 9 on the FMA pipe, within 7.5e-5 (relative) of it: plan.exp2_by_cubic is the host twin
+    and tells how. Below -125 it returns 2^-125 rather than 0: callers pass only the scores of unmasked blocks,
+    where that stays far below l."""
+    x = gl.maximum(x, -125.0)
+    t = x + 12582912.0
+    f = x - (t - 12582912.0)
+    p = gl.fma(gl.fma(gl.fma(f, EXP2_C3, EXP2_C2), f, EXP2_C1), f, EXP2_C0)
+    bits = p.to(gl.int32, bitcast=True) + (t.to(gl.int32, bitcast=True) << 23)
+    return bits.to(gl.float32, bitcast=True)
+
+
+@gluon.jit
+def _exp2_split(x):
+    """2^x with every other column on the FMA pipe (_exp2_fma) and the rest on MUFU: where MUFU's 16 results per
+    cycle per SM, not the tensor cores, would set the pace (FlashAttention-4's split)."""
+    a, b = gl.split(gl.reshape(x, [x.shape[0], x.shape[1] // 2, 2]))
+    y = gl.reshape(gl.join(gl.exp2(a), _exp2_fma(b)), [x.shape[0], x.shape[1]])
+    return gl.convert_layout(y, x.type.layout)  # the same registers: no data moves
+
+
+@gluon.jit
 def _online_softmax(s, m_i, l_i, key, lo_full, hi_full, rows, cols, seqlen_k, off, qk_scale, win_left, win_right,
-                    HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr, FP8: gl.constexpr):
+                    HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr, FP8: gl.constexpr, EXP2_SPLIT: gl.constexpr):
     """One block's step of the online softmax in base 2: returns (p, m_new, l_new, alpha). FP8: p is 448 P, the
-    e4m3 range (exp2(s - m + log2 448): the scale costs nothing), and l sums it before rounding."""
+    e4m3 range (exp2(s - m + log2 448): the scale costs nothing), and l sums it before rounding. EXP2_SPLIT: the
+    unmasked blocks take half their exponentials on the FMA pipe (_exp2_split); masked ones keep MUFU's exact 0
+    for -inf."""
     if (key < lo_full) | (key >= hi_full):
         keep = visible(key + cols[None, :], rows[:, None] + off, seqlen_k, win_left, win_right, HAS_LEFT, HAS_RIGHT)
         s = gl.where(keep, s * qk_scale, float("-inf"))
@@ -185,9 +216,13 @@ def _online_softmax(s, m_i, l_i, key, lo_full, hi_full, rows, cols, seqlen_k, of
         m_new = gl.maximum(m_i, gl.max(s, 1) * qk_scale)
         m_safe = m_new
         if FP8:
-            p = gl.exp2(s * qk_scale - (m_safe - LOG2_P_SCALE)[:, None])
+            m_p = m_safe - LOG2_P_SCALE
         else:
-            p = gl.exp2(s * qk_scale - m_safe[:, None])
+            m_p = m_safe
+        if EXP2_SPLIT:
+            p = _exp2_split(s * qk_scale - m_p[:, None])
+        else:
+            p = gl.exp2(s * qk_scale - m_p[:, None])
     alpha = gl.exp2(m_i - m_safe)
     l_new = l_i * alpha + gl.sum(p, 1)
     return p, m_new, l_new, alpha
@@ -197,7 +232,7 @@ def _online_softmax(s, m_i, l_i, key, lo_full, hi_full, rows, cols, seqlen_k, of
 def _ws_consumer(args, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
                  HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr, VARLEN: gl.constexpr, PER_ITEM: gl.constexpr,
                  CONSUMERS: gl.constexpr, WG: gl.constexpr, FP8: gl.constexpr, QBLOCK_M: gl.constexpr,
-                 QBLOCK_N: gl.constexpr):
+                 QBLOCK_N: gl.constexpr, EXP2_SPLIT: gl.constexpr):
     """Rows [WG * R, (WG+1) * R) of every query tile, R = BLOCK_M / CONSUMERS: S = QK^T, online softmax, O += PV.
 
     FP8 (e4m3 Q, K and V transposed, attention.fp8.Fp8Qkv): one scale per QBLOCK_M query rows and per QBLOCK_N
@@ -258,7 +293,8 @@ def _ws_consumer(args, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: g
                     if not FP8:
                         key = _key(lo, 0, n_blocks, half, BLOCK_N)
                     p, m_i, l_i, alpha = _online_softmax(s, m_i, l_i, key, lo_full, hi_full, rows, cols, len_k, off, c,
-                                                         win_left, win_right, HAS_LEFT, HAS_RIGHT, FP8)
+                                                         win_left, win_right, HAS_LEFT, HAS_RIGHT, FP8,
+                                                         EXP2_SPLIT)
                     pv = gl.convert_layout(p.to(dtype), p_layout)
                     for j in range(1, n_blocks):
                         cur = used + j
@@ -283,7 +319,8 @@ def _ws_consumer(args, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: g
                         if not FP8:
                             key = _key(lo, j, n_blocks, half, BLOCK_N)
                         p, m_i, l_i, alpha = _online_softmax(s, m_i, l_i, key, lo_full, hi_full, rows, cols, len_k,
-                                                             off, c, win_left, win_right, HAS_LEFT, HAS_RIGHT, FP8)
+                                                             off, c, win_left, win_right, HAS_LEFT, HAS_RIGHT, FP8,
+                                                             EXP2_SPLIT)
                         pv_out = warpgroup_mma_wait(num_outstanding=0, deps=(pv_tok, ))
                         async_copy.mbarrier_arrive(v_empty.index(ps), increment_count=False)  # done with V_{j-1}
                         if FP8:
@@ -384,7 +421,7 @@ def _fwd_ws_kernel(q_desc, k_desc, v_desc, o_desc, Out, Lse, Plan, CuQ, CuK, n_w
                    HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
                    HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr, VARLEN: gl.constexpr, PER_ITEM: gl.constexpr,
                    CONSUMERS: gl.constexpr, CONSUMER_REGS: gl.constexpr, FP8: gl.constexpr, QBLOCK_M: gl.constexpr,
-                   QBLOCK_N: gl.constexpr, num_warps: gl.constexpr):
+                   QBLOCK_N: gl.constexpr, EXP2_SPLIT: gl.constexpr, num_warps: gl.constexpr):
     """Warp-specialized: CONSUMERS (2 or 3) consumer warpgroups (the default partition and workers) each own
     BLOCK_M / CONSUMERS rows of the query tile, and a one-warp producer streams Q and the K/V ring. q_desc / o_desc
     boxes are BLOCK_M / CONSUMERS rows. FP8: q/k/v_desc are e4m3 (v_desc over V transposed) with their scales in
@@ -413,19 +450,19 @@ def _fwd_ws_kernel(q_desc, k_desc, v_desc, o_desc, Out, Lse, Plan, CuQ, CuK, n_w
     if CONSUMERS == 3:
         gl.warp_specialize([
             (_ws_consumer, (args, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, HAS_LEFT, HAS_RIGHT, VARLEN, PER_ITEM, 3, 0, FP8,
-                            QBLOCK_M, QBLOCK_N)),
+                            QBLOCK_M, QBLOCK_N, EXP2_SPLIT)),
             (_ws_consumer, (args, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, HAS_LEFT, HAS_RIGHT, VARLEN, PER_ITEM, 3, 1, FP8,
-                            QBLOCK_M, QBLOCK_N)),
+                            QBLOCK_M, QBLOCK_N, EXP2_SPLIT)),
             (_ws_consumer, (args, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, HAS_LEFT, HAS_RIGHT, VARLEN, PER_ITEM, 3, 2, FP8,
-                            QBLOCK_M, QBLOCK_N)),
+                            QBLOCK_M, QBLOCK_N, EXP2_SPLIT)),
             (_ws_producer, (args, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, HAS_LEFT, HAS_RIGHT, VARLEN, PER_ITEM, 3, FP8)),
         ], [4, 4, 1], [CONSUMER_REGS, CONSUMER_REGS, 24])
     else:
         gl.warp_specialize([
             (_ws_consumer, (args, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, HAS_LEFT, HAS_RIGHT, VARLEN, PER_ITEM, 2, 0, FP8,
-                            QBLOCK_M, QBLOCK_N)),
+                            QBLOCK_M, QBLOCK_N, EXP2_SPLIT)),
             (_ws_consumer, (args, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, HAS_LEFT, HAS_RIGHT, VARLEN, PER_ITEM, 2, 1, FP8,
-                            QBLOCK_M, QBLOCK_N)),
+                            QBLOCK_M, QBLOCK_N, EXP2_SPLIT)),
             (_ws_producer, (args, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, HAS_LEFT, HAS_RIGHT, VARLEN, PER_ITEM, 2, FP8)),
         ], [4, 1], [CONSUMER_REGS, 24])
 
@@ -484,7 +521,8 @@ def _launch(q4, k4, v4, out4, out, lse, table, cu_q, cu_k, n_bh, n_heads, group,
             float(softmax_scale) * LOG2E, max(left, 0), max(right, 0), *scales)
     consts = dict(HEAD_DIM=D, BLOCK_M=block_m, BLOCK_N=block_n, STAGES=stages, HAS_LEFT=left >= 0,
                   HAS_RIGHT=right >= 0, VARLEN=varlen, PER_ITEM=per_item, CONSUMERS=n_wg, FP8=fq is not None,
-                  QBLOCK_M=qblocks[0], QBLOCK_N=qblocks[1])
+                  QBLOCK_M=qblocks[0], QBLOCK_N=qblocks[1],
+                  EXP2_SPLIT=D in EXP2_SPLIT_HEAD_DIMS["bf16" if fq is None else "fp8"])
     with torch.cuda.device(q4.device):  # Q and O move in parts: one per consumer warpgroup
         _fwd_ws_kernel[grid](descriptor(q4, block_m // n_wg), descriptor(k4, block_n), v_desc,
                              descriptor(out4, block_m // n_wg), *args, **consts, CONSUMER_REGS=WS_REGS[n_wg][1],

@@ -6,8 +6,9 @@ import torch
 
 from attention.backends import get_backend, resolve_backend_name
 from attention.gluon import dispatch, hopper_ready, triton_status
-from attention.gluon.plan import (cached_table, document_tiles, forward_pairs, forward_plan, heads_per_chunk,
-                                  key_blocks, key_range, pairs_tiles, persistent_grid, uncovered_reason, work_item)
+from attention.gluon.plan import (cached_table, document_tiles, exp2_by_cubic, forward_pairs, forward_plan,
+                                  heads_per_chunk, key_blocks, key_range, pairs_tiles, persistent_grid,
+                                  uncovered_reason, work_item)
 from helpers import cu_seqlens, visible_mask
 
 
@@ -345,3 +346,13 @@ def test_the_bf16_launch_leaves_the_fp8_parameters_unread(recorded_forward):
     _, a = rec.bound()
     assert a["FP8"] is False and a["q_desc"].base is q and a["v_desc"].base is v and a["PER_ITEM"] == 1  # GQA
     assert a["v_desc"].block_shape == [1, 128, 1, 128] and (a["QBLOCK_M"], a["QBLOCK_N"]) == (1, 1)
+
+
+def test_exp2_by_the_cubic_is_within_its_bound_of_exp2_from_minus_125_to_9():
+    """The twin of the forward's _exp2_fma: every fp32 step near the rounding ties of n (x = k +- 0.5) and a dense
+    grid elsewhere; the kernel fuses the Horner steps, which moves the result by an ulp or so."""
+    x = torch.cat([torch.linspace(-125, 9, 400001), torch.arange(-125, 9) + 0.5,
+                   torch.arange(-125, 9) + 0.5 - 2 ** -10, torch.arange(-124, 10) - 0.5 + 2 ** -10])
+    got, want = exp2_by_cubic(x).double(), torch.exp2(x.double())
+    assert ((got - want).abs() / want).max().item() < 7.6e-5
+    assert exp2_by_cubic(torch.tensor([-1000.0])).item() == pytest.approx(2.0 ** -125, rel=1e-4)  # clamped

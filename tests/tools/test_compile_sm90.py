@@ -65,8 +65,10 @@ def test_gluon_kernels_compile_for_hopper_and_the_forward_spills_little():
         assert 0 < row["reg"] <= 255 and row["wgmma"] > 0 and row["smem"] <= H100_SMEM, (name, row)
     fwd = {name: row for name, row in rows.items() if name.startswith("gluon_fwd")}
     assert len(fwd) == 16, fwd
-    fp8 = [row for name, row in fwd.items() if name.startswith("gluon_fwd_fp8")]
-    assert len(fp8) == 4 and all(row["stack"] == 0 for row in fp8), fp8  # two consumers, each with a second tile
+    fp8 = {name: fwd.pop(name) for name in list(fwd) if name.startswith("gluon_fwd_fp8")}
+    # two consumers, each with a second tile for P.V; at D=128 with the exp2 split, three words stored at a tile's
+    # start and reloaded for its epilogue
+    assert len(fp8) == 4 and all(row["stack"] <= 16 for row in fp8.values()), fp8
     # two consumer warpgroups (D=128, 240 registers each) spill at most two words, loaded once per tile (the
     # unmasked packed-document forward: 8 bytes with triton 3.6); three (D=64, 160 each) spill a few
     # loop-invariant values, 32-72 bytes
