@@ -69,9 +69,9 @@ FWD_VARLEN_CONFIG = {64: (128, 128, 3), 128: (128, 128, 2)}
 # FP8 (gluon_fp8_forward): e4m3 tiles take half the bytes of bf16 ones; each consumer keeps a second fp32 tile of
 # HEAD_DIM columns (each block's P.V before it joins O), hence two consumers at both head dims.
 FWD_FP8_CONFIG = {64: (128, FP8_BLOCK_N, 3), 128: (128, FP8_BLOCK_N, 3)}
-# Head dims at which the unmasked blocks take half their exponentials on the FMA pipe (_exp2_split), bf16 and FP8:
-# where MUFU, 16 results per cycle per SM, needs as many cycles per block as the tensor cores.
-EXP2_SPLIT_HEAD_DIMS = {"bf16": (64,), "fp8": (64, 128)}
+# Quarters of the unmasked blocks' exponentials on the FMA pipe (_exp2_split) per head dim, bf16 and FP8; 0 where
+# absent: where MUFU, 16 results per cycle per SM, needs as many cycles per block as the tensor cores or more.
+EXP2_FMA_QUARTERS = {"bf16": {64: 2}, "fp8": {64: 2, 128: 2}}
 CONSUMER_ROWS = 64
 # per number of consumer warpgroups: the kernel's register cap over all its warps (the consumers' and the
 # producer's warpgroup) and each consumer's share after the producer gives its registers back (setmaxnreg)
@@ -188,21 +188,37 @@ def _exp2_fma(x):
 
 
 @gluon.jit
-def _exp2_split(x):
-    """2^x with every other column on the FMA pipe (_exp2_fma) and the rest on MUFU: where MUFU's 16 results per
-    cycle per SM, not the tensor cores, would set the pace (FlashAttention-4's split)."""
-    a, b = gl.split(gl.reshape(x, [x.shape[0], x.shape[1] // 2, 2]))
-    y = gl.reshape(gl.join(gl.exp2(a), _exp2_fma(b)), [x.shape[0], x.shape[1]])
+def _exp2_by(x, FMA: gl.constexpr):
+    if FMA:
+        return _exp2_fma(x)
+    else:
+        return gl.exp2(x)
+
+
+@gluon.jit
+def _exp2_split(x, FMA_QUARTERS: gl.constexpr):
+    """2^x with FMA_QUARTERS of every 32 columns on the FMA pipe (_exp2_fma) and the rest on MUFU: where MUFU's 16
+    results per cycle per SM, not the tensor cores, would set the pace (FlashAttention-4's split). The quarters are
+    8-column groups, which each thread holds in its own registers (the MMA layout): no data moves between threads.
+    Column c = 32 i + 16 a + 8 b + r goes to quarter (a, b)."""
+    R: gl.constexpr = x.shape[0]
+    N: gl.constexpr = x.shape[1]
+    x_b0, x_b1 = gl.split(gl.permute(gl.reshape(x, [R, N // 32, 2, 2, 8]), (0, 1, 4, 2, 3)))  # split on b, then a
+    x00, x10 = gl.split(x_b0)
+    x01, x11 = gl.split(x_b1)
+    y = gl.join(gl.join(_exp2_by(x00, FMA_QUARTERS > 0), _exp2_by(x10, FMA_QUARTERS > 2)),
+                gl.join(_exp2_by(x01, FMA_QUARTERS > 1), _exp2_by(x11, FMA_QUARTERS > 3)))
+    y = gl.reshape(gl.permute(y, (0, 1, 3, 4, 2)), [R, N])
     return gl.convert_layout(y, x.type.layout)  # the same registers: no data moves
 
 
 @gluon.jit
 def _online_softmax(s, m_i, l_i, key, lo_full, hi_full, rows, cols, seqlen_k, off, qk_scale, win_left, win_right,
-                    HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr, FP8: gl.constexpr, EXP2_SPLIT: gl.constexpr):
+                    HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr, FP8: gl.constexpr, EXP2_FMA: gl.constexpr):
     """One block's step of the online softmax in base 2: returns (p, m_new, l_new, alpha). FP8: p is 448 P, the
-    e4m3 range (exp2(s - m + log2 448): the scale costs nothing), and l sums it before rounding. EXP2_SPLIT: the
-    unmasked blocks take half their exponentials on the FMA pipe (_exp2_split); masked ones keep MUFU's exact 0
-    for -inf."""
+    e4m3 range (exp2(s - m + log2 448): the scale costs nothing), and l sums it before rounding. EXP2_FMA: the
+    unmasked blocks take that many quarters of their exponentials on the FMA pipe (_exp2_split); masked ones keep
+    MUFU's exact 0 for -inf."""
     if (key < lo_full) | (key >= hi_full):
         keep = visible(key + cols[None, :], rows[:, None] + off, seqlen_k, win_left, win_right, HAS_LEFT, HAS_RIGHT)
         s = gl.where(keep, s * qk_scale, float("-inf"))
@@ -219,8 +235,8 @@ def _online_softmax(s, m_i, l_i, key, lo_full, hi_full, rows, cols, seqlen_k, of
             m_p = m_safe - LOG2_P_SCALE
         else:
             m_p = m_safe
-        if EXP2_SPLIT:
-            p = _exp2_split(s * qk_scale - m_p[:, None])
+        if EXP2_FMA > 0:
+            p = _exp2_split(s * qk_scale - m_p[:, None], EXP2_FMA)
         else:
             p = gl.exp2(s * qk_scale - m_p[:, None])
     alpha = gl.exp2(m_i - m_safe)
@@ -232,7 +248,7 @@ def _online_softmax(s, m_i, l_i, key, lo_full, hi_full, rows, cols, seqlen_k, of
 def _ws_consumer(args, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
                  HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr, VARLEN: gl.constexpr, PER_ITEM: gl.constexpr,
                  CONSUMERS: gl.constexpr, WG: gl.constexpr, FP8: gl.constexpr, QBLOCK_M: gl.constexpr,
-                 QBLOCK_N: gl.constexpr, EXP2_SPLIT: gl.constexpr):
+                 QBLOCK_N: gl.constexpr, EXP2_FMA: gl.constexpr):
     """Rows [WG * R, (WG+1) * R) of every query tile, R = BLOCK_M / CONSUMERS: S = QK^T, online softmax, O += PV.
 
     FP8 (e4m3 Q, K and V transposed, attention.fp8.Fp8Qkv): one scale per QBLOCK_M query rows and per QBLOCK_N
@@ -294,7 +310,7 @@ def _ws_consumer(args, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: g
                         key = _key(lo, 0, n_blocks, half, BLOCK_N)
                     p, m_i, l_i, alpha = _online_softmax(s, m_i, l_i, key, lo_full, hi_full, rows, cols, len_k, off, c,
                                                          win_left, win_right, HAS_LEFT, HAS_RIGHT, FP8,
-                                                         EXP2_SPLIT)
+                                                         EXP2_FMA)
                     pv = gl.convert_layout(p.to(dtype), p_layout)
                     for j in range(1, n_blocks):
                         cur = used + j
@@ -320,7 +336,7 @@ def _ws_consumer(args, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: g
                             key = _key(lo, j, n_blocks, half, BLOCK_N)
                         p, m_i, l_i, alpha = _online_softmax(s, m_i, l_i, key, lo_full, hi_full, rows, cols, len_k,
                                                              off, c, win_left, win_right, HAS_LEFT, HAS_RIGHT, FP8,
-                                                             EXP2_SPLIT)
+                                                             EXP2_FMA)
                         pv_out = warpgroup_mma_wait(num_outstanding=0, deps=(pv_tok, ))
                         async_copy.mbarrier_arrive(v_empty.index(ps), increment_count=False)  # done with V_{j-1}
                         if FP8:
@@ -421,7 +437,7 @@ def _fwd_ws_kernel(q_desc, k_desc, v_desc, o_desc, Out, Lse, Plan, CuQ, CuK, n_w
                    HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
                    HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr, VARLEN: gl.constexpr, PER_ITEM: gl.constexpr,
                    CONSUMERS: gl.constexpr, CONSUMER_REGS: gl.constexpr, FP8: gl.constexpr, QBLOCK_M: gl.constexpr,
-                   QBLOCK_N: gl.constexpr, EXP2_SPLIT: gl.constexpr, num_warps: gl.constexpr):
+                   QBLOCK_N: gl.constexpr, EXP2_FMA: gl.constexpr, num_warps: gl.constexpr):
     """Warp-specialized: CONSUMERS (2 or 3) consumer warpgroups (the default partition and workers) each own
     BLOCK_M / CONSUMERS rows of the query tile, and a one-warp producer streams Q and the K/V ring. q_desc / o_desc
     boxes are BLOCK_M / CONSUMERS rows. FP8: q/k/v_desc are e4m3 (v_desc over V transposed) with their scales in
@@ -450,19 +466,19 @@ def _fwd_ws_kernel(q_desc, k_desc, v_desc, o_desc, Out, Lse, Plan, CuQ, CuK, n_w
     if CONSUMERS == 3:
         gl.warp_specialize([
             (_ws_consumer, (args, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, HAS_LEFT, HAS_RIGHT, VARLEN, PER_ITEM, 3, 0, FP8,
-                            QBLOCK_M, QBLOCK_N, EXP2_SPLIT)),
+                            QBLOCK_M, QBLOCK_N, EXP2_FMA)),
             (_ws_consumer, (args, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, HAS_LEFT, HAS_RIGHT, VARLEN, PER_ITEM, 3, 1, FP8,
-                            QBLOCK_M, QBLOCK_N, EXP2_SPLIT)),
+                            QBLOCK_M, QBLOCK_N, EXP2_FMA)),
             (_ws_consumer, (args, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, HAS_LEFT, HAS_RIGHT, VARLEN, PER_ITEM, 3, 2, FP8,
-                            QBLOCK_M, QBLOCK_N, EXP2_SPLIT)),
+                            QBLOCK_M, QBLOCK_N, EXP2_FMA)),
             (_ws_producer, (args, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, HAS_LEFT, HAS_RIGHT, VARLEN, PER_ITEM, 3, FP8)),
         ], [4, 4, 1], [CONSUMER_REGS, CONSUMER_REGS, 24])
     else:
         gl.warp_specialize([
             (_ws_consumer, (args, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, HAS_LEFT, HAS_RIGHT, VARLEN, PER_ITEM, 2, 0, FP8,
-                            QBLOCK_M, QBLOCK_N, EXP2_SPLIT)),
+                            QBLOCK_M, QBLOCK_N, EXP2_FMA)),
             (_ws_consumer, (args, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, HAS_LEFT, HAS_RIGHT, VARLEN, PER_ITEM, 2, 1, FP8,
-                            QBLOCK_M, QBLOCK_N, EXP2_SPLIT)),
+                            QBLOCK_M, QBLOCK_N, EXP2_FMA)),
             (_ws_producer, (args, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, HAS_LEFT, HAS_RIGHT, VARLEN, PER_ITEM, 2, FP8)),
         ], [4, 1], [CONSUMER_REGS, 24])
 
@@ -522,7 +538,7 @@ def _launch(q4, k4, v4, out4, out, lse, table, cu_q, cu_k, n_bh, n_heads, group,
     consts = dict(HEAD_DIM=D, BLOCK_M=block_m, BLOCK_N=block_n, STAGES=stages, HAS_LEFT=left >= 0,
                   HAS_RIGHT=right >= 0, VARLEN=varlen, PER_ITEM=per_item, CONSUMERS=n_wg, FP8=fq is not None,
                   QBLOCK_M=qblocks[0], QBLOCK_N=qblocks[1],
-                  EXP2_SPLIT=D in EXP2_SPLIT_HEAD_DIMS["bf16" if fq is None else "fp8"])
+                  EXP2_FMA=EXP2_FMA_QUARTERS["bf16" if fq is None else "fp8"].get(D, 0))
     with torch.cuda.device(q4.device):  # Q and O move in parts: one per consumer warpgroup
         _fwd_ws_kernel[grid](descriptor(q4, block_m // n_wg), descriptor(k4, block_n), v_desc,
                              descriptor(out4, block_m // n_wg), *args, **consts, CONSUMER_REGS=WS_REGS[n_wg][1],

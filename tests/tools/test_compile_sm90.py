@@ -66,9 +66,9 @@ def test_gluon_kernels_compile_for_hopper_and_the_forward_spills_little():
     fwd = {name: row for name, row in rows.items() if name.startswith("gluon_fwd")}
     assert len(fwd) == 16, fwd
     fp8 = {name: fwd.pop(name) for name in list(fwd) if name.startswith("gluon_fwd_fp8")}
-    # two consumers, each with a second tile for P.V; at D=128 with the exp2 split, three words stored at a tile's
-    # start and reloaded for its epilogue
-    assert len(fp8) == 4 and all(row["stack"] <= 16 for row in fp8.values()), fp8
+    # two consumers, each with a second tile for P.V; at D=128 with the exp2 split, a few words stored at a tile's
+    # start and reloaded for its epilogue, none in the key-block loop
+    assert len(fp8) == 4 and all(row["stack"] <= 24 and row["loop_spill"] == 0 for row in fp8.values()), fp8
     # two consumer warpgroups (D=128, 240 registers each) spill at most two words, loaded once per tile (the
     # unmasked packed-document forward: 8 bytes with triton 3.6); three (D=64, 160 each) spill a few
     # loop-invariant values, 32-72 bytes
@@ -76,6 +76,8 @@ def test_gluon_kernels_compile_for_hopper_and_the_forward_spills_little():
     assert all(row["stack"] <= 96 for name, row in fwd.items() if " d64 " in name), fwd
     # and at D=128 none of it in the dense forward's key-block loop (tools/compile_sm90.loop_spills)
     assert all(row["loop_spill"] == 0 for name, row in fwd.items() if name.startswith("gluon_fwd d128")), fwd
+    # at D=64 the exp2 split leaves 3-12 per key block (20 before it, causal)
+    assert all(row["loop_spill"] <= 12 for name, row in fwd.items() if name.startswith("gluon_fwd d64")), fwd
 
 
 @pytest.mark.skipif(not _gluon_triton(), reason="the Gluon kernels are written for another triton release")
