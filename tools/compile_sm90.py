@@ -112,6 +112,7 @@ def gluon_variants():
     from attention.gluon import bwd as gluon_bwd, fwd as gluon_fwd
     from attention.gluon.plan import pairs_tiles
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+    from attention.gluon.plan_bwd import head_interleave
     ints = dict(n_work=7, n_slots=7, n_bh=7, chunk=7, n_heads=7, n_kv_heads=7, group=7, kv_group=7, seqlen_q=1000,
                 seqlen_k=1000, win_left=7, win_right=7, lse_stride=7, sem_stride=7)
     floats = dict(qk_scale=0.127, inv_qk_scale=7.9, softmax_scale=0.088)
@@ -168,11 +169,14 @@ def gluon_variants():
                     for split in (False, True) if not varlen else (False,):
                         name = "_varlen" * varlen + "_det" * det + "_rev" * rev + "_split" * split
                         parts = dict(DK=f32, DV=f32) if split else {}
+                        # (batch, head) pairs interleave in the launch order where the deterministic mode has no
+                        # mask (plan_bwd.head_interleave)
+                        interleave = 1 if varlen else head_interleave(False, (left, right), det, pairs=2)
                         yield (f"gluon_bwd_ws{name} d{d} win{left},{right}", gluon_bwd._bwd_ws_kernel,
                                {**ints, **floats, **tensors, **parts},
                                dict(HEAD_DIM=d, BLOCK_M=bm, BLOCK_N=bn, STAGES=st, DET=det, REVERSE=rev,
                                     VARLEN=varlen, DQ_SMEM=gluon_bwd.dq_layouts(bm, d)[0],
-                                    CONSUMER_REGS=gluon_bwd.WS_BWD_REGS[1], **flags), 4,
+                                    INTERLEAVE=interleave, CONSUMER_REGS=gluon_bwd.WS_BWD_REGS[1], **flags), 4,
                                gluon_bwd.WS_BWD_REGS[0])
 
 

@@ -34,6 +34,9 @@ one warp-specialized program per (key block of BLOCK_N = 128 rows, batch, kv hea
     walk            causal key blocks without a window launch heaviest first and walk their query blocks last to
                     first (REVERSE; plan_bwd.descending_walk), so that the resident ones stay on nearby query
                     blocks: always without determinism, and with it where a KV head's rows outgrow half the L2.
+    launch          dense: the plan's rows for one (batch, head) pair after another, or without a mask in the
+                    deterministic mode two pairs row by row (plan_bwd.head_interleave): the key blocks of one pair,
+                    which add into each query block one link apart, then start twice as far apart.
 
     GQA split       where a group's rows outgrow the L2 (plan_bwd.split_group), one program per (key block, batch,
                     query head) instead, writing that head's dK / dV in fp32; the host sums them over the group.
@@ -74,7 +77,7 @@ from .dispatch import fits_in_memory
 from .fwd import descriptor, l2_bytes, plan_row
 from .plan import cached_table, document_tiles, window_sides
 from .plan_bwd import (backward_plan, descending_walk, document_key_order, document_rows, document_semaphores,
-                       dq_from_tiles, dq_tile_bases, ordered_backward_plan, split_group)
+                       dq_from_tiles, dq_tile_bases, head_interleave, ordered_backward_plan, split_group)
 
 LOG2E = 1.4426950408889634
 
@@ -223,8 +226,17 @@ def _issue_dv_dk(pt, dpt_tok, q2, do2, dv, dk, a_layout: gl.constexpr):
 
 
 @gluon.jit
+def _launch_slot(INTERLEAVE: gl.constexpr):
+    """(plan row, batch * head pair) of this program: the grid is (rows * INTERLEAVE, pairs / INTERLEAVE), so that
+    the launch order takes INTERLEAVE pairs at a time, row by row (plan_bwd.launch_slot, plan_bwd.head_interleave)."""
+    pid = gl.program_id(0)
+    return pid // INTERLEAVE, gl.program_id(1) * INTERLEAVE + pid % INTERLEAVE
+
+
+@gluon.jit
 def _ws_item(Plan, CuQ, CuK, n_kv_heads, seqlen_q, seqlen_k, win_left, win_right, BLOCK_M: gl.constexpr,
-             BLOCK_N: gl.constexpr, HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr, VARLEN: gl.constexpr):
+             BLOCK_N: gl.constexpr, HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr, VARLEN: gl.constexpr,
+             INTERLEAVE: gl.constexpr):
     """(b, hk, n0, lo, lo_full, hi_full, n_blk, first_q, first_k, len_q, len_k, qblk) of this program's key block.
 
     Dense: a row of plan_bwd.backward_plan or ordered_backward_plan (the table), first_q = first_k = qblk = 0 and
@@ -233,8 +245,8 @@ def _ws_item(Plan, CuQ, CuK, n_kv_heads, seqlen_q, seqlen_k, win_left, win_right
     range is the Triton kernels' query_segments (aligned, as plan_bwd.query_range) and a padding row (d = -1) is
     empty. Row m0 of the document is in query block qblk + m0 // BLOCK_M of its (batch, head): qblk = first_q //
     BLOCK_M + d numbers the documents' blocks apart (plan_bwd.document_query_block)."""
-    bhk = gl.program_id(1)
     if VARLEN:
+        bhk = gl.program_id(1)
         row = gl.program_id(0)
         d = gl.load(Plan + 2 * row)
         tile = gl.maximum(gl.load(Plan + 2 * row + 1), 0)
@@ -251,7 +263,8 @@ def _ws_item(Plan, CuQ, CuK, n_kv_heads, seqlen_q, seqlen_k, win_left, win_right
             hi = lo
         qblk = first_q // BLOCK_M + dd
     else:
-        tile, lo, lo_full, hi_full, hi = plan_row(Plan, gl.program_id(0))
+        row, bhk = _launch_slot(INTERLEAVE)
+        tile, lo, lo_full, hi_full, hi = plan_row(Plan, row)
         first_q = tile * 0
         first_k = first_q
         len_q = seqlen_q + first_q
@@ -264,7 +277,7 @@ def _ws_item(Plan, CuQ, CuK, n_kv_heads, seqlen_q, seqlen_k, win_left, win_right
 @gluon.jit
 def _ws_consumer(args, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
                  HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr, REVERSE: gl.constexpr, VARLEN: gl.constexpr,
-                 WG: gl.constexpr):
+                 INTERLEAVE: gl.constexpr, WG: gl.constexpr):
     """Key rows [WG * BLOCK_N/2, (WG+1) * BLOCK_N/2) of the key block: S^T, dP^T, dV, dK for them, and one half of
     every dQ_i (over all BLOCK_N keys, from the dS^T both warpgroups put in shared memory): rows
     [WG * BLOCK_M/2, (WG+1) * BLOCK_M/2) where dq_desc's box is BLOCK_M/2 rows (dq_box), else columns
@@ -289,7 +302,7 @@ def _ws_consumer(args, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: g
 
     b, hk, n0, lo, lo_full, hi_full, n_blk, first_q, first_k, len_q, len_k, qblk = _ws_item(
         Plan, CuQ, CuK, n_kv_heads, seqlen_q, seqlen_k, win_left, win_right, BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT,
-        VARLEN)
+        VARLEN, INTERLEAVE)
     total = n_blk * group  # (head, query block) pairs, in _pair's order
     off = len_k - len_q
     keys = n0 + WG * HALF + gl.arange(0, HALF, key_l)
@@ -352,7 +365,7 @@ def _ws_consumer(args, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: g
 
 @gluon.jit
 def _ws_loader(args, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, HAS_LEFT: gl.constexpr,
-               HAS_RIGHT: gl.constexpr, REVERSE: gl.constexpr, VARLEN: gl.constexpr):
+               HAS_RIGHT: gl.constexpr, REVERSE: gl.constexpr, VARLEN: gl.constexpr, INTERLEAVE: gl.constexpr):
     """One warp: K and V of the key block once, then Q_i and dO_i with their rows of lse2 / delta through the
     STAGES-deep ring."""
     (q_desc, k_desc, v_desc, do_desc, dq_desc, DK, DV, Lse2, Delta, Plan, Sem, CuQ, CuK, q_smem, do_smem,
@@ -361,7 +374,7 @@ def _ws_loader(args, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.co
      softmax_scale, win_left, win_right) = args
     b, hk, n0, lo, lo_full, hi_full, n_blk, first_q, first_k, len_q, len_k, qblk = _ws_item(
         Plan, CuQ, CuK, n_kv_heads, seqlen_q, seqlen_k, win_left, win_right, BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT,
-        VARLEN)
+        VARLEN, INTERLEAVE)
     total = n_blk * group
     if total > 0:
         mbarrier.expect(kv_bar, 2 * k_desc.block_type.nbytes)
@@ -400,7 +413,7 @@ def _bulk_wait_written():
 @gluon.jit
 def _ws_dq_writer(args, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
                   HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr, DET: gl.constexpr, REVERSE: gl.constexpr,
-                  VARLEN: gl.constexpr):
+                  VARLEN: gl.constexpr, INTERLEAVE: gl.constexpr):
     """One warp: adds each dQ_i tile (two halves, one per consumer: row or column halves, as dq_desc's box says)
     into the fp32 dQ accumulator by TMA reduce-add: tile (batch, head, query block) of sem_stride per head, each
     half DQ_M * DQ_N contiguous floats in dq_smem's order (plan_bwd.dq_tile_bases), which the host puts back
@@ -418,7 +431,7 @@ def _ws_dq_writer(args, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: 
                                 gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32, rank=2))
     b, hk, n0, lo, lo_full, hi_full, n_blk, first_q, first_k, len_q, len_k, qblk = _ws_item(
         Plan, CuQ, CuK, n_kv_heads, seqlen_q, seqlen_k, win_left, win_right, BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT,
-        VARLEN)
+        VARLEN, INTERLEAVE)
     for t in range(n_blk * group):
         g, m0 = _pair(t, n_blk, lo, group, BLOCK_M, REVERSE)
         h = hk * group + g
@@ -449,8 +462,8 @@ def _bwd_ws_kernel(q_desc, k_desc, v_desc, do_desc, dq_desc, DK, DV, Lse2, Delta
                    n_heads, group, kv_group, seqlen_q, seqlen_k, sem_stride, qk_scale, inv_qk_scale, softmax_scale,
                    win_left, win_right, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
                    STAGES: gl.constexpr, HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr, DET: gl.constexpr,
-                   REVERSE: gl.constexpr, VARLEN: gl.constexpr, DQ_SMEM: gl.constexpr, CONSUMER_REGS: gl.constexpr,
-                   num_warps: gl.constexpr):
+                   REVERSE: gl.constexpr, VARLEN: gl.constexpr, INTERLEAVE: gl.constexpr, DQ_SMEM: gl.constexpr,
+                   CONSUMER_REGS: gl.constexpr, num_warps: gl.constexpr):
     """Warp-specialized dK/dV with dQ in the same pass: two consumer warpgroups (the default partition and a
     worker), a loader warp and a dQ warp. dq_desc: the fp32 accumulator of dQ tiles as (rows, DQ_N), its box one
     consumer's half of dQ_i (dq_box: BLOCK_M/2 x D, half of the rows, or BLOCK_M x D/2, half of the columns);
@@ -493,10 +506,10 @@ def _bwd_ws_kernel(q_desc, k_desc, v_desc, do_desc, dq_desc, DK, DV, Lse2, Delta
             dq_full, dq_empty, n_kv_heads, n_heads, group, kv_group, seqlen_q, seqlen_k, sem_stride, qk_scale,
             inv_qk_scale, softmax_scale, win_left, win_right)
     gl.warp_specialize([
-        (_ws_consumer, (args, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, HAS_LEFT, HAS_RIGHT, REVERSE, VARLEN, 0)),
-        (_ws_consumer, (args, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, HAS_LEFT, HAS_RIGHT, REVERSE, VARLEN, 1)),
-        (_ws_loader, (args, BLOCK_M, BLOCK_N, STAGES, HAS_LEFT, HAS_RIGHT, REVERSE, VARLEN)),
-        (_ws_dq_writer, (args, HEAD_DIM, BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT, DET, REVERSE, VARLEN)),
+        (_ws_consumer, (args, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, HAS_LEFT, HAS_RIGHT, REVERSE, VARLEN, INTERLEAVE, 0)),
+        (_ws_consumer, (args, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, HAS_LEFT, HAS_RIGHT, REVERSE, VARLEN, INTERLEAVE, 1)),
+        (_ws_loader, (args, BLOCK_M, BLOCK_N, STAGES, HAS_LEFT, HAS_RIGHT, REVERSE, VARLEN, INTERLEAVE)),
+        (_ws_dq_writer, (args, HEAD_DIM, BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT, DET, REVERSE, VARLEN, INTERLEAVE)),
     ], [4, 1, 1], [CONSUMER_REGS, 24, 24])
 
 
@@ -524,14 +537,16 @@ def _launch_ws(q, k, v, dout, dq, dk, dv, lse2, delta, table, sem, cu_q, cu_k, b
     left, right = window_sides(causal, window_size)
     qk_scale = float(softmax_scale) * LOG2E
     heads, group, kv_group = (H, 1, H // Hkv) if split else (Hkv, H // Hkv, 1)
+    pairs = batch * heads
+    interleave = 1 if varlen else head_interleave(causal, window_size, deterministic, pairs)
     with torch.cuda.device(q.device):
-        _bwd_ws_kernel[(table.shape[0], batch * heads)](
+        _bwd_ws_kernel[(table.shape[0] * interleave, pairs // interleave)](
             descriptor(q, bm), _k_descriptor(k, bn), descriptor(v, bn), descriptor(dout, bm),
             dq_descriptor(dq, bm, D), dk, dv, lse2, delta, table, sem, cu_q, cu_k, heads, H, group, kv_group,
             seqlen_q, seqlen_k, sem_stride, qk_scale, 1.0 / qk_scale, float(softmax_scale), max(left, 0),
             max(right, 0), HEAD_DIM=D, BLOCK_M=bm, BLOCK_N=bn, STAGES=stages, DET=deterministic, REVERSE=reverse,
-            VARLEN=varlen, DQ_SMEM=dq_layouts(bm, D)[0], CONSUMER_REGS=WS_BWD_REGS[1], num_warps=4,
-            maxnreg=WS_BWD_REGS[0], HAS_LEFT=left >= 0, HAS_RIGHT=right >= 0)
+            VARLEN=varlen, INTERLEAVE=interleave, DQ_SMEM=dq_layouts(bm, D)[0], CONSUMER_REGS=WS_BWD_REGS[1],
+            num_warps=4, maxnreg=WS_BWD_REGS[0], HAS_LEFT=left >= 0, HAS_RIGHT=right >= 0)
 
 
 def _dq_in_rows(tiles: torch.Tensor, block_m: int, head_dim: int, dtype: torch.dtype) -> torch.Tensor:

@@ -88,6 +88,30 @@ def ordered_backward_plan(seqlen_q: int, seqlen_k: int, causal: bool, window_siz
     return TilePlan(block_m, bounds, order)
 
 
+def head_interleave(causal: bool, window_size, deterministic: bool, pairs: int) -> int:
+    """How many of the `pairs` (batch, head) pairs the warp-specialized backward's launch order interleaves, key
+    block by key block (launch_slot): 2 in the deterministic mode without a mask where the pairs go two by two,
+    else 1 (pair after pair).
+
+    In the deterministic mode a key block adds into a query block only after the key block launched before it
+    (ordered_backward_plan), one link later: that one's release seen, the reduce-add written, the release. Without
+    a mask every key block of a pair walks its query blocks from the first, in step, so each starts one link behind
+    the one before it. Launched pair after pair, the key blocks of one pair start as programs finish, about one per
+    (a program's time / the SMs); where that is shorter than a link (short programs: few query blocks, as at D=64
+    with 128-row blocks and 8K rows), every key block waits longer than the one before it. Two pairs interleaved
+    space each pair's key blocks twice as far apart. Causal and windowed ranges start at staggered rows. The order
+    of the additions into a query block, and so dq, do not depend on the launch order."""
+    left, right = window_sides(causal, window_size)
+    return 2 if deterministic and left < 0 and right < 0 and pairs % 2 == 0 else 1
+
+
+def launch_slot(pid0: int, pid1: int, interleave: int) -> tuple[int, int]:
+    """(plan row, (batch, head) pair) of program (pid0, pid1) of the backward's (rows * interleave, pairs /
+    interleave) grid, launched with pid0 varying fastest: `interleave` pairs at a time, row by row, each pair's
+    rows in plan order. Twin of the kernel's _launch_slot."""
+    return pid0 // interleave, pid1 * interleave + pid0 % interleave
+
+
 def group_rows_bytes(group: int, seqlen_q: int, head_dim: int) -> int:
     """Bytes of the rows one KV head's query heads stream through the backward: Q and dO (2 bytes an element) and
     the fp32 dQ, 8 bytes per row, head and column. descending_walk and split_group weigh it against the L2."""

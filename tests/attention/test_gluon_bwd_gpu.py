@@ -121,6 +121,27 @@ def test_deterministic_backward_repeats_bitwise_and_matches_the_other_mode(nq, n
         assert rel_err(b, a) < 1e-2
 
 
+@pytest.mark.parametrize("D", [128, 64])
+@pytest.mark.parametrize("split", [False, True], ids=["group", "split"])
+def test_deterministic_backward_gives_the_same_bits_in_either_launch_order(D, split, monkeypatch):
+    """Without a mask the deterministic backward interleaves (batch, head) pairs two by two in its launch order
+    (plan_bwd.head_interleave); the semaphores fix the order of the additions, so dq, dk, dv are the bits of the
+    launch pair after pair."""
+    from attention.gluon.plan_bwd import head_interleave
+    if split:
+        monkeypatch.setattr("attention.gluon.bwd.split_group", lambda *args: True)
+    q, k, v = cuda_qkv(2, 2000, 2000, 8, 2, D, torch.bfloat16)
+    assert head_interleave(False, (-1, -1), True, 2 * (8 if split else 2)) == 2
+    from attention.triton.fwd import triton_attn_forward
+    out, lse = triton_attn_forward(q, k, v, False, D ** -0.5, (-1, -1))
+    dout, dlse = torch.randn_like(out), torch.randn_like(lse)
+    interleaved = _grads(dout, q, k, v, out, lse, False, (-1, -1), dlse, True)
+    monkeypatch.setattr("attention.gluon.bwd.head_interleave", lambda *args: 1)
+    in_turn = _grads(dout, q, k, v, out, lse, False, (-1, -1), dlse, True)
+    for a, b in zip(interleaved, in_turn):
+        assert torch.equal(a, b)
+
+
 def test_gluon_backward_is_deterministic_and_takes_strided_views():
     q, k, v = cuda_qkv(1, 2048, 2048, 8, 2, 128, torch.bfloat16)
     from attention.triton.fwd import triton_attn_forward
