@@ -469,7 +469,8 @@ def _bwd_ws_kernel(q_desc, k_desc, v_desc, do_desc, dq_desc, DK, DV, Lse2, Delta
     consumer's half of dQ_i (dq_box: BLOCK_M/2 x D, half of the rows, or BLOCK_M x D/2, half of the columns);
     DQ_SMEM: the two halves' shared-memory layout (dq_layouts).
     DET: Plan is plan_bwd.ordered_backward_plan's and Sem a zeroed int32 (B * H * cdiv(Nq, BLOCK_M)) semaphore
-    per query block. REVERSE: every key block walks its query blocks last to first (plan_bwd.descending_walk).
+    per query block. INTERLEAVE: the dense grid is (rows * INTERLEAVE, pairs / INTERLEAVE) (_launch_slot).
+    REVERSE: every key block walks its query blocks last to first (plan_bwd.descending_walk).
     The GQA group: either each program walks its KV head's `group` query heads (kv_group = 1, DK / DV like K / V),
     or the group is split over programs (plan_bwd.split_group: group = 1, kv_group the GQA group, n_kv_heads the
     query heads, DK / DV fp32 (B, Nk, H, D) partials that the host sums over each group)."""
@@ -528,7 +529,8 @@ def _k_descriptor(k: torch.Tensor, block_n: int) -> TensorDescriptor:
 def _launch_ws(q, k, v, dout, dq, dk, dv, lse2, delta, table, sem, cu_q, cu_k, batch, seqlen_q, seqlen_k, sem_stride,
                causal, softmax_scale, window_size, deterministic, reverse, varlen, split=False):
     """_bwd_ws_kernel over (table rows, batch * KV heads) programs, or with split (plan_bwd.split_group) over (table
-    rows, batch * query heads), dk / dv then the fp32 (B, Nk, H, D) partials: q / k / v / dout (B, N, H, D), dq the
+    rows, batch * query heads), dk / dv then the fp32 (B, Nk, H, D) partials; dense grids launch two pairs row by
+    row where plan_bwd.head_interleave says so: q / k / v / dout (B, N, H, D), dq the
     zeroed fp32 accumulator of dQ tiles (B, H, sem_stride, BLOCK_M * D), sem_stride the semaphores and tiles per
     (batch, head). Dense: cu_q / cu_k are unused, seqlen_q / seqlen_k the lengths; packed documents (varlen,
     B = 1): seqlen_q / seqlen_k the totals."""
