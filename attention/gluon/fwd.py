@@ -26,7 +26,9 @@ feeds P.V from registers:
     O += P_{n-1} V_{n-1};  release V_{n-1};  O /= l;  TMA store
 
 Scores stay in base 2 (scale * log2 e folded into one multiply); masks apply only to the blocks the plan marks
-(window edges, the causal diagonal, the sequence tail). The grid is persistent, one program per SM, walking
+(window edges, the causal diagonal, the sequence tail). A consumer whose rows all lie past the end (the last
+tile's tail where Nq is not a multiple of BLOCK_M: at D=64 with 192-row tiles and 8K rows, a third of the
+heaviest causal tile) releases the K/V stages unread and stores nothing. The grid is persistent, one program per SM, walking
 (query tile, batch*head) work items heaviest query tile first, a few heads at a time so that the programs reading
 a head's K/V at the same moment find it in L2 (plan.heads_per_chunk, plan.work_item). Causal MHA at D=128 pairs
 the tiles (plan.pairs_tiles, plan.forward_pairs): a work item is the i-th heaviest tile, then the i-th lightest
@@ -245,6 +247,20 @@ def _online_softmax(s, m_i, l_i, key, lo_full, hi_full, rows, cols, seqlen_k, of
 
 
 @gluon.jit
+def _release_unread(k_ready, v_ready, k_empty, v_empty, used, n_blocks, STAGES: gl.constexpr):
+    """Pass over n_blocks K/V blocks of the ring from position `used` without reading them: wait for each stage to
+    land (its phase must complete before this consumer counts towards the next) and release it."""
+    for j in range(n_blocks):
+        cur = used + j
+        st = cur % STAGES
+        phase = (cur // STAGES) & 1
+        mbarrier.wait(k_ready.index(st), phase)
+        async_copy.mbarrier_arrive(k_empty.index(st), increment_count=False)
+        mbarrier.wait(v_ready.index(st), phase)
+        async_copy.mbarrier_arrive(v_empty.index(st), increment_count=False)
+
+
+@gluon.jit
 def _ws_consumer(args, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
                  HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr, VARLEN: gl.constexpr, PER_ITEM: gl.constexpr,
                  CONSUMERS: gl.constexpr, WG: gl.constexpr, FP8: gl.constexpr, QBLOCK_M: gl.constexpr,
@@ -295,7 +311,10 @@ def _ws_consumer(args, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: g
                     kv_scales = (b * (n_heads // group) + h // group) * n_kblocks
                 mbarrier.wait(q_ready.index(WG), it & 1)
                 q = q_smem.index(WG).reshape([ROWS, HEAD_DIM])
-                if n_blocks > 0:
+                if (n_blocks > 0) & (m0 >= len_q):  # every row past the end (the last tile's tail): no MMA
+                    _release_unread(k_ready, v_ready, k_empty, v_empty, used, n_blocks, STAGES)
+                    used += n_blocks
+                elif n_blocks > 0:
                     st = used % STAGES
                     if FP8:  # issued before the waits; elsewhere the steps are as in the bf16 kernel
                         key = _key(lo, 0, n_blocks, half, BLOCK_N)
@@ -360,25 +379,25 @@ def _ws_consumer(args, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: g
                     used += n_blocks
                 async_copy.mbarrier_arrive(q_empty.index(WG), increment_count=False)
                 it += 1
-
-                empty = l_i == 0.0
-                l_safe = gl.where(empty, 1.0, l_i)
-                out = acc / gl.convert_layout(l_safe, row_o)[:, None]
-                if FP8:  # l carries the factor 448 of P
-                    lse = gl.where(empty, float("-inf"), (m_i + gl.log2(l_safe) - LOG2_P_SCALE) * LN2)
-                else:
-                    lse = gl.where(empty, float("-inf"), (m_i + gl.log2(l_safe)) * LN2)
-                gl.store(Lse + lse_base + rows, lse, mask=rows < len_q)
-                if VARLEN:
-                    if m0 + ROWS <= len_q:
-                        _tma_store(o_desc, o_smem, out.to(out_dtype), b, first + m0, h, WG)
-                    else:  # the document's last rows: rows past its end belong to the next document
-                        o_rows = m0 + gl.arange(0, ROWS, row_o)
-                        o_cols = gl.arange(0, HEAD_DIM, gl.SliceLayout(0, o_layout))
-                        ptr = Out + (first + o_rows).to(gl.int64)[:, None] * (n_heads * HEAD_DIM) + h * HEAD_DIM
-                        gl.store(ptr + o_cols[None, :], out.to(out_dtype), mask=(o_rows < len_q)[:, None])
-                else:  # the descriptor drops rows past Nq
-                    _tma_store(o_desc, o_smem, out.to(out_dtype), b, m0, h, WG)
+                if m0 < len_q:  # a part whose rows all lie past the end stores nothing
+                    empty = l_i == 0.0
+                    l_safe = gl.where(empty, 1.0, l_i)
+                    out = acc / gl.convert_layout(l_safe, row_o)[:, None]
+                    if FP8:  # l carries the factor 448 of P
+                        lse = gl.where(empty, float("-inf"), (m_i + gl.log2(l_safe) - LOG2_P_SCALE) * LN2)
+                    else:
+                        lse = gl.where(empty, float("-inf"), (m_i + gl.log2(l_safe)) * LN2)
+                    gl.store(Lse + lse_base + rows, lse, mask=rows < len_q)
+                    if VARLEN:
+                        if m0 + ROWS <= len_q:
+                            _tma_store(o_desc, o_smem, out.to(out_dtype), b, first + m0, h, WG)
+                        else:  # the document's last rows: rows past its end belong to the next document
+                            o_rows = m0 + gl.arange(0, ROWS, row_o)
+                            o_cols = gl.arange(0, HEAD_DIM, gl.SliceLayout(0, o_layout))
+                            ptr = Out + (first + o_rows).to(gl.int64)[:, None] * (n_heads * HEAD_DIM) + h * HEAD_DIM
+                            gl.store(ptr + o_cols[None, :], out.to(out_dtype), mask=(o_rows < len_q)[:, None])
+                    else:  # the descriptor drops rows past Nq
+                        _tma_store(o_desc, o_smem, out.to(out_dtype), b, m0, h, WG)
     tma.store_wait(pendings=0)
 
 
