@@ -111,8 +111,8 @@ def gluon_variants():
 
     from attention.gluon import bwd as gluon_bwd, fwd as gluon_fwd
     from attention.gluon.plan import pairs_tiles
-    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
     from attention.gluon.plan_bwd import head_interleave
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
     ints = dict(n_work=7, n_slots=7, n_bh=7, chunk=7, n_heads=7, n_kv_heads=7, group=7, kv_group=7, seqlen_q=1000,
                 seqlen_k=1000, win_left=7, win_right=7, lse_stride=7, sem_stride=7)
     floats = dict(qk_scale=0.127, inv_qk_scale=7.9, softmax_scale=0.088)
@@ -127,11 +127,12 @@ def gluon_variants():
                 n_wg = gluon_fwd.consumers(bm)
                 part, kv = gluon_fwd.descriptor(t, bm // n_wg), gluon_fwd.descriptor(t, bn)
                 tensors = dict(q_desc=part, k_desc=kv, v_desc=kv, o_desc=part, Out=t, Lse=f32, Plan=i32, CuQ=i32,
-                               CuK=i32, **scales)
+                               CuK=i32, Sched=i32, **scales)
                 per_item = 2 if not varlen and pairs_tiles(False, (left, right), 1, d) else 1
                 yield (f"gluon_fwd{'_varlen' if varlen else ''} d{d} win{left},{right}", gluon_fwd._fwd_ws_kernel,
                        {**ints, **floats, **tensors}, dict(HEAD_DIM=d, BLOCK_M=bm, BLOCK_N=bn, STAGES=st,
                                                             VARLEN=varlen, PER_ITEM=per_item, CONSUMERS=n_wg,
+                                                            SCHEDULED=not varlen,
                                                             CONSUMER_REGS=gluon_fwd.WS_REGS[n_wg][1], FP8=False,
                                                             QBLOCK_M=1, QBLOCK_N=1, **flags,
                                                             EXP2_FMA=gluon_fwd.EXP2_FMA_QUARTERS["bf16"].get(d, 0)),
@@ -146,12 +147,12 @@ def gluon_variants():
                                           gluon_fwd.block_layout(block, vt.dtype))
                 tensors = dict(q_desc=gluon_fwd.descriptor(t8, bm // n_wg), k_desc=gluon_fwd.descriptor(t8, bn),
                                v_desc=v_desc, o_desc=gluon_fwd.descriptor(t, bm // n_wg), Out=t, Lse=f32, Plan=i32,
-                               CuQ=i32, CuK=i32, **scales)
+                               CuQ=i32, CuK=i32, Sched=i32, **scales)
                 yield (f"gluon_fwd_fp8 d{d} win{left},{right}", gluon_fwd._fwd_ws_kernel,
                        {**ints, **floats, **tensors},  # FP8 tiles go one by one (fwd._dense_forward)
                        dict(HEAD_DIM=d, BLOCK_M=bm, BLOCK_N=bn, STAGES=st, VARLEN=False, PER_ITEM=1,
-                            CONSUMERS=n_wg, CONSUMER_REGS=gluon_fwd.WS_REGS[n_wg][1], FP8=True, QBLOCK_M=128,
-                            QBLOCK_N=128, EXP2_FMA=gluon_fwd.EXP2_FMA_QUARTERS["fp8"][d], **flags), 4,
+                            SCHEDULED=True, CONSUMERS=n_wg, CONSUMER_REGS=gluon_fwd.WS_REGS[n_wg][1], FP8=True,
+                            QBLOCK_M=128, QBLOCK_N=128, EXP2_FMA=gluon_fwd.EXP2_FMA_QUARTERS["fp8"][d], **flags), 4,
                        gluon_fwd.WS_REGS[n_wg][0])
             bm, bn, st = gluon_bwd.WS_BWD_CONFIG[d]
             q, k, v = gluon_fwd.descriptor(t, bm), gluon_bwd._k_descriptor(t, bn), gluon_fwd.descriptor(t, bn)

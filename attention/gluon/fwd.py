@@ -28,11 +28,15 @@ feeds P.V from registers:
 Scores stay in base 2 (scale * log2 e folded into one multiply); masks apply only to the blocks the plan marks
 (window edges, the causal diagonal, the sequence tail). A consumer whose rows all lie past the end (the last
 tile's tail where Nq is not a multiple of BLOCK_M: at D=64 with 192-row tiles and 8K rows, a third of the
-heaviest causal tile) releases the K/V stages unread and stores nothing. The grid is persistent, one program per SM, walking
-(query tile, batch*head) work items heaviest query tile first, a few heads at a time so that the programs reading
-a head's K/V at the same moment find it in L2 (plan.heads_per_chunk, plan.work_item). Causal MHA at D=128 pairs
-the tiles (plan.pairs_tiles, plan.forward_pairs): a work item is the i-th heaviest tile, then the i-th lightest
-with its key blocks last-first, so every item costs the same and the programs stay in step.
+heaviest causal tile) releases the K/V stages unread and stores nothing.
+
+The grid is persistent, one program per SM, walking (query tile, batch*head) work items heaviest query tile
+first, a few heads at a time so that the programs reading a head's K/V at the same moment find it in L2
+(plan.heads_per_chunk, plan.work_item). Each dense item goes to the program with the least work so far, counted
+on the host from the plan (plan.balanced_schedule, a table per shape), as a dynamic scheduler would hand it out;
+packed documents, whose tiles the host does not know, go round robin. Causal MHA at D=128 pairs the tiles
+(plan.pairs_tiles, plan.forward_pairs): a work item is the i-th heaviest tile, then the i-th lightest with its key
+blocks last-first, so every item costs the same and the programs stay in step.
 
 The FP8 forward is the same kernel with FP8=True (dense, causal or not): e4m3 Q and K, V transposed (the FP8 MMA
 reads its B operand K-major only), one scale per block of rows. Each block's P.V lands in a fresh fp32 tile that
@@ -52,8 +56,8 @@ from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from ..triton.common import key_segments
 from . import device_props
-from .plan import (EXP2_CUBIC, FP8_BLOCK_N, cached_table, document_tiles, forward_pairs, forward_plan,
-                   heads_per_chunk, pairs_tiles, persistent_grid, window_sides)
+from .plan import (EXP2_CUBIC, FP8_BLOCK_N, cached_schedule, cached_table, document_tiles, forward_pairs,
+                   forward_plan, heads_per_chunk, pairs_tiles, persistent_grid, window_sides)
 
 LOG2E = 1.4426950408889634
 LN2: gl.constexpr = gl.constexpr(0.6931471805599453)
@@ -117,6 +121,16 @@ def visible(keys, diag, seqlen_k, win_left, win_right, HAS_LEFT: gl.constexpr, H
 
 
 @gluon.jit
+def _scheduled(Sched, i, SCHEDULED: gl.constexpr):
+    """The work item at position i of this program's walk: Sched[i] (plan.balanced_schedule; -1 pads) or i."""
+    if SCHEDULED:
+        w = gl.load(Sched + i)
+    else:
+        w = i
+    return w
+
+
+@gluon.jit
 def _item(w, half, Plan, CuQ, CuK, n_slots, n_bh, chunk, n_heads, seqlen_q, seqlen_k, lse_stride, win_left,
           win_right, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr,
           VARLEN: gl.constexpr, PER_ITEM: gl.constexpr):
@@ -129,7 +143,7 @@ def _item(w, half, Plan, CuQ, CuK, n_slots, n_bh, chunk, n_heads, seqlen_q, seql
     the bounds come from the Triton kernels' key_segments, and a padding row (d = -1) gets lo = hi = -1 (skipped).
     The lse of row r is at lse_base + r. Pairs of dense tiles (PER_ITEM = 2, plan.forward_pairs) visit their
     second tile last-first: the loops pass half to _key (packed documents run PER_ITEM = 1, half = 0)."""
-    slot, bh = _work_item(w, n_slots, n_bh, chunk)
+    slot, bh = _work_item(gl.maximum(w, 0), n_slots, n_bh, chunk)
     row = PER_ITEM * slot + half
     if VARLEN:
         h = bh
@@ -156,6 +170,8 @@ def _item(w, half, Plan, CuQ, CuK, n_slots, n_bh, chunk, n_heads, seqlen_q, seql
         len_q = seqlen_q
         len_k = seqlen_k
         lse_base = bh * seqlen_q
+    if w < 0:  # a padding position of the balanced schedule: skipped like an empty row
+        hi = -1
     return b, h, tile, lo, a, bb, hi, first, first_k, len_q, len_k, lse_base
 
 
@@ -263,16 +279,16 @@ def _release_unread(k_ready, v_ready, k_empty, v_empty, used, n_blocks, STAGES: 
 @gluon.jit
 def _ws_consumer(args, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
                  HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr, VARLEN: gl.constexpr, PER_ITEM: gl.constexpr,
-                 CONSUMERS: gl.constexpr, WG: gl.constexpr, FP8: gl.constexpr, QBLOCK_M: gl.constexpr,
-                 QBLOCK_N: gl.constexpr, EXP2_FMA: gl.constexpr):
+                 SCHEDULED: gl.constexpr, CONSUMERS: gl.constexpr, WG: gl.constexpr, FP8: gl.constexpr,
+                 QBLOCK_M: gl.constexpr, QBLOCK_N: gl.constexpr, EXP2_FMA: gl.constexpr):
     """Rows [WG * R, (WG+1) * R) of every query tile, R = BLOCK_M / CONSUMERS: S = QK^T, online softmax, O += PV.
 
     FP8 (e4m3 Q, K and V transposed, attention.fp8.Fp8Qkv): one scale per QBLOCK_M query rows and per QBLOCK_N
     keys. Q's and K's multiply into the score scale of each block; P (448 P, see _online_softmax) is rounded to e4m3,
     and each block's P.V goes to a fresh fp32 tile that joins O times V's scale (Hopper's FP8 accumulation spans
     one block's keys, as in the Triton FP8 kernel and attention.fp8.emulate_fp8_attention)."""
-    (q_desc, k_desc, v_desc, o_desc, Out, Lse, Plan, CuQ, CuK, q_smem, o_smem, k_smem, v_smem, q_ready, q_empty,
-     k_ready, v_ready, k_empty, v_empty, n_work, n_slots, n_bh, chunk, n_heads, group, seqlen_q, seqlen_k,
+    (q_desc, k_desc, v_desc, o_desc, Out, Lse, Plan, CuQ, CuK, Sched, q_smem, o_smem, k_smem, v_smem, q_ready,
+     q_empty, k_ready, v_ready, k_empty, v_empty, n_work, n_slots, n_bh, chunk, n_heads, group, seqlen_q, seqlen_k,
      lse_stride, qk_scale, win_left, win_right, QScale, KScale, VScale, n_qblocks, n_kblocks) = args
     ROWS: gl.constexpr = BLOCK_M // CONSUMERS
     dtype: gl.constexpr = k_desc.dtype  # of the MMA operands, P included
@@ -289,7 +305,8 @@ def _ws_consumer(args, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: g
     cols = gl.arange(0, BLOCK_N, gl.SliceLayout(0, s_layout))
     used = 0  # K/V blocks consumed so far over all work items (the ring position)
     it = 0  # work items done
-    for w in range(gl.program_id(0), n_work, gl.num_programs(0)):
+    for i in range(gl.program_id(0), n_work, gl.num_programs(0)):
+        w = _scheduled(Sched, i, SCHEDULED)
         for half in range(PER_ITEM):
             b, h, tile, lo, lo_full, hi_full, hi, first, first_k, len_q, len_k, lse_base = _item(
                 w, half, Plan, CuQ, CuK, n_slots, n_bh, chunk, n_heads, seqlen_q, seqlen_k, lse_stride, win_left,
@@ -404,17 +421,18 @@ def _ws_consumer(args, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: g
 @gluon.jit
 def _ws_producer(args, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
                  HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr, VARLEN: gl.constexpr, PER_ITEM: gl.constexpr,
-                 CONSUMERS: gl.constexpr, FP8: gl.constexpr):
+                 SCHEDULED: gl.constexpr, CONSUMERS: gl.constexpr, FP8: gl.constexpr):
     """One warp: TMA-loads each work item's Q, one part per consumer, and its K and V blocks into their rings, ahead
     of the consumers. K_j goes before V_{j-1}: a V stage frees a step later than a K stage. FP8: V is transposed,
     (B, Hkv, D, keys), and its blocks are D x BLOCK_N."""
-    (q_desc, k_desc, v_desc, o_desc, Out, Lse, Plan, CuQ, CuK, q_smem, o_smem, k_smem, v_smem, q_ready, q_empty,
-     k_ready, v_ready, k_empty, v_empty, n_work, n_slots, n_bh, chunk, n_heads, group, seqlen_q, seqlen_k,
+    (q_desc, k_desc, v_desc, o_desc, Out, Lse, Plan, CuQ, CuK, Sched, q_smem, o_smem, k_smem, v_smem, q_ready,
+     q_empty, k_ready, v_ready, k_empty, v_empty, n_work, n_slots, n_bh, chunk, n_heads, group, seqlen_q, seqlen_k,
      lse_stride, qk_scale, win_left, win_right, QScale, KScale, VScale, n_qblocks, n_kblocks) = args
     ROWS: gl.constexpr = BLOCK_M // CONSUMERS
     issued = 0
     it = 0
-    for w in range(gl.program_id(0), n_work, gl.num_programs(0)):
+    for i in range(gl.program_id(0), n_work, gl.num_programs(0)):
+        w = _scheduled(Sched, i, SCHEDULED)
         for half in range(PER_ITEM):
             b, h, tile, lo, lo_full, hi_full, hi, first, first_k, len_q, len_k, lse_base = _item(
                 w, half, Plan, CuQ, CuK, n_slots, n_bh, chunk, n_heads, seqlen_q, seqlen_k, lse_stride, win_left,
@@ -450,17 +468,19 @@ def _ws_producer(args, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: g
 
 
 @gluon.jit
-def _fwd_ws_kernel(q_desc, k_desc, v_desc, o_desc, Out, Lse, Plan, CuQ, CuK, n_work, n_slots, n_bh, chunk, n_heads,
-                   group, seqlen_q, seqlen_k, lse_stride, qk_scale, win_left, win_right, QScale, KScale, VScale,
-                   n_qblocks, n_kblocks,
+def _fwd_ws_kernel(q_desc, k_desc, v_desc, o_desc, Out, Lse, Plan, CuQ, CuK, Sched, n_work, n_slots, n_bh, chunk,
+                   n_heads, group, seqlen_q, seqlen_k, lse_stride, qk_scale, win_left, win_right, QScale, KScale,
+                   VScale, n_qblocks, n_kblocks,
                    HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
                    HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr, VARLEN: gl.constexpr, PER_ITEM: gl.constexpr,
-                   CONSUMERS: gl.constexpr, CONSUMER_REGS: gl.constexpr, FP8: gl.constexpr, QBLOCK_M: gl.constexpr,
-                   QBLOCK_N: gl.constexpr, EXP2_FMA: gl.constexpr, num_warps: gl.constexpr):
+                   SCHEDULED: gl.constexpr, CONSUMERS: gl.constexpr, CONSUMER_REGS: gl.constexpr, FP8: gl.constexpr,
+                   QBLOCK_M: gl.constexpr, QBLOCK_N: gl.constexpr, EXP2_FMA: gl.constexpr, num_warps: gl.constexpr):
     """Warp-specialized: CONSUMERS (2 or 3) consumer warpgroups (the default partition and workers) each own
     BLOCK_M / CONSUMERS rows of the query tile, and a one-warp producer streams Q and the K/V ring. q_desc / o_desc
-    boxes are BLOCK_M / CONSUMERS rows. FP8: q/k/v_desc are e4m3 (v_desc over V transposed) with their scales in
-    QScale (B, H, n_qblocks) and KScale / VScale (B, Hkv, n_kblocks); otherwise those go unread."""
+    boxes are BLOCK_M / CONSUMERS rows. Program p runs positions p, p + programs, ... below n_work: work item w =
+    position, or with SCHEDULED w = Sched[position] (plan.balanced_schedule; -1: nothing). FP8: q/k/v_desc are
+    e4m3 (v_desc over V transposed) with their scales in QScale (B, H, n_qblocks) and KScale / VScale
+    (B, Hkv, n_kblocks); otherwise those go unread."""
     q_smem = gl.allocate_shared_memory(q_desc.dtype, [CONSUMERS] + q_desc.block_type.shape, q_desc.layout)
     o_smem = gl.allocate_shared_memory(o_desc.dtype, [CONSUMERS] + o_desc.block_type.shape, o_desc.layout)
     k_smem = gl.allocate_shared_memory(k_desc.dtype, [STAGES] + k_desc.block_type.shape, k_desc.layout)
@@ -479,26 +499,29 @@ def _fwd_ws_kernel(q_desc, k_desc, v_desc, o_desc, Out, Lse, Plan, CuQ, CuK, n_w
         mbarrier.init(v_ready.index(i), count=1)
         mbarrier.init(k_empty.index(i), count=128 * CONSUMERS)  # every thread of every consumer arrives
         mbarrier.init(v_empty.index(i), count=128 * CONSUMERS)
-    args = (q_desc, k_desc, v_desc, o_desc, Out, Lse, Plan, CuQ, CuK, q_smem, o_smem, k_smem, v_smem, q_ready,
-            q_empty, k_ready, v_ready, k_empty, v_empty, n_work, n_slots, n_bh, chunk, n_heads, group, seqlen_q,
-            seqlen_k, lse_stride, qk_scale, win_left, win_right, QScale, KScale, VScale, n_qblocks, n_kblocks)
+    args = (q_desc, k_desc, v_desc, o_desc, Out, Lse, Plan, CuQ, CuK, Sched, q_smem, o_smem, k_smem, v_smem,
+            q_ready, q_empty, k_ready, v_ready, k_empty, v_empty, n_work, n_slots, n_bh, chunk, n_heads, group,
+            seqlen_q, seqlen_k, lse_stride, qk_scale, win_left, win_right, QScale, KScale, VScale, n_qblocks,
+            n_kblocks)
     if CONSUMERS == 3:
         gl.warp_specialize([
-            (_ws_consumer, (args, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, HAS_LEFT, HAS_RIGHT, VARLEN, PER_ITEM, 3, 0, FP8,
-                            QBLOCK_M, QBLOCK_N, EXP2_FMA)),
-            (_ws_consumer, (args, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, HAS_LEFT, HAS_RIGHT, VARLEN, PER_ITEM, 3, 1, FP8,
-                            QBLOCK_M, QBLOCK_N, EXP2_FMA)),
-            (_ws_consumer, (args, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, HAS_LEFT, HAS_RIGHT, VARLEN, PER_ITEM, 3, 2, FP8,
-                            QBLOCK_M, QBLOCK_N, EXP2_FMA)),
-            (_ws_producer, (args, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, HAS_LEFT, HAS_RIGHT, VARLEN, PER_ITEM, 3, FP8)),
+            (_ws_consumer, (args, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, HAS_LEFT, HAS_RIGHT, VARLEN, PER_ITEM,
+                            SCHEDULED, 3, 0, FP8, QBLOCK_M, QBLOCK_N, EXP2_FMA)),
+            (_ws_consumer, (args, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, HAS_LEFT, HAS_RIGHT, VARLEN, PER_ITEM,
+                            SCHEDULED, 3, 1, FP8, QBLOCK_M, QBLOCK_N, EXP2_FMA)),
+            (_ws_consumer, (args, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, HAS_LEFT, HAS_RIGHT, VARLEN, PER_ITEM,
+                            SCHEDULED, 3, 2, FP8, QBLOCK_M, QBLOCK_N, EXP2_FMA)),
+            (_ws_producer, (args, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, HAS_LEFT, HAS_RIGHT, VARLEN, PER_ITEM,
+                            SCHEDULED, 3, FP8)),
         ], [4, 4, 1], [CONSUMER_REGS, CONSUMER_REGS, 24])
     else:
         gl.warp_specialize([
-            (_ws_consumer, (args, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, HAS_LEFT, HAS_RIGHT, VARLEN, PER_ITEM, 2, 0, FP8,
-                            QBLOCK_M, QBLOCK_N, EXP2_FMA)),
-            (_ws_consumer, (args, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, HAS_LEFT, HAS_RIGHT, VARLEN, PER_ITEM, 2, 1, FP8,
-                            QBLOCK_M, QBLOCK_N, EXP2_FMA)),
-            (_ws_producer, (args, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, HAS_LEFT, HAS_RIGHT, VARLEN, PER_ITEM, 2, FP8)),
+            (_ws_consumer, (args, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, HAS_LEFT, HAS_RIGHT, VARLEN, PER_ITEM,
+                            SCHEDULED, 2, 0, FP8, QBLOCK_M, QBLOCK_N, EXP2_FMA)),
+            (_ws_consumer, (args, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, HAS_LEFT, HAS_RIGHT, VARLEN, PER_ITEM,
+                            SCHEDULED, 2, 1, FP8, QBLOCK_M, QBLOCK_N, EXP2_FMA)),
+            (_ws_producer, (args, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, HAS_LEFT, HAS_RIGHT, VARLEN, PER_ITEM,
+                            SCHEDULED, 2, FP8)),
         ], [4, 1], [CONSUMER_REGS, 24])
 
 
@@ -533,17 +556,18 @@ def fwd_config(head_dim: int, varlen: bool = False, fp8: bool = False) -> tuple[
 
 
 def _launch(q4, k4, v4, out4, out, lse, table, cu_q, cu_k, n_bh, n_heads, group, seqlen_q, seqlen_k,
-            lse_stride, causal, softmax_scale, window_size, varlen, per_item=1, fq=None):
+            lse_stride, causal, softmax_scale, window_size, varlen, per_item=1, make=None, fq=None):
     """One persistent launch over (table rows / per_item) x n_bh work items, per_item plan rows each;
-    q4/k4/v4/out4 are (B, N, H, D) views. FP8: fq is the attention.fp8.Fp8Qkv that q4 / k4 are, and v4 its v_t
-    (B, Hkv, D, Nk_pad)."""
+    q4/k4/v4/out4 are (B, N, H, D) views. make: the dense table's planner (forward_plan or forward_pairs), whose
+    tile costs balance the programs' work (plan.balanced_schedule); packed documents (make None) go round robin.
+    FP8: fq is the attention.fp8.Fp8Qkv that q4 / k4 are, and v4 its v_t (B, Hkv, D, Nk_pad)."""
     D = q4.shape[-1]
     block_m, block_n, stages = fwd_config(D, varlen, fq is not None)
     n_wg = consumers(block_m)
     left, right = window_sides(causal, window_size)
     n_slots = table.shape[0] // per_item
     n_work = n_slots * n_bh
-    grid = (persistent_grid(n_work, num_sms(q4.device)),)
+    programs = persistent_grid(n_work, num_sms(q4.device))
     chunk = heads_per_chunk(n_bh, seqlen_k, D, q4.element_size(), l2_bytes(q4.device))
     if fq is None:  # the scale arguments go unread
         v_desc, scales, qblocks = descriptor(v4, block_n), (table, table, table, 0, 0), (1, 1)
@@ -552,16 +576,21 @@ def _launch(q4, k4, v4, out4, out, lse, table, cu_q, cu_k, n_bh, n_heads, group,
         v_desc = TensorDescriptor(v4, list(v4.shape), list(v4.stride()), block, block_layout(block, v4.dtype))
         scales = (fq.q_scale, fq.k_scale, fq.v_scale, fq.q_scale.shape[-1], fq.k_scale.shape[-1])
         qblocks = (fq.block_m, fq.block_n)
-    args = (out, lse, table, cu_q, cu_k, n_work, n_slots, n_bh, chunk, n_heads, group, seqlen_q, seqlen_k, lse_stride,
-            float(softmax_scale) * LOG2E, max(left, 0), max(right, 0), *scales)
+    sched = table
+    if make is not None:
+        sched = cached_schedule(make, seqlen_q, seqlen_k, causal, window_size, block_m, block_n, per_item, n_bh,
+                                chunk, programs, q4.device)
+    args = (out, lse, table, cu_q, cu_k, sched, sched.shape[0] if make is not None else n_work, n_slots, n_bh, chunk,
+            n_heads, group, seqlen_q, seqlen_k, lse_stride, float(softmax_scale) * LOG2E, max(left, 0), max(right, 0),
+            *scales)
     consts = dict(HEAD_DIM=D, BLOCK_M=block_m, BLOCK_N=block_n, STAGES=stages, HAS_LEFT=left >= 0,
-                  HAS_RIGHT=right >= 0, VARLEN=varlen, PER_ITEM=per_item, CONSUMERS=n_wg, FP8=fq is not None,
-                  QBLOCK_M=qblocks[0], QBLOCK_N=qblocks[1],
+                  HAS_RIGHT=right >= 0, VARLEN=varlen, PER_ITEM=per_item, SCHEDULED=make is not None,
+                  CONSUMERS=n_wg, FP8=fq is not None, QBLOCK_M=qblocks[0], QBLOCK_N=qblocks[1],
                   EXP2_FMA=EXP2_FMA_QUARTERS["bf16" if fq is None else "fp8"].get(D, 0))
     with torch.cuda.device(q4.device):  # Q and O move in parts: one per consumer warpgroup
-        _fwd_ws_kernel[grid](descriptor(q4, block_m // n_wg), descriptor(k4, block_n), v_desc,
-                             descriptor(out4, block_m // n_wg), *args, **consts, CONSUMER_REGS=WS_REGS[n_wg][1],
-                             num_warps=4, maxnreg=WS_REGS[n_wg][0])
+        _fwd_ws_kernel[(programs,)](descriptor(q4, block_m // n_wg), descriptor(k4, block_n), v_desc,
+                                    descriptor(out4, block_m // n_wg), *args, **consts,
+                                    CONSUMER_REGS=WS_REGS[n_wg][1], num_warps=4, maxnreg=WS_REGS[n_wg][0])
 
 
 def gluon_attn_forward(q, k, v, causal, softmax_scale, window_size):
@@ -584,10 +613,10 @@ def _dense_forward(q, k, v, out_dtype, causal, softmax_scale, window_size, fq=No
     # FP8 tiles go one by one: a pair's second tile walks its keys last first, which would round P at other running
     # maxima than attention.fp8.emulate_fp8_attention, the FP8 kernels' oracle
     paired = fq is None and pairs_tiles(causal, window_size, H // Hkv, D)
-    table = cached_table(forward_pairs if paired else forward_plan, Nq, Nk, causal, window_size, block_m, block_n,
-                         q.device)
+    make = forward_pairs if paired else forward_plan
+    table = cached_table(make, Nq, Nk, causal, window_size, block_m, block_n, q.device)
     _launch(q, k, v, out, out, lse, table, table, table, B * H, H, H // Hkv, Nq, Nk, Nq, causal, softmax_scale,
-            window_size, False, 2 if paired else 1, fq)
+            window_size, False, 2 if paired else 1, make, fq)
     return out, lse
 
 

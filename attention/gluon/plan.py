@@ -13,6 +13,7 @@ with an unbounded side when left / right is -1, causal meaning right = 0.
 
 from __future__ import annotations
 
+import heapq
 from dataclasses import dataclass
 
 import torch
@@ -170,6 +171,47 @@ def document_tiles(cu_seqlens: torch.Tensor, total: int, block: int, descending:
         key = torch.where(key > i.numel(), -1, key)
     doc = torch.where(key >= 0, doc[order], -1)
     return torch.stack((doc, key), 1).to(torch.int32)
+
+
+def balanced_schedule(plan: TilePlan, per_item: int, n_bh: int, chunk: int, n_programs: int,
+                      overhead: float = 1.0) -> list[int]:
+    """The persistent forward's work items (work_item's numbering) laid out for n_programs programs, program p
+    running positions p, p + n_programs, ...: the items go out in work_item's order (chunk by chunk, heaviest tiles
+    first), each to the program with the least work so far (key blocks, plus `overhead` per tile), as a dynamic
+    scheduler would hand them out; -1 pads the programs that end with fewer items. Equal costs give the round robin
+    w -> w % n_programs; causal single tiles, whose costs fall along each chunk, would otherwise pile the heavier
+    items of every round on the first programs."""
+    n_slots = len(plan.order) // per_item
+    cost = [sum(plan.blocks(t) + overhead for t in plan.order[per_item * s:per_item * (s + 1)] if t is not None)
+            for s in range(n_slots)]
+    free = [(0.0, p) for p in range(n_programs)]
+    items: list[list[int]] = [[] for _ in range(n_programs)]
+    for w in range(n_slots * n_bh):
+        load, p = heapq.heappop(free)
+        items[p].append(w)
+        heapq.heappush(free, (load + cost[work_item(w, n_slots, n_bh, chunk)[0]], p))
+    rounds = max(len(run) for run in items)
+    layout = [-1] * (rounds * n_programs)
+    for p, run in enumerate(items):
+        for k, w in enumerate(run):
+            layout[k * n_programs + p] = w
+    return layout
+
+
+def cached_schedule(make, seqlen_q: int, seqlen_k: int, causal: bool, window_size, block_m: int, block_n: int,
+                    per_item: int, n_bh: int, chunk: int, n_programs: int, device) -> torch.Tensor:
+    """int32 balanced_schedule of make(...)'s plan (forward_plan or forward_pairs) on `device`, built once per
+    shape and launch."""
+    key = ("schedule", make, seqlen_q, seqlen_k, bool(causal), tuple(window_size), block_m, block_n, per_item, n_bh,
+           chunk, n_programs, str(device))
+    table = _TABLES.get(key)
+    if table is None:
+        if len(_TABLES) > 256:
+            _TABLES.clear()
+        plan = make(seqlen_q, seqlen_k, causal, window_size, block_m, block_n)
+        table = _TABLES[key] = torch.tensor(balanced_schedule(plan, per_item, n_bh, chunk, n_programs),
+                                            dtype=torch.int32).to(device, non_blocking=True)
+    return table
 
 
 def heads_per_chunk(n_bh: int, seqlen_k: int, head_dim: int, elem_bytes: int, l2_bytes: int) -> int:

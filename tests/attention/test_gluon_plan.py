@@ -6,9 +6,9 @@ import torch
 
 from attention.backends import get_backend, resolve_backend_name
 from attention.gluon import dispatch, hopper_ready, triton_status
-from attention.gluon.plan import (cached_table, document_tiles, exp2_by_cubic, forward_pairs, forward_plan,
-                                  heads_per_chunk, key_blocks, key_range, pairs_tiles, persistent_grid,
-                                  uncovered_reason, work_item)
+from attention.gluon.plan import (balanced_schedule, cached_schedule, cached_table, document_tiles, exp2_by_cubic,
+                                  forward_pairs, forward_plan, heads_per_chunk, key_blocks, key_range, pairs_tiles,
+                                  persistent_grid, uncovered_reason, work_item)
 from helpers import cu_seqlens, visible_mask
 
 
@@ -164,6 +164,48 @@ def test_work_items_cover_every_tile_once_in_head_chunks(n_slots, n_bh, chunk):
         assert bh // chunk == w // (chunk * n_slots)
     first = [slot for slot, bh in items[:min(chunk, n_bh)]]
     assert first == [0] * len(first)  # every head of the first chunk starts with the heaviest slot
+
+
+def _program_loads(layout, plan, per_item, n_bh, chunk, programs):
+    """Work (key blocks + 1 per tile) of each program's positions p, p + programs, ... of a schedule layout."""
+    n_slots = len(plan.order) // per_item
+
+    def cost(w):
+        tiles = plan.order[per_item * work_item(w, n_slots, n_bh, chunk)[0]:][:per_item]
+        return sum(plan.blocks(t) + 1 for t in tiles if t is not None)
+    return [sum(cost(w) for w in layout[p::programs] if w >= 0) for p in range(programs)]
+
+
+@pytest.mark.parametrize("n,n_bh,bm,causal,paired", [(8192, 128, 192, True, False), (32768, 32, 192, True, False),
+                                                     (2000, 6, 128, True, False), (8192, 16, 128, True, True),
+                                                     (8192, 128, 128, False, False), (300, 3, 128, True, False)])
+def test_the_balanced_schedule_runs_every_item_once_in_order_and_evens_out_the_programs(n, n_bh, bm, causal, paired):
+    plan = (forward_pairs if paired else forward_plan)(n, n, causal, (-1, -1), bm, 128)
+    per_item = 2 if paired else 1
+    n_work = len(plan.order) // per_item * n_bh
+    programs = persistent_grid(n_work, 132)
+    chunk = heads_per_chunk(n_bh, n, 64, 2, 60 * 2 ** 20)
+    layout = balanced_schedule(plan, per_item, n_bh, chunk, programs)
+    assert len(layout) % programs == 0 and sorted(w for w in layout if w >= 0) == list(range(n_work))
+    for p in range(programs):  # each program walks its items in work_item's order: head chunks stay together
+        run = [w for w in layout[p::programs] if w >= 0]
+        assert run == sorted(run) and -1 not in layout[p::programs][:len(run)]
+    if not causal or paired:  # every item costs the same: the round robin
+        assert layout[:n_work] == list(range(n_work)) and set(layout[n_work:]) <= {-1}
+    loads = _program_loads(layout, plan, per_item, n_bh, chunk, programs)
+    robin = _program_loads(list(range(n_work)), plan, per_item, n_bh, chunk, programs)
+    assert max(loads) <= max(robin)
+    if causal and not paired and n_work >= 20 * programs:  # D=64's causal single tiles at 8K and 32K
+        mean = sum(loads) / programs
+        assert max(loads) <= 1.01 * mean and max(robin) >= 1.02 * mean
+
+
+def test_the_schedule_table_is_built_once_per_shape_and_launch():
+    first = cached_schedule(forward_plan, 3000, 3000, True, (-1, -1), 192, 128, 1, 4, 2, 7, "cpu")
+    assert first.dtype == torch.int32 and first is cached_schedule(forward_plan, 3000, 3000, True, (-1, -1), 192,
+                                                                   128, 1, 4, 2, 7, "cpu")
+    assert first.tolist() == balanced_schedule(forward_plan(3000, 3000, True, (-1, -1), 192, 128), 1, 4, 2, 7)
+    assert cached_schedule(forward_plan, 3000, 3000, True, (-1, -1), 192, 128, 1, 4, 2, 8, "cpu") is not first
 
 
 def test_heads_per_chunk_keeps_a_chunk_of_k_and_v_within_half_the_l2():
