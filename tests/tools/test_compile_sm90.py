@@ -67,8 +67,8 @@ def test_gluon_kernels_compile_for_hopper_and_the_forward_spills_little():
     assert len(fwd) == 16, fwd
     fp8 = {name: fwd.pop(name) for name in list(fwd) if name.startswith("gluon_fwd_fp8")}
     # two consumers, each with a second tile for P.V; at D=128 with the exp2 split, a few words stored at a tile's
-    # start and reloaded for its epilogue, none in the key-block loop
-    assert len(fp8) == 4 and all(row["stack"] <= 24 and row["loop_spill"] == 0 for row in fp8.values()), fp8
+    # start and reloaded for its epilogue (32 bytes causal), none in the key-block loop
+    assert len(fp8) == 4 and all(row["stack"] <= 32 and row["loop_spill"] == 0 for row in fp8.values()), fp8
     # two consumer warpgroups (D=128, 240 registers each) spill at most two words, loaded once per tile (the
     # unmasked packed-document forward: 8 bytes with triton 3.6); three (D=64, 160 each) spill a few
     # loop-invariant values, 32-72 bytes
