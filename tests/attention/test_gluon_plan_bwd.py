@@ -349,3 +349,45 @@ def test_document_rows_find_each_rows_tile_and_a_zero_tile_outside_every_documen
         assert rows[:sum(lens)] == want
         assert rows[sum(lens):] == [(n_tiles - 1) * bm] * pad  # outside: the last tile, which no document reaches
         assert all(r < (n_tiles - 1) * bm for r in want)
+
+
+class _Recorded:
+    """Stands in for the Gluon backward kernel: kernel[grid](*args, **kwargs) records the call."""
+
+    def __init__(self, kernel):
+        self.kernel, self.calls = kernel, []
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self.calls.append((grid, args, kwargs))
+
+
+@pytest.fixture
+def recorded_backward(monkeypatch):
+    """attention.gluon.bwd with its kernel recorded, delta / lse2 as zeros and an H200's L2, so the host side runs on
+    the CPU."""
+    import contextlib
+    bwd = pytest.importorskip("attention.gluon.bwd")
+    rec = _Recorded(bwd._bwd_ws_kernel)
+    monkeypatch.setattr(bwd, "_bwd_ws_kernel", rec)
+    monkeypatch.setattr(bwd, "l2_bytes", lambda device: 50 * 2 ** 20)
+    monkeypatch.setattr(bwd, "preprocess", lambda out, dout, lse, dlse: (torch.zeros_like(lse), torch.zeros_like(lse)))
+    monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())
+    return bwd, rec
+
+
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("causal", [True, False])
+def test_dense_backward_takes_the_exp2_split_of_its_head_dim_and_packed_documents_none(recorded_backward, d, causal):
+    """bwd.EXP2_FMA_QUARTERS reaches the kernel for dense calls (2 at D=64, none at 128); packed documents, whose
+    consumers would spill several times more with it, keep MUFU alone."""
+    bwd, rec = recorded_backward
+    q = torch.randn(1, 300, 4, d, dtype=torch.bfloat16)
+    k, v = torch.randn(2, 1, 300, 2, d, dtype=torch.bfloat16)
+    lse = torch.zeros(1, 4, 300)
+    bwd.gluon_attn_backward(q, q, k, v, q, lse, causal, 0.1, (-1, -1), None, deterministic=True)
+    cu = torch.tensor([0, 100, 300], dtype=torch.int32)
+    bwd.gluon_attn_varlen_backward(q[0], q[0], k[0], v[0], q[0], lse[0], cu, cu, 200, 200, causal, 0.1, (-1, -1),
+                                   None, deterministic=True)
+    (_, _, dense), (_, _, docs) = rec.calls
+    assert dense["EXP2_FMA"] == {64: 2, 128: 0}[d] == bwd.EXP2_FMA_QUARTERS.get(d, 0)
+    assert docs["EXP2_FMA"] == 0 and docs["VARLEN"] and not dense["VARLEN"]
