@@ -201,10 +201,10 @@ def compile_gluon(fn, args: dict, constexprs: dict, num_warps: int, maxnreg):
 
 
 def main_gluon(dump: str) -> None:
-    from attention.gluon import triton_status
-    why = triton_status()
-    if why is not None and "TRITON_INTERPRET" not in why:
-        raise SystemExit(f"error: the Gluon kernels cannot be compiled with this triton: {why}")
+    from attention.gluon import GLUON_COMPILES, triton_minor
+    if triton_minor() not in GLUON_COMPILES:
+        raise SystemExit(f"error: the Gluon kernels compile with triton {' / '.join(GLUON_COMPILES)}, "
+                         f"not {triton.__version__}")
     for name, fn, args, consts, warps, maxnreg in gluon_variants():
         compiled = compile_gluon(fn, args, consts, warps, maxnreg)
         print(f"{name} w{warps}: {resource_usage(compiled)}", flush=True)

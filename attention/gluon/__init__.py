@@ -4,7 +4,8 @@ portable path and the fallback for every case these kernels do not cover; dispat
 
 Gluon's API moves between triton releases, so this package is written to one: GLUON_TRITON (the version the
 GPU image ships). Any other triton, another GPU than sm_90, or the CPU interpreter (Gluon has none) leaves
-`backend="auto"` on the Triton kernels; hopper_ready says which and why.
+`backend="auto"` on the Triton kernels; hopper_ready says which and why. The kernels also compile with the releases
+in GLUON_COMPILES (compat.py maps the calls renamed since), which CPU CI checks for sm_90 without running them.
 """
 
 from __future__ import annotations
@@ -14,6 +15,16 @@ import os
 import torch
 
 GLUON_TRITON = "3.6"  # the triton minor version whose Gluon API these kernels are written against
+GLUON_COMPILES = ("3.6", "3.9")  # the triton minor versions the kernels compile with (tools/compile_sm90.py)
+
+
+def triton_minor() -> str | None:
+    """The installed triton's "major.minor", or None without triton."""
+    try:
+        import triton
+    except ImportError:
+        return None
+    return ".".join(triton.__version__.split(".")[:2])
 
 
 def triton_status() -> str | None:

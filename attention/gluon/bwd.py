@@ -74,6 +74,7 @@ from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from ..triton.bwd import preprocess
 from ..triton.common import query_segments
+from .compat import cp_async_load, reinterpret, tma_load
 from .dispatch import fits_in_memory
 from .fwd import _exp2_split, descriptor, l2_bytes, plan_row
 from .plan import cached_table, document_tiles, window_sides
@@ -170,14 +171,14 @@ def _issue_q_do(q_desc, do_desc, Lse2, Delta, q_smem, do_smem, lse_smem, dlt_sme
     rows = m0 + gl.arange(0, BLOCK_M, gl.BlockedLayout([BLOCK_M // 32], [32], [1], [0]))
     base = (b * n_heads + h) * seqlen_q + first_q
     in_q = rows < len_q
-    async_copy.async_copy_global_to_shared(lse_smem.index(s), Lse2 + base + rows, mask=in_q)
+    cp_async_load(lse_smem.index(s), Lse2 + base + rows, mask=in_q)
     async_copy.mbarrier_arrive(q_bars.index(s))
-    async_copy.async_copy_global_to_shared(dlt_smem.index(s), Delta + base + rows, mask=in_q)
+    cp_async_load(dlt_smem.index(s), Delta + base + rows, mask=in_q)
     async_copy.mbarrier_arrive(do_bars.index(s))
     mbarrier.expect(q_bars.index(s), q_desc.block_type.nbytes)
-    tma.async_copy_global_to_shared(q_desc, [b, first_q + m0, h, 0], q_bars.index(s), q_smem.index(s))
+    tma_load(q_desc, [b, first_q + m0, h, 0], q_bars.index(s), q_smem.index(s))
     mbarrier.expect(do_bars.index(s), do_desc.block_type.nbytes)
-    tma.async_copy_global_to_shared(do_desc, [b, first_q + m0, h, 0], do_bars.index(s), do_smem.index(s))
+    tma_load(do_desc, [b, first_q + m0, h, 0], do_bars.index(s), do_smem.index(s))
 
 
 @gluon.jit
@@ -390,8 +391,8 @@ def _ws_loader(args, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.co
     if total > 0:
         mbarrier.expect(kv_bar, 2 * k_desc.block_type.nbytes)
         hkv = hk // kv_group  # hk is a query head where the GQA group is split over programs
-        tma.async_copy_global_to_shared(k_desc, [b, first_k + n0, hkv, 0], kv_bar, k_smem)
-        tma.async_copy_global_to_shared(v_desc, [b, first_k + n0, hkv, 0], kv_bar, v_smem)
+        tma_load(k_desc, [b, first_k + n0, hkv, 0], kv_bar, k_smem)
+        tma_load(v_desc, [b, first_k + n0, hkv, 0], kv_bar, v_smem)
     for t in range(total):
         mbarrier.wait(q_empty.index(t % STAGES), ((t // STAGES) & 1) ^ 1)
         _issue_q_do(q_desc, do_desc, Lse2, Delta, q_smem, do_smem, lse_smem, dlt_smem, q_ready, do_ready, t, n_blk,
@@ -438,8 +439,8 @@ def _ws_dq_writer(args, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: 
     DQ_M: gl.constexpr = dq_desc.block_type.shape[0]  # one consumer's half of dQ_i (dq_box)
     DQ_N: gl.constexpr = dq_desc.block_type.shape[1]
     # the halves as the TMA reads them: rows of DQ_N floats, dq_smem's fragment order unchanged
-    flat = dq_smem._reinterpret(gl.float32, [2 * DQ_M, DQ_N],
-                                gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32, rank=2))
+    flat = reinterpret(dq_smem, gl.float32, [2 * DQ_M, DQ_N],
+                       gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32, rank=2))
     b, hk, n0, lo, lo_full, hi_full, n_blk, first_q, first_k, len_q, len_k, qblk = _ws_item(
         Plan, CuQ, CuK, n_kv_heads, seqlen_q, seqlen_k, win_left, win_right, BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT,
         VARLEN, INTERLEAVE)

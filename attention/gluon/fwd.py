@@ -56,6 +56,7 @@ from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from ..triton.common import key_segments
 from . import device_props
+from .compat import tma_load, tma_store
 from .plan import (EXP2_CUBIC, FP8_BLOCK_N, cached_schedule, cached_table, document_tiles, forward_pairs,
                    forward_plan, heads_per_chunk, pairs_tiles, persistent_grid, window_sides)
 
@@ -189,7 +190,7 @@ def _tma_store(o_desc, o_smem, out, b, row, h, WG: gl.constexpr):
     o_tile = o_smem.index(WG)
     o_tile.reshape(out.shape).store(out)
     fence_async_shared()
-    tma.async_copy_shared_to_global(o_desc, [b, row, h, 0], o_tile)
+    tma_store(o_desc, [b, row, h, 0], o_tile)
 
 
 @gluon.jit
@@ -443,7 +444,7 @@ def _ws_producer(args, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: g
                 for c in gl.static_range(CONSUMERS):
                     mbarrier.wait(q_empty.index(c), (it & 1) ^ 1)  # fresh barriers pass phase 1: the first wait is free
                     mbarrier.expect(q_ready.index(c), q_desc.block_type.nbytes)
-                    tma.async_copy_global_to_shared(q_desc, [b, first + tile * BLOCK_M + c * ROWS, h, 0],
+                    tma_load(q_desc, [b, first + tile * BLOCK_M + c * ROWS, h, 0],
                                                     q_ready.index(c), q_smem.index(c))
                 for j in range(n_blocks + 1):  # K_j, then V_{j-1} (FA3's order)
                     if j < n_blocks:
@@ -451,18 +452,16 @@ def _ws_producer(args, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: g
                         mbarrier.wait(k_empty.index(st), (((issued + j) // STAGES) & 1) ^ 1)
                         key = first_k + _key(lo, j, n_blocks, half, BLOCK_N)
                         mbarrier.expect(k_ready.index(st), k_desc.block_type.nbytes)
-                        tma.async_copy_global_to_shared(k_desc, [b, key, hkv, 0], k_ready.index(st), k_smem.index(st))
+                        tma_load(k_desc, [b, key, hkv, 0], k_ready.index(st), k_smem.index(st))
                     if j > 0:
                         st = (issued + j - 1) % STAGES
                         mbarrier.wait(v_empty.index(st), (((issued + j - 1) // STAGES) & 1) ^ 1)
                         key = first_k + _key(lo, j - 1, n_blocks, half, BLOCK_N)
                         mbarrier.expect(v_ready.index(st), v_desc.block_type.nbytes)
                         if FP8:
-                            tma.async_copy_global_to_shared(v_desc, [b, hkv, 0, key], v_ready.index(st),
-                                                            v_smem.index(st))
+                            tma_load(v_desc, [b, hkv, 0, key], v_ready.index(st), v_smem.index(st))
                         else:
-                            tma.async_copy_global_to_shared(v_desc, [b, key, hkv, 0], v_ready.index(st),
-                                                            v_smem.index(st))
+                            tma_load(v_desc, [b, key, hkv, 0], v_ready.index(st), v_smem.index(st))
                 issued += n_blocks
                 it += 1
 

@@ -3,7 +3,9 @@ the interpreter: code the interpreter accepts but the NVIDIA backend rejects fai
 
 tools/compile_sm90.py builds each shipped autotune candidate with this Triton's ptxas and prints its register,
 stack (spill) and shared-memory use; every candidate must fit an H100's shared memory (the TMA-reduce atomic kernel
-at four stages did not: 247808 bytes), and the dQ kernel, with one accumulator, must fit without spills.
+at four stages did not: 247808 bytes), and the dQ kernel, with one accumulator, must fit without spills. The Gluon
+kernels (--gluon) compile with every triton in attention.gluon.GLUON_COMPILES; their spill bounds are those of the
+release they run on (GLUON_TRITON).
 """
 
 import os
@@ -47,14 +49,22 @@ def test_dq_kernel_does_not_spill():
     assert all(row["stack"] == 0 for row in rows), rows
 
 
-def _gluon_triton() -> bool:
-    from attention.gluon import GLUON_TRITON
-    return ".".join(triton.__version__.split(".")[:2]) == GLUON_TRITON
+def _gluon_triton(versions: str) -> bool:
+    """Whether the installed triton is the one the Gluon kernels run on ("run") or one they compile with."""
+    import attention.gluon as gluon
+    return gluon.triton_minor() in ((gluon.GLUON_TRITON, ) if versions == "run" else gluon.GLUON_COMPILES)
 
 
-@pytest.mark.skipif(not _gluon_triton(), reason="the Gluon kernels are written for another triton release")
-def test_gluon_kernels_compile_for_hopper_and_the_forward_spills_little():
-    rows = {row["name"].rsplit(" w", 1)[0]: row for row in _compile("--gluon")}  # "gluon_fwd d64 win-1,0 w4"
+@pytest.fixture(scope="module")
+def gluon_rows() -> dict:
+    return {row["name"].rsplit(" w", 1)[0]: row for row in _compile("--gluon")}  # "gluon_fwd d64 win-1,0 w4"
+
+
+@pytest.mark.skipif(not _gluon_triton("compile"), reason="the Gluon kernels do not compile with this triton")
+def test_gluon_kernels_compile_for_hopper(gluon_rows):
+    """Every variant compiles to tensor-core code that fits an H100, with the triton CI installs too (compat.py
+    maps the calls renamed after triton 3.6), and the dense D=128 forward keeps its key-block loop free of spills."""
+    rows = gluon_rows
     # D 64 / 128 x (causal, two-sided window, no mask) x (forward, varlen forward), and the warp-specialized
     # backward: causal, the non-deterministic mode walking last to first and the deterministic one either way
     # (packed documents: last to first); with a two-sided window or none, both modes walking first to last; dense
@@ -65,22 +75,28 @@ def test_gluon_kernels_compile_for_hopper_and_the_forward_spills_little():
         assert 0 < row["reg"] <= 255 and row["wgmma"] > 0 and row["smem"] <= H100_SMEM, (name, row)
     fwd = {name: row for name, row in rows.items() if name.startswith("gluon_fwd")}
     assert len(fwd) == 16, fwd
+    assert sum(name.startswith("gluon_fwd_fp8") for name in fwd) == 4, fwd
+    # none in the dense D=128 forward's key-block loop (tools/compile_sm90.loop_spills)
+    assert all(row["loop_spill"] == 0 for name, row in fwd.items() if name.startswith("gluon_fwd d128")), fwd
+
+
+@pytest.mark.skipif(not _gluon_triton("run"), reason="the spill bounds are those of the triton the kernels run on")
+def test_gluon_forward_spills_little(gluon_rows):
+    fwd = {name: row for name, row in gluon_rows.items() if name.startswith("gluon_fwd")}
     fp8 = {name: fwd.pop(name) for name in list(fwd) if name.startswith("gluon_fwd_fp8")}
     # two consumers, each with a second tile for P.V; at D=128 with the exp2 split, a few words stored at a tile's
     # start and reloaded for its epilogue (32 bytes causal), none in the key-block loop
     assert len(fp8) == 4 and all(row["stack"] <= 32 and row["loop_spill"] == 0 for row in fp8.values()), fp8
-    # two consumer warpgroups (D=128, 240 registers each) spill at most two words, loaded once per tile (the
-    # unmasked packed-document forward: 8 bytes with triton 3.6); three (D=64, 160 each) spill a few
-    # loop-invariant values, 32-72 bytes
-    assert all(row["stack"] <= 8 for name, row in fwd.items() if " d128 " in name), fwd
-    assert all(row["stack"] <= 96 for name, row in fwd.items() if " d64 " in name), fwd
-    # and at D=128 none of it in the dense forward's key-block loop (tools/compile_sm90.loop_spills)
-    assert all(row["loop_spill"] == 0 for name, row in fwd.items() if name.startswith("gluon_fwd d128")), fwd
     # at D=64 the exp2 split leaves 3-12 per key block (20 before it, causal)
     assert all(row["loop_spill"] <= 12 for name, row in fwd.items() if name.startswith("gluon_fwd d64")), fwd
+    # two consumer warpgroups (D=128, 240 registers each) spill at most two words, loaded once per tile (the
+    # unmasked packed-document forward: 8 bytes with triton 3.6); three (D=64, 160 each) spill a few
+    # loop-invariant values, 32-72 bytes (triton 3.9's register allocation spills 160-208)
+    assert all(row["stack"] <= 8 for name, row in fwd.items() if " d128 " in name), fwd
+    assert all(row["stack"] <= 96 for name, row in fwd.items() if " d64 " in name), fwd
 
 
-@pytest.mark.skipif(not _gluon_triton(), reason="the Gluon kernels are written for another triton release")
+@pytest.mark.skipif(not _gluon_triton("compile"), reason="the Gluon kernels do not compile with this triton")
 def test_k_layout_of_the_warp_specialized_backward_lets_each_consumer_read_half_the_columns():
     """Each consumer's dQ MMA reads half of K's columns: K's swizzle spans at most half a row (64 bytes at D=64),
     and at D=128 it is the default layout."""
