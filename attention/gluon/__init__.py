@@ -29,12 +29,11 @@ def triton_minor() -> str | None:
 
 def triton_status() -> str | None:
     """None if the installed triton has the Gluon API these kernels use, else the reason it does not."""
-    try:
-        import triton
-    except ImportError:
+    version = triton_minor()
+    if version is None:
         return "triton is not installed"
-    version = ".".join(triton.__version__.split(".")[:2])
     if version != GLUON_TRITON:
+        import triton
         return f"triton {triton.__version__} (the Gluon kernels are written for triton {GLUON_TRITON}.x)"
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         return "TRITON_INTERPRET=1 (Gluon has no interpreter)"
