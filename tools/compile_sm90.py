@@ -200,18 +200,34 @@ def compile_gluon(fn, args: dict, constexprs: dict, num_warps: int, maxnreg):
     return triton.compile(GluonASTSource(fn, sig, constexprs=consts), target=TARGET, options=options)
 
 
-def main_gluon(dump: str) -> None:
-    from attention.gluon import GLUON_COMPILES, triton_minor
-    if triton_minor() not in GLUON_COMPILES:
-        raise SystemExit(f"error: the Gluon kernels compile with triton {' / '.join(GLUON_COMPILES)}, "
-                         f"not {triton.__version__}")
-    for name, fn, args, consts, warps, maxnreg in gluon_variants():
+def _gluon_share(job: int, jobs: int, dump: str) -> list[tuple[int, str]]:
+    """Compile every jobs-th Gluon variant from the job-th: (variant index, its report line)."""
+    lines = []
+    for i, (name, fn, args, consts, warps, maxnreg) in enumerate(gluon_variants()):
+        if i % jobs != job:
+            continue
         compiled = compile_gluon(fn, args, consts, warps, maxnreg)
-        print(f"{name} w{warps}: {resource_usage(compiled)}", flush=True)
+        lines.append((i, f"{name} w{warps}: {resource_usage(compiled)}"))
         if dump:
             os.makedirs(dump, exist_ok=True)
             with open(os.path.join(dump, name.replace(" ", "_") + ".ptx"), "w") as f:
                 f.write(compiled.asm["ptx"])
+    return lines
+
+
+def main_gluon(dump: str, jobs: int) -> None:
+    from attention.gluon import GLUON_COMPILES, triton_minor
+    if triton_minor() not in GLUON_COMPILES:
+        raise SystemExit(f"error: the Gluon kernels compile with triton {' / '.join(GLUON_COMPILES)}, "
+                         f"not {triton.__version__}")
+    if jobs == 1:
+        shares = [_gluon_share(0, 1, dump)]
+    else:  # forked workers, each compiling its share; the report keeps the variants' order
+        import multiprocessing
+        with multiprocessing.get_context("fork").Pool(jobs) as pool:
+            shares = pool.starmap(_gluon_share, [(job, jobs, dump) for job in range(jobs)])
+    for _, line in sorted(line for share in shares for line in share):
+        print(line, flush=True)
 
 
 def main():
@@ -223,9 +239,13 @@ def main():
     ap.add_argument("--d", type=int, default=128)
     ap.add_argument("--tma", type=int, default=None, help="TMA loads; default as shipped (the atomic kernel: off)")
     ap.add_argument("--dump", default="", help="write the TTGIR and PTX of each variant here")
+    ap.add_argument("--jobs", type=int, default=min(4, os.cpu_count() or 1),
+                    help="processes compiling the Gluon variants (default: the CPUs, at most 4)")
     args = ap.parse_args()
+    if args.jobs < 1:
+        raise SystemExit(f"error: --jobs must be at least 1, got {args.jobs}")
     if args.gluon:
-        main_gluon(args.dump)
+        main_gluon(args.dump, args.jobs)
         return
     atomic = args.kernel == "dkdv_atomic"
     tma = (not atomic) if args.tma is None else bool(args.tma)
