@@ -13,7 +13,7 @@ from triton.experimental.gluon.language._core import builtin
 from triton.experimental.gluon.language.nvidia.ampere import async_copy
 from triton.experimental.gluon.language.nvidia.hopper import tma
 
-RENAMED = hasattr(tma, "async_load")  # triton after 3.6: async_load / async_store, Tensor.reinterpret
+RENAMED = hasattr(tma, "async_load")  # triton after 3.6: async_load / async_store
 
 # TMA tile copies global -> shared (completing on an mbarrier) and shared -> global
 tma_load = tma.async_load if RENAMED else tma.async_copy_global_to_shared
@@ -24,6 +24,7 @@ cp_async_load = async_copy.async_load if RENAMED else async_copy.async_copy_glob
 
 @builtin
 def reinterpret(smem, dtype, shape, layout, _semantic=None):
-    """The shared-memory descriptor smem viewed with another dtype, shape and layout (same bytes)."""
-    view = smem.reinterpret if RENAMED else smem._reinterpret
+    """The shared-memory descriptor smem viewed with another dtype, shape and layout (same bytes): its public
+    reinterpret where the installed triton has one (after 3.6), else 3.6's _reinterpret."""
+    view = getattr(smem, "reinterpret", None) or smem._reinterpret
     return view(dtype, shape, layout, _semantic=_semantic)

@@ -444,8 +444,8 @@ def _ws_producer(args, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: g
                 for c in gl.static_range(CONSUMERS):
                     mbarrier.wait(q_empty.index(c), (it & 1) ^ 1)  # fresh barriers pass phase 1: the first wait is free
                     mbarrier.expect(q_ready.index(c), q_desc.block_type.nbytes)
-                    tma_load(q_desc, [b, first + tile * BLOCK_M + c * ROWS, h, 0],
-                                                    q_ready.index(c), q_smem.index(c))
+                    tma_load(q_desc, [b, first + tile * BLOCK_M + c * ROWS, h, 0], q_ready.index(c),
+                             q_smem.index(c))
                 for j in range(n_blocks + 1):  # K_j, then V_{j-1} (FA3's order)
                     if j < n_blocks:
                         st = (issued + j) % STAGES
