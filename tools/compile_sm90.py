@@ -177,8 +177,7 @@ def gluon_variants():
                                {**ints, **floats, **tensors, **parts},
                                dict(HEAD_DIM=d, BLOCK_M=bm, BLOCK_N=bn, STAGES=st, DET=det, REVERSE=rev,
                                     VARLEN=varlen, DQ_SMEM=gluon_bwd.dq_layouts(bm, d)[0],
-                                    INTERLEAVE=interleave, CONSUMER_REGS=gluon_bwd.WS_BWD_REGS[1],
-                                    EXP2_FMA=0 if varlen else gluon_bwd.EXP2_FMA_QUARTERS.get(d, 0), **flags), 4,
+                                    INTERLEAVE=interleave, CONSUMER_REGS=gluon_bwd.WS_BWD_REGS[1], **flags), 4,
                                gluon_bwd.WS_BWD_REGS[0])
 
 

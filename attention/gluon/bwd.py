@@ -18,8 +18,7 @@ one warp-specialized program per (key block of BLOCK_N = 128 rows, batch, kv hea
                     last, _pair), through a STAGES-deep ring (q_ready / do_ready, released by q_empty)
     consumer WG 0/1 key rows [WG * 64, WG * 64 + 64):
                         issue S^T = K Q_i^T + (-lse2_i / (scale log2 e)),  issue dP^T = V dO_i^T + (-delta_i)
-                        P^T = exp2(S^T * scale * log2 e)    (masked only in edge blocks; at D=64 half of an
-                                                             unmasked block's on the FMA pipe, fwd._exp2_split)
+                        P^T = exp2(S^T * scale * log2 e)    (masked only in edge blocks)
                         dS^T = P^T dP^T
                         issue dV += P^T dO_i,  issue dK += dS^T Q_i      (P^T, dS^T from registers)
                         dS^T -> ds_smem[i % 2] (its 64 rows); ds_ready: both warpgroups have written theirs
@@ -76,7 +75,7 @@ from ..triton.bwd import preprocess
 from ..triton.common import query_segments
 from .compat import cp_async_load, reinterpret, tma_load
 from .dispatch import fits_in_memory
-from .fwd import _exp2_split, descriptor, l2_bytes, plan_row
+from .fwd import descriptor, l2_bytes, plan_row
 from .plan import cached_table, document_tiles, window_sides
 from .plan_bwd import (backward_plan, descending_walk, document_key_order, document_rows, document_semaphores,
                        dq_from_tiles, dq_tile_bases, head_interleave, ordered_backward_plan, split_group)
@@ -87,11 +86,6 @@ LOG2E = 1.4426950408889634
 # register caps (the kernel's over its 12 warps; each consumer warpgroup's after setmaxnreg)
 WS_BWD_CONFIG = {64: (128, 128, 2), 128: (64, 128, 2)}
 WS_BWD_REGS = (168, 240)
-# Quarters of an unmasked block's exponentials on the FMA pipe (fwd._exp2_split) per head dim, 0 where absent: at
-# D=64 the 16384 exponentials of a 128 x 128 block take MUFU 1024 cycles per SM against 2560 for its five MMAs on
-# the tensor cores, and sit between the S^T MMA and the dV / dK MMAs that need P^T. Dense calls only: packed
-# documents' consumers spill 3-6 values per step without it and 27-44 with it (tools/compile_sm90.py --gluon).
-EXP2_FMA_QUARTERS = {64: 2}
 # How the two consumers share dQ_i = dS K: with 128-row query blocks (D=64) each takes 64 rows and every column
 # (m64 n64 MMAs), else every row and half the columns (at D=64 those would be n32 MMAs, which read the same A tile
 # from shared memory as n64 ones for half the math).
@@ -200,12 +194,9 @@ def _issue_st_dpt(k, v, q2, do2, lse_s, dlt_s, q_bars, do_bars, s, phase, rz, in
 
 @gluon.jit
 def _probs_t(st, m0, lo_full, hi_full, keys, off, seqlen_q, seqlen_k, qk_scale, win_left, win_right,
-             BLOCK_M: gl.constexpr, qry_l: gl.constexpr, HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr,
-             EXP2_FMA: gl.constexpr):
+             BLOCK_M: gl.constexpr, qry_l: gl.constexpr, HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr):
     """P^T = exp2(S^T * qk_scale) of query block m0 against `keys`, masked only in edge blocks (window sides,
-    sequence tails of rows or keys): visible() transposed, rows checked too. EXP2_FMA: quarters of an unmasked
-    block's exponentials on the FMA pipe (fwd._exp2_split; its arguments there are finite and at most ~0, S^T having
-    started at -lse2); masked blocks keep MUFU's exact 0 for -inf."""
+    sequence tails of rows or keys): visible() transposed, rows checked too."""
     if (m0 < lo_full) | (m0 >= hi_full):
         qrows = m0 + gl.arange(0, BLOCK_M, qry_l)
         diag = qrows[None, :] + off
@@ -215,8 +206,6 @@ def _probs_t(st, m0, lo_full, hi_full, keys, off, seqlen_q, seqlen_k, qk_scale, 
         if HAS_RIGHT:
             keep = keep & (keys[:, None] <= diag + win_right)
         pt = gl.exp2(gl.where(keep, st * qk_scale, float("-inf")))
-    elif EXP2_FMA > 0:
-        pt = _exp2_split(st * qk_scale, EXP2_FMA)
     else:
         pt = gl.exp2(st * qk_scale)
     return pt
@@ -289,7 +278,7 @@ def _ws_item(Plan, CuQ, CuK, n_kv_heads, seqlen_q, seqlen_k, win_left, win_right
 @gluon.jit
 def _ws_consumer(args, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
                  HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr, REVERSE: gl.constexpr, VARLEN: gl.constexpr,
-                 INTERLEAVE: gl.constexpr, EXP2_FMA: gl.constexpr, WG: gl.constexpr):
+                 INTERLEAVE: gl.constexpr, WG: gl.constexpr):
     """Key rows [WG * BLOCK_N/2, (WG+1) * BLOCK_N/2) of the key block: S^T, dP^T, dV, dK for them, and one half of
     every dQ_i (over all BLOCK_N keys, from the dS^T both warpgroups put in shared memory): rows
     [WG * BLOCK_M/2, (WG+1) * BLOCK_M/2) where dq_desc's box is BLOCK_M/2 rows (dq_box), else columns
@@ -341,7 +330,7 @@ def _ws_consumer(args, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: g
                                             do_ready, s, phase, rz, inv_qk_scale, qry_l)
             st = warpgroup_mma_wait(num_outstanding=1, deps=(st_tok, ))
             pt = _probs_t(st, m0, lo_full, hi_full, keys, off, len_q, len_k, qk_scale, win_left, win_right,
-                          BLOCK_M, qry_l, HAS_LEFT, HAS_RIGHT, EXP2_FMA)
+                          BLOCK_M, qry_l, HAS_LEFT, HAS_RIGHT)
             dst, pt_a, ds_a, dv_tok, dk_tok = _issue_dv_dk(pt, dpt_tok, q2, do2, dv, dk, a_layout)
             # dS^T goes to buffer t % 2, this warpgroup's rows; once both warpgroups have written theirs, each
             # forms its columns of dQ_i = dS K. A buffer is rewritten two blocks later, after both have passed
@@ -475,11 +464,11 @@ def _bwd_ws_kernel(q_desc, k_desc, v_desc, do_desc, dq_desc, DK, DV, Lse2, Delta
                    win_left, win_right, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
                    STAGES: gl.constexpr, HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr, DET: gl.constexpr,
                    REVERSE: gl.constexpr, VARLEN: gl.constexpr, INTERLEAVE: gl.constexpr, DQ_SMEM: gl.constexpr,
-                   CONSUMER_REGS: gl.constexpr, EXP2_FMA: gl.constexpr, num_warps: gl.constexpr):
+                   CONSUMER_REGS: gl.constexpr, num_warps: gl.constexpr):
     """Warp-specialized dK/dV with dQ in the same pass: two consumer warpgroups (the default partition and a
     worker), a loader warp and a dQ warp. dq_desc: the fp32 accumulator of dQ tiles as (rows, DQ_N), its box one
     consumer's half of dQ_i (dq_box: BLOCK_M/2 x D, half of the rows, or BLOCK_M x D/2, half of the columns);
-    DQ_SMEM: the two halves' shared-memory layout (dq_layouts). EXP2_FMA: EXP2_FMA_QUARTERS' entry.
+    DQ_SMEM: the two halves' shared-memory layout (dq_layouts).
     DET: Plan is plan_bwd.ordered_backward_plan's and Sem a zeroed int32 (B * H * cdiv(Nq, BLOCK_M)) semaphore
     per query block. INTERLEAVE: the dense grid is (rows * INTERLEAVE, pairs / INTERLEAVE) (_launch_slot).
     REVERSE: every key block walks its query blocks last to first (plan_bwd.descending_walk).
@@ -519,10 +508,8 @@ def _bwd_ws_kernel(q_desc, k_desc, v_desc, do_desc, dq_desc, DK, DV, Lse2, Delta
             dq_full, dq_empty, n_kv_heads, n_heads, group, kv_group, seqlen_q, seqlen_k, sem_stride, qk_scale,
             inv_qk_scale, softmax_scale, win_left, win_right)
     gl.warp_specialize([
-        (_ws_consumer, (args, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, HAS_LEFT, HAS_RIGHT, REVERSE, VARLEN, INTERLEAVE,
-                        EXP2_FMA, 0)),
-        (_ws_consumer, (args, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, HAS_LEFT, HAS_RIGHT, REVERSE, VARLEN, INTERLEAVE,
-                        EXP2_FMA, 1)),
+        (_ws_consumer, (args, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, HAS_LEFT, HAS_RIGHT, REVERSE, VARLEN, INTERLEAVE, 0)),
+        (_ws_consumer, (args, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, HAS_LEFT, HAS_RIGHT, REVERSE, VARLEN, INTERLEAVE, 1)),
         (_ws_loader, (args, BLOCK_M, BLOCK_N, STAGES, HAS_LEFT, HAS_RIGHT, REVERSE, VARLEN, INTERLEAVE)),
         (_ws_dq_writer, (args, HEAD_DIM, BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT, DET, REVERSE, VARLEN, INTERLEAVE)),
     ], [4, 1, 1], [CONSUMER_REGS, 24, 24])
@@ -562,8 +549,7 @@ def _launch_ws(q, k, v, dout, dq, dk, dv, lse2, delta, table, sem, cu_q, cu_k, b
             seqlen_q, seqlen_k, sem_stride, qk_scale, 1.0 / qk_scale, float(softmax_scale), max(left, 0),
             max(right, 0), HEAD_DIM=D, BLOCK_M=bm, BLOCK_N=bn, STAGES=stages, DET=deterministic, REVERSE=reverse,
             VARLEN=varlen, INTERLEAVE=interleave, DQ_SMEM=dq_layouts(bm, D)[0], CONSUMER_REGS=WS_BWD_REGS[1],
-            EXP2_FMA=0 if varlen else EXP2_FMA_QUARTERS.get(D, 0), num_warps=4, maxnreg=WS_BWD_REGS[0],
-            HAS_LEFT=left >= 0, HAS_RIGHT=right >= 0)
+            num_warps=4, maxnreg=WS_BWD_REGS[0], HAS_LEFT=left >= 0, HAS_RIGHT=right >= 0)
 
 
 def _dq_in_rows(tiles: torch.Tensor, block_m: int, head_dim: int, dtype: torch.dtype) -> torch.Tensor:

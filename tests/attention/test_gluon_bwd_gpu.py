@@ -142,31 +142,6 @@ def test_deterministic_backward_gives_the_same_bits_in_either_launch_order(D, sp
         assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("D,causal,window,quarters", [(64, True, (-1, -1), 2), (64, False, (-1, -1), 2),
-                                                      (64, False, (100, 50), 2), (128, True, (-1, -1), 2),
-                                                      (64, True, (-1, -1), 1), (64, False, (-1, -1), 4)])
-def test_backward_exponentials_split_over_fma_and_mufu_match_mufu_alone(D, causal, window, quarters, monkeypatch):
-    """bwd.EXP2_FMA_QUARTERS (quarters of each unmasked block's P^T by the FMA pipe's cubic, fwd._exp2_split)
-    against the backward with MUFU alone, and both against the fp32 reference: the cubic's 7.5e-5 stays below the
-    bf16 rounding of P^T and dS^T."""
-    q, k, v = cuda_qkv(2, 2048, 2048, 8, 2, D, torch.bfloat16)
-    from attention.triton.fwd import triton_attn_forward
-    out, lse = triton_attn_forward(q, k, v, causal, D ** -0.5, window)
-    dout, dlse = torch.randn_like(out), torch.randn_like(lse)
-    monkeypatch.setattr("attention.gluon.bwd.EXP2_FMA_QUARTERS", {})
-    plain = _grads(dout, q, k, v, out, lse, causal, window, dlse, True)
-    monkeypatch.setattr("attention.gluon.bwd.EXP2_FMA_QUARTERS", {D: quarters})
-    split = _grads(dout, q, k, v, out, lse, causal, window, dlse, True)
-    scale = D ** -0.5
-    ref_out, ref_lse = reference_attn_forward(q.float(), k.float(), v.float(), causal, scale, window)
-    want = reference_attn_backward(dout.float(), q.float(), k.float(), v.float(), ref_out, ref_lse, causal, scale,
-                                   window, dlse=dlse)
-    assert any(not torch.equal(a, b) for a, b in zip(split, plain))  # the split path ran
-    for a, b, ref in zip(split, plain, want):
-        assert rel_err(a, b) < 2e-3
-        assert rel_err(a, ref) < GRAD_TOL
-
-
 def test_gluon_backward_is_deterministic_and_takes_strided_views():
     q, k, v = cuda_qkv(1, 2048, 2048, 8, 2, 128, torch.bfloat16)
     from attention.triton.fwd import triton_attn_forward
