@@ -134,8 +134,7 @@ def gluon_variants():
                                                             VARLEN=varlen, PER_ITEM=per_item, CONSUMERS=n_wg,
                                                             SCHEDULED=not varlen,
                                                             CONSUMER_REGS=gluon_fwd.WS_REGS[n_wg][1], FP8=False,
-                                                            QBLOCK_M=1, QBLOCK_N=1, **flags,
-                                                            EXP2_FMA=gluon_fwd.EXP2_FMA_QUARTERS["bf16"].get(d, 0)),
+                                                            QBLOCK_M=1, QBLOCK_N=1, **flags),
                        4, gluon_fwd.WS_REGS[n_wg][0])
             if left < 0:  # FP8 (dense causal / non-causal): e4m3 Q, K and V transposed, bf16 out
                 bm, bn, st = gluon_fwd.fwd_config(d, fp8=True)
@@ -152,7 +151,7 @@ def gluon_variants():
                        {**ints, **floats, **tensors},  # FP8 tiles go one by one (fwd._dense_forward)
                        dict(HEAD_DIM=d, BLOCK_M=bm, BLOCK_N=bn, STAGES=st, VARLEN=False, PER_ITEM=1,
                             SCHEDULED=True, CONSUMERS=n_wg, CONSUMER_REGS=gluon_fwd.WS_REGS[n_wg][1], FP8=True,
-                            QBLOCK_M=128, QBLOCK_N=128, EXP2_FMA=gluon_fwd.EXP2_FMA_QUARTERS["fp8"][d], **flags), 4,
+                            QBLOCK_M=128, QBLOCK_N=128, **flags), 4,
                        gluon_fwd.WS_REGS[n_wg][0])
             bm, bn, st = gluon_bwd.WS_BWD_CONFIG[d]
             q, k, v = gluon_fwd.descriptor(t, bm), gluon_bwd._k_descriptor(t, bn), gluon_fwd.descriptor(t, bn)

@@ -57,16 +57,12 @@ from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 from ..triton.common import key_segments
 from . import device_props
 from .compat import tma_load, tma_store
-from .plan import (EXP2_CUBIC, FP8_BLOCK_N, cached_schedule, cached_table, document_tiles, forward_pairs,
-                   forward_plan, heads_per_chunk, pairs_tiles, persistent_grid, window_sides)
+from .plan import (FP8_BLOCK_N, cached_schedule, cached_table, document_tiles, forward_pairs, forward_plan,
+                   heads_per_chunk, pairs_tiles, persistent_grid, window_sides)
 
 LOG2E = 1.4426950408889634
 LN2: gl.constexpr = gl.constexpr(0.6931471805599453)
 LOG2_P_SCALE: gl.constexpr = gl.constexpr(8.807354922057604)  # log2(448): FP8's P in [0, 1] -> [0, 448]
-EXP2_C0: gl.constexpr = gl.constexpr(EXP2_CUBIC[0])  # 2^f ~ C0 + C1 f + C2 f^2 + C3 f^3 on [-0.5, 0.5]
-EXP2_C1: gl.constexpr = gl.constexpr(EXP2_CUBIC[1])
-EXP2_C2: gl.constexpr = gl.constexpr(EXP2_CUBIC[2])
-EXP2_C3: gl.constexpr = gl.constexpr(EXP2_CUBIC[3])
 
 # (BLOCK_M, BLOCK_N, STAGES) per head dim, chosen by timing on an H200 (docs/kernels.md, docs/results.md). Each
 # consumer warpgroup owns 64 rows of the query tile: BLOCK_M = 128 runs two, 192 three. Packed documents keep
@@ -76,9 +72,6 @@ FWD_VARLEN_CONFIG = {64: (128, 128, 3), 128: (128, 128, 2)}
 # FP8 (gluon_fp8_forward): e4m3 tiles take half the bytes of bf16 ones; each consumer keeps a second fp32 tile of
 # HEAD_DIM columns (each block's P.V before it joins O), hence two consumers at both head dims.
 FWD_FP8_CONFIG = {64: (128, FP8_BLOCK_N, 3), 128: (128, FP8_BLOCK_N, 3)}
-# Quarters of the unmasked blocks' exponentials on the FMA pipe (_exp2_split) per head dim, bf16 and FP8; 0 where
-# absent: where MUFU, 16 results per cycle per SM, needs as many cycles per block as the tensor cores or more.
-EXP2_FMA_QUARTERS = {"bf16": {64: 2}, "fp8": {64: 2, 128: 2}}
 CONSUMER_ROWS = 64
 # per number of consumer warpgroups: the kernel's register cap over all its warps (the consumers' and the
 # producer's warpgroup) and each consumer's share after the producer gives its registers back (setmaxnreg)
@@ -194,50 +187,10 @@ def _tma_store(o_desc, o_smem, out, b, row, h, WG: gl.constexpr):
 
 
 @gluon.jit
-def _exp2_fma(x):
-    """2^x for finite x <= 9 on the FMA pipe, within 7.5e-5 (relative) of it: plan.exp2_by_cubic is the host twin
-    and tells how. Below -125 it returns 2^-125 rather than 0: callers pass only the scores of unmasked blocks,
-    where that stays far below l."""
-    x = gl.maximum(x, -125.0)
-    t = x + 12582912.0
-    f = x - (t - 12582912.0)
-    p = gl.fma(gl.fma(gl.fma(f, EXP2_C3, EXP2_C2), f, EXP2_C1), f, EXP2_C0)
-    bits = p.to(gl.int32, bitcast=True) + (t.to(gl.int32, bitcast=True) << 23)
-    return bits.to(gl.float32, bitcast=True)
-
-
-@gluon.jit
-def _exp2_by(x, FMA: gl.constexpr):
-    if FMA:
-        return _exp2_fma(x)
-    else:
-        return gl.exp2(x)
-
-
-@gluon.jit
-def _exp2_split(x, FMA_QUARTERS: gl.constexpr):
-    """2^x with FMA_QUARTERS of every 32 columns on the FMA pipe (_exp2_fma) and the rest on MUFU: where MUFU's 16
-    results per cycle per SM, not the tensor cores, would set the pace (FlashAttention-4's split). The quarters are
-    8-column groups, which each thread holds in its own registers (the MMA layout): no data moves between threads.
-    Column c = 32 i + 16 a + 8 b + r goes to quarter (a, b)."""
-    R: gl.constexpr = x.shape[0]
-    N: gl.constexpr = x.shape[1]
-    x_b0, x_b1 = gl.split(gl.permute(gl.reshape(x, [R, N // 32, 2, 2, 8]), (0, 1, 4, 2, 3)))  # split on b, then a
-    x00, x10 = gl.split(x_b0)
-    x01, x11 = gl.split(x_b1)
-    y = gl.join(gl.join(_exp2_by(x00, FMA_QUARTERS > 0), _exp2_by(x10, FMA_QUARTERS > 2)),
-                gl.join(_exp2_by(x01, FMA_QUARTERS > 1), _exp2_by(x11, FMA_QUARTERS > 3)))
-    y = gl.reshape(gl.permute(y, (0, 1, 3, 4, 2)), [R, N])
-    return gl.convert_layout(y, x.type.layout)  # the same registers: no data moves
-
-
-@gluon.jit
 def _online_softmax(s, m_i, l_i, key, lo_full, hi_full, rows, cols, seqlen_k, off, qk_scale, win_left, win_right,
-                    HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr, FP8: gl.constexpr, EXP2_FMA: gl.constexpr):
+                    HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr, FP8: gl.constexpr):
     """One block's step of the online softmax in base 2: returns (p, m_new, l_new, alpha). FP8: p is 448 P, the
-    e4m3 range (exp2(s - m + log2 448): the scale costs nothing), and l sums it before rounding. EXP2_FMA: the
-    unmasked blocks take that many quarters of their exponentials on the FMA pipe (_exp2_split); masked ones keep
-    MUFU's exact 0 for -inf."""
+    e4m3 range (exp2(s - m + log2 448): the scale costs nothing), and l sums it before rounding."""
     if (key < lo_full) | (key >= hi_full):
         keep = visible(key + cols[None, :], rows[:, None] + off, seqlen_k, win_left, win_right, HAS_LEFT, HAS_RIGHT)
         s = gl.where(keep, s * qk_scale, float("-inf"))
@@ -251,13 +204,9 @@ def _online_softmax(s, m_i, l_i, key, lo_full, hi_full, rows, cols, seqlen_k, of
         m_new = gl.maximum(m_i, gl.max(s, 1) * qk_scale)
         m_safe = m_new
         if FP8:
-            m_p = m_safe - LOG2_P_SCALE
+            p = gl.exp2(s * qk_scale - (m_safe - LOG2_P_SCALE)[:, None])
         else:
-            m_p = m_safe
-        if EXP2_FMA > 0:
-            p = _exp2_split(s * qk_scale - m_p[:, None], EXP2_FMA)
-        else:
-            p = gl.exp2(s * qk_scale - m_p[:, None])
+            p = gl.exp2(s * qk_scale - m_safe[:, None])
     alpha = gl.exp2(m_i - m_safe)
     l_new = l_i * alpha + gl.sum(p, 1)
     return p, m_new, l_new, alpha
@@ -281,7 +230,7 @@ def _release_unread(k_ready, v_ready, k_empty, v_empty, used, n_blocks, STAGES: 
 def _ws_consumer(args, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
                  HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr, VARLEN: gl.constexpr, PER_ITEM: gl.constexpr,
                  SCHEDULED: gl.constexpr, CONSUMERS: gl.constexpr, WG: gl.constexpr, FP8: gl.constexpr,
-                 QBLOCK_M: gl.constexpr, QBLOCK_N: gl.constexpr, EXP2_FMA: gl.constexpr):
+                 QBLOCK_M: gl.constexpr, QBLOCK_N: gl.constexpr):
     """Rows [WG * R, (WG+1) * R) of every query tile, R = BLOCK_M / CONSUMERS: S = QK^T, online softmax, O += PV.
 
     FP8 (e4m3 Q, K and V transposed, attention.fp8.Fp8Qkv): one scale per QBLOCK_M query rows and per QBLOCK_N
@@ -346,8 +295,7 @@ def _ws_consumer(args, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: g
                     if not FP8:
                         key = _key(lo, 0, n_blocks, half, BLOCK_N)
                     p, m_i, l_i, alpha = _online_softmax(s, m_i, l_i, key, lo_full, hi_full, rows, cols, len_k, off, c,
-                                                         win_left, win_right, HAS_LEFT, HAS_RIGHT, FP8,
-                                                         EXP2_FMA)
+                                                         win_left, win_right, HAS_LEFT, HAS_RIGHT, FP8)
                     pv = gl.convert_layout(p.to(dtype), p_layout)
                     for j in range(1, n_blocks):
                         cur = used + j
@@ -372,8 +320,7 @@ def _ws_consumer(args, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: g
                         if not FP8:
                             key = _key(lo, j, n_blocks, half, BLOCK_N)
                         p, m_i, l_i, alpha = _online_softmax(s, m_i, l_i, key, lo_full, hi_full, rows, cols, len_k,
-                                                             off, c, win_left, win_right, HAS_LEFT, HAS_RIGHT, FP8,
-                                                             EXP2_FMA)
+                                                             off, c, win_left, win_right, HAS_LEFT, HAS_RIGHT, FP8)
                         pv_out = warpgroup_mma_wait(num_outstanding=0, deps=(pv_tok, ))
                         async_copy.mbarrier_arrive(v_empty.index(ps), increment_count=False)  # done with V_{j-1}
                         if FP8:
@@ -473,7 +420,7 @@ def _fwd_ws_kernel(q_desc, k_desc, v_desc, o_desc, Out, Lse, Plan, CuQ, CuK, Sch
                    HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
                    HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr, VARLEN: gl.constexpr, PER_ITEM: gl.constexpr,
                    SCHEDULED: gl.constexpr, CONSUMERS: gl.constexpr, CONSUMER_REGS: gl.constexpr, FP8: gl.constexpr,
-                   QBLOCK_M: gl.constexpr, QBLOCK_N: gl.constexpr, EXP2_FMA: gl.constexpr, num_warps: gl.constexpr):
+                   QBLOCK_M: gl.constexpr, QBLOCK_N: gl.constexpr, num_warps: gl.constexpr):
     """Warp-specialized: CONSUMERS (2 or 3) consumer warpgroups (the default partition and workers) each own
     BLOCK_M / CONSUMERS rows of the query tile, and a one-warp producer streams Q and the K/V ring. q_desc / o_desc
     boxes are BLOCK_M / CONSUMERS rows. Program p runs positions p, p + programs, ... below n_work: work item w =
@@ -505,20 +452,20 @@ def _fwd_ws_kernel(q_desc, k_desc, v_desc, o_desc, Out, Lse, Plan, CuQ, CuK, Sch
     if CONSUMERS == 3:
         gl.warp_specialize([
             (_ws_consumer, (args, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, HAS_LEFT, HAS_RIGHT, VARLEN, PER_ITEM,
-                            SCHEDULED, 3, 0, FP8, QBLOCK_M, QBLOCK_N, EXP2_FMA)),
+                            SCHEDULED, 3, 0, FP8, QBLOCK_M, QBLOCK_N)),
             (_ws_consumer, (args, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, HAS_LEFT, HAS_RIGHT, VARLEN, PER_ITEM,
-                            SCHEDULED, 3, 1, FP8, QBLOCK_M, QBLOCK_N, EXP2_FMA)),
+                            SCHEDULED, 3, 1, FP8, QBLOCK_M, QBLOCK_N)),
             (_ws_consumer, (args, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, HAS_LEFT, HAS_RIGHT, VARLEN, PER_ITEM,
-                            SCHEDULED, 3, 2, FP8, QBLOCK_M, QBLOCK_N, EXP2_FMA)),
+                            SCHEDULED, 3, 2, FP8, QBLOCK_M, QBLOCK_N)),
             (_ws_producer, (args, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, HAS_LEFT, HAS_RIGHT, VARLEN, PER_ITEM,
                             SCHEDULED, 3, FP8)),
         ], [4, 4, 1], [CONSUMER_REGS, CONSUMER_REGS, 24])
     else:
         gl.warp_specialize([
             (_ws_consumer, (args, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, HAS_LEFT, HAS_RIGHT, VARLEN, PER_ITEM,
-                            SCHEDULED, 2, 0, FP8, QBLOCK_M, QBLOCK_N, EXP2_FMA)),
+                            SCHEDULED, 2, 0, FP8, QBLOCK_M, QBLOCK_N)),
             (_ws_consumer, (args, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, HAS_LEFT, HAS_RIGHT, VARLEN, PER_ITEM,
-                            SCHEDULED, 2, 1, FP8, QBLOCK_M, QBLOCK_N, EXP2_FMA)),
+                            SCHEDULED, 2, 1, FP8, QBLOCK_M, QBLOCK_N)),
             (_ws_producer, (args, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, HAS_LEFT, HAS_RIGHT, VARLEN, PER_ITEM,
                             SCHEDULED, 2, FP8)),
         ], [4, 1], [CONSUMER_REGS, 24])
@@ -584,8 +531,7 @@ def _launch(q4, k4, v4, out4, out, lse, table, cu_q, cu_k, n_bh, n_heads, group,
             *scales)
     consts = dict(HEAD_DIM=D, BLOCK_M=block_m, BLOCK_N=block_n, STAGES=stages, HAS_LEFT=left >= 0,
                   HAS_RIGHT=right >= 0, VARLEN=varlen, PER_ITEM=per_item, SCHEDULED=make is not None,
-                  CONSUMERS=n_wg, FP8=fq is not None, QBLOCK_M=qblocks[0], QBLOCK_N=qblocks[1],
-                  EXP2_FMA=EXP2_FMA_QUARTERS["bf16" if fq is None else "fp8"].get(D, 0))
+                  CONSUMERS=n_wg, FP8=fq is not None, QBLOCK_M=qblocks[0], QBLOCK_N=qblocks[1])
     with torch.cuda.device(q4.device):  # Q and O move in parts: one per consumer warpgroup
         _fwd_ws_kernel[(programs,)](descriptor(q4, block_m // n_wg), descriptor(k4, block_n), v_desc,
                                     descriptor(out4, block_m // n_wg), *args, **consts,

@@ -21,9 +21,6 @@ import torch
 GLUON_HEAD_DIMS = (64, 128)
 GLUON_DTYPES = (torch.float16, torch.bfloat16)
 FP8_BLOCK_N = 128  # keys per block of the Gluon FP8 forward (fwd.FWD_FP8_CONFIG): one K and one V scale each
-# 2^f on [-0.5, 0.5] as c0 + c1 f + c2 f^2 + c3 f^3: fitted for the largest relative error (7.5e-5, under bf16's
-# half step of 2^-9), by Lawson's iteratively reweighted least squares on 20001 points
-EXP2_CUBIC = (0.9999281093641532, 0.6932609856052565, 0.24261054228172083, 0.05517132143404037)
 
 
 def window_sides(causal: bool, window_size) -> tuple[int, int]:
@@ -274,17 +271,3 @@ def fp8_uncovered_reason(fq, out_dtype: torch.dtype) -> str | None:
         if t.stride(-1) != 1 or any(s == 0 or s % 16 for s in t.stride()[:-1]) or t.data_ptr() % 16:
             return f"fp8 {name} strides {tuple(t.stride())} are not 16-byte multiples (TMA)"
     return None
-
-
-def exp2_by_cubic(x: torch.Tensor) -> torch.Tensor:
-    """Host twin of the forward's _exp2_fma, in fp32 torch: 2^x without the exp2 unit. n, the integer nearest x,
-    comes from adding 1.5 * 2^23 (n lands in the sum's low mantissa bits, rounded to nearest); f = x - n lies in
-    [-0.5, 0.5], 2^f is EXP2_CUBIC by Horner's rule, and n is added to its exponent bits. x is clamped at -125 (the
-    result stays a normal number)."""
-    x = x.float().clamp_min(-125.0)
-    magic = torch.tensor(12582912.0)
-    t = x + magic
-    f = x - (t - magic)
-    c0, c1, c2, c3 = (torch.tensor(c, dtype=torch.float32) for c in EXP2_CUBIC)
-    p = ((f * c3 + c2) * f + c1) * f + c0
-    return (p.view(torch.int32) + (t.view(torch.int32) << 23)).view(torch.float32)

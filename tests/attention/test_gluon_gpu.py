@@ -119,23 +119,6 @@ def _check_packed(lens_q, lens_k, H, hkv, D, causal, window, dtype, monkeypatch)
     assert rel_err(out, tri_out) < OUT_TOL
 
 
-@pytest.mark.parametrize("D,causal,quarters", [(64, True, 2), (64, False, 2), (128, True, 2), (64, True, 1),
-                                               (64, False, 3), (128, False, 4)])
-def test_exponentials_split_over_fma_and_mufu_match_mufu_alone(D, causal, quarters, monkeypatch):
-    """fwd._exp2_split (quarters of each unmasked block's exponentials by a cubic on the FMA pipe) against the kernel
-    with MUFU alone: within the cubic's 7.5e-5 plus bf16 rounding, at the shipped split and at others."""
-    q, k, v = cuda_qkv(2, 4096, 4096, 8, 8, D, torch.bfloat16)
-    monkeypatch.setitem(fwd.EXP2_FMA_QUARTERS, "bf16", {})
-    plain, plain_lse = fwd.gluon_attn_forward(q, k, v, causal, D ** -0.5, (-1, -1))
-    monkeypatch.setitem(fwd.EXP2_FMA_QUARTERS, "bf16", {D: quarters})
-    split, split_lse = fwd.gluon_attn_forward(q, k, v, causal, D ** -0.5, (-1, -1))
-    assert not torch.equal(split, plain)  # the split path ran
-    assert rel_err(split, plain) < 2e-3
-    assert (split_lse - plain_lse).abs().max().item() < 1e-4
-    ref, _ = reference_attn_forward(q.float(), k.float(), v.float(), causal)
-    assert rel_err(split, ref) < OUT_TOL
-
-
 def test_packed_documents_leave_no_row_unwritten():
     """Every output row is written by its own document's tile (the rows past a document's end go to the next)."""
     lens = [65, 127, 1, 129, 200]
