@@ -16,8 +16,10 @@ from ..backends import log_once
 from . import device_props
 from .plan import fp8_uncovered_reason, uncovered_reason
 
-# Passes that `auto` routes to Gluon where a case is covered ("fp8": the FP8 forward, flash_attn_func(fp8=...)).
-GLUON_PASSES = {"forward", "backward", "fp8"}
+# Passes that `auto` routes to Gluon where a case is covered. "fp8" (the FP8 forward, flash_attn_func(fp8=...)) is
+# left out: on an H200 the Gluon FP8 forward ran at 0.74-0.81x the Triton FP8 kernel (docs/results.md); adding it
+# sends covered FP8 calls to Gluon.
+GLUON_PASSES = {"forward", "backward"}
 # Head dims at which the backward runs on Gluon: the warp-specialized kernel with dQ added by TMA reduce-add
 # (bwd.WS_BWD_CONFIG; ordered by semaphores when deterministic), on an H200 1.20-1.27x the Triton backward at
 # D=128 and 1.02-1.21x at D=64 (docs/results.md). Removing a head dim keeps `auto` on the Triton backward there.

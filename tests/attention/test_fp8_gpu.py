@@ -146,10 +146,12 @@ needs_gluon = pytest.mark.skipif(not _gluon_ready(), reason="the Gluon kernels n
     (1, 128, 8192, 4, 4, 128, False, _DENSE_D128),  # one query tile, many key blocks
     (3, 4096, 4096, 6, 6, 128, True, 5e-3),  # B*H not a multiple of the head chunk; causal MHA
 ])
-def test_gluon_fp8_forward_matches_emulation_and_the_triton_kernel(B, nq, nk, H, hkv, D, causal, bound):
+def test_gluon_fp8_forward_matches_emulation_and_the_triton_kernel(B, nq, nk, H, hkv, D, causal, bound, monkeypatch):
     from attention.fp8 import kernel as triton_fp8
+    from attention.gluon import dispatch
     from attention.gluon.dispatch import route_fp8
     from attention.gluon.fwd import FWD_FP8_CONFIG, gluon_fp8_forward
+    monkeypatch.setattr(dispatch, "GLUON_PASSES", dispatch.GLUON_PASSES | {"fp8"})
     q, k, v = _qkv(B, nq, nk, H, hkv, D)
     fq = triton_fp8.triton_quantize_qkv(q, k, v, Fp8Config())
     assert route_fp8(fq, torch.bfloat16)[0] == "gluon"
@@ -170,20 +172,24 @@ def test_gluon_fp8_forward_matches_emulation_and_the_triton_kernel(B, nq, nk, H,
 
 
 @needs_gluon
-def test_fp8_auto_runs_the_gluon_forward_on_hopper(caplog, monkeypatch):
+def test_fp8_auto_runs_the_triton_kernel_on_hopper_and_gluon_where_switched_on(caplog, monkeypatch):
     from attention import backends
     from attention.fp8 import kernel as triton_fp8
+    from attention.gluon import dispatch
     from attention.gluon.fwd import gluon_fp8_forward
     monkeypatch.setattr(backends, "_NOTED", set())  # log_once forgets what this process logged before
     q, k, v = _qkv(1, 2048, 2048, 8, 2, 128)
+    fq = triton_fp8.triton_quantize_qkv(q, k, v, Fp8Config())
     with caplog.at_level("INFO", logger="ringflash.attention"):
         out = flash_attn_func(q, k, v, causal=True, fp8=True)
-    want, _ = gluon_fp8_forward(triton_fp8.triton_quantize_qkv(q, k, v, Fp8Config()), True, 128 ** -0.5,
-                                torch.bfloat16)
-    assert torch.equal(out, want)  # same quantization, same kernel
+        monkeypatch.setattr(dispatch, "GLUON_PASSES", dispatch.GLUON_PASSES | {"fp8"})
+        on = flash_attn_func(q, k, v, causal=True, fp8=True)
+        coarse = flash_attn_func(q, k, v, causal=True, fp8=Fp8Config(block_n=64))  # 64-key scales: Triton
+    assert torch.equal(out, triton_fp8.triton_fp8_forward(fq, True, 128 ** -0.5, torch.bfloat16)[0])
+    assert torch.equal(on, gluon_fp8_forward(fq, True, 128 ** -0.5, torch.bfloat16)[0])  # same quantization
     logged = " ".join(r.getMessage() for r in caplog.records)
+    assert "attention forward (fp8): triton (the Gluon FP8 forward is switched off" in logged, logged
     assert "attention forward (fp8): gluon (dense, D=128)" in logged, logged
-    coarse = flash_attn_func(q, k, v, causal=True, fp8=Fp8Config(block_n=64))  # 64-key scales: the Triton kernel
     tri = fp8_attn_forward(q, k, v, True, config=Fp8Config(block_n=64), backend="triton")[0]
     assert torch.equal(coarse, tri)
 
