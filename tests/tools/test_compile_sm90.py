@@ -84,11 +84,10 @@ def test_gluon_kernels_compile_for_hopper(gluon_rows):
 def test_gluon_forward_spills_little(gluon_rows):
     fwd = {name: row for name, row in gluon_rows.items() if name.startswith("gluon_fwd")}
     fp8 = {name: fwd.pop(name) for name in list(fwd) if name.startswith("gluon_fwd_fp8")}
-    # two consumers, each with a second tile for P.V; at D=128 with the exp2 split, a few words stored at a tile's
-    # start and reloaded for its epilogue (32 bytes causal), none in the key-block loop
-    assert len(fp8) == 4 and all(row["stack"] <= 32 and row["loop_spill"] == 0 for row in fp8.values()), fp8
-    # at D=64 the exp2 split leaves 3-12 per key block (20 before it, causal)
-    assert all(row["loop_spill"] <= 12 for name, row in fwd.items() if name.startswith("gluon_fwd d64")), fwd
+    # two consumers, each with a second tile for P.V: no spill
+    assert len(fp8) == 4 and all(row["stack"] == 0 and row["loop_spill"] == 0 for row in fp8.values()), fp8
+    # three consumers at D=64: 3 loads / stores per key block without a mask, 18-20 with one (triton 3.6)
+    assert all(row["loop_spill"] <= 20 for name, row in fwd.items() if name.startswith("gluon_fwd d64")), fwd
     # two consumer warpgroups (D=128, 240 registers each) spill at most two words, loaded once per tile (the
     # unmasked packed-document forward: 8 bytes with triton 3.6); three (D=64, 160 each) spill a few
     # loop-invariant values, 32-72 bytes (triton 3.9's register allocation spills 160-208)
