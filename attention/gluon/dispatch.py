@@ -133,7 +133,7 @@ def route_fp8(fq, out_dtype: torch.dtype) -> tuple[str, str]:
 
 
 def gluon_fp8_forward(fq, causal, scale, out_dtype):
-    """The FP8 forward of quantized inputs on the Gluon kernel where it covers them, else the Triton FP8 kernel."""
+    """The FP8 forward of quantized inputs on the Gluon kernel where route_fp8 sends it, else the Triton FP8 kernel."""
     kernel, reason = route_fp8(fq, out_dtype)
     log_once(f"attention forward (fp8): {kernel} ({reason})")
     if kernel == "gluon":
