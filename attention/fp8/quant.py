@@ -241,7 +241,8 @@ def fp8_attn_forward(q, k, v, causal=False, softmax_scale=None, window_size=(-1,
 
     backend "gluon" (the "auto" choice on sm_90) runs the Triton FP8 kernel, or the Gluon Hopper one where
     attention.gluon.dispatch.GLUON_PASSES holds "fp8" and it covers the case (dispatch.route_fp8); "triton" (auto on
-    other GPUs) the Triton kernel; "reference" (auto on CPU) the fp32 emulation. Nothing is recorded for autograd: use flash_attn_func(..., fp8=True).
+    other GPUs) the Triton kernel; "reference" (auto on CPU) the fp32 emulation. Nothing is recorded for autograd:
+    use flash_attn_func(..., fp8=True).
     """
     fn = "fp8_attn_forward"
     config = _check(fn, q, k, v, softmax_scale, window_size, config)
