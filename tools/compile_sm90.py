@@ -57,11 +57,13 @@ def compile_kernel(fn, args: dict, constexprs: dict, num_warps: int, num_stages:
 
 def loop_spills(sass: str) -> int:
     """Local-memory loads and stores (spills) inside the innermost loops that issue tensor-core MMAs, the most of
-    any one such loop: what a spill costs every key block, where spills outside the loops cost once per tile."""
+    any one such loop: what a spill costs every key block, where spills outside the loops cost once per tile.
+    A loop closes with a predicated backward branch; an unconditional one comes from an out-of-line block placed
+    after the code (an mbarrier wait's retry) jumping back, and spans no loop."""
     ins = [(int(a, 16), op) for a, op in re.findall(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);", sass)]
     loops = []
     for addr, op in ins:
-        target = re.search(r"\bBRA\b.*0x([0-9a-f]+)", op)
+        target = re.search(r"^@!?U?P\d\s+BRA\b.*0x([0-9a-f]+)", op.strip())
         if target and int(target.group(1), 16) < addr:  # a backward branch closes a loop
             lo = int(target.group(1), 16)
             if any("HGMMA" in o for a, o in ins if lo <= a <= addr):

@@ -122,13 +122,15 @@ def test_loop_spills_counts_only_the_innermost_mma_loops():
         (0x0040, "HGMMA.64x128x16.F32.BF16 R24, gdesc[UR8], RZ"),  # the key-block loop: 0x40..0x80
         (0x0050, "LDL R7, [R1+0x4]"),
         (0x0060, "STL [R1+0x8], R7"),
-        (0x0070, "FADD R2, R2, R3"),
+        (0x0070, "HGMMA.64x128x16.F32.BF16 R56, gdesc[UR12], RZ"),
         (0x0080, "@P0 BRA 0x40"),
         (0x0090, "LDL R8, [R1+0x8]"),  # per tile again
         (0x00a0, "@!P1 BRA 0x20"),  # closes the tile loop
         (0x00b0, "LDL R9, [R1]"),  # a loop without MMAs: not counted
         (0x00c0, "@P2 BRA 0xb0"),
         (0x00d0, "EXIT"),
+        (0x00e0, "SYNCS.PHASECHK.TRANS64.TRYWAIT P0, [UR4], R2"),  # an mbarrier wait's retry, out of line
+        (0x00f0, "BRA 0x50"),  # jumps back into the key-block loop: no loop of its own
     ])
     assert loop_spills(sass) == 2
     assert loop_spills("") == 0
