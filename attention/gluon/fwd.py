@@ -191,22 +191,17 @@ def _online_softmax(s, m_i, l_i, key, lo_full, hi_full, rows, cols, seqlen_k, of
                     HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr, FP8: gl.constexpr):
     """One block's step of the online softmax in base 2: returns (p, m_new, l_new, alpha). FP8: p is 448 P, the
     e4m3 range (exp2(s - m + log2 448): the scale costs nothing), and l sums it before rounding."""
+    P_SHIFT: gl.constexpr = LOG2_P_SCALE if FP8 else 0.0  # x - 0.0 folds away
     if (key < lo_full) | (key >= hi_full):
         keep = visible(key + cols[None, :], rows[:, None] + off, seqlen_k, win_left, win_right, HAS_LEFT, HAS_RIGHT)
         s = gl.where(keep, s * qk_scale, float("-inf"))
         m_new = gl.maximum(m_i, gl.max(s, 1))
         m_safe = gl.where(m_new == float("-inf"), 0.0, m_new)  # a row that has seen no key yet
-        if FP8:
-            p = gl.exp2(s - (m_safe - LOG2_P_SCALE)[:, None])
-        else:
-            p = gl.exp2(s - m_safe[:, None])
+        p = gl.exp2(s - (m_safe - P_SHIFT)[:, None])
     else:
         m_new = gl.maximum(m_i, gl.max(s, 1) * qk_scale)
         m_safe = m_new
-        if FP8:
-            p = gl.exp2(s * qk_scale - (m_safe - LOG2_P_SCALE)[:, None])
-        else:
-            p = gl.exp2(s * qk_scale - m_safe[:, None])
+        p = gl.exp2(s * qk_scale - (m_safe - P_SHIFT)[:, None])
     alpha = gl.exp2(m_i - m_safe)
     l_new = l_i * alpha + gl.sum(p, 1)
     return p, m_new, l_new, alpha
