@@ -2,6 +2,7 @@
 
     PYTHONPATH=$TRITON36:. python tools/compile_sm90.py [--kernel fwd|dkdv|dkdv_atomic|dq] [--causal 0] [--dump DIR]
     PYTHONPATH=$TRITON36:. python tools/compile_sm90.py --gluon      # the Gluon kernels (attention/gluon/), as shipped
+    PYTHONPATH=$TRITON36:. python tools/compile_sm90.py --gluon --loops --only "fwd d64"   # + each MMA loop's SASS
 
 Put the device's Triton first on PYTHONPATH (pip install --target DIR triton==3.6.0): codegen differs between
 releases. ptxas from the Triton wheel does the register allocation offline, so a kernel change can be judged
@@ -55,22 +56,44 @@ def compile_kernel(fn, args: dict, constexprs: dict, num_warps: int, num_stages:
     return triton.compile(src, target=TARGET, options=options.__dict__)
 
 
-def loop_spills(sass: str) -> int:
-    """Local-memory loads and stores (spills) inside the innermost loops that issue tensor-core MMAs, the most of
-    any one such loop: what a spill costs every key block, where spills outside the loops cost once per tile.
+def mma_loops(sass: str) -> list[dict]:
+    """The innermost loops that issue tensor-core MMAs (HGMMA; QGMMA for FP8), in address order: each one's first
+    address, instruction count, local-memory loads and stores (spills) and opcode counts (predicates and modifiers
+    dropped). Both branches of an if inside a loop count, so a step runs fewer than `instructions`.
     A loop closes with a predicated backward branch; an unconditional one comes from an out-of-line block placed
     after the code (an mbarrier wait's retry) jumping back, and spans no loop."""
-    ins = [(int(a, 16), op) for a, op in re.findall(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);", sass)]
+    ins = [(int(a, 16), op.strip()) for a, op in re.findall(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);", sass)]
     loops = []
     for addr, op in ins:
-        target = re.search(r"^@!?U?P\d\s+BRA\b.*0x([0-9a-f]+)", op.strip())
+        target = re.search(r"^@!?U?P\d\s+BRA\b.*0x([0-9a-f]+)", op)
         if target and int(target.group(1), 16) < addr:  # a backward branch closes a loop
             lo = int(target.group(1), 16)
-            if any("HGMMA" in o for a, o in ins if lo <= a <= addr):
+            if any(re.match(r"[HQ]GMMA\b", o) for a, o in ins if lo <= a <= addr):
                 loops.append((lo, addr))
     inner = [(lo, hi) for lo, hi in loops if not any((lo, hi) != (a, b) and lo <= a and b <= hi for a, b in loops)]
-    return max((sum(1 for a, o in ins if lo <= a <= hi and re.match(r"(LDL|STL)\b", o)) for lo, hi in inner),
-               default=0)
+    rows = []
+    for lo, hi in sorted(inner):
+        ops = [re.sub(r"^@!?U?P[T\d]\s+", "", o).split()[0].split(".")[0] for a, o in ins if lo <= a <= hi]
+        counts = {}
+        for o in ops:
+            counts[o] = counts.get(o, 0) + 1
+        rows.append(dict(start=lo, instructions=len(ops), spills=counts.get("LDL", 0) + counts.get("STL", 0),
+                         ops=dict(sorted(counts.items(), key=lambda kv: -kv[1]))))
+    return rows
+
+
+def loop_spills(sass: str) -> int:
+    """Spills inside the innermost MMA loops (mma_loops), the most of any one such loop: what a spill costs every
+    key block, where spills outside the loops cost once per tile."""
+    return max((loop["spills"] for loop in mma_loops(sass)), default=0)
+
+
+def sass_of(compiled) -> str:
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(compiled.asm["cubin"])
+        f.flush()
+        return subprocess.run([tool, "-sass", f.name], capture_output=True, text=True, check=True).stdout
 
 
 def resource_usage(compiled) -> dict:
@@ -81,9 +104,8 @@ def resource_usage(compiled) -> dict:
         f.write(compiled.asm["cubin"])
         f.flush()
         text = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True, check=True).stdout
-        sass = subprocess.run([tool, "-sass", f.name], capture_output=True, text=True, check=True).stdout
     usage = {k.lower(): int(v) for k, v in re.findall(r"(REG|STACK|SHARED|LOCAL):(\d+)", text)}
-    usage["loop_spill"] = loop_spills(sass)
+    usage["loop_spill"] = loop_spills(sass_of(compiled))
     usage["smem"] = compiled.metadata.shared  # the launch's dynamic shared memory (H100 limit: 232448 bytes)
     ptx = compiled.asm["ptx"]
     usage["wgmma"] = len(re.findall(r"wgmma\.mma_async", ptx))
@@ -200,14 +222,24 @@ def compile_gluon(fn, args: dict, constexprs: dict, num_warps: int, maxnreg):
     return triton.compile(GluonASTSource(fn, sig, constexprs=consts), target=TARGET, options=options)
 
 
-def _gluon_share(job: int, jobs: int, dump: str) -> list[tuple[int, str]]:
-    """Compile every jobs-th Gluon variant from the job-th: (variant index, its report line)."""
+def loop_lines(sass: str, top: int = 8) -> list[str]:
+    """One line per innermost MMA loop (mma_loops): address, instructions, spills, the most frequent opcodes."""
+    return [f"  loop 0x{loop['start']:x}: {loop['instructions']} instructions, {loop['spills']} spills; "
+            + ", ".join(f"{op} {n}" for op, n in list(loop["ops"].items())[:top]) for loop in mma_loops(sass)]
+
+
+def _gluon_share(job: int, jobs: int, dump: str, loops: bool = False, only: str = "") -> list[tuple[int, str]]:
+    """Compile every jobs-th Gluon variant from the job-th (those whose name contains `only`): (variant index, its
+    report line, and with `loops` one line per innermost MMA loop)."""
     lines = []
     for i, (name, fn, args, consts, warps, maxnreg) in enumerate(gluon_variants()):
-        if i % jobs != job:
+        if i % jobs != job or only not in name:
             continue
         compiled = compile_gluon(fn, args, consts, warps, maxnreg)
-        lines.append((i, f"{name} w{warps}: {resource_usage(compiled)}"))
+        line = f"{name} w{warps}: {resource_usage(compiled)}"
+        if loops:
+            line = "\n".join([line] + loop_lines(sass_of(compiled)))
+        lines.append((i, line))
         if dump:
             os.makedirs(dump, exist_ok=True)
             with open(os.path.join(dump, name.replace(" ", "_") + ".ptx"), "w") as f:
@@ -215,17 +247,17 @@ def _gluon_share(job: int, jobs: int, dump: str) -> list[tuple[int, str]]:
     return lines
 
 
-def main_gluon(dump: str, jobs: int) -> None:
+def main_gluon(dump: str, jobs: int, loops: bool = False, only: str = "") -> None:
     from attention.gluon import GLUON_COMPILES, triton_minor
     if triton_minor() not in GLUON_COMPILES:
         raise SystemExit(f"error: the Gluon kernels compile with triton {' / '.join(GLUON_COMPILES)}, "
                          f"not {triton.__version__}")
     if jobs == 1:
-        shares = [_gluon_share(0, 1, dump)]
+        shares = [_gluon_share(0, 1, dump, loops, only)]
     else:  # forked workers, each compiling its share; the report keeps the variants' order
         import multiprocessing
         with multiprocessing.get_context("fork").Pool(jobs) as pool:
-            shares = pool.starmap(_gluon_share, [(job, jobs, dump) for job in range(jobs)])
+            shares = pool.starmap(_gluon_share, [(job, jobs, dump, loops, only) for job in range(jobs)])
     for _, line in sorted(line for share in shares for line in share):
         print(line, flush=True)
 
@@ -241,11 +273,14 @@ def main():
     ap.add_argument("--dump", default="", help="write the TTGIR and PTX of each variant here")
     ap.add_argument("--jobs", type=int, default=min(4, os.cpu_count() or 1),
                     help="processes compiling the Gluon variants (default: the CPUs, at most 4)")
+    ap.add_argument("--loops", action="store_true",
+                    help="after each variant, its innermost MMA loops: instructions, spills, opcode counts")
+    ap.add_argument("--only", default="", help="only the Gluon variants whose name contains this, e.g. 'fwd d64'")
     args = ap.parse_args()
     if args.jobs < 1:
         raise SystemExit(f"error: --jobs must be at least 1, got {args.jobs}")
     if args.gluon:
-        main_gluon(args.dump, args.jobs)
+        main_gluon(args.dump, args.jobs, args.loops, args.only)
         return
     atomic = args.kernel == "dkdv_atomic"
     tma = (not atomic) if args.tma is None else bool(args.tma)
@@ -265,6 +300,8 @@ def main():
         compiled = compile_kernel(fn, _kernel_args(args.n, 16, args.d, atomic), consts, cfg.num_warps, cfg.num_stages)
         usage = resource_usage(compiled)
         print(f"{args.kernel} {cfg.kwargs} w{cfg.num_warps} s{cfg.num_stages}: {usage}", flush=True)
+        if args.loops:
+            print("\n".join(loop_lines(sass_of(compiled))), flush=True)
         if args.dump:
             os.makedirs(args.dump, exist_ok=True)
             tag = f"{args.kernel}_{cfg.kwargs['BLOCK_M']}x{cfg.kwargs['BLOCK_N']}_w{cfg.num_warps}s{cfg.num_stages}"

@@ -109,13 +109,21 @@ def test_k_layout_of_the_warp_specialized_backward_lets_each_consumer_read_half_
     assert _k_descriptor(k, 128).layout == descriptor(k, 128).layout
 
 
-def test_loop_spills_counts_only_the_innermost_mma_loops():
+def _tool():
     import importlib.util
     spec = importlib.util.spec_from_file_location("compile_sm90", ROOT / "tools" / "compile_sm90.py")
     tool = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(tool)
-    loop_spills = tool.loop_spills
-    sass = "\n".join(f"        /*{addr:04x}*/                   {op} ;" for addr, op in [
+    return tool
+
+
+def _sass(rows):
+    return "\n".join(f"        /*{addr:04x}*/                   {op} ;" for addr, op in rows)
+
+
+def test_loop_spills_counts_only_the_innermost_mma_loops():
+    loop_spills = _tool().loop_spills
+    sass = _sass([
         (0x0010, "STL [R1], R4"),  # before any loop: once per launch
         (0x0020, "HGMMA.64x128x16.F32.BF16 R24, gdesc[UR4], RZ"),  # the tile loop's own MMA (first block)
         (0x0030, "LDL R6, [R1]"),  # per tile
@@ -134,3 +142,21 @@ def test_loop_spills_counts_only_the_innermost_mma_loops():
     ])
     assert loop_spills(sass) == 2
     assert loop_spills("") == 0
+
+
+def test_mma_loops_finds_the_fp8_loops_and_counts_their_instructions():
+    tool = _tool()
+    sass = _sass([
+        (0x0010, "QGMMA.64x128x32.F32.E4M3.E4M3 R24, gdesc[UR4], RZ"),  # FP8: QGMMA, not HGMMA
+        (0x0020, "@!P0 FMUL R2, R2, R3"),  # predicated: counted as FMUL
+        (0x0030, "MUFU.EX2 R4, R2"),
+        (0x0040, "STL [R1], R4"),
+        (0x0050, "QGMMA.64x128x32.F32.E4M3.E4M3 R56, R4, gdesc[UR8], R56"),
+        (0x0060, "@P1 BRA 0x10"),
+        (0x0070, "EXIT"),
+    ])
+    (loop,) = tool.mma_loops(sass)
+    assert (loop["start"], loop["instructions"], loop["spills"]) == (0x10, 6, 1)
+    assert loop["ops"] == {"QGMMA": 2, "FMUL": 1, "MUFU": 1, "STL": 1, "BRA": 1}
+    assert tool.loop_spills(sass) == 1
+    assert tool.loop_lines(sass, top=2) == ["  loop 0x10: 6 instructions, 1 spills; QGMMA 2, FMUL 1"]
