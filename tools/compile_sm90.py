@@ -19,6 +19,7 @@ import os
 import re
 import subprocess
 import tempfile
+from collections import Counter
 
 import triton
 from triton.backends.compiler import GPUTarget
@@ -73,12 +74,9 @@ def mma_loops(sass: str) -> list[dict]:
     inner = [(lo, hi) for lo, hi in loops if not any((lo, hi) != (a, b) and lo <= a and b <= hi for a, b in loops)]
     rows = []
     for lo, hi in sorted(inner):
-        ops = [re.sub(r"^@!?U?P[T\d]\s+", "", o).split()[0].split(".")[0] for a, o in ins if lo <= a <= hi]
-        counts = {}
-        for o in ops:
-            counts[o] = counts.get(o, 0) + 1
-        rows.append(dict(start=lo, instructions=len(ops), spills=counts.get("LDL", 0) + counts.get("STL", 0),
-                         ops=dict(sorted(counts.items(), key=lambda kv: -kv[1]))))
+        counts = Counter(re.sub(r"^@!?U?P[T\d]\s+", "", o).split()[0].split(".")[0] for a, o in ins if lo <= a <= hi)
+        rows.append(dict(start=lo, instructions=counts.total(), spills=counts["LDL"] + counts["STL"],
+                         ops=dict(counts.most_common())))
     return rows
 
 
@@ -88,24 +86,25 @@ def loop_spills(sass: str) -> int:
     return max((loop["spills"] for loop in mma_loops(sass)), default=0)
 
 
+def _cuobjdump(compiled, flag: str) -> str:
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(compiled.asm["cubin"])
+        f.flush()
+        return subprocess.run([tool, flag, f.name], capture_output=True, text=True, check=True).stdout
+
+
 def sass_of(compiled) -> str:
-    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(compiled.asm["cubin"])
-        f.flush()
-        return subprocess.run([tool, "-sass", f.name], capture_output=True, text=True, check=True).stdout
+    return _cuobjdump(compiled, "-sass")
 
 
-def resource_usage(compiled) -> dict:
+def resource_usage(compiled, sass: str | None = None) -> dict:
     """REG / STACK (spill) / LOCAL / static SHARED from the cubin, as cuobjdump reads them, the dynamic shared
-    memory the launch asks for, and the spills inside its MMA loops (loop_spills)."""
-    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(compiled.asm["cubin"])
-        f.flush()
-        text = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True, check=True).stdout
+    memory the launch asks for, and the spills inside its MMA loops (loop_spills; sass: its SASS, if already
+    disassembled)."""
+    text = _cuobjdump(compiled, "-res-usage")
     usage = {k.lower(): int(v) for k, v in re.findall(r"(REG|STACK|SHARED|LOCAL):(\d+)", text)}
-    usage["loop_spill"] = loop_spills(sass_of(compiled))
+    usage["loop_spill"] = loop_spills(sass_of(compiled) if sass is None else sass)
     usage["smem"] = compiled.metadata.shared  # the launch's dynamic shared memory (H100 limit: 232448 bytes)
     ptx = compiled.asm["ptx"]
     usage["wgmma"] = len(re.findall(r"wgmma\.mma_async", ptx))
@@ -236,9 +235,10 @@ def _gluon_share(job: int, jobs: int, dump: str, loops: bool = False, only: str 
         if i % jobs != job or only not in name:
             continue
         compiled = compile_gluon(fn, args, consts, warps, maxnreg)
-        line = f"{name} w{warps}: {resource_usage(compiled)}"
+        sass = sass_of(compiled)
+        line = f"{name} w{warps}: {resource_usage(compiled, sass)}"
         if loops:
-            line = "\n".join([line] + loop_lines(sass_of(compiled)))
+            line = "\n".join([line] + loop_lines(sass))
         lines.append((i, line))
         if dump:
             os.makedirs(dump, exist_ok=True)
@@ -298,10 +298,11 @@ def main():
         if args.kernel != "fwd":
             consts = {"EARLY_DP": False, **consts}  # the kernels' default where a config leaves it out
         compiled = compile_kernel(fn, _kernel_args(args.n, 16, args.d, atomic), consts, cfg.num_warps, cfg.num_stages)
-        usage = resource_usage(compiled)
+        sass = sass_of(compiled)
+        usage = resource_usage(compiled, sass)
         print(f"{args.kernel} {cfg.kwargs} w{cfg.num_warps} s{cfg.num_stages}: {usage}", flush=True)
         if args.loops:
-            print("\n".join(loop_lines(sass_of(compiled))), flush=True)
+            print("\n".join(loop_lines(sass)), flush=True)
         if args.dump:
             os.makedirs(args.dump, exist_ok=True)
             tag = f"{args.kernel}_{cfg.kwargs['BLOCK_M']}x{cfg.kwargs['BLOCK_N']}_w{cfg.num_warps}s{cfg.num_stages}"
