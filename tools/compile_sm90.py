@@ -74,10 +74,67 @@ def mma_loops(sass: str) -> list[dict]:
     inner = [(lo, hi) for lo, hi in loops if not any((lo, hi) != (a, b) and lo <= a and b <= hi for a, b in loops)]
     rows = []
     for lo, hi in sorted(inner):
-        counts = Counter(re.sub(r"^@!?U?P[T\d]\s+", "", o).split()[0].split(".")[0] for a, o in ins if lo <= a <= hi)
+        body = [(a, o) for a, o in ins if lo <= a <= hi]
+        counts = Counter(re.sub(r"^@!?U?P[T\d]\s+", "", o).split()[0].split(".")[0] for a, o in body)
         rows.append(dict(start=lo, instructions=counts.total(), spills=counts["LDL"] + counts["STL"],
-                         ops=dict(counts.most_common())))
+                         ops=dict(counts.most_common()), cycles=pipe_cycles(body), order=mma_order(body)))
     return rows
+
+
+def mma_order(body: list[tuple[int, str]]) -> str:
+    """A loop's MMAs (M), exponentials (e, MUFU.EX2) and warpgroup MMA waits (W<n>: until n are in flight) in
+    address order, runs of M and e counted: "M16 W1 e64 W0 e2" is a forward step whose softmax runs while P.V is
+    in flight, "M16 W1 W0 e66" one where ptxas moved the wait for P.V above the softmax (within a basic block it
+    may: the wait has no register operands)."""
+    runs = []
+    for _, op in body:
+        op = re.sub(r"^@!?U?P[T\d]\s+", "", op)
+        wait = re.match(r"WARPGROUP\.DEPBAR\.LE\s+gsb0,\s*0x([0-9a-f]+)", op)
+        mark = "M" if re.match(r"[HQ]GMMA\b", op) else "e" if op.startswith("MUFU.EX2") else \
+            f"W{int(wait.group(1), 16)}" if wait else None
+        if mark and runs and runs[-1][0] == mark and not mark.startswith("W"):
+            runs[-1][1] += 1
+        elif mark:
+            runs.append([mark, 1])
+    return " ".join(m if m.startswith("W") else f"{m}{n}" for m, n in runs)
+
+
+def _pipes(op: str) -> tuple[int, int, int]:
+    """(issue, MUFU, tensor) cycles of one instruction for one warp on an SM sub-partition, at the rates sm_90
+    documents: one instruction issued a cycle; MUFU returns 16 results a cycle an SM, 8 cycles a warp instruction;
+    a warpgroup MMA gives each warp 16 rows at 1024 dense 16-bit flops a cycle (2048 in FP8): N / 2 cycles for any
+    m64nNk MMA."""
+    op = re.sub(r"^@!?U?P[T\d]\s+", "", op)
+    mma = re.match(r"[HQ]GMMA\.64x(\d+)x\d+", op)
+    return 1, 8 if op.startswith("MUFU") else 0, int(mma.group(1)) // 2 if mma else 0
+
+
+def pipe_cycles(body: list[tuple[int, str]]) -> dict:
+    """The cycles one step of a loop (body: its (address, instruction) pairs, the closing branch last) keeps each
+    pipe busy for one warp (_pipes): (cheapest, dearest) over the step's paths, pipe by pipe. An if / else costs one
+    side, where the loop's instruction count holds both. Branches out of the loop (an mbarrier wait's out-of-line
+    retry) count as not taken. The largest figure bounds the step if the warps on a sub-partition overlap
+    perfectly, each pipe shared between them; latencies and waits are not modelled."""
+    if not body:
+        return dict(issue=(0, 0), mufu=(0, 0), tensor=(0, 0))
+    lo, hi = body[0][0], body[-1][0]
+    reach = {lo: ((0, 0, 0), (0, 0, 0))}  # (cheapest, dearest) cycles on reaching an address, pipe by pipe
+    for i, (addr, op) in enumerate(body):
+        if addr not in reach:
+            continue  # only reached by jumping past it
+        cost = _pipes(op)
+        low, high = (tuple(x + y for x, y in zip(r, cost)) for r in reach[addr])
+        if addr == hi:
+            return {pipe: (low[k], high[k]) for k, pipe in enumerate(("issue", "mufu", "tensor"))}
+        branch = re.search(r"\bBRA\b.*0x([0-9a-f]+)\s*$", op)
+        target = int(branch.group(1), 16) if branch else None
+        nexts = [] if branch and not op.startswith("@") and lo <= target <= hi else [body[i + 1][0]]
+        if branch and addr < target <= hi:
+            nexts.append(target)
+        for n in nexts:
+            old_low, old_high = reach.get(n, (low, high))
+            reach[n] = (tuple(map(min, old_low, low)), tuple(map(max, old_high, high)))
+    raise ValueError(f"no path reaches the loop's closing branch at 0x{hi:x}")
 
 
 def loop_spills(sass: str) -> int:
@@ -222,9 +279,18 @@ def compile_gluon(fn, args: dict, constexprs: dict, num_warps: int, maxnreg):
 
 
 def loop_lines(sass: str, top: int = 8) -> list[str]:
-    """One line per innermost MMA loop (mma_loops): address, instructions, spills, the most frequent opcodes."""
-    return [f"  loop 0x{loop['start']:x}: {loop['instructions']} instructions, {loop['spills']} spills; "
-            + ", ".join(f"{op} {n}" for op, n in list(loop["ops"].items())[:top]) for loop in mma_loops(sass)]
+    """One line per innermost MMA loop (mma_loops): address, instructions and spills (both sides of an if), the
+    `top` most frequent opcodes, one step's pipe cycles a warp (pipe_cycles: cheapest-dearest path) and the order
+    of its MMAs, waits and exponentials (mma_order)."""
+    lines = []
+    for loop in mma_loops(sass):
+        parts = [f"{loop['instructions']} instructions, {loop['spills']} spills",
+                 ", ".join(f"{op} {n}" for op, n in list(loop["ops"].items())[:top]),
+                 "cycles a warp: " + " / ".join(f"{pipe} {a}" + (f"-{b}" if b != a else "")
+                                                for pipe, (a, b) in loop["cycles"].items()),
+                 "order: " + loop["order"]]
+        lines.append(f"  loop 0x{loop['start']:x}: " + "; ".join(p for p in parts if p))
+    return lines
 
 
 def _gluon_share(job: int, jobs: int, dump: str, loops: bool = False, only: str = "") -> list[tuple[int, str]]:

@@ -158,5 +158,60 @@ def test_mma_loops_finds_the_fp8_loops_and_counts_their_instructions():
     (loop,) = tool.mma_loops(sass)
     assert (loop["start"], loop["instructions"], loop["spills"]) == (0x10, 6, 1)
     assert loop["ops"] == {"QGMMA": 2, "FMUL": 1, "MUFU": 1, "STL": 1, "BRA": 1}
+    assert loop["cycles"] == {"issue": (6, 6), "mufu": (8, 8), "tensor": (128, 128)}  # two n128 MMAs, 64 cycles each
     assert tool.loop_spills(sass) == 1
-    assert tool.loop_lines(sass, top=2) == ["  loop 0x10: 6 instructions, 1 spills; QGMMA 2, FMUL 1"]
+    assert tool.loop_lines(sass, top=2) == [
+        "  loop 0x10: 6 instructions, 1 spills; QGMMA 2, FMUL 1; cycles a warp: issue 6 / mufu 8 / tensor 128; "
+        "order: M1 e1 M1"]
+    assert tool.loop_lines(_sass([(0x10, "HGMMA.64x64x16.F32.BF16 R24, gdesc[UR4], RZ"), (0x20, "@P0 BRA 0x40"),
+                                  (0x30, "MUFU.EX2 R4, R4"), (0x40, "@P1 BRA 0x10")]), top=0) == [
+        "  loop 0x10: 4 instructions, 0 spills; cycles a warp: issue 3-4 / mufu 0-8 / tensor 32; order: M1 e1"]
+
+
+def test_pipe_cycles_reads_each_mma_width():
+    """n64 (D=64's P.V) costs half an n128; k does not count (twice the k at FP8 rate): each is N / 2 cycles."""
+    body = ["HGMMA.64x64x16.F32.BF16 R24, R8, gdesc[UR4], R24", "HGMMA.64x128x16.F32.BF16 R56, gdesc[UR8], RZ",
+            "QGMMA.64x256x32.F32.E4M3.E4M3 R24, gdesc[UR4], RZ", "MUFU.EX2 R4, R2", "@!P2 MUFU.RCP R5, R3",
+            "@P0 BRA 0x0"]
+    cycles = _tool().pipe_cycles([(16 * i, op) for i, op in enumerate(body)])
+    assert cycles == {"issue": (6, 6), "mufu": (16, 16), "tensor": (32 + 64 + 128,) * 2}
+
+
+def test_pipe_cycles_takes_the_dearer_side_of_an_if():
+    """The masked and unmasked softmax are the two sides of an if in one loop: a step runs one of them."""
+    tool = _tool()
+    sass = _sass([
+        (0x0010, "HGMMA.64x128x16.F32.BF16 R24, gdesc[UR4], RZ"),
+        (0x0020, "@!P0 BRA 0x900"),  # an mbarrier wait's retry, out of line: not taken
+        (0x0030, "@!P1 BRA P2, 0x80"),  # if: the masked side 0x40..0x70, else 0x80..0x90
+        (0x0040, "FSEL R4, R4, -INF, P3"),
+        (0x0050, "MUFU.EX2 R4, R4"),
+        (0x0060, "FADD R5, R5, R4"),
+        (0x0070, "BRA 0xa0"),  # past the else side
+        (0x0080, "MUFU.EX2 R4, R4"),
+        (0x0090, "MUFU.EX2 R6, R6"),
+        (0x00a0, "HGMMA.64x128x16.F32.BF16 R56, R4, gdesc[UR8], R56"),
+        (0x00b0, "@P0 BRA 0x10"),
+        (0x00c0, "EXIT"),
+        (0x0900, "BRA 0x20"),
+    ])
+    (loop,) = tool.mma_loops(sass)
+    assert loop["instructions"] == 11  # both sides
+    # issue: 3 + the masked side's 4 or the other's 2, + 2; MUFU: one exponential or two; tensor: both MMAs
+    assert loop["cycles"] == {"issue": (7, 9), "mufu": (8, 16), "tensor": (128, 128)}
+
+
+def test_mma_order_shows_whether_the_softmax_runs_under_p_v():
+    """The forward issues S_j and P_{j-1} V_{j-1}, waits for S_j (W1), runs the softmax, then waits for P V (W0).
+    Within one basic block ptxas may hoist W0 above the exponentials, and the overlap is gone."""
+    tool = _tool()
+    step = [(0x10, "HGMMA.64x128x16.F32.BF16 R24, gdesc[UR4], RZ, !UPT"),
+            (0x20, "HGMMA.64x128x16.F32.BF16 R88, R152, gdesc[UR8].tnspB, R88, gsb0"),
+            (0x30, "WARPGROUP.DEPBAR.LE gsb0, 0x1")]
+    tail = [(0x90, "@P0 BRA 0x10"), (0xa0, "EXIT")]
+    under = _sass(step + [(0x40, "MUFU.EX2 R24, R24"), (0x50, "@!P1 MUFU.EX2 R25, R25"),
+                          (0x60, "WARPGROUP.DEPBAR.LE gsb0, 0x0"), (0x70, "MUFU.EX2 R26, R26")] + tail)
+    hoisted = _sass(step + [(0x40, "WARPGROUP.DEPBAR.LE gsb0, 0x0"), (0x50, "MUFU.EX2 R24, R24"),
+                            (0x60, "MUFU.EX2 R25, R25"), (0x70, "MUFU.EX2 R26, R26")] + tail)
+    assert [loop["order"] for loop in tool.mma_loops(under)] == ["M2 W1 e2 W0 e1"]
+    assert [loop["order"] for loop in tool.mma_loops(hoisted)] == ["M2 W1 W0 e3"]
