@@ -29,9 +29,14 @@ def _compile(*args) -> list[dict]:
     done = subprocess.run([sys.executable, str(ROOT / "tools" / "compile_sm90.py"), *args], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    return [{"name": line[:line.index(": {'reg'")],
-             **{k: int(v) for k, v in re.findall(r"'(reg|stack|smem|wgmma|loop_spill)': (\d+)", line)}}
-            for line in done.stdout.splitlines() if "'reg'" in line]
+    rows = []
+    for line in done.stdout.splitlines():
+        if "'reg'" in line:
+            rows.append({"name": line[:line.index(": {'reg'")], "orders": [],
+                         **{k: int(v) for k, v in re.findall(r"'(reg|stack|smem|wgmma|loop_spill)': (\d+)", line)}})
+        elif line.startswith("  loop ") and rows:  # --loops: the variant's MMA loops (compile_sm90.mma_order)
+            rows[-1]["orders"].append(line.split("order: ")[1])
+    return rows
 
 
 @pytest.mark.parametrize("kernel,causal,count", [("fwd", 1, 6), ("dkdv", 0, 3), ("dkdv_atomic", 1, 5)])
@@ -57,7 +62,7 @@ def _gluon_triton(versions: str) -> bool:
 
 @pytest.fixture(scope="module")
 def gluon_rows() -> dict:
-    return {row["name"].rsplit(" w", 1)[0]: row for row in _compile("--gluon")}  # "gluon_fwd d64 win-1,0 w4"
+    return {row["name"].rsplit(" w", 1)[0]: row for row in _compile("--gluon", "--loops")}  # "gluon_fwd d64 win-1,0 w4"
 
 
 @pytest.mark.skipif(not _gluon_triton("compile"), reason="the Gluon kernels do not compile with this triton")
@@ -78,6 +83,20 @@ def test_gluon_kernels_compile_for_hopper(gluon_rows):
     assert sum(name.startswith("gluon_fwd_fp8") for name in fwd) == 4, fwd
     # none in the dense D=128 forward's key-block loop (tools/compile_sm90.loop_spills)
     assert all(row["loop_spill"] == 0 for name, row in fwd.items() if name.startswith("gluon_fwd d128")), fwd
+
+
+@pytest.mark.skipif(not _gluon_triton("compile"), reason="the Gluon kernels do not compile with this triton")
+def test_gluon_forward_runs_the_softmax_under_p_v(gluon_rows):
+    """Each key-block step issues S_j and P_{j-1} V_{j-1}, waits for S_j and runs block j's softmax while P V is in
+    flight: in every forward MMA loop the 64 exponentials of a thread's 64 x 128 block (both sides of the mask's
+    if: 128) lie between the wait for S (W1) and the wait for P V (W0). ptxas may hoist the second wait within a
+    basic block, and then the softmax runs after P V."""
+    fwd = {name: row["orders"] for name, row in gluon_rows.items() if name.startswith("gluon_fwd")}
+    assert len(fwd) == 16 and all(fwd.values()), fwd
+    for name, orders in fwd.items():
+        for order in orders:
+            under = re.search(r"W1 e(\d+) W0", order)
+            assert under and int(under.group(1)) >= 64, (name, order)
 
 
 @pytest.mark.skipif(not _gluon_triton("run"), reason="the spill bounds are those of the triton the kernels run on")
