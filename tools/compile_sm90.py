@@ -27,6 +27,7 @@ from triton.backends.compiler import GPUTarget
 from attention.triton import bwd as triton_bwd, fwd as triton_fwd
 
 TARGET = GPUTarget("cuda", 90, 32)
+GUARD = re.compile(r"^@!?U?P[T\d]\s+")  # a SASS instruction's predicate guard, "@!P0 "
 
 
 def _signature(fn, args: dict, constexprs: dict):
@@ -75,7 +76,7 @@ def mma_loops(sass: str) -> list[dict]:
     rows = []
     for lo, hi in sorted(inner):
         body = [(a, o) for a, o in ins if lo <= a <= hi]
-        counts = Counter(re.sub(r"^@!?U?P[T\d]\s+", "", o).split()[0].split(".")[0] for a, o in body)
+        counts = Counter(GUARD.sub("", o).split()[0].split(".")[0] for a, o in body)
         rows.append(dict(start=lo, instructions=counts.total(), spills=counts["LDL"] + counts["STL"],
                          ops=dict(counts.most_common()), cycles=pipe_cycles(body), order=mma_order(body)))
     return rows
@@ -88,7 +89,7 @@ def mma_order(body: list[tuple[int, str]]) -> str:
     may: the wait has no register operands)."""
     runs = []
     for _, op in body:
-        op = re.sub(r"^@!?U?P[T\d]\s+", "", op)
+        op = GUARD.sub("", op)
         wait = re.match(r"WARPGROUP\.DEPBAR\.LE\s+gsb0,\s*0x([0-9a-f]+)", op)
         mark = "M" if re.match(r"[HQ]GMMA\b", op) else "e" if op.startswith("MUFU.EX2") else \
             f"W{int(wait.group(1), 16)}" if wait else None
@@ -104,7 +105,7 @@ def _pipes(op: str) -> tuple[int, int, int]:
     documents: one instruction issued a cycle; MUFU returns 16 results a cycle an SM, 8 cycles a warp instruction;
     a warpgroup MMA gives each warp 16 rows at 1024 dense 16-bit flops a cycle (2048 in FP8): N / 2 cycles for any
     m64nNk MMA."""
-    op = re.sub(r"^@!?U?P[T\d]\s+", "", op)
+    op = GUARD.sub("", op)
     mma = re.match(r"[HQ]GMMA\.64x(\d+)x\d+", op)
     return 1, 8 if op.startswith("MUFU") else 0, int(mma.group(1)) // 2 if mma else 0
 
