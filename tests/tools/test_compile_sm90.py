@@ -5,7 +5,8 @@ tools/compile_sm90.py builds each shipped autotune candidate with this Triton's 
 stack (spill) and shared-memory use; every candidate must fit an H100's shared memory (the TMA-reduce atomic kernel
 at four stages did not: 247808 bytes), and the dQ kernel, with one accumulator, must fit without spills. The Gluon
 kernels (--gluon) compile with every triton in attention.gluon.GLUON_COMPILES; their spill bounds are those of the
-release they run on (GLUON_TRITON).
+release they run on (GLUON_TRITON). With --loops the tool also reads the order of each MMA loop's waits and
+exponentials from the SASS: the softmax must run while an MMA is in flight.
 """
 
 import os
