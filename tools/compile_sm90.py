@@ -30,6 +30,12 @@ TARGET = GPUTarget("cuda", 90, 32)
 GUARD = re.compile(r"^@!?U?P[T\d]\s+")  # a SASS instruction's predicate guard, "@!P0 "
 
 
+def _branch_target(op: str) -> int | None:
+    """The address a SASS branch (BRA, guarded or not) jumps to; None for any other instruction."""
+    target = re.search(r"\bBRA\b.*0x([0-9a-f]+)\s*$", op)
+    return int(target.group(1), 16) if target else None
+
+
 def _signature(fn, args: dict, constexprs: dict):
     sig, attrs, consts = {}, {}, dict(constexprs)
     for i, name in enumerate(fn.arg_names):
@@ -67,9 +73,8 @@ def mma_loops(sass: str) -> list[dict]:
     ins = [(int(a, 16), op.strip()) for a, op in re.findall(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);", sass)]
     loops = []
     for addr, op in ins:
-        target = re.search(r"^@!?U?P\d\s+BRA\b.*0x([0-9a-f]+)", op)
-        if target and int(target.group(1), 16) < addr:  # a backward branch closes a loop
-            lo = int(target.group(1), 16)
+        lo = _branch_target(op)
+        if lo is not None and lo < addr and re.match(r"@!?U?P\d\s", op):  # a predicated backward branch
             if any(re.match(r"[HQ]GMMA\b", o) for a, o in ins if lo <= a <= addr):
                 loops.append((lo, addr))
     inner = [(lo, hi) for lo, hi in loops if not any((lo, hi) != (a, b) and lo <= a and b <= hi for a, b in loops)]
@@ -116,8 +121,6 @@ def pipe_cycles(body: list[tuple[int, str]]) -> dict:
     side, where the loop's instruction count holds both. Branches out of the loop (an mbarrier wait's out-of-line
     retry) count as not taken. The largest figure bounds the step if the warps on a sub-partition overlap
     perfectly, each pipe shared between them; latencies and waits are not modelled."""
-    if not body:
-        return dict(issue=(0, 0), mufu=(0, 0), tensor=(0, 0))
     lo, hi = body[0][0], body[-1][0]
     reach = {lo: ((0, 0, 0), (0, 0, 0))}  # (cheapest, dearest) cycles on reaching an address, pipe by pipe
     for i, (addr, op) in enumerate(body):
@@ -127,10 +130,9 @@ def pipe_cycles(body: list[tuple[int, str]]) -> dict:
         low, high = (tuple(x + y for x, y in zip(r, cost)) for r in reach[addr])
         if addr == hi:
             return {pipe: (low[k], high[k]) for k, pipe in enumerate(("issue", "mufu", "tensor"))}
-        branch = re.search(r"\bBRA\b.*0x([0-9a-f]+)\s*$", op)
-        target = int(branch.group(1), 16) if branch else None
-        nexts = [] if branch and not op.startswith("@") and lo <= target <= hi else [body[i + 1][0]]
-        if branch and addr < target <= hi:
+        target = _branch_target(op)
+        nexts = [] if target is not None and not op.startswith("@") and lo <= target <= hi else [body[i + 1][0]]
+        if target is not None and addr < target <= hi:
             nexts.append(target)
         for n in nexts:
             old_low, old_high = reach.get(n, (low, high))
@@ -341,7 +343,8 @@ def main():
     ap.add_argument("--jobs", type=int, default=min(4, os.cpu_count() or 1),
                     help="processes compiling the Gluon variants (default: the CPUs, at most 4)")
     ap.add_argument("--loops", action="store_true",
-                    help="after each variant, its innermost MMA loops: instructions, spills, opcode counts")
+                    help="after each variant, its innermost MMA loops: instructions, spills, opcode counts, one "
+                         "step's issue / MUFU / tensor cycles and the order of its MMAs, waits and exponentials")
     ap.add_argument("--only", default="", help="only the Gluon variants whose name contains this, e.g. 'fwd d64'")
     args = ap.parse_args()
     if args.jobs < 1:
